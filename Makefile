@@ -1,0 +1,49 @@
+# The two commands of the README: `make run` (set up and start) and `make test` (set up and test).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+HOST ?= 127.0.0.1
+TEST_PG_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
+
+.PHONY: run test install install-dev lint typecheck unit integration integration-pg openapi bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## Set up and start API + engine on :$(PORT) with embedded SQLite.
+run: install
+	@$(BIN)/orchestrator token --hint
+	$(BIN)/orchestrator serve --host $(HOST) --port $(PORT)
+
+## Set up and run every check and test (SQLite, then PostgreSQL).
+test: install-dev
+	bash scripts/test.sh
+
+lint: install-dev
+	$(BIN)/ruff check orchestrator tests scripts bench
+	$(BIN)/ruff format --check orchestrator tests scripts bench
+
+typecheck: install-dev
+	$(BIN)/mypy orchestrator
+
+openapi: install
+	$(BIN)/orchestrator openapi > openapi.json
+
+bench: install-dev
+	$(BIN)/python bench/engine.py
+
+clean:
+	rm -rf $(VENV) .orchestrator .pytest_cache .mypy_cache .ruff_cache htmlcov

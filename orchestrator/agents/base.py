@@ -1,0 +1,93 @@
+"""How an agent CLI is launched and how its output is understood.
+
+An agent profile turns a worker's context into a command line and environment, and may turn
+lines of the worker's output into structured events (tool uses, results, cost).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from orchestrator.core.errors import FieldInvalid
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    job_id: str
+    worker_id: str
+    worker_index: int
+    worker_count: int
+    depth: int
+    task: str
+    options: dict[str, Any]
+    workdir: Path
+    home: Path
+    run_dir: Path
+    api_url: str
+    token: str
+    max_turns: int | None = None
+
+
+@dataclass
+class LaunchSpec:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    stdin_text: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentEvent:
+    """Something an agent reported on its output stream."""
+
+    kind: str  # "tool_use", "message", "result", "init", ...
+    data: dict[str, Any]
+
+
+class Agent(ABC):
+    name: str
+    options_model: ClassVar[type[BaseModel]] = NoOptions
+
+    def validate_options(self, raw: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.options_model.model_validate(raw).model_dump(exclude_none=True)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'agent_options'}: {err['msg']}" for err in exc.errors()
+            )
+            raise FieldInvalid("agent_options", f"invalid options for agent {self.name!r}: {problems}", raw) from exc
+
+    def unavailable_reason(self) -> str | None:
+        """Why this agent cannot run on this server (e.g. its CLI is not installed), or None."""
+        return None
+
+    @abstractmethod
+    def launch(self, ctx: WorkerContext) -> LaunchSpec: ...
+
+    def parse_line(self, line: str) -> AgentEvent | None:
+        return None
+
+
+def base_environment(ctx: WorkerContext) -> dict[str, str]:
+    """What every worker gets, whatever the agent."""
+    return {
+        "ORCHESTRATOR_URL": ctx.api_url,
+        "ORCHESTRATOR_TOKEN": ctx.token,
+        "ORCHESTRATOR_JOB_ID": ctx.job_id,
+        "ORCHESTRATOR_WORKER_ID": ctx.worker_id,
+        "ORCHESTRATOR_DEPTH": str(ctx.depth),
+        "ORCHESTRATOR_TASK": ctx.task,
+        "WORKER_INDEX": str(ctx.worker_index),
+        "WORKER_COUNT": str(ctx.worker_count),
+        "HOME": str(ctx.home),
+        "XDG_CONFIG_HOME": str(ctx.home / ".config"),
+        "XDG_CACHE_HOME": str(ctx.home / ".cache"),
+    }

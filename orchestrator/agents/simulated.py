@@ -1,0 +1,38 @@
+"""`simulated`: a real process that behaves like an agent without an LLM (see simulated_worker)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.agents.base import Agent, LaunchSpec, WorkerContext, base_environment
+
+
+class Subtask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task_description: str = Field(min_length=1)
+    worker_count: int = Field(default=1, ge=1)
+    agent_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SimulatedOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    duration_seconds: float = Field(default=2.0, ge=0, le=24 * 3600)
+    exit_code: int = Field(default=0, ge=0, le=255)
+    subtasks: list[str | Subtask] = Field(default_factory=list, max_length=50)
+    progress_interval_seconds: float = Field(default=0.5, gt=0, le=60)
+
+
+class SimulatedAgent(Agent):
+    name = "simulated"
+    options_model = SimulatedOptions
+
+    def launch(self, ctx: WorkerContext) -> LaunchSpec:
+        env = base_environment(ctx)
+        env["ORCHESTRATOR_SIMULATED_OPTIONS"] = json.dumps(ctx.options)
+        return LaunchSpec(argv=[sys.executable, "-m", "orchestrator.agents.simulated_worker"], env=env)

@@ -1,0 +1,88 @@
+"""Typed dependencies: the database session (one transaction per request) and the caller."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from orchestrator.agents.registry import AgentRegistry
+from orchestrator.core.auth import Actor, Scope, decode_access_token
+from orchestrator.core.config import Settings
+from orchestrator.core.errors import Forbidden, Unauthorized
+from orchestrator.core.states import WORKER_LIVE
+from orchestrator.db.session import Database
+from orchestrator.jobs import repository as jobs_repo
+from orchestrator.workers import repository as workers_repo
+
+bearer_scheme = HTTPBearer(
+    scheme_name="BearerAuth",
+    bearerFormat="JWT",
+    description="A JWT from `create_access_token` or `orchestrator token`; scopes listed per operation.",
+    auto_error=False,
+)
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_database(request: Request) -> Database:
+    database: Database = request.app.state.db
+    return database
+
+
+def get_agents(request: Request) -> AgentRegistry:
+    agents: AgentRegistry = request.app.state.agents
+    return agents
+
+
+async def get_session(database: Annotated[Database, Depends(get_database)]) -> AsyncIterator[AsyncSession]:
+    """The request's transaction: committed when the endpoint returns, before the response is sent."""
+    async with database.sessionmaker() as session, session.begin():
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+AgentsDep = Annotated[AgentRegistry, Depends(get_agents)]
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+async def authenticate(
+    security_scopes: SecurityScopes,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Actor:
+    if credentials is None:
+        raise Unauthorized("Not authenticated: send 'Authorization: Bearer <token>'")
+    claims = decode_access_token(credentials.credentials)
+    missing = [scope for scope in security_scopes.scopes if scope not in claims.scopes]
+    if missing:
+        raise Forbidden(f"Insufficient scope: this operation requires {', '.join(missing)}")
+    if claims.worker_id is None:
+        return Actor(name=f"user:{claims.user_id}", user_id=claims.user_id)
+    worker = await workers_repo.get_worker(session, claims.worker_id)
+    if worker is None or worker.status not in WORKER_LIVE or worker.job_id != claims.job_id:
+        raise Unauthorized(f"Token of worker {claims.worker_id} is no longer valid: the worker has ended")
+    job = await jobs_repo.get_job(session, worker.job_id)
+    if job is None:
+        raise Unauthorized(f"Token of worker {claims.worker_id} names an unknown job")
+    return Actor(
+        name=f"worker:{worker.id}",
+        user_id=claims.user_id,
+        worker_id=worker.id,
+        worker_job_id=job.id,
+        subtree_path=job.path,
+    )
+
+
+SupervisorRead = Annotated[Actor, Security(authenticate, scopes=[Scope.SUPERVISOR_READ])]
+SupervisorWrite = Annotated[Actor, Security(authenticate, scopes=[Scope.SUPERVISOR_WRITE])]
+JobsRead = Annotated[Actor, Security(authenticate, scopes=[Scope.JOBS_READ])]
+JobsWrite = Annotated[Actor, Security(authenticate, scopes=[Scope.JOBS_WRITE])]
+ResourcesRead = Annotated[Actor, Security(authenticate, scopes=[Scope.RESOURCES_READ])]
+ResourcesWrite = Annotated[Actor, Security(authenticate, scopes=[Scope.RESOURCES_WRITE])]

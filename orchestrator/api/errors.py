@@ -1,0 +1,62 @@
+"""One place maps errors to `{"detail": ...}` responses; nothing escapes as a bare 500."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from orchestrator.core.errors import DomainError, FieldInvalid, Forbidden, Unauthorized
+
+log = logging.getLogger(__name__)
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorOut, "description": "Missing, malformed, expired or wrongly signed token"},
+    403: {"model": ErrorOut, "description": "The token lacks a required scope"},
+}
+NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorOut, "description": "Not found"}}
+BAD_REQUEST: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorOut, "description": "Invalid state transition or request"}
+}
+
+
+async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    headers: dict[str, str] = {}
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    elif isinstance(exc, Forbidden):
+        headers["WWW-Authenticate"] = 'Bearer error="insufficient_scope"'
+    if isinstance(exc, FieldInvalid):
+        return JSONResponse({"detail": exc.as_detail()}, status_code=422)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    log.error("database error: %s", exc)
+    return JSONResponse({"detail": "Database unavailable; try again shortly"}, status_code=503)
+
+
+async def _integrity(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("integrity error: %s", exc)
+    return JSONResponse({"detail": "Conflicting concurrent change; try again"}, status_code=409)
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error", exc_info=exc)
+    return JSONResponse({"detail": "Internal server error"}, status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(IntegrityError, _integrity)
+    app.add_exception_handler(Exception, _unexpected)

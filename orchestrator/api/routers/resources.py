@@ -1,0 +1,41 @@
+"""Resource manager API: per-depth quotas and slot allocation."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from orchestrator.api.deps import ResourcesRead, ResourcesWrite, SessionDep, SettingsDep
+from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
+from orchestrator.resources import service
+from orchestrator.resources.schemas import (
+    AllocateRequest,
+    AllocateResponse,
+    QuotaList,
+    ReleaseRequest,
+    ReleaseResponse,
+    UsageReport,
+)
+
+router = APIRouter(prefix="/api/resources", tags=["resources"], responses=ERROR_RESPONSES)
+
+
+@router.get("/quotas", response_model=QuotaList)
+async def get_quotas(actor: ResourcesRead, session: SessionDep, settings: SettingsDep) -> QuotaList:
+    return QuotaList(quotas=await service.quotas(session, settings))
+
+
+@router.post("/allocate", response_model=AllocateResponse, responses={**NOT_FOUND, **BAD_REQUEST})
+async def allocate(body: AllocateRequest, actor: ResourcesWrite, session: SessionDep) -> AllocateResponse:
+    granted = await service.allocate(session, actor, body.job_id, body.depth, body.worker_count)
+    return AllocateResponse(job_id=body.job_id, depth=body.depth, requested=body.worker_count, granted=granted)
+
+
+@router.post("/release", response_model=ReleaseResponse, responses={**NOT_FOUND, **BAD_REQUEST})
+async def release(body: ReleaseRequest, actor: ResourcesWrite, session: SessionDep) -> ReleaseResponse:
+    released = await service.release(session, actor, body.job_id, body.depth)
+    return ReleaseResponse(job_id=body.job_id, depth=body.depth, released=released)
+
+
+@router.get("/usage", response_model=UsageReport)
+async def get_usage(actor: ResourcesRead, session: SessionDep, settings: SettingsDep) -> UsageReport:
+    return UsageReport(usage=await service.usage(session, settings))

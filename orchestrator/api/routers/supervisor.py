@@ -1,0 +1,78 @@
+"""Supervisor API: workers and their metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from orchestrator.api.deps import SessionDep, SupervisorRead, SupervisorWrite
+from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
+from orchestrator.core.states import WORKER_FINAL, WorkerStatus
+from orchestrator.workers import service
+from orchestrator.workers.schemas import LogLine, SystemMetrics, WorkerList, WorkerLogs, WorkerOut
+
+router = APIRouter(prefix="/api/supervisor", tags=["supervisor"], responses=ERROR_RESPONSES)
+
+
+@router.get("/workers", response_model=WorkerList)
+async def list_workers(
+    actor: SupervisorRead,
+    session: SessionDep,
+    workspace_id: str | None = None,
+    status: WorkerStatus | None = None,
+    job_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> WorkerList:
+    workers, total = await service.list_workers(
+        session, actor, workspace_id=workspace_id, status=status, job_id=job_id, limit=limit, offset=offset
+    )
+    return WorkerList(
+        workers=[WorkerOut.model_validate(w) for w in workers], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get("/workers/{worker_id}", response_model=WorkerOut, responses=NOT_FOUND)
+async def get_worker(worker_id: str, actor: SupervisorRead, session: SessionDep) -> WorkerOut:
+    return WorkerOut.model_validate(await service.get_visible_worker(session, actor, worker_id))
+
+
+@router.post("/workers/{worker_id}/terminate", response_model=WorkerOut, responses={**NOT_FOUND, **BAD_REQUEST})
+async def terminate_worker(worker_id: str, actor: SupervisorWrite, session: SessionDep) -> WorkerOut:
+    return WorkerOut.model_validate(await service.terminate(session, actor, worker_id))
+
+
+@router.post("/workers/{worker_id}/pause", response_model=WorkerOut, responses={**NOT_FOUND, **BAD_REQUEST})
+async def pause_worker(worker_id: str, actor: SupervisorWrite, session: SessionDep) -> WorkerOut:
+    return WorkerOut.model_validate(await service.pause(session, actor, worker_id))
+
+
+@router.post("/workers/{worker_id}/resume", response_model=WorkerOut, responses={**NOT_FOUND, **BAD_REQUEST})
+async def resume_worker(worker_id: str, actor: SupervisorWrite, session: SessionDep) -> WorkerOut:
+    return WorkerOut.model_validate(await service.resume(session, actor, worker_id))
+
+
+@router.get("/workers/{worker_id}/logs", response_model=WorkerLogs, responses=NOT_FOUND)
+async def worker_logs(
+    worker_id: str,
+    actor: SupervisorRead,
+    session: SessionDep,
+    offset: Annotated[int, Query(ge=0, description="First line number to return")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> WorkerLogs:
+    worker, lines = await service.read_logs(session, actor, worker_id, offset=offset, limit=limit)
+    next_offset = lines[-1].seq + 1 if lines else offset
+    return WorkerLogs(
+        worker_id=worker_id,
+        offset=offset,
+        next_offset=next_offset,
+        lines=[LogLine.model_validate(line) for line in lines],
+        complete=worker.status in WORKER_FINAL and not worker.holds_slot and next_offset >= worker.log_lines,
+    )
+
+
+@router.get("/metrics", response_model=SystemMetrics)
+async def system_metrics(actor: SupervisorRead, session: SessionDep) -> SystemMetrics:
+    total, by_status = await service.metrics(session)
+    return SystemMetrics(total_workers=total, by_status=by_status)

@@ -1,0 +1,129 @@
+"""Settings read from the environment (and `.env`), the names the API guide documents."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUOTAS = "10,8,5,3,2,1"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    database_url: str | None = None
+    secret_key: str | None = None
+    algorithm: str = "HS256"
+    access_token_expire_minutes: int = Field(default=30, ge=1)
+    allowed_origins: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    environment: str = "development"
+
+    orchestrator_data_dir: Path = Path(".orchestrator")
+    orchestrator_quotas: str = DEFAULT_QUOTAS
+    orchestrator_repo_roots: str = ""
+    orchestrator_terminate_grace_seconds: float = Field(default=10.0, ge=0)
+    orchestrator_engine: bool = True
+    orchestrator_public_url: str | None = None
+    orchestrator_agents_file: Path | None = None
+    orchestrator_default_agent: str = "simulated"
+    orchestrator_engine_lease_seconds: float = Field(default=15.0, gt=0)
+    orchestrator_poll_seconds: float = Field(default=0.5, gt=0)
+
+    @field_validator("orchestrator_quotas")
+    @classmethod
+    def _check_quotas(cls, value: str) -> str:
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError("ORCHESTRATOR_QUOTAS must be a comma-separated list of positive integers")
+        return ",".join(parts)
+
+    @property
+    def quotas(self) -> list[int]:
+        return [int(p) for p in self.orchestrator_quotas.split(",")]
+
+    @property
+    def max_depth(self) -> int:
+        return len(self.quotas) - 1
+
+    @property
+    def data_dir(self) -> Path:
+        return self.orchestrator_data_dir.resolve()
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
+
+    @property
+    def repo_roots(self) -> list[Path]:
+        roots = [Path(r).resolve() for r in self.orchestrator_repo_roots.split(os.pathsep) if r.strip()]
+        return roots or [Path.cwd().resolve()]
+
+    @property
+    def public_url(self) -> str:
+        if self.orchestrator_public_url:
+            return self.orchestrator_public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def async_database_url(self) -> str:
+        return to_async_url(self.database_url or f"sqlite:///{self.data_dir / 'orchestrator.db'}")
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment.lower() in ("production", "prod")
+
+    def signing_key(self) -> str:
+        """The JWT key: SECRET_KEY, else one generated once and kept (0600) in the data dir."""
+        if self.secret_key:
+            return self.secret_key
+        return _stored_secret(self.data_dir)
+
+
+def to_async_url(url: str) -> str:
+    """Map the guide's plain URLs to the async drivers SQLAlchemy needs."""
+    for prefix, driver in (
+        ("postgresql+asyncpg://", "postgresql+asyncpg://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+        ("postgresql+psycopg2://", "postgresql+asyncpg://"),
+        ("sqlite+aiosqlite://", "sqlite+aiosqlite://"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ):
+        if url.startswith(prefix):
+            return driver + url[len(prefix) :]
+    raise ValueError(f"unsupported DATABASE_URL scheme: {url.split(':', 1)[0]!r} (use postgresql:// or sqlite://)")
+
+
+def _stored_secret(data_dir: Path) -> str:
+    path = data_dir / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process won the race: use its key
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+    log.warning("SECRET_KEY is not set: generated one and stored it in %s (mode 0600)", path)
+    return key
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,213 @@
+"""SQLAlchemy models: the single source of truth every API process and engine shares."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    task_description: Mapped[str] = mapped_column(Text)
+    worker_count: Mapped[int] = mapped_column(Integer)
+    depth: Mapped[int] = mapped_column(Integer, index=True)
+    parent_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    # "j_root/j_child/.../j_self/": a prefix match finds a whole subtree.
+    path: Mapped[str] = mapped_column(String(255), index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    agent: Mapped[str] = mapped_column(String(64))
+    agent_options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    timeout_seconds: Mapped[float | None] = mapped_column(Float)
+    repository: Mapped[str | None] = mapped_column(Text)
+    base_ref: Mapped[str | None] = mapped_column(Text)
+    workspace_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_by_worker_id: Mapped[str | None] = mapped_column(String(32))
+    engine_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    max_cost_usd: Mapped[float | None] = mapped_column(Float)
+    max_turns: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        CheckConstraint("worker_count >= 1", name="worker_count_positive"),
+        CheckConstraint("depth >= 0", name="depth_non_negative"),
+        Index("ix_jobs_pending_order", "status", "depth", "priority", "created_at"),
+    )
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    workspace_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    worker_index: Mapped[int] = mapped_column(Integer)
+    depth: Mapped[int] = mapped_column(Integer)
+    agent: Mapped[str] = mapped_column(String(64))
+    engine_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    pid_start_time: Mapped[int | None] = mapped_column(BigInteger)
+    holds_slot: Mapped[bool] = mapped_column(Boolean, default=False)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    workdir: Mapped[str | None] = mapped_column(Text)
+    run_dir: Mapped[str | None] = mapped_column(Text)
+    branch: Mapped[str | None] = mapped_column(Text)
+    commit: Mapped[str | None] = mapped_column(String(64))
+    diff_stat: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    log_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    log_lines: Mapped[int] = mapped_column(Integer, default=0)
+    stop_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ResourcePool(Base):
+    """One row per depth; `allocated` only moves through guarded UPDATEs."""
+
+    __tablename__ = "resource_pools"
+
+    depth: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    max_workers: Mapped[int] = mapped_column(Integer)
+    allocated: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (
+        CheckConstraint("allocated >= 0 AND allocated <= max_workers", name="allocated_within_quota"),
+    )
+
+
+class Allocation(Base):
+    """Slots a job holds at its depth; workers that run hold one each."""
+
+    __tablename__ = "allocations"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    depth: Mapped[int] = mapped_column(Integer)
+    slots: Mapped[int] = mapped_column(Integer, default=0)
+    # Slots a live worker holds; only `slots - bound` may be released by the API.
+    bound: Mapped[int] = mapped_column(Integer, default=0)
+    max_slots: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint("slots >= 0 AND slots <= max_slots", name="slots_within_job"),
+        CheckConstraint("bound >= 0 AND bound <= slots", name="bound_within_slots"),
+    )
+
+
+class Event(Base):
+    """Append-only history: every state change (who, when, from, to, why) and agent event."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    worker_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(255))
+    from_status: Mapped[str | None] = mapped_column(String(16))
+    to_status: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WorkerLog(Base):
+    __tablename__ = "worker_logs"
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    worker_id: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("worker_id", "seq", name="uq_worker_logs_worker_seq"),)
+
+
+class EngineRecord(Base):
+    __tablename__ = "engines"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Workspace(Base):
+    __tablename__ = "workspaces"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    repository: Mapped[str | None] = mapped_column(Text)
+    root_job_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

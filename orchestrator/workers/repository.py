@@ -1,0 +1,76 @@
+"""All worker and worker-log SQL."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from orchestrator.core.states import WORKER_LIVE
+from orchestrator.db.models import Job, Worker, WorkerLog
+
+
+async def get_worker(session: AsyncSession, worker_id: str) -> Worker | None:
+    stmt = select(Worker).where(Worker.id == worker_id).execution_options(populate_existing=True)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def list_workers(
+    session: AsyncSession,
+    *,
+    workspace_id: str | None = None,
+    status: str | None = None,
+    job_id: str | None = None,
+    path_prefix: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Worker], int]:
+    conditions = []
+    if workspace_id is not None:
+        conditions.append(Worker.workspace_id == workspace_id)
+    if status is not None:
+        conditions.append(Worker.status == status)
+    if job_id is not None:
+        conditions.append(Worker.job_id == job_id)
+    if path_prefix is not None:
+        conditions.append(
+            Worker.job_id.in_(select(Job.id).where(Job.path.startswith(path_prefix, autoescape=True)))
+        )
+    total = (await session.execute(select(func.count()).select_from(Worker).where(*conditions))).scalar_one()
+    stmt = (
+        select(Worker)
+        .where(*conditions)
+        .order_by(Worker.created_at.desc(), Worker.id.desc())
+        .limit(limit)
+        .offset(offset)
+        .execution_options(populate_existing=True)
+    )
+    return list((await session.execute(stmt)).scalars()), total
+
+
+async def workers_of_job(session: AsyncSession, job_id: str) -> list[Worker]:
+    stmt = (
+        select(Worker)
+        .where(Worker.job_id == job_id)
+        .order_by(Worker.worker_index)
+        .execution_options(populate_existing=True)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def live_workers_of_job(session: AsyncSession, job_id: str) -> list[Worker]:
+    return [w for w in await workers_of_job(session, job_id) if w.status in WORKER_LIVE]
+
+
+async def count_by_status(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(select(Worker.status, func.count()).group_by(Worker.status))
+    return {status: count for status, count in rows.tuples()}
+
+
+async def read_logs(session: AsyncSession, worker_id: str, offset: int, limit: int) -> list[WorkerLog]:
+    stmt = (
+        select(WorkerLog)
+        .where(WorkerLog.worker_id == worker_id, WorkerLog.seq >= offset)
+        .order_by(WorkerLog.seq)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every check and test: lint, types, the whole suite on SQLite, then the integration suite on PostgreSQL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+
+echo "== ruff"
+$BIN/ruff check orchestrator tests scripts bench
+$BIN/ruff format --check orchestrator tests scripts bench
+echo "== mypy --strict"
+$BIN/mypy orchestrator
+
+mkdir -p test-artifacts
+echo "== pytest (SQLite)"
+TEST_DATABASE=sqlite $BIN/python -m pytest -q -ra "$@"
+
+echo "== pytest integration (PostgreSQL)"
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  echo "PostgreSQL is not accepting connections on 127.0.0.1:5432; trying to start it"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+  for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+fi
+TEST_DATABASE=postgres $BIN/python -m pytest -q -ra tests/integration "$@"
