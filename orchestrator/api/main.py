@@ -104,3 +104,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 app = create_app()
+
+
+def export_openapi() -> str:
+    """The OpenAPI document as committed in `openapi.json` at the repository root."""
+    import json
+
+    return json.dumps(create_app().openapi(), indent=2, sort_keys=False) + "\n"
