@@ -61,9 +61,12 @@ class Agent(ABC):
             return self.options_model.model_validate(raw).model_dump(exclude_none=True)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'agent_options'}: {err['msg']}" for err in exc.errors()
+                f"{'.'.join(str(p) for p in err['loc']) or 'agent_options'}: {err['msg']}"
+                for err in exc.errors()
             )
-            raise FieldInvalid("agent_options", f"invalid options for agent {self.name!r}: {problems}", raw) from exc
+            raise FieldInvalid(
+                "agent_options", f"invalid options for agent {self.name!r}: {problems}", raw
+            ) from exc
 
     def unavailable_reason(self) -> str | None:
         """Why this agent cannot run on this server (e.g. its CLI is not installed), or None."""

@@ -1,9 +1,9 @@
 """Agent profiles known to this server: built-ins plus those in ORCHESTRATOR_AGENTS_FILE (TOML).
 
-    [agents.shell]
-    type = "command"
-    command = ["bash", "-c", "cat; echo done"]
-    env = { FOO = "bar" }
+[agents.shell]
+type = "command"
+command = ["bash", "-c", "cat; echo done"]
+env = { FOO = "bar" }
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ async def notify(session: AsyncSession, topic: str) -> None:
         return
     pending.add(topic)
     if session.bind is not None and session.bind.dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_notify(:channel, :topic)"), {"channel": CHANNEL, "topic": topic})
+        await session.execute(
+            text("SELECT pg_notify(:channel, :topic)"), {"channel": CHANNEL, "topic": topic}
+        )
 
 
 @event.listens_for(Session, "after_commit")

@@ -96,7 +96,7 @@ async def _transition(
         now_status = fresh.status if fresh is not None else "missing"
         raise InvalidTransition(name, entity_id, now_status, target.value)
 
-    job_id = entity_id if is_job else entity.job_id  # type: ignore[union-attr]
+    job_id = entity.job_id if isinstance(entity, Worker) else entity_id
     session.add(
         Event(
             job_id=job_id,
@@ -118,5 +118,3 @@ async def _transition(
 async def _load(session: AsyncSession, model: type[Entity], entity_id: str) -> Entity | None:
     stmt = select(model).where(model.id == entity_id).execution_options(populate_existing=True)
     return (await session.execute(stmt)).scalar_one_or_none()
-
-

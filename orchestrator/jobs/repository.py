@@ -65,10 +65,5 @@ async def children(session: AsyncSession, job_id: str) -> Sequence[Job]:
 async def list_events(
     session: AsyncSession, job_ids: Sequence[str], *, after_id: int = 0, limit: int = 1000
 ) -> list[Event]:
-    stmt = (
-        select(Event)
-        .where(Event.job_id.in_(job_ids), Event.id > after_id)
-        .order_by(Event.id)
-        .limit(limit)
-    )
+    stmt = select(Event).where(Event.job_id.in_(job_ids), Event.id > after_id).order_by(Event.id).limit(limit)
     return list((await session.execute(stmt)).scalars())

@@ -14,7 +14,9 @@ from orchestrator.core.states import JobStatus
 class JobSubmit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    task_description: str = Field(min_length=1, max_length=100_000, examples=["Implement user authentication"])
+    task_description: str = Field(
+        min_length=1, max_length=100_000, examples=["Implement user authentication"]
+    )
     worker_count: int = Field(default=1, ge=1, description="Workers to run; at most the quota of the depth.")
     depth: int = Field(default=0, ge=0, description="0 for a root job; a child's is its parent's + 1.")
     parent_job_id: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -126,7 +127,9 @@ async def submit(
     return job
 
 
-async def _workspace_for(session: AsyncSession, parent: Job | None, repository: str | None, job_id: str) -> str:
+async def _workspace_for(
+    session: AsyncSession, parent: Job | None, repository: str | None, job_id: str
+) -> str:
     if parent is not None and parent.workspace_id and parent.repository == repository:
         return parent.workspace_id
     if repository is not None:
@@ -169,7 +172,9 @@ async def cancel(session: AsyncSession, actor: Actor, job_id: str) -> Job:
     if JobStatus(job.status) in JOB_FINAL:
         raise InvalidTransition("job", job.id, job.status, JobStatus.CANCELED.value)
     for member in await repo.subtree(session, job):
-        await cancel_one(session, actor, member, reason=f"canceled by {actor.name}", strict=member.id == job.id)
+        await cancel_one(
+            session, actor, member, reason=f"canceled by {actor.name}", strict=member.id == job.id
+        )
     canceled = await repo.get_job(session, job_id)
     assert canceled is not None
     return canceled
@@ -180,10 +185,8 @@ async def cancel_one(session: AsyncSession, actor: Actor, job: Job, *, reason: s
         return
     for worker in await workers_repo.workers_of_job(session, job.id):
         if worker.status in WORKER_LIVE:
-            try:
+            with contextlib.suppress(InvalidTransition):  # it may have ended meanwhile
                 await request_stop(session, worker, actor, reason=reason)
-            except InvalidTransition:
-                pass  # it ended meanwhile
     try:
         await transition_job(session, job.id, JobStatus.CANCELED, actor=actor.name, reason=reason)
     except InvalidTransition:
@@ -194,7 +197,9 @@ async def cancel_one(session: AsyncSession, actor: Actor, job: Job, *, reason: s
     await notify(session, JOBS_TOPIC)
 
 
-async def events(session: AsyncSession, actor: Actor, job_id: str, *, after_id: int, limit: int) -> list[Event]:
+async def events(
+    session: AsyncSession, actor: Actor, job_id: str, *, after_id: int, limit: int
+) -> list[Event]:
     job = await get_visible_job(session, actor, job_id)
     members = await repo.subtree(session, job)
     return await repo.list_events(session, [m.id for m in members], after_id=after_id, limit=limit)

@@ -17,7 +17,60 @@ def resolve_repository(settings: Settings, repository: str) -> Path:
     roots = settings.repo_roots
     if not any(path == root or path.is_relative_to(root) for root in roots):
         allowed = ", ".join(str(r) for r in roots)
-        raise BadRequest(f"Repository {path} is not under an allowed root ({allowed}); see ORCHESTRATOR_REPO_ROOTS")
+        raise BadRequest(
+            f"Repository {path} is not under an allowed root ({allowed}); see ORCHESTRATOR_REPO_ROOTS"
+        )
     if not (path / ".git").exists():
         raise BadRequest(f"Repository {path} is not a git repository (no .git)")
     return path
+
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Parallel AI Orchestrator",
+    "GIT_AUTHOR_EMAIL": "orchestrator@localhost",
+    "GIT_COMMITTER_NAME": "Parallel AI Orchestrator",
+    "GIT_COMMITTER_EMAIL": "orchestrator@localhost",
+}
+
+
+class GitError(RuntimeError):
+    pass
+
+
+def _git(*args: str, cwd: Path) -> str:
+    import os
+    import subprocess
+
+    env = {**os.environ, **GIT_IDENTITY, "GIT_TERMINAL_PROMPT": "0"}
+    done = subprocess.run(
+        ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    if done.returncode != 0:
+        raise GitError(f"git {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip()
+
+
+def branch_name(job_id: str, worker_id: str) -> str:
+    return f"orchestrator/{job_id}/{worker_id}"
+
+
+def add_worktree(repository: Path, worktree: Path, branch: str, base_ref: str | None) -> str:
+    """Create the worker's worktree on a new branch; returns the commit it starts from."""
+    base = _git("rev-parse", "--verify", f"{base_ref or 'HEAD'}^{{commit}}", cwd=repository)
+    worktree.parent.mkdir(parents=True, exist_ok=True)
+    _git("worktree", "add", "-b", branch, str(worktree), base, cwd=repository)
+    return base
+
+
+def commit_all(worktree: Path, message: str, base_commit: str | None) -> tuple[str, str]:
+    """Commit whatever the worker left in its worktree; returns (HEAD commit, diff stat vs base)."""
+    _git("add", "-A", cwd=worktree)
+    if _git("status", "--porcelain", cwd=worktree):
+        _git("commit", "-q", "--no-verify", "-m", message, cwd=worktree)
+    head = _git("rev-parse", "HEAD", cwd=worktree)
+    stat = _git("diff", "--shortstat", f"{base_commit}..HEAD", cwd=worktree) if base_commit else ""
+    return head, stat
+
+
+def remove_worktree(repository: Path, worktree: Path) -> None:
+    _git("worktree", "remove", "--force", str(worktree), cwd=repository)

@@ -19,4 +19,4 @@ class Health(BaseModel):
 @router.get("/health", response_model=Health)
 async def health(session: SessionDep) -> Health:
     await session.execute(text("SELECT 1"))
-    return Health(status="ok", database=session.bind.dialect.name)
+    return Health(status="ok", database=session.get_bind().dialect.name)

@@ -1,0 +1,661 @@
+"""The engine: claims jobs, gives workers slots, starts and supervises their processes, and
+decides how jobs end. Several engines (processes, hosts) share one database; each job has exactly
+one owning engine, and a dead engine's jobs are taken over by a live one.
+
+The database holds what should be (a worker PAUSED, TERMINATED, ...); the engine that owns the
+worker's process makes reality follow, and records what really happened (exit codes, output).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from orchestrator.agents.base import Agent, WorkerContext
+from orchestrator.agents.registry import AgentRegistry
+from orchestrator.core.auth import create_access_token, engine_actor
+from orchestrator.core.config import Settings
+from orchestrator.core.errors import InvalidTransition
+from orchestrator.core.ids import new_engine_id
+from orchestrator.core.states import WORKER_FINAL, WORKER_LIVE, JobStatus, WorkerStatus
+from orchestrator.db import notify as notifications
+from orchestrator.db.models import Event, Job, Worker, WorkerLog, utcnow
+from orchestrator.db.session import Database
+from orchestrator.db.transitions import transition_job, transition_worker
+from orchestrator.engine import queries
+from orchestrator.engine.logs import LogCursor
+from orchestrator.executors.local import LocalExecutor, WorkerProcess, read_exit_code
+from orchestrator.jobs.service import JOBS_TOPIC
+from orchestrator.resources import repository as slots_repo
+from orchestrator.resources.service import bind_slot, release_unbound
+from orchestrator.workers import repository as workers_repo
+from orchestrator.workspaces import git
+
+log = logging.getLogger("orchestrator.engine")
+
+WORKER_TOKEN_SCOPES = ["jobs:read", "jobs:write", "supervisor:read"]
+CLAIM_BATCH = 100
+START_BATCH = 50
+LOG_INTERVAL_SECONDS = 0.25
+RECLAIM_INTERVAL_SECONDS = 2.0
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        agents: AgentRegistry,
+        executor: LocalExecutor | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = database
+        self.agents = agents
+        self.executor = executor or LocalExecutor()
+        self.id = new_engine_id()
+        self.actor = engine_actor(self.id).name
+        self.procs: dict[str, WorkerProcess] = {}
+        self.cursors: dict[str, LogCursor] = {}
+        self.deadlines: dict[str, float] = {}
+        self.exited: list[WorkerProcess] = []
+        self.wake = asyncio.Event()
+        self.log_lock = asyncio.Lock()
+        self.repo_locks: dict[str, asyncio.Lock] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.last_reclaim = 0.0
+        self.lease = timedelta(seconds=settings.orchestrator_engine_lease_seconds)
+        self.runs_dir = settings.data_dir / "runs"
+        self.workspaces_dir = settings.data_dir / "workspaces"
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        async with self.db.session() as session:
+            await queries.register_engine(session, self.id, self.executor.host, os.getpid())
+        notifications.add_listener(self._on_notify)
+        await self._reclaim(force_same_host=True)
+        self.tasks = [
+            asyncio.create_task(self._run_forever(self._main_loop, "main")),
+            asyncio.create_task(self._run_forever(self._heartbeat_loop, "heartbeat")),
+            asyncio.create_task(self._run_forever(self._log_loop, "logs")),
+        ]
+        if self.db.is_postgres:
+            self.tasks.append(asyncio.create_task(self._run_forever(self._listen_loop, "listen")))
+        log.info("engine %s started (pid %s, host %s)", self.id, os.getpid(), self.executor.host)
+
+    async def stop(self) -> None:
+        """Stop supervising; worker processes keep running and the next engine adopts them."""
+        self.stopping = True
+        notifications.remove_listener(self._on_notify)
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self._ingest_all()
+        for proc in self.procs.values():
+            self.executor.unwatch(proc)
+            if proc.popen is not None:
+                proc.popen.returncode = 0  # detach: the process outlives us by design
+        with contextlib.suppress(Exception):
+            async with self.db.session() as session:
+                await queries.unregister_engine(session, self.id)
+
+    def _on_notify(self, _topics: set[str]) -> None:
+        if self.loop is None or self.loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self.wake.set()
+        else:
+            self.loop.call_soon_threadsafe(self.wake.set)
+
+    async def _run_forever(self, body: Any, name: str) -> None:
+        while not self.stopping:
+            try:
+                await body()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("engine %s: %s loop failed; retrying", self.id, name)
+                await asyncio.sleep(0.5)
+
+    async def _main_loop(self) -> None:
+        while not self.stopping:
+            self.wake.clear()
+            await self.tick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=self.settings.orchestrator_poll_seconds)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.orchestrator_engine_lease_seconds / 3
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            async with self.db.session() as session:
+                alive = await queries.heartbeat(session, self.id)
+                if not alive:
+                    log.warning("engine %s was declared dead by a peer; registering again", self.id)
+                    await queries.register_engine(session, self.id, self.executor.host, os.getpid())
+
+    async def _log_loop(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(LOG_INTERVAL_SECONDS)
+            await self._ingest_all()
+
+    async def _listen_loop(self) -> None:
+        """PostgreSQL LISTEN: wake on commits made by any process."""
+        import asyncpg
+
+        dsn = self.settings.async_database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.add_listener(notifications.CHANNEL, lambda *_: self.wake.set())
+            while not self.stopping:
+                await asyncio.sleep(5)
+                await conn.execute("SELECT 1")
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    # ---------------------------------------------------------------- one pass
+
+    async def tick(self) -> None:
+        await self._finalize_exited()
+        if time.monotonic() - self.last_reclaim > RECLAIM_INTERVAL_SECONDS:
+            await self._reclaim()
+        await self._claim()
+        await self._apply_control()
+        await self._start_idle()
+        await self._settle_jobs()
+
+    async def _claim(self) -> None:
+        async with self.db.session() as session:
+            jobs = await queries.claim_pending(session, self.id, CLAIM_BATCH)
+            for job in jobs:
+                if not await queries.workers_for_jobs(session, [job.id]):
+                    await queries.create_workers(session, job, self.actor)
+        if len(jobs) == CLAIM_BATCH:
+            self.wake.set()
+
+    # ---------------------------------------------------------------- starting
+
+    async def _start_idle(self) -> None:
+        async with self.db.session() as session:
+            candidates = await queries.idle_workers(session, self.id)
+            ready: list[tuple[Worker, Job]] = []
+            full_depths: set[int] = set()
+            for worker, job in candidates:
+                if len(ready) >= START_BATCH:
+                    break
+                if job.depth in full_depths:
+                    continue
+                if worker.holds_slot or await bind_slot(session, worker.id, job.id, job.depth):
+                    ready.append((worker, job))
+                else:
+                    full_depths.add(job.depth)
+        if not ready:
+            return
+        started: list[tuple[Worker, Job, WorkerProcess | None, dict[str, Any]]] = []
+        for worker, job in ready:
+            try:
+                launched, values = await self._launch(worker, job)
+                started.append((worker, job, launched, values))
+            except Exception as exc:
+                log.warning("worker %s could not start: %s", worker.id, exc)
+                started.append((worker, job, None, {"status_reason": f"could not start: {exc}"}))
+        async with self.db.session() as session:
+            for worker, job, proc, values in started:
+                await self._record_start(session, worker, job, proc, values)
+            await notifications.notify(session, JOBS_TOPIC)
+        if len(ready) == START_BATCH:
+            self.wake.set()
+
+    async def _launch(self, worker: Worker, job: Job) -> tuple[WorkerProcess, dict[str, Any]]:
+        agent = self.agents.get(job.agent)
+        run_dir = self.runs_dir / worker.id
+        home = run_dir / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        values: dict[str, Any] = {"run_dir": str(run_dir)}
+        if job.repository:
+            workdir = self.workspaces_dir / worker.id
+            branch = git.branch_name(job.id, worker.id)
+            async with self._repo_lock(job.repository):
+                base = await asyncio.to_thread(
+                    git.add_worktree, Path(job.repository), workdir, branch, job.base_ref
+                )
+            values.update(branch=branch, result={"base_commit": base})
+        else:
+            workdir = self.workspaces_dir / worker.id
+            workdir.mkdir(parents=True, exist_ok=True)
+        values["workdir"] = str(workdir)
+        expires = timedelta(seconds=job.timeout_seconds + 3600) if job.timeout_seconds else timedelta(days=7)
+        token = create_access_token(
+            user_id=job.created_by,
+            scopes=WORKER_TOKEN_SCOPES,
+            expires_delta=expires,
+            worker_id=worker.id,
+            job_id=job.id,
+        )
+        context = WorkerContext(
+            job_id=job.id,
+            worker_id=worker.id,
+            worker_index=worker.worker_index,
+            worker_count=job.worker_count,
+            depth=job.depth,
+            task=job.task_description,
+            options=job.agent_options or {},
+            workdir=workdir,
+            home=home,
+            run_dir=run_dir,
+            api_url=self.settings.public_url,
+            token=token,
+            max_turns=job.max_turns,
+        )
+        spec = agent.launch(context)
+        proc = self.executor.start(worker.id, spec, workdir, run_dir)
+        return proc, values
+
+    async def _record_start(
+        self,
+        session: AsyncSession,
+        worker: Worker,
+        job: Job,
+        proc: WorkerProcess | None,
+        values: dict[str, Any],
+    ) -> None:
+        if proc is None:
+            await transition_worker(
+                session, worker.id, WorkerStatus.FAILED, actor=self.actor, reason=values["status_reason"]
+            )
+            await slots_repo.worker_release_slot(session, worker.id, job.id, job.depth)
+            return
+        values.update(
+            pid=proc.pid, pid_start_time=proc.start_time, host=self.executor.host, engine_id=self.id
+        )
+        try:
+            await transition_worker(
+                session, worker.id, WorkerStatus.RUNNING, actor=self.actor, reason="started", values=values
+            )
+        except InvalidTransition:
+            # Terminated while we were starting it: record the process, then stop it.
+            await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
+        self._supervise(proc, job, offset=0, lines=0)
+        if job.status == JobStatus.PENDING.value:
+            with contextlib.suppress(InvalidTransition):
+                await transition_job(
+                    session, job.id, JobStatus.RUNNING, actor=self.actor, reason="first worker started"
+                )
+                job.status = JobStatus.RUNNING.value
+
+    def _supervise(self, proc: WorkerProcess, job: Job, *, offset: int, lines: int) -> None:
+        self.procs[proc.worker_id] = proc
+        self.cursors[proc.worker_id] = LogCursor(proc.output_path, offset=offset, lines=lines)
+        proc.extra["agent"] = job.agent
+        proc.extra["job_id"] = job.id
+        proc.extra["depth"] = job.depth
+        if job.timeout_seconds:
+            self.deadlines[proc.worker_id] = time.monotonic() + job.timeout_seconds
+        self.executor.watch(proc, self._on_exit)
+
+    def _on_exit(self, proc: WorkerProcess) -> None:
+        self.exited.append(proc)
+        self.wake.set()
+
+    def _repo_lock(self, repository: str) -> asyncio.Lock:
+        return self.repo_locks.setdefault(repository, asyncio.Lock())
+
+    # ---------------------------------------------------------------- control
+
+    async def _apply_control(self) -> None:
+        if not self.procs:
+            return
+        now = time.monotonic()
+        async with self.db.session() as session:
+            statuses = await queries.worker_statuses(session, list(self.procs))
+            for worker_id, deadline in list(self.deadlines.items()):
+                if now >= deadline and statuses.get(worker_id) in (WorkerStatus.RUNNING, WorkerStatus.PAUSED):
+                    with contextlib.suppress(InvalidTransition):
+                        await transition_worker(
+                            session,
+                            worker_id,
+                            WorkerStatus.FAILED,
+                            actor=self.actor,
+                            reason="timeout",
+                            values={"stop_requested_at": utcnow()},
+                        )
+                        statuses[worker_id] = WorkerStatus.FAILED.value
+                    self.deadlines.pop(worker_id, None)
+        grace = self.settings.orchestrator_terminate_grace_seconds
+        for worker_id, proc in list(self.procs.items()):
+            if proc.exited:
+                continue
+            status = statuses.get(worker_id)
+            if status == WorkerStatus.PAUSED and not proc.applied_paused:
+                if self.executor.send(proc, signal.SIGSTOP):
+                    proc.applied_paused = True
+            elif status == WorkerStatus.RUNNING and proc.applied_paused:
+                self.executor.send(proc, signal.SIGCONT)
+                proc.applied_paused = False
+            elif status is not None and status in WORKER_FINAL:
+                if proc.stop_signal_sent_at is None:
+                    self.executor.send(proc, signal.SIGTERM)
+                    self.executor.send(proc, signal.SIGCONT)
+                    proc.stop_signal_sent_at = now
+                elif not proc.kill_sent and now - proc.stop_signal_sent_at >= grace:
+                    self.executor.send(proc, signal.SIGKILL)
+                    proc.kill_sent = True
+        if any(p.stop_signal_sent_at is not None and not p.kill_sent for p in self.procs.values()):
+            # Come back for the SIGKILL deadline even if nothing else happens.
+            assert self.loop is not None
+            self.loop.call_later(min(grace, 0.5) or 0.1, self.wake.set)
+
+    # ---------------------------------------------------------------- endings
+
+    async def _finalize_exited(self) -> None:
+        if not self.exited:
+            return
+        batch, self.exited = self.exited, []
+        for proc in batch:
+            await self._ingest(proc.worker_id, final=True)
+        async with self.db.session() as session:
+            workers = {
+                w.id: w
+                for w in await queries.workers_for_jobs(
+                    session, list({str(p.extra["job_id"]) for p in batch})
+                )
+            }
+        outcomes: list[tuple[WorkerProcess, Worker, dict[str, Any]]] = []
+        for proc in batch:
+            worker = workers.get(proc.worker_id)
+            if worker is None:
+                continue
+            values = await self._collect_outcome(proc, worker)
+            outcomes.append((proc, worker, values))
+        async with self.db.session() as session:
+            for proc, worker, values in outcomes:
+                await self._record_exit(
+                    session, worker, values, exit_code=values.pop("_exit"), killed=proc.kill_sent
+                )
+            await notifications.notify(session, JOBS_TOPIC)
+        for proc in batch:
+            self.procs.pop(proc.worker_id, None)
+            self.cursors.pop(proc.worker_id, None)
+            self.deadlines.pop(proc.worker_id, None)
+
+    async def _collect_outcome(self, proc: WorkerProcess, worker: Worker) -> dict[str, Any]:
+        values: dict[str, Any] = {"_exit": read_exit_code(proc.run_dir)}
+        result = dict(worker.result or {})
+        agent_result = proc.extra.get("agent_result")
+        if isinstance(agent_result, dict):
+            result.update(agent_result)
+        if worker.branch and worker.workdir:
+            job_repo = None
+            async with self.db.session() as session:
+                job = await session.get(Job, worker.job_id)
+                job_repo = job.repository if job else None
+            try:
+                async with self._repo_lock(job_repo or ""):
+                    commit, stat = await asyncio.to_thread(
+                        git.commit_all,
+                        Path(worker.workdir),
+                        f"orchestrator: work of {worker.id} (job {worker.job_id})",
+                        result.get("base_commit"),
+                    )
+                values.update(commit=commit, diff_stat=stat)
+            except (git.GitError, OSError) as exc:
+                result["commit_error"] = str(exc)
+        values["result"] = result or None
+        return values
+
+    async def _record_exit(
+        self,
+        session: AsyncSession,
+        worker: Worker,
+        values: dict[str, Any],
+        *,
+        exit_code: int | None,
+        killed: bool,
+    ) -> None:
+        values["exit_code"] = exit_code
+        current = await workers_repo.get_worker(session, worker.id)
+        if current is None:
+            return
+        if current.status in WORKER_LIVE:
+            if exit_code == 0:
+                target, reason = WorkerStatus.COMPLETED, "exit code 0"
+            elif exit_code is None:
+                target, reason = WorkerStatus.FAILED, "killed: the worker ended without an exit status"
+            elif exit_code > 128:
+                target, reason = WorkerStatus.FAILED, f"exit code {exit_code} (signal {exit_code - 128})"
+            else:
+                target, reason = WorkerStatus.FAILED, f"exit code {exit_code}"
+            try:
+                await transition_worker(
+                    session, worker.id, target, actor=self.actor, reason=reason, values=values
+                )
+            except InvalidTransition:
+                await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
+        else:
+            await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
+        await slots_repo.worker_release_slot(session, worker.id, worker.job_id, worker.depth)
+
+    async def _settle_jobs(self) -> None:
+        """Decide the outcome of jobs whose workers have all ended and whose children are final."""
+        async with self.db.session() as session:
+            for job in await queries.jobs_without_live_workers(session, self.id):
+                children = await queries.child_statuses(session, job.id)
+                if any(
+                    status not in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED)
+                    for _, status in children
+                ):
+                    continue
+                workers = await workers_repo.workers_of_job(session, job.id)
+                if any(w.holds_slot for w in workers):
+                    continue  # an exit is still being recorded
+                bad = [w for w in workers if w.status != WorkerStatus.COMPLETED]
+                bad_children = [(cid, status) for cid, status in children if status != JobStatus.COMPLETED]
+                if bad:
+                    first = bad[0]
+                    reason = (
+                        f"worker {first.id} {first.status}: {first.status_reason or 'no reason recorded'}"
+                    )
+                    if len(bad) > 1:
+                        reason += f" (and {len(bad) - 1} more)"
+                    target = JobStatus.FAILED
+                elif bad_children:
+                    reason = f"child job {bad_children[0][0]} {bad_children[0][1]}"
+                    target = JobStatus.FAILED
+                else:
+                    target, reason = JobStatus.COMPLETED, "all workers and child jobs completed"
+                with contextlib.suppress(InvalidTransition):
+                    await transition_job(session, job.id, target, actor=self.actor, reason=reason)
+                    await release_unbound(session, job.id, job.depth)
+                    await notifications.notify(session, JOBS_TOPIC)
+
+    # ---------------------------------------------------------------- logs
+
+    async def _ingest_all(self) -> None:
+        for worker_id in list(self.cursors):
+            await self._ingest(worker_id, final=False)
+
+    async def _ingest(self, worker_id: str, *, final: bool) -> None:
+        async with self.log_lock:
+            cursor = self.cursors.get(worker_id)
+            proc = self.procs.get(worker_id)
+            if cursor is None or proc is None:
+                return
+            while True:
+                lines, new_offset = cursor.read_new(final=final)
+                if not lines and new_offset == cursor.offset:
+                    return
+                await self._store_lines(proc, cursor, lines, new_offset)
+                if not final:
+                    return
+
+    async def _store_lines(
+        self, proc: WorkerProcess, cursor: LogCursor, lines: list[str], new_offset: int
+    ) -> None:
+        agent = self.agents.agents.get(str(proc.extra.get("agent")))
+        job_id = str(proc.extra["job_id"])
+        now = utcnow()
+        async with self.db.session() as session:
+            for i, line in enumerate(lines):
+                session.add(
+                    WorkerLog(
+                        worker_id=proc.worker_id,
+                        job_id=job_id,
+                        seq=cursor.lines + i,
+                        text=line,
+                        created_at=now,
+                    )
+                )
+                if agent is not None:
+                    self._record_agent_event(session, agent, proc, job_id, line)
+            await session.execute(
+                update(Worker)
+                .where(Worker.id == proc.worker_id)
+                .values(log_offset=new_offset, log_lines=cursor.lines + len(lines))
+            )
+            await notifications.notify(session, "logs")
+        cursor.offset = new_offset
+        cursor.lines += len(lines)
+
+    def _record_agent_event(
+        self, session: AsyncSession, agent: Agent, proc: WorkerProcess, job_id: str, line: str
+    ) -> None:
+        event = agent.parse_line(line)
+        if event is None:
+            return
+        if event.kind == "result":
+            proc.extra["agent_result"] = event.data
+        session.add(
+            Event(
+                job_id=job_id,
+                worker_id=proc.worker_id,
+                kind=f"agent.{event.kind}",
+                actor=f"worker:{proc.worker_id}",
+                data=event.data,
+                created_at=utcnow(),
+            )
+        )
+
+    # ---------------------------------------------------------------- recovery
+
+    async def _reclaim(self, *, force_same_host: bool = False) -> None:
+        """Take over jobs of engines that stopped heartbeating (or, on this host, whose process is gone)."""
+        self.last_reclaim = time.monotonic()
+        now = utcnow()
+        async with self.db.session() as session:
+            engines = await queries.list_engines(session)
+            live = {e.id for e in engines if e.heartbeat_at >= now - self.lease}
+            for record in engines:
+                if record.id != self.id and record.host == self.executor.host and not _pid_alive(record.pid):
+                    live.discard(record.id)  # crashed on this host: no need to wait for the lease
+            live.add(self.id)
+            orphans = await queries.orphaned_jobs(session, live)
+            dead = {e.id for e in engines if e.id not in live}
+            for engine_id in dead:
+                await queries.unregister_engine(session, engine_id)
+        if not orphans:
+            return
+        log.warning(
+            "engine %s taking over %d job(s) of dead engine(s) %s", self.id, len(orphans), sorted(dead)
+        )
+        for job in orphans:
+            async with self.db.session() as session:
+                if not await queries.take_over_job(session, job.id, job.engine_id, self.id):
+                    continue
+                for worker in await workers_repo.workers_of_job(session, job.id):
+                    await self._recover_worker(session, worker, job)
+                await notifications.notify(session, JOBS_TOPIC)
+        self.wake.set()
+
+    async def _recover_worker(self, session: AsyncSession, worker: Worker, job: Job) -> None:
+        run_dir = self.runs_dir / worker.id
+        pid, start_time = worker.pid, worker.pid_start_time
+        if pid is None and (run_dir / "pid").exists():
+            # Started but the engine died before recording it.
+            with contextlib.suppress(ValueError):
+                pid_text, start_text = (run_dir / "pid").read_text().split()
+                pid, start_time = int(pid_text), int(start_text)
+                await session.execute(
+                    update(Worker)
+                    .where(Worker.id == worker.id)
+                    .values(pid=pid, pid_start_time=start_time, host=self.executor.host, run_dir=str(run_dir))
+                )
+                if worker.status == WorkerStatus.IDLE:
+                    worker = await transition_worker(
+                        session, worker.id, WorkerStatus.RUNNING, actor=self.actor, reason="adopted"
+                    )
+        if pid is None:
+            if worker.status in WORKER_FINAL and worker.holds_slot:
+                await slots_repo.worker_release_slot(session, worker.id, job.id, job.depth)
+            return  # IDLE and never started: it starts normally
+        await session.execute(update(Worker).where(Worker.id == worker.id).values(engine_id=self.id))
+        if worker.host not in (None, self.executor.host):
+            if worker.status in WORKER_LIVE:
+                with contextlib.suppress(InvalidTransition):
+                    await transition_worker(
+                        session,
+                        worker.id,
+                        WorkerStatus.FAILED,
+                        actor=self.actor,
+                        reason="lost: its engine on host " + str(worker.host) + " stopped heartbeating",
+                    )
+            await slots_repo.worker_release_slot(session, worker.id, job.id, job.depth)
+            return
+        proc = self.executor.adopt(worker.id, pid, start_time or 0, run_dir)
+        if proc is not None:
+            proc.applied_paused = worker.status == WorkerStatus.PAUSED
+            if proc.applied_paused:
+                self.executor.send(proc, signal.SIGSTOP)
+            self._supervise(proc, job, offset=worker.log_offset, lines=worker.log_lines)
+            log.info("engine %s adopted worker %s (pid %s)", self.id, worker.id, pid)
+            return
+        # The process is gone: learn how it ended, if the wrapper could say.
+        gone = WorkerProcess(worker.id, pid, start_time or 0, run_dir, exited=True)
+        gone.extra.update(agent=job.agent, job_id=job.id, depth=job.depth)
+        self.procs[worker.id] = gone
+        self.cursors[worker.id] = LogCursor(
+            gone.output_path, offset=worker.log_offset, lines=worker.log_lines
+        )
+        if read_exit_code(run_dir) is None and worker.status in WORKER_LIVE:
+            with contextlib.suppress(InvalidTransition):
+                await transition_worker(
+                    session,
+                    worker.id,
+                    WorkerStatus.FAILED,
+                    actor=self.actor,
+                    reason="lost: the process ended while no engine supervised it, without an exit status",
+                )
+        self.exited.append(gone)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,170 @@
+"""The engine's SQL: claiming jobs, engine liveness, and what needs attention."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, delete, exists, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from orchestrator.core.ids import new_worker_id
+from orchestrator.core.states import WORKER_LIVE, JobStatus, WorkerStatus
+from orchestrator.db.models import EngineRecord, Event, Job, Worker, utcnow
+
+ACTIVE_JOB = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
+LIVE = tuple(s.value for s in WORKER_LIVE)
+
+
+async def register_engine(session: AsyncSession, engine_id: str, host: str, pid: int) -> None:
+    now = utcnow()
+    session.add(EngineRecord(id=engine_id, host=host, pid=pid, started_at=now, heartbeat_at=now))
+    await session.flush()
+
+
+async def heartbeat(session: AsyncSession, engine_id: str) -> bool:
+    result = await session.execute(
+        update(EngineRecord).where(EngineRecord.id == engine_id).values(heartbeat_at=utcnow())
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+async def unregister_engine(session: AsyncSession, engine_id: str) -> None:
+    await session.execute(delete(EngineRecord).where(EngineRecord.id == engine_id))
+
+
+async def list_engines(session: AsyncSession) -> list[EngineRecord]:
+    stmt = select(EngineRecord).execution_options(populate_existing=True)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def live_engine_ids(session: AsyncSession, lease: timedelta, now: datetime) -> set[str]:
+    stmt = select(EngineRecord.id).where(EngineRecord.heartbeat_at >= now - lease)
+    return set((await session.execute(stmt)).scalars())
+
+
+async def claim_pending(session: AsyncSession, engine_id: str, limit: int) -> list[Job]:
+    """Take unowned PENDING jobs, highest priority first, FIFO within a priority."""
+    candidates = (
+        select(Job.id)
+        .where(Job.status == JobStatus.PENDING.value, Job.engine_id.is_(None))
+        .order_by(Job.depth, Job.priority.desc(), Job.created_at)
+        .limit(limit)
+    )
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    ids = list((await session.execute(candidates)).scalars())
+    if not ids:
+        return []
+    await session.execute(
+        update(Job)
+        .where(Job.id.in_(ids), Job.engine_id.is_(None))
+        .values(engine_id=engine_id)
+        .execution_options(synchronize_session=False)
+    )
+    stmt = (
+        select(Job)
+        .where(Job.id.in_(ids), Job.engine_id == engine_id)
+        .execution_options(populate_existing=True)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def orphaned_jobs(session: AsyncSession, live_engines: set[str]) -> list[Job]:
+    stmt = (
+        select(Job)
+        .where(Job.status.in_(ACTIVE_JOB), Job.engine_id.is_not(None), Job.engine_id.not_in(live_engines))
+        .execution_options(populate_existing=True)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def take_over_job(session: AsyncSession, job_id: str, old_engine: str | None, engine_id: str) -> bool:
+    result = await session.execute(
+        update(Job).where(Job.id == job_id, Job.engine_id == old_engine).values(engine_id=engine_id)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+async def create_workers(session: AsyncSession, job: Job, actor: str) -> None:
+    now = utcnow()
+    for index in range(job.worker_count):
+        worker_id = new_worker_id()
+        session.add(
+            Worker(
+                id=worker_id,
+                job_id=job.id,
+                workspace_id=job.workspace_id,
+                status=WorkerStatus.IDLE.value,
+                worker_index=index,
+                depth=job.depth,
+                agent=job.agent,
+                holds_slot=False,
+                log_offset=0,
+                log_lines=0,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        session.add(
+            Event(
+                job_id=job.id,
+                worker_id=worker_id,
+                kind="worker.status",
+                actor=actor,
+                from_status=None,
+                to_status=WorkerStatus.IDLE.value,
+                reason="created",
+                created_at=now,
+            )
+        )
+    await session.flush()
+
+
+async def idle_workers(session: AsyncSession, engine_id: str) -> list[tuple[Worker, Job]]:
+    stmt = (
+        select(Worker, Job)
+        .join(Job, Job.id == Worker.job_id)
+        .where(
+            Job.engine_id == engine_id,
+            Job.status.in_(ACTIVE_JOB),
+            Worker.status == WorkerStatus.IDLE.value,
+            Worker.pid.is_(None),
+        )
+        .order_by(Job.depth, Job.priority.desc(), Job.created_at, Worker.worker_index)
+        .execution_options(populate_existing=True)
+    )
+    return [(w, j) for w, j in (await session.execute(stmt)).tuples()]
+
+
+async def worker_statuses(session: AsyncSession, worker_ids: list[str]) -> dict[str, str]:
+    if not worker_ids:
+        return {}
+    stmt = select(Worker.id, Worker.status).where(Worker.id.in_(worker_ids))
+    return {worker_id: status for worker_id, status in (await session.execute(stmt)).tuples()}
+
+
+async def workers_for_jobs(session: AsyncSession, job_ids: list[str]) -> list[Worker]:
+    stmt = select(Worker).where(Worker.job_id.in_(job_ids)).execution_options(populate_existing=True)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def jobs_without_live_workers(session: AsyncSession, engine_id: str) -> list[Job]:
+    live_worker = exists().where(and_(Worker.job_id == Job.id, Worker.status.in_(LIVE)))
+    stmt = (
+        select(Job)
+        .where(Job.engine_id == engine_id, Job.status.in_(ACTIVE_JOB), ~live_worker)
+        .execution_options(populate_existing=True)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def child_statuses(session: AsyncSession, job_id: str) -> list[tuple[str, str]]:
+    stmt = select(Job.id, Job.status).where(Job.parent_job_id == job_id)
+    return list((await session.execute(stmt)).tuples())
+
+
+async def jobs_by_id(session: AsyncSession, job_ids: list[str]) -> dict[str, Job]:
+    if not job_ids:
+        return {}
+    stmt = select(Job).where(Job.id.in_(job_ids)).execution_options(populate_existing=True)
+    return {job.id: job for job in (await session.execute(stmt)).scalars()}

@@ -1,0 +1,167 @@
+"""Workers as local OS processes that outlive the engine that started them.
+
+Each worker runs under a tiny `/bin/sh` wrapper that is the leader of its own session and process
+group. The wrapper sends the agent's output straight to a file (durable even if the engine dies)
+and writes the agent's exit status to `exit` when it ends, so an engine that restarts can still
+learn how its workers ended. Signals go to the whole group, so the agent's children follow.
+A process is identified by PID *and* start time, so a reused PID is never mistaken for a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.agents.base import LaunchSpec
+
+# $1 = run dir; then the agent's argv. A handled TERM/INT/HUP trap keeps the wrapper alive to
+# record the agent's status (handled traps reset to default in the agent, so it still dies).
+WRAPPER_SCRIPT = (
+    'd="$1"; shift; trap ":" TERM INT HUP; '
+    '"$@" <"$d/stdin" >>"$d/output.log" 2>&1; c=$?; '
+    'printf "%s\\n" "$c" >"$d/exit.tmp" && mv "$d/exit.tmp" "$d/exit"'
+)
+
+OUTPUT_FILE = "output.log"
+EXIT_FILE = "exit"
+PID_FILE = "pid"
+
+
+def process_start_time(pid: int) -> int | None:
+    """Kernel start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+def is_same_process(pid: int, start_time: int) -> bool:
+    current = process_start_time(pid)
+    if current is None:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return current == start_time and state != "Z"
+
+
+def read_exit_code(run_dir: Path) -> int | None:
+    try:
+        return int((run_dir / EXIT_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+@dataclass
+class WorkerProcess:
+    worker_id: str
+    pid: int
+    start_time: int
+    run_dir: Path
+    popen: subprocess.Popen[bytes] | None = None
+    pidfd: int | None = None
+    stop_signal_sent_at: float | None = None
+    kill_sent: bool = False
+    applied_paused: bool = False
+    exited: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def output_path(self) -> Path:
+        return self.run_dir / OUTPUT_FILE
+
+
+class LocalExecutor:
+    """Starts, signals and watches worker processes on this host."""
+
+    def __init__(self) -> None:
+        self.host = socket.gethostname()
+        _raise_fd_limit()
+
+    def start(self, worker_id: str, spec: LaunchSpec, workdir: Path, run_dir: Path) -> WorkerProcess:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "stdin").write_text(spec.stdin_text or "")
+        (run_dir / OUTPUT_FILE).touch()
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8")}
+        env.update(spec.env)
+        popen = subprocess.Popen(
+            ["/bin/sh", "-c", WRAPPER_SCRIPT, "orchestrator-worker", str(run_dir), *spec.argv],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+        start_time = process_start_time(popen.pid) or 0
+        (run_dir / PID_FILE).write_text(f"{popen.pid} {start_time}\n")
+        return WorkerProcess(worker_id, popen.pid, start_time, run_dir, popen=popen)
+
+    def adopt(self, worker_id: str, pid: int, start_time: int, run_dir: Path) -> WorkerProcess | None:
+        """Take over a worker started by an engine that died; None if it is gone."""
+        if not is_same_process(pid, start_time):
+            return None
+        return WorkerProcess(worker_id, pid, start_time, run_dir)
+
+    def send(self, proc: WorkerProcess, sig: signal.Signals) -> bool:
+        """Signal the worker's whole process group, if it is still the process we started."""
+        if proc.exited or not is_same_process(proc.pid, proc.start_time):
+            return False
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def watch(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
+        """Call `on_exit` in the event loop as soon as the process ends (pidfd, no polling)."""
+        loop = asyncio.get_running_loop()
+        try:
+            proc.pidfd = os.pidfd_open(proc.pid)
+        except ProcessLookupError:
+            loop.call_soon(self._exited, proc, on_exit)
+            return
+
+        def _ready() -> None:
+            self._exited(proc, on_exit)
+
+        loop.add_reader(proc.pidfd, _ready)
+
+    def _exited(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
+        if proc.exited:
+            return
+        proc.exited = True
+        self.unwatch(proc)
+        if proc.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=1)  # reap our own child
+        on_exit(proc)
+
+    def unwatch(self, proc: WorkerProcess) -> None:
+        if proc.pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(proc.pidfd)
+            with contextlib.suppress(OSError):
+                os.close(proc.pidfd)
+            proc.pidfd = None
+
+
+def _raise_fd_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
