@@ -1,0 +1,103 @@
+"""Crash safety and many processes: kill -9 of the server, lost workers, several engines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from tests.integration.test_engine_lifecycle import (
+    agents_file,
+    job_status,
+    log_lines,
+    pid_alive,
+    submit,
+    usage_allocated,
+    wait_final,
+    workers_of,
+)
+from tests.support.servers import ServerFactory
+from tests.support.wait import wait_until
+
+
+def test_kill9_server_workers_survive_and_are_readopted(servers: ServerFactory) -> None:
+    first = servers.start()
+    with first.client() as client:
+        short = submit(client, worker_count=2, agent_options={"duration_seconds": 1.0})
+        long = submit(client, worker_count=2, agent_options={"duration_seconds": 6.0})
+        def four_running() -> bool:
+            workers = workers_of(client, short["id"]) + workers_of(client, long["id"])
+            return len(workers) == 4 and all(w["status"] == "RUNNING" for w in workers)
+
+        wait_until(four_running, timeout=20, what="four workers running")
+        long_pids = [w["pid"] for w in workers_of(client, long["id"])]
+
+    first.kill9()
+    assert all(pid_alive(p) for p in long_pids), "workers must outlive the server"
+    time.sleep(2.0)  # the short workers end while no engine is watching
+
+    second = servers.make(port=first.port).start()
+    with second.client() as client:
+        for job in (short, long):
+            done = wait_final(client, job["id"], timeout=30)
+            assert done["status"] == "COMPLETED", done
+        for job in (short, long):
+            for worker in workers_of(client, job["id"]):
+                assert worker["status"] == "COMPLETED" and worker["exit_code"] == 0
+                lines = log_lines(client, worker["id"])
+                assert lines[-1] == "[simulated] done with exit code 0"
+                steps = [line for line in lines if "working... step" in line]
+                numbers = [int(line.split("step ")[1].split()[0]) for line in steps]
+                assert numbers == list(range(1, len(numbers) + 1)), "log lines lost or duplicated"
+        events = client.get(f"/api/jobs/{long['id']}/events").json()["events"]
+        actors = {e["actor"] for e in events if e["kind"] == "job.status" and e["to_status"] == "COMPLETED"}
+        assert len(actors) == 1 and next(iter(actors)).startswith("engine:")
+        assert usage_allocated(client) == [0, 0, 0, 0, 0, 0]
+
+
+def test_workers_killed_while_server_down_are_marked_lost(servers: ServerFactory) -> None:
+    first = servers.start(ORCHESTRATOR_AGENTS_FILE=agents_file(servers.root))
+    with first.client() as client:
+        job = submit(client, agent="ticker", worker_count=2)
+        wait_until(lambda: len([w for w in workers_of(client, job["id"]) if w["status"] == "RUNNING"]) == 2)
+        pids = [w["pid"] for w in workers_of(client, job["id"])]
+    first.kill9()
+    for pid in pids:
+        os.killpg(pid, signal.SIGKILL)
+    wait_until(lambda: not any(pid_alive(p) for p in pids))
+
+    second = servers.make(port=first.port).start()
+    with second.client() as client:
+        done = wait_final(client, job["id"], timeout=20)
+        assert done["status"] == "FAILED"
+        for worker in workers_of(client, job["id"]):
+            assert worker["status"] == "FAILED"
+            assert worker["status_reason"].startswith("lost")
+        assert usage_allocated(client) == [0, 0, 0, 0, 0, 0]
+        assert "tick" in log_lines(client, workers_of(client, job["id"])[0]["id"])
+
+
+def test_four_processes_each_job_claimed_once_and_control_within_a_second(servers: ServerFactory) -> None:
+    server = servers.start(workers=4, ORCHESTRATOR_AGENTS_FILE=agents_file(servers.root))
+    with server.client() as client:
+        jobs = [submit(client, worker_count=1, agent_options={"duration_seconds": 0.2}) for _ in range(12)]
+        for job in jobs:
+            assert wait_final(client, job["id"], timeout=30)["status"] == "COMPLETED"
+            events = client.get(f"/api/jobs/{job['id']}/events").json()["events"]
+            engines = {e["actor"] for e in events if e["actor"].startswith("engine:")}
+            assert len(engines) == 1, f"job {job['id']} touched by several engines: {engines}"
+
+        ticker = submit(client, agent="ticker", worker_count=2)
+        wait_until(
+            lambda: len([w for w in workers_of(client, ticker["id"]) if w["status"] == "RUNNING"]) == 2
+        )
+        for worker in workers_of(client, ticker["id"]):
+            started = time.monotonic()
+            assert client.post(f"/api/supervisor/workers/{worker['id']}/pause").status_code == 200
+            stat = Path(f"/proc/{worker['pid']}/stat")
+            wait_until(lambda s=stat: s.read_text().rsplit(")", 1)[1].split()[0] == "T", timeout=1.5)
+            assert time.monotonic() - started < 1.5
+        client.post(f"/api/jobs/{ticker['id']}/cancel")
+        wait_until(lambda: usage_allocated(client)[0] == 0, timeout=15)
+        assert job_status(client, ticker["id"]) == "CANCELED"
