@@ -18,6 +18,9 @@ from orchestrator.db.session import Database
 from orchestrator.jobs import repository as jobs_repo
 from orchestrator.workers import repository as workers_repo
 
+# Upper bound of integer query parameters: what every database column and OFFSET accepts.
+MAX_QUERY_INT = 2**31 - 1
+
 bearer_scheme = HTTPBearer(
     scheme_name="BearerAuth",
     bearerFormat="JWT",
@@ -43,7 +46,7 @@ def get_agents(request: Request) -> AgentRegistry:
 
 async def get_session(database: Annotated[Database, Depends(get_database)]) -> AsyncIterator[AsyncSession]:
     """The request's transaction: committed when the endpoint returns, before the response is sent."""
-    async with database.sessionmaker() as session, session.begin():
+    async with database.session() as session:
         yield session
 
 

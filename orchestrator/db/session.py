@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from orchestrator.core.config import Settings
 
@@ -22,7 +24,9 @@ def make_engine(settings: Settings) -> AsyncEngine:
             from pathlib import Path
 
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, poolclass=NullPool, connect_args={"timeout": 60})
+        engine = create_async_engine(
+            url, poolclass=AsyncAdaptedQueuePool, pool_size=5, max_overflow=20, connect_args={"timeout": 60}
+        )
         _tune_sqlite(engine)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
@@ -54,6 +58,9 @@ class Database:
         self.settings = settings
         self.engine = make_engine(settings)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time. Queue this process's transactions here, in order, rather
+        # than letting them poll the file lock (SQLite's busy handler sleeps up to 100 ms a try).
+        self._write_lock: asyncio.Lock | None = None if self.is_postgres else asyncio.Lock()
 
     @property
     def is_postgres(self) -> bool:
@@ -62,8 +69,11 @@ class Database:
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         """One transaction: committed when the block ends, rolled back on error."""
-        async with self.sessionmaker() as session, session.begin():
+        async with self._serialized(), self.sessionmaker() as session, session.begin():
             yield session
+
+    def _serialized(self) -> contextlib.AbstractAsyncContextManager[object]:
+        return self._write_lock if self._write_lock is not None else contextlib.nullcontext()
 
     async def dispose(self) -> None:
         await self.engine.dispose()

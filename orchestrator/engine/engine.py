@@ -238,6 +238,7 @@ class Engine:
             workdir = self.workspaces_dir / worker.id
             branch = git.branch_name(job.id, worker.id)
             async with self._repo_lock(job.repository):
+                await self._checkpoint_parent_branch(job.base_ref)
                 base = await asyncio.to_thread(
                     git.add_worktree, Path(job.repository), workdir, branch, job.base_ref
                 )
@@ -272,6 +273,16 @@ class Engine:
         spec = agent.launch(context)
         proc = self.executor.start(worker.id, spec, workdir, run_dir)
         return proc, values
+
+    async def _checkpoint_parent_branch(self, base_ref: str | None) -> None:
+        """A child starting from a live worker's branch sees that worker's work so far."""
+        if not base_ref or not base_ref.startswith("orchestrator/"):
+            return
+        worktree = self.workspaces_dir / base_ref.rsplit("/", 1)[-1]
+        if (worktree / ".git").exists():
+            await asyncio.to_thread(
+                git.commit_all, worktree, "orchestrator: checkpoint before delegating", None
+            )
 
     async def _record_start(
         self,

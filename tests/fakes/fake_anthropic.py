@@ -91,6 +91,9 @@ class Step:
     error_body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    # For errors: answer 200 and start the stream, then send an SSE ``error`` event (as the real API
+    # does when it overloads mid-reply) instead of an HTTP error status.
+    mid_stream: bool = False
     # Token usage reported for this answer; None = estimated from the request / reply sizes.
     input_tokens: int | None = None
     output_tokens: int | None = None
@@ -146,12 +149,22 @@ _ERROR_TYPES = {
 }
 
 
-def error(status: int = 529, body: Any = None, headers: dict[str, str] | None = None, *, delay: float = 0.0) -> Step:
-    """An HTTP error answer. ``body`` defaults to the API's own error shape for that status."""
+def error(
+    status: int = 529,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    *,
+    delay: float = 0.0,
+    mid_stream: bool = False,
+) -> Step:
+    """An HTTP error answer. ``body`` defaults to the API's own error shape for that status.
+
+    ``mid_stream=True`` (streaming requests only): HTTP 200, ``message_start``, then an SSE ``error`` event.
+    """
     if body is None:
         etype = _ERROR_TYPES.get(status, "api_error")
         body = {"type": "error", "error": {"type": etype, "message": f"fake {etype} ({status})"}}
-    return Step(status=status, error_body=body, headers=dict(headers or {}), delay=delay)
+    return Step(status=status, error_body=body, headers=dict(headers or {}), delay=delay, mid_stream=mid_stream)
 
 
 def overloaded(retry_after: float | None = None) -> Step:
@@ -237,7 +250,7 @@ class RecordedRequest:
     time: float
     kind: str = "other"  # "main", "side", "count_tokens", "probe", "other"
     turn: int | None = None
-    status: int = 200  # what the fake answered
+    status: int = 200  # scripted status (a mid_stream error is recorded as its status though HTTP said 200)
     stream: bool | None = None
 
 
@@ -419,6 +432,12 @@ def _make_handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
             fake._record(rec)
             if step.delay:
                 time.sleep(step.delay)
+            if step.is_error and step.mid_stream and rec.stream:
+                start = _message(body, text(""))
+                start.update(content=[], stop_reason=None)
+                payload = _event("message_start", {"type": "message_start", "message": start}) + _event("error", step.error_body)
+                self._send(200, payload.encode(), "text/event-stream; charset=utf-8", step.headers)
+                return
             if step.is_error:
                 self._send_json(step.status, step.error_body, step.headers)
                 return

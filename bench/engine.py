@@ -1,0 +1,206 @@
+"""Engine benchmarks, measured side by side in one run (targets live here, never in tests).
+
+    .venv/bin/python bench/engine.py [--jobs 1000] [--sleepers 1000] [--latency-jobs 200]
+
+1. submit-to-RUNNING latency (server timestamps: started_at - created_at), p50 and p99;
+2. N one-worker jobs running `true` versus starting the same N processes directly with the same
+   concurrency (the depth-0 quota), and the ratio;
+3. N concurrently sleeping workers: the server's CPU use (percent of one core) and memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support.servers import TEST_SECRET_KEY, Server, server_factory  # noqa: E402
+
+os.environ["SECRET_KEY"] = TEST_SECRET_KEY  # tokens made here must verify in the servers
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def profiles(root: Path) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "agents.toml"
+    path.write_text('[agents.true]\ncommand = ["true"]\n[agents.sleep]\ncommand = ["sleep", "600"]\n')
+    return str(path)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def parse(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+async def submit_many(server: Server, count: int, body: dict[str, object], concurrency: int = 8) -> list[str]:
+    headers = {"Authorization": f"Bearer {server_token()}"}
+    ids: list[str] = []
+    semaphore = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as client:
+
+        async def one() -> None:
+            async with semaphore:
+                response = await client.post("/api/jobs/submit", json=body)
+                response.raise_for_status()
+                ids.append(response.json()["id"])
+
+        await asyncio.gather(*(one() for _ in range(count)))
+    return ids
+
+
+def server_token() -> str:
+    from tests.support.servers import token
+
+    return token()
+
+
+def wait_all_final(client: httpx.Client, total: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get("/api/jobs", params={"status": "COMPLETED", "limit": 1}).json()
+        if body["total"] >= total:
+            return
+        failed = client.get("/api/jobs", params={"status": "FAILED", "limit": 1}).json()["total"]
+        if failed:
+            raise RuntimeError(f"{failed} job(s) failed")
+        time.sleep(0.05)
+    raise TimeoutError(f"jobs did not complete within {timeout}s")
+
+
+def bench_latency(root: Path, count: int) -> dict[str, float]:
+    with server_factory(root / "latency") as servers:
+        server = servers.start(ORCHESTRATOR_AGENTS_FILE=profiles(servers.root))
+        with server.client() as client:
+            ids = []
+            for _ in range(count):
+                ids.append(
+                    client.post("/api/jobs/submit", json={"task_description": "t", "agent": "true"}).json()[
+                        "id"
+                    ]
+                )
+                time.sleep(0.01)  # one at a time: latency, not throughput
+            wait_all_final(client, count, timeout=120)
+            latencies = []
+            for job_id in ids:
+                job = client.get(f"/api/jobs/{job_id}").json()
+                latencies.append((parse(job["started_at"]) - parse(job["created_at"])).total_seconds() * 1000)
+    latencies.sort()
+    return {
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)],
+        "max_ms": latencies[-1],
+    }
+
+
+def direct_baseline(count: int, concurrency: int) -> float:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(lambda _: subprocess.run(["true"], check=True), range(count)))
+    return time.perf_counter() - started
+
+
+def bench_throughput(root: Path, count: int) -> dict[str, float]:
+    with server_factory(root / "throughput") as servers:
+        server = servers.start(ORCHESTRATOR_AGENTS_FILE=profiles(servers.root))
+        quota = server.client().get("/api/resources/quotas").json()["quotas"][0]["max_workers"]
+        started = time.perf_counter()
+        asyncio.run(submit_many(server, count, {"task_description": "t", "agent": "true"}))
+        submitted = time.perf_counter() - started
+        with server.client() as client:
+            wait_all_final(client, count, timeout=600)
+        engine_total = time.perf_counter() - started
+        assert server.process is not None
+        server_cpu = cpu_seconds(server.process.pid)
+    direct = direct_baseline(count, quota)
+    return {
+        "jobs": count,
+        "concurrency": quota,
+        "engine_total_s": engine_total,
+        "submit_phase_s": submitted,
+        "direct_s": direct,
+        "ratio": engine_total / direct,
+        "server_cpu_s": server_cpu,
+    }
+
+
+def bench_sleepers(root: Path, count: int) -> dict[str, float]:
+    with server_factory(root / "sleepers") as servers:
+        quotas = f"{count},8,5,3,2,1"
+        server = servers.start(ORCHESTRATOR_AGENTS_FILE=profiles(servers.root), ORCHESTRATOR_QUOTAS=quotas)
+        assert server.process is not None
+        pid = server.process.pid
+        started = time.perf_counter()
+        asyncio.run(submit_many(server, count, {"task_description": "t", "agent": "sleep"}))
+        with server.client() as client:
+            deadline = time.monotonic() + 300
+            while client.get("/api/supervisor/metrics").json()["by_status"]["RUNNING"] < count:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("sleepers did not all start")
+                time.sleep(0.2)
+            ramp = time.perf_counter() - started
+            time.sleep(2)  # let start-up work settle
+            cpu_before, wall_before = cpu_seconds(pid), time.perf_counter()
+            time.sleep(15)
+            cpu = (cpu_seconds(pid) - cpu_before) / (time.perf_counter() - wall_before) * 100
+            memory = rss_mib(pid)
+            ids = [j["id"] for j in client.get("/api/jobs", params={"limit": 1000}).json()["jobs"]]
+            for job_id in ids:
+                client.post(f"/api/jobs/{job_id}/cancel")
+    return {"workers": count, "ramp_s": ramp, "idle_cpu_percent": cpu, "server_rss_mib": memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--sleepers", type=int, default=1000)
+    parser.add_argument("--latency-jobs", type=int, default=200)
+    args = parser.parse_args()
+    print(f"database: {os.environ.get('TEST_DATABASE', 'sqlite')}, cores: {os.cpu_count()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        latency = bench_latency(root, args.latency_jobs)
+        print(
+            f"submit-to-RUNNING over {args.latency_jobs} jobs: p50 {latency['p50_ms']:.1f} ms, "
+            f"p99 {latency['p99_ms']:.1f} ms, max {latency['max_ms']:.1f} ms (target p50 <= 30, p99 <= 150)"
+        )
+        throughput = bench_throughput(root, args.jobs)
+        print(
+            f"{args.jobs} one-worker `true` jobs at concurrency {throughput['concurrency']:.0f}: "
+            f"engine {throughput['engine_total_s']:.2f} s (submits {throughput['submit_phase_s']:.2f} s), "
+            f"direct {throughput['direct_s']:.2f} s, ratio {throughput['ratio']:.2f}x (target <= 3x); "
+            f"server CPU {throughput['server_cpu_s']:.1f} s"
+        )
+        sleepers = bench_sleepers(root, args.sleepers)
+        print(
+            f"{args.sleepers} sleeping workers: started in {sleepers['ramp_s']:.1f} s, server at "
+            f"{sleepers['idle_cpu_percent']:.1f}% of one core (target < 10%), RSS {sleepers['server_rss_mib']:.0f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
