@@ -178,41 +178,45 @@ class Engine:
     # ---------------------------------------------------------------- one pass
 
     async def tick(self) -> None:
+        """One pass, in three short transactions: schedule, (launch), record and settle."""
         await self._finalize_exited()
         if time.monotonic() - self.last_reclaim > RECLAIM_INTERVAL_SECONDS:
             await self._reclaim()
-        await self._claim()
         await self._apply_control()
-        await self._start_idle()
-        await self._settle_jobs()
-
-    async def _claim(self) -> None:
+        ready = await self._schedule()
+        started = await self._launch_all(ready)
         async with self.db.session() as session:
-            jobs = await queries.claim_pending(session, self.id, CLAIM_BATCH)
-            for job in jobs:
+            for worker, job, proc, values in started:
+                await self._record_start(session, worker, job, proc, values)
+            await self._settle_jobs(session)
+            if started:
+                await notifications.notify(session, JOBS_TOPIC)
+
+    async def _schedule(self) -> list[tuple[Worker, Job]]:
+        """Claim PENDING jobs, create their workers, and give IDLE workers slots."""
+        async with self.db.session() as session:
+            claimed = await queries.claim_pending(session, self.id, CLAIM_BATCH)
+            for job in claimed:
                 if not await queries.workers_for_jobs(session, [job.id]):
                     await queries.create_workers(session, job, self.actor)
-        if len(jobs) == CLAIM_BATCH:
-            self.wake.set()
-
-    # ---------------------------------------------------------------- starting
-
-    async def _start_idle(self) -> None:
-        async with self.db.session() as session:
-            candidates = await queries.idle_workers(session, self.id)
             ready: list[tuple[Worker, Job]] = []
             full_depths: set[int] = set()
-            for worker, job in candidates:
+            for worker, job in await queries.idle_workers(session, self.id):
                 if len(ready) >= START_BATCH:
                     break
-                if job.depth in full_depths:
+                if job.depth in full_depths or worker.id in self.procs:
                     continue
                 if worker.holds_slot or await bind_slot(session, worker.id, job.id, job.depth):
                     ready.append((worker, job))
                 else:
                     full_depths.add(job.depth)
-        if not ready:
-            return
+        if len(claimed) == CLAIM_BATCH or len(ready) == START_BATCH:
+            self.wake.set()  # more to do: come straight back
+        return ready
+
+    async def _launch_all(
+        self, ready: list[tuple[Worker, Job]]
+    ) -> list[tuple[Worker, Job, WorkerProcess | None, dict[str, Any]]]:
         started: list[tuple[Worker, Job, WorkerProcess | None, dict[str, Any]]] = []
         for worker, job in ready:
             try:
@@ -221,12 +225,7 @@ class Engine:
             except Exception as exc:
                 log.warning("worker %s could not start: %s", worker.id, exc)
                 started.append((worker, job, None, {"status_reason": f"could not start: {exc}"}))
-        async with self.db.session() as session:
-            for worker, job, proc, values in started:
-                await self._record_start(session, worker, job, proc, values)
-            await notifications.notify(session, JOBS_TOPIC)
-        if len(ready) == START_BATCH:
-            self.wake.set()
+        return started
 
     async def _launch(self, worker: Worker, job: Job) -> tuple[WorkerProcess, dict[str, Any]]:
         agent = self.agents.get(job.agent)
@@ -468,38 +467,35 @@ class Engine:
             await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
         await slots_repo.worker_release_slot(session, worker.id, worker.job_id, worker.depth)
 
-    async def _settle_jobs(self) -> None:
+    async def _settle_jobs(self, session: AsyncSession) -> None:
         """Decide the outcome of jobs whose workers have all ended and whose children are final."""
-        async with self.db.session() as session:
-            for job in await queries.jobs_without_live_workers(session, self.id):
-                children = await queries.child_statuses(session, job.id)
-                if any(
-                    status not in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED)
-                    for _, status in children
-                ):
-                    continue
-                workers = await workers_repo.workers_of_job(session, job.id)
-                if any(w.holds_slot for w in workers):
-                    continue  # an exit is still being recorded
-                bad = [w for w in workers if w.status != WorkerStatus.COMPLETED]
-                bad_children = [(cid, status) for cid, status in children if status != JobStatus.COMPLETED]
-                if bad:
-                    first = bad[0]
-                    reason = (
-                        f"worker {first.id} {first.status}: {first.status_reason or 'no reason recorded'}"
-                    )
-                    if len(bad) > 1:
-                        reason += f" (and {len(bad) - 1} more)"
-                    target = JobStatus.FAILED
-                elif bad_children:
-                    reason = f"child job {bad_children[0][0]} {bad_children[0][1]}"
-                    target = JobStatus.FAILED
-                else:
-                    target, reason = JobStatus.COMPLETED, "all workers and child jobs completed"
-                with contextlib.suppress(InvalidTransition):
-                    await transition_job(session, job.id, target, actor=self.actor, reason=reason)
-                    await release_unbound(session, job.id, job.depth)
-                    await notifications.notify(session, JOBS_TOPIC)
+        for job in await queries.jobs_without_live_workers(session, self.id):
+            children = await queries.child_statuses(session, job.id)
+            if any(
+                status not in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED)
+                for _, status in children
+            ):
+                continue
+            workers = await workers_repo.workers_of_job(session, job.id)
+            if any(w.holds_slot for w in workers):
+                continue  # an exit is still being recorded
+            bad = [w for w in workers if w.status != WorkerStatus.COMPLETED]
+            bad_children = [(cid, status) for cid, status in children if status != JobStatus.COMPLETED]
+            if bad:
+                first = bad[0]
+                reason = f"worker {first.id} {first.status}: {first.status_reason or 'no reason recorded'}"
+                if len(bad) > 1:
+                    reason += f" (and {len(bad) - 1} more)"
+                target = JobStatus.FAILED
+            elif bad_children:
+                reason = f"child job {bad_children[0][0]} {bad_children[0][1]}"
+                target = JobStatus.FAILED
+            else:
+                target, reason = JobStatus.COMPLETED, "all workers and child jobs completed"
+            with contextlib.suppress(InvalidTransition):
+                await transition_job(session, job.id, target, actor=self.actor, reason=reason)
+                await release_unbound(session, job.id, job.depth)
+                await notifications.notify(session, JOBS_TOPIC)
 
     # ---------------------------------------------------------------- logs
 
