@@ -25,7 +25,7 @@ install-dev: $(VENV)/.installed-dev
 
 ## Set up and start API + engine on :$(PORT) with embedded SQLite.
 run: install
-	@$(BIN)/orchestrator token --hint
+	@HOST=$(HOST) PORT=$(PORT) $(BIN)/orchestrator token --hint
 	$(BIN)/orchestrator serve --host $(HOST) --port $(PORT)
 
 ## Set up and run every check and test (SQLite, then PostgreSQL).

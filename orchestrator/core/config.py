@@ -38,7 +38,17 @@ class Settings(BaseSettings):
     orchestrator_agents_file: Path | None = None
     orchestrator_default_agent: str = "simulated"
     orchestrator_engine_lease_seconds: float = Field(default=15.0, gt=0)
-    orchestrator_poll_seconds: float = Field(default=0.5, gt=0)
+    orchestrator_poll_seconds: float = Field(default=1.0, gt=0)
+    # Real coding agents (docs/claude-code-workers.md): CLI paths (or names looked up on PATH).
+    orchestrator_claude_bin: str = "claude"
+    orchestrator_codex_bin: str = "codex"
+    # Retries an agent CLI makes by itself before reporting an API error; the governor does the rest.
+    orchestrator_agent_max_retries: int = Field(default=2, ge=0, le=15)
+    orchestrator_mcp_connect_timeout_ms: int = Field(default=30_000, ge=1000)
+    # Rate-limit governor: first backoff, cap, and how many times one worker is resumed.
+    orchestrator_rate_limit_backoff_seconds: float = Field(default=10.0, gt=0)
+    orchestrator_rate_limit_max_backoff_seconds: float = Field(default=300.0, gt=0)
+    orchestrator_rate_limit_max_resumes: int = Field(default=8, ge=0)
 
     @field_validator("orchestrator_quotas")
     @classmethod
@@ -103,7 +113,9 @@ def to_async_url(url: str) -> str:
     ):
         if url.startswith(prefix):
             return driver + url[len(prefix) :]
-    raise ValueError(f"unsupported DATABASE_URL scheme: {url.split(':', 1)[0]!r} (use postgresql:// or sqlite://)")
+    raise ValueError(
+        f"unsupported DATABASE_URL scheme: {url.split(':', 1)[0]!r} (use postgresql:// or sqlite://)"
+    )
 
 
 def _stored_secret(data_dir: Path) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator.agents.base import Agent, WorkerContext
+from orchestrator.agents.base import Agent, Outcome, WorkerContext
 from orchestrator.agents.registry import AgentRegistry
 from orchestrator.core.auth import create_access_token, engine_actor
 from orchestrator.core.config import Settings
@@ -32,7 +32,9 @@ from orchestrator.db import notify as notifications
 from orchestrator.db.models import Event, Job, Worker, WorkerLog, utcnow
 from orchestrator.db.session import Database
 from orchestrator.db.transitions import transition_job, transition_worker
+from orchestrator.engine import budget as budgets
 from orchestrator.engine import queries
+from orchestrator.engine.governor import Governor
 from orchestrator.engine.logs import LogCursor
 from orchestrator.executors.local import LocalExecutor, WorkerProcess, read_exit_code
 from orchestrator.jobs.service import JOBS_TOPIC
@@ -48,6 +50,7 @@ CLAIM_BATCH = 100
 START_BATCH = 50
 LOG_INTERVAL_SECONDS = 0.25
 RECLAIM_INTERVAL_SECONDS = 2.0
+SQLITE_WATCH_SECONDS = 0.05
 
 
 class Engine:
@@ -78,6 +81,9 @@ class Engine:
         self.lease = timedelta(seconds=settings.orchestrator_engine_lease_seconds)
         self.runs_dir = settings.data_dir / "runs"
         self.workspaces_dir = settings.data_dir / "workspaces"
+        self.governor = Governor(settings)
+        self.spend_changed = False
+        self.last_budget_check = 0.0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -93,8 +99,8 @@ class Engine:
             asyncio.create_task(self._run_forever(self._heartbeat_loop, "heartbeat")),
             asyncio.create_task(self._run_forever(self._log_loop, "logs")),
         ]
-        if self.db.is_postgres:
-            self.tasks.append(asyncio.create_task(self._run_forever(self._listen_loop, "listen")))
+        watcher = self._listen_loop if self.db.is_postgres else self._sqlite_watch_loop
+        self.tasks.append(asyncio.create_task(self._run_forever(watcher, "watch")))
         log.info("engine %s started (pid %s, host %s)", self.id, os.getpid(), self.executor.host)
 
     async def stop(self) -> None:
@@ -175,6 +181,26 @@ class Engine:
             with contextlib.suppress(Exception):
                 await conn.close()
 
+    async def _sqlite_watch_loop(self) -> None:
+        """SQLite has no NOTIFY: wake when another connection commits (`PRAGMA data_version`
+        changes), which costs a shared-memory read every 50 ms instead of a full pass."""
+        import sqlite3
+
+        path = self.db.engine.url.database
+        if not path or path == ":memory:":
+            return
+        conn = sqlite3.connect(path, timeout=5, check_same_thread=False)
+        try:
+            last = conn.execute("PRAGMA data_version").fetchone()[0]
+            while not self.stopping:
+                await asyncio.sleep(SQLITE_WATCH_SECONDS)
+                current = conn.execute("PRAGMA data_version").fetchone()[0]
+                if current != last:
+                    last = current
+                    self.wake.set()
+        finally:
+            conn.close()
+
     # ---------------------------------------------------------------- one pass
 
     async def tick(self) -> None:
@@ -183,6 +209,8 @@ class Engine:
         if time.monotonic() - self.last_reclaim > RECLAIM_INTERVAL_SECONDS:
             await self._reclaim()
         await self._apply_control()
+        await self._resume_parked()
+        await self._enforce_budgets()
         ready = await self._schedule()
         started = await self._launch_all(ready)
         async with self.db.session() as session:
@@ -201,10 +229,12 @@ class Engine:
                     await queries.create_workers(session, job, self.actor)
             ready: list[tuple[Worker, Job]] = []
             full_depths: set[int] = set()
-            for worker, job in await queries.idle_workers(session, self.id):
+            idle = await queries.idle_workers(session, self.id)
+            limited = await self._rate_limited_agents(session, {job.agent for _, job in idle})
+            for worker, job in idle:
                 if len(ready) >= START_BATCH:
                     break
-                if job.depth in full_depths or worker.id in self.procs:
+                if job.depth in full_depths or worker.id in self.procs or job.agent in limited:
                     continue
                 if worker.holds_slot or await bind_slot(session, worker.id, job.id, job.depth):
                     ready.append((worker, job))
@@ -246,6 +276,19 @@ class Engine:
             workdir = self.workspaces_dir / worker.id
             workdir.mkdir(parents=True, exist_ok=True)
         values["workdir"] = str(workdir)
+        spec = agent.launch(self._worker_context(worker, job, workdir, home, run_dir))
+        proc = self.executor.start(worker.id, spec, workdir, run_dir)
+        return proc, values
+
+    def _worker_context(
+        self,
+        worker: Worker,
+        job: Job,
+        workdir: Path,
+        home: Path,
+        run_dir: Path,
+        resume_session: str | None = None,
+    ) -> WorkerContext:
         expires = timedelta(seconds=job.timeout_seconds + 3600) if job.timeout_seconds else timedelta(days=7)
         token = create_access_token(
             user_id=job.created_by,
@@ -254,7 +297,7 @@ class Engine:
             worker_id=worker.id,
             job_id=job.id,
         )
-        context = WorkerContext(
+        return WorkerContext(
             job_id=job.id,
             worker_id=worker.id,
             worker_index=worker.worker_index,
@@ -268,10 +311,131 @@ class Engine:
             api_url=self.settings.public_url,
             token=token,
             max_turns=job.max_turns,
+            resume_session=resume_session,
         )
-        spec = agent.launch(context)
-        proc = self.executor.start(worker.id, spec, workdir, run_dir)
-        return proc, values
+
+    # ---------------------------------------------------------------- rate limits and budgets
+
+    async def _rate_limited_agents(self, session: AsyncSession, names: set[str]) -> set[str]:
+        """Agents whose provider account is in a rate-limit backoff: their new workers wait."""
+        accounts: dict[str, str] = {}
+        for name in names:
+            agent = self.agents.agents.get(name)
+            key = agent.account_key() if agent is not None else None
+            if key is not None:
+                accounts[name] = key
+        blocked = await self.governor.blocked(session, set(accounts.values()))
+        return {name for name, key in accounts.items() if key in blocked}
+
+    def _outcome(self, worker: Worker, values: dict[str, Any], exit_code: int | None) -> Outcome | None:
+        agent = self.agents.agents.get(worker.agent)
+        if agent is None:
+            return None
+        result = values.get("result")
+        return agent.outcome(result if isinstance(result, dict) else None, exit_code)
+
+    async def _park(
+        self, session: AsyncSession, worker: Worker, values: dict[str, Any], outcome: Outcome
+    ) -> bool:
+        """A rate-limited run: keep the worker RUNNING (and its slot) and resume it after a backoff."""
+        agent = self.agents.agents.get(worker.agent)
+        account = agent.account_key() if agent is not None else None
+        if account is None or worker.status != WorkerStatus.RUNNING:
+            return False
+        delay = await self.governor.park(session, worker, values, outcome, account, self.actor)
+        if delay is None:
+            return False
+        if self.loop is not None:
+            self.loop.call_later(delay + 0.01, self.wake.set)
+        return True
+
+    async def _resume_parked(self) -> None:
+        """Restart due parked workers in place: same worker, worktree, run dir and log; new process."""
+        due = self.governor.due()
+        if not due:
+            return
+        async with self.db.session() as session:
+            workers = {
+                w.id: w for w in await queries.workers_for_jobs(session, list({p.job_id for p in due}))
+            }
+            jobs = await queries.jobs_by_id(session, list({p.job_id for p in due}))
+            limited = await self.governor.blocked(session, {p.account for p in due})
+            for parked in due:
+                worker, job = workers.get(parked.worker_id), jobs.get(parked.job_id)
+                if worker is None or job is None or worker.status in WORKER_FINAL:
+                    self.governor.parked.pop(parked.worker_id, None)
+                    if worker is not None and worker.holds_slot:
+                        await slots_repo.worker_release_slot(session, worker.id, worker.job_id, worker.depth)
+                    continue
+                if worker.status != WorkerStatus.RUNNING or parked.account in limited:
+                    continue  # paused by an operator, or the account is still in backoff
+                self.governor.parked.pop(parked.worker_id, None)
+                run_dir = Path(worker.run_dir or self.runs_dir / worker.id)
+                workdir = Path(worker.workdir or self.workspaces_dir / worker.id)
+                result = dict(worker.result or {})
+                for key in ("waiting", "retry_at", "waiting_reason"):
+                    result.pop(key, None)
+                result["resumes"] = int(result.get("resumes", 0)) + 1
+                try:
+                    agent = self.agents.get(job.agent)
+                    context = self._worker_context(
+                        worker, job, workdir, run_dir / "home", run_dir, parked.session_id
+                    )
+                    spec = agent.launch(context)
+                    (run_dir / "exit").unlink(missing_ok=True)
+                    proc = self.executor.start(worker.id, spec, workdir, run_dir)
+                except Exception as exc:
+                    log.warning("worker %s could not be resumed: %s", worker.id, exc)
+                    with contextlib.suppress(InvalidTransition):
+                        await transition_worker(
+                            session,
+                            worker.id,
+                            WorkerStatus.FAILED,
+                            actor=self.actor,
+                            reason=f"could not resume after a rate limit: {exc}",
+                            values={"result": result},
+                        )
+                    await slots_repo.worker_release_slot(session, worker.id, worker.job_id, worker.depth)
+                    continue
+                await session.execute(
+                    update(Worker)
+                    .where(Worker.id == worker.id)
+                    .values(
+                        pid=proc.pid,
+                        pid_start_time=proc.start_time,
+                        engine_id=self.id,
+                        host=self.executor.host,
+                        result=result,
+                        exit_code=None,
+                        status_reason=f"resumed after a rate limit (resume {result['resumes']})",
+                        updated_at=utcnow(),
+                    )
+                )
+                session.add(
+                    Event(
+                        job_id=job.id,
+                        worker_id=worker.id,
+                        kind="worker.resumed",
+                        actor=self.actor,
+                        reason="rate-limit backoff over",
+                        data={"pid": proc.pid, "session_id": parked.session_id, "resumes": result["resumes"]},
+                        created_at=utcnow(),
+                    )
+                )
+                self._supervise(proc, job, offset=worker.log_offset, lines=worker.log_lines)
+            await notifications.notify(session, JOBS_TOPIC)
+        if self.governor.parked and self.loop is not None:
+            self.loop.call_later(max(0.2, self.governor.next_due_in() or 0.0), self.wake.set)
+
+    async def _enforce_budgets(self) -> None:
+        now = time.monotonic()
+        if not self.spend_changed and now - self.last_budget_check < RECLAIM_INTERVAL_SECONDS:
+            return
+        self.spend_changed = False
+        self.last_budget_check = now
+        async with self.db.session() as session:
+            if await budgets.enforce(session, self.id, engine_actor(self.id)):
+                await notifications.notify(session, "control")
 
     async def _checkpoint_parent_branch(self, base_ref: str | None) -> None:
         """A child starting from a live worker's branch sees that worker's work so far."""
@@ -323,6 +487,8 @@ class Engine:
         proc.extra["depth"] = job.depth
         if job.timeout_seconds:
             self.deadlines[proc.worker_id] = time.monotonic() + job.timeout_seconds
+            if self.loop is not None:
+                self.loop.call_later(job.timeout_seconds, self.wake.set)
         self.executor.watch(proc, self._on_exit)
 
     def _on_exit(self, proc: WorkerProcess) -> None:
@@ -416,6 +582,8 @@ class Engine:
         agent_result = proc.extra.get("agent_result")
         if isinstance(agent_result, dict):
             result.update(agent_result)
+        if isinstance(proc.extra.get("agent_api_retry"), dict):
+            result["api_retry"] = proc.extra["agent_api_retry"]
         if worker.branch and worker.workdir:
             job_repo = None
             async with self.db.session() as session:
@@ -448,8 +616,21 @@ class Engine:
         current = await workers_repo.get_worker(session, worker.id)
         if current is None:
             return
+        outcome = self._outcome(current, values, exit_code) if current.status in WORKER_LIVE else None
+        if outcome is not None and outcome.retryable and not killed:
+            if await self._park(session, current, values, outcome):
+                return  # keeps its slot; the engine resumes it after the backoff
+            outcome = Outcome(False, f"{outcome.reason} (gave up after rate-limit resumes)")
+        if outcome is not None and outcome.ok:
+            agent = self.agents.agents.get(current.agent)
+            account = agent.account_key() if agent is not None else None
+            if account is not None:
+                await self.governor.note_ok(session, account)
         if current.status in WORKER_LIVE:
-            if exit_code == 0:
+            if outcome is not None:
+                target = WorkerStatus.COMPLETED if outcome.ok else WorkerStatus.FAILED
+                reason = outcome.reason
+            elif exit_code == 0:
                 target, reason = WorkerStatus.COMPLETED, "exit code 0"
             elif exit_code is None:
                 target, reason = WorkerStatus.FAILED, "killed: the worker ended without an exit status"
@@ -535,7 +716,7 @@ class Engine:
                     )
                 )
                 if agent is not None:
-                    self._record_agent_event(session, agent, proc, job_id, line)
+                    await self._record_agent_event(session, agent, proc, job_id, line)
             await session.execute(
                 update(Worker)
                 .where(Worker.id == proc.worker_id)
@@ -545,24 +726,54 @@ class Engine:
         cursor.offset = new_offset
         cursor.lines += len(lines)
 
-    def _record_agent_event(
+    async def _record_agent_event(
         self, session: AsyncSession, agent: Agent, proc: WorkerProcess, job_id: str, line: str
     ) -> None:
-        event = agent.parse_line(line)
-        if event is None:
+        for event in agent.parse_events(line):
+            if event.kind == "result":
+                proc.extra["agent_result"] = event.data
+                await self._add_spend(session, proc.worker_id, event.data)
+            elif event.kind == "api_retry":
+                proc.extra["agent_api_retry"] = event.data
+            session.add(
+                Event(
+                    job_id=job_id,
+                    worker_id=proc.worker_id,
+                    kind=f"agent.{event.kind}",
+                    actor=f"worker:{proc.worker_id}",
+                    data=event.data,
+                    created_at=utcnow(),
+                )
+            )
+
+    async def _add_spend(self, session: AsyncSession, worker_id: str, result: dict[str, Any]) -> None:
+        """Add one run's reported cost and tokens to the worker (a resumed worker runs several times)."""
+        usage = result.get("usage") if isinstance(result.get("usage"), dict) else {}
+        assert isinstance(usage, dict)
+
+        def number(value: Any) -> float:
+            return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+        cost = number(result.get("total_cost_usd"))
+        tokens_in = int(
+            number(usage.get("input_tokens"))
+            + number(usage.get("cache_creation_input_tokens"))
+            + number(usage.get("cache_read_input_tokens"))
+        )
+        tokens_out = int(number(usage.get("output_tokens")))
+        if not (cost or tokens_in or tokens_out):
             return
-        if event.kind == "result":
-            proc.extra["agent_result"] = event.data
-        session.add(
-            Event(
-                job_id=job_id,
-                worker_id=proc.worker_id,
-                kind=f"agent.{event.kind}",
-                actor=f"worker:{proc.worker_id}",
-                data=event.data,
-                created_at=utcnow(),
+        await session.execute(
+            update(Worker)
+            .where(Worker.id == worker_id)
+            .values(
+                cost_usd=Worker.cost_usd + cost,
+                input_tokens=Worker.input_tokens + tokens_in,
+                output_tokens=Worker.output_tokens + tokens_out,
             )
         )
+        self.spend_changed = True
+        self.wake.set()
 
     # ---------------------------------------------------------------- recovery
 

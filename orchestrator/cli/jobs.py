@@ -1,0 +1,344 @@
+"""Job commands: submit (optionally watching the tree), list, show, cancel, events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.text import Text
+
+from orchestrator.cli.client import ApiClient, JsonOption, TokenOption, UrlOption, client
+from orchestrator.cli.output import (
+    CliError,
+    console,
+    elapsed,
+    format_duration,
+    format_time,
+    print_json,
+    result_summary,
+    shorten,
+    status_text,
+)
+from orchestrator.core.states import JobStatus
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """`k=v` pairs; a value that is valid JSON is taken as JSON (numbers, lists, objects), else as text."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--option expects key=value, got {pair!r}", code=2)
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        options[key.strip()] = value
+    return options
+
+
+def submit(
+    task: Annotated[str, typer.Argument(help="What the workers should do.", show_default=False)],
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Workers to run in parallel.")] = 1,
+    depth: Annotated[
+        int | None, typer.Option(min=0, help="Depth of the job (default 0, or the parent's + 1).")
+    ] = None,
+    parent: Annotated[str | None, typer.Option("--parent", help="Parent job id (for a child job).")] = None,
+    agent: Annotated[str | None, typer.Option(help="Agent profile (server default if omitted).")] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option", "-o", help="Agent option key=value (value parsed as JSON when valid); repeatable."
+        ),
+    ] = None,
+    repo: Annotated[
+        str | None, typer.Option("--repo", help="Local git repository the workers work in.")
+    ] = None,
+    base_ref: Annotated[
+        str | None, typer.Option("--base-ref", help="Branch or commit to start from.")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", min=0, help="Seconds before a worker is stopped.")
+    ] = None,
+    budget: Annotated[float | None, typer.Option("--budget", min=0, help="Maximum cost in USD.")] = None,
+    max_turns: Annotated[int | None, typer.Option("--max-turns", min=1, help="Maximum agent turns.")] = None,
+    priority: Annotated[int, typer.Option(help="Higher runs first within a depth.")] = 0,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the job tree live; exit 0 only if it COMPLETED.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the job id.")] = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Submit a job; with --wait, watch its whole tree until it ends."""
+    body: dict[str, Any] = {"task_description": task, "worker_count": workers, "priority": priority}
+    options = parse_options(option or [])
+    if options:
+        body["agent_options"] = options
+    for key, value in (
+        ("agent", agent),
+        ("parent_job_id", parent),
+        ("base_ref", base_ref),
+        ("timeout_seconds", timeout),
+        ("max_cost_usd", budget),
+        ("max_turns", max_turns),
+    ):
+        if value is not None:
+            body[key] = value
+    if repo is not None:
+        # The server resolves paths against its own working directory: send an absolute one.
+        local = Path(repo).expanduser()
+        body["repository"] = str(local.resolve()) if local.exists() else repo
+    with client(url, token) as api:
+        if depth is None and parent is not None:
+            depth = int(api.get(f"/api/jobs/{parent}").get("depth", 0)) + 1
+        body["depth"] = depth or 0
+        job = api.post("/api/jobs/submit", body)
+        if not wait:
+            _print_submitted(job, quiet=quiet, as_json=as_json)
+            return
+        if not as_json and not quiet:
+            console().print(
+                Text.assemble(
+                    "Submitted ", (job["id"], "bold"), " — following it; Ctrl-C stops watching only."
+                )
+            )
+        final = _wait(api, job["id"], quiet=quiet or as_json)
+    if as_json:
+        print_json(final)
+    elif quiet:
+        console().print(f"{final['id']} {final['status']}")
+    if final.get("status") != "COMPLETED":
+        raise typer.Exit(1)
+
+
+def _print_submitted(job: dict[str, Any], *, quiet: bool, as_json: bool) -> None:
+    if as_json:
+        print_json(job)
+    elif quiet:
+        console().print(job["id"])
+    else:
+        console().print(
+            Text.assemble(
+                "Submitted ", (job["id"], "bold"), " ", status_text(job.get("status")), f"  d{job['depth']}"
+            )
+        )
+        console().print(f"See it with: orchestrator job {job['id']}", style="dim")
+
+
+def _wait(api: ApiClient, job_id: str, *, quiet: bool) -> dict[str, Any]:
+    """Poll until final, quietly (for --json/-q) or with the live tree."""
+    import time
+
+    from orchestrator.cli.live import watch
+    from orchestrator.cli.output import JOB_FINAL
+
+    try:
+        if quiet:
+            while True:
+                job: dict[str, Any] = api.get(f"/api/jobs/{job_id}")
+                if job.get("status") in JOB_FINAL:
+                    return job
+                time.sleep(0.5)
+        return watch(api, job_id).root
+    except KeyboardInterrupt:
+        console().print(f"\nStopped watching; {job_id} keeps running. See it with: orchestrator job {job_id}")
+        raise typer.Exit(130) from None
+
+
+def list_jobs(
+    status: Annotated[
+        JobStatus | None, typer.Option(case_sensitive=False, help="Only jobs in this status.")
+    ] = None,
+    depth: Annotated[int | None, typer.Option(min=0, help="Only jobs at this depth.")] = None,
+    parent: Annotated[str | None, typer.Option("--parent", help="Only children of this job.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many (newest first).")] = 50,
+    offset: Annotated[int, typer.Option(min=0)] = 0,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List jobs, newest first."""
+    with client(url, token) as api:
+        data = api.get(
+            "/api/jobs",
+            status=status.value if status else None,
+            depth=depth,
+            parent_job_id=parent,
+            limit=limit,
+            offset=offset,
+        )
+    if as_json:
+        print_json(data)
+        return
+    from rich.table import Table
+
+    out = console()
+    if not data["jobs"]:
+        out.print("No jobs match.", style="dim")
+        return
+    # Columns that would be the same on every row are left out, so the task keeps some room.
+    with_parent = any(job.get("parent_job_id") for job in data["jobs"])
+    with_agent = len({job.get("agent") for job in data["jobs"]}) > 1
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    columns = ["JOB", "STATUS", "DEPTH", "WORKERS"]
+    columns += ["PARENT"] if with_parent else []
+    columns += ["AGENT"] if with_agent else []
+    columns += ["CREATED", "ELAPSED", "TASK"]
+    for column in columns:
+        table.add_column(column, no_wrap=column != "TASK", min_width=12 if column == "TASK" else None)
+    for job in data["jobs"]:
+        row: list[str | Text] = [
+            job["id"],
+            status_text(job["status"]),
+            str(job["depth"]),
+            str(job["worker_count"]),
+        ]
+        row += [job.get("parent_job_id") or "-"] if with_parent else []
+        row += [job.get("agent") or "-"] if with_agent else []
+        row += [
+            format_time(job.get("created_at")),
+            format_duration(elapsed(job)) if job.get("started_at") else "-",
+            shorten(job.get("task_description"), 60),
+        ]
+        table.add_row(*row)
+    out.print(table)
+    shown = len(data["jobs"])
+    if data.get("total", shown) > data.get("offset", 0) + shown:
+        out.print(f"{shown} of {data['total']} shown; use --limit/--offset for more.", style="dim")
+
+
+def show_job(
+    job_id: Annotated[str, typer.Argument(help="Job id (j_...).", show_default=False)],
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a job: its tree of descendants and every worker with status, exit, branch and result."""
+    from orchestrator.cli.live import TreeFetcher, render_tree, summary_line
+
+    with client(url, token) as api:
+        snap = TreeFetcher(api, job_id, tail_logs=False).snapshot()
+    workers = snap.all_workers()
+    if as_json:
+        descendants = [job for job in snap.walk() if job["id"] != job_id]
+        print_json({"job": snap.root, "descendants": descendants, "workers": workers})
+        return
+    root = snap.root
+    out = console()
+    header = Text.assemble((root["id"], "bold"), " ", status_text(root["status"]))
+    header.append(f"  depth {root['depth']}  agent {root.get('agent')}  workers {root['worker_count']}")
+    out.print(header)
+    out.print(Text(f"task: {root['task_description']}"), soft_wrap=True)
+    times = f"created {format_time(root.get('created_at'))}"
+    if root.get("started_at"):
+        times += f"  started {format_time(root['started_at'])}"
+    if root.get("finished_at"):
+        times += f"  finished {format_time(root['finished_at'])}"
+    if root.get("started_at"):
+        times += f"  ({format_duration(elapsed(root))})"
+    out.print(times, style="dim")
+    for key in ("status_reason", "repository", "base_ref", "workspace_id", "parent_job_id"):
+        if root.get(key):
+            out.print(f"{key.replace('_', ' ')}: {root[key]}", style="dim")
+    if root.get("agent_options"):
+        options = shorten(json.dumps(root["agent_options"]), 200)
+        out.print(Text(f"agent options: {options}", style="dim"), soft_wrap=True)
+    out.print()
+    out.print(render_tree(snap))
+    out.print(summary_line(snap))
+    if not workers:
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
+    for column in ("WORKER", "JOB", "#", "STATUS", "EXIT", "ELAPSED", "BRANCH", "COMMIT", "RESULT"):
+        table.add_column(column, no_wrap=column not in ("RESULT", "BRANCH"))
+    for worker in workers:
+        reason = worker.get("status_reason") if worker.get("status") in ("FAILED", "TERMINATED") else None
+        table.add_row(
+            worker["id"],
+            worker["job_id"],
+            str(worker.get("worker_index", "")),
+            status_text(worker["status"]),
+            "-" if worker.get("exit_code") is None else str(worker["exit_code"]),
+            format_duration(elapsed(worker)) if worker.get("started_at") else "-",
+            worker.get("branch") or "-",
+            (worker.get("commit") or "-")[:10],
+            shorten(reason, 60) if reason else result_summary(worker.get("result")) or "-",
+        )
+    out.print()
+    out.print(table)
+
+
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="Job id (j_...).", show_default=False)],
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Cancel a job: its workers are terminated and its descendants canceled."""
+    with client(url, token) as api:
+        job = api.post(f"/api/jobs/{job_id}/cancel")
+    if as_json:
+        print_json(job)
+        return
+    console().print(Text.assemble((job["id"], "bold"), " ", status_text(job["status"])))
+
+
+def events(
+    job_id: Annotated[str, typer.Argument(help="Job id (j_...).", show_default=False)],
+    after: Annotated[int, typer.Option("--after", min=0, help="Only events with a larger id.")] = 0,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a job's history: every state change, who made it and why."""
+    collected: list[dict[str, Any]] = []
+    with client(url, token) as api:
+        while True:
+            page = api.get(f"/api/jobs/{job_id}/events", after_id=after, limit=1000)
+            batch = page.get("events") or []
+            collected.extend(batch)
+            if len(batch) < 1000:
+                break
+            after = int(batch[-1]["id"])
+    if as_json:
+        print_json({"job_id": job_id, "events": collected})
+        return
+    out = console()
+    if not collected:
+        out.print("No events.", style="dim")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ID", "TIME", "KIND", "SUBJECT", "CHANGE", "ACTOR", "REASON"):
+        table.add_column(column, no_wrap=column not in ("REASON",))
+    for event in collected:
+        change = Text()
+        if event.get("from_status") or event.get("to_status"):
+            change.append_text(status_text(event.get("from_status") or "-"))
+            change.append(" → ")
+            change.append_text(status_text(event.get("to_status") or "-"))
+        table.add_row(
+            str(event["id"]),
+            format_time(event.get("created_at")),
+            event.get("kind", ""),
+            event.get("worker_id") or event.get("job_id", ""),
+            change,
+            event.get("actor", ""),
+            shorten(event.get("reason"), 80),
+        )
+    out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("submit")(submit)
+    app.command("jobs")(list_jobs)
+    app.command("job")(show_job)
+    app.command("cancel")(cancel)
+    app.command("events")(events)

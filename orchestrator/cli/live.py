@@ -1,0 +1,315 @@
+"""A job's whole tree, fetched cheaply and drawn with Rich; used by `job`, `submit --wait` and `demo`.
+
+Fetching: listings come newest first and every descendant (and every worker) of a job is created
+after the job, so scanning the listing until it is older than the root usually takes one request
+per poll. On a very busy server it falls back to walking the tree by `parent_job_id`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from rich.text import Text
+
+from orchestrator.cli.client import ApiClient
+from orchestrator.cli.output import (
+    JOB_FINAL,
+    WORKER_FINAL,
+    CliError,
+    console,
+    elapsed,
+    format_duration,
+    parse_time,
+    shorten,
+    status_text,
+    worker_cost,
+)
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.tree import Tree
+
+PAGE_SIZE = 1000
+MAX_SCAN_PAGES = 5
+MAX_LOG_POLLS = 8  # running workers whose log is read per poll, in rotation
+WAIT_RECONNECT_SECONDS = 30.0
+
+
+@dataclass
+class Snapshot:
+    root: dict[str, Any]
+    jobs: dict[str, dict[str, Any]]
+    children: dict[str, list[str]]
+    workers: dict[str, list[dict[str, Any]]]
+    last_lines: dict[str, str] = field(default_factory=dict)
+    taken_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def done(self) -> bool:
+        return self.root.get("status") in JOB_FINAL
+
+    def walk(self, job_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """Jobs of the tree, parents before children."""
+        start = job_id or self.root["id"]
+        stack = [start]
+        while stack:
+            current = stack.pop()
+            yield self.jobs[current]
+            stack.extend(reversed(self.children.get(current, [])))
+
+    def all_workers(self) -> list[dict[str, Any]]:
+        return [w for job in self.walk() for w in self.workers.get(job["id"], [])]
+
+
+def _scan_recent(api: ApiClient, path: str, key: str, since: datetime) -> list[dict[str, Any]] | None:
+    """Items created at or after `since`, or None when that would take too many pages."""
+    found: list[dict[str, Any]] = []
+    for page in range(MAX_SCAN_PAGES):
+        data = api.get(path, limit=PAGE_SIZE, offset=page * PAGE_SIZE)
+        items: list[dict[str, Any]] = data.get(key, [])
+        for item in items:
+            created = parse_time(item.get("created_at"))
+            if created is not None and created < since:
+                return found
+            found.append(item)
+        if len(items) < PAGE_SIZE:
+            return found
+    return None
+
+
+def _walk_jobs(api: ApiClient, root: dict[str, Any]) -> list[dict[str, Any]]:
+    found = [root]
+    frontier = [root["id"]]
+    while frontier:
+        parent = frontier.pop()
+        for child in api.paged("/api/jobs", "jobs", parent_job_id=parent):
+            found.append(child)
+            frontier.append(child["id"])
+    return found
+
+
+class TreeFetcher:
+    """Polls one job's subtree, its workers and the last log line of its running workers."""
+
+    def __init__(self, api: ApiClient, root_id: str, *, tail_logs: bool = True) -> None:
+        self.api = api
+        self.root_id = root_id
+        self.tail_logs = tail_logs
+        self._log_offsets: dict[str, int] = {}
+        self._last_lines: dict[str, str] = {}
+        self._rotation = 0
+
+    def snapshot(self) -> Snapshot:
+        root: dict[str, Any] = self.api.get(f"/api/jobs/{self.root_id}")
+        since = parse_time(root.get("created_at")) or datetime.min.replace(tzinfo=UTC)
+        listed = _scan_recent(self.api, "/api/jobs", "jobs", since)
+        if listed is None:
+            listed = _walk_jobs(self.api, root)
+        by_id = {job["id"]: job for job in listed}
+        by_id[root["id"]] = root
+        children: dict[str, list[str]] = {}
+        for job in sorted(by_id.values(), key=lambda j: (j.get("created_at") or "", j["id"])):
+            parent = job.get("parent_job_id")
+            if parent and job["id"] != root["id"]:
+                children.setdefault(parent, []).append(job["id"])
+        jobs: dict[str, dict[str, Any]] = {}
+        stack = [root["id"]]
+        while stack:
+            current = stack.pop()
+            jobs[current] = by_id[current]
+            stack.extend(children.get(current, []))
+        children = {k: [c for c in v if c in jobs] for k, v in children.items() if k in jobs}
+
+        workers_listed = _scan_recent(self.api, "/api/supervisor/workers", "workers", since)
+        if workers_listed is None:
+            workers_listed = [
+                w
+                for job_id in jobs
+                for w in self.api.paged("/api/supervisor/workers", "workers", job_id=job_id)
+            ]
+        workers: dict[str, list[dict[str, Any]]] = {}
+        for worker in workers_listed:
+            if worker.get("job_id") in jobs:
+                workers.setdefault(worker["job_id"], []).append(worker)
+        for group in workers.values():
+            group.sort(key=lambda w: (w.get("worker_index", 0), w["id"]))
+
+        snap = Snapshot(root=root, jobs=jobs, children=children, workers=workers)
+        if self.tail_logs:
+            self._tail(snap)
+        snap.last_lines = dict(self._last_lines)
+        return snap
+
+    def _tail(self, snap: Snapshot) -> None:
+        running = [w for w in snap.all_workers() if w.get("status") in ("RUNNING", "PAUSED")]
+        if not running:
+            return
+        start = self._rotation % len(running)
+        chosen = (running[start:] + running[:start])[:MAX_LOG_POLLS]
+        self._rotation += len(chosen)
+        for worker in chosen:
+            offset = self._log_offsets.get(worker["id"], 0)
+            try:
+                data = self.api.get(f"/api/supervisor/workers/{worker['id']}/logs", offset=offset, limit=1000)
+            except CliError:
+                continue  # a log that cannot be read now must not stop the view
+            lines = data.get("lines") or []
+            if lines:
+                self._last_lines[worker["id"]] = str(lines[-1].get("text", ""))
+            self._log_offsets[worker["id"]] = int(data.get("next_offset", offset))
+
+
+def _job_label(job: dict[str, Any], workers: list[dict[str, Any]], now: datetime) -> Text:
+    done = sum(1 for w in workers if w.get("status") in WORKER_FINAL)
+    total = int(job.get("worker_count") or len(workers))
+    label = Text.assemble(
+        (job["id"], "bold"),
+        " ",
+        status_text(job.get("status")),
+        f"  d{job.get('depth', 0)}",
+        f"  workers {done}/{total}",
+    )
+    if job.get("status") == "PENDING":
+        queued = (now - (parse_time(job.get("created_at")) or now)).total_seconds()
+        label.append(f"  queued {format_duration(queued)}", style="dim")
+    else:
+        label.append(f"  {format_duration(elapsed(job, now))}", style="dim")
+    cost = sum(worker_cost(w) for w in workers)
+    if cost:
+        label.append(f"  ${cost:.4f}", style="dim")
+    label.append("  " + shorten(job.get("task_description"), 50), style="italic")
+    if job.get("status_reason") and job.get("status") in ("FAILED", "CANCELED"):
+        label.append(f"  ({shorten(job['status_reason'], 60)})", style="red")
+    label.no_wrap, label.overflow = True, "ellipsis"
+    return label
+
+
+def _worker_label(worker: dict[str, Any], last_line: str | None, now: datetime) -> Text:
+    label = Text.assemble(
+        (worker["id"], ""),
+        f" #{worker.get('worker_index', 0)} ",
+        status_text(worker.get("status")),
+    )
+    if worker.get("exit_code") is not None:
+        label.append(f" exit {worker['exit_code']}", style="dim")
+    if worker.get("status") in ("RUNNING", "PAUSED"):
+        label.append(f" {format_duration(elapsed(worker, now))}", style="dim")
+    if worker.get("status_reason") and worker.get("status") in ("FAILED", "TERMINATED"):
+        label.append(f" ({shorten(worker['status_reason'], 50)})", style="red")
+    if last_line:
+        label.append(f"  > {shorten(last_line, 70)}", style="dim italic")
+    label.no_wrap, label.overflow = True, "ellipsis"  # one line per worker, however narrow the terminal
+    return label
+
+
+def render_tree(snap: Snapshot, *, all_workers: bool = False) -> Tree:
+    """The job tree; under each job its live workers (all workers with all_workers)."""
+    from rich.tree import Tree
+
+    now = datetime.now(UTC)
+
+    def add(node: Tree, job_id: str) -> None:
+        for worker in snap.workers.get(job_id, []):
+            status = worker.get("status")
+            if all_workers or status in ("RUNNING", "PAUSED", "FAILED", "TERMINATED"):
+                node.add(_worker_label(worker, snap.last_lines.get(worker["id"]), now))
+        for child_id in snap.children.get(job_id, []):
+            child = snap.jobs[child_id]
+            add(node.add(_job_label(child, snap.workers.get(child_id, []), now)), child_id)
+
+    root = snap.root
+    tree = Tree(_job_label(root, snap.workers.get(root["id"], []), now), guide_style="dim")
+    add(tree, root["id"])
+    return tree
+
+
+def summary_line(snap: Snapshot) -> Text:
+    jobs = list(snap.walk())
+    workers = snap.all_workers()
+    text = Text(f"{len(jobs)} job(s): ")
+    text.append_text(_counts(j.get("status") for j in jobs))
+    text.append(f"  ·  {len(workers)} worker(s): ")
+    text.append_text(_counts(w.get("status") for w in workers))
+    text.append(f"  ·  {format_duration(elapsed(snap.root))}", style="dim")
+    return text
+
+
+def _counts(statuses: Iterator[Any]) -> Text:
+    counts: dict[str, int] = {}
+    for status in statuses:
+        counts[str(status)] = counts.get(str(status), 0) + 1
+    text = Text()
+    for i, (status, count) in enumerate(sorted(counts.items())):
+        if i:
+            text.append(", ")
+        text.append(f"{count} ")
+        text.append_text(status_text(status))
+    return text or Text("none", style="dim")
+
+
+def _frame(snap: Snapshot) -> RenderableType:
+    from rich.console import Group
+
+    return Group(render_tree(snap), summary_line(snap))
+
+
+def watch(api: ApiClient, job_id: str, *, interval: float = 0.5) -> Snapshot:
+    """Follow a job until it is final: a live tree on a terminal, one line per change otherwise.
+
+    Brief connection losses (a server restart) are ridden out for WAIT_RECONNECT_SECONDS.
+    """
+    fetcher = TreeFetcher(api, job_id)
+    out = console()
+    snap = fetcher.snapshot()
+    if not out.is_terminal:
+        return _watch_plain(fetcher, snap, interval)
+    from rich.live import Live
+
+    with Live(_frame(snap), console=out, refresh_per_second=8, transient=False) as live:
+        while not snap.done:
+            time.sleep(interval)
+            snap = _poll(fetcher)
+            live.update(_frame(snap))
+    return snap
+
+
+def _poll(fetcher: TreeFetcher) -> Snapshot:
+    """The next snapshot; connection-level failures are retried for WAIT_RECONNECT_SECONDS."""
+    deadline = time.monotonic() + WAIT_RECONNECT_SECONDS
+    while True:
+        try:
+            return fetcher.snapshot()
+        except CliError as exc:
+            if not exc.transient or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _watch_plain(fetcher: TreeFetcher, snap: Snapshot, interval: float) -> Snapshot:
+    out = console()
+    seen: dict[str, str] = {}
+
+    def report(current: Snapshot) -> None:
+        for job in current.walk():
+            status = str(job.get("status"))
+            if seen.get(job["id"]) != status:
+                seen[job["id"]] = status
+                clock = format_duration(elapsed(current.root, current.taken_at))
+                line = Text(f"{clock:>7}  {job['id']} d{job.get('depth', 0)} ")
+                line.append_text(status_text(status))
+                if job.get("status_reason") and status in ("FAILED", "CANCELED"):
+                    line.append(f" ({shorten(job['status_reason'], 80)})")
+                out.print(line, soft_wrap=True)
+
+    report(snap)
+    while not snap.done:
+        time.sleep(interval)
+        snap = _poll(fetcher)
+        report(snap)
+    out.print(render_tree(snap))
+    out.print(summary_line(snap))
+    return snap

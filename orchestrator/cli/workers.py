@@ -1,0 +1,230 @@
+"""Worker commands: list, logs (optionally followed), and pause / resume / terminate."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.text import Text
+
+from orchestrator.cli.client import ApiClient, JsonOption, TokenOption, UrlOption, client
+from orchestrator.cli.output import (
+    CliError,
+    console,
+    elapsed,
+    format_duration,
+    format_time,
+    print_json,
+    result_summary,
+    shorten,
+    status_text,
+)
+from orchestrator.core.states import WorkerStatus
+
+FOLLOW_INTERVAL = 0.5
+
+
+def list_workers(
+    status: Annotated[
+        WorkerStatus | None, typer.Option(case_sensitive=False, help="Only workers in this status.")
+    ] = None,
+    job: Annotated[str | None, typer.Option("--job", help="Only workers of this job.")] = None,
+    workspace: Annotated[
+        str | None, typer.Option("--workspace", help="Only workers of this workspace.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many (newest first).")] = 50,
+    offset: Annotated[int, typer.Option(min=0)] = 0,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List workers, newest first."""
+    with client(url, token) as api:
+        data = api.get(
+            "/api/supervisor/workers",
+            status=status.value if status else None,
+            job_id=job,
+            workspace_id=workspace,
+            limit=limit,
+            offset=offset,
+        )
+    if as_json:
+        print_json(data)
+        return
+    out = console()
+    if not data["workers"]:
+        out.print("No workers match.", style="dim")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("WORKER", "JOB", "#", "DEPTH", "STATUS", "EXIT", "PID", "ELAPSED", "BRANCH", "RESULT"):
+        table.add_column(column, no_wrap=column not in ("RESULT", "BRANCH"))
+    for worker in data["workers"]:
+        reason = worker.get("status_reason") if worker.get("status") in ("FAILED", "TERMINATED") else None
+        table.add_row(
+            worker["id"],
+            worker["job_id"],
+            str(worker.get("worker_index", "")),
+            str(worker.get("depth", "")),
+            status_text(worker["status"]),
+            "-" if worker.get("exit_code") is None else str(worker["exit_code"]),
+            str(worker.get("pid") or "-"),
+            format_duration(elapsed(worker)) if worker.get("started_at") else "-",
+            worker.get("branch") or "-",
+            shorten(reason, 50) if reason else result_summary(worker.get("result"), 50) or "-",
+        )
+    out.print(table)
+    shown = len(data["workers"])
+    if data.get("total", shown) > data.get("offset", 0) + shown:
+        out.print(f"{shown} of {data['total']} shown; use --limit/--offset for more.", style="dim")
+
+
+def logs(
+    worker_id: Annotated[str, typer.Argument(help="Worker id (w_...).", show_default=False)],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the worker ends.")
+    ] = False,
+    offset: Annotated[int, typer.Option(min=0, help="First line number to print.")] = 0,
+    timestamps: Annotated[
+        bool, typer.Option("--timestamps", "-t", help="Prefix each line with its time.")
+    ] = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print a worker's output (stdout and stderr, as captured); -f follows it live."""
+    with client(url, token) as api:
+        try:
+            _print_logs(api, worker_id, offset=offset, follow=follow, timestamps=timestamps, as_json=as_json)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+
+def _print_logs(
+    api: ApiClient, worker_id: str, *, offset: int, follow: bool, timestamps: bool, as_json: bool
+) -> None:
+    """Page through the log from `offset`; when following, poll from `next_offset` until complete.
+
+    Lines go to stdout verbatim (no Rich markup), so the output can be piped.
+    """
+    path = f"/api/supervisor/workers/{worker_id}/logs"
+    collected: list[dict[str, Any]] = []
+    while True:
+        data = api.get(path, offset=offset, limit=1000)
+        lines = data.get("lines") or []
+        if as_json and not follow:
+            collected.extend(lines)
+        else:
+            for line in lines:
+                if as_json:
+                    sys.stdout.write(_json_line(worker_id, line))
+                elif timestamps:
+                    sys.stdout.write(f"{format_time(line.get('created_at'))} {line.get('text', '')}\n")
+                else:
+                    sys.stdout.write(f"{line.get('text', '')}\n")
+            sys.stdout.flush()
+        offset = int(data.get("next_offset", offset))
+        if lines and len(lines) >= 1000:
+            continue  # more is already there
+        if not follow or data.get("complete"):
+            break
+        time.sleep(FOLLOW_INTERVAL)
+    if as_json and not follow:
+        print_json(
+            {
+                "worker_id": worker_id,
+                "next_offset": offset,
+                "lines": collected,
+                "complete": data.get("complete"),
+            }
+        )
+
+
+def _json_line(worker_id: str, line: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps({"worker_id": worker_id, **line}) + "\n"
+
+
+def _control(action: str, worker_id: str, url: str | None, token: str | None, as_json: bool) -> None:
+    with client(url, token) as api:
+        worker = api.post(f"/api/supervisor/workers/{worker_id}/{action}")
+    if as_json:
+        print_json(worker)
+        return
+    if not isinstance(worker, dict) or "status" not in worker:
+        raise CliError(f"unexpected answer to {action}: {worker!r}")
+    console().print(Text.assemble((worker["id"], "bold"), " ", status_text(worker["status"])))
+
+
+WorkerArg = Annotated[str, typer.Argument(help="Worker id (w_...).", show_default=False)]
+
+
+def pause(
+    worker_id: WorkerArg, url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """Pause a running worker (SIGSTOP to its process group); it keeps its slot."""
+    _control("pause", worker_id, url, token, as_json)
+
+
+def resume(
+    worker_id: WorkerArg, url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """Resume a paused worker (SIGCONT)."""
+    _control("resume", worker_id, url, token, as_json)
+
+
+def terminate(
+    worker_id: WorkerArg, url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """Terminate a worker (SIGTERM, then SIGKILL after the grace period); its job will fail."""
+    _control("terminate", worker_id, url, token, as_json)
+
+
+def show_worker(
+    worker_id: WorkerArg, url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """Show one worker in full: process, branch, commit, diff stat and result."""
+    with client(url, token) as api:
+        worker = api.get(f"/api/supervisor/workers/{worker_id}")
+    if as_json:
+        print_json(worker)
+        return
+    out = console()
+    out.print(Text.assemble((worker["id"], "bold"), " ", status_text(worker["status"])))
+    for key in (
+        "job_id",
+        "worker_index",
+        "depth",
+        "agent",
+        "workspace_id",
+        "host",
+        "pid",
+        "exit_code",
+        "status_reason",
+        "branch",
+        "commit",
+    ):
+        if worker.get(key) is not None:
+            out.print(Text(f"{key.replace('_', ' ')}: {worker[key]}"), soft_wrap=True)
+    out.print(f"created {format_time(worker.get('created_at'))}", style="dim")
+    if worker.get("started_at"):
+        out.print(f"ran {format_duration(elapsed(worker))}", style="dim")
+    if worker.get("diff_stat"):
+        out.print(Text(f"diff:\n{worker['diff_stat']}"))
+    if worker.get("result"):
+        import json
+
+        out.print(Text(f"result: {json.dumps(worker['result'], indent=2, default=str)}"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("workers")(list_workers)
+    app.command("worker")(show_worker)
+    app.command("logs")(logs)
+    app.command("pause")(pause)
+    app.command("resume")(resume)
+    app.command("terminate")(terminate)
