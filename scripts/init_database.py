@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.core.config import get_settings  # noqa: E402
-from orchestrator.db.migrate import upgrade_database  # noqa: E402
-from orchestrator.db.session import Database  # noqa: E402
-from orchestrator.resources.repository import sync_pools  # noqa: E402
+from orchestrator.core.config import get_settings
+from orchestrator.db.migrate import upgrade_database
+from orchestrator.db.session import Database
+from orchestrator.resources.repository import sync_pools
 
 
 async def init_database() -> str:

@@ -35,6 +35,8 @@ class WorkerContext:
     api_url: str
     token: str
     max_turns: int | None = None
+    # Set when the engine restarts a parked worker: continue this agent session.
+    resume_session: str | None = None
 
 
 @dataclass
@@ -50,6 +52,21 @@ class AgentEvent:
 
     kind: str  # "tool_use", "message", "result", "init", ...
     data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an agent's run ended, as the agent itself reported it (not just the exit code).
+
+    `retryable` means a rate limit or overload: the engine parks the worker and restarts it with
+    `resume_session` after `retry_after` seconds (or the governor's backoff), instead of failing it.
+    """
+
+    ok: bool
+    reason: str
+    retryable: bool = False
+    retry_after: float | None = None
+    resume_session: str | None = None
 
 
 class Agent(ABC):
@@ -76,6 +93,19 @@ class Agent(ABC):
     def launch(self, ctx: WorkerContext) -> LaunchSpec: ...
 
     def parse_line(self, line: str) -> AgentEvent | None:
+        return None
+
+    def parse_events(self, line: str) -> list[AgentEvent]:
+        """All events of one output line (one by default; an agent may report several)."""
+        event = self.parse_line(line)
+        return [] if event is None else [event]
+
+    def outcome(self, result: dict[str, Any] | None, exit_code: int | None) -> Outcome | None:
+        """Decide success from the run's parsed result; None leaves it to the exit code."""
+        return None
+
+    def account_key(self) -> str | None:
+        """Which provider account this agent's workers share (for the rate-limit governor), if any."""
         return None
 
 

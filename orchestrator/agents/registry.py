@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.agents.base import Agent
+from orchestrator.agents.claude_code import ClaudeCodeAgent
+from orchestrator.agents.codex import CodexAgent
 from orchestrator.agents.command import CommandAgent
 from orchestrator.agents.simulated import SimulatedAgent
 from orchestrator.core.config import Settings
@@ -28,7 +30,11 @@ class AgentRegistry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AgentRegistry:
-        agents: dict[str, Agent] = {"simulated": SimulatedAgent()}
+        agents: dict[str, Agent] = {
+            "simulated": SimulatedAgent(),
+            "claude-code": ClaudeCodeAgent(settings),
+            "codex": CodexAgent(settings),
+        }
         if settings.orchestrator_agents_file is not None:
             agents.update(load_profiles(settings.orchestrator_agents_file))
         return cls(agents, settings.orchestrator_default_agent)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -40,6 +43,23 @@ async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
 
+def _json_safe(value: object) -> object:
+    """JSON has no NaN or Infinity, but Python's parser accepts them in a request body."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's standard 422 list, made safe to render whatever the body held."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
     log.error("database error: %s", exc)
     return JSONResponse({"detail": "Database unavailable; try again shortly"}, status_code=503)
@@ -56,6 +76,7 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(IntegrityError, _integrity)

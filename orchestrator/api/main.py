@@ -16,7 +16,8 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from orchestrator.agents.registry import AgentRegistry
 from orchestrator.api.errors import install_error_handlers
-from orchestrator.api.routers import health, jobs, resources, supervisor
+from orchestrator.api.observability import install_observability
+from orchestrator.api.routers import health, jobs, metrics, resources, supervisor, web, workspaces
 from orchestrator.core.auth import SCOPE_DESCRIPTIONS
 from orchestrator.core.config import Settings, get_settings
 from orchestrator.db.migrate import upgrade_database
@@ -30,14 +31,18 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     VERSION = "2.0.0"
 
-DESCRIPTION = """Run many AI coding agents in parallel, as a tree of supervised jobs.
+DESCRIPTION = (
+    """Run many AI coding agents in parallel, as a tree of supervised jobs.
 
 All endpoints except `/health` need `Authorization: Bearer <jwt>`. Scopes:
 
-""" + "\n".join(f"* `{scope}`: {text}" for scope, text in SCOPE_DESCRIPTIONS.items()) + """
+"""
+    + "\n".join(f"* `{scope}`: {text}" for scope, text in SCOPE_DESCRIPTIONS.items())
+    + """
 
 A `:write` scope implies the matching `:read` scope.
 """
+)
 
 
 class StartupError(RuntimeError):
@@ -100,6 +105,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(supervisor.router)
     app.include_router(jobs.router)
     app.include_router(resources.router)
+    app.include_router(workspaces.router)
+    app.include_router(metrics.router)
+    app.include_router(web.router)
+    install_observability(app)
     return app
 
 

@@ -124,6 +124,10 @@ class Worker(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     log_offset: Mapped[int] = mapped_column(BigInteger, default=0)
     log_lines: Mapped[int] = mapped_column(Integer, default=0)
+    # What the agent reported spending, summed over its runs (a resumed worker runs several times).
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     stop_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -211,3 +215,15 @@ class Workspace(Base):
     repository: Mapped[str | None] = mapped_column(Text)
     root_job_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RateLimit(Base):
+    """The rate-limit governor's backoff per provider account, shared by every engine."""
+
+    __tablename__ = "rate_limits"
+
+    account: Mapped[str] = mapped_column(String(64), primary_key=True)
+    until: Mapped[datetime] = mapped_column(UTCDateTime())
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

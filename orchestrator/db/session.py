@@ -11,9 +11,11 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from orchestrator.core.config import Settings
+from orchestrator.db.models import Event, WorkerLog
 
 
 def make_engine(settings: Settings) -> AsyncEngine:
@@ -49,6 +51,32 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@event.listens_for(Session, "before_flush")
+def _xid_before_ordered_inserts(session: Session, _context: object, _instances: object) -> None:
+    """On PostgreSQL, take a transaction id before inserting events or log lines.
+
+    Their ids come from sequences (nextval), and PostgreSQL assigns a transaction id only at the
+    first write. Without this, a reader's snapshot taken between nextval and that assignment
+    would not list the writer as in progress, and the live streams (which deliver ids only up to
+    a horizon past every in-progress transaction) could skip the row for good.
+    """
+    if session.info.get("has_xid"):
+        return
+    if not any(isinstance(obj, (Event, WorkerLog)) for obj in session.new):
+        return
+    bind = session.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
+    session.connection().exec_driver_sql("SELECT pg_current_xact_id()")
+    session.info["has_xid"] = True
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_xid(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session.info.pop("has_xid", None)
 
 
 class Database:

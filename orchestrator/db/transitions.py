@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from orchestrator.core.errors import InvalidTransition, NotFound
 from orchestrator.core.states import (
@@ -110,9 +111,9 @@ async def _transition(
             created_at=now,
         )
     )
-    fresh = await _load(session, model, entity_id)
-    assert fresh is not None
-    return fresh
+    for key, value in changes.items():  # what the UPDATE wrote, without reading it back
+        set_committed_value(entity, key, value)
+    return entity
 
 
 async def _load(session: AsyncSession, model: type[Entity], entity_id: str) -> Entity | None:

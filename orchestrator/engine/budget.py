@@ -26,8 +26,14 @@ from orchestrator.workers.service import request_stop
 ACTIVE = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
 
 
-async def enforce(session: AsyncSession, engine_id: str, actor: Actor) -> int:
-    """Stop over-budget trees of jobs this engine owns; returns how many workers were stopped."""
+async def enforce(
+    session: AsyncSession, engine_id: str, actor: Actor, finishing: frozenset[str] = frozenset()
+) -> int:
+    """Stop over-budget trees of jobs this engine owns; returns how many workers were stopped.
+
+    `finishing`: workers that already reported their final result and are exiting by themselves;
+    they end as their result says (their spend is what made the tree go over, not more work).
+    """
     stmt = (
         select(Job)
         .where(Job.engine_id == engine_id, Job.status.in_(ACTIVE), Job.max_cost_usd.is_not(None))
@@ -49,7 +55,7 @@ async def enforce(session: AsyncSession, engine_id: str, actor: Actor) -> int:
                 await cancel_one(session, actor, member, reason=reason, strict=False)
                 continue
             for worker in await workers_repo.workers_of_job(session, member.id):
-                if worker.status in WORKER_LIVE:
+                if worker.status in WORKER_LIVE and worker.id not in finishing:
                     with contextlib.suppress(InvalidTransition):
                         await request_stop(session, worker, actor, reason=reason)
                         stopped += 1

@@ -229,7 +229,7 @@ class Engine:
                     await queries.create_workers(session, job, self.actor)
             ready: list[tuple[Worker, Job]] = []
             full_depths: set[int] = set()
-            idle = await queries.idle_workers(session, self.id)
+            idle = await queries.idle_workers(session, self.id, START_BATCH * 4)
             limited = await self._rate_limited_agents(session, {job.agent for _, job in idle})
             for worker, job in idle:
                 if len(ready) >= START_BATCH:
@@ -434,7 +434,8 @@ class Engine:
         self.spend_changed = False
         self.last_budget_check = now
         async with self.db.session() as session:
-            if await budgets.enforce(session, self.id, engine_actor(self.id)):
+            finishing = frozenset(w for w, p in self.procs.items() if "agent_result" in p.extra)
+            if await budgets.enforce(session, self.id, engine_actor(self.id), finishing):
                 await notifications.notify(session, "control")
 
     async def _checkpoint_parent_branch(self, base_ref: str | None) -> None:

@@ -90,7 +90,7 @@ class Governor:
             return set()
         if time.monotonic() - self.last_refresh >= REFRESH_SECONDS:
             self.last_refresh = time.monotonic()
-            rows = (await session.execute(select(RateLimit.account, RateLimit.until))).tuples()
+            rows = (await session.execute(select(RateLimit.account, RateLimit.until))).all()
             self.until = {account: until for account, until in rows}
         now = utcnow()
         return {a for a in accounts if a in self.until and self.until[a] > now}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, exists, select, update
+from sqlalchemy import and_, delete, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.ids import new_worker_id
 from orchestrator.core.states import WORKER_LIVE, JobStatus, WorkerStatus
-from orchestrator.db.models import EngineRecord, Event, Job, Worker, utcnow
+from orchestrator.db.models import Allocation, EngineRecord, Event, Job, ResourcePool, Worker, utcnow
 
 ACTIVE_JOB = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
 LIVE = tuple(s.value for s in WORKER_LIVE)
@@ -120,7 +120,11 @@ async def create_workers(session: AsyncSession, job: Job, actor: str) -> None:
     await session.flush()
 
 
-async def idle_workers(session: AsyncSession, engine_id: str) -> list[tuple[Worker, Job]]:
+async def idle_workers(session: AsyncSession, engine_id: str, limit: int) -> list[tuple[Worker, Job]]:
+    """IDLE workers that could start now: at a depth with a free slot, or in a job holding an
+    unbound slot (an explicit allocation), or already holding one. Full depths cost nothing."""
+    free_depths = select(ResourcePool.depth).where(ResourcePool.allocated < ResourcePool.max_workers)
+    unbound = exists().where(Allocation.job_id == Job.id, Allocation.slots > Allocation.bound)
     stmt = (
         select(Worker, Job)
         .join(Job, Job.id == Worker.job_id)
@@ -129,18 +133,20 @@ async def idle_workers(session: AsyncSession, engine_id: str) -> list[tuple[Work
             Job.status.in_(ACTIVE_JOB),
             Worker.status == WorkerStatus.IDLE.value,
             Worker.pid.is_(None),
+            or_(Job.depth.in_(free_depths), unbound, Worker.holds_slot.is_(True)),
         )
         .order_by(Job.depth, Job.priority.desc(), Job.created_at, Worker.worker_index)
+        .limit(limit)
         .execution_options(populate_existing=True)
     )
-    return [(w, j) for w, j in (await session.execute(stmt)).tuples()]
+    return [(w, j) for w, j in (await session.execute(stmt)).all()]
 
 
 async def worker_statuses(session: AsyncSession, worker_ids: list[str]) -> dict[str, str]:
     if not worker_ids:
         return {}
     stmt = select(Worker.id, Worker.status).where(Worker.id.in_(worker_ids))
-    return {worker_id: status for worker_id, status in (await session.execute(stmt)).tuples()}
+    return {worker_id: status for worker_id, status in (await session.execute(stmt)).all()}
 
 
 async def workers_for_jobs(session: AsyncSession, job_ids: list[str]) -> list[Worker]:
@@ -160,7 +166,7 @@ async def jobs_without_live_workers(session: AsyncSession, engine_id: str) -> li
 
 async def child_statuses(session: AsyncSession, job_id: str) -> list[tuple[str, str]]:
     stmt = select(Job.id, Job.status).where(Job.parent_job_id == job_id)
-    return list((await session.execute(stmt)).tuples())
+    return [(row[0], row[1]) for row in (await session.execute(stmt)).all()]
 
 
 async def jobs_by_id(session: AsyncSession, job_ids: list[str]) -> dict[str, Job]:

@@ -10,7 +10,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator.db.models import Event, Job
 
 
+def has_nul(*values: str | None) -> bool:
+    """No id contains NUL, and PostgreSQL refuses it in a parameter: such a lookup finds nothing."""
+    return any(v is not None and "\x00" in v for v in values)
+
+
 async def get_job(session: AsyncSession, job_id: str) -> Job | None:
+    if has_nul(job_id):
+        return None
     stmt = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
     return (await session.execute(stmt)).scalar_one_or_none()
 
@@ -25,6 +32,8 @@ async def list_jobs(
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[Job], int]:
+    if has_nul(status, parent_job_id, path_prefix):
+        return [], 0
     conditions = []
     if depth is not None:
         conditions.append(Job.depth == depth)

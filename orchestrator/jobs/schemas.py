@@ -12,22 +12,39 @@ from orchestrator.core.states import JobStatus
 
 
 class JobSubmit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Integers must be JSON integers (not `true` or "3"); floats must be finite.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     task_description: str = Field(
         min_length=1, max_length=100_000, examples=["Implement user authentication"]
     )
-    worker_count: int = Field(default=1, ge=1, description="Workers to run; at most the quota of the depth.")
-    depth: int = Field(default=0, ge=0, description="0 for a root job; a child's is its parent's + 1.")
-    parent_job_id: str | None = None
-    priority: int = Field(default=0, ge=-1000, le=1000, description="Higher runs first within a depth.")
+    worker_count: int = Field(
+        default=1, ge=1, strict=True, description="Workers to run; at most the quota of the depth."
+    )
+    depth: int = Field(
+        default=0, ge=0, strict=True, description="0 for a root job; a child's is its parent's + 1."
+    )
+    parent_job_id: str | None = Field(default=None, max_length=64)
+    priority: int = Field(
+        default=0, ge=-1000, le=1000, strict=True, description="Higher runs first within a depth."
+    )
     agent: str | None = Field(default=None, description="Agent profile; the server's default if omitted.")
     agent_options: dict[str, Any] = Field(default_factory=dict)
     timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
-    repository: str | None = Field(default=None, description="Local git repository under an allowed root.")
+    repository: str | None = Field(
+        default=None, max_length=4096, description="Local git repository under an allowed root."
+    )
     base_ref: str | None = Field(default=None, max_length=255)
     max_cost_usd: float | None = Field(default=None, gt=0)
-    max_turns: int | None = Field(default=None, ge=1)
+    max_turns: int | None = Field(default=None, ge=1, le=1_000_000, strict=True)
+
+    @field_validator("task_description", "parent_job_id", "agent", "repository", "base_ref")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        # PostgreSQL cannot store NUL in text, and no path or name contains one.
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
 
     @field_validator("task_description")
     @classmethod
@@ -95,3 +112,29 @@ class EventOut(BaseModel):
 class EventList(BaseModel):
     job_id: str
     events: list[EventOut]
+
+
+class WorkerUsageOut(BaseModel):
+    worker_id: str
+    job_id: str
+    status: str
+    cost_usd: float
+    input_tokens: int
+    output_tokens: int
+
+
+class JobUsage(BaseModel):
+    """What a job's whole subtree spent, as its agents reported it."""
+
+    job_id: str
+    cost_usd: float = Field(description="Sum of the cost reported by every worker of the subtree (USD).")
+    input_tokens: int
+    output_tokens: int
+    jobs: int = Field(description="Jobs in the subtree, the job included.")
+    workers: list[WorkerUsageOut]
+    max_cost_usd: float | None = None
+    reserved_usd: float | None = Field(
+        default=None, description="Budget reserved by unfinished children beyond what they spent."
+    )
+    remaining_usd: float | None = Field(default=None, description="max_cost_usd - cost_usd - reserved_usd.")
+    max_turns: int | None = None

@@ -14,11 +14,12 @@ from orchestrator.core.config import Settings
 from orchestrator.core.errors import BadRequest, FieldInvalid, Forbidden, InvalidTransition, NotFound
 from orchestrator.core.ids import new_job_id, new_workspace_id
 from orchestrator.core.states import JOB_FINAL, WORKER_LIVE, JobStatus
-from orchestrator.db.models import Allocation, Event, Job, Workspace, utcnow
+from orchestrator.db.models import Allocation, Event, Job, Worker, Workspace, utcnow
 from orchestrator.db.notify import notify
 from orchestrator.db.transitions import transition_job
+from orchestrator.jobs import budget
 from orchestrator.jobs import repository as repo
-from orchestrator.jobs.schemas import JobSubmit
+from orchestrator.jobs.schemas import JobSubmit, JobUsage, WorkerUsageOut
 from orchestrator.resources.service import release_unbound
 from orchestrator.workers import repository as workers_repo
 from orchestrator.workers.service import request_stop
@@ -66,15 +67,25 @@ async def submit(
                 f"A child job's depth must be its parent's depth + 1: parent {parent.id} is at depth "
                 f"{parent.depth}, so depth must be {parent.depth + 1}, not {body.depth}"
             )
+        await budget.check_child(session, parent, body.max_cost_usd)
         if JobStatus(parent.status) in JOB_FINAL:
             raise BadRequest(f"Parent job {parent.id} is {parent.status}; it cannot take new child jobs")
+        if parent.max_turns is not None and (body.max_turns or 0) > parent.max_turns:
+            raise FieldInvalid(
+                "max_turns",
+                f"max_turns must be at most {parent.max_turns}, the max_turns of parent job {parent.id}",
+                body.max_turns,
+            )
 
     agent, options = validate_agent(body.agent, body.agent_options)
 
     repository = body.repository
     base_ref = body.base_ref
     if repository is not None:
-        repository = str(resolve_repository(settings, repository))
+        try:
+            repository = str(resolve_repository(settings, repository))
+        except OSError as exc:  # e.g. a name too long for the file system
+            raise FieldInvalid("repository", f"not a usable path: {exc.strerror}", repository) from exc
     elif parent is not None and parent.repository is not None:
         repository = parent.repository
     if parent is not None and repository == parent.repository and base_ref is None and actor.worker_id:
@@ -104,7 +115,7 @@ async def submit(
         created_by=actor.user_id,
         created_by_worker_id=actor.worker_id,
         max_cost_usd=body.max_cost_usd,
-        max_turns=body.max_turns,
+        max_turns=body.max_turns if body.max_turns is not None else (parent.max_turns if parent else None),
         created_at=now,
         updated_at=now,
     )
@@ -182,6 +193,8 @@ async def cancel(session: AsyncSession, actor: Actor, job_id: str) -> Job:
 
 async def cancel_one(session: AsyncSession, actor: Actor, job: Job, *, reason: str, strict: bool) -> None:
     if JobStatus(job.status) in JOB_FINAL:
+        if strict:  # it finished since the caller looked (a concurrent cancel won): that request lost
+            raise InvalidTransition("job", job.id, job.status, JobStatus.CANCELED.value)
         return
     for worker in await workers_repo.workers_of_job(session, job.id):
         if worker.status in WORKER_LIVE:
@@ -203,3 +216,39 @@ async def events(
     job = await get_visible_job(session, actor, job_id)
     members = await repo.subtree(session, job)
     return await repo.list_events(session, [m.id for m in members], after_id=after_id, limit=limit)
+
+
+async def usage(session: AsyncSession, actor: Actor, job_id: str) -> JobUsage:
+    job = await get_visible_job(session, actor, job_id)
+    total = await budget.subtree_usage(session, job.path)
+    rows = (
+        await session.execute(
+            select(Worker)
+            .join(Job, Job.id == Worker.job_id)
+            .where(Job.path.startswith(job.path, autoescape=True))
+            .order_by(Job.depth, Worker.created_at, Worker.worker_index)
+        )
+    ).scalars()
+    state = await budget.remaining(session, job)
+    return JobUsage(
+        job_id=job.id,
+        cost_usd=round(total.cost_usd, 6),
+        input_tokens=total.input_tokens,
+        output_tokens=total.output_tokens,
+        jobs=total.jobs,
+        workers=[
+            WorkerUsageOut(
+                worker_id=w.id,
+                job_id=w.job_id,
+                status=w.status,
+                cost_usd=round(w.cost_usd or 0.0, 6),
+                input_tokens=w.input_tokens or 0,
+                output_tokens=w.output_tokens or 0,
+            )
+            for w in rows
+        ],
+        max_cost_usd=job.max_cost_usd,
+        reserved_usd=None if state is None else round(state[2], 6),
+        remaining_usd=None if state is None else round(state[0], 6),
+        max_turns=job.max_turns,
+    )

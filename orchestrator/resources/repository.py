@@ -4,14 +4,20 @@ constraints on the tables are the last line of defence."""
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.db.models import Allocation, ResourcePool, Worker, utcnow
 
+_PG_POOLS_LOCK = 7_417_002
+
 
 async def sync_pools(session: AsyncSession, quotas: list[int]) -> None:
     """Create the per-depth rows and apply the configured quotas (never below what is in use)."""
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        # Processes starting together (uvicorn --workers 4) would insert the same rows; one at a
+        # time, released at commit. (SQLite's BEGIN IMMEDIATE serialises them already.)
+        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_POOLS_LOCK})
     existing = {p.depth: p for p in (await session.execute(select(ResourcePool))).scalars()}
     for depth, quota in enumerate(quotas):
         pool = existing.get(depth)

@@ -17,9 +17,9 @@ class QuotaList(BaseModel):
 class AllocateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    job_id: str
-    depth: int = Field(ge=0)
-    worker_count: int = Field(ge=1, le=10_000)
+    job_id: str = Field(max_length=64)
+    depth: int = Field(ge=0, le=1000, strict=True)
+    worker_count: int = Field(ge=1, le=10_000, strict=True)
 
 
 class AllocateResponse(BaseModel):
@@ -32,8 +32,8 @@ class AllocateResponse(BaseModel):
 class ReleaseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    job_id: str
-    depth: int = Field(ge=0)
+    job_id: str = Field(max_length=64)
+    depth: int = Field(ge=0, le=1000, strict=True)
 
 
 class ReleaseResponse(BaseModel):

@@ -62,10 +62,14 @@ async def take_slots(session: AsyncSession, job_id: str, depth: int, requested: 
         grant = min(requested, pool.max_workers - pool.allocated, allocation.max_slots - allocation.slots)
         if grant <= 0:
             return 0
-        if not await repo.pool_take(session, depth, grant):
-            continue  # another transaction took slots since we read: read again
+        # Lock order everywhere: the job's allocation row, then the depth's pool row (release and
+        # worker exit take them in this order too), so concurrent transactions cannot deadlock.
         if not await repo.allocation_add(session, job_id, grant):
-            await repo.pool_give_back(session, depth, grant)
+            continue  # the job got slots since we read: read again
+        if not await repo.pool_take(session, depth, grant):
+            # Another transaction took slots since we read: undo our row and read again.
+            if not await repo.allocation_remove_unbound(session, job_id, grant):
+                raise RuntimeError(f"could not undo a tentative allocation of job {job_id}")
             continue
         return grant
     return 0

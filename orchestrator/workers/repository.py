@@ -7,9 +7,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.states import WORKER_LIVE
 from orchestrator.db.models import Job, Worker, WorkerLog
+from orchestrator.jobs.repository import has_nul
 
 
 async def get_worker(session: AsyncSession, worker_id: str) -> Worker | None:
+    if has_nul(worker_id):
+        return None
     stmt = select(Worker).where(Worker.id == worker_id).execution_options(populate_existing=True)
     return (await session.execute(stmt)).scalar_one_or_none()
 
@@ -24,6 +27,8 @@ async def list_workers(
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[Worker], int]:
+    if has_nul(workspace_id, status, job_id, path_prefix):
+        return [], 0
     conditions = []
     if workspace_id is not None:
         conditions.append(Worker.workspace_id == workspace_id)
@@ -63,7 +68,7 @@ async def live_workers_of_job(session: AsyncSession, job_id: str) -> list[Worker
 
 async def count_by_status(session: AsyncSession) -> dict[str, int]:
     rows = await session.execute(select(Worker.status, func.count()).group_by(Worker.status))
-    return {status: count for status, count in rows.tuples()}
+    return {status: count for status, count in rows}
 
 
 async def read_logs(session: AsyncSession, worker_id: str, offset: int, limit: int) -> list[WorkerLog]:

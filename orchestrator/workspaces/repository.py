@@ -27,6 +27,6 @@ async def list_workspaces(
         .offset(offset)
     )
     rows = [
-        (ws, int(count), int(live_count)) for ws, count, live_count in (await session.execute(stmt)).tuples()
+        (ws, int(count), int(live_count)) for ws, count, live_count in (await session.execute(stmt)).all()
     ]
     return rows, total

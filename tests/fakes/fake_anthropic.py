@@ -43,9 +43,10 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any
 
 __all__ = [
     "EXHAUSTED_TEXT",
@@ -164,7 +165,9 @@ def error(
     if body is None:
         etype = _ERROR_TYPES.get(status, "api_error")
         body = {"type": "error", "error": {"type": etype, "message": f"fake {etype} ({status})"}}
-    return Step(status=status, error_body=body, headers=dict(headers or {}), delay=delay, mid_stream=mid_stream)
+    return Step(
+        status=status, error_body=body, headers=dict(headers or {}), delay=delay, mid_stream=mid_stream
+    )
 
 
 def overloaded(retry_after: float | None = None) -> Step:
@@ -175,7 +178,7 @@ def rate_limited(retry_after: float | None = None) -> Step:
     return error(429, headers={"retry-after": str(retry_after)} if retry_after is not None else None)
 
 
-Script = Union[Sequence[Step], Callable[[dict[str, Any]], Step]]
+Script = Sequence[Step] | Callable[[dict[str, Any]], Step]
 
 
 def turn_of(body: dict[str, Any]) -> int:
@@ -293,9 +296,11 @@ class FakeAnthropic:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "FakeAnthropic":
+    def start(self) -> FakeAnthropic:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._server.serve_forever, name="fake-anthropic", daemon=True)
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, name="fake-anthropic", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -306,7 +311,7 @@ class FakeAnthropic:
             self._thread = None
         self._server.server_close()
 
-    def __enter__(self) -> "FakeAnthropic":
+    def __enter__(self) -> FakeAnthropic:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -337,7 +342,7 @@ class FakeAnthropic:
         rec.turn = turn_of(body)
         try:
             main = self.is_main(body)
-        except Exception as e:  # noqa: BLE001 - a broken classifier must not kill the server thread
+        except Exception as e:
             self.problems.append(f"is_main raised {e!r}")
             main = True
         if not main:
@@ -346,7 +351,7 @@ class FakeAnthropic:
         rec.kind = "main"
         try:
             step = _choose(self.script, body)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.problems.append(f"script raised {e!r}")
             return error(500)
         if step is None:
@@ -374,7 +379,9 @@ def _make_handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
             )
             return rec
 
-        def _send(self, status: int, payload: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+        def _send(
+            self, status: int, payload: bytes, content_type: str, extra: dict[str, str] | None = None
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
@@ -424,7 +431,10 @@ def _make_handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
                 rec.kind = "other"
                 rec.status = 404
                 fake._record(rec)
-                self._send_json(404, {"type": "error", "error": {"type": "not_found_error", "message": "fake: no such route"}})
+                self._send_json(
+                    404,
+                    {"type": "error", "error": {"type": "not_found_error", "message": "fake: no such route"}},
+                )
                 return
             step = fake._step_for(rec)
             rec.stream = bool(body.get("stream"))
@@ -435,7 +445,9 @@ def _make_handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
             if step.is_error and step.mid_stream and rec.stream:
                 start = _message(body, text(""))
                 start.update(content=[], stop_reason=None)
-                payload = _event("message_start", {"type": "message_start", "message": start}) + _event("error", step.error_body)
+                payload = _event("message_start", {"type": "message_start", "message": start}) + _event(
+                    "error", step.error_body
+                )
                 self._send(200, payload.encode(), "text/event-stream; charset=utf-8", step.headers)
                 return
             if step.is_error:
@@ -443,7 +455,9 @@ def _make_handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
                 return
             message = _message(body, step)
             if rec.stream:
-                self._send(200, _sse(message), "text/event-stream; charset=utf-8", {"Cache-Control": "no-cache"})
+                self._send(
+                    200, _sse(message), "text/event-stream; charset=utf-8", {"Cache-Control": "no-cache"}
+                )
             else:
                 self._send_json(200, message)
 
@@ -456,7 +470,9 @@ def _make_handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
 
 def _message(req: dict[str, Any], step: Step) -> dict[str, Any]:
     blocks = copy.deepcopy(step.blocks)
-    in_tok = step.input_tokens if step.input_tokens is not None else _estimate_tokens(req.get("messages") or [])
+    in_tok = (
+        step.input_tokens if step.input_tokens is not None else _estimate_tokens(req.get("messages") or [])
+    )
     out_tok = step.output_tokens if step.output_tokens is not None else _estimate_tokens(blocks) + 1
     return {
         "id": _new_id("msg"),
@@ -489,18 +505,54 @@ def _chunks(s: str, size: int = 24) -> Iterable[str]:
 def _sse(message: dict[str, Any]) -> bytes:
     """The event sequence of the real streaming API for one finished message."""
     usage = message["usage"]
-    start = dict(message, content=[], stop_reason=None, stop_sequence=None, usage=dict(usage, output_tokens=1))
-    out = [_event("message_start", {"type": "message_start", "message": start}), _event("ping", {"type": "ping"})]
+    start = dict(
+        message, content=[], stop_reason=None, stop_sequence=None, usage=dict(usage, output_tokens=1)
+    )
+    out = [
+        _event("message_start", {"type": "message_start", "message": start}),
+        _event("ping", {"type": "ping"}),
+    ]
     for i, block in enumerate(message["content"]):
         if block["type"] == "text":
-            out.append(_event("content_block_start", {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}))
+            out.append(
+                _event(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": i,
+                        "content_block": {"type": "text", "text": ""},
+                    },
+                )
+            )
             for piece in _chunks(block["text"]):
-                out.append(_event("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": piece}}))
+                out.append(
+                    _event(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": i,
+                            "delta": {"type": "text_delta", "text": piece},
+                        },
+                    )
+                )
         elif block["type"] == "tool_use":
             cb = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
-            out.append(_event("content_block_start", {"type": "content_block_start", "index": i, "content_block": cb}))
+            out.append(
+                _event(
+                    "content_block_start", {"type": "content_block_start", "index": i, "content_block": cb}
+                )
+            )
             for piece in _chunks(json.dumps(block["input"], ensure_ascii=False)):
-                out.append(_event("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {"type": "input_json_delta", "partial_json": piece}}))
+                out.append(
+                    _event(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": i,
+                            "delta": {"type": "input_json_delta", "partial_json": piece},
+                        },
+                    )
+                )
         else:  # pragma: no cover - only text and tool_use are scripted
             raise ValueError(f"unsupported block type {block['type']!r}")
         out.append(_event("content_block_stop", {"type": "content_block_stop", "index": i}))

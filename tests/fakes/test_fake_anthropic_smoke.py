@@ -89,7 +89,11 @@ class ClaudeRun:
         return next(x for x in self.lines if x.get("type") == "system" and x.get("subtype") == "init")
 
     def of_type(self, type_: str, subtype: str | None = None) -> list[dict[str, Any]]:
-        return [x for x in self.lines if x.get("type") == type_ and (subtype is None or x.get("subtype") == subtype)]
+        return [
+            x
+            for x in self.lines
+            if x.get("type") == type_ and (subtype is None or x.get("subtype") == subtype)
+        ]
 
     def describe(self) -> str:
         return f"exit={self.returncode} in {self.duration:.2f}s\nstdout:\n{self.stdout[-4000:]}\nstderr:\n{self.stderr[-2000:]}"
@@ -138,7 +142,9 @@ def run_claude(
             timeout=timeout,
         )
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"claude did not finish in {timeout}s: {cmd}\nstdout:\n{e.stdout!r}\nstderr:\n{e.stderr!r}")
+        pytest.fail(
+            f"claude did not finish in {timeout}s: {cmd}\nstdout:\n{e.stdout!r}\nstderr:\n{e.stderr!r}"
+        )
     dt = time.monotonic() - t0
     lines = []
     for raw in proc.stdout.splitlines():
@@ -186,34 +192,56 @@ def test_fake_protocol_shapes() -> None:
     with FakeAnthropic(script) as fake:
         # HEAD / and GET / answer 200
         for method in ("HEAD", "GET"):
-            with urllib.request.urlopen(urllib.request.Request(fake.url + "/", method=method), timeout=5) as r:
+            with urllib.request.urlopen(
+                urllib.request.Request(fake.url + "/", method=method), timeout=5
+            ) as r:
                 assert r.status == 200
 
         # turn 0: streamed text + tool_use
-        status, headers, raw = _post(fake.url, {"model": "m", "stream": True, "tools": tools, "messages": [{"role": "user", "content": "hi"}]})
+        status, headers, raw = _post(
+            fake.url,
+            {"model": "m", "stream": True, "tools": tools, "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
         events = _sse_events(raw)
         names = [e for e, _ in events]
         assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
-        assert [d["content_block"]["type"] for e, d in events if e == "content_block_start"] == ["text", "tool_use"]
-        partial = "".join(d["delta"]["partial_json"] for e, d in events if e == "content_block_delta" and d["delta"]["type"] == "input_json_delta")
+        assert [d["content_block"]["type"] for e, d in events if e == "content_block_start"] == [
+            "text",
+            "tool_use",
+        ]
+        partial = "".join(
+            d["delta"]["partial_json"]
+            for e, d in events
+            if e == "content_block_delta" and d["delta"]["type"] == "input_json_delta"
+        )
         assert json.loads(partial) == {"a": [1, 2, "é"]}
         delta = next(d for e, d in events if e == "message_delta")
         assert delta["delta"]["stop_reason"] == "tool_use" and delta["usage"]["output_tokens"] > 0
         assert next(d for e, d in events if e == "message_start")["message"]["usage"]["input_tokens"] > 0
 
         # turn 1 (one assistant message in the history), not streamed: plain JSON message
-        history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]
+        history = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "x"},
+            {"role": "user", "content": "y"},
+        ]
         status, _, raw = _post(fake.url, {"model": "m", "stream": False, "tools": tools, "messages": history})
         msg = json.loads(raw)
-        assert status == 200 and msg["content"] == [{"type": "text", "text": "done"}] and msg["stop_reason"] == "end_turn"
+        assert (
+            status == 200
+            and msg["content"] == [{"type": "text", "text": "done"}]
+            and msg["stop_reason"] == "end_turn"
+        )
 
         # a side request (no tools) gets a harmless answer and consumes no step
-        status, _, raw = _post(fake.url, {"model": "m", "stream": False, "messages": [{"role": "user", "content": "title?"}]})
+        status, _, raw = _post(
+            fake.url, {"model": "m", "stream": False, "messages": [{"role": "user", "content": "title?"}]}
+        )
         assert status == 200 and json.loads(raw)["content"][0]["type"] == "text"
 
         # past the end of the script
-        history2 = history + [{"role": "assistant", "content": "z"}, {"role": "user", "content": "w"}]
+        history2 = [*history, {"role": "assistant", "content": "z"}, {"role": "user", "content": "w"}]
         _, _, raw = _post(fake.url, {"model": "m", "stream": False, "tools": tools, "messages": history2})
         assert json.loads(raw)["content"][0]["text"] == EXHAUSTED_TEXT
         assert fake.problems == ["script exhausted at turn 2"]
@@ -229,7 +257,7 @@ def test_fake_protocol_shapes() -> None:
             assert status == 529 and headers["retry-after"] == "0"
             assert json.loads(raw)["error"]["type"] == "overloaded_error"
         status, _, raw = _post(fake.url, body)
-        assert status == 200 and [e for e, _ in _sse_events(raw)][0] == "message_start"
+        assert status == 200 and next(e for e, _ in _sse_events(raw)) == "message_start"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,11 +270,15 @@ def test_a_write_tool_creates_file(claude_bin: Path, tmp_path: Path) -> None:
     work.mkdir()
     target = work / "hello.txt"
     script = [
-        tool_use("Write", {"file_path": str(target), "content": "hello from the fake\n"}, text="Writing the file."),
+        tool_use(
+            "Write", {"file_path": str(target), "content": "hello from the fake\n"}, text="Writing the file."
+        ),
         text("Created hello.txt."),
     ]
     with FakeAnthropic(script) as fake:
-        run = run_claude(claude_bin, fake, tmp_path, "Create hello.txt", "--permission-mode", "bypassPermissions")
+        run = run_claude(
+            claude_bin, fake, tmp_path, "Create hello.txt", "--permission-mode", "bypassPermissions"
+        )
     assert run.returncode == 0, run.describe()
     assert target.read_text() == "hello from the fake\n"
 
@@ -263,7 +295,12 @@ def test_a_write_tool_creates_file(claude_bin: Path, tmp_path: Path) -> None:
     # one stream-json "assistant" line per content block; the tool result comes back as a "user" line
     blocks = [b for line in run.of_type("assistant") for b in line["message"]["content"]]
     assert [b["type"] for b in blocks] == ["text", "tool_use", "text"]
-    results = [b for line in run.of_type("user") for b in line["message"]["content"] if b.get("type") == "tool_result"]
+    results = [
+        b
+        for line in run.of_type("user")
+        for b in line["message"]["content"]
+        if b.get("type") == "tool_result"
+    ]
     assert len(results) == 1 and not results[0].get("is_error")
 
     # what the fake saw: two main requests, the second carries the tool_result
@@ -301,9 +338,11 @@ def test_b_mcp_tool_runs(claude_bin: Path, tmp_path: Path) -> None:
             fake,
             tmp_path,
             "Call the echo tool with ping-42",
-            "--mcp-config", str(cfg),
+            "--mcp-config",
+            str(cfg),
             "--strict-mcp-config",
-            "--permission-mode", "bypassPermissions",
+            "--permission-mode",
+            "bypassPermissions",
             env={
                 "MCP_CONNECTION_NONBLOCKING": "false",  # wait for the server before the first request
                 "MCP_CONNECT_TIMEOUT_MS": "20000",
@@ -342,7 +381,9 @@ def test_c_overloaded_529_fails_after_bounded_retries(claude_bin: Path, tmp_path
     assert len(fake.main_requests) == 3
     retries = run.of_type("system", "api_retry")
     assert [r["attempt"] for r in retries] == [1, 2]
-    assert all(r["max_retries"] == 2 and r["error_status"] == 529 and r["retry_delay_ms"] > 0 for r in retries)
+    assert all(
+        r["max_retries"] == 2 and r["error_status"] == 529 and r["retry_delay_ms"] > 0 for r in retries
+    )
     # exponential backoff: the waits are ~0.5 s then ~1 s (plus jitter)
     times = [r.time for r in fake.main_requests]
     assert times[1] - times[0] >= 0.4 and times[2] - times[1] >= 0.8
@@ -363,7 +404,16 @@ def test_d_max_turns(claude_bin: Path, tmp_path: Path) -> None:
         return tool_use("Bash", {"command": f"echo turn-{turn_of(req)}", "description": "echo"})
 
     with FakeAnthropic(keep_calling_tools) as fake:
-        run = run_claude(claude_bin, fake, tmp_path, "loop forever", "--max-turns", "1", "--permission-mode", "bypassPermissions")
+        run = run_claude(
+            claude_bin,
+            fake,
+            tmp_path,
+            "loop forever",
+            "--max-turns",
+            "1",
+            "--permission-mode",
+            "bypassPermissions",
+        )
     assert run.returncode == 1, run.describe()
     res = run.result
     assert res["subtype"] == "error_max_turns" and res["is_error"] is True, run.describe()
@@ -371,7 +421,12 @@ def test_d_max_turns(claude_bin: Path, tmp_path: Path) -> None:
     assert res["errors"] == ["Reached maximum number of turns (1)"]
     # the one permitted turn ran its tool, then the CLI stopped without asking the model again
     assert len(fake.main_requests) == 1
-    outputs = [b.get("content") for line in run.of_type("user") for b in line["message"]["content"] if b.get("type") == "tool_result"]
+    outputs = [
+        b.get("content")
+        for line in run.of_type("user")
+        for b in line["message"]["content"]
+        if b.get("type") == "tool_result"
+    ]
     assert outputs == ["turn-0"]
 
 
@@ -390,7 +445,11 @@ def test_e_resume(claude_bin: Path, tmp_path: Path) -> None:
     roles = [m["role"] for m in req["messages"] if m["role"] != "system"]
     assert roles == ["user", "assistant", "user"]
     flat = json.dumps(req["messages"])
-    assert "Remember the code word ALPHA" in flat and "The code word is ALPHA." in flat and "What was the code word?" in flat
+    assert (
+        "Remember the code word ALPHA" in flat
+        and "The code word is ALPHA." in flat
+        and "What was the code word?" in flat
+    )
 
 
 def test_e2_resume_unknown_session_fails(claude_bin: Path, tmp_path: Path) -> None:
@@ -411,7 +470,9 @@ def test_reply_with_parallel_tool_calls(claude_bin: Path, tmp_path: Path) -> Non
         tool_use_block("Write", {"file_path": str(work / "b.txt"), "content": "B"}),
     )
     with FakeAnthropic([step, text("both written")]) as fake:
-        run = run_claude(claude_bin, fake, tmp_path, "write a and b", "--permission-mode", "bypassPermissions")
+        run = run_claude(
+            claude_bin, fake, tmp_path, "write a and b", "--permission-mode", "bypassPermissions"
+        )
     assert run.returncode == 0, run.describe()
     assert (work / "a.txt").read_text() == "A" and (work / "b.txt").read_text() == "B"
     assert len(tool_result_texts(fake.main_requests[1].body)) == 2

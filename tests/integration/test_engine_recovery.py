@@ -26,6 +26,7 @@ def test_kill9_server_workers_survive_and_are_readopted(servers: ServerFactory) 
     with first.client() as client:
         short = submit(client, worker_count=2, agent_options={"duration_seconds": 1.0})
         long = submit(client, worker_count=2, agent_options={"duration_seconds": 6.0})
+
         def four_running() -> bool:
             workers = workers_of(client, short["id"]) + workers_of(client, long["id"])
             return len(workers) == 4 and all(w["status"] == "RUNNING" for w in workers)

@@ -93,7 +93,12 @@ class Server:
     def start(self, timeout: float = 30.0) -> Server:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.argv, cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.argv,
+            cwd=self.root,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout

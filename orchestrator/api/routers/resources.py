@@ -27,7 +27,9 @@ async def get_quotas(actor: ResourcesRead, session: SessionDep, settings: Settin
 @router.post("/allocate", response_model=AllocateResponse, responses={**NOT_FOUND, **BAD_REQUEST})
 async def allocate(body: AllocateRequest, actor: ResourcesWrite, session: SessionDep) -> AllocateResponse:
     granted = await service.allocate(session, actor, body.job_id, body.depth, body.worker_count)
-    return AllocateResponse(job_id=body.job_id, depth=body.depth, requested=body.worker_count, granted=granted)
+    return AllocateResponse(
+        job_id=body.job_id, depth=body.depth, requested=body.worker_count, granted=granted
+    )
 
 
 @router.post("/release", response_model=ReleaseResponse, responses={**NOT_FOUND, **BAD_REQUEST})

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import Response
 
-from orchestrator.api.deps import SessionDep, SupervisorRead, SupervisorWrite
+from orchestrator.api.deps import MAX_QUERY_INT, SessionDep, SupervisorRead, SupervisorWrite
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
+from orchestrator.api.routers import streams
 from orchestrator.core.states import WORKER_FINAL, WorkerStatus
 from orchestrator.workers import service
 from orchestrator.workers.schemas import LogLine, SystemMetrics, WorkerList, WorkerLogs, WorkerOut
@@ -23,7 +25,7 @@ async def list_workers(
     status: WorkerStatus | None = None,
     job_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT)] = 0,
 ) -> WorkerList:
     workers, total = await service.list_workers(
         session, actor, workspace_id=workspace_id, status=status, job_id=job_id, limit=limit, offset=offset
@@ -38,7 +40,9 @@ async def get_worker(worker_id: str, actor: SupervisorRead, session: SessionDep)
     return WorkerOut.model_validate(await service.get_visible_worker(session, actor, worker_id))
 
 
-@router.post("/workers/{worker_id}/terminate", response_model=WorkerOut, responses={**NOT_FOUND, **BAD_REQUEST})
+@router.post(
+    "/workers/{worker_id}/terminate", response_model=WorkerOut, responses={**NOT_FOUND, **BAD_REQUEST}
+)
 async def terminate_worker(worker_id: str, actor: SupervisorWrite, session: SessionDep) -> WorkerOut:
     return WorkerOut.model_validate(await service.terminate(session, actor, worker_id))
 
@@ -53,14 +57,24 @@ async def resume_worker(worker_id: str, actor: SupervisorWrite, session: Session
     return WorkerOut.model_validate(await service.resume(session, actor, worker_id))
 
 
-@router.get("/workers/{worker_id}/logs", response_model=WorkerLogs, responses=NOT_FOUND)
+@router.get(
+    "/workers/{worker_id}/logs", response_model=WorkerLogs, responses={**NOT_FOUND, **streams.SSE_RESPONSES}
+)
 async def worker_logs(
     worker_id: str,
     actor: SupervisorRead,
     session: SessionDep,
-    offset: Annotated[int, Query(ge=0, description="First line number to return")] = 0,
+    request: Request,
+    offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT, description="First line number to return")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-) -> WorkerLogs:
+    follow: Annotated[bool, Query(description="Stream new lines (SSE) until the worker has ended")] = False,
+    last_event_id: Annotated[
+        str | None, Header(description="Resume a followed stream after this line")
+    ] = None,
+) -> WorkerLogs | Response:
+    if follow:
+        worker = await service.get_visible_worker(session, actor, worker_id)
+        return streams.worker_log_stream(request.app.state.db, worker, last_event_id, offset)
     worker, lines = await service.read_logs(session, actor, worker_id, offset=offset, limit=limit)
     next_offset = lines[-1].seq + 1 if lines else offset
     return WorkerLogs(

@@ -1,0 +1,1 @@
+"""The orchestrator's delegation tools for agents, as a stdio MCP server (`python -m orchestrator.mcp`)."""

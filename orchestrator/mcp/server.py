@@ -1,0 +1,271 @@
+"""Delegation tools for a worker's agent: spawn sub-jobs, wait for them, read their results.
+
+One server per worker, over stdio, started by the agent CLI (`--mcp-config`). It talks HTTP to the
+orchestrator with the worker's delegated token (ORCHESTRATOR_URL, ORCHESTRATOR_TOKEN,
+ORCHESTRATOR_JOB_ID, ORCHESTRATOR_DEPTH), so the server enforces depth, quotas and budgets; a
+refusal comes back as a tool error whose text says what happened and what to do, never a crash.
+Results are plain text (structured_output=False): that is what agents read best.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import httpx
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+FINAL = {"COMPLETED", "FAILED", "CANCELED"}
+POLL_SECONDS = 0.5
+MAX_MESSAGE_CHARS = 2000
+
+server = MCPServer(
+    "orchestrator",
+    instructions=(
+        "Delegate parts of your task to sub-jobs run by other agents in parallel: spawn_subjob, then "
+        "wait_for_jobs and get_job to read their results (final message, git branch, diff stat, cost). "
+        "Sub-jobs work on their own git branches, started from yours."
+    ),
+)
+
+
+class Api:
+    def __init__(self) -> None:
+        self.url = os.environ.get("ORCHESTRATOR_URL", "").rstrip("/")
+        self.token = os.environ.get("ORCHESTRATOR_TOKEN", "")
+        self.job_id = os.environ.get("ORCHESTRATOR_JOB_ID", "")
+        self.depth = int(os.environ.get("ORCHESTRATOR_DEPTH", "0") or 0)
+        self._client: httpx.AsyncClient | None = None
+
+    def client(self) -> httpx.AsyncClient:
+        if not self.url or not self.token or not self.job_id:
+            raise ToolError(
+                "The orchestrator tools are not configured for this process (ORCHESTRATOR_URL, "
+                "ORCHESTRATOR_TOKEN and ORCHESTRATOR_JOB_ID must be set); delegation is unavailable."
+            )
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30.0
+            )
+        return self._client
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = await self.client().request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ToolError(f"Cannot reach the orchestrator at {self.url}: {exc}. Try again later.") from exc
+        if response.status_code < 400:
+            return response.json()
+        raise ToolError(explain(response.status_code, _detail(response)))
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        return response.text[:500]
+    if isinstance(detail, list):  # validation errors
+        return "; ".join(
+            f"{'.'.join(str(p) for p in item.get('loc', [])[1:])}: {item.get('msg')}"
+            if isinstance(item, dict)
+            else str(item)
+            for item in detail
+        )
+    return str(detail)
+
+
+def explain(status: int, detail: str) -> str:
+    """A refusal in words an agent can act on."""
+    lowered = detail.lower()
+    if "budget" in lowered or "max_cost_usd" in lowered:
+        kind = "Budget exhausted"
+        advice = "Do the remaining work yourself, or ask for less (a smaller max_cost_usd)."
+    elif "quota" in lowered or "worker_count" in lowered:
+        kind = "Quota exhausted"
+        advice = "Use fewer workers (a smaller worker_count), or wait for running sub-jobs to finish."
+    elif "depth" in lowered:
+        kind = "Depth limit reached"
+        advice = "Sub-jobs cannot delegate further at this depth: do the work yourself."
+    elif status == 401:
+        kind = "Token refused"
+        advice = "Your delegated token works only while your worker runs."
+    elif status == 403:
+        kind = "Not allowed"
+        advice = "You may act only on your own job's sub-jobs."
+    elif status == 404:
+        kind = "Not found"
+        advice = "Check the id (list_subjobs shows your sub-jobs)."
+    elif status == 422:
+        kind = "Invalid arguments"
+        advice = "Fix the arguments and call the tool again."
+    else:
+        kind = f"Refused (HTTP {status})"
+        advice = ""
+    return f"{kind}: {detail}" + (f" {advice}" if advice else "")
+
+
+api = Api()
+
+
+def _money(value: Any) -> str:
+    return f"${float(value):.4f}" if isinstance(value, int | float) else "$0"
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters]"
+
+
+async def describe(job_id: str) -> str:
+    job = await api.call("GET", f"/api/jobs/{job_id}")
+    workers = (await api.call("GET", "/api/supervisor/workers", params={"job_id": job_id, "limit": 1000}))[
+        "workers"
+    ]
+    usage = await api.call("GET", f"/api/jobs/{job_id}/usage")
+    lines = [
+        f"Job {job['id']}: {job['status']}"
+        + (f" ({job['status_reason']})" if job.get("status_reason") else ""),
+        f"  task: {_clip(job['task_description'], 300)}",
+        f"  agent {job['agent']}, depth {job['depth']}, {job['worker_count']} worker(s)",
+        f"  cost of its whole subtree: {_money(usage['cost_usd'])} "
+        f"(tokens in {usage['input_tokens']}, out {usage['output_tokens']}, {usage['jobs']} job(s))"
+        + (
+            f"; budget {_money(usage['max_cost_usd'])}, remaining {_money(usage['remaining_usd'])}"
+            if usage.get("max_cost_usd") is not None
+            else ""
+        ),
+    ]
+    for worker in sorted(workers, key=lambda w: w["worker_index"]):
+        result = worker.get("result") or {}
+        own: dict[str, Any] = next((w for w in usage["workers"] if w["worker_id"] == worker["id"]), {})
+        lines.append(
+            f"  worker {worker['id']}: {worker['status']}"
+            + (f" ({worker['status_reason']})" if worker.get("status_reason") else "")
+            + f", cost {_money(own.get('cost_usd', 0))}"
+        )
+        if worker.get("branch"):
+            lines.append(
+                f"    branch {worker['branch']}"
+                + (f" at commit {worker['commit'][:12]}" if worker.get("commit") else "")
+            )
+        if worker.get("diff_stat"):
+            lines.append("    diff: " + worker["diff_stat"].strip().replace("\n", "\n          "))
+        message = result.get("result")
+        if isinstance(message, str) and message.strip():
+            lines.append("    final message: " + _clip(message.strip()).replace("\n", "\n      "))
+    return "\n".join(lines)
+
+
+async def _wait(job_ids: list[str], timeout_seconds: float) -> tuple[dict[str, str], list[str]]:
+    deadline = time.monotonic() + max(0.0, timeout_seconds)
+    statuses: dict[str, str] = {}
+    while True:
+        for job_id in job_ids:
+            if statuses.get(job_id) not in FINAL:
+                statuses[job_id] = (await api.call("GET", f"/api/jobs/{job_id}"))["status"]
+        pending = [j for j in job_ids if statuses[j] not in FINAL]
+        if not pending or time.monotonic() >= deadline:
+            return statuses, pending
+        await asyncio.sleep(POLL_SECONDS)
+
+
+@server.tool(structured_output=False)
+async def spawn_subjob(
+    task_description: str,
+    worker_count: int = 1,
+    agent: str | None = None,
+    wait: bool = False,
+    max_cost_usd: float | None = None,
+    agent_options: dict[str, Any] | None = None,
+    timeout_seconds: float = 3600,
+) -> str:
+    """Start a sub-job: `worker_count` agents work on `task_description` in parallel, each on its own
+    git branch started from yours. `agent` is an agent profile (default: your own). With wait=True,
+    block until it ends (at most `timeout_seconds`) and return its results; otherwise return its id
+    at once (then use wait_for_jobs / get_job). `max_cost_usd` reserves that much of your budget."""
+    client_agent = agent
+    if client_agent is None:
+        client_agent = (await api.call("GET", f"/api/jobs/{api.job_id}"))["agent"]
+    body: dict[str, Any] = {
+        "task_description": task_description,
+        "worker_count": worker_count,
+        "depth": api.depth + 1,
+        "parent_job_id": api.job_id,
+        "agent": client_agent,
+    }
+    if max_cost_usd is not None:
+        body["max_cost_usd"] = max_cost_usd
+    if agent_options:
+        body["agent_options"] = agent_options
+    job = await api.call("POST", "/api/jobs/submit", json=body)
+    if not wait:
+        return (
+            f"Submitted sub-job {job['id']} ({worker_count} worker(s), agent {job['agent']}, depth "
+            f"{job['depth']}). It runs in parallel; call wait_for_jobs(['{job['id']}']) to collect "
+            "its result."
+        )
+    _, pending = await _wait([job["id"]], timeout_seconds)
+    text = await describe(job["id"])
+    if pending:
+        text = f"Still running after {timeout_seconds:g}s:\n{text}"
+    return text
+
+
+@server.tool(structured_output=False)
+async def wait_for_jobs(job_ids: list[str], timeout_seconds: float = 600) -> str:
+    """Wait until all the given sub-jobs have ended (or `timeout_seconds` passed); return their results."""
+    if not job_ids:
+        raise ToolError("Invalid arguments: job_ids is empty; pass the ids spawn_subjob returned.")
+    _, pending = await _wait(list(job_ids), timeout_seconds)
+    parts = [await describe(job_id) for job_id in job_ids]
+    head = (
+        f"Timed out after {timeout_seconds:g}s; still running: {', '.join(pending)}"
+        if pending
+        else f"All {len(job_ids)} job(s) ended."
+    )
+    return head + "\n\n" + "\n\n".join(parts)
+
+
+@server.tool(structured_output=False)
+async def get_job(job_id: str) -> str:
+    """Status of a sub-job and each worker's result: final message, branch, diff stat, cost."""
+    return await describe(job_id)
+
+
+@server.tool(structured_output=False)
+async def list_subjobs() -> str:
+    """Your job's direct sub-jobs with their status."""
+    body = await api.call("GET", "/api/jobs", params={"parent_job_id": api.job_id, "limit": 1000})
+    if not body["jobs"]:
+        return f"Job {api.job_id} has no sub-jobs."
+    return "\n".join(
+        f"{job['id']}: {job['status']}, {job['worker_count']} worker(s), agent {job['agent']}: "
+        f"{_clip(job['task_description'], 120)}"
+        for job in body["jobs"]
+    )
+
+
+@server.tool(structured_output=False)
+async def cancel_subjob(job_id: str) -> str:
+    """Cancel one of your sub-jobs and everything under it (its workers are stopped)."""
+    job = await api.call("POST", f"/api/jobs/{job_id}/cancel")
+    return f"Job {job['id']} is {job['status']}."
+
+
+@server.tool(structured_output=False)
+async def read_worker_log(worker_id: str, offset: int = 0, limit: int = 200) -> str:
+    """Output lines of a sub-job's worker, from line `offset` (get_job lists worker ids)."""
+    body = await api.call(
+        "GET",
+        f"/api/supervisor/workers/{worker_id}/logs",
+        params={"offset": max(0, offset), "limit": min(max(1, limit), 2000)},
+    )
+    lines = [f"{line['seq']}: {_clip(line['text'], 1000)}" for line in body["lines"]]
+    tail = "(end of log)" if body.get("complete") else f"(next offset {body['next_offset']})"
+    return "\n".join([*lines, tail]) if lines else f"No lines from offset {offset}. {tail}"
+
+
+def main() -> None:
+    server.run("stdio")

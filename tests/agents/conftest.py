@@ -1,0 +1,124 @@
+"""Fixtures for tests that run the REAL `claude` CLI as orchestrator workers against a fake API.
+
+`claude_bin` installs the CLI with tests/fakes/install_claude.sh (npm registry) and FAILS, never
+skips, when that is impossible. `Scenarios` routes each request of the fake Anthropic server to the
+script of the test that made it, by a `[[t:<name>]]` tag in the job's task, so one fake and one
+orchestrator server serve a whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakes.fake_anthropic import FakeAnthropic, Step, text, turn_of
+from tests.support.servers import Server, server_factory
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL_SCRIPT = REPO / "tests" / "fakes" / "install_claude.sh"
+TAG = re.compile(r"\[\[t:([a-z0-9_-]+)\]\]")
+CWD = re.compile(r"Primary working directory: ([^\s\\\"]+)")
+
+Handler = Callable[[dict[str, Any], int, int], Step]  # (request body, turn, n-th request of the tag)
+
+
+@pytest.fixture(scope="session")
+def claude_bin() -> Path:
+    try:
+        proc = subprocess.run(
+            ["bash", str(INSTALL_SCRIPT)],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"could not run {INSTALL_SCRIPT} to install the claude CLI: {exc!r}")
+    if proc.returncode != 0:
+        pytest.fail(
+            f"the claude CLI could not be installed (exit {proc.returncode}); these tests need it.\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    path = Path(proc.stdout.strip().splitlines()[-1])
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{INSTALL_SCRIPT} reported {path}, which is not executable")
+    return path
+
+
+def workdir_of(body: dict[str, Any]) -> str:
+    found = CWD.search(json.dumps(body))
+    assert found, "no 'Primary working directory' in the request"
+    return found.group(1)
+
+
+class Scenarios:
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+        self.counts: dict[str, int] = {}
+        self.bodies: dict[str, list[dict[str, Any]]] = {}
+        self.lock = threading.Lock()
+
+    def add(self, name: str, handler: Handler) -> str:
+        self.handlers[name] = handler
+        return f"[[t:{name}]]"
+
+    def __call__(self, body: dict[str, Any]) -> Step:
+        found = TAG.search(json.dumps(body.get("messages") or []))
+        if not found or found.group(1) not in self.handlers:
+            return text("no scenario for this request")
+        name = found.group(1)
+        with self.lock:
+            self.counts[name] = self.counts.get(name, 0) + 1
+            n = self.counts[name]
+            self.bodies.setdefault(name, []).append(body)
+        return self.handlers[name](body, turn_of(body), n)
+
+
+@pytest.fixture(scope="module")
+def scenarios() -> Scenarios:
+    return Scenarios()
+
+
+@pytest.fixture(scope="module")
+def fake(scenarios: Scenarios) -> Iterator[FakeAnthropic]:
+    with FakeAnthropic(scenarios) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def claude_server(
+    claude_bin: Path, fake: FakeAnthropic, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    with server_factory(tmp_path_factory.mktemp("claude")) as factory:
+        yield factory.start(
+            ORCHESTRATOR_CLAUDE_BIN=str(claude_bin),
+            ANTHROPIC_BASE_URL=fake.url,
+            ANTHROPIC_API_KEY="test-key",
+            ORCHESTRATOR_RATE_LIMIT_BACKOFF_SECONDS="1",
+        )
+
+
+def make_repo(root: Path, name: str) -> Path:
+    repo = root / name
+    repo.mkdir()
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True, env=env)
+    (repo / "README.md").write_text("test repo\n")
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True, env=env)
+    subprocess.run(["git", "-C", str(repo), "commit", "-q", "-m", "init"], check=True, env=env)
+    return repo
