@@ -1,21 +1,31 @@
 """`codex`: the OpenAI Codex CLI, headless (`codex exec --json`), its JSONL events parsed.
 
-Codex ignores OPENAI_BASE_URL: when the server sets it, the provider is configured with
-`-c model_providers.orchestrator={...} -c model_provider=orchestrator` (Responses API). Each worker
-gets its own CODEX_HOME. The orchestrator's MCP server is configured with `-c mcp_servers...`.
+Codex ignores OPENAI_BASE_URL: when the server sets it, the provider is configured as
+`model_providers.orchestrator={...}` with `model_provider="orchestrator"` (Responses API). Each worker
+gets its own CODEX_HOME, whose `config.toml` (mode 0600) holds the provider and the orchestrator's MCP
+server: that server's settings carry the worker's delegated token, which must not be in argv.
+A rejected request ends the turn with `turn.failed` ("unexpected status 401 Unauthorized: ...", after
+codex's own reconnect attempts); its HTTP status decides the reason. Facts: docs/agent-cli-harness.md.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.agents.base import Agent, AgentEvent, LaunchSpec, Outcome, WorkerContext, base_environment
-from orchestrator.agents.claude_code import _clip, provider_environment, resolve_binary
+from orchestrator.agents.claude_code import _clip, provider_environment, resolve_binary, write_private
 from orchestrator.core.config import Settings
+
+
+PROVIDER_NAME = "orchestrator"
+# "unexpected status 401 Unauthorized: ..." / "exceeded retry limit, last status: 429 Too Many Requests"
+HTTP_STATUS = re.compile(r"\bstatus:? (\d{3})\b")
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class CodexOptions(BaseModel):
@@ -36,8 +46,17 @@ def toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ",".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ",".join(f"{k}={toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ",".join(f"{toml_key(str(k))}={toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
+
+
+def toml_key(key: str) -> str:
+    return key if BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
+def http_status(message: str) -> int | None:
+    found = HTTP_STATUS.search(message)
+    return int(found.group(1)) if found else None
 
 
 class CodexAgent(Agent):
@@ -67,14 +86,18 @@ class CodexAgent(Agent):
         argv += ["--json", "--skip-git-repo-check", "-s", options.sandbox, "-C", str(ctx.workdir)]
         if options.model:
             argv += ["-m", options.model]
+        config: dict[str, Any] = {}
         base_url = provider.get("OPENAI_BASE_URL")
         if base_url:
-            spec = {"name": "orchestrator", "base_url": base_url, "env_key": "OPENAI_API_KEY"}
-            spec["wire_api"] = "responses"
-            argv += ["-c", f"model_providers.orchestrator={toml_value(spec)}"]
-            argv += ["-c", "model_provider=orchestrator"]
+            config[f"model_providers.{PROVIDER_NAME}"] = {
+                "name": PROVIDER_NAME,
+                "base_url": base_url,
+                "env_key": "OPENAI_API_KEY",
+                "wire_api": "responses",
+            }
+            config["model_provider"] = PROVIDER_NAME
         if options.delegation:
-            server = {
+            config["mcp_servers.orchestrator"] = {
                 "command": sys.executable,
                 "args": ["-m", "orchestrator.mcp"],
                 "env": {
@@ -85,15 +108,18 @@ class CodexAgent(Agent):
                     "ORCHESTRATOR_DEPTH": str(ctx.depth),
                 },
             }
-            argv += ["-c", f"mcp_servers.orchestrator={toml_value(server)}"]
+        codex_home = ctx.home / ".codex"
+        codex_home.mkdir(parents=True, exist_ok=True)
+        write_private(
+            codex_home / "config.toml", "".join(f"{key} = {toml_value(v)}\n" for key, v in config.items())
+        )
         for key, value in options.config.items():
             argv += ["-c", f"{key}={toml_value(value)}"]
         task = "Continue the task." if ctx.resume_session else ctx.task
         argv.append(" " + task if task.startswith("-") else task)
         env = base_environment(ctx)
         env.update(provider)
-        env["CODEX_HOME"] = str(ctx.home / ".codex")
-        (ctx.home / ".codex").mkdir(parents=True, exist_ok=True)
+        env["CODEX_HOME"] = str(codex_home)
         return LaunchSpec(argv=argv, env=env, stdin_text="")
 
     def parse_events(self, line: str) -> list[AgentEvent]:
@@ -133,10 +159,15 @@ class CodexAgent(Agent):
             return [AgentEvent("result", {"is_error": False, "usage": data.get("usage") or {}})]
         if kind == "turn.failed":
             error = data.get("error") or {}
-            message = error.get("message") if isinstance(error, dict) else str(error)
-            return [AgentEvent("result", {"is_error": True, "result": _clip(message)})]
-        if kind == "error":
-            return [AgentEvent("api_error", {"text": _clip(data.get("message"))})]
+            message = str((error.get("message") if isinstance(error, dict) else error) or "")
+            result: dict[str, Any] = {"is_error": True, "result": _clip(message)}
+            status = http_status(message)
+            if status is not None:
+                result["api_error_status"] = status
+            return [AgentEvent("result", result)]
+        if kind == "error":  # also codex's "Reconnecting... n/5 (...)" notes before it gives up
+            message = str(data.get("message") or "")
+            return [AgentEvent("api_error", {"status": http_status(message), "text": _clip(message)})]
         return []
 
     def parse_line(self, line: str) -> AgentEvent | None:
@@ -147,7 +178,13 @@ class CodexAgent(Agent):
         if not result or "is_error" not in result:
             return None
         if result["is_error"]:
-            return Outcome(False, f"turn failed: {result.get('result') or 'no message'}")
+            message = str(result.get("result") or "").strip() or "no message"
+            status = result.get("api_error_status")
+            if status in (401, 403):
+                return Outcome(False, f"authentication failed: {message}")
+            if isinstance(status, int):
+                return Outcome(False, f"api error {status}: {message}")
+            return Outcome(False, f"turn failed: {message}")
         if exit_code not in (0, None):
             return None
         return Outcome(True, "completed")

@@ -30,11 +30,19 @@ def serve(
     ] = None,
     reload: Annotated[bool, typer.Option(help="Restart on code changes (development).")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_format: Annotated[
+        str | None,
+        typer.Option(help="text or json (one JSON object per line, with the request id on each)."),
+    ] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="Data directory (default: ORCHESTRATOR_DATA_DIR or ./.orchestrator).")
     ] = None,
 ) -> None:
     """Run the API and the engine (uvicorn on orchestrator.api.main:app)."""
+    if log_format is not None:
+        if log_format.lower() not in ("text", "json"):
+            raise CliError(f"--log-format must be text or json, not {log_format!r}")
+        os.environ["ORCHESTRATOR_LOG_FORMAT"] = log_format.lower()
     # Exported, not just passed to uvicorn: the engine builds the URL it gives workers from them,
     # and --workers/--reload child processes inherit the environment.
     if data_dir is not None:
@@ -59,6 +67,8 @@ def serve(
         workers=None if reload else settings.workers,
         reload=reload,
         log_level=log_level.lower(),
+        # With a log format chosen, the app configures logging itself (request ids on every line).
+        log_config=None if os.environ.get("ORCHESTRATOR_LOG_FORMAT") else uvicorn.config.LOGGING_CONFIG,
     )
 
 

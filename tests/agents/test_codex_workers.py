@@ -1,0 +1,188 @@
+"""The real `codex` CLI as orchestrator workers, against a fake OpenAI Responses API on 127.0.0.1.
+
+One orchestrator server and one fake serve the module; each test tags its task `[[t:<name>]]` and
+the fake answers that test's requests from its own script. `codex_bin` installs the CLI with
+tests/fakes/install_claude.sh --codex (npm registry) and FAILS, never skips, when that is impossible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.agents.conftest import INSTALL_SCRIPT, REPO, TAG, make_repo
+from tests.fakes.fake_openai_responses import (
+    FakeOpenAIResponses,
+    Step,
+    error,
+    exec_command,
+    function_outputs,
+    text,
+    turn_of,
+)
+from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
+from tests.support.servers import Server, server_factory
+
+TIMEOUT = 90.0
+
+Handler = Callable[[dict[str, Any], int, int], Step]  # (request body, turn, n-th request of the tag)
+
+
+@pytest.fixture(scope="session")
+def codex_bin() -> Path:
+    try:
+        proc = subprocess.run(
+            ["bash", str(INSTALL_SCRIPT), "--codex"],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"could not run {INSTALL_SCRIPT} --codex to install the codex CLI: {exc!r}")
+    if proc.returncode != 0:
+        pytest.fail(
+            f"the codex CLI could not be installed (exit {proc.returncode}); these tests need it.\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    path = Path(proc.stdout.strip().splitlines()[-1])
+    if path.name != "codex" or not os.access(path, os.X_OK):
+        pytest.fail(f"{INSTALL_SCRIPT} --codex reported {path}, which is not an executable codex")
+    return path
+
+
+class CodexScenarios:
+    """Routes each Responses request to the script of the test whose tag is in its `input`."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+        self.counts: dict[str, int] = {}
+        self.bodies: dict[str, list[dict[str, Any]]] = {}
+        self.lock = threading.Lock()
+
+    def add(self, name: str, handler: Handler) -> str:
+        self.handlers[name] = handler
+        return f"[[t:{name}]]"
+
+    def __call__(self, body: dict[str, Any]) -> Step:
+        found = TAG.search(json.dumps(body.get("input") or []))
+        if not found or found.group(1) not in self.handlers:
+            return text("no scenario for this request")
+        name = found.group(1)
+        with self.lock:
+            self.counts[name] = self.counts.get(name, 0) + 1
+            n = self.counts[name]
+            self.bodies.setdefault(name, []).append(body)
+        return self.handlers[name](body, turn_of(body), n)
+
+
+@pytest.fixture(scope="module")
+def codex_scenarios() -> CodexScenarios:
+    return CodexScenarios()
+
+
+@pytest.fixture(scope="module")
+def openai_fake(codex_scenarios: CodexScenarios) -> Iterator[FakeOpenAIResponses]:
+    with FakeOpenAIResponses(codex_scenarios) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def codex_server(
+    codex_bin: Path, openai_fake: FakeOpenAIResponses, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    with server_factory(tmp_path_factory.mktemp("codex")) as factory:
+        yield factory.start(
+            ORCHESTRATOR_CODEX_BIN=str(codex_bin),
+            OPENAI_BASE_URL=openai_fake.url,
+            OPENAI_API_KEY="test-key",
+        )
+
+
+def events_of(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = client.get(f"/api/jobs/{job_id}/events").json()["events"]
+    return events
+
+
+def test_exec_command_lands_on_the_worker_branch_with_tokens(
+    codex_server: Server, codex_scenarios: CodexScenarios, openai_fake: FakeOpenAIResponses
+) -> None:
+    def script(body: dict[str, Any], turn: int, n: int) -> Step:
+        if turn == 0:
+            return exec_command(
+                "printf 'hello from codex\\n' > hello.txt", input_tokens=1200, output_tokens=30
+            )
+        return text("Done: wrote hello.txt.", input_tokens=1500, output_tokens=12)
+
+    tag = codex_scenarios.add("write", script)
+    repo = make_repo(codex_server.root, "codex-write-repo")
+    with codex_server.client() as client:
+        job = submit(client, task_description=f"{tag} write hello.txt", agent="codex", repository=str(repo))
+        done = wait_final(client, job["id"], timeout=TIMEOUT)
+        [worker] = workers_of(client, job["id"])
+        lines = log_lines(client, worker["id"])
+        assert done["status"] == "COMPLETED", (done, worker, lines[-8:])
+        assert worker["status_reason"] == "completed", worker
+        shown = subprocess.run(
+            ["git", "-C", str(repo), "show", f"{worker['branch']}:hello.txt"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert shown.stdout == "hello from codex\n"
+        assert "1 file changed" in (worker["diff_stat"] or "")
+        # The worker's result holds the outcome and the tokens codex reported for the whole turn
+        # (both model requests), and the job's usage rolls them up.
+        detail = client.get(f"/api/supervisor/workers/{worker['id']}").json()
+        result = detail["result"]
+        assert result["is_error"] is False, result
+        assert result["usage"]["input_tokens"] == 2700 and result["usage"]["output_tokens"] == 42, result
+        usage = client.get(f"/api/jobs/{job['id']}/usage").json()
+        assert usage["input_tokens"] == 2700 and usage["output_tokens"] == 42, usage
+        [spent] = usage["workers"]
+        assert spent["worker_id"] == worker["id"] and spent["input_tokens"] == 2700, spent
+        events = events_of(client, job["id"])
+        kinds = {e["kind"] for e in events}
+        assert {"agent.init", "agent.message", "agent.tool_use", "agent.result"} <= kinds, kinds
+        tool = next(e for e in events if e["kind"] == "agent.tool_use")
+        assert "hello.txt" in tool["data"]["input"]["command"] and tool["data"]["exit_code"] == 0
+        [init] = [e for e in events if e["kind"] == "agent.init"]
+        assert init["data"]["session_id"], init
+        messages = [e["data"]["text"] for e in events if e["kind"] == "agent.message"]
+        assert messages[-1] == "Done: wrote hello.txt.", messages
+    # The CLI talked to the fake with the server's key, from the worker's worktree, ran the tool, and
+    # was given the orchestrator's delegation tools (MCP server configured in its CODEX_HOME).
+    first, last = codex_scenarios.bodies["write"][0], codex_scenarios.bodies["write"][-1]
+    cwd = re.search(r"<cwd>([^<]+)</cwd>", json.dumps(first["input"]))
+    assert cwd and worker["id"] in cwd.group(1), cwd
+    assert "Process exited with code 0" in function_outputs(last)[0]
+    assert "mcp__orchestrator" in json.dumps(first["input"])
+    request = next(r for r in openai_fake.response_requests if r.body is first)
+    assert request.headers["authorization"] == "Bearer test-key"
+    assert not openai_fake.problems
+
+
+def test_rejected_credentials_fail_with_that_reason(
+    codex_server: Server, codex_scenarios: CodexScenarios
+) -> None:
+    tag = codex_scenarios.add("auth", lambda body, turn, n: error(401))
+    with codex_server.client() as client:
+        job = submit(client, task_description=f"{tag} no entry", agent="codex")
+        done = wait_final(client, job["id"], timeout=TIMEOUT)
+        [worker] = workers_of(client, job["id"])
+        assert done["status"] == "FAILED", (done, worker)
+        assert worker["status"] == "FAILED"
+        reason = worker["status_reason"]
+        assert reason.startswith("authentication failed: "), worker
+        assert "401" in reason and "Incorrect API key" in reason and "exit code" not in reason, reason
+        assert done["status_reason"].endswith(reason), done
