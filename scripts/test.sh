@@ -27,10 +27,10 @@ bash tests/fakes/install_claude.sh >/dev/null || echo "could not install the Cla
 echo "== pytest (SQLite)"
 TEST_DATABASE=sqlite $BIN/python -m pytest -q -ra "$@"
 
-echo "== pytest integration (PostgreSQL)"
+echo "== pytest integration, streams and agents (PostgreSQL)"
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   echo "PostgreSQL is not accepting connections on 127.0.0.1:5432; trying to start it"
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
 fi
-TEST_DATABASE=postgres $BIN/python -m pytest -q -ra tests/integration "$@"
+TEST_DATABASE=postgres $BIN/python -m pytest -q -ra tests/integration tests/streams tests/agents "$@"

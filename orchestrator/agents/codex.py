@@ -21,7 +21,6 @@ from orchestrator.agents.base import Agent, AgentEvent, LaunchSpec, Outcome, Wor
 from orchestrator.agents.claude_code import _clip, provider_environment, resolve_binary, write_private
 from orchestrator.core.config import Settings
 
-
 PROVIDER_NAME = "orchestrator"
 # "unexpected status 401 Unauthorized: ..." / "exceeded retry limit, last status: 429 Too Many Requests"
 HTTP_STATUS = re.compile(r"\bstatus:? (\d{3})\b")

@@ -731,8 +731,19 @@ class Engine:
         self, session: AsyncSession, agent: Agent, proc: WorkerProcess, job_id: str, line: str
     ) -> None:
         for event in agent.parse_events(line):
-            if event.kind == "result":
-                proc.extra["agent_result"] = event.data
+            if event.kind == "init" and event.data.get("session_id"):
+                proc.extra["agent_session_id"] = event.data["session_id"]
+            elif event.kind == "message" and event.data.get("text"):
+                proc.extra["agent_last_message"] = event.data["text"]
+            elif event.kind == "result":
+                # Agents whose final event carries only usage (Codex) still get a final message
+                # and a session id (to resume) from what they said earlier in the run.
+                result = dict(event.data)
+                if not result.get("result") and proc.extra.get("agent_last_message"):
+                    result["result"] = proc.extra["agent_last_message"]
+                if not result.get("session_id") and proc.extra.get("agent_session_id"):
+                    result["session_id"] = proc.extra["agent_session_id"]
+                proc.extra["agent_result"] = result
                 await self._add_spend(session, proc.worker_id, event.data)
             elif event.kind == "api_retry":
                 proc.extra["agent_api_retry"] = event.data

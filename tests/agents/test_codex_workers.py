@@ -147,6 +147,9 @@ def test_exec_command_lands_on_the_worker_branch_with_tokens(
         result = detail["result"]
         assert result["is_error"] is False, result
         assert result["usage"]["input_tokens"] == 2700 and result["usage"]["output_tokens"] == 42, result
+        # Codex's last event carries only usage: the final message and session come from earlier ones.
+        assert result["result"] == "Done: wrote hello.txt.", result
+        assert result["session_id"], result
         usage = client.get(f"/api/jobs/{job['id']}/usage").json()
         assert usage["input_tokens"] == 2700 and usage["output_tokens"] == 42, usage
         [spent] = usage["workers"]
@@ -167,6 +170,12 @@ def test_exec_command_lands_on_the_worker_branch_with_tokens(
     assert cwd and worker["id"] in cwd.group(1), cwd
     assert "Process exited with code 0" in function_outputs(last)[0]
     assert "mcp__orchestrator" in json.dumps(first["input"])
+    # Those settings (with the worker's delegated token) are in a private file, not on the command line.
+    [config] = codex_server.root.rglob(f"runs/{worker['id']}/home/.codex/config.toml")
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert (
+        'model_provider = "orchestrator"' in config.read_text() and "ORCHESTRATOR_TOKEN" in config.read_text()
+    )
     request = next(r for r in openai_fake.response_requests if r.body is first)
     assert request.headers["authorization"] == "Bearer test-key"
     assert not openai_fake.problems
@@ -186,3 +195,18 @@ def test_rejected_credentials_fail_with_that_reason(
         assert reason.startswith("authentication failed: "), worker
         assert "401" in reason and "Incorrect API key" in reason and "exit code" not in reason, reason
         assert done["status_reason"].endswith(reason), done
+
+
+def test_rate_limit_fails_with_the_status_not_an_exit_code(
+    codex_server: Server, codex_scenarios: CodexScenarios
+) -> None:
+    tag = codex_scenarios.add("limited", lambda body, turn, n: error(429))
+    with codex_server.client() as client:
+        job = submit(client, task_description=f"{tag} too many", agent="codex")
+        done = wait_final(client, job["id"], timeout=TIMEOUT)
+        [worker] = workers_of(client, job["id"])
+        assert done["status"] == "FAILED", (done, worker)
+        assert worker["status_reason"].startswith("api error 429: "), worker
+        assert "Too Many Requests" in worker["status_reason"]
+        errors = [e for e in events_of(client, job["id"]) if e["kind"] == "agent.api_error"]
+        assert errors and errors[-1]["data"]["status"] == 429, errors

@@ -6,7 +6,7 @@ Stdlib only. Usage::
 
     script = [exec_command("echo hi > made.txt"), text("done")]
     with FakeOpenAIResponses(script) as fake:
-        codex ... -c 'model_providers.fake={name="fake",base_url="<fake.url>/v1",
+        codex ... -c 'model_providers.fake={name="fake",base_url="<fake.url>",
                       env_key="OPENAI_API_KEY",wire_api="responses"}' -c model_provider=fake ...
         fake.requests            # every recorded request (RecordedRequest), in arrival order
         fake.response_requests   # only the POST /v1/responses ones
@@ -116,12 +116,24 @@ def function_call_item(
     }
 
 
-def reply(*items: dict[str, Any], delay: float = 0.0, **usage: int) -> Step:
-    return Step(items=[copy.deepcopy(i) for i in items], delay=delay, **usage)
+def reply(
+    *items: dict[str, Any],
+    delay: float = 0.0,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+) -> Step:
+    return Step(
+        items=[copy.deepcopy(i) for i in items],
+        delay=delay,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+    )
 
 
-def text(s: str, *, delay: float = 0.0, **usage: int) -> Step:
-    return Step(items=[message_item(s)], delay=delay, **usage)
+def text(
+    s: str, *, delay: float = 0.0, input_tokens: int | None = None, output_tokens: int | None = None
+) -> Step:
+    return reply(message_item(s), delay=delay, input_tokens=input_tokens, output_tokens=output_tokens)
 
 
 def function_call(
@@ -130,17 +142,22 @@ def function_call(
     *,
     text: str | None = None,
     delay: float = 0.0,
-    **usage: int,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
 ) -> Step:
     """A tool call (optionally preceded by a message). A fresh call id is generated."""
     items = [message_item(text)] if text else []
     items.append(function_call_item(name, arguments))
-    return Step(items=items, delay=delay, **usage)
+    return reply(*items, delay=delay, input_tokens=input_tokens, output_tokens=output_tokens)
 
 
-def exec_command(cmd: str, *, delay: float = 0.0, **usage: int) -> Step:
+def exec_command(
+    cmd: str, *, delay: float = 0.0, input_tokens: int | None = None, output_tokens: int | None = None
+) -> Step:
     """Codex's shell tool: run ``cmd`` (in the session's working directory)."""
-    return function_call("exec_command", {"cmd": cmd}, delay=delay, **usage)
+    return function_call(
+        "exec_command", {"cmd": cmd}, delay=delay, input_tokens=input_tokens, output_tokens=output_tokens
+    )
 
 
 _ERRORS = {
