@@ -224,9 +224,13 @@ class Engine:
         """Claim PENDING jobs, create their workers, and give IDLE workers slots."""
         async with self.db.session() as session:
             claimed = await queries.claim_pending(session, self.id, CLAIM_BATCH)
-            for job in claimed:
-                if not await queries.workers_for_jobs(session, [job.id]):
-                    await queries.create_workers(session, job, self.actor)
+            if claimed:
+                have_workers = {
+                    w.job_id for w in await queries.workers_for_jobs(session, [j.id for j in claimed])
+                }
+                for job in claimed:
+                    if job.id not in have_workers:
+                        await queries.create_workers(session, job, self.actor)
             ready: list[tuple[Worker, Job]] = []
             full_depths: set[int] = set()
             idle = await queries.idle_workers(session, self.id, START_BATCH * 4)

@@ -97,6 +97,17 @@ async def allocation_bind(session: AsyncSession, job_id: str) -> bool:
     return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
 
+async def allocation_add_bound(session: AsyncSession, job_id: str, add: int) -> bool:
+    """Add (or, with add=-1, undo) one slot that is bound to a worker at once."""
+    guard = Allocation.slots + add <= Allocation.max_slots if add > 0 else Allocation.bound + add >= 0
+    result = await session.execute(
+        update(Allocation)
+        .where(Allocation.job_id == job_id, guard)
+        .values(slots=Allocation.slots + add, bound=Allocation.bound + add, updated_at=utcnow())
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
 async def worker_mark_holding(session: AsyncSession, worker_id: str) -> bool:
     result = await session.execute(
         update(Worker).where(Worker.id == worker_id, Worker.holds_slot.is_(False)).values(holds_slot=True)

@@ -96,10 +96,15 @@ async def release_unbound(session: AsyncSession, job_id: str, depth: int) -> int
 
 
 async def bind_slot(session: AsyncSession, worker_id: str, job_id: str, depth: int) -> bool:
-    """Give a worker a slot: an unbound one the job already holds, else a new one. All or nothing."""
-    if not await repo.allocation_bind(session, job_id):
-        if await take_slots(session, job_id, depth, 1) != 1:
-            return False
-        if not await repo.allocation_bind(session, job_id):
-            return False
+    """Give a worker a slot: an unbound one the job already holds, else a new one. All or nothing.
+
+    Same lock order as allocate and release: the job's allocation row, then the depth's pool row.
+    """
+    if await repo.allocation_bind(session, job_id):
+        return await repo.worker_mark_holding(session, worker_id)
+    if not await repo.allocation_add_bound(session, job_id, 1):
+        return False
+    if not await repo.pool_take(session, depth, 1):
+        await repo.allocation_add_bound(session, job_id, -1)
+        return False
     return await repo.worker_mark_holding(session, worker_id)
