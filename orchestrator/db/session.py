@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from orchestrator.core.config import Settings
@@ -51,6 +51,17 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _no_session_synchronization(state: ORMExecuteState) -> None:
+    """Bulk UPDATE/DELETE without evaluating their criteria against objects in memory.
+
+    Every read here uses populate_existing, so in-memory copies are never trusted; the default
+    ("auto": evaluate in Python, else fetch) cost more CPU than the statements themselves.
+    """
+    if (state.is_update or state.is_delete) and "synchronize_session" not in state.execution_options:
+        state.update_execution_options(synchronize_session=False)
 
 
 @event.listens_for(Session, "before_flush")
