@@ -6,7 +6,7 @@ For one worker, and five workers in parallel (one job, worker_count=5): the time
 the job being COMPLETED, measured by the client (submit request sent -> COMPLETED seen, polling
 every 20 ms) and by the server (job created_at -> finished_at). Each worker's model answers with
 one short text reply. Measured with the orchestrator's MCP delegation tools attached (the default:
-the CLI waits for `python -m orchestrator.mcp` to connect) and without (`delegation: false`).
+the CLI waits for the API's /mcp/ endpoint to connect) and without (`delegation: false`).
 Peer reference on this machine (awslabs CAO): 8.1 s for one, 15.4 s for five.
 """
 

@@ -47,6 +47,9 @@ class ClaudeCodeOptions(BaseModel):
     append_system_prompt: str | None = Field(default=None, max_length=50_000)
     # Give the worker the orchestrator's delegation tools (spawn_subjob, ...).
     delegation: bool = True
+    # How the delegation tools reach the CLI: over HTTP from the API process (no process per
+    # worker), or a stdio server process started for this worker.
+    mcp_transport: Literal["http", "stdio"] = "http"
     # Claude Code's own nested sub-agents (Task tool): delegation goes through the orchestrator.
     max_subagent_depth: int = Field(default=1, ge=0, le=5)
 
@@ -69,8 +72,22 @@ def resolve_binary(configured: str) -> str | None:
     return shutil.which(configured)
 
 
-def mcp_config(ctx: WorkerContext) -> dict[str, Any]:
-    """The orchestrator's stdio MCP server for one worker, holding that worker's delegated token."""
+def mcp_config(ctx: WorkerContext, transport: str = "http") -> dict[str, Any]:
+    """The orchestrator's delegation tools for one worker, holding that worker's delegated token.
+
+    `http` (default): served by the API process at /mcp/ — nothing to start per worker.
+    `stdio`: `python -m orchestrator.mcp` started by the CLI for this worker (~0.6 CPU-s).
+    """
+    if transport == "http":
+        return {
+            "mcpServers": {
+                MCP_SERVER_NAME: {
+                    "type": "http",
+                    "url": f"{ctx.api_url}/mcp/",
+                    "headers": {"Authorization": f"Bearer {ctx.token}"},
+                }
+            }
+        }
     env = {
         "ORCHESTRATOR_URL": ctx.api_url,
         "ORCHESTRATOR_TOKEN": ctx.token,
@@ -144,7 +161,7 @@ class ClaudeCodeAgent(Agent):
         allowed = list(options.allowed_tools)
         if options.delegation:
             path = ctx.run_dir / "mcp.json"
-            write_private(path, json.dumps(mcp_config(ctx)))
+            write_private(path, json.dumps(mcp_config(ctx, options.mcp_transport)))
             argv += ["--mcp-config", str(path), "--strict-mcp-config"]
             allowed.insert(0, f"mcp__{MCP_SERVER_NAME}__*")
         else:

@@ -22,6 +22,7 @@ from orchestrator.core.auth import SCOPE_DESCRIPTIONS
 from orchestrator.core.config import Settings, get_settings
 from orchestrator.db.migrate import upgrade_database
 from orchestrator.db.session import Database
+from orchestrator.mcp.http import McpOverHttp
 from orchestrator.resources.repository import sync_pools
 
 log = logging.getLogger("orchestrator")
@@ -80,6 +81,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if engine is not None:
             await engine.stop()
+        await app.state.mcp_http.close()
         await database.dispose()
 
 
@@ -108,6 +110,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(workspaces.router)
     app.include_router(metrics.router)
     app.include_router(web.router)
+    # The delegation tools for agents, over MCP streamable HTTP (worker tokens only).
+    app.state.mcp_http = McpOverHttp(settings.public_url)
+    app.mount("/mcp", app.state.mcp_http)
     install_observability(app)
     return app
 

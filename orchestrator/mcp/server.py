@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, cast
 
 import httpx
 from mcp.server.mcpserver import MCPServer
@@ -33,12 +34,31 @@ server = MCPServer(
 
 
 class Api:
-    def __init__(self) -> None:
-        self.url = os.environ.get("ORCHESTRATOR_URL", "").rstrip("/")
-        self.token = os.environ.get("ORCHESTRATOR_TOKEN", "")
-        self.job_id = os.environ.get("ORCHESTRATOR_JOB_ID", "")
-        self.depth = int(os.environ.get("ORCHESTRATOR_DEPTH", "0") or 0)
+    """The orchestrator's HTTP API as one worker sees it (its delegated token, its job)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        job_id: str | None = None,
+        depth: int | None = None,
+    ) -> None:
+        self.url = (url if url is not None else os.environ.get("ORCHESTRATOR_URL", "")).rstrip("/")
+        self.token = token if token is not None else os.environ.get("ORCHESTRATOR_TOKEN", "")
+        self.job_id = job_id if job_id is not None else os.environ.get("ORCHESTRATOR_JOB_ID", "")
+        self._depth = depth if depth is not None or url is not None else _env_int("ORCHESTRATOR_DEPTH")
         self._client: httpx.AsyncClient | None = None
+
+    async def depth(self) -> int:
+        """The worker's job depth (from the environment, or asked of the API once)."""
+        if self._depth is None:
+            self._depth = int((await self.call("GET", f"/api/jobs/{self.job_id}"))["depth"])
+        return self._depth
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
     def client(self) -> httpx.AsyncClient:
         if not self.url or not self.token or not self.job_id:
@@ -107,7 +127,31 @@ def explain(status: int, detail: str) -> str:
     return f"{kind}: {detail}" + (f" {advice}" if advice else "")
 
 
-api = Api()
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "0") or 0)
+    except ValueError:
+        return 0
+
+
+# Over stdio the process serves one worker, configured by its environment. Over HTTP
+# (orchestrator.mcp.http, inside the API server) each request sets the worker it comes from.
+current_api: ContextVar[Api | None] = ContextVar("orchestrator_mcp_api", default=None)
+_process_api: Api | None = None
+
+
+class _CurrentApi:
+    def __getattr__(self, name: str) -> Any:
+        global _process_api
+        chosen = current_api.get()
+        if chosen is None:
+            if _process_api is None:
+                _process_api = Api()
+            chosen = _process_api
+        return getattr(chosen, name)
+
+
+api = cast(Api, _CurrentApi())
 
 
 def _money(value: Any) -> str:
@@ -191,7 +235,7 @@ async def spawn_subjob(
     body: dict[str, Any] = {
         "task_description": task_description,
         "worker_count": worker_count,
-        "depth": api.depth + 1,
+        "depth": await api.depth() + 1,
         "parent_job_id": api.job_id,
         "agent": client_agent,
     }

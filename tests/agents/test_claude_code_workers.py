@@ -6,10 +6,12 @@ the fake answers that test's requests from its own script.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.agents.conftest import Scenarios, make_repo, workdir_of
 from tests.fakes.fake_anthropic import FakeAnthropic, Step, error, text, tool_result_texts, tool_use
@@ -78,8 +80,9 @@ def test_write_tool_lands_on_the_worker_branch_with_cost(
     assert not fake.problems
 
 
+@pytest.mark.parametrize("transport", ["http", "stdio"])
 def test_mcp_spawn_subjob_runs_a_child_and_reports_tool_errors(
-    claude_server: Server, scenarios: Scenarios
+    claude_server: Server, scenarios: Scenarios, transport: str
 ) -> None:
     def script(body: dict[str, Any], turn: int, n: int) -> Step:
         if turn == 0:  # a refused request comes back as a tool error, not a crash
@@ -98,18 +101,29 @@ def test_mcp_spawn_subjob_runs_a_child_and_reports_tool_errors(
             )
         return text("My sub-job finished.")
 
-    tag = scenarios.add("spawn", script)
+    tag = scenarios.add(f"spawn-{transport}", script)
     with claude_server.client() as client:
-        job = submit(client, task_description=f"{tag} delegate", agent="claude-code")
+        job = submit(
+            client,
+            task_description=f"{tag} delegate",
+            agent="claude-code",
+            agent_options={"mcp_transport": transport},
+        )
         done = wait_final(client, job["id"], timeout=TIMEOUT)
         [worker] = workers_of(client, job["id"])
+        config = json.loads((claude_server.root / "data" / "runs" / worker["id"] / "mcp.json").read_text())
+        assert config["mcpServers"]["orchestrator"]["type"] == transport
+        init = next(e for e in events_of(client, job["id"]) if e["kind"] == "agent.init")
+        assert {"name": "orchestrator", "status": "connected"}.items() <= init["data"]["mcp_servers"][
+            0
+        ].items()
         assert done["status"] == "COMPLETED", (done, worker, log_lines(client, worker["id"])[-5:])
         children = client.get("/api/jobs", params={"parent_job_id": job["id"]}).json()["jobs"]
         assert len(children) == 1
         child = children[0]
         assert child["depth"] == 1 and child["agent"] == "simulated" and child["status"] == "COMPLETED"
         assert child["finished_at"] <= done["finished_at"]
-    results = tool_result_texts(scenarios.bodies["spawn"][-1])
+    results = tool_result_texts(scenarios.bodies[f"spawn-{transport}"][-1])
     assert "Quota exhausted: " in results[0] and "must be at most" in results[0], results
     assert f"Job {child['id']}: COMPLETED" in results[1], results
 
