@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.integration.test_engine_lifecycle import (
     agents_file,
@@ -102,3 +103,59 @@ def test_four_processes_each_job_claimed_once_and_control_within_a_second(server
         client.post(f"/api/jobs/{ticker['id']}/cancel")
         wait_until(lambda: usage_allocated(client)[0] == 0, timeout=15)
         assert job_status(client, ticker["id"]) == "CANCELED"
+
+
+def test_dead_engine_on_another_host_loses_its_workers_after_the_lease(servers: ServerFactory) -> None:
+    """A worker whose engine, on another host, stopped heartbeating cannot be checked from here:
+    after the lease it is FAILED `lost`, its job settles, and its slot comes back."""
+    from datetime import timedelta
+
+    from sqlalchemy import update as sql_update
+
+    from orchestrator.db.models import Allocation, EngineRecord, Job, ResourcePool, utcnow
+    from tests.support.db import run_in_db, seed_worker
+
+    # The state a dead engine on host "elsewhere" left behind, written while no engine runs here.
+    api_only = servers.start(ORCHESTRATOR_ENGINE="false")
+    with api_only.client() as client:
+        job_id = submit(client)["id"]
+    stale = utcnow() - timedelta(seconds=60)
+
+    async def left_behind(session: Any) -> None:
+        session.add(
+            EngineRecord(id="e_elsewhere01", host="elsewhere", pid=1, started_at=stale, heartbeat_at=stale)
+        )
+        await session.execute(
+            sql_update(Job)
+            .where(Job.id == job_id)
+            .values(engine_id="e_elsewhere01", status="RUNNING", started_at=stale)
+        )
+        await session.execute(
+            sql_update(Allocation).where(Allocation.job_id == job_id).values(slots=1, bound=1)
+        )
+        await session.execute(
+            sql_update(ResourcePool)
+            .where(ResourcePool.depth == 0)
+            .values(allocated=ResourcePool.allocated + 1)
+        )
+
+    run_in_db(api_only, left_behind)
+    worker_id = seed_worker(
+        api_only,
+        job_id,
+        host="elsewhere",
+        pid=4242,
+        pid_start_time=1,
+        holds_slot=True,
+        engine_id="e_elsewhere01",
+    )
+    api_only.stop()
+
+    server = servers.make(port=api_only.port, ORCHESTRATOR_ENGINE_LEASE_SECONDS="2").start()
+    with server.client() as client:
+        done = wait_final(client, job_id, timeout=20)
+        assert done["status"] == "FAILED"
+        worker = client.get(f"/api/supervisor/workers/{worker_id}").json()
+        assert worker["status"] == "FAILED" and worker["status_reason"].startswith("lost"), worker
+        assert "elsewhere" in worker["status_reason"]
+        wait_until(lambda: usage_allocated(client) == [0, 0, 0, 0, 0, 0], timeout=10, what="slots back")
