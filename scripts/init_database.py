@@ -12,19 +12,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from orchestrator.bootstrap import prepare_database
 from orchestrator.core.config import get_settings
-from orchestrator.db.migrate import upgrade_database
 from orchestrator.db.session import Database
-from orchestrator.resources.repository import sync_pools
 
 
 async def init_database() -> str:
     settings = get_settings()
     database = Database(settings)
     try:
-        await upgrade_database(database)
-        async with database.session() as session:
-            await sync_pools(session, settings.quotas)
+        await prepare_database(database, settings)
         return database.engine.url.render_as_string(hide_password=True)
     finally:
         await database.dispose()

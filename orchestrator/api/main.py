@@ -18,12 +18,11 @@ from orchestrator.agents.registry import AgentRegistry
 from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.observability import install_observability
 from orchestrator.api.routers import health, jobs, metrics, resources, supervisor, web, workspaces
+from orchestrator.bootstrap import prepare_database
 from orchestrator.core.auth import SCOPE_DESCRIPTIONS
 from orchestrator.core.config import Settings, get_settings
-from orchestrator.db.migrate import upgrade_database
 from orchestrator.db.session import Database
 from orchestrator.mcp.http import McpOverHttp
-from orchestrator.resources.repository import sync_pools
 
 log = logging.getLogger("orchestrator")
 
@@ -64,9 +63,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     check_startup_settings(settings)
     settings.signing_key()  # create the stored key now, not racing in the first request
     database = Database(settings)
-    await upgrade_database(database)
-    async with database.session() as session:
-        await sync_pools(session, settings.quotas)
+    await prepare_database(database, settings)
     app.state.db = database
     app.state.agents = AgentRegistry.from_settings(settings)
     engine = None

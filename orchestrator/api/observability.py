@@ -30,6 +30,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from orchestrator.executors.local import pid_alive
+
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
@@ -130,16 +132,6 @@ def metrics_run_key() -> int:
     return parent.pid if parent is not None and parent.pid is not None else os.getpid()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def request_metrics(data_dir: Path) -> RequestMetrics:
     """This process's request metrics; on first use, picks the run directory and removes the
     directories of earlier runs whose process is gone."""
@@ -152,7 +144,7 @@ def request_metrics(data_dir: Path) -> RequestMetrics:
                 pid = int(stale.name.removeprefix("run-"))
             except ValueError:
                 continue
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 shutil.rmtree(stale, ignore_errors=True)
         directory = base / f"run-{metrics_run_key()}"
         directory.mkdir(exist_ok=True)

@@ -104,18 +104,15 @@ async def _run_engine() -> None:
     import signal
 
     from orchestrator.agents.registry import AgentRegistry
-    from orchestrator.db.migrate import upgrade_database
+    from orchestrator.bootstrap import prepare_database
     from orchestrator.db.session import Database
     from orchestrator.engine.engine import Engine
-    from orchestrator.resources.repository import sync_pools
 
     settings = _settings()
     settings.signing_key()
     database = Database(settings)
     try:
-        await upgrade_database(database)
-        async with database.session() as session:
-            await sync_pools(session, settings.quotas)
+        await prepare_database(database, settings)
         runner = Engine(settings, database, AgentRegistry.from_settings(settings))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -144,16 +141,13 @@ def db_upgrade() -> None:
 
 
 async def _upgrade() -> str:
-    from orchestrator.db.migrate import upgrade_database
+    from orchestrator.bootstrap import prepare_database
     from orchestrator.db.session import Database
-    from orchestrator.resources.repository import sync_pools
 
     settings = _settings()
     database = Database(settings)
     try:
-        await upgrade_database(database)
-        async with database.session() as session:
-            await sync_pools(session, settings.quotas)
+        await prepare_database(database, settings)
         return database.engine.url.render_as_string(hide_password=True)
     except Exception as exc:
         if type(exc).__module__.startswith(("sqlalchemy", "asyncpg", "sqlite3", "alembic")) or isinstance(

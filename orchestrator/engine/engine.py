@@ -36,7 +36,7 @@ from orchestrator.engine import budget as budgets
 from orchestrator.engine import queries
 from orchestrator.engine.governor import Governor
 from orchestrator.engine.logs import LogCursor
-from orchestrator.executors.local import LocalExecutor, WorkerProcess, read_exit_code
+from orchestrator.executors.local import LocalExecutor, WorkerProcess, pid_alive, read_exit_code
 from orchestrator.jobs.service import JOBS_TOPIC
 from orchestrator.resources import repository as slots_repo
 from orchestrator.resources.service import bind_slot, release_unbound
@@ -801,7 +801,12 @@ class Engine:
             engines = await queries.list_engines(session)
             live = {e.id for e in engines if e.heartbeat_at >= now - self.lease}
             for record in engines:
-                if record.id != self.id and record.host == self.executor.host and not _pid_alive(record.pid):
+                if (
+                    record.id != self.id
+                    and record.host == self.executor.host
+                    and record.pid != os.getpid()
+                    and not pid_alive(record.pid)
+                ):
                     live.discard(record.id)  # crashed on this host: no need to wait for the lease
             live.add(self.id)
             orphans = await queries.orphaned_jobs(session, live)
@@ -881,15 +886,3 @@ class Engine:
                     reason="lost: the process ended while no engine supervised it, without an exit status",
                 )
         self.exited.append(gone)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -56,6 +56,17 @@ def is_same_process(pid: int, start_time: int) -> bool:
     return current == start_time and state != "Z"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_exit_code(run_dir: Path) -> int | None:
     try:
         return int((run_dir / EXIT_FILE).read_text().strip())
