@@ -96,7 +96,9 @@ class Database:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = make_engine(settings)
-        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        # No autoflush: services flush where they need to, and the event rows a transaction adds
+        # then go out as one multi-row INSERT at commit instead of one round trip each.
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
         # SQLite has one writer at a time. Queue this process's transactions here, in order, rather
         # than letting them poll the file lock (SQLite's busy handler sleeps up to 100 ms a try).
         self._write_lock: asyncio.Lock | None = None if self.is_postgres else asyncio.Lock()

@@ -35,8 +35,9 @@ async def transition_job(
     actor: str,
     reason: str | None = None,
     data: dict[str, Any] | None = None,
+    known: Job | None = None,
 ) -> Job:
-    return await _transition(session, Job, job_id, target, actor=actor, reason=reason, data=data)
+    return await _transition(session, Job, job_id, target, actor=actor, reason=reason, data=data, known=known)
 
 
 async def transition_worker(
@@ -48,9 +49,10 @@ async def transition_worker(
     reason: str | None = None,
     data: dict[str, Any] | None = None,
     values: dict[str, Any] | None = None,
+    known: Worker | None = None,
 ) -> Worker:
     return await _transition(
-        session, Worker, worker_id, target, actor=actor, reason=reason, data=data, values=values
+        session, Worker, worker_id, target, actor=actor, reason=reason, data=data, values=values, known=known
     )
 
 
@@ -64,14 +66,17 @@ async def _transition(
     reason: str | None,
     data: dict[str, Any] | None,
     values: dict[str, Any] | None = None,
+    known: Entity | None = None,
 ) -> Entity:
+    """`known`: the caller's copy of the row (even from an earlier transaction), which saves the
+    read; if it is stale the conditional UPDATE matches nothing and the change is refused."""
     is_job = model is Job
     name = "job" if is_job else "worker"
     table: dict[Any, frozenset[Any]] = JOB_TRANSITIONS if is_job else WORKER_TRANSITIONS
     final: frozenset[Any] = JOB_FINAL if is_job else WORKER_FINAL
     status_type: type[JobStatus] | type[WorkerStatus] = JobStatus if is_job else WorkerStatus
 
-    entity = await _load(session, model, entity_id)
+    entity = known if known is not None else await _load(session, model, entity_id)
     if entity is None:
         raise NotFound(f"{name.capitalize()} {entity_id} not found")
     current = status_type(entity.status)

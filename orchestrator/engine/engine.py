@@ -471,7 +471,13 @@ class Engine:
         )
         try:
             await transition_worker(
-                session, worker.id, WorkerStatus.RUNNING, actor=self.actor, reason="started", values=values
+                session,
+                worker.id,
+                WorkerStatus.RUNNING,
+                actor=self.actor,
+                reason="started",
+                values=values,
+                known=worker,
             )
         except InvalidTransition:
             # Terminated while we were starting it: record the process, then stop it.
@@ -480,7 +486,12 @@ class Engine:
         if job.status == JobStatus.PENDING.value:
             with contextlib.suppress(InvalidTransition):
                 await transition_job(
-                    session, job.id, JobStatus.RUNNING, actor=self.actor, reason="first worker started"
+                    session,
+                    job.id,
+                    JobStatus.RUNNING,
+                    actor=self.actor,
+                    reason="first worker started",
+                    known=job,
                 )
                 job.status = JobStatus.RUNNING.value
 
@@ -645,7 +656,7 @@ class Engine:
                 target, reason = WorkerStatus.FAILED, f"exit code {exit_code}"
             try:
                 await transition_worker(
-                    session, worker.id, target, actor=self.actor, reason=reason, values=values
+                    session, worker.id, target, actor=self.actor, reason=reason, values=values, known=current
                 )
             except InvalidTransition:
                 await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
@@ -679,7 +690,7 @@ class Engine:
             else:
                 target, reason = JobStatus.COMPLETED, "all workers and child jobs completed"
             with contextlib.suppress(InvalidTransition):
-                await transition_job(session, job.id, target, actor=self.actor, reason=reason)
+                await transition_job(session, job.id, target, actor=self.actor, reason=reason, known=job)
                 await release_unbound(session, job.id, job.depth)
                 await notifications.notify(session, JOBS_TOPIC)
 
