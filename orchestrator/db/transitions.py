@@ -22,7 +22,8 @@ from orchestrator.core.states import (
     JobStatus,
     WorkerStatus,
 )
-from orchestrator.db.models import Event, Job, Worker, utcnow
+from orchestrator.db.events import record_event
+from orchestrator.db.models import Job, Worker, utcnow
 
 Entity = TypeVar("Entity", Job, Worker)
 
@@ -103,18 +104,17 @@ async def _transition(
         raise InvalidTransition(name, entity_id, now_status, target.value)
 
     job_id = entity.job_id if isinstance(entity, Worker) else entity_id
-    session.add(
-        Event(
-            job_id=job_id,
-            worker_id=None if is_job else entity_id,
-            kind=f"{name}.status",
-            actor=actor,
-            from_status=current.value,
-            to_status=target.value,
-            reason=reason,
-            data=data,
-            created_at=now,
-        )
+    record_event(
+        session,
+        job_id=job_id,
+        worker_id=None if is_job else entity_id,
+        kind=f"{name}.status",
+        actor=actor,
+        from_status=current.value,
+        to_status=target.value,
+        reason=reason,
+        data=data,
+        created_at=now,
     )
     for key, value in changes.items():  # what the UPDATE wrote, without reading it back
         set_committed_value(entity, key, value)

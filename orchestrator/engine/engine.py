@@ -29,7 +29,8 @@ from orchestrator.core.errors import InvalidTransition
 from orchestrator.core.ids import new_engine_id
 from orchestrator.core.states import WORKER_FINAL, WORKER_LIVE, JobStatus, WorkerStatus
 from orchestrator.db import notify as notifications
-from orchestrator.db.models import Event, Job, Worker, WorkerLog, utcnow
+from orchestrator.db.events import record_event
+from orchestrator.db.models import Job, Worker, WorkerLog, utcnow
 from orchestrator.db.session import Database
 from orchestrator.db.transitions import transition_job, transition_worker
 from orchestrator.engine import budget as budgets
@@ -415,16 +416,15 @@ class Engine:
                         updated_at=utcnow(),
                     )
                 )
-                session.add(
-                    Event(
-                        job_id=job.id,
-                        worker_id=worker.id,
-                        kind="worker.resumed",
-                        actor=self.actor,
-                        reason="rate-limit backoff over",
-                        data={"pid": proc.pid, "session_id": parked.session_id, "resumes": result["resumes"]},
-                        created_at=utcnow(),
-                    )
+                record_event(
+                    session,
+                    job_id=job.id,
+                    worker_id=worker.id,
+                    kind="worker.resumed",
+                    actor=self.actor,
+                    reason="rate-limit backoff over",
+                    data={"pid": proc.pid, "session_id": parked.session_id, "resumes": result["resumes"]},
+                    created_at=utcnow(),
                 )
                 self._supervise(proc, job, offset=worker.log_offset, lines=worker.log_lines)
             await notifications.notify(session, JOBS_TOPIC)
@@ -762,15 +762,14 @@ class Engine:
                 await self._add_spend(session, proc.worker_id, event.data)
             elif event.kind == "api_retry":
                 proc.extra["agent_api_retry"] = event.data
-            session.add(
-                Event(
-                    job_id=job_id,
-                    worker_id=proc.worker_id,
-                    kind=f"agent.{event.kind}",
-                    actor=f"worker:{proc.worker_id}",
-                    data=event.data,
-                    created_at=utcnow(),
-                )
+            record_event(
+                session,
+                job_id=job_id,
+                worker_id=proc.worker_id,
+                kind=f"agent.{event.kind}",
+                actor=f"worker:{proc.worker_id}",
+                data=event.data,
+                created_at=utcnow(),
             )
 
     async def _add_spend(self, session: AsyncSession, worker_id: str, result: dict[str, Any]) -> None:

@@ -24,7 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.agents.base import Outcome
 from orchestrator.core.config import Settings
-from orchestrator.db.models import Event, RateLimit, Worker, utcnow
+from orchestrator.db.events import record_event
+from orchestrator.db.models import RateLimit, Worker, utcnow
 
 REFRESH_SECONDS = 1.0
 
@@ -129,16 +130,15 @@ class Governor:
             updated_at=utcnow(),
         )
         await session.execute(update(Worker).where(Worker.id == worker.id).values(**changes))
-        session.add(
-            Event(
-                job_id=worker.job_id,
-                worker_id=worker.id,
-                kind="worker.waiting",
-                actor=actor,
-                reason=outcome.reason,
-                data={"retry_at": until.isoformat(), "account": account, "resumes": resumes},
-                created_at=utcnow(),
-            )
+        record_event(
+            session,
+            job_id=worker.job_id,
+            worker_id=worker.id,
+            kind="worker.waiting",
+            actor=actor,
+            reason=outcome.reason,
+            data={"retry_at": until.isoformat(), "account": account, "resumes": resumes},
+            created_at=utcnow(),
         )
         self.parked[worker.id] = Parked(
             worker.id, worker.job_id, account, outcome.resume_session, time.monotonic() + delay

@@ -9,7 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.ids import new_worker_id
 from orchestrator.core.states import WORKER_LIVE, JobStatus, WorkerStatus
-from orchestrator.db.models import Allocation, EngineRecord, Event, Job, ResourcePool, Worker, utcnow
+from orchestrator.db.events import record_event
+from orchestrator.db.models import Allocation, EngineRecord, Job, ResourcePool, Worker, utcnow
 
 ACTIVE_JOB = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
 LIVE = tuple(s.value for s in WORKER_LIVE)
@@ -105,17 +106,16 @@ async def create_workers(session: AsyncSession, job: Job, actor: str) -> None:
                 updated_at=now,
             )
         )
-        session.add(
-            Event(
-                job_id=job.id,
-                worker_id=worker_id,
-                kind="worker.status",
-                actor=actor,
-                from_status=None,
-                to_status=WorkerStatus.IDLE.value,
-                reason="created",
-                created_at=now,
-            )
+        record_event(
+            session,
+            job_id=job.id,
+            worker_id=worker_id,
+            kind="worker.status",
+            actor=actor,
+            from_status=None,
+            to_status=WorkerStatus.IDLE.value,
+            reason="created",
+            created_at=now,
         )
     await session.flush()
 

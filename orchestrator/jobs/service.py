@@ -14,6 +14,7 @@ from orchestrator.core.config import Settings
 from orchestrator.core.errors import BadRequest, FieldInvalid, Forbidden, InvalidTransition, NotFound
 from orchestrator.core.ids import new_job_id, new_workspace_id
 from orchestrator.core.states import JOB_FINAL, WORKER_LIVE, JobStatus
+from orchestrator.db.events import record_event
 from orchestrator.db.models import Allocation, Event, Job, Worker, Workspace, utcnow
 from orchestrator.db.notify import notify
 from orchestrator.db.transitions import transition_job
@@ -122,16 +123,15 @@ async def submit(
     session.add(job)
     await session.flush()
     session.add(Allocation(job_id=job_id, depth=body.depth, slots=0, bound=0, max_slots=body.worker_count))
-    session.add(
-        Event(
-            job_id=job_id,
-            kind="job.status",
-            actor=actor.name,
-            from_status=None,
-            to_status=JobStatus.PENDING.value,
-            reason="submitted",
-            created_at=now,
-        )
+    record_event(
+        session,
+        job_id=job_id,
+        kind="job.status",
+        actor=actor.name,
+        from_status=None,
+        to_status=JobStatus.PENDING.value,
+        reason="submitted",
+        created_at=now,
     )
     await session.flush()
     await notify(session, JOBS_TOPIC)
