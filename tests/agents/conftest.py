@@ -19,15 +19,13 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.fake_anthropic import FakeAnthropic, Step, text, turn_of
+from tests.fakes.fake_anthropic import FakeAnthropic, text, turn_of
 from tests.support.servers import Server, server_factory
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO / "tests" / "fakes" / "install_claude.sh"
 TAG = re.compile(r"\[\[t:([a-z0-9_-]+)\]\]")
 CWD = re.compile(r"Primary working directory: ([^\s\\\"]+)")
-
-Handler = Callable[[dict[str, Any], int, int], Step]  # (request body, turn, n-th request of the tag)
 
 
 @pytest.fixture(scope="session")
@@ -61,26 +59,40 @@ def workdir_of(body: dict[str, Any]) -> str:
 
 
 class Scenarios:
-    def __init__(self) -> None:
-        self.handlers: dict[str, Handler] = {}
+    """Routes each request of a fake model API to the script of the test whose tag it carries.
+
+    `field` is where the conversation is in a request body (`messages` for Anthropic, `input` for
+    OpenAI Responses); `turn_of` and `fallback` come from the fake that answers.
+    """
+
+    def __init__(
+        self,
+        field: str = "messages",
+        turn_of: Callable[[dict[str, Any]], int] = turn_of,
+        fallback: Callable[[str], Any] = text,
+    ) -> None:
+        self.field = field
+        self.turn_of = turn_of
+        self.fallback = fallback
+        self.handlers: dict[str, Callable[[dict[str, Any], int, int], Any]] = {}
         self.counts: dict[str, int] = {}
         self.bodies: dict[str, list[dict[str, Any]]] = {}
         self.lock = threading.Lock()
 
-    def add(self, name: str, handler: Handler) -> str:
+    def add(self, name: str, handler: Callable[[dict[str, Any], int, int], Any]) -> str:
         self.handlers[name] = handler
         return f"[[t:{name}]]"
 
-    def __call__(self, body: dict[str, Any]) -> Step:
-        found = TAG.search(json.dumps(body.get("messages") or []))
+    def __call__(self, body: dict[str, Any]) -> Any:
+        found = TAG.search(json.dumps(body.get(self.field) or []))
         if not found or found.group(1) not in self.handlers:
-            return text("no scenario for this request")
+            return self.fallback("no scenario for this request")
         name = found.group(1)
         with self.lock:
             self.counts[name] = self.counts.get(name, 0) + 1
             n = self.counts[name]
             self.bodies.setdefault(name, []).append(body)
-        return self.handlers[name](body, turn_of(body), n)
+        return self.handlers[name](body, self.turn_of(body), n)
 
 
 @pytest.fixture(scope="module")

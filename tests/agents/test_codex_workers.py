@@ -11,15 +11,14 @@ import json
 import os
 import re
 import subprocess
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.agents.conftest import INSTALL_SCRIPT, REPO, TAG, make_repo
+from tests.agents.conftest import INSTALL_SCRIPT, REPO, Scenarios, make_repo
 from tests.fakes.fake_openai_responses import (
     FakeOpenAIResponses,
     Step,
@@ -33,8 +32,6 @@ from tests.integration.test_engine_lifecycle import log_lines, submit, wait_fina
 from tests.support.servers import Server, server_factory
 
 TIMEOUT = 90.0
-
-Handler = Callable[[dict[str, Any], int, int], Step]  # (request body, turn, n-th request of the tag)
 
 
 @pytest.fixture(scope="session")
@@ -61,38 +58,19 @@ def codex_bin() -> Path:
     return path
 
 
-class CodexScenarios:
-    """Routes each Responses request to the script of the test whose tag is in its `input`."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, Handler] = {}
-        self.counts: dict[str, int] = {}
-        self.bodies: dict[str, list[dict[str, Any]]] = {}
-        self.lock = threading.Lock()
-
-    def add(self, name: str, handler: Handler) -> str:
-        self.handlers[name] = handler
-        return f"[[t:{name}]]"
-
-    def __call__(self, body: dict[str, Any]) -> Step:
-        found = TAG.search(json.dumps(body.get("input") or []))
-        if not found or found.group(1) not in self.handlers:
-            return text("no scenario for this request")
-        name = found.group(1)
-        with self.lock:
-            self.counts[name] = self.counts.get(name, 0) + 1
-            n = self.counts[name]
-            self.bodies.setdefault(name, []).append(body)
-        return self.handlers[name](body, turn_of(body), n)
+def CodexScenarios() -> Scenarios:
+    """Scenarios for the Responses API: the conversation is in `input`."""
+    return Scenarios(field="input", turn_of=turn_of, fallback=text)
 
 
 @pytest.fixture(scope="module")
-def codex_scenarios() -> CodexScenarios:
-    return CodexScenarios()
+def codex_scenarios() -> Scenarios:
+    # The Responses API carries the conversation in `input`.
+    return Scenarios(field="input", turn_of=turn_of, fallback=text)
 
 
 @pytest.fixture(scope="module")
-def openai_fake(codex_scenarios: CodexScenarios) -> Iterator[FakeOpenAIResponses]:
+def openai_fake(codex_scenarios: Scenarios) -> Iterator[FakeOpenAIResponses]:
     with FakeOpenAIResponses(codex_scenarios) as server:
         yield server
 
@@ -115,7 +93,7 @@ def events_of(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
 
 
 def test_exec_command_lands_on_the_worker_branch_with_tokens(
-    codex_server: Server, codex_scenarios: CodexScenarios, openai_fake: FakeOpenAIResponses
+    codex_server: Server, codex_scenarios: Scenarios, openai_fake: FakeOpenAIResponses
 ) -> None:
     def script(body: dict[str, Any], turn: int, n: int) -> Step:
         if turn == 0:
@@ -181,9 +159,7 @@ def test_exec_command_lands_on_the_worker_branch_with_tokens(
     assert not openai_fake.problems
 
 
-def test_rejected_credentials_fail_with_that_reason(
-    codex_server: Server, codex_scenarios: CodexScenarios
-) -> None:
+def test_rejected_credentials_fail_with_that_reason(codex_server: Server, codex_scenarios: Scenarios) -> None:
     tag = codex_scenarios.add("auth", lambda body, turn, n: error(401))
     with codex_server.client() as client:
         job = submit(client, task_description=f"{tag} no entry", agent="codex")
@@ -198,7 +174,7 @@ def test_rejected_credentials_fail_with_that_reason(
 
 
 def test_rate_limit_fails_with_the_status_not_an_exit_code(
-    codex_server: Server, codex_scenarios: CodexScenarios
+    codex_server: Server, codex_scenarios: Scenarios
 ) -> None:
     tag = codex_scenarios.add("limited", lambda body, turn, n: error(429))
     with codex_server.client() as client:
