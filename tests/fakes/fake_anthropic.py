@@ -45,8 +45,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.fakes._server import FakeServer
 
 __all__ = [
     "EXHAUSTED_TEXT",
@@ -265,8 +267,10 @@ def _estimate_tokens(obj: Any) -> int:
     return max(1, len(json.dumps(obj, ensure_ascii=False)) // 4)
 
 
-class FakeAnthropic:
+class FakeAnthropic(FakeServer[RecordedRequest]):
     """Threaded HTTP server on 127.0.0.1 (ephemeral port) speaking enough of the Messages API."""
+
+    thread_name = "fake-anthropic"
 
     def __init__(
         self,
@@ -280,48 +284,15 @@ class FakeAnthropic:
         self.script = script
         self.is_main = is_main
         self.side_text = side_text
-        self._lock = threading.Lock()
-        self._requests: list[RecordedRequest] = []
-        self.problems: list[str] = []
-        self._server = ThreadingHTTPServer((host, port), _make_handler(self))
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        super().__init__(_make_handler(self), host, port)
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> FakeAnthropic:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._server.serve_forever, name="fake-anthropic", daemon=True
-            )
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-            self._thread = None
-        self._server.server_close()
-
-    def __enter__(self) -> FakeAnthropic:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- inspection --------------------------------------------------------------------------------
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        with self._lock:
-            return list(self._requests)
 
     @property
     def message_requests(self) -> list[RecordedRequest]:
@@ -331,10 +302,6 @@ class FakeAnthropic:
     @property
     def main_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.kind == "main"]
-
-    def _record(self, rec: RecordedRequest) -> None:
-        with self._lock:
-            self._requests.append(rec)
 
     # -- answering ---------------------------------------------------------------------------------
     def _step_for(self, rec: RecordedRequest) -> Step:

@@ -37,13 +37,14 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.fakes._server import FakeServer
 
 __all__ = [
     "EXHAUSTED_TEXT",
@@ -263,60 +264,23 @@ def _estimate_tokens(obj: Any) -> int:
     return max(1, len(json.dumps(obj, ensure_ascii=False)) // 4)
 
 
-class FakeOpenAIResponses:
+class FakeOpenAIResponses(FakeServer[RecordedRequest]):
     """Threaded HTTP server on 127.0.0.1 (ephemeral port) speaking enough of the Responses API."""
+
+    thread_name = "fake-openai"
 
     def __init__(self, script: Script = (), *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.script = script
-        self._lock = threading.Lock()
-        self._requests: list[RecordedRequest] = []
-        self.problems: list[str] = []
-        self._server = ThreadingHTTPServer((host, port), _make_handler(self))
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
+        super().__init__(_make_handler(self), host, port)
 
     @property
     def url(self) -> str:
         """The provider base URL (Codex appends ``/responses``)."""
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> FakeOpenAIResponses:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._server.serve_forever, name="fake-openai", daemon=True
-            )
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-            self._thread = None
-        self._server.server_close()
-
-    def __enter__(self) -> FakeOpenAIResponses:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        with self._lock:
-            return list(self._requests)
-
     @property
     def response_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.kind == "responses"]
-
-    def _record(self, rec: RecordedRequest) -> None:
-        with self._lock:
-            self._requests.append(rec)
 
     def _step_for(self, rec: RecordedRequest) -> Step:
         body = rec.body if isinstance(rec.body, dict) else {}
