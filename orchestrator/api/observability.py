@@ -213,6 +213,7 @@ class ObservabilityMiddleware:
 
 def install_observability(app: Any) -> None:
     """Add the middleware; configure logging when ORCHESTRATOR_LOG_FORMAT asks for it."""
-    if os.environ.get(LOG_FORMAT_ENV):
-        configure_logging()
+    log_format = app.state.settings.orchestrator_log_format
+    if log_format:
+        configure_logging(log_format)
     app.add_middleware(ObservabilityMiddleware)

@@ -7,6 +7,7 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +40,9 @@ class Settings(BaseSettings):
     orchestrator_default_agent: str = "simulated"
     orchestrator_engine_lease_seconds: float = Field(default=15.0, gt=0)
     orchestrator_poll_seconds: float = Field(default=1.0, gt=0)
+    orchestrator_sse_poll_seconds: float = Field(default=0.25, gt=0)
+    orchestrator_sse_ping_seconds: float = Field(default=10.0, gt=0)
+    orchestrator_log_format: Literal["text", "json"] | None = None
     # Real coding agents (docs/claude-code-workers.md): CLI paths (or names looked up on PATH).
     orchestrator_claude_bin: str = "claude"
     orchestrator_codex_bin: str = "codex"

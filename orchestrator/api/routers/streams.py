@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import heapq
 import json
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -42,6 +41,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from orchestrator.core.config import get_settings
 from orchestrator.core.states import JOB_FINAL, WORKER_FINAL, JobStatus, WorkerStatus
 from orchestrator.db import notify
 from orchestrator.db.models import Event, Job, Worker, WorkerLog
@@ -49,10 +49,6 @@ from orchestrator.db.session import Database
 from orchestrator.jobs.schemas import EventOut
 from orchestrator.workers import repository as workers_repo
 
-POLL_ENV = "ORCHESTRATOR_SSE_POLL_SECONDS"
-PING_ENV = "ORCHESTRATOR_SSE_PING_SECONDS"
-DEFAULT_POLL_SECONDS = 0.25
-DEFAULT_PING_SECONDS = 10.0
 BATCH = 500
 # A PostgreSQL transaction open this long no longer holds back delivery (liveness over a stuck peer).
 MAX_HORIZON_WAIT_SECONDS = 10.0
@@ -65,21 +61,12 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        return default
-    return value if value > 0 else default
-
-
 def poll_seconds() -> float:
-    return _env_seconds(POLL_ENV, DEFAULT_POLL_SECONDS)
+    return get_settings().orchestrator_sse_poll_seconds
 
 
 def ping_seconds() -> float:
-    return _env_seconds(PING_ENV, DEFAULT_PING_SECONDS)
+    return get_settings().orchestrator_sse_ping_seconds
 
 
 # --- cursors --------------------------------------------------------------------------------
