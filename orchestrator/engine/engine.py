@@ -236,13 +236,18 @@ class Engine:
             full_depths: set[int] = set()
             idle = await queries.idle_workers(session, self.id, START_BATCH * 4)
             limited = await self._rate_limited_agents(session, {job.agent for _, job in idle})
+            spare = await queries.unbound_slots(session, list({job.id for _, job in idle})) if idle else {}
             for worker, job in idle:
                 if len(ready) >= START_BATCH:
                     break
                 if job.depth in full_depths or worker.id in self.procs or job.agent in limited:
                     continue
-                if worker.holds_slot or await bind_slot(session, worker.id, job.id, job.depth):
+                if worker.holds_slot or await bind_slot(
+                    session, worker.id, job.id, job.depth, may_have_unbound=spare.get(job.id, 0) > 0
+                ):
                     ready.append((worker, job))
+                    if not worker.holds_slot and spare.get(job.id, 0) > 0:
+                        spare[job.id] -= 1
                 else:
                     full_depths.add(job.depth)
         if len(claimed) == CLAIM_BATCH or len(ready) == START_BATCH:
@@ -666,14 +671,22 @@ class Engine:
 
     async def _settle_jobs(self, session: AsyncSession) -> None:
         """Decide the outcome of jobs whose workers have all ended and whose children are final."""
-        for job in await queries.jobs_without_live_workers(session, self.id):
-            children = await queries.child_statuses(session, job.id)
+        candidates = await queries.jobs_without_live_workers(session, self.id)
+        if not candidates:
+            return
+        ids = [job.id for job in candidates]
+        # Three reads for all candidates, not three per job.
+        children_of = await queries.children_statuses(session, ids)
+        workers_of = await queries.workers_by_job(session, ids)
+        unbound = await queries.unbound_slots(session, ids)
+        for job in candidates:
+            children = children_of.get(job.id, [])
             if any(
                 status not in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED)
                 for _, status in children
             ):
                 continue
-            workers = await workers_repo.workers_of_job(session, job.id)
+            workers = workers_of.get(job.id, [])
             if any(w.holds_slot for w in workers):
                 continue  # an exit is still being recorded
             bad = [w for w in workers if w.status != WorkerStatus.COMPLETED]
@@ -691,7 +704,8 @@ class Engine:
                 target, reason = JobStatus.COMPLETED, "all workers and child jobs completed"
             with contextlib.suppress(InvalidTransition):
                 await transition_job(session, job.id, target, actor=self.actor, reason=reason, known=job)
-                await release_unbound(session, job.id, job.depth)
+                if unbound.get(job.id, 0) > 0:
+                    await release_unbound(session, job.id, job.depth)
                 await notifications.notify(session, JOBS_TOPIC)
 
     # ---------------------------------------------------------------- logs

@@ -164,9 +164,29 @@ async def jobs_without_live_workers(session: AsyncSession, engine_id: str) -> li
     return list((await session.execute(stmt)).scalars())
 
 
-async def child_statuses(session: AsyncSession, job_id: str) -> list[tuple[str, str]]:
-    stmt = select(Job.id, Job.status).where(Job.parent_job_id == job_id)
-    return [(row[0], row[1]) for row in (await session.execute(stmt)).all()]
+async def children_statuses(session: AsyncSession, parent_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """(child id, status) of the children of each of `parent_ids`."""
+    stmt = select(Job.parent_job_id, Job.id, Job.status).where(Job.parent_job_id.in_(parent_ids))
+    found: dict[str, list[tuple[str, str]]] = {}
+    for parent_id, child_id, status in (await session.execute(stmt)).all():
+        if parent_id is not None:
+            found.setdefault(parent_id, []).append((child_id, status))
+    return found
+
+
+async def workers_by_job(session: AsyncSession, job_ids: list[str]) -> dict[str, list[Worker]]:
+    found: dict[str, list[Worker]] = {}
+    for worker in sorted(await workers_for_jobs(session, job_ids), key=lambda w: w.worker_index):
+        found.setdefault(worker.job_id, []).append(worker)
+    return found
+
+
+async def unbound_slots(session: AsyncSession, job_ids: list[str]) -> dict[str, int]:
+    """Slots each job holds that no worker holds (an explicit allocation not used up)."""
+    stmt = select(Allocation.job_id, Allocation.slots - Allocation.bound).where(
+        Allocation.job_id.in_(job_ids)
+    )
+    return {job_id: int(free) for job_id, free in (await session.execute(stmt)).all()}
 
 
 async def jobs_by_id(session: AsyncSession, job_ids: list[str]) -> dict[str, Job]:
