@@ -6,6 +6,7 @@ lines of the worker's output into structured events (tool uses, results, cost).
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,17 @@ class Agent(ABC):
     def account_key(self) -> str | None:
         """Which provider account this agent's workers share (for the rate-limit governor), if any."""
         return None
+
+
+def json_object(line: str) -> dict[str, Any] | None:
+    """The JSON object on one output line of a JSON-lines agent, or None for anything else."""
+    if not line.startswith("{"):
+        return None
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def base_environment(ctx: WorkerContext) -> dict[str, str]:

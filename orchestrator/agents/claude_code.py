@@ -21,7 +21,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.agents.base import Agent, AgentEvent, LaunchSpec, Outcome, WorkerContext, base_environment
+from orchestrator.agents.base import (
+    Agent,
+    AgentEvent,
+    LaunchSpec,
+    Outcome,
+    WorkerContext,
+    base_environment,
+    json_object,
+)
 from orchestrator.core.config import Settings
 
 MCP_SERVER_NAME = "orchestrator"
@@ -193,13 +201,8 @@ class ClaudeCodeAgent(Agent):
     # ------------------------------------------------------------------ output
 
     def parse_events(self, line: str) -> list[AgentEvent]:
-        if not line.startswith("{"):
-            return []
-        try:
-            data = json.loads(line)
-        except ValueError:
-            return []
-        if not isinstance(data, dict):
+        data = json_object(line)
+        if data is None:
             return []
         kind = data.get("type")
         if kind == "system":

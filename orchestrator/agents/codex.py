@@ -17,7 +17,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.agents.base import Agent, AgentEvent, LaunchSpec, Outcome, WorkerContext, base_environment
+from orchestrator.agents.base import (
+    Agent,
+    AgentEvent,
+    LaunchSpec,
+    Outcome,
+    WorkerContext,
+    base_environment,
+    json_object,
+)
 from orchestrator.agents.claude_code import _clip, provider_environment, resolve_binary, write_private
 from orchestrator.core.config import Settings
 
@@ -122,13 +130,8 @@ class CodexAgent(Agent):
         return LaunchSpec(argv=argv, env=env, stdin_text="")
 
     def parse_events(self, line: str) -> list[AgentEvent]:
-        if not line.startswith("{"):
-            return []
-        try:
-            data = json.loads(line)
-        except ValueError:
-            return []
-        if not isinstance(data, dict):
+        data = json_object(line)
+        if data is None:
             return []
         kind = data.get("type")
         if kind == "thread.started":

@@ -396,16 +396,8 @@ class Engine:
                     proc = self.executor.start(worker.id, spec, workdir, run_dir)
                 except Exception as exc:
                     log.warning("worker %s could not be resumed: %s", worker.id, exc)
-                    with contextlib.suppress(InvalidTransition):
-                        await transition_worker(
-                            session,
-                            worker.id,
-                            WorkerStatus.FAILED,
-                            actor=self.actor,
-                            reason=f"could not resume after a rate limit: {exc}",
-                            values={"result": result},
-                        )
-                    await slots_repo.worker_release_slot(session, worker.id, worker.job_id, worker.depth)
+                    reason = f"could not resume after a rate limit: {exc}"
+                    await self._fail(session, worker, reason, values={"result": result})
                     continue
                 await session.execute(
                     update(Worker)
@@ -466,10 +458,7 @@ class Engine:
         values: dict[str, Any],
     ) -> None:
         if proc is None:
-            await transition_worker(
-                session, worker.id, WorkerStatus.FAILED, actor=self.actor, reason=values["status_reason"]
-            )
-            await slots_repo.worker_release_slot(session, worker.id, job.id, job.depth)
+            await self._fail(session, worker, values["status_reason"])
             return
         values.update(
             pid=proc.pid, pid_start_time=proc.start_time, host=self.executor.host, engine_id=self.id
@@ -667,6 +656,17 @@ class Engine:
                 await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
         else:
             await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
+        await slots_repo.worker_release_slot(session, worker.id, worker.job_id, worker.depth)
+
+    async def _fail(
+        self, session: AsyncSession, worker: Worker, reason: str, values: dict[str, Any] | None = None
+    ) -> None:
+        """FAILED with `reason` (unless it has ended already), and its slot back."""
+        if worker.status in WORKER_LIVE:
+            with contextlib.suppress(InvalidTransition):
+                await transition_worker(
+                    session, worker.id, WorkerStatus.FAILED, actor=self.actor, reason=reason, values=values
+                )
         await slots_repo.worker_release_slot(session, worker.id, worker.job_id, worker.depth)
 
     async def _settle_jobs(self, session: AsyncSession) -> None:
@@ -874,16 +874,7 @@ class Engine:
             return  # IDLE and never started: it starts normally
         await session.execute(update(Worker).where(Worker.id == worker.id).values(engine_id=self.id))
         if worker.host not in (None, self.executor.host):
-            if worker.status in WORKER_LIVE:
-                with contextlib.suppress(InvalidTransition):
-                    await transition_worker(
-                        session,
-                        worker.id,
-                        WorkerStatus.FAILED,
-                        actor=self.actor,
-                        reason="lost: its engine on host " + str(worker.host) + " stopped heartbeating",
-                    )
-            await slots_repo.worker_release_slot(session, worker.id, job.id, job.depth)
+            await self._fail(session, worker, f"lost: its engine on host {worker.host} stopped heartbeating")
             return
         proc = self.executor.adopt(worker.id, pid, start_time or 0, run_dir)
         if proc is not None:
