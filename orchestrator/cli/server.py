@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from orchestrator.cli.output import CliError, console
+from orchestrator.cli.output import CliError, console, err_console
 
 if TYPE_CHECKING:
     from orchestrator.core.config import Settings
@@ -125,7 +125,13 @@ async def _run_engine() -> None:
         try:
             await stop.wait()
         finally:
-            await runner.stop()
+            try:
+                await asyncio.wait_for(runner.stop(), timeout=20)
+            except TimeoutError:
+                import faulthandler
+
+                faulthandler.dump_traceback(all_threads=True)  # what it was stuck on, for a bug report
+                err_console().print("error: the engine did not stop within 20 s; exiting anyway")
         console().print("Engine stopped.")
     finally:
         await database.dispose()

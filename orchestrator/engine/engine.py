@@ -52,6 +52,7 @@ START_BATCH = 50
 LOG_INTERVAL_SECONDS = 0.25
 RECLAIM_INTERVAL_SECONDS = 2.0
 SQLITE_WATCH_SECONDS = 0.05
+STOP_STEP_SECONDS = 5.0
 
 
 class Engine:
@@ -107,21 +108,26 @@ class Engine:
     async def stop(self) -> None:
         """Stop supervising; worker processes keep running and the next engine adopts them."""
         self.stopping = True
+        self.wake.set()  # a loop that missed its cancellation still leaves its wait at once
         notifications.remove_listener(self._on_notify)
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Bounded: a stop must never hang (workers outlive us, and a peer takes over our jobs).
+        _done, pending = await asyncio.wait(self.tasks, timeout=STOP_STEP_SECONDS)
+        if pending:
+            log.warning("engine %s: %d task(s) did not stop in time: %s", self.id, len(pending), pending)
         with contextlib.suppress(Exception):
-            await self._ingest_all()
+            await asyncio.wait_for(self._ingest_all(), STOP_STEP_SECONDS)
         for proc in self.procs.values():
             self.executor.unwatch(proc)
             if proc.popen is not None:
                 proc.popen.returncode = 0  # detach: the process outlives us by design
         with contextlib.suppress(Exception):
-            async with self.db.session() as session:
-                await queries.unregister_engine(session, self.id)
+            await asyncio.wait_for(self._unregister(), STOP_STEP_SECONDS)
+
+    async def _unregister(self) -> None:
+        async with self.db.session() as session:
+            await queries.unregister_engine(session, self.id)
 
     def _on_notify(self, _topics: set[str]) -> None:
         if self.loop is None or self.loop.is_closed():
@@ -149,6 +155,8 @@ class Engine:
         while not self.stopping:
             self.wake.clear()
             await self.tick()
+            if self.stopping:
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=self.settings.orchestrator_poll_seconds)
 

@@ -40,8 +40,17 @@ def api_and_engine(servers: ServerFactory) -> Iterator[tuple[Server, subprocess.
         yield api, engine
     finally:
         engine.terminate()
-        engine.wait(20)
-        log.close()
+        try:
+            engine.wait(30)
+        except subprocess.TimeoutExpired:
+            engine.kill()
+            engine.wait()
+            pytest.fail(
+                "`orchestrator engine` did not stop within 30 s of SIGTERM:\n"
+                + (servers.root / "engine.log").read_text(errors="replace")[-5000:]
+            )
+        finally:
+            log.close()
 
 
 def test_standalone_engine_starts_jobs_and_applies_control_without_polling(
