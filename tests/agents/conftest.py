@@ -20,36 +20,16 @@ from typing import Any
 import pytest
 
 from tests.fakes.fake_anthropic import FakeAnthropic, text, turn_of
+from tests.fakes.install import installed_cli
 from tests.support.servers import Server, server_factory
 
-REPO = Path(__file__).resolve().parents[2]
-INSTALL_SCRIPT = REPO / "tests" / "fakes" / "install_claude.sh"
 TAG = re.compile(r"\[\[t:([a-z0-9_-]+)\]\]")
 CWD = re.compile(r"Primary working directory: ([^\s\\\"]+)")
 
 
 @pytest.fixture(scope="session")
 def claude_bin() -> Path:
-    try:
-        proc = subprocess.run(
-            ["bash", str(INSTALL_SCRIPT)],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.fail(f"could not run {INSTALL_SCRIPT} to install the claude CLI: {exc!r}")
-    if proc.returncode != 0:
-        pytest.fail(
-            f"the claude CLI could not be installed (exit {proc.returncode}); these tests need it.\n"
-            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        )
-    path = Path(proc.stdout.strip().splitlines()[-1])
-    if not os.access(path, os.X_OK):
-        pytest.fail(f"{INSTALL_SCRIPT} reported {path}, which is not executable")
-    return path
+    return installed_cli("claude")
 
 
 def workdir_of(body: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ tests/fakes/install_claude.sh --codex (npm registry) and FAILS, never skips, whe
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.agents.conftest import INSTALL_SCRIPT, REPO, Scenarios, make_repo
+from tests.agents.conftest import Scenarios, make_repo
 from tests.fakes.fake_openai_responses import (
     FakeOpenAIResponses,
     Step,
@@ -28,6 +27,7 @@ from tests.fakes.fake_openai_responses import (
     text,
     turn_of,
 )
+from tests.fakes.install import installed_cli
 from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
 from tests.support.servers import Server, server_factory
 
@@ -36,31 +36,7 @@ TIMEOUT = 90.0
 
 @pytest.fixture(scope="session")
 def codex_bin() -> Path:
-    try:
-        proc = subprocess.run(
-            ["bash", str(INSTALL_SCRIPT), "--codex"],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.fail(f"could not run {INSTALL_SCRIPT} --codex to install the codex CLI: {exc!r}")
-    if proc.returncode != 0:
-        pytest.fail(
-            f"the codex CLI could not be installed (exit {proc.returncode}); these tests need it.\n"
-            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        )
-    path = Path(proc.stdout.strip().splitlines()[-1])
-    if path.name != "codex" or not os.access(path, os.X_OK):
-        pytest.fail(f"{INSTALL_SCRIPT} --codex reported {path}, which is not an executable codex")
-    return path
-
-
-def CodexScenarios() -> Scenarios:
-    """Scenarios for the Responses API: the conversation is in `input`."""
-    return Scenarios(field="input", turn_of=turn_of, fallback=text)
+    return installed_cli("codex")
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,9 @@ from .fake_anthropic import (
     tool_use_block,
     turn_of,
 )
+from .install import installed_cli
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-INSTALL_SCRIPT = HERE / "install_claude.sh"
-CLAUDE_BIN = REPO / ".tools" / "claude" / "node_modules" / ".bin" / "claude"
 ECHO_MCP_SERVER = HERE / "echo_mcp_server.py"
 
 
@@ -48,26 +46,7 @@ ECHO_MCP_SERVER = HERE / "echo_mcp_server.py"
 @pytest.fixture(scope="session")
 def claude_bin() -> Path:
     """Path of the real claude binary; installs it if needed. Fails (never skips) if that is impossible."""
-    try:
-        proc = subprocess.run(
-            ["bash", str(INSTALL_SCRIPT)],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.fail(f"could not run {INSTALL_SCRIPT}: {e!r}")
-    if proc.returncode != 0:
-        pytest.fail(
-            f"claude CLI could not be installed (exit {proc.returncode}).\n"
-            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        )
-    path = Path(proc.stdout.strip().splitlines()[0])
-    if not os.access(path, os.X_OK):
-        pytest.fail(f"install script reported {path}, which is not executable")
-    return path
+    return installed_cli("claude")
 
 
 @dataclass
