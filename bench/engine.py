@@ -122,6 +122,29 @@ def direct_baseline(count: int, concurrency: int) -> float:
     return time.perf_counter() - started
 
 
+def executor_baseline(root: Path, count: int, concurrency: int) -> float:
+    """The same N workers through the local executor alone (run dir, HOME and scratch dir, the
+    wrapper that records PID and exit status), no database: what any engine with these durable
+    workers pays before its own bookkeeping."""
+    from orchestrator.agents.base import LaunchSpec
+    from orchestrator.executors.local import LocalExecutor
+
+    executor = LocalExecutor()
+    spec = LaunchSpec(argv=["true"], stdin_text="t")
+
+    def one(index: int) -> None:
+        run_dir, workdir = root / "runs" / f"w{index}", root / "workspaces" / f"w{index}"
+        (run_dir / "home").mkdir(parents=True)
+        workdir.mkdir(parents=True)
+        proc = executor.start(f"w{index}", spec, workdir, run_dir)
+        assert proc.popen is not None and proc.popen.wait() == 0
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(one, range(count)))
+    return time.perf_counter() - started
+
+
 def bench_throughput(root: Path, count: int) -> dict[str, float]:
     """Queue N jobs with no engine running, then let one engine run them all. The engine's time is
     the span from the first worker start to the last job end (server timestamps), so HTTP submits
@@ -162,12 +185,14 @@ def bench_throughput(root: Path, count: int) -> dict[str, float]:
     assert first_start is not None and last_end is not None
     engine_span = (last_end - first_start).total_seconds()
     direct = direct_baseline(count, quota)
+    executor_only = executor_baseline(root / "executor-only", count, quota)
     return {
         "jobs": count,
         "concurrency": quota,
         "engine_s": engine_span,
         "submit_phase_s": submitted,
         "direct_s": direct,
+        "executor_s": executor_only,
         "ratio": engine_span / direct,
         "engine_cpu_s": engine_cpu,
     }
@@ -223,7 +248,9 @@ def main() -> None:
                 f"engine {throughput['engine_s']:.2f} s (first start to last end; submitting took "
                 f"{throughput['submit_phase_s']:.2f} s), direct {throughput['direct_s']:.2f} s, "
                 f"ratio {throughput['ratio']:.2f}x (target <= 3x); "
-                f"engine CPU {throughput['engine_cpu_s']:.1f} s"
+                f"engine CPU {throughput['engine_cpu_s']:.1f} s; the executor alone (same workers, "
+                f"no database) {throughput['executor_s']:.2f} s = "
+                f"{throughput['executor_s'] / throughput['direct_s']:.2f}x direct"
             )
         if args.only in (None, "sleepers"):
             sleepers = bench_sleepers(root, args.sleepers)

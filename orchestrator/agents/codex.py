@@ -41,6 +41,7 @@ class CodexOptions(BaseModel):
     model: str | None = Field(default=None, max_length=200)
     sandbox: Literal["read-only", "workspace-write", "danger-full-access"] = "workspace-write"
     delegation: bool = True
+    mcp_transport: Literal["http", "stdio"] = "http"
     config: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=50)
 
 
@@ -103,7 +104,14 @@ class CodexAgent(Agent):
                 "wire_api": "responses",
             }
             config["model_provider"] = PROVIDER_NAME
-        if options.delegation:
+        if options.delegation and options.mcp_transport == "http":
+            # Served by the API process: connected before Codex's first model request (a stdio
+            # server needs ~1 s of Python start-up, and Codex does not wait for it).
+            config["mcp_servers.orchestrator"] = {
+                "url": f"{ctx.api_url}/mcp/",
+                "bearer_token_env_var": "ORCHESTRATOR_TOKEN",
+            }
+        elif options.delegation:
             config["mcp_servers.orchestrator"] = {
                 "command": sys.executable,
                 "args": ["-m", "orchestrator.mcp"],

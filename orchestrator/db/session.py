@@ -16,6 +16,9 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from orchestrator.core.config import Settings
 from orchestrator.db.models import Event, WorkerLog
+from orchestrator.db.sqlite_inline import inline_connector
+
+SQLITE_BUSY_TIMEOUT_MS = 60_000
 
 
 def make_engine(settings: Settings) -> AsyncEngine:
@@ -27,7 +30,11 @@ def make_engine(settings: Settings) -> AsyncEngine:
 
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(
-            url, poolclass=AsyncAdaptedQueuePool, pool_size=5, max_overflow=20, connect_args={"timeout": 60}
+            url,
+            poolclass=AsyncAdaptedQueuePool,
+            pool_size=5,
+            max_overflow=20,
+            async_creator=inline_connector(path or ":memory:", SQLITE_BUSY_TIMEOUT_MS),
         )
         _tune_sqlite(engine)
         return engine
@@ -35,15 +42,15 @@ def make_engine(settings: Settings) -> AsyncEngine:
 
 
 def _tune_sqlite(engine: AsyncEngine) -> None:
-    """WAL for concurrent readers; BEGIN IMMEDIATE so writers queue on busy_timeout instead of
-    failing with 'database is locked' when a read transaction tries to upgrade."""
+    """WAL for concurrent readers; BEGIN IMMEDIATE so writers queue for the lock (in a thread:
+    see sqlite_inline) instead of failing with 'database is locked' when a read transaction
+    tries to upgrade."""
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=60000")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -124,3 +124,102 @@ async def _transition(
 async def _load(session: AsyncSession, model: type[Entity], entity_id: str) -> Entity | None:
     stmt = select(model).where(model.id == entity_id).execution_options(populate_existing=True)
     return (await session.execute(stmt)).scalar_one_or_none()
+
+
+class Change:
+    """One status change of a batch: `known` is the row as read in this same transaction."""
+
+    __slots__ = ("data", "known", "reason", "target", "values")
+
+    def __init__(
+        self,
+        known: Job | Worker,
+        target: JobStatus | WorkerStatus,
+        reason: str | None,
+        values: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        self.known, self.target, self.reason, self.values, self.data = known, target, reason, values, data
+
+
+class StaleBatch(RuntimeError):
+    """A batched change found a row that was not as read: the transaction must be rolled back."""
+
+
+async def transition_many(session: AsyncSession, changes: list[Change], *, actor: str) -> None:
+    """Apply many transitions with one UPDATE per shape of change instead of one per row.
+
+    The same rules as `_transition`: the table decides what is legal (InvalidTransition, nothing
+    written), and every UPDATE keeps its `WHERE status = <known>` guard. The caller read the rows
+    in this transaction (on PostgreSQL with FOR UPDATE, see `lock_statuses`), so the guard always
+    matches; if a row count says otherwise the whole batch raises StaleBatch.
+    """
+    if not changes:
+        return
+    now = utcnow()
+    shapes: dict[tuple[type[Any], tuple[str, ...]], list[dict[str, Any]]] = {}
+    applied: list[tuple[Change, dict[str, Any]]] = []
+    for change in changes:
+        entity = change.known
+        is_job = isinstance(entity, Job)
+        status_type: type[JobStatus] | type[WorkerStatus] = JobStatus if is_job else WorkerStatus
+        table: dict[Any, frozenset[Any]] = JOB_TRANSITIONS if is_job else WORKER_TRANSITIONS
+        final: frozenset[Any] = JOB_FINAL if is_job else WORKER_FINAL
+        current = status_type(entity.status)
+        if change.target not in table[current]:
+            raise InvalidTransition(
+                "job" if is_job else "worker", entity.id, current.value, change.target.value
+            )
+        values: dict[str, Any] = {
+            "status": change.target.value,
+            "updated_at": now,
+            "status_reason": change.reason,
+        }
+        if change.target.value == "RUNNING" and entity.started_at is None:
+            values["started_at"] = now
+        if change.target in final:
+            values["finished_at"] = now
+        values.update(change.values or {})
+        model = Job if is_job else Worker
+        shape = (model, tuple(sorted(values)))
+        shapes.setdefault(shape, []).append({**values, "b_id": entity.id, "b_status": current.value})
+        applied.append((change, values))
+    supports_rowcount = session.bind.dialect.supports_sane_multi_rowcount if session.bind else False
+    for (model, columns), rows in shapes.items():
+        table_ = model.__table__
+        stmt = (
+            update(table_)
+            .where(table_.c.id == bindparam("b_id"), table_.c.status == bindparam("b_status"))
+            .values({column: bindparam(column) for column in columns})
+        )
+        result = await session.execute(stmt, rows)
+        if supports_rowcount and result.rowcount != len(rows):  # type: ignore[attr-defined]
+            raise StaleBatch(f"{len(rows) - result.rowcount} of {len(rows)} rows changed under a batch")  # type: ignore[attr-defined]
+    for change, values in applied:
+        entity = change.known
+        is_worker = isinstance(entity, Worker)
+        record_event(
+            session,
+            job_id=entity.job_id if isinstance(entity, Worker) else entity.id,
+            worker_id=entity.id if is_worker else None,
+            kind="worker.status" if is_worker else "job.status",
+            actor=actor,
+            from_status=entity.status,
+            to_status=change.target.value,
+            reason=change.reason,
+            data=change.data,
+            created_at=now,
+        )
+        for key, value in values.items():
+            set_committed_value(entity, key, value)
+
+
+async def lock_statuses(session: AsyncSession, model: type[Entity], ids: list[str]) -> dict[str, str]:
+    """Current status of each row, locked until the transaction ends (SQLite: BEGIN IMMEDIATE
+    already excludes every other writer; PostgreSQL: FOR UPDATE)."""
+    if not ids:
+        return {}
+    stmt = select(model.id, model.status).where(model.id.in_(ids))
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    return {row_id: status for row_id, status in (await session.execute(stmt)).all()}

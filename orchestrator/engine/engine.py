@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,20 +28,33 @@ from orchestrator.core.auth import create_access_token, engine_actor
 from orchestrator.core.config import Settings
 from orchestrator.core.errors import InvalidTransition
 from orchestrator.core.ids import new_engine_id
-from orchestrator.core.states import WORKER_FINAL, WORKER_LIVE, JobStatus, WorkerStatus
+from orchestrator.core.states import (
+    JOB_TRANSITIONS,
+    WORKER_FINAL,
+    WORKER_LIVE,
+    WORKER_TRANSITIONS,
+    JobStatus,
+    WorkerStatus,
+)
 from orchestrator.db import notify as notifications
 from orchestrator.db.events import record_event
 from orchestrator.db.models import Job, Worker, WorkerLog, utcnow
 from orchestrator.db.session import Database
-from orchestrator.db.transitions import transition_job, transition_worker
+from orchestrator.db.transitions import (
+    Change,
+    lock_statuses,
+    transition_job,
+    transition_many,
+    transition_worker,
+)
 from orchestrator.engine import budget as budgets
 from orchestrator.engine import queries
 from orchestrator.engine.governor import Governor
 from orchestrator.engine.logs import LogCursor
-from orchestrator.executors.local import LocalExecutor, WorkerProcess, pid_alive, read_exit_code
+from orchestrator.executors.local import PID_FILE, LocalExecutor, WorkerProcess, pid_alive, read_exit_code
 from orchestrator.jobs.service import JOBS_TOPIC
 from orchestrator.resources import repository as slots_repo
-from orchestrator.resources.service import bind_slot, release_unbound
+from orchestrator.resources.service import release_unbound
 from orchestrator.workers import repository as workers_repo
 from orchestrator.workspaces import git
 
@@ -49,10 +63,12 @@ log = logging.getLogger("orchestrator.engine")
 WORKER_TOKEN_SCOPES = ["jobs:read", "jobs:write", "supervisor:read"]
 CLAIM_BATCH = 100
 START_BATCH = 50
+IDLE_SLACK = 5  # IDLE workers read beyond a depth's free slots, for those a pass skips
 LOG_INTERVAL_SECONDS = 0.25
 RECLAIM_INTERVAL_SECONDS = 2.0
 SQLITE_WATCH_SECONDS = 0.05
 STOP_STEP_SECONDS = 5.0
+LAUNCH_THREADS = 8
 
 
 class Engine:
@@ -84,6 +100,7 @@ class Engine:
         self.runs_dir = settings.data_dir / "runs"
         self.workspaces_dir = settings.data_dir / "workspaces"
         self.governor = Governor(settings)
+        self.launcher = ThreadPoolExecutor(max_workers=LAUNCH_THREADS, thread_name_prefix="launch")
         self.spend_changed = False
         self.last_budget_check = 0.0
 
@@ -124,6 +141,7 @@ class Engine:
                 proc.popen.returncode = 0  # detach: the process outlives us by design
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._unregister(), STOP_STEP_SECONDS)
+        self.launcher.shutdown(wait=False)
 
     async def _unregister(self) -> None:
         async with self.db.session() as session:
@@ -213,7 +231,7 @@ class Engine:
     # ---------------------------------------------------------------- one pass
 
     async def tick(self) -> None:
-        """One pass, in three short transactions: schedule, (launch), record and settle."""
+        """One pass, in short transactions: record exits, control, schedule, (launch), record starts."""
         await self._finalize_exited()
         if time.monotonic() - self.last_reclaim > RECLAIM_INTERVAL_SECONDS:
             await self._reclaim()
@@ -223,8 +241,7 @@ class Engine:
         ready = await self._schedule()
         started = await self._launch_all(ready)
         async with self.db.session() as session:
-            for worker, job, proc, values in started:
-                await self._record_start(session, worker, job, proc, values)
+            await self._record_starts(session, started)
             await self._settle_jobs(session)
             if started:
                 await notifications.notify(session, JOBS_TOPIC)
@@ -237,52 +254,81 @@ class Engine:
                 have_workers = {
                     w.job_id for w in await queries.workers_for_jobs(session, [j.id for j in claimed])
                 }
-                for job in claimed:
-                    if job.id not in have_workers:
-                        await queries.create_workers(session, job, self.actor)
-            ready: list[tuple[Worker, Job]] = []
-            full_depths: set[int] = set()
-            idle = await queries.idle_workers(session, self.id, START_BATCH * 4)
-            limited = await self._rate_limited_agents(session, {job.agent for _, job in idle})
-            spare = await queries.unbound_slots(session, list({job.id for _, job in idle})) if idle else {}
-            for worker, job in idle:
-                if len(ready) >= START_BATCH:
-                    break
-                if job.depth in full_depths or worker.id in self.procs or job.agent in limited:
-                    continue
-                if worker.holds_slot or await bind_slot(
-                    session, worker.id, job.id, job.depth, may_have_unbound=spare.get(job.id, 0) > 0
-                ):
-                    ready.append((worker, job))
-                    if not worker.holds_slot and spare.get(job.id, 0) > 0:
-                        spare[job.id] -= 1
-                else:
-                    full_depths.add(job.depth)
+                await queries.create_workers(
+                    session, [job for job in claimed if job.id not in have_workers], self.actor
+                )
+            free = await slots_repo.pools_free(session, None)
+            per_depth = {
+                depth: min(count, START_BATCH) + IDLE_SLACK for depth, count in free.items() if count > 0
+            }
+            idle = await queries.idle_workers(session, self.id, per_depth, START_BATCH * 4)
+            ready = await self._bind_slots(session, idle, free) if idle else []
         if len(claimed) == CLAIM_BATCH or len(ready) == START_BATCH:
             self.wake.set()  # more to do: come straight back
+        return ready
+
+    async def _bind_slots(
+        self, session: AsyncSession, idle: list[tuple[Worker, Job]], free: dict[int, int]
+    ) -> list[tuple[Worker, Job]]:
+        """Give slots to IDLE workers in queue order, at most START_BATCH: a slot they hold
+        already, else an unbound one of their job (an explicit allocation), else a new one from
+        their depth's pool. The counters are read under lock, so the new slots of the whole pass
+        are taken with one UPDATE per job and one per depth."""
+        limited = await self._rate_limited_agents(session, {job.agent for _, job in idle})
+        room = await slots_repo.allocations_room(session, list({job.id for _, job in idle}))
+        ready: list[tuple[Worker, Job]] = []
+        new_slots: dict[int, tuple[dict[str, int], list[str]]] = {}
+        for worker, job in idle:
+            if len(ready) >= START_BATCH:
+                break
+            if worker.id in self.procs or job.agent in limited:
+                continue
+            if worker.holds_slot:
+                ready.append((worker, job))
+                continue
+            unbound, more = room.get(job.id, (0, 0))
+            if unbound > 0:
+                if await slots_repo.allocation_bind(session, job.id) and await slots_repo.worker_mark_holding(
+                    session, worker.id
+                ):
+                    ready.append((worker, job))
+                    room[job.id] = (unbound - 1, more)
+                continue
+            if more > 0 and free.get(job.depth, 0) > 0:
+                per_job, worker_ids = new_slots.setdefault(job.depth, ({}, []))
+                per_job[job.id] = per_job.get(job.id, 0) + 1
+                worker_ids.append(worker.id)
+                room[job.id] = (0, more - 1)
+                free[job.depth] -= 1
+                ready.append((worker, job))
+        for depth, (per_job, worker_ids) in sorted(new_slots.items()):
+            await slots_repo.bind_new_slots(session, depth, per_job, worker_ids)
         return ready
 
     async def _launch_all(
         self, ready: list[tuple[Worker, Job]]
     ) -> list[tuple[Worker, Job, WorkerProcess | None, dict[str, Any]]]:
-        started: list[tuple[Worker, Job, WorkerProcess | None, dict[str, Any]]] = []
-        for worker, job in ready:
+        """Start the pass's workers side by side: creating files and processes blocks, and on a
+        slow disk a worker's directories and files cost more than everything else it needs."""
+
+        async def launch(
+            worker: Worker, job: Job
+        ) -> tuple[Worker, Job, WorkerProcess | None, dict[str, Any]]:
             try:
                 launched, values = await self._launch(worker, job)
-                started.append((worker, job, launched, values))
+                return worker, job, launched, values
             except Exception as exc:
                 log.warning("worker %s could not start: %s", worker.id, exc)
-                started.append((worker, job, None, {"status_reason": f"could not start: {exc}"}))
-        return started
+                return worker, job, None, {"status_reason": f"could not start: {exc}"}
+
+        return list(await asyncio.gather(*(launch(worker, job) for worker, job in ready)))
 
     async def _launch(self, worker: Worker, job: Job) -> tuple[WorkerProcess, dict[str, Any]]:
         agent = self.agents.get(job.agent)
         run_dir = self.runs_dir / worker.id
-        home = run_dir / "home"
-        home.mkdir(parents=True, exist_ok=True)
-        values: dict[str, Any] = {"run_dir": str(run_dir)}
+        workdir = self.workspaces_dir / worker.id
+        values: dict[str, Any] = {"run_dir": str(run_dir), "workdir": str(workdir)}
         if job.repository:
-            workdir = self.workspaces_dir / worker.id
             branch = git.branch_name(job.id, worker.id)
             async with self._repo_lock(job.repository):
                 await self._checkpoint_parent_branch(job.base_ref)
@@ -290,12 +336,14 @@ class Engine:
                     git.add_worktree, Path(job.repository), workdir, branch, job.base_ref
                 )
             values.update(branch=branch, result={"base_commit": base})
-        else:
-            workdir = self.workspaces_dir / worker.id
+        context = self._worker_context(worker, job, workdir, run_dir / "home", run_dir)
+
+        def start() -> WorkerProcess:
+            context.home.mkdir(parents=True, exist_ok=True)
             workdir.mkdir(parents=True, exist_ok=True)
-        values["workdir"] = str(workdir)
-        spec = agent.launch(self._worker_context(worker, job, workdir, home, run_dir))
-        proc = self.executor.start(worker.id, spec, workdir, run_dir)
+            return self.executor.start(worker.id, agent.launch(context), workdir, run_dir)
+
+        proc = await asyncio.get_running_loop().run_in_executor(self.launcher, start)
         return proc, values
 
     def _worker_context(
@@ -457,45 +505,40 @@ class Engine:
                 git.commit_all, worktree, "orchestrator: checkpoint before delegating", None
             )
 
-    async def _record_start(
-        self,
-        session: AsyncSession,
-        worker: Worker,
-        job: Job,
-        proc: WorkerProcess | None,
-        values: dict[str, Any],
+    async def _record_starts(
+        self, session: AsyncSession, started: list[tuple[Worker, Job, WorkerProcess | None, dict[str, Any]]]
     ) -> None:
-        if proc is None:
-            await self._fail(session, worker, values["status_reason"])
-            return
-        values.update(
-            pid=proc.pid, pid_start_time=proc.start_time, host=self.executor.host, engine_id=self.id
-        )
-        try:
-            await transition_worker(
-                session,
-                worker.id,
-                WorkerStatus.RUNNING,
-                actor=self.actor,
-                reason="started",
-                values=values,
-                known=worker,
+        """Record a pass's started workers (and their jobs' first start) in a few statements."""
+        launched = [item for item in started if item[2] is not None]
+        statuses = await lock_statuses(session, Worker, [worker.id for worker, _, _, _ in launched])
+        changes: list[Change] = []
+        for worker, job, proc, values in started:
+            if proc is None:
+                await self._fail(session, worker, values["status_reason"])
+                continue
+            values.update(
+                pid=proc.pid, pid_start_time=proc.start_time, host=self.executor.host, engine_id=self.id
             )
-        except InvalidTransition:
-            # Terminated while we were starting it: record the process, then stop it.
-            await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
-        self._supervise(proc, job, offset=0, lines=0)
-        if job.status == JobStatus.PENDING.value:
-            with contextlib.suppress(InvalidTransition):
-                await transition_job(
-                    session,
-                    job.id,
-                    JobStatus.RUNNING,
-                    actor=self.actor,
-                    reason="first worker started",
-                    known=job,
-                )
-                job.status = JobStatus.RUNNING.value
+            if statuses.get(worker.id) == worker.status and WorkerStatus.RUNNING in WORKER_TRANSITIONS.get(
+                WorkerStatus(worker.status), frozenset()
+            ):
+                changes.append(Change(worker, WorkerStatus.RUNNING, "started", values))
+            else:
+                # Terminated while we were starting it: record the process, then stop it.
+                await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
+            self._supervise(proc, job, offset=0, lines=0)
+        await transition_many(session, changes, actor=self.actor)
+        first = {job.id: job for _, job, proc, _ in launched if job.status == JobStatus.PENDING.value}
+        job_statuses = await lock_statuses(session, Job, list(first))
+        await transition_many(
+            session,
+            [
+                Change(job, JobStatus.RUNNING, "first worker started")
+                for job in first.values()
+                if job_statuses.get(job.id) == JobStatus.PENDING.value
+            ],
+            actor=self.actor,
+        )
 
     def _supervise(self, proc: WorkerProcess, job: Job, *, offset: int, lines: int) -> None:
         self.procs[proc.worker_id] = proc
@@ -584,10 +627,7 @@ class Engine:
             values = await self._collect_outcome(proc, worker)
             outcomes.append((proc, worker, values))
         async with self.db.session() as session:
-            for proc, worker, values in outcomes:
-                await self._record_exit(
-                    session, worker, values, exit_code=values.pop("_exit"), killed=proc.kill_sent
-                )
+            await self._record_exits(session, outcomes)
             await notifications.notify(session, JOBS_TOPIC)
         for proc in batch:
             self.procs.pop(proc.worker_id, None)
@@ -621,50 +661,52 @@ class Engine:
         values["result"] = result or None
         return values
 
-    async def _record_exit(
-        self,
-        session: AsyncSession,
-        worker: Worker,
-        values: dict[str, Any],
-        *,
-        exit_code: int | None,
-        killed: bool,
+    async def _record_exits(
+        self, session: AsyncSession, outcomes: list[tuple[WorkerProcess, Worker, dict[str, Any]]]
     ) -> None:
-        values["exit_code"] = exit_code
-        current = await workers_repo.get_worker(session, worker.id)
-        if current is None:
-            return
-        outcome = self._outcome(current, values, exit_code) if current.status in WORKER_LIVE else None
-        if outcome is not None and outcome.retryable and not killed:
-            if await self._park(session, current, values, outcome):
-                return  # keeps its slot; the engine resumes it after the backoff
-            outcome = Outcome(False, f"{outcome.reason} (gave up after rate-limit resumes)")
-        if outcome is not None and outcome.ok:
-            agent = self.agents.agents.get(current.agent)
-            account = agent.account_key() if agent is not None else None
-            if account is not None:
-                await self.governor.note_ok(session, account)
-        if current.status in WORKER_LIVE:
-            if outcome is not None:
-                target = WorkerStatus.COMPLETED if outcome.ok else WorkerStatus.FAILED
-                reason = outcome.reason
-            elif exit_code == 0:
-                target, reason = WorkerStatus.COMPLETED, "exit code 0"
-            elif exit_code is None:
-                target, reason = WorkerStatus.FAILED, "killed: the worker ended without an exit status"
-            elif exit_code > 128:
-                target, reason = WorkerStatus.FAILED, f"exit code {exit_code} (signal {exit_code - 128})"
+        """Record how a pass's workers ended and return their slots: a few statements for all."""
+        fresh = await queries.workers_by_id(session, [worker.id for _, worker, _ in outcomes], lock=True)
+        changes: list[Change] = []
+        plain: list[tuple[str, dict[str, Any]]] = []
+        release: list[tuple[str, str, int]] = []
+        for proc, worker, values in outcomes:
+            exit_code = values.pop("_exit")
+            values["exit_code"] = exit_code
+            current = fresh.get(worker.id)
+            if current is None:
+                continue
+            outcome = self._outcome(current, values, exit_code) if current.status in WORKER_LIVE else None
+            if outcome is not None and outcome.retryable and not proc.kill_sent:
+                if await self._park(session, current, values, outcome):
+                    continue  # keeps its slot; the engine resumes it after the backoff
+                outcome = Outcome(False, f"{outcome.reason} (gave up after rate-limit resumes)")
+            if outcome is not None and outcome.ok:
+                agent = self.agents.agents.get(current.agent)
+                account = agent.account_key() if agent is not None else None
+                if account is not None:
+                    await self.governor.note_ok(session, account)
+            if current.status in WORKER_LIVE:
+                target, reason = self._ending(outcome, exit_code)
+                changes.append(Change(current, target, reason, values))
             else:
-                target, reason = WorkerStatus.FAILED, f"exit code {exit_code}"
-            try:
-                await transition_worker(
-                    session, worker.id, target, actor=self.actor, reason=reason, values=values, known=current
-                )
-            except InvalidTransition:
-                await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
-        else:
-            await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
-        await slots_repo.worker_release_slot(session, worker.id, worker.job_id, worker.depth)
+                plain.append((current.id, values))
+            release.append((current.id, current.job_id, current.depth))
+        await transition_many(session, changes, actor=self.actor)
+        for worker_id, values in plain:
+            await session.execute(update(Worker).where(Worker.id == worker_id).values(**values))
+        await slots_repo.workers_release_slots(session, release)
+
+    @staticmethod
+    def _ending(outcome: Outcome | None, exit_code: int | None) -> tuple[WorkerStatus, str]:
+        if outcome is not None:
+            return (WorkerStatus.COMPLETED if outcome.ok else WorkerStatus.FAILED), outcome.reason
+        if exit_code == 0:
+            return WorkerStatus.COMPLETED, "exit code 0"
+        if exit_code is None:
+            return WorkerStatus.FAILED, "killed: the worker ended without an exit status"
+        if exit_code > 128:
+            return WorkerStatus.FAILED, f"exit code {exit_code} (signal {exit_code - 128})"
+        return WorkerStatus.FAILED, f"exit code {exit_code}"
 
     async def _fail(
         self, session: AsyncSession, worker: Worker, reason: str, values: dict[str, Any] | None = None
@@ -687,6 +729,8 @@ class Engine:
         children_of = await queries.children_statuses(session, ids)
         workers_of = await queries.workers_by_job(session, ids)
         unbound = await queries.unbound_slots(session, ids)
+        current = await lock_statuses(session, Job, ids)
+        endings: list[Change] = []
         for job in candidates:
             children = children_of.get(job.id, [])
             if any(
@@ -710,11 +754,14 @@ class Engine:
                 target = JobStatus.FAILED
             else:
                 target, reason = JobStatus.COMPLETED, "all workers and child jobs completed"
-            with contextlib.suppress(InvalidTransition):
-                await transition_job(session, job.id, target, actor=self.actor, reason=reason, known=job)
-                if unbound.get(job.id, 0) > 0:
-                    await release_unbound(session, job.id, job.depth)
-                await notifications.notify(session, JOBS_TOPIC)
+            if current.get(job.id) == job.status and target in JOB_TRANSITIONS[JobStatus(job.status)]:
+                endings.append(Change(job, target, reason))
+        await transition_many(session, endings, actor=self.actor)
+        for change in endings:
+            if unbound.get(change.known.id, 0) > 0:
+                await release_unbound(session, change.known.id, change.known.depth)
+        if endings:
+            await notifications.notify(session, JOBS_TOPIC)
 
     # ---------------------------------------------------------------- logs
 
@@ -862,11 +909,15 @@ class Engine:
     async def _recover_worker(self, session: AsyncSession, worker: Worker, job: Job) -> None:
         run_dir = self.runs_dir / worker.id
         pid, start_time = worker.pid, worker.pid_start_time
-        if pid is None and (run_dir / "pid").exists():
-            # Started but the engine died before recording it.
-            with contextlib.suppress(ValueError):
-                pid_text, start_text = (run_dir / "pid").read_text().split()
-                pid, start_time = int(pid_text), int(start_text)
+        if pid is None and (run_dir / PID_FILE).exists():
+            # Started, but the engine died before recording it: the wrapper wrote its PID.
+            with contextlib.suppress(ValueError, IndexError, OSError):
+                fields = (run_dir / PID_FILE).read_text().split()
+                pid = int(fields[0])
+                start_time = int(fields[1]) if len(fields) > 1 else None
+                if start_time is None:
+                    found = self.executor.find_started(run_dir)
+                    start_time = found[1] if found is not None and found[0] == pid else None
                 await session.execute(
                     update(Worker)
                     .where(Worker.id == worker.id)
@@ -876,6 +927,15 @@ class Engine:
                     worker = await transition_worker(
                         session, worker.id, WorkerStatus.RUNNING, actor=self.actor, reason="adopted"
                     )
+                    if job.status == JobStatus.PENDING.value:
+                        with contextlib.suppress(InvalidTransition):
+                            await transition_job(
+                                session,
+                                job.id,
+                                JobStatus.RUNNING,
+                                actor=self.actor,
+                                reason="first worker adopted",
+                            )
         if pid is None:
             if worker.status in WORKER_FINAL and worker.holds_slot:
                 await slots_repo.worker_release_slot(session, worker.id, job.id, job.depth)

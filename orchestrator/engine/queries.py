@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, exists, or_, select, update
+from sqlalchemy import and_, case, delete, exists, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.ids import new_worker_id
 from orchestrator.core.states import WORKER_LIVE, JobStatus, WorkerStatus
 from orchestrator.db.events import record_event
-from orchestrator.db.models import Allocation, EngineRecord, Job, ResourcePool, Worker, utcnow
+from orchestrator.db.models import Allocation, EngineRecord, Job, Worker, utcnow
 
 ACTIVE_JOB = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
 LIVE = tuple(s.value for s in WORKER_LIVE)
@@ -86,56 +86,80 @@ async def take_over_job(session: AsyncSession, job_id: str, old_engine: str | No
     return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
 
-async def create_workers(session: AsyncSession, job: Job, actor: str) -> None:
+async def create_workers(session: AsyncSession, jobs: list[Job], actor: str) -> None:
+    """The IDLE workers of newly claimed jobs, written in one flush."""
     now = utcnow()
-    for index in range(job.worker_count):
-        worker_id = new_worker_id()
-        session.add(
-            Worker(
-                id=worker_id,
-                job_id=job.id,
-                workspace_id=job.workspace_id,
-                status=WorkerStatus.IDLE.value,
-                worker_index=index,
-                depth=job.depth,
-                agent=job.agent,
-                holds_slot=False,
-                log_offset=0,
-                log_lines=0,
-                created_at=now,
-                updated_at=now,
+    for job in jobs:
+        for index in range(job.worker_count):
+            worker_id = new_worker_id()
+            session.add(
+                Worker(
+                    id=worker_id,
+                    job_id=job.id,
+                    workspace_id=job.workspace_id,
+                    status=WorkerStatus.IDLE.value,
+                    worker_index=index,
+                    depth=job.depth,
+                    agent=job.agent,
+                    holds_slot=False,
+                    log_offset=0,
+                    log_lines=0,
+                    created_at=now,
+                    updated_at=now,
+                )
             )
-        )
-        record_event(
-            session,
-            job_id=job.id,
-            worker_id=worker_id,
-            kind="worker.status",
-            actor=actor,
-            from_status=None,
-            to_status=WorkerStatus.IDLE.value,
-            reason="created",
-            created_at=now,
-        )
+            record_event(
+                session,
+                job_id=job.id,
+                worker_id=worker_id,
+                kind="worker.status",
+                actor=actor,
+                from_status=None,
+                to_status=WorkerStatus.IDLE.value,
+                reason="created",
+                created_at=now,
+            )
     await session.flush()
 
 
-async def idle_workers(session: AsyncSession, engine_id: str, limit: int) -> list[tuple[Worker, Job]]:
-    """IDLE workers that could start now: at a depth with a free slot, or in a job holding an
-    unbound slot (an explicit allocation), or already holding one. Full depths cost nothing."""
-    free_depths = select(ResourcePool.depth).where(ResourcePool.allocated < ResourcePool.max_workers)
+async def idle_workers(
+    session: AsyncSession, engine_id: str, per_depth: dict[int, int], limit: int
+) -> list[tuple[Worker, Job]]:
+    """IDLE workers that could start now, in queue order: at each depth at most `per_depth[d]`
+    (its free slots, plus a little for workers the caller skips), and any worker of a job holding
+    an unbound slot (an explicit allocation) or holding a slot already. Rows that could not start
+    are never loaded: loading them cost more than all the rest of a pass."""
     unbound = exists().where(Allocation.job_id == Job.id, Allocation.slots > Allocation.bound)
+    candidates = and_(
+        Job.engine_id == engine_id,
+        Job.status.in_(ACTIVE_JOB),
+        Worker.status == WorkerStatus.IDLE.value,
+        Worker.pid.is_(None),
+    )
+    queue_order = (Job.priority.desc(), Job.created_at, Worker.worker_index)
+    ranked = (
+        select(
+            Worker.id.label("worker_id"),
+            func.row_number().over(partition_by=Job.depth, order_by=queue_order).label("place"),
+        )
+        .join(Job, Job.id == Worker.job_id)
+        .where(candidates)
+        .subquery()
+    )
+    allowed = (
+        case(
+            *((Job.depth == depth, count) for depth, count in sorted(per_depth.items()) if count > 0),
+            else_=0,
+        )
+        if any(count > 0 for count in per_depth.values())
+        else literal(0)
+    )
     stmt = (
         select(Worker, Job)
         .join(Job, Job.id == Worker.job_id)
-        .where(
-            Job.engine_id == engine_id,
-            Job.status.in_(ACTIVE_JOB),
-            Worker.status == WorkerStatus.IDLE.value,
-            Worker.pid.is_(None),
-            or_(Job.depth.in_(free_depths), unbound, Worker.holds_slot.is_(True)),
-        )
-        .order_by(Job.depth, Job.priority.desc(), Job.created_at, Worker.worker_index)
+        .join(ranked, ranked.c.worker_id == Worker.id)
+        .where(or_(ranked.c.place <= allowed, unbound, Worker.holds_slot.is_(True)))
+        .order_by(Job.depth, *queue_order)
         .limit(limit)
         .execution_options(populate_existing=True)
     )
@@ -194,3 +218,16 @@ async def jobs_by_id(session: AsyncSession, job_ids: list[str]) -> dict[str, Job
         return {}
     stmt = select(Job).where(Job.id.in_(job_ids)).execution_options(populate_existing=True)
     return {job.id: job for job in (await session.execute(stmt)).scalars()}
+
+
+async def workers_by_id(
+    session: AsyncSession, worker_ids: list[str], *, lock: bool = False
+) -> dict[str, Worker]:
+    """Whole rows; `lock`: held until the transaction ends (PostgreSQL FOR UPDATE; on SQLite the
+    write transaction already excludes every other writer)."""
+    if not worker_ids:
+        return {}
+    stmt = select(Worker).where(Worker.id.in_(worker_ids)).execution_options(populate_existing=True)
+    if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    return {worker.id: worker for worker in (await session.execute(stmt)).scalars()}

@@ -21,17 +21,26 @@ from pathlib import Path
 
 from orchestrator.agents.base import LaunchSpec
 
-# $1 = run dir; then the agent's argv. A handled TERM/INT/HUP trap keeps the wrapper alive to
-# record the agent's status (handled traps reset to default in the agent, so it still dies).
+# $1 = run dir, $2 = a file for the agent's stdin ("-": the wrapper's own stdin, a pipe the engine
+# fills); then the agent's argv. The wrapper records its PID first (an engine that dies before
+# writing the PID to the database still finds the worker), then runs the agent, then writes its
+# exit status. A handled TERM/INT/HUP trap keeps the wrapper alive to record that status (handled
+# traps reset to default in the agent, so it still dies). The exit file is read only once the
+# wrapper is gone; a wrapper killed mid-write leaves it empty, which reads as "no exit status".
+# Only shell built-ins besides the agent: no extra process, and no file the engine must create.
 WRAPPER_SCRIPT = (
-    'd="$1"; shift; trap ":" TERM INT HUP; '
-    '"$@" <"$d/stdin" >>"$d/output.log" 2>&1; c=$?; '
-    'printf "%s\\n" "$c" >"$d/exit.tmp" && mv "$d/exit.tmp" "$d/exit"'
+    'd="$1"; i="$2"; shift 2; trap ":" TERM INT HUP; printf "%s\\n" "$$" >"$d/pid"; '
+    'if [ "$i" = - ]; then "$@" >>"$d/output.log" 2>&1; else "$@" <"$i" >>"$d/output.log" 2>&1; fi; '
+    'printf "%s\\n" "$?" >"$d/exit"'
 )
+# Stdin up to this size goes through a pipe (it fits the pipe buffer, so writing never blocks);
+# larger stdin is written to a file first.
+PIPE_STDIN_BYTES = 64 * 1024
 
 OUTPUT_FILE = "output.log"
 EXIT_FILE = "exit"
 PID_FILE = "pid"
+STDIN_FILE = "stdin"
 
 
 def process_start_time(pid: int) -> int | None:
@@ -101,24 +110,49 @@ class LocalExecutor:
         _raise_fd_limit()
 
     def start(self, worker_id: str, spec: LaunchSpec, workdir: Path, run_dir: Path) -> WorkerProcess:
+        """Start the worker. Blocking calls: the engine runs several at once in threads. Files the
+        wrapper can create itself (output.log, pid, exit) are not created here."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "stdin").write_text(spec.stdin_text or "")
-        (run_dir / OUTPUT_FILE).touch()
+        data = (spec.stdin_text or "").encode()
+        stdin_arg = "-"
+        stdin = subprocess.DEVNULL
+        if data and len(data) <= PIPE_STDIN_BYTES:
+            stdin = subprocess.PIPE
+        elif data:
+            stdin_arg = str(run_dir / STDIN_FILE)
+            Path(stdin_arg).write_bytes(data)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8")}
         env.update(spec.env)
         popen = subprocess.Popen(
-            ["/bin/sh", "-c", WRAPPER_SCRIPT, "orchestrator-worker", str(run_dir), *spec.argv],
+            ["/bin/sh", "-c", WRAPPER_SCRIPT, "orchestrator-worker", str(run_dir), stdin_arg, *spec.argv],
             cwd=workdir,
             env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
             close_fds=True,
         )
+        if popen.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                popen.stdin.write(data)
+            with contextlib.suppress(BrokenPipeError):
+                popen.stdin.close()
         start_time = process_start_time(popen.pid) or 0
-        (run_dir / PID_FILE).write_text(f"{popen.pid} {start_time}\n")
         return WorkerProcess(worker_id, popen.pid, start_time, run_dir, popen=popen)
+
+    def find_started(self, run_dir: Path) -> tuple[int, int] | None:
+        """(PID, start time) of a wrapper that recorded its PID in `run_dir` and still runs: the
+        process must be a wrapper for this very run dir, so a reused PID is never taken for it."""
+        try:
+            pid = int((run_dir / PID_FILE).read_text().split()[0])
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError, PermissionError):
+            return None
+        if b"orchestrator-worker" not in argv or str(run_dir).encode() not in argv:
+            return None
+        start_time = process_start_time(pid)
+        return (pid, start_time) if start_time is not None else None
 
     def adopt(self, worker_id: str, pid: int, start_time: int, run_dir: Path) -> WorkerProcess | None:
         """Take over a worker started by an engine that died; None if it is gone."""

@@ -4,7 +4,9 @@ constraints on the tables are the last line of defence."""
 
 from __future__ import annotations
 
-from sqlalchemy import select, text, update
+from typing import cast
+
+from sqlalchemy import Table, bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.db.models import Allocation, ResourcePool, Worker, utcnow
@@ -129,3 +131,107 @@ async def worker_release_slot(session: AsyncSession, worker_id: str, job_id: str
     )
     await pool_give_back(session, depth, 1)
     return True
+
+
+async def workers_release_slots(session: AsyncSession, workers: list[tuple[str, str, int]]) -> int:
+    """`worker_release_slot` for many (worker id, job id, depth) at once: one guarded UPDATE
+    decides which workers still held a slot (exactly once, as for one), then one UPDATE per job
+    and one per depth return them. Same lock order: workers, allocations, pools."""
+    if not workers:
+        return 0
+    ids = [worker_id for worker_id, _, _ in workers]
+    released = (
+        await session.execute(
+            update(Worker)
+            .where(Worker.id.in_(ids), Worker.holds_slot.is_(True))
+            .values(holds_slot=False)
+            .returning(Worker.id)
+        )
+    ).scalars()
+    freed = set(released)
+    per_job: dict[str, int] = {}
+    per_depth: dict[int, int] = {}
+    for worker_id, job_id, depth in workers:
+        if worker_id in freed:
+            per_job[job_id] = per_job.get(job_id, 0) + 1
+            per_depth[depth] = per_depth.get(depth, 0) + 1
+    if not per_job:
+        return 0
+    allocations = cast(Table, Allocation.__table__)
+    await session.execute(
+        update(allocations)
+        .where(allocations.c.job_id == bindparam("b_job"), allocations.c.bound >= bindparam("b_n"))
+        .values(
+            bound=allocations.c.bound - bindparam("b_n"),
+            slots=allocations.c.slots - bindparam("b_n"),
+            updated_at=bindparam("b_now"),
+        ),
+        [{"b_job": job_id, "b_n": n, "b_now": utcnow()} for job_id, n in sorted(per_job.items())],
+    )
+    for depth, n in sorted(per_depth.items()):
+        await pool_give_back(session, depth, n)
+    return len(freed)
+
+
+def _for_update(session: AsyncSession) -> bool:
+    return session.bind is not None and session.bind.dialect.name == "postgresql"
+
+
+async def pools_free(session: AsyncSession, depths: list[int] | None) -> dict[int, int]:
+    """Free slots per depth (all depths: None), locked until the transaction ends (SQLite: the
+    write transaction already excludes every other writer)."""
+    stmt = select(ResourcePool.depth, ResourcePool.max_workers - ResourcePool.allocated)
+    if depths is not None:
+        stmt = stmt.where(ResourcePool.depth.in_(depths))
+    if _for_update(session):
+        stmt = stmt.with_for_update()
+    return {depth: int(free) for depth, free in (await session.execute(stmt)).all()}
+
+
+async def allocations_room(session: AsyncSession, job_ids: list[str]) -> dict[str, tuple[int, int]]:
+    """(unbound slots, room for more slots) per job, locked like `pools_free`."""
+    stmt = select(
+        Allocation.job_id, Allocation.slots - Allocation.bound, Allocation.max_slots - Allocation.slots
+    ).where(Allocation.job_id.in_(job_ids))
+    if _for_update(session):
+        stmt = stmt.with_for_update()
+    return {
+        job_id: (int(unbound), int(room)) for job_id, unbound, room in (await session.execute(stmt)).all()
+    }
+
+
+class SlotsMoved(RuntimeError):
+    """A counter was not as read under lock: roll the transaction back (never observed)."""
+
+
+async def bind_new_slots(
+    session: AsyncSession, depth: int, per_job: dict[str, int], worker_ids: list[str]
+) -> None:
+    """Take `sum(per_job)` new slots at `depth` and bind them at once to `worker_ids`; the caller
+    read the counters under lock (`pools_free`, `allocations_room`) and asks for no more than
+    they allow. Same guarded UPDATEs and lock order as one `bind_slot`: allocations, pool, workers."""
+    allocations = cast(Table, Allocation.__table__)
+    rows = [{"b_job": job_id, "b_n": n, "b_now": utcnow()} for job_id, n in sorted(per_job.items())]
+    result = await session.execute(
+        update(allocations)
+        .where(
+            allocations.c.job_id == bindparam("b_job"),
+            allocations.c.slots + bindparam("b_n") <= allocations.c.max_slots,
+        )
+        .values(
+            slots=allocations.c.slots + bindparam("b_n"),
+            bound=allocations.c.bound + bindparam("b_n"),
+            updated_at=bindparam("b_now"),
+        ),
+        rows,
+    )
+    exact = session.bind is not None and session.bind.dialect.supports_sane_multi_rowcount
+    if exact and result.rowcount != len(rows):  # type: ignore[attr-defined]
+        raise SlotsMoved("an allocation changed under lock")
+    if not await pool_take(session, depth, sum(per_job.values())):
+        raise SlotsMoved(f"the depth-{depth} pool changed under lock")
+    marked = await session.execute(
+        update(Worker).where(Worker.id.in_(worker_ids), Worker.holds_slot.is_(False)).values(holds_slot=True)
+    )
+    if marked.rowcount != len(worker_ids):  # type: ignore[attr-defined]
+        raise SlotsMoved("a worker took a slot under lock")

@@ -159,3 +159,72 @@ def test_dead_engine_on_another_host_loses_its_workers_after_the_lease(servers: 
         assert worker["status"] == "FAILED" and worker["status_reason"].startswith("lost"), worker
         assert "elsewhere" in worker["status_reason"]
         wait_until(lambda: usage_allocated(client) == [0, 0, 0, 0, 0, 0], timeout=10, what="slots back")
+
+
+def test_worker_started_but_not_yet_recorded_is_adopted_not_started_twice(servers: ServerFactory) -> None:
+    """The engine died after starting a worker's wrapper and before writing its PID to the
+    database. The wrapper wrote its PID to the run dir; the next engine adopts that process (it
+    is this run dir's wrapper) instead of starting the worker a second time."""
+    import socket
+    import subprocess
+    from datetime import timedelta
+
+    from sqlalchemy import update as sql_update
+
+    from orchestrator.agents.base import LaunchSpec
+    from orchestrator.db.models import Allocation, EngineRecord, Job, ResourcePool, utcnow
+    from orchestrator.executors.local import LocalExecutor
+    from tests.support.db import run_in_db, seed_worker
+
+    api_only = servers.start(ORCHESTRATOR_ENGINE="false")
+    with api_only.client() as client:
+        job_id = submit(client)["id"]
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a PID that is certainly not a live engine
+    stale = utcnow() - timedelta(seconds=60)
+
+    async def left_behind(session: Any) -> None:
+        session.add(
+            EngineRecord(
+                id="e_crashed0001",
+                host=socket.gethostname(),
+                pid=gone.pid,
+                started_at=stale,
+                heartbeat_at=stale,
+            )
+        )
+        await session.execute(sql_update(Job).where(Job.id == job_id).values(engine_id="e_crashed0001"))
+        await session.execute(
+            sql_update(Allocation).where(Allocation.job_id == job_id).values(slots=1, bound=1)
+        )
+        await session.execute(
+            sql_update(ResourcePool)
+            .where(ResourcePool.depth == 0)
+            .values(allocated=ResourcePool.allocated + 1)
+        )
+
+    run_in_db(api_only, left_behind)
+    worker_id = seed_worker(api_only, job_id, status="IDLE", holds_slot=True, engine_id="e_crashed0001")
+    data_dir = Path(api_only.env["ORCHESTRATOR_DATA_DIR"])
+    run_dir, workdir = data_dir / "runs" / worker_id, data_dir / "workspaces" / worker_id
+    workdir.mkdir(parents=True)
+    wrapper = LocalExecutor().start(
+        worker_id, LaunchSpec(argv=["sh", "-c", "sleep 4; echo ran once"]), workdir, run_dir
+    )
+    api_only.stop()
+
+    server = servers.make(port=api_only.port).start()
+    with server.client() as client:
+        worker = wait_until(
+            lambda: (w := client.get(f"/api/supervisor/workers/{worker_id}").json())["pid"] and w,
+            timeout=10,
+            what="worker adopted",
+        )
+        assert (worker["status"], worker["pid"]) == ("RUNNING", wrapper.pid), worker
+        done = wait_final(client, job_id, timeout=20)
+        assert done["status"] == "COMPLETED", done
+        assert log_lines(client, worker_id) == ["ran once"]
+        assert (run_dir / "output.log").read_text() == "ran once\n"  # one run, not two
+        wait_until(lambda: usage_allocated(client) == [0, 0, 0, 0, 0, 0], timeout=10, what="slots back")
+    assert wrapper.popen is not None
+    wrapper.popen.wait(timeout=5)

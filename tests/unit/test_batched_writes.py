@@ -1,0 +1,180 @@
+"""The engine's batched writes keep the guarantees of the one-row versions, on a real database:
+the transition table, the conditional UPDATE, one event per change, slots returned exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.engine import Connection
+
+from orchestrator.core.config import Settings
+from orchestrator.core.errors import InvalidTransition
+from orchestrator.core.states import WORKER_FINAL, WORKER_TRANSITIONS, JobStatus, WorkerStatus
+from orchestrator.db.migrate import upgrade_database
+from orchestrator.db.models import Allocation, Job, ResourcePool, Worker
+from orchestrator.db.session import Database
+from orchestrator.db.transitions import Change, StaleBatch, transition_many
+from orchestrator.resources import repository as slots
+from tests.unit.test_state_tables import events_of, run, seed_job, seed_worker
+
+QUOTAS = [10, 8, 5, 3, 2, 1]
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    data = tmp_path_factory.mktemp("batched")
+    settings = Settings(orchestrator_data_dir=data, database_url=f"sqlite:///{data / 'batched.db'}")
+
+    async def _create() -> None:
+        database = Database(settings)
+        try:
+            await upgrade_database(database)
+            async with database.session() as session:
+                await slots.sync_pools(session, QUOTAS)
+        finally:
+            await database.dispose()
+
+    asyncio.run(_create())
+    return settings
+
+
+async def _worker(database: Database, worker_id: str) -> Worker:
+    async with database.session() as session:
+        stmt = select(Worker).where(Worker.id == worker_id).execution_options(populate_existing=True)
+        return (await session.execute(stmt)).scalar_one()
+
+
+def test_every_legal_worker_change_in_one_batch(settings: Settings) -> None:
+    """All legal (from, to) pairs applied together: each row as if changed alone, one event each."""
+    pairs = [(a, b) for a in WorkerStatus for b in WORKER_TRANSITIONS[a]]
+
+    async def scenario(database: Database) -> None:
+        seeded = [(await seed_worker(database, current.value), current, target) for current, target in pairs]
+        async with database.session() as session:
+            known = {
+                w.id: w
+                for w in (
+                    await session.execute(select(Worker).where(Worker.id.in_([s[0][1] for s in seeded])))
+                ).scalars()
+            }
+            changes = [
+                Change(known[worker_id], target, f"to {target.value}", values={"exit_code": i})
+                for i, ((_, worker_id), _, target) in enumerate(seeded)
+            ]
+            await transition_many(session, changes, actor="batch")
+        for i, ((job_id, worker_id), current, target) in enumerate(seeded):
+            worker = await _worker(database, worker_id)
+            assert (worker.status, worker.exit_code, worker.status_reason) == (
+                target.value,
+                i,
+                f"to {target.value}",
+            )
+            assert (worker.finished_at is not None) == (target in WORKER_FINAL)
+            async with database.session() as session:
+                assert await events_of(session, job_id) == [(worker_id, current.value, target.value)]
+
+    run(settings, scenario)
+
+
+def test_one_illegal_change_refuses_the_whole_batch(settings: Settings) -> None:
+    async def scenario(database: Database) -> None:
+        ok_job, ok_worker = await seed_worker(database, "RUNNING")
+        bad_job, bad_worker = await seed_worker(database, "COMPLETED")
+        with pytest.raises(InvalidTransition) as caught:
+            async with database.session() as session:
+                rows = (
+                    await session.execute(select(Worker).where(Worker.id.in_([ok_worker, bad_worker])))
+                ).scalars()
+                by_id = {w.id: w for w in rows}
+                await transition_many(
+                    session,
+                    [
+                        Change(by_id[ok_worker], WorkerStatus.COMPLETED, "done"),
+                        Change(by_id[bad_worker], WorkerStatus.RUNNING, "again"),
+                    ],
+                    actor="batch",
+                )
+        assert (caught.value.current, caught.value.target) == ("COMPLETED", "RUNNING")
+        assert (await _worker(database, ok_worker)).status == "RUNNING"
+        async with database.session() as session:
+            assert await events_of(session, ok_job) == [] and await events_of(session, bad_job) == []
+
+    run(settings, scenario)
+
+
+def test_a_row_changed_after_the_read_fails_the_batch_and_writes_nothing(settings: Settings) -> None:
+    """Another writer cancels one of the jobs between the read and the UPDATE: the guard matches
+    one row fewer, the batch raises StaleBatch, and the transaction (both rows, events) rolls back."""
+
+    async def scenario(database: Database) -> None:
+        first, second = await seed_job(database, "PENDING"), await seed_job(database, "PENDING")
+        interfered: list[str] = []
+
+        def before_update(conn: Connection, cursor: Any, statement: str, *_: Any) -> None:
+            if statement.lstrip().upper().startswith("UPDATE JOBS") and not interfered:
+                interfered.append(statement)
+                cursor.execute("UPDATE jobs SET status = 'CANCELED' WHERE id = ?", (second,))
+
+        with pytest.raises(StaleBatch):
+            async with database.session() as session:
+                conn = await session.connection()
+                event.listen(conn.sync_connection, "before_cursor_execute", before_update)
+                jobs = (await session.execute(select(Job).where(Job.id.in_([first, second])))).scalars()
+                await transition_many(
+                    session, [Change(job, JobStatus.RUNNING, "go") for job in jobs], actor="loser"
+                )
+        assert interfered, "the interfering write did not run"
+        async with database.session() as session:
+            statuses = dict(
+                (await session.execute(select(Job.id, Job.status).where(Job.id.in_([first, second])))).all()
+            )
+            assert statuses == {first: "PENDING", second: "PENDING"}
+            assert await events_of(session, first) == [] and await events_of(session, second) == []
+
+    run(settings, scenario)
+
+
+async def _pool(database: Database, depth: int) -> int:
+    async with database.session() as session:
+        stmt = select(ResourcePool.allocated).where(ResourcePool.depth == depth)
+        return int((await session.execute(stmt)).scalar_one())
+
+
+async def _allocation(database: Database, job_id: str) -> tuple[int, int]:
+    async with database.session() as session:
+        stmt = select(Allocation.slots, Allocation.bound).where(Allocation.job_id == job_id)
+        slots_, bound = (await session.execute(stmt)).one()
+        return int(slots_), int(bound)
+
+
+def test_slots_are_bound_and_returned_in_batches_exactly_once(settings: Settings) -> None:
+    async def scenario(database: Database) -> None:
+        depth = 4  # quota 2: nobody else in this module uses it
+        job_id, worker_a = await seed_worker(database, "RUNNING")
+        async with database.session() as session:
+            worker_b = Worker(
+                id="w_00000000b0b0", job_id=job_id, status="RUNNING", worker_index=1, depth=depth, agent="x"
+            )
+            session.add(worker_b)
+            await session.execute(Worker.__table__.update().where(Worker.id == worker_a).values(depth=depth))
+            session.add(Allocation(job_id=job_id, depth=depth, slots=0, bound=0, max_slots=2))
+        async with database.session() as session:
+            assert (await slots.pools_free(session, [depth]))[depth] == 2
+            assert (await slots.allocations_room(session, [job_id]))[job_id] == (0, 2)
+            await slots.bind_new_slots(session, depth, {job_id: 2}, [worker_a, "w_00000000b0b0"])
+        assert await _pool(database, depth) == 2 and await _allocation(database, job_id) == (2, 2)
+        # Asking for more than the quota allows is refused and changes nothing.
+        with pytest.raises(slots.SlotsMoved):
+            async with database.session() as session:
+                await slots.bind_new_slots(session, depth, {job_id: 1}, [worker_a])
+        assert await _pool(database, depth) == 2 and await _allocation(database, job_id) == (2, 2)
+        pairs = [(worker_a, job_id, depth), ("w_00000000b0b0", job_id, depth)]
+        for expected in (2, 0):  # the second release finds nothing to return
+            async with database.session() as session:
+                assert await slots.workers_release_slots(session, pairs) == expected
+            assert await _pool(database, depth) == 0 and await _allocation(database, job_id) == (0, 0)
+
+    run(settings, scenario)
