@@ -546,6 +546,7 @@ class Engine:
         proc.extra["agent"] = job.agent
         proc.extra["job_id"] = job.id
         proc.extra["depth"] = job.depth
+        proc.extra["repository"] = bool(job.repository)
         if job.timeout_seconds:
             self.deadlines[proc.worker_id] = time.monotonic() + job.timeout_seconds
             if self.loop is not None:
@@ -612,20 +613,14 @@ class Engine:
         batch, self.exited = self.exited, []
         for proc in batch:
             await self._ingest(proc.worker_id, final=True)
-        async with self.db.session() as session:
-            workers = {
-                w.id: w
-                for w in await queries.workers_for_jobs(
-                    session, list({str(p.extra["job_id"]) for p in batch})
-                )
-            }
-        outcomes: list[tuple[WorkerProcess, Worker, dict[str, Any]]] = []
-        for proc in batch:
-            worker = workers.get(proc.worker_id)
-            if worker is None:
-                continue
-            values = await self._collect_outcome(proc, worker)
-            outcomes.append((proc, worker, values))
+        # Workers in a repository need their row before the write transaction (their worktree is
+        # committed first, outside it); the others are read once, in it.
+        in_repository = [p.worker_id for p in batch if p.extra.get("repository") is not False]
+        workers: dict[str, Worker] = {}
+        if in_repository:
+            async with self.db.session() as session:
+                workers = await queries.workers_by_id(session, in_repository)
+        outcomes = [(proc, await self._collect_outcome(proc, workers.get(proc.worker_id))) for proc in batch]
         async with self.db.session() as session:
             await self._record_exits(session, outcomes)
             await notifications.notify(session, JOBS_TOPIC)
@@ -634,15 +629,16 @@ class Engine:
             self.cursors.pop(proc.worker_id, None)
             self.deadlines.pop(proc.worker_id, None)
 
-    async def _collect_outcome(self, proc: WorkerProcess, worker: Worker) -> dict[str, Any]:
-        values: dict[str, Any] = {"_exit": read_exit_code(proc.run_dir)}
-        result = dict(worker.result or {})
+    async def _collect_outcome(self, proc: WorkerProcess, worker: Worker | None) -> dict[str, Any]:
+        """The exit status, the worktree committed (if any), and what to add to the result."""
+        patch: dict[str, Any] = {}
+        values: dict[str, Any] = {"_exit": read_exit_code(proc.run_dir), "_result_patch": patch}
         agent_result = proc.extra.get("agent_result")
         if isinstance(agent_result, dict):
-            result.update(agent_result)
+            patch.update(agent_result)
         if isinstance(proc.extra.get("agent_api_retry"), dict):
-            result["api_retry"] = proc.extra["agent_api_retry"]
-        if worker.branch and worker.workdir:
+            patch["api_retry"] = proc.extra["agent_api_retry"]
+        if worker is not None and worker.branch and worker.workdir:
             job_repo = None
             async with self.db.session() as session:
                 job = await session.get(Job, worker.job_id)
@@ -653,28 +649,29 @@ class Engine:
                         git.commit_all,
                         Path(worker.workdir),
                         f"orchestrator: work of {worker.id} (job {worker.job_id})",
-                        result.get("base_commit"),
+                        (worker.result or {}).get("base_commit"),
                     )
                 values.update(commit=commit, diff_stat=stat)
             except (git.GitError, OSError) as exc:
-                result["commit_error"] = str(exc)
-        values["result"] = result or None
+                patch["commit_error"] = str(exc)
         return values
 
     async def _record_exits(
-        self, session: AsyncSession, outcomes: list[tuple[WorkerProcess, Worker, dict[str, Any]]]
+        self, session: AsyncSession, outcomes: list[tuple[WorkerProcess, dict[str, Any]]]
     ) -> None:
         """Record how a pass's workers ended and return their slots: a few statements for all."""
-        fresh = await queries.workers_by_id(session, [worker.id for _, worker, _ in outcomes], lock=True)
+        fresh = await queries.workers_by_id(session, [proc.worker_id for proc, _ in outcomes], lock=True)
         changes: list[Change] = []
         plain: list[tuple[str, dict[str, Any]]] = []
         release: list[tuple[str, str, int]] = []
-        for proc, worker, values in outcomes:
+        for proc, values in outcomes:
             exit_code = values.pop("_exit")
+            patch = values.pop("_result_patch")
             values["exit_code"] = exit_code
-            current = fresh.get(worker.id)
+            current = fresh.get(proc.worker_id)
             if current is None:
                 continue
+            values["result"] = {**(current.result or {}), **patch} or None
             outcome = self._outcome(current, values, exit_code) if current.status in WORKER_LIVE else None
             if outcome is not None and outcome.retryable and not proc.kill_sent:
                 if await self._park(session, current, values, outcome):
@@ -721,7 +718,7 @@ class Engine:
 
     async def _settle_jobs(self, session: AsyncSession) -> None:
         """Decide the outcome of jobs whose workers have all ended and whose children are final."""
-        candidates = await queries.jobs_without_live_workers(session, self.id)
+        candidates = await queries.jobs_without_live_workers(session, self.id, lock=True)
         if not candidates:
             return
         ids = [job.id for job in candidates]
@@ -729,7 +726,6 @@ class Engine:
         children_of = await queries.children_statuses(session, ids)
         workers_of = await queries.workers_by_job(session, ids)
         unbound = await queries.unbound_slots(session, ids)
-        current = await lock_statuses(session, Job, ids)
         endings: list[Change] = []
         for job in candidates:
             children = children_of.get(job.id, [])
@@ -754,7 +750,7 @@ class Engine:
                 target = JobStatus.FAILED
             else:
                 target, reason = JobStatus.COMPLETED, "all workers and child jobs completed"
-            if current.get(job.id) == job.status and target in JOB_TRANSITIONS[JobStatus(job.status)]:
+            if target in JOB_TRANSITIONS[JobStatus(job.status)]:
                 endings.append(Change(job, target, reason))
         await transition_many(session, endings, actor=self.actor)
         for change in endings:

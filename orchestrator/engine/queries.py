@@ -178,13 +178,19 @@ async def workers_for_jobs(session: AsyncSession, job_ids: list[str]) -> list[Wo
     return list((await session.execute(stmt)).scalars())
 
 
-async def jobs_without_live_workers(session: AsyncSession, engine_id: str) -> list[Job]:
+async def jobs_without_live_workers(
+    session: AsyncSession, engine_id: str, *, lock: bool = False
+) -> list[Job]:
+    """`lock`: the rows stay as read until the transaction ends (PostgreSQL FOR UPDATE; on SQLite
+    the write transaction already excludes every other writer)."""
     live_worker = exists().where(and_(Worker.job_id == Job.id, Worker.status.in_(LIVE)))
     stmt = (
         select(Job)
         .where(Job.engine_id == engine_id, Job.status.in_(ACTIVE_JOB), ~live_worker)
         .execution_options(populate_existing=True)
     )
+    if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(of=Job)
     return list((await session.execute(stmt)).scalars())
 
 
