@@ -276,6 +276,8 @@ class Engine:
         are taken with one UPDATE per job and one per depth."""
         limited = await self._rate_limited_agents(session, {job.agent for _, job in idle})
         room = await slots_repo.allocations_room(session, list({job.id for _, job in idle}))
+        if self.db.is_postgres:  # read again, now locked, after the allocations (lock order)
+            free = await slots_repo.pools_free(session, sorted({job.depth for _, job in idle}), lock=True)
         ready: list[tuple[Worker, Job]] = []
         new_slots: dict[int, tuple[dict[str, int], list[str]]] = {}
         for worker, job in idle:

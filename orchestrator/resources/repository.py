@@ -177,13 +177,16 @@ def _for_update(session: AsyncSession) -> bool:
     return session.bind is not None and session.bind.dialect.name == "postgresql"
 
 
-async def pools_free(session: AsyncSession, depths: list[int] | None) -> dict[int, int]:
-    """Free slots per depth (all depths: None), locked until the transaction ends (SQLite: the
-    write transaction already excludes every other writer)."""
+async def pools_free(
+    session: AsyncSession, depths: list[int] | None, *, lock: bool = False
+) -> dict[int, int]:
+    """Free slots per depth (all depths: None). `lock`: as read until the transaction ends
+    (PostgreSQL FOR UPDATE; SQLite's write transaction already excludes every other writer).
+    Lock pools only after the allocations involved, the order every slot move follows."""
     stmt = select(ResourcePool.depth, ResourcePool.max_workers - ResourcePool.allocated)
     if depths is not None:
         stmt = stmt.where(ResourcePool.depth.in_(depths))
-    if _for_update(session):
+    if lock and _for_update(session):
         stmt = stmt.with_for_update()
     return {depth: int(free) for depth, free in (await session.execute(stmt)).all()}
 
