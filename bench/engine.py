@@ -145,18 +145,19 @@ def executor_baseline(root: Path, count: int, concurrency: int) -> float:
     return time.perf_counter() - started
 
 
-def bench_throughput(root: Path, count: int) -> dict[str, float]:
+def bench_throughput(root: Path, count: int, concurrency: int | None = None) -> dict[str, float]:
     """Queue N jobs with no engine running, then let one engine run them all. The engine's time is
     the span from the first worker start to the last job end (server timestamps), so HTTP submits
     and interpreter start-up are not counted on either side."""
     with server_factory(root / "throughput") as servers:
         profile = profiles(servers.root)
-        api = servers.start(ORCHESTRATOR_AGENTS_FILE=profile, ORCHESTRATOR_ENGINE="false")
+        quotas = {"ORCHESTRATOR_QUOTAS": f"{concurrency},8,5,3,2,1"} if concurrency else {}
+        api = servers.start(ORCHESTRATOR_AGENTS_FILE=profile, ORCHESTRATOR_ENGINE="false", **quotas)
         quota = api.client().get("/api/resources/quotas").json()["quotas"][0]["max_workers"]
         started = time.perf_counter()
         asyncio.run(submit_many(api, count, {"task_description": "t", "agent": "true"}))
         submitted = time.perf_counter() - started
-        env = servers.base_env(ORCHESTRATOR_AGENTS_FILE=profile, ORCHESTRATOR_PUBLIC_URL=api.url)
+        env = servers.base_env(ORCHESTRATOR_AGENTS_FILE=profile, ORCHESTRATOR_PUBLIC_URL=api.url, **quotas)
         engine = subprocess.Popen(
             [str(Path(sys.executable).parent / "orchestrator"), "engine"],
             cwd=servers.root,
@@ -230,6 +231,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--sleepers", type=int, default=1000)
     parser.add_argument("--latency-jobs", type=int, default=200)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="depth-0 quota for the throughput run (default: the shipped 10)",
+    )
     args = parser.parse_args()
     print(f"database: {os.environ.get('TEST_DATABASE', 'sqlite')}, cores: {os.cpu_count()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,7 +249,7 @@ def main() -> None:
                 " (target p50 <= 30, p99 <= 150)"
             )
         if args.only in (None, "throughput"):
-            throughput = bench_throughput(root, args.jobs)
+            throughput = bench_throughput(root, args.jobs, args.concurrency)
             print(
                 f"{args.jobs} one-worker `true` jobs at concurrency {throughput['concurrency']:.0f}: "
                 f"engine {throughput['engine_s']:.2f} s (first start to last end; submitting took "
