@@ -896,12 +896,17 @@ class Engine:
             "engine %s taking over %d job(s) of dead engine(s) %s", self.id, len(orphans), sorted(dead)
         )
         for job in orphans:
-            async with self.db.session() as session:
-                if not await queries.take_over_job(session, job.id, job.engine_id, self.id):
-                    continue
-                for worker in await workers_repo.workers_of_job(session, job.id):
-                    await self._recover_worker(session, worker, job)
-                await notifications.notify(session, JOBS_TOPIC)
+            try:
+                async with self.db.session() as session:
+                    if not await queries.take_over_job(session, job.id, job.engine_id, self.id):
+                        continue
+                    for worker in await workers_repo.workers_of_job(session, job.id):
+                        await self._recover_worker(session, worker, job)
+                    await notifications.notify(session, JOBS_TOPIC)
+            except Exception:
+                # One job that cannot be taken over must not stop the others (or the engine from
+                # starting): its transaction rolled back, so the next reclaim pass tries again.
+                log.exception("engine %s could not take over job %s; will retry", self.id, job.id)
         self.wake.set()
 
     async def _recover_worker(self, session: AsyncSession, worker: Worker, job: Job) -> None:
