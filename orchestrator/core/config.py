@@ -123,20 +123,35 @@ def to_async_url(url: str) -> str:
 
 
 def _stored_secret(data_dir: Path) -> str:
+    """The generated key, shared by every process using `data_dir`. It is written to a private
+    temporary file and then hard-linked into place, so no process ever reads it half-written,
+    and of processes starting together exactly one key wins."""
     path = data_dir / "secret_key"
     try:
-        return path.read_text().strip()
+        return _read_secret(path)
     except FileNotFoundError:
         pass
     data_dir.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(48)
+    draft = data_dir / f".secret_key.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process won the race: use its key
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key)
+        try:
+            os.link(draft, path)
+        except FileExistsError:  # another process won the race: use its key
+            return _read_secret(path)
+    finally:
+        draft.unlink(missing_ok=True)
     log.warning("SECRET_KEY is not set: generated one and stored it in %s (mode 0600)", path)
+    return key
+
+
+def _read_secret(path: Path) -> str:
+    key = path.read_text().strip()
+    if not key:
+        raise ValueError(f"{path} is empty: delete it to have a new key generated, or set SECRET_KEY")
     return key
 
 

@@ -134,6 +134,13 @@ def test_generated_secret_is_stored_0600_and_shared_by_processes(tmp_path: Path)
     assert Settings(secret_key=None, orchestrator_data_dir=data).signing_key() == key
 
 
+def test_an_empty_stored_secret_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """Never sign with an empty key (a key file truncated by a crash of an older version)."""
+    (tmp_path / "secret_key").write_text("")
+    with pytest.raises(ValueError, match="is empty: delete it"):
+        Settings(secret_key=None, orchestrator_data_dir=tmp_path).signing_key()
+
+
 def test_a_token_from_another_process_verifies_in_the_server(servers: ServerFactory, tmp_path: Path) -> None:
     """The guide's flow without SECRET_KEY: the server generates the key, a script signs with it."""
     server = servers.make(ORCHESTRATOR_ENGINE="false")
