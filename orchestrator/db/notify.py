@@ -9,6 +9,8 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from orchestrator.db.locking import is_postgres
+
 CHANNEL = "orchestrator"
 
 _listeners: list[Callable[[set[str]], None]] = []
@@ -29,7 +31,7 @@ async def notify(session: AsyncSession, topic: str) -> None:
     if topic in pending:
         return
     pending.add(topic)
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
+    if is_postgres(session):
         await session.execute(
             text("SELECT pg_notify(:channel, :topic)"), {"channel": CHANNEL, "topic": topic}
         )

@@ -23,6 +23,7 @@ from orchestrator.core.states import (
     WorkerStatus,
 )
 from orchestrator.db.events import record_event
+from orchestrator.db.locking import for_update
 from orchestrator.db.models import Job, Worker, utcnow
 
 Entity = TypeVar("Entity", Job, Worker)
@@ -215,11 +216,8 @@ async def transition_many(session: AsyncSession, changes: list[Change], *, actor
 
 
 async def lock_statuses(session: AsyncSession, model: type[Entity], ids: list[str]) -> dict[str, str]:
-    """Current status of each row, locked until the transaction ends (SQLite: BEGIN IMMEDIATE
-    already excludes every other writer; PostgreSQL: FOR UPDATE)."""
+    """Current status of each row, locked until the transaction ends (db/locking.py)."""
     if not ids:
         return {}
-    stmt = select(model.id, model.status).where(model.id.in_(ids))
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
+    stmt = for_update(session, select(model.id, model.status).where(model.id.in_(ids)))
     return {row_id: status for row_id, status in (await session.execute(stmt)).all()}

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator.agents.base import Outcome
 from orchestrator.core.config import Settings
 from orchestrator.db.events import record_event
+from orchestrator.db.locking import is_postgres
 from orchestrator.db.models import RateLimit, Worker, utcnow
 
 REFRESH_SECONDS = 1.0
@@ -70,8 +71,7 @@ class Governor:
             "reason": reason,
             "updated_at": now,
         }
-        is_pg = session.bind is not None and session.bind.dialect.name == "postgresql"
-        insert = pg_insert(RateLimit) if is_pg else sqlite_insert(RateLimit)
+        insert = pg_insert(RateLimit) if is_postgres(session) else sqlite_insert(RateLimit)
         stmt = insert.values(**values).on_conflict_do_update(
             index_elements=[RateLimit.account],
             set_={k: v for k, v in values.items() if k != "account"},

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator.core.ids import new_worker_id
 from orchestrator.core.states import WORKER_LIVE, JobStatus, WorkerStatus
 from orchestrator.db.events import record_event
+from orchestrator.db.locking import for_update
 from orchestrator.db.models import Allocation, EngineRecord, Job, Worker, utcnow
 
 ACTIVE_JOB = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
@@ -51,9 +52,7 @@ async def claim_pending(session: AsyncSession, engine_id: str, limit: int) -> li
         .order_by(Job.depth, Job.priority.desc(), Job.created_at)
         .limit(limit)
     )
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        candidates = candidates.with_for_update(skip_locked=True)
-    ids = list((await session.execute(candidates)).scalars())
+    ids = list((await session.execute(for_update(session, candidates, skip_locked=True))).scalars())
     if not ids:
         return []
     await session.execute(
@@ -181,16 +180,15 @@ async def workers_for_jobs(session: AsyncSession, job_ids: list[str]) -> list[Wo
 async def jobs_without_live_workers(
     session: AsyncSession, engine_id: str, *, lock: bool = False
 ) -> list[Job]:
-    """`lock`: the rows stay as read until the transaction ends (PostgreSQL FOR UPDATE; on SQLite
-    the write transaction already excludes every other writer)."""
+    """`lock`: the rows stay as read until the transaction ends (db/locking.py)."""
     live_worker = exists().where(and_(Worker.job_id == Job.id, Worker.status.in_(LIVE)))
     stmt = (
         select(Job)
         .where(Job.engine_id == engine_id, Job.status.in_(ACTIVE_JOB), ~live_worker)
         .execution_options(populate_existing=True)
     )
-    if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
-        stmt = stmt.with_for_update(of=Job)
+    if lock:
+        stmt = for_update(session, stmt, of=Job)
     return list((await session.execute(stmt)).scalars())
 
 
@@ -229,11 +227,10 @@ async def jobs_by_id(session: AsyncSession, job_ids: list[str]) -> dict[str, Job
 async def workers_by_id(
     session: AsyncSession, worker_ids: list[str], *, lock: bool = False
 ) -> dict[str, Worker]:
-    """Whole rows; `lock`: held until the transaction ends (PostgreSQL FOR UPDATE; on SQLite the
-    write transaction already excludes every other writer)."""
+    """Whole rows; `lock`: held until the transaction ends (db/locking.py)."""
     if not worker_ids:
         return {}
     stmt = select(Worker).where(Worker.id.in_(worker_ids)).execution_options(populate_existing=True)
-    if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
+    if lock:
+        stmt = for_update(session, stmt)
     return {worker.id: worker for worker in (await session.execute(stmt)).scalars()}

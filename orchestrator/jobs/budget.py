@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.errors import BadRequest
 from orchestrator.core.states import JOB_FINAL, JobStatus
+from orchestrator.db.locking import for_update
 from orchestrator.db.models import Job, Worker
 
 
@@ -83,8 +84,7 @@ async def check_child(session: AsyncSession, parent: Job, requested: float | Non
         .order_by(Job.depth.desc())
         .execution_options(populate_existing=True)
     )
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()  # two children racing for the same budget: one waits
+    stmt = for_update(session, stmt)  # two children racing for the same budget: one waits
     ancestors = list((await session.execute(stmt)).scalars())
     for ancestor in ancestors:
         state = await remaining(session, ancestor)
