@@ -54,7 +54,7 @@ from orchestrator.engine.logs import LogCursor
 from orchestrator.executors.local import PID_FILE, LocalExecutor, WorkerProcess, pid_alive, read_exit_code
 from orchestrator.jobs.service import JOBS_TOPIC
 from orchestrator.resources import repository as slots_repo
-from orchestrator.resources.service import release_unbound
+from orchestrator.resources.service import bind_unbound_slot, release_unbound
 from orchestrator.workers import repository as workers_repo
 from orchestrator.workspaces import git
 
@@ -290,9 +290,7 @@ class Engine:
                 continue
             unbound, more = room.get(job.id, (0, 0))
             if unbound > 0:
-                if await slots_repo.allocation_bind(session, job.id) and await slots_repo.worker_mark_holding(
-                    session, worker.id
-                ):
+                if await bind_unbound_slot(session, worker.id, job.id):
                     ready.append((worker, job))
                     room[job.id] = (unbound - 1, more)
                 continue

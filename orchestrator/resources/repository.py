@@ -9,6 +9,7 @@ from typing import cast
 from sqlalchemy import Table, bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from orchestrator.db.locking import for_update, is_postgres
 from orchestrator.db.models import Allocation, ResourcePool, Worker, utcnow
 
 _PG_POOLS_LOCK = 7_417_002
@@ -16,7 +17,7 @@ _PG_POOLS_LOCK = 7_417_002
 
 async def sync_pools(session: AsyncSession, quotas: list[int]) -> None:
     """Create the per-depth rows and apply the configured quotas (never below what is in use)."""
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
+    if is_postgres(session):
         # Processes starting together (uvicorn --workers 4) would insert the same rows; one at a
         # time, released at commit. (SQLite's BEGIN IMMEDIATE serialises them already.)
         await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_POOLS_LOCK})
@@ -99,17 +100,6 @@ async def allocation_bind(session: AsyncSession, job_id: str) -> bool:
     return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
 
-async def allocation_add_bound(session: AsyncSession, job_id: str, add: int) -> bool:
-    """Add (or, with add=-1, undo) one slot that is bound to a worker at once."""
-    guard = Allocation.slots + add <= Allocation.max_slots if add > 0 else Allocation.bound + add >= 0
-    result = await session.execute(
-        update(Allocation)
-        .where(Allocation.job_id == job_id, guard)
-        .values(slots=Allocation.slots + add, bound=Allocation.bound + add, updated_at=utcnow())
-    )
-    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
-
-
 async def worker_mark_holding(session: AsyncSession, worker_id: str) -> bool:
     result = await session.execute(
         update(Worker).where(Worker.id == worker_id, Worker.holds_slot.is_(False)).values(holds_slot=True)
@@ -173,21 +163,17 @@ async def workers_release_slots(session: AsyncSession, workers: list[tuple[str, 
     return len(freed)
 
 
-def _for_update(session: AsyncSession) -> bool:
-    return session.bind is not None and session.bind.dialect.name == "postgresql"
-
-
 async def pools_free(
     session: AsyncSession, depths: list[int] | None, *, lock: bool = False
 ) -> dict[int, int]:
     """Free slots per depth (all depths: None). `lock`: as read until the transaction ends
-    (PostgreSQL FOR UPDATE; SQLite's write transaction already excludes every other writer).
-    Lock pools only after the allocations involved, the order every slot move follows."""
+    (db/locking.py). Lock pools only after the allocations involved, the order every slot move
+    follows."""
     stmt = select(ResourcePool.depth, ResourcePool.max_workers - ResourcePool.allocated)
     if depths is not None:
         stmt = stmt.where(ResourcePool.depth.in_(depths))
-    if lock and _for_update(session):
-        stmt = stmt.with_for_update()
+    if lock:
+        stmt = for_update(session, stmt)
     return {depth: int(free) for depth, free in (await session.execute(stmt)).all()}
 
 
@@ -196,8 +182,7 @@ async def allocations_room(session: AsyncSession, job_ids: list[str]) -> dict[st
     stmt = select(
         Allocation.job_id, Allocation.slots - Allocation.bound, Allocation.max_slots - Allocation.slots
     ).where(Allocation.job_id.in_(job_ids))
-    if _for_update(session):
-        stmt = stmt.with_for_update()
+    stmt = for_update(session, stmt)
     return {
         job_id: (int(unbound), int(room)) for job_id, unbound, room in (await session.execute(stmt)).all()
     }
@@ -212,7 +197,7 @@ async def bind_new_slots(
 ) -> None:
     """Take `sum(per_job)` new slots at `depth` and bind them at once to `worker_ids`; the caller
     read the counters under lock (`pools_free`, `allocations_room`) and asks for no more than
-    they allow. Same guarded UPDATEs and lock order as one `bind_slot`: allocations, pool, workers."""
+    they allow. Guarded UPDATEs in the lock order of every slot move: allocations, pool, workers."""
     allocations = cast(Table, Allocation.__table__)
     rows = [{"b_job": job_id, "b_n": n, "b_now": utcnow()} for job_id, n in sorted(per_job.items())]
     result = await session.execute(

@@ -95,19 +95,7 @@ async def release_unbound(session: AsyncSession, job_id: str, depth: int) -> int
     return 0
 
 
-async def bind_slot(
-    session: AsyncSession, worker_id: str, job_id: str, depth: int, *, may_have_unbound: bool = True
-) -> bool:
-    """Give a worker a slot: an unbound one the job already holds, else a new one. All or nothing.
-
-    Same lock order as allocate and release: the job's allocation row, then the depth's pool row.
-    `may_have_unbound=False` (the caller knows the job holds no spare slot) skips that attempt.
-    """
-    if may_have_unbound and await repo.allocation_bind(session, job_id):
-        return await repo.worker_mark_holding(session, worker_id)
-    if not await repo.allocation_add_bound(session, job_id, 1):
-        return False
-    if not await repo.pool_take(session, depth, 1):
-        await repo.allocation_add_bound(session, job_id, -1)
-        return False
-    return await repo.worker_mark_holding(session, worker_id)
+async def bind_unbound_slot(session: AsyncSession, worker_id: str, job_id: str) -> bool:
+    """Give a worker one of the slots its job holds unbound (an explicit allocation). New slots
+    are taken for a whole engine pass at once (repository.bind_new_slots)."""
+    return await repo.allocation_bind(session, job_id) and await repo.worker_mark_holding(session, worker_id)
