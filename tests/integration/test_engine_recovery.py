@@ -18,8 +18,39 @@ from tests.integration.test_engine_lifecycle import (
     wait_final,
     workers_of,
 )
-from tests.support.servers import ServerFactory
+from tests.support.servers import Server, ServerFactory
 from tests.support.wait import wait_until
+
+
+def leave_behind_dead_engine(
+    server: Server, job_id: str, *, engine_id: str, host: str, pid: int, **job_values: Any
+) -> None:
+    """Write the state an engine that died owning `job_id` left: its record, stale for a minute,
+    its claim on the job (plus `job_values`), and the one slot the job's worker holds."""
+    from datetime import timedelta
+
+    from sqlalchemy import update as sql_update
+
+    from orchestrator.db.models import Allocation, EngineRecord, Job, ResourcePool, utcnow
+    from tests.support.db import run_in_db
+
+    stale = utcnow() - timedelta(seconds=60)
+
+    async def left_behind(session: Any) -> None:
+        session.add(EngineRecord(id=engine_id, host=host, pid=pid, started_at=stale, heartbeat_at=stale))
+        await session.execute(
+            sql_update(Job).where(Job.id == job_id).values(engine_id=engine_id, **job_values)
+        )
+        await session.execute(
+            sql_update(Allocation).where(Allocation.job_id == job_id).values(slots=1, bound=1)
+        )
+        await session.execute(
+            sql_update(ResourcePool)
+            .where(ResourcePool.depth == 0)
+            .values(allocated=ResourcePool.allocated + 1)
+        )
+
+    run_in_db(server, left_behind)
 
 
 def test_kill9_server_workers_survive_and_are_readopted(servers: ServerFactory) -> None:
@@ -110,36 +141,22 @@ def test_dead_engine_on_another_host_loses_its_workers_after_the_lease(servers: 
     after the lease it is FAILED `lost`, its job settles, and its slot comes back."""
     from datetime import timedelta
 
-    from sqlalchemy import update as sql_update
-
-    from orchestrator.db.models import Allocation, EngineRecord, Job, ResourcePool, utcnow
-    from tests.support.db import run_in_db, seed_worker
+    from orchestrator.db.models import utcnow
+    from tests.support.db import seed_worker
 
     # The state a dead engine on host "elsewhere" left behind, written while no engine runs here.
     api_only = servers.start(ORCHESTRATOR_ENGINE="false")
     with api_only.client() as client:
         job_id = submit(client)["id"]
-    stale = utcnow() - timedelta(seconds=60)
-
-    async def left_behind(session: Any) -> None:
-        session.add(
-            EngineRecord(id="e_elsewhere01", host="elsewhere", pid=1, started_at=stale, heartbeat_at=stale)
-        )
-        await session.execute(
-            sql_update(Job)
-            .where(Job.id == job_id)
-            .values(engine_id="e_elsewhere01", status="RUNNING", started_at=stale)
-        )
-        await session.execute(
-            sql_update(Allocation).where(Allocation.job_id == job_id).values(slots=1, bound=1)
-        )
-        await session.execute(
-            sql_update(ResourcePool)
-            .where(ResourcePool.depth == 0)
-            .values(allocated=ResourcePool.allocated + 1)
-        )
-
-    run_in_db(api_only, left_behind)
+    leave_behind_dead_engine(
+        api_only,
+        job_id,
+        engine_id="e_elsewhere01",
+        host="elsewhere",
+        pid=1,
+        status="RUNNING",
+        started_at=utcnow() - timedelta(seconds=60),
+    )
     worker_id = seed_worker(
         api_only,
         job_id,
@@ -167,43 +184,19 @@ def test_worker_started_but_not_yet_recorded_is_adopted_not_started_twice(server
     is this run dir's wrapper) instead of starting the worker a second time."""
     import socket
     import subprocess
-    from datetime import timedelta
-
-    from sqlalchemy import update as sql_update
 
     from orchestrator.agents.base import LaunchSpec
-    from orchestrator.db.models import Allocation, EngineRecord, Job, ResourcePool, utcnow
     from orchestrator.executors.local import LocalExecutor
-    from tests.support.db import run_in_db, seed_worker
+    from tests.support.db import seed_worker
 
     api_only = servers.start(ORCHESTRATOR_ENGINE="false")
     with api_only.client() as client:
         job_id = submit(client)["id"]
     gone = subprocess.Popen(["true"])
     gone.wait()  # a PID that is certainly not a live engine
-    stale = utcnow() - timedelta(seconds=60)
-
-    async def left_behind(session: Any) -> None:
-        session.add(
-            EngineRecord(
-                id="e_crashed0001",
-                host=socket.gethostname(),
-                pid=gone.pid,
-                started_at=stale,
-                heartbeat_at=stale,
-            )
-        )
-        await session.execute(sql_update(Job).where(Job.id == job_id).values(engine_id="e_crashed0001"))
-        await session.execute(
-            sql_update(Allocation).where(Allocation.job_id == job_id).values(slots=1, bound=1)
-        )
-        await session.execute(
-            sql_update(ResourcePool)
-            .where(ResourcePool.depth == 0)
-            .values(allocated=ResourcePool.allocated + 1)
-        )
-
-    run_in_db(api_only, left_behind)
+    leave_behind_dead_engine(
+        api_only, job_id, engine_id="e_crashed0001", host=socket.gethostname(), pid=gone.pid
+    )
     worker_id = seed_worker(api_only, job_id, status="IDLE", holds_slot=True, engine_id="e_crashed0001")
     data_dir = Path(api_only.env["ORCHESTRATOR_DATA_DIR"])
     run_dir, workdir = data_dir / "runs" / worker_id, data_dir / "workspaces" / worker_id
