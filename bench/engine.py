@@ -137,7 +137,7 @@ def executor_baseline(root: Path, count: int, concurrency: int) -> float:
         (run_dir / "home").mkdir(parents=True)
         workdir.mkdir(parents=True)
         proc = executor.start(f"w{index}", spec, workdir, run_dir)
-        assert proc.popen is not None and proc.popen.wait() == 0
+        assert executor.wait(proc, timeout=60) == 0
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:

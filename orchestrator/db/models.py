@@ -96,6 +96,9 @@ class Job(Base):
         CheckConstraint("worker_count >= 1", name="worker_count_positive"),
         CheckConstraint("depth >= 0", name="depth_non_negative"),
         Index("ix_jobs_pending_order", "status", "depth", "priority", "created_at"),
+        # An engine's active jobs, read every pass: without it SQLite walks all the jobs the
+        # engine ever ran (ix_jobs_engine_id) and a pass slows down as history grows.
+        Index("ix_jobs_engine_status", "engine_id", "status"),
     )
 
 

@@ -51,7 +51,14 @@ from orchestrator.engine import budget as budgets
 from orchestrator.engine import queries
 from orchestrator.engine.governor import Governor
 from orchestrator.engine.logs import LogCursor
-from orchestrator.executors.local import PID_FILE, LocalExecutor, WorkerProcess, pid_alive, read_exit_code
+from orchestrator.executors.local import (
+    PID_FILE,
+    LocalExecutor,
+    WorkerProcess,
+    make_dirs,
+    pid_alive,
+    read_exit_code,
+)
 from orchestrator.jobs.service import JOBS_TOPIC
 from orchestrator.resources import repository as slots_repo
 from orchestrator.resources.service import bind_unbound_slot, release_unbound
@@ -61,14 +68,13 @@ from orchestrator.workspaces import git
 log = logging.getLogger("orchestrator.engine")
 
 WORKER_TOKEN_SCOPES = ["jobs:read", "jobs:write", "supervisor:read"]
-CLAIM_BATCH = 100
 START_BATCH = 50
-IDLE_SLACK = 5  # IDLE workers read beyond a depth's free slots, for those a pass skips
+IDLE_SLACK = 5  # jobs claimed / IDLE workers read beyond a depth's free slots, for those a pass skips
 LOG_INTERVAL_SECONDS = 0.25
 RECLAIM_INTERVAL_SECONDS = 2.0
 SQLITE_WATCH_SECONDS = 0.05
 STOP_STEP_SECONDS = 5.0
-LAUNCH_THREADS = 8
+LAUNCH_THREADS = max(2, os.cpu_count() or 2)  # the blocking part of a start is short: one per core
 
 
 class Engine:
@@ -136,9 +142,7 @@ class Engine:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._ingest_all(), STOP_STEP_SECONDS)
         for proc in self.procs.values():
-            self.executor.unwatch(proc)
-            if proc.popen is not None:
-                proc.popen.returncode = 0  # detach: the process outlives us by design
+            self.executor.unwatch(proc)  # the process outlives us by design; the next engine adopts it
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._unregister(), STOP_STEP_SECONDS)
         self.launcher.shutdown(wait=False)
@@ -249,21 +253,22 @@ class Engine:
     async def _schedule(self) -> list[tuple[Worker, Job]]:
         """Claim PENDING jobs, create their workers, and give IDLE workers slots."""
         async with self.db.session() as session:
-            claimed = await queries.claim_pending(session, self.id, CLAIM_BATCH)
-            if claimed:
-                have_workers = {
-                    w.job_id for w in await queries.workers_for_jobs(session, [j.id for j in claimed])
-                }
-                await queries.create_workers(
-                    session, [job for job in claimed if job.id not in have_workers], self.actor
-                )
             free = await slots_repo.pools_free(session, None)
+            backlog = await queries.owned_pending_by_depth(session, self.id)
+            room = {
+                depth: min(count, START_BATCH) + IDLE_SLACK - backlog.get(depth, 0)
+                for depth, count in free.items()
+                if count > 0
+            }
+            # Only jobs nobody owned are claimed, and workers are made only here: none has any yet.
+            claimed = await queries.claim_pending(session, self.id, room)
+            await queries.create_workers(session, claimed, self.actor)
             per_depth = {
                 depth: min(count, START_BATCH) + IDLE_SLACK for depth, count in free.items() if count > 0
             }
             idle = await queries.idle_workers(session, self.id, per_depth, START_BATCH * 4)
             ready = await self._bind_slots(session, idle, free) if idle else []
-        if len(claimed) == CLAIM_BATCH or len(ready) == START_BATCH:
+        if len(ready) == START_BATCH:
             self.wake.set()  # more to do: come straight back
         return ready
 
@@ -339,8 +344,7 @@ class Engine:
         context = self._worker_context(worker, job, workdir, run_dir / "home", run_dir)
 
         def start() -> WorkerProcess:
-            context.home.mkdir(parents=True, exist_ok=True)
-            workdir.mkdir(parents=True, exist_ok=True)
+            make_dirs(run_dir, context.home, workdir)
             return self.executor.start(worker.id, agent.launch(context), workdir, run_dir)
 
         proc = await asyncio.get_running_loop().run_in_executor(self.launcher, start)

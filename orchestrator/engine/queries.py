@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import NamedTuple, cast
 
-from sqlalchemy import and_, case, delete, exists, func, literal, or_, select, update
+from sqlalchemy import (
+    Table,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.ids import new_worker_id
@@ -15,6 +29,17 @@ from orchestrator.db.models import Allocation, EngineRecord, Job, Worker, utcnow
 
 ACTIVE_JOB = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
 LIVE = tuple(s.value for s in WORKER_LIVE)
+CLAIM_ALLOCATED = 100  # jobs holding explicitly allocated slots, claimed per pass
+
+
+class ClaimedJob(NamedTuple):
+    """What making a claimed job's workers needs (plain values: ORM objects cost more to load)."""
+
+    id: str
+    worker_count: int
+    workspace_id: str | None
+    depth: int
+    agent: str
 
 
 async def register_engine(session: AsyncSession, engine_id: str, host: str, pid: int) -> None:
@@ -44,29 +69,46 @@ async def live_engine_ids(session: AsyncSession, lease: timedelta, now: datetime
     return set((await session.execute(stmt)).scalars())
 
 
-async def claim_pending(session: AsyncSession, engine_id: str, limit: int) -> list[Job]:
-    """Take unowned PENDING jobs, highest priority first, FIFO within a priority."""
-    candidates = (
-        select(Job.id)
-        .where(Job.status == JobStatus.PENDING.value, Job.engine_id.is_(None))
-        .order_by(Job.depth, Job.priority.desc(), Job.created_at)
-        .limit(limit)
-    )
-    ids = list((await session.execute(for_update(session, candidates, skip_locked=True))).scalars())
+async def claim_pending(session: AsyncSession, engine_id: str, room: dict[int, int]) -> list[ClaimedJob]:
+    """Take unowned PENDING jobs that can start soon, highest priority first, FIFO within a
+    priority: at each depth at most `room[depth]`, plus any job holding slots of an explicit
+    allocation. Jobs that could not start stay unowned, for this engine's next pass or another
+    engine, and the engine's own backlog (every pass reads it) stays small."""
+    unbound = exists().where(Allocation.job_id == Job.id, Allocation.slots > Allocation.bound)
+    pending = and_(Job.status == JobStatus.PENDING.value, Job.engine_id.is_(None))
+    order = (Job.priority.desc(), Job.created_at)
+    parts = [
+        select(Job.id).where(pending, Job.depth == depth).order_by(*order).limit(count)
+        for depth, count in sorted(room.items())
+        if count > 0
+    ]
+    parts.append(select(Job.id).where(pending, unbound).order_by(Job.depth, *order).limit(CLAIM_ALLOCATED))
+    # One statement for all depths: each part a derived table with its own ORDER BY / LIMIT (and,
+    # on PostgreSQL, its own FOR UPDATE SKIP LOCKED, which a sub-SELECT may carry).
+    derived = [for_update(session, part, skip_locked=True).subquery() for part in parts]
+    candidates = union_all(*(select(table.c.id) for table in derived))
+    ids = set((await session.execute(candidates)).scalars())
     if not ids:
         return []
-    await session.execute(
-        update(Job)
-        .where(Job.id.in_(ids), Job.engine_id.is_(None))
-        .values(engine_id=engine_id)
-        .execution_options(synchronize_session=False)
-    )
+    table = cast(Table, Job.__table__)
+    jobs = table.c
     stmt = (
-        select(Job)
-        .where(Job.id.in_(ids), Job.engine_id == engine_id)
-        .execution_options(populate_existing=True)
+        update(table)
+        .where(jobs.id.in_(ids), jobs.engine_id.is_(None))
+        .values(engine_id=engine_id)
+        .returning(jobs.id, jobs.worker_count, jobs.workspace_id, jobs.depth, jobs.agent)
     )
-    return list((await session.execute(stmt)).scalars())
+    return [ClaimedJob(*row) for row in (await session.execute(stmt)).all()]
+
+
+async def owned_pending_by_depth(session: AsyncSession, engine_id: str) -> dict[int, int]:
+    """How many jobs this engine claimed and has not started yet, per depth."""
+    stmt = (
+        select(Job.depth, func.count())
+        .where(Job.engine_id == engine_id, Job.status == JobStatus.PENDING.value)
+        .group_by(Job.depth)
+    )
+    return {depth: int(count) for depth, count in (await session.execute(stmt)).all()}
 
 
 async def orphaned_jobs(session: AsyncSession, live_engines: set[str]) -> list[Job]:
@@ -85,27 +127,32 @@ async def take_over_job(session: AsyncSession, job_id: str, old_engine: str | No
     return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
 
-async def create_workers(session: AsyncSession, jobs: list[Job], actor: str) -> None:
-    """The IDLE workers of newly claimed jobs, written in one flush."""
+async def create_workers(session: AsyncSession, jobs: list[ClaimedJob], actor: str) -> None:
+    """The IDLE workers of newly claimed jobs: one multi-row INSERT (nothing needs them as
+    objects in this session; the scheduler reads the IDLE workers it can start)."""
     now = utcnow()
+    rows: list[dict[str, object]] = []
     for job in jobs:
         for index in range(job.worker_count):
             worker_id = new_worker_id()
-            session.add(
-                Worker(
-                    id=worker_id,
-                    job_id=job.id,
-                    workspace_id=job.workspace_id,
-                    status=WorkerStatus.IDLE.value,
-                    worker_index=index,
-                    depth=job.depth,
-                    agent=job.agent,
-                    holds_slot=False,
-                    log_offset=0,
-                    log_lines=0,
-                    created_at=now,
-                    updated_at=now,
-                )
+            rows.append(
+                {
+                    "id": worker_id,
+                    "job_id": job.id,
+                    "workspace_id": job.workspace_id,
+                    "status": WorkerStatus.IDLE.value,
+                    "worker_index": index,
+                    "depth": job.depth,
+                    "agent": job.agent,
+                    "holds_slot": False,
+                    "log_offset": 0,
+                    "log_lines": 0,
+                    "cost_usd": 0.0,
+                    "input_tokens": 0,
+                    "output_tokens": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
             )
             record_event(
                 session,
@@ -118,7 +165,8 @@ async def create_workers(session: AsyncSession, jobs: list[Job], actor: str) -> 
                 reason="created",
                 created_at=now,
             )
-    await session.flush()
+    if rows:
+        await session.execute(insert(cast(Table, Worker.__table__)), rows)
 
 
 async def idle_workers(

@@ -12,34 +12,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import socket
-import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from orchestrator.agents.base import LaunchSpec
 
 # $1 = run dir, $2 = a file for the agent's stdin ("-": the wrapper's own stdin, a pipe the engine
-# fills); then the agent's argv. The wrapper records its PID first (an engine that dies before
+# fills), $3 = the working directory; then the agent's argv. The wrapper enters the working
+# directory itself (posix_spawn has no chdir here) and records its PID first (an engine that dies before
 # writing the PID to the database still finds the worker), then runs the agent, then writes its
 # exit status. A handled TERM/INT/HUP trap keeps the wrapper alive to record that status (handled
 # traps reset to default in the agent, so it still dies). The exit file is read only once the
 # wrapper is gone; a wrapper killed mid-write leaves it empty, which reads as "no exit status".
 # Only shell built-ins besides the agent: no extra process, and no file the engine must create.
 WRAPPER_SCRIPT = (
-    'd="$1"; i="$2"; shift 2; trap ":" TERM INT HUP; printf "%s\\n" "$$" >"$d/pid"; '
+    'd="$1"; i="$2"; cd "$3" || { printf "127\\n" >"$d/exit"; exit 127; }; shift 3; '
+    'trap ":" TERM INT HUP; printf "%s\\n" "$$" >"$d/pid"; '
     'if [ "$i" = - ]; then "$@" >>"$d/output.log" 2>&1; else "$@" <"$i" >>"$d/output.log" 2>&1; fi; '
     'printf "%s\\n" "$?" >"$d/exit"'
 )
 # Stdin up to this size goes through a pipe (it fits the pipe buffer, so writing never blocks);
 # larger stdin is written to a file first.
 PIPE_STDIN_BYTES = 64 * 1024
+INHERITABLE_REFRESH_SECONDS = 1.0
 
 OUTPUT_FILE = "output.log"
 EXIT_FILE = "exit"
 PID_FILE = "pid"
+WRAPPER_NAME = "orchestrator-worker"  # $0 of every wrapper: how a worker process is recognised
 STDIN_FILE = "stdin"
 
 
@@ -52,6 +58,35 @@ def process_start_time(pid: int) -> int | None:
     # The command name may contain spaces and parentheses: split after the last ')'.
     fields = raw[raw.rindex(")") + 2 :].split()
     return int(fields[19])
+
+
+def make_dirs(*paths: Path) -> None:
+    """Create directories with one mkdir each where possible. Every mkdir, even one that finds
+    the directory there, locks the parent directory, and a worker's directories share parents
+    with all the others' (Path.mkdir(parents=True) made five calls for three directories)."""
+    for path in paths:
+        if path.is_dir():
+            continue
+        try:
+            os.mkdir(path)
+        except FileNotFoundError:
+            path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            if not path.is_dir():
+                raise
+
+
+def inheritable_descriptors() -> list[int]:
+    """Descriptors above 2 a child would inherit (a listening socket passed down by a process
+    manager, say): a worker that outlives the server must not keep them open."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):  # closed meanwhile, such as listdir's own
+                if os.get_inheritable(fd):
+                    found.append(fd)
+    return found
 
 
 def is_same_process(pid: int, start_time: int) -> bool:
@@ -89,7 +124,8 @@ class WorkerProcess:
     pid: int
     start_time: int
     run_dir: Path
-    popen: subprocess.Popen[bytes] | None = None
+    own_child: bool = False  # started by this process (not adopted): ours to reap
+    reaped: int | None = None
     pidfd: int | None = None
     stop_signal_sent_at: float | None = None
     kill_sent: bool = False
@@ -108,38 +144,88 @@ class LocalExecutor:
     def __init__(self) -> None:
         self.host = socket.gethostname()
         _raise_fd_limit()
+        self._inheritable_fds = inheritable_descriptors()
+        self._inheritable_read_at = time.monotonic()
+
+    def _inheritable(self) -> list[int]:
+        """Inheritable descriptors, read again at most once a second: listing /proc/self/fd while
+        other threads spawn costs more than a spawn, and such descriptors are made on purpose and
+        rarely (closing one that was closed since is harmless in the child)."""
+        now = time.monotonic()
+        if now - self._inheritable_read_at > INHERITABLE_REFRESH_SECONDS:
+            self._inheritable_fds, self._inheritable_read_at = inheritable_descriptors(), now
+        return self._inheritable_fds
 
     def start(self, worker_id: str, spec: LaunchSpec, workdir: Path, run_dir: Path) -> WorkerProcess:
-        """Start the worker. Blocking calls: the engine runs several at once in threads. Files the
-        wrapper can create itself (output.log, pid, exit) are not created here."""
-        run_dir.mkdir(parents=True, exist_ok=True)
+        """Start the worker. Blocking calls (the engine runs several at once in threads), none of
+        which holds the GIL for long: posix_spawn (vfork + exec in the C library) instead of
+        subprocess.Popen, whose Python set-up cost more than the spawn itself. Files the wrapper can
+        create itself (output.log, pid, exit) are not created here. The child gets only stdin,
+        stdout and stderr: Python opens descriptors close-on-exec, and those marked inheritable
+        are closed in the child."""
+        if not workdir.is_dir():
+            raise FileNotFoundError(f"working directory {workdir} does not exist")
+        if not run_dir.is_dir():
+            run_dir.mkdir(parents=True, exist_ok=True)
         data = (spec.stdin_text or "").encode()
         stdin_arg = "-"
-        stdin = subprocess.DEVNULL
+        pipe: tuple[int, int] | None = None
+        actions: list[tuple[Any, ...]] = []
         if data and len(data) <= PIPE_STDIN_BYTES:
-            stdin = subprocess.PIPE
-        elif data:
-            stdin_arg = str(run_dir / STDIN_FILE)
-            Path(stdin_arg).write_bytes(data)
+            pipe = os.pipe()
+            actions.append((os.POSIX_SPAWN_DUP2, pipe[0], 0))
+        else:
+            actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
+            if data:
+                stdin_arg = str(run_dir / STDIN_FILE)
+                Path(stdin_arg).write_bytes(data)
+        actions += [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0), (os.POSIX_SPAWN_DUP2, 1, 2)]
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in self._inheritable()]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8")}
         env.update(spec.env)
-        popen = subprocess.Popen(
-            ["/bin/sh", "-c", WRAPPER_SCRIPT, "orchestrator-worker", str(run_dir), stdin_arg, *spec.argv],
-            cwd=workdir,
-            env=env,
-            stdin=stdin,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-        )
-        if popen.stdin is not None:
+        argv = ["/bin/sh", "-c", WRAPPER_SCRIPT, WRAPPER_NAME, str(run_dir), stdin_arg, str(workdir)]
+        try:
+            pid = os.posix_spawn("/bin/sh", argv + list(spec.argv), env, file_actions=actions, setsid=True)
+        finally:
+            if pipe is not None:
+                os.close(pipe[0])
+        if pipe is not None:
+            # Fits the pipe buffer: never blocks, even if the agent never reads its stdin.
             with contextlib.suppress(BrokenPipeError):
-                popen.stdin.write(data)
-            with contextlib.suppress(BrokenPipeError):
-                popen.stdin.close()
-        start_time = process_start_time(popen.pid) or 0
-        return WorkerProcess(worker_id, popen.pid, start_time, run_dir, popen=popen)
+                os.write(pipe[1], data)
+            os.close(pipe[1])
+        start_time = process_start_time(pid) or 0
+        return WorkerProcess(worker_id, pid, start_time, run_dir, own_child=True)
+
+    def wait(self, proc: WorkerProcess, timeout: float) -> int:
+        """Wait for a worker this executor started to end, and reap it: its wrapper's exit status."""
+        status = self._reap(proc)
+        if status is not None:
+            return status
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            readable, _, _ = select.select([pidfd], [], [], timeout)  # readable once it has ended
+        finally:
+            os.close(pidfd)
+        status = self._reap(proc)
+        if not readable or status is None:
+            raise TimeoutError(f"worker {proc.worker_id} (pid {proc.pid}) still runs after {timeout}s")
+        return status
+
+    @staticmethod
+    def _reap(proc: WorkerProcess) -> int | None:
+        """The exit status if our child has ended (reaped now or before), else None."""
+        if proc.reaped is not None:
+            return proc.reaped
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            proc.reaped = -1  # reaped elsewhere; the wrapper's exit file still tells how it ended
+            return proc.reaped
+        if pid == 0:
+            return None
+        proc.reaped = os.waitstatus_to_exitcode(status)
+        return proc.reaped
 
     def find_started(self, run_dir: Path) -> tuple[int, int] | None:
         """(PID, start time) of a wrapper that recorded its PID in `run_dir` and still runs: the
@@ -149,7 +235,7 @@ class LocalExecutor:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (FileNotFoundError, ProcessLookupError, ValueError, IndexError, PermissionError):
             return None
-        if b"orchestrator-worker" not in argv or str(run_dir).encode() not in argv:
+        if WRAPPER_NAME.encode() not in argv or str(run_dir).encode() not in argv:
             return None
         start_time = process_start_time(pid)
         return (pid, start_time) if start_time is not None else None
@@ -189,9 +275,8 @@ class LocalExecutor:
             return
         proc.exited = True
         self.unwatch(proc)
-        if proc.popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout=1)  # reap our own child
+        if proc.own_child:
+            self._reap(proc)  # the pidfd said it ended: no zombie left behind
         on_exit(proc)
 
     def unwatch(self, proc: WorkerProcess) -> None:

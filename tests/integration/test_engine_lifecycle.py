@@ -353,3 +353,33 @@ def test_priority_runs_higher_first(servers: ServerFactory) -> None:
         client.post(f"/api/jobs/{blocker['id']}/cancel")
         low_done, high_done = wait_final(client, low["id"]), wait_final(client, high["id"])
         assert high_done["started_at"] < low_done["started_at"]
+
+
+def test_an_engine_claims_only_the_jobs_it_can_start_soon(servers: ServerFactory) -> None:
+    """A queue longer than the quota stays unowned (for this engine's later passes, or another
+    engine) instead of piling up as one engine's backlog that every pass reads again."""
+    from sqlalchemy import func, select
+
+    from orchestrator.db.models import Job
+    from orchestrator.engine.engine import IDLE_SLACK
+    from tests.support.db import run_in_db
+
+    server = servers.start(ORCHESTRATOR_QUOTAS="2,1", ORCHESTRATOR_AGENTS_FILE=agents_file(servers.root))
+    with server.client() as client:
+        jobs = [submit(client, agent="ticker") for _ in range(20)]
+        wait_until(
+            lambda: client.get("/api/supervisor/workers", params={"status": "RUNNING"}).json()["total"] == 2,
+            what="two workers running",
+        )
+        time.sleep(0.5)  # passes keep running (heartbeats, log reads): the claim must stay bounded
+
+        async def owned(session: Any) -> int:
+            stmt = select(func.count()).select_from(Job).where(Job.engine_id.is_not(None))
+            return int((await session.execute(stmt)).scalar_one())
+
+        claimed = run_in_db(server, owned)
+        assert 2 <= claimed <= 2 + IDLE_SLACK, claimed
+        for job in jobs:
+            client.post(f"/api/jobs/{job['id']}/cancel")
+        assert {wait_final(client, job["id"])["status"] for job in jobs} == {"CANCELED"}
+        wait_until(lambda: usage_allocated(client) == [0, 0], what="slots back")

@@ -219,5 +219,5 @@ def test_worker_started_but_not_yet_recorded_is_adopted_not_started_twice(server
         assert log_lines(client, worker_id) == ["ran once"]
         assert (run_dir / "output.log").read_text() == "ran once\n"  # one run, not two
         wait_until(lambda: usage_allocated(client) == [0, 0, 0, 0, 0, 0], timeout=10, what="slots back")
-    assert wrapper.popen is not None
-    wrapper.popen.wait(timeout=5)
+    assert wrapper.own_child
+    LocalExecutor().wait(wrapper, timeout=5)

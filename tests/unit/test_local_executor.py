@@ -23,9 +23,9 @@ def _wait_for(path: Path, timeout: float = 10) -> None:
 def _run(tmp_path: Path, spec: LaunchSpec, name: str) -> Path:
     run_dir, workdir = tmp_path / name, tmp_path / f"{name}-work"
     workdir.mkdir()
-    proc = LocalExecutor().start(name, spec, workdir, run_dir)
-    assert proc.popen is not None
-    proc.popen.wait(timeout=20)
+    executor = LocalExecutor()
+    proc = executor.start(name, spec, workdir, run_dir)
+    assert executor.wait(proc, timeout=20) == 0
     return run_dir
 
 
@@ -65,8 +65,32 @@ def test_the_wrapper_records_its_pid_and_is_recognised_only_for_its_own_run_dir(
         assert executor.find_started(other) is None
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
-        assert proc.popen is not None
-        proc.popen.wait(timeout=10)
+        assert executor.wait(proc, timeout=10) == -signal.SIGKILL
     # Killed with -9: gone, and no exit status (the engine records such a worker as lost).
     assert executor.find_started(run_dir) is None
     assert read_exit_code(run_dir) is None
+
+
+def test_a_worker_inherits_no_descriptor_beyond_stdin_stdout_and_stderr(tmp_path: Path) -> None:
+    """Even one marked inheritable (a listening socket handed down by a process manager, say):
+    a worker outliving the server must not hold it open."""
+    inheritable = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(inheritable, True)
+    ordinary = os.open(os.devnull, os.O_RDONLY)
+    try:
+        script = f"for fd in {inheritable} {ordinary}; do [ -e /proc/$$/fd/$fd ] && echo open $fd; done; echo checked"
+        run_dir = _run(tmp_path, LaunchSpec(argv=["sh", "-c", script]), "fds")
+    finally:
+        os.close(inheritable)
+        os.close(ordinary)
+    assert (run_dir / "output.log").read_text() == "checked\n"
+
+
+def test_a_missing_working_directory_is_an_error_at_start(tmp_path: Path) -> None:
+    executor = LocalExecutor()
+    try:
+        executor.start("gone", LaunchSpec(argv=["true"]), tmp_path / "missing", tmp_path / "run")
+    except FileNotFoundError as exc:
+        assert "missing" in str(exc)
+    else:
+        raise AssertionError("started without a working directory")
