@@ -29,6 +29,7 @@ from orchestrator.core.config import Settings
 from orchestrator.core.errors import InvalidTransition
 from orchestrator.core.ids import new_engine_id
 from orchestrator.core.states import (
+    JOB_FINAL,
     JOB_TRANSITIONS,
     WORKER_FINAL,
     WORKER_LIVE,
@@ -571,7 +572,22 @@ class Engine:
             return
         now = time.monotonic()
         async with self.db.session() as session:
-            statuses = await queries.worker_statuses(session, list(self.procs))
+            both = await queries.worker_statuses(session, list(self.procs))
+            statuses = {worker_id: status for worker_id, (status, _) in both.items()}
+            for worker_id, (worker_status, job_status) in both.items():
+                if worker_status in WORKER_LIVE and JobStatus(job_status) in JOB_FINAL:
+                    # Its job ended while it was being started (a cancel that committed between
+                    # this engine's claim and the start): a worker never outlives its job.
+                    with contextlib.suppress(InvalidTransition):
+                        await transition_worker(
+                            session,
+                            worker_id,
+                            WorkerStatus.TERMINATED,
+                            actor=self.actor,
+                            reason=f"its job is {job_status}",
+                            values={"stop_requested_at": utcnow()},
+                        )
+                        statuses[worker_id] = WorkerStatus.TERMINATED.value
             for worker_id, deadline in list(self.deadlines.items()):
                 if now >= deadline and statuses.get(worker_id) in (WorkerStatus.RUNNING, WorkerStatus.PAUSED):
                     with contextlib.suppress(InvalidTransition):

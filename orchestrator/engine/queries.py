@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 from typing import NamedTuple, cast
 
 from sqlalchemy import (
+    CompoundSelect,
+    Select,
     Table,
     and_,
+    bindparam,
     case,
     delete,
     exists,
@@ -20,11 +24,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import BindParameter
 
 from orchestrator.core.ids import new_worker_id
 from orchestrator.core.states import WORKER_LIVE, JobStatus, WorkerStatus
 from orchestrator.db.events import record_event
-from orchestrator.db.locking import for_update
+from orchestrator.db.locking import for_update, is_postgres
 from orchestrator.db.models import Allocation, EngineRecord, Job, Worker, utcnow
 
 ACTIVE_JOB = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
@@ -74,41 +79,54 @@ async def claim_pending(session: AsyncSession, engine_id: str, room: dict[int, i
     priority: at each depth at most `room[depth]`, plus any job holding slots of an explicit
     allocation. Jobs that could not start stay unowned, for this engine's next pass or another
     engine, and the engine's own backlog (every pass reads it) stays small."""
+    depths = tuple(depth for depth, count in sorted(room.items()) if count > 0)
+    params: dict[str, object] = {f"n{depth}": room[depth] for depth in depths}
+    params["n_allocated"] = CLAIM_ALLOCATED
+    ids = set((await session.execute(_claim_candidates(depths, is_postgres(session)), params)).scalars())
+    if not ids:
+        return []
+    rows = (await session.execute(_CLAIM, {"ids": list(ids), "b_engine": engine_id})).all()
+    return [ClaimedJob(*row) for row in rows]
+
+
+@functools.cache
+def _claim_candidates(depths: tuple[int, ...], postgres: bool) -> CompoundSelect[str]:
+    """One statement for all depths, built once per set of depths: each part a derived table
+    with its own ORDER BY / LIMIT (and, on PostgreSQL, its own FOR UPDATE SKIP LOCKED, which a
+    sub-SELECT may carry)."""
     unbound = exists().where(Allocation.job_id == Job.id, Allocation.slots > Allocation.bound)
     pending = and_(Job.status == JobStatus.PENDING.value, Job.engine_id.is_(None))
     order = (Job.priority.desc(), Job.created_at)
     parts = [
-        select(Job.id).where(pending, Job.depth == depth).order_by(*order).limit(count)
-        for depth, count in sorted(room.items())
-        if count > 0
+        select(Job.id).where(pending, Job.depth == depth).order_by(*order).limit(bindparam(f"n{depth}"))
+        for depth in depths
     ]
-    parts.append(select(Job.id).where(pending, unbound).order_by(Job.depth, *order).limit(CLAIM_ALLOCATED))
-    # One statement for all depths: each part a derived table with its own ORDER BY / LIMIT (and,
-    # on PostgreSQL, its own FOR UPDATE SKIP LOCKED, which a sub-SELECT may carry).
-    derived = [for_update(session, part, skip_locked=True).subquery() for part in parts]
-    candidates = union_all(*(select(table.c.id) for table in derived))
-    ids = set((await session.execute(candidates)).scalars())
-    if not ids:
-        return []
-    table = cast(Table, Job.__table__)
-    jobs = table.c
-    stmt = (
-        update(table)
-        .where(jobs.id.in_(ids), jobs.engine_id.is_(None))
-        .values(engine_id=engine_id)
-        .returning(jobs.id, jobs.worker_count, jobs.workspace_id, jobs.depth, jobs.agent)
+    parts.append(
+        select(Job.id).where(pending, unbound).order_by(Job.depth, *order).limit(bindparam("n_allocated"))
     )
-    return [ClaimedJob(*row) for row in (await session.execute(stmt)).all()]
+    if postgres:
+        parts = [part.with_for_update(skip_locked=True) for part in parts]
+    return union_all(*(select(part.subquery().c.id) for part in parts))
+
+
+_JOBS = cast(Table, Job.__table__)
+_CLAIM = (
+    update(_JOBS)
+    .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)), _JOBS.c.engine_id.is_(None))
+    .values(engine_id=bindparam("b_engine"))
+    .returning(_JOBS.c.id, _JOBS.c.worker_count, _JOBS.c.workspace_id, _JOBS.c.depth, _JOBS.c.agent)
+)
+_OWNED_PENDING = (
+    select(Job.depth, func.count())
+    .where(Job.engine_id == bindparam("engine_id"), Job.status == JobStatus.PENDING.value)
+    .group_by(Job.depth)
+)
 
 
 async def owned_pending_by_depth(session: AsyncSession, engine_id: str) -> dict[int, int]:
     """How many jobs this engine claimed and has not started yet, per depth."""
-    stmt = (
-        select(Job.depth, func.count())
-        .where(Job.engine_id == engine_id, Job.status == JobStatus.PENDING.value)
-        .group_by(Job.depth)
-    )
-    return {depth: int(count) for depth, count in (await session.execute(stmt)).all()}
+    rows = (await session.execute(_OWNED_PENDING, {"engine_id": engine_id})).all()
+    return {depth: int(count) for depth, count in rows}
 
 
 async def orphaned_jobs(session: AsyncSession, live_engines: set[str]) -> list[Job]:
@@ -176,9 +194,19 @@ async def idle_workers(
     (its free slots, plus a little for workers the caller skips), and any worker of a job holding
     an unbound slot (an explicit allocation) or holding a slot already. Rows that could not start
     are never loaded: loading them cost more than all the rest of a pass."""
+    depths = tuple(depth for depth, count in sorted(per_depth.items()) if count > 0)
+    params: dict[str, object] = {f"n{depth}": per_depth[depth] for depth in depths}
+    params.update(engine_id=engine_id, limit=limit)
+    rows = (await session.execute(_idle_workers_statement(depths), params)).all()
+    return [(w, j) for w, j in rows]
+
+
+@functools.cache
+def _idle_workers_statement(depths: tuple[int, ...]) -> Select[Worker, Job]:
+    """Built once per set of depths with free slots; the counts are parameters."""
     unbound = exists().where(Allocation.job_id == Job.id, Allocation.slots > Allocation.bound)
     candidates = and_(
-        Job.engine_id == engine_id,
+        Job.engine_id == bindparam("engine_id"),
         Job.status.in_(ACTIVE_JOB),
         Worker.status == WorkerStatus.IDLE.value,
         Worker.pid.is_(None),
@@ -194,57 +222,66 @@ async def idle_workers(
         .subquery()
     )
     allowed = (
-        case(
-            *((Job.depth == depth, count) for depth, count in sorted(per_depth.items()) if count > 0),
-            else_=0,
-        )
-        if any(count > 0 for count in per_depth.values())
+        case(*((Job.depth == depth, bindparam(f"n{depth}")) for depth in depths), else_=0)
+        if depths
         else literal(0)
     )
-    stmt = (
+    return (
         select(Worker, Job)
         .join(Job, Job.id == Worker.job_id)
         .join(ranked, ranked.c.worker_id == Worker.id)
         .where(or_(ranked.c.place <= allowed, unbound, Worker.holds_slot.is_(True)))
         .order_by(Job.depth, *queue_order)
-        .limit(limit)
+        .limit(bindparam("limit"))
         .execution_options(populate_existing=True)
     )
-    return [(w, j) for w, j in (await session.execute(stmt)).all()]
 
 
-async def worker_statuses(session: AsyncSession, worker_ids: list[str]) -> dict[str, str]:
+# Read every pass: built once (a reused statement's cache key is memoized; see _claim_candidates).
+_IDS: BindParameter[list[str]] = bindparam("ids", expanding=True)
+_WORKER_STATUSES = (
+    select(Worker.id, Worker.status, Job.status).join(Job, Job.id == Worker.job_id).where(Worker.id.in_(_IDS))
+)
+_WORKERS_OF_JOBS = select(Worker).where(Worker.job_id.in_(_IDS)).execution_options(populate_existing=True)
+_JOBS_WITHOUT_LIVE_WORKERS = (
+    select(Job)
+    .where(
+        Job.engine_id == bindparam("engine_id"),
+        Job.status.in_(ACTIVE_JOB),
+        ~exists().where(and_(Worker.job_id == Job.id, Worker.status.in_(LIVE))),
+    )
+    .execution_options(populate_existing=True)
+)
+_CHILDREN = select(Job.parent_job_id, Job.id, Job.status).where(Job.parent_job_id.in_(_IDS))
+_UNBOUND = select(Allocation.job_id, Allocation.slots - Allocation.bound).where(Allocation.job_id.in_(_IDS))
+_JOBS_BY_ID = select(Job).where(Job.id.in_(_IDS)).execution_options(populate_existing=True)
+_WORKERS_BY_ID = select(Worker).where(Worker.id.in_(_IDS)).execution_options(populate_existing=True)
+
+
+async def worker_statuses(session: AsyncSession, worker_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """(worker status, its job's status) of each worker."""
     if not worker_ids:
         return {}
-    stmt = select(Worker.id, Worker.status).where(Worker.id.in_(worker_ids))
-    return {worker_id: status for worker_id, status in (await session.execute(stmt)).all()}
+    rows = (await session.execute(_WORKER_STATUSES, {"ids": worker_ids})).all()
+    return {worker_id: (status, job_status) for worker_id, status, job_status in rows}
 
 
 async def workers_for_jobs(session: AsyncSession, job_ids: list[str]) -> list[Worker]:
-    stmt = select(Worker).where(Worker.job_id.in_(job_ids)).execution_options(populate_existing=True)
-    return list((await session.execute(stmt)).scalars())
+    return list((await session.execute(_WORKERS_OF_JOBS, {"ids": job_ids})).scalars())
 
 
 async def jobs_without_live_workers(
     session: AsyncSession, engine_id: str, *, lock: bool = False
 ) -> list[Job]:
     """`lock`: the rows stay as read until the transaction ends (db/locking.py)."""
-    live_worker = exists().where(and_(Worker.job_id == Job.id, Worker.status.in_(LIVE)))
-    stmt = (
-        select(Job)
-        .where(Job.engine_id == engine_id, Job.status.in_(ACTIVE_JOB), ~live_worker)
-        .execution_options(populate_existing=True)
-    )
-    if lock:
-        stmt = for_update(session, stmt, of=Job)
-    return list((await session.execute(stmt)).scalars())
+    stmt = for_update(session, _JOBS_WITHOUT_LIVE_WORKERS, of=Job) if lock else _JOBS_WITHOUT_LIVE_WORKERS
+    return list((await session.execute(stmt, {"engine_id": engine_id})).scalars())
 
 
 async def children_statuses(session: AsyncSession, parent_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
     """(child id, status) of the children of each of `parent_ids`."""
-    stmt = select(Job.parent_job_id, Job.id, Job.status).where(Job.parent_job_id.in_(parent_ids))
     found: dict[str, list[tuple[str, str]]] = {}
-    for parent_id, child_id, status in (await session.execute(stmt)).all():
+    for parent_id, child_id, status in (await session.execute(_CHILDREN, {"ids": parent_ids})).all():
         if parent_id is not None:
             found.setdefault(parent_id, []).append((child_id, status))
     return found
@@ -259,17 +296,14 @@ async def workers_by_job(session: AsyncSession, job_ids: list[str]) -> dict[str,
 
 async def unbound_slots(session: AsyncSession, job_ids: list[str]) -> dict[str, int]:
     """Slots each job holds that no worker holds (an explicit allocation not used up)."""
-    stmt = select(Allocation.job_id, Allocation.slots - Allocation.bound).where(
-        Allocation.job_id.in_(job_ids)
-    )
-    return {job_id: int(free) for job_id, free in (await session.execute(stmt)).all()}
+    rows = (await session.execute(_UNBOUND, {"ids": job_ids})).all()
+    return {job_id: int(free) for job_id, free in rows}
 
 
 async def jobs_by_id(session: AsyncSession, job_ids: list[str]) -> dict[str, Job]:
     if not job_ids:
         return {}
-    stmt = select(Job).where(Job.id.in_(job_ids)).execution_options(populate_existing=True)
-    return {job.id: job for job in (await session.execute(stmt)).scalars()}
+    return {job.id: job for job in (await session.execute(_JOBS_BY_ID, {"ids": job_ids})).scalars()}
 
 
 async def workers_by_id(
@@ -278,7 +312,5 @@ async def workers_by_id(
     """Whole rows; `lock`: held until the transaction ends (db/locking.py)."""
     if not worker_ids:
         return {}
-    stmt = select(Worker).where(Worker.id.in_(worker_ids)).execution_options(populate_existing=True)
-    if lock:
-        stmt = for_update(session, stmt)
-    return {worker.id: worker for worker in (await session.execute(stmt)).scalars()}
+    stmt = for_update(session, _WORKERS_BY_ID) if lock else _WORKERS_BY_ID
+    return {worker.id: worker for worker in (await session.execute(stmt, {"ids": worker_ids})).scalars()}

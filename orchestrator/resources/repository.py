@@ -55,21 +55,67 @@ async def get_allocation(session: AsyncSession, job_id: str) -> Allocation | Non
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-async def pool_take(session: AsyncSession, depth: int, count: int) -> bool:
-    result = await session.execute(
-        update(ResourcePool)
-        .where(ResourcePool.depth == depth, ResourcePool.allocated + count <= ResourcePool.max_workers)
-        .values(allocated=ResourcePool.allocated + count)
+# The engine runs these every pass: statements built once and reused cost a third of those built
+# per call (SQLAlchemy memoizes a statement's cache key on the statement object).
+_POOL_TAKE = (
+    update(ResourcePool)
+    .where(
+        ResourcePool.depth == bindparam("b_depth"),
+        ResourcePool.allocated + bindparam("b_count") <= ResourcePool.max_workers,
     )
+    .values(allocated=ResourcePool.allocated + bindparam("b_count"))
+)
+_POOL_GIVE_BACK = (
+    update(ResourcePool)
+    .where(ResourcePool.depth == bindparam("b_depth"), ResourcePool.allocated >= bindparam("b_count"))
+    .values(allocated=ResourcePool.allocated - bindparam("b_count"))
+)
+_POOLS_FREE = select(ResourcePool.depth, ResourcePool.max_workers - ResourcePool.allocated)
+_ALLOCATIONS_ROOM = select(
+    Allocation.job_id, Allocation.slots - Allocation.bound, Allocation.max_slots - Allocation.slots
+).where(Allocation.job_id.in_(bindparam("job_ids", expanding=True)))
+_ALLOCATIONS = cast(Table, Allocation.__table__)
+_ALLOCATIONS_RETURN = (
+    update(_ALLOCATIONS)
+    .where(_ALLOCATIONS.c.job_id == bindparam("b_job"), _ALLOCATIONS.c.bound >= bindparam("b_n"))
+    .values(
+        bound=_ALLOCATIONS.c.bound - bindparam("b_n"),
+        slots=_ALLOCATIONS.c.slots - bindparam("b_n"),
+        updated_at=bindparam("b_now"),
+    )
+)
+_ALLOCATIONS_BIND_NEW = (
+    update(_ALLOCATIONS)
+    .where(
+        _ALLOCATIONS.c.job_id == bindparam("b_job"),
+        _ALLOCATIONS.c.slots + bindparam("b_n") <= _ALLOCATIONS.c.max_slots,
+    )
+    .values(
+        slots=_ALLOCATIONS.c.slots + bindparam("b_n"),
+        bound=_ALLOCATIONS.c.bound + bindparam("b_n"),
+        updated_at=bindparam("b_now"),
+    )
+)
+_WORKERS_RELEASE = (
+    update(Worker)
+    .where(Worker.id.in_(bindparam("ids", expanding=True)), Worker.holds_slot.is_(True))
+    .values(holds_slot=False)
+    .returning(Worker.id)
+)
+_WORKERS_HOLD = (
+    update(Worker)
+    .where(Worker.id.in_(bindparam("ids", expanding=True)), Worker.holds_slot.is_(False))
+    .values(holds_slot=True)
+)
+
+
+async def pool_take(session: AsyncSession, depth: int, count: int) -> bool:
+    result = await session.execute(_POOL_TAKE, {"b_depth": depth, "b_count": count})
     return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
 
 async def pool_give_back(session: AsyncSession, depth: int, count: int) -> None:
-    await session.execute(
-        update(ResourcePool)
-        .where(ResourcePool.depth == depth, ResourcePool.allocated >= count)
-        .values(allocated=ResourcePool.allocated - count)
-    )
+    await session.execute(_POOL_GIVE_BACK, {"b_depth": depth, "b_count": count})
 
 
 async def allocation_add(session: AsyncSession, job_id: str, count: int) -> bool:
@@ -130,15 +176,7 @@ async def workers_release_slots(session: AsyncSession, workers: list[tuple[str, 
     if not workers:
         return 0
     ids = [worker_id for worker_id, _, _ in workers]
-    released = (
-        await session.execute(
-            update(Worker)
-            .where(Worker.id.in_(ids), Worker.holds_slot.is_(True))
-            .values(holds_slot=False)
-            .returning(Worker.id)
-        )
-    ).scalars()
-    freed = set(released)
+    freed = set((await session.execute(_WORKERS_RELEASE, {"ids": ids})).scalars())
     per_job: dict[str, int] = {}
     per_depth: dict[int, int] = {}
     for worker_id, job_id, depth in workers:
@@ -147,16 +185,10 @@ async def workers_release_slots(session: AsyncSession, workers: list[tuple[str, 
             per_depth[depth] = per_depth.get(depth, 0) + 1
     if not per_job:
         return 0
-    allocations = cast(Table, Allocation.__table__)
+    now = utcnow()
     await session.execute(
-        update(allocations)
-        .where(allocations.c.job_id == bindparam("b_job"), allocations.c.bound >= bindparam("b_n"))
-        .values(
-            bound=allocations.c.bound - bindparam("b_n"),
-            slots=allocations.c.slots - bindparam("b_n"),
-            updated_at=bindparam("b_now"),
-        ),
-        [{"b_job": job_id, "b_n": n, "b_now": utcnow()} for job_id, n in sorted(per_job.items())],
+        _ALLOCATIONS_RETURN,
+        [{"b_job": job_id, "b_n": n, "b_now": now} for job_id, n in sorted(per_job.items())],
     )
     for depth, n in sorted(per_depth.items()):
         await pool_give_back(session, depth, n)
@@ -169,7 +201,7 @@ async def pools_free(
     """Free slots per depth (all depths: None). `lock`: as read until the transaction ends
     (db/locking.py). Lock pools only after the allocations involved, the order every slot move
     follows."""
-    stmt = select(ResourcePool.depth, ResourcePool.max_workers - ResourcePool.allocated)
+    stmt = _POOLS_FREE
     if depths is not None:
         stmt = stmt.where(ResourcePool.depth.in_(depths))
     if lock:
@@ -179,13 +211,9 @@ async def pools_free(
 
 async def allocations_room(session: AsyncSession, job_ids: list[str]) -> dict[str, tuple[int, int]]:
     """(unbound slots, room for more slots) per job, locked like `pools_free`."""
-    stmt = select(
-        Allocation.job_id, Allocation.slots - Allocation.bound, Allocation.max_slots - Allocation.slots
-    ).where(Allocation.job_id.in_(job_ids))
-    stmt = for_update(session, stmt)
-    return {
-        job_id: (int(unbound), int(room)) for job_id, unbound, room in (await session.execute(stmt)).all()
-    }
+    stmt = for_update(session, _ALLOCATIONS_ROOM)
+    rows = (await session.execute(stmt, {"job_ids": job_ids})).all()
+    return {job_id: (int(unbound), int(room)) for job_id, unbound, room in rows}
 
 
 class SlotsMoved(RuntimeError):
@@ -198,28 +226,14 @@ async def bind_new_slots(
     """Take `sum(per_job)` new slots at `depth` and bind them at once to `worker_ids`; the caller
     read the counters under lock (`pools_free`, `allocations_room`) and asks for no more than
     they allow. Guarded UPDATEs in the lock order of every slot move: allocations, pool, workers."""
-    allocations = cast(Table, Allocation.__table__)
-    rows = [{"b_job": job_id, "b_n": n, "b_now": utcnow()} for job_id, n in sorted(per_job.items())]
-    result = await session.execute(
-        update(allocations)
-        .where(
-            allocations.c.job_id == bindparam("b_job"),
-            allocations.c.slots + bindparam("b_n") <= allocations.c.max_slots,
-        )
-        .values(
-            slots=allocations.c.slots + bindparam("b_n"),
-            bound=allocations.c.bound + bindparam("b_n"),
-            updated_at=bindparam("b_now"),
-        ),
-        rows,
-    )
+    now = utcnow()
+    rows = [{"b_job": job_id, "b_n": n, "b_now": now} for job_id, n in sorted(per_job.items())]
+    result = await session.execute(_ALLOCATIONS_BIND_NEW, rows)
     exact = session.bind is not None and session.bind.dialect.supports_sane_multi_rowcount
     if exact and result.rowcount != len(rows):  # type: ignore[attr-defined]
         raise SlotsMoved("an allocation changed under lock")
     if not await pool_take(session, depth, sum(per_job.values())):
         raise SlotsMoved(f"the depth-{depth} pool changed under lock")
-    marked = await session.execute(
-        update(Worker).where(Worker.id.in_(worker_ids), Worker.holds_slot.is_(False)).values(holds_slot=True)
-    )
+    marked = await session.execute(_WORKERS_HOLD, {"ids": worker_ids})
     if marked.rowcount != len(worker_ids):  # type: ignore[attr-defined]
         raise SlotsMoved("a worker took a slot under lock")

@@ -357,7 +357,10 @@ def test_priority_runs_higher_first(servers: ServerFactory) -> None:
 
 def test_an_engine_claims_only_the_jobs_it_can_start_soon(servers: ServerFactory) -> None:
     """A queue longer than the quota stays unowned (for this engine's later passes, or another
-    engine) instead of piling up as one engine's backlog that every pass reads again."""
+    engine) instead of piling up as one engine's backlog that every pass reads again. Cancelling
+    it all while the engine keeps claiming also covers a cancel that commits between a claim and
+    the start of the claimed job's worker (on PostgreSQL that worker once ran on, slot held, for a
+    CANCELED job): no worker outlives its job and every slot comes back."""
     from sqlalchemy import func, select
 
     from orchestrator.db.models import Job
