@@ -236,14 +236,22 @@ class Engine:
     # ---------------------------------------------------------------- one pass
 
     async def tick(self) -> None:
-        """One pass, in short transactions: record exits, control, schedule, (launch), record starts."""
-        await self._finalize_exited()
+        """One pass, in short transactions: record exits and schedule (one), control, (launch),
+        record starts and settle jobs (one)."""
+        batch = self.exited
+        self.exited = []
+        try:
+            outcomes = await self._collect_exits(batch)
+            ready = await self._schedule(outcomes)
+        except BaseException:
+            self.exited = batch + self.exited  # not recorded: the next pass tries again
+            raise
+        self._forget(batch)
         if time.monotonic() - self.last_reclaim > RECLAIM_INTERVAL_SECONDS:
             await self._reclaim()
         await self._apply_control()
         await self._resume_parked()
         await self._enforce_budgets()
-        ready = await self._schedule()
         started = await self._launch_all(ready)
         async with self.db.session() as session:
             await self._record_starts(session, started)
@@ -251,9 +259,13 @@ class Engine:
             if started:
                 await notifications.notify(session, JOBS_TOPIC)
 
-    async def _schedule(self) -> list[tuple[Worker, Job]]:
-        """Claim PENDING jobs, create their workers, and give IDLE workers slots."""
+    async def _schedule(self, exits: list[tuple[WorkerProcess, dict[str, Any]]]) -> list[tuple[Worker, Job]]:
+        """Record how workers ended (their slots come back), then claim PENDING jobs, create their
+        workers, and give IDLE workers slots: one transaction."""
         async with self.db.session() as session:
+            if exits:
+                await self._record_exits(session, exits)
+                await notifications.notify(session, JOBS_TOPIC)
             free = await slots_repo.pools_free(session, None)
             backlog = await queries.owned_pending_by_depth(session, self.id)
             room = {
@@ -327,7 +339,11 @@ class Engine:
                 log.warning("worker %s could not start: %s", worker.id, exc)
                 return worker, job, None, {"status_reason": f"could not start: {exc}"}
 
-        return list(await asyncio.gather(*(launch(worker, job) for worker, job in ready)))
+        started = list(await asyncio.gather(*(launch(worker, job) for worker, job in ready)))
+        for _, _, proc, _ in started:
+            if proc is not None:
+                self.executor.read_start_time(proc)  # the execs ran meanwhile: no wait for each
+        return started
 
     async def _launch(self, worker: Worker, job: Job) -> tuple[WorkerProcess, dict[str, Any]]:
         agent = self.agents.get(job.agent)
@@ -346,7 +362,9 @@ class Engine:
 
         def start() -> WorkerProcess:
             make_dirs(run_dir, context.home, workdir)
-            return self.executor.start(worker.id, agent.launch(context), workdir, run_dir)
+            return self.executor.start(
+                worker.id, agent.launch(context), workdir, run_dir, read_start_time=False
+            )
 
         proc = await asyncio.get_running_loop().run_in_executor(self.launcher, start)
         return proc, values
@@ -627,10 +645,11 @@ class Engine:
 
     # ---------------------------------------------------------------- endings
 
-    async def _finalize_exited(self) -> None:
-        if not self.exited:
-            return
-        batch, self.exited = self.exited, []
+    async def _collect_exits(self, batch: list[WorkerProcess]) -> list[tuple[WorkerProcess, dict[str, Any]]]:
+        """The last output and the outcome of each ended worker, gathered outside the write
+        transaction that records them (a worktree is committed first)."""
+        if not batch:
+            return []
         for proc in batch:
             await self._ingest(proc.worker_id, final=True)
         # Workers in a repository need their row before the write transaction (their worktree is
@@ -640,10 +659,9 @@ class Engine:
         if in_repository:
             async with self.db.session() as session:
                 workers = await queries.workers_by_id(session, in_repository)
-        outcomes = [(proc, await self._collect_outcome(proc, workers.get(proc.worker_id))) for proc in batch]
-        async with self.db.session() as session:
-            await self._record_exits(session, outcomes)
-            await notifications.notify(session, JOBS_TOPIC)
+        return [(proc, await self._collect_outcome(proc, workers.get(proc.worker_id))) for proc in batch]
+
+    def _forget(self, batch: list[WorkerProcess]) -> None:
         for proc in batch:
             self.procs.pop(proc.worker_id, None)
             self.cursors.pop(proc.worker_id, None)

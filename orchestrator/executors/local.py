@@ -156,7 +156,9 @@ class LocalExecutor:
             self._inheritable_fds, self._inheritable_read_at = inheritable_descriptors(), now
         return self._inheritable_fds
 
-    def start(self, worker_id: str, spec: LaunchSpec, workdir: Path, run_dir: Path) -> WorkerProcess:
+    def start(
+        self, worker_id: str, spec: LaunchSpec, workdir: Path, run_dir: Path, *, read_start_time: bool = True
+    ) -> WorkerProcess:
         """Start the worker. Blocking calls (the engine runs several at once in threads), none of
         which holds the GIL for long: posix_spawn (vfork + exec in the C library) instead of
         subprocess.Popen, whose Python set-up cost more than the spawn itself. Files the wrapper can
@@ -194,8 +196,17 @@ class LocalExecutor:
             with contextlib.suppress(BrokenPipeError):
                 os.write(pipe[1], data)
             os.close(pipe[1])
-        start_time = process_start_time(pid) or 0
+        # Reading the start time waits until the child's exec has finished; a caller starting many
+        # workers reads it afterwards (`read_start_time`) instead of waiting for each exec in turn.
+        start_time = (process_start_time(pid) or 0) if read_start_time else 0
         return WorkerProcess(worker_id, pid, start_time, run_dir, own_child=True)
+
+    @staticmethod
+    def read_start_time(proc: WorkerProcess) -> None:
+        """Fill in the start time of a worker started with `read_start_time=False` (it is still
+        our unreaped child, so its /proc entry exists even if it has ended)."""
+        if not proc.start_time:
+            proc.start_time = process_start_time(proc.pid) or 0
 
     def wait(self, proc: WorkerProcess, timeout: float) -> int:
         """Wait for a worker this executor started to end, and reap it: its wrapper's exit status."""
