@@ -6,6 +6,10 @@
 2. N one-worker jobs running `true` versus starting the same N processes directly with the same
    concurrency (the depth-0 quota), and the ratio;
 3. N concurrently sleeping workers: the server's CPU use (percent of one core) and memory.
+
+Data dirs go under $TMPDIR: `TMPDIR=/dev/shm` keeps them on tmpfs, which takes the filesystem out
+of the comparison (docs/BENCHMARKS.md: on this VM's ext4, directories created within a minute of
+a large deletion cost up to ~1 ms each, and every run deletes ~10,000 inodes when it ends).
 """
 
 from __future__ import annotations
