@@ -596,28 +596,12 @@ class Engine:
                 if worker_status in WORKER_LIVE and JobStatus(job_status) in JOB_FINAL:
                     # Its job ended while it was being started (a cancel that committed between
                     # this engine's claim and the start): a worker never outlives its job.
-                    with contextlib.suppress(InvalidTransition):
-                        await transition_worker(
-                            session,
-                            worker_id,
-                            WorkerStatus.TERMINATED,
-                            actor=self.actor,
-                            reason=f"its job is {job_status}",
-                            values={"stop_requested_at": utcnow()},
-                        )
-                        statuses[worker_id] = WorkerStatus.TERMINATED.value
+                    await self._mark_stopped(
+                        session, statuses, worker_id, WorkerStatus.TERMINATED, f"its job is {job_status}"
+                    )
             for worker_id, deadline in list(self.deadlines.items()):
                 if now >= deadline and statuses.get(worker_id) in (WorkerStatus.RUNNING, WorkerStatus.PAUSED):
-                    with contextlib.suppress(InvalidTransition):
-                        await transition_worker(
-                            session,
-                            worker_id,
-                            WorkerStatus.FAILED,
-                            actor=self.actor,
-                            reason="timeout",
-                            values={"stop_requested_at": utcnow()},
-                        )
-                        statuses[worker_id] = WorkerStatus.FAILED.value
+                    await self._mark_stopped(session, statuses, worker_id, WorkerStatus.FAILED, "timeout")
                     self.deadlines.pop(worker_id, None)
         grace = self.settings.orchestrator_terminate_grace_seconds
         for worker_id, proc in list(self.procs.items()):
@@ -642,6 +626,27 @@ class Engine:
             # Come back for the SIGKILL deadline even if nothing else happens.
             assert self.loop is not None
             self.loop.call_later(min(grace, 0.5) or 0.1, self.wake.set)
+
+    async def _mark_stopped(
+        self,
+        session: AsyncSession,
+        statuses: dict[str, str],
+        worker_id: str,
+        target: WorkerStatus,
+        reason: str,
+    ) -> None:
+        """Stop a worker in the database (the signals follow from its new status); one that ended
+        meanwhile keeps the status it ended with."""
+        with contextlib.suppress(InvalidTransition):
+            await transition_worker(
+                session,
+                worker_id,
+                target,
+                actor=self.actor,
+                reason=reason,
+                values={"stop_requested_at": utcnow()},
+            )
+            statuses[worker_id] = target.value
 
     # ---------------------------------------------------------------- endings
 
