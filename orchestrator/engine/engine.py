@@ -267,18 +267,14 @@ class Engine:
                 await self._record_exits(session, exits)
                 await notifications.notify(session, JOBS_TOPIC)
             free = await slots_repo.pools_free(session, None)
-            backlog = await queries.owned_pending_by_depth(session, self.id)
-            room = {
-                depth: min(count, START_BATCH) + IDLE_SLACK - backlog.get(depth, 0)
-                for depth, count in free.items()
-                if count > 0
-            }
-            # Only jobs nobody owned are claimed, and workers are made only here: none has any yet.
-            claimed = await queries.claim_pending(session, self.id, room)
-            await queries.create_workers(session, claimed, self.actor)
             per_depth = {
                 depth: min(count, START_BATCH) + IDLE_SLACK for depth, count in free.items() if count > 0
             }
+            backlog = await queries.owned_pending_by_depth(session, self.id)
+            room = {depth: count - backlog.get(depth, 0) for depth, count in per_depth.items()}
+            # Only jobs nobody owned are claimed, and workers are made only here: none has any yet.
+            claimed = await queries.claim_pending(session, self.id, room)
+            await queries.create_workers(session, claimed, self.actor)
             idle = await queries.idle_workers(session, self.id, per_depth, START_BATCH * 4)
             ready = await self._bind_slots(session, idle, free) if idle else []
         if len(ready) == START_BATCH:

@@ -167,8 +167,7 @@ class LocalExecutor:
         are closed in the child."""
         if not workdir.is_dir():
             raise FileNotFoundError(f"working directory {workdir} does not exist")
-        if not run_dir.is_dir():
-            run_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(run_dir)
         data = (spec.stdin_text or "").encode()
         stdin_arg = "-"
         pipe: tuple[int, int] | None = None
