@@ -14,8 +14,9 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,10 @@ RECLAIM_INTERVAL_SECONDS = 2.0
 SQLITE_WATCH_SECONDS = 0.05
 STOP_STEP_SECONDS = 5.0
 LAUNCH_THREADS = max(2, os.cpu_count() or 2)  # the blocking part of a start is short: one per core
+LAUNCH_CHUNK = 16  # workers started per launcher-thread call, at least
+
+# A launched worker (process None: it could not start) and what its start records.
+Started = tuple[Worker, Job, WorkerProcess | None, dict[str, Any]]
 
 
 class Engine:
@@ -96,6 +101,7 @@ class Engine:
         self.cursors: dict[str, LogCursor] = {}
         self.deadlines: dict[str, float] = {}
         self.exited: list[WorkerProcess] = []
+        self.unrecorded: list[Started] = []  # launched, to be recorded by the next pass
         self.wake = asyncio.Event()
         self.log_lock = asyncio.Lock()
         self.repo_locks: dict[str, asyncio.Lock] = {}
@@ -140,6 +146,9 @@ class Engine:
         _done, pending = await asyncio.wait(self.tasks, timeout=STOP_STEP_SECONDS)
         if pending:
             log.warning("engine %s: %d task(s) did not stop in time: %s", self.id, len(pending), pending)
+        if self.unrecorded:  # else the next engine finds them by their PID files ("adopted")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._record_starts_now(self.unrecorded), STOP_STEP_SECONDS)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._ingest_all(), STOP_STEP_SECONDS)
         for proc in self.procs.values():
@@ -236,15 +245,24 @@ class Engine:
     # ---------------------------------------------------------------- one pass
 
     async def tick(self) -> None:
-        """One pass, in short transactions: record exits and schedule (one), control, (launch),
-        record starts and settle jobs (one)."""
-        batch = self.exited
-        self.exited = []
+        """One pass: one transaction (record the previous pass's starts and this pass's exits,
+        settle jobs, claim, give slots), then control, then launch. Starts are recorded by the
+        next pass, which comes at once: at full load every pass has slots to refill, and a second
+        commit per pass cost more than the rest of recording them."""
+        batch, self.exited = self.exited, []
+        starts, self.unrecorded = self.unrecorded, []
         try:
+            if starts and any(p.extra.get("repository") for p in batch):
+                # A worktree is committed before its exit is recorded, from the branch its
+                # recorded start names: record the starts first (rare: git work takes a while).
+                await self._record_starts_now(starts)
+                starts = []
             outcomes = await self._collect_exits(batch)
-            ready = await self._schedule(outcomes)
+            ready = await self._schedule(starts, outcomes)
         except BaseException:
-            self.exited = batch + self.exited  # not recorded: the next pass tries again
+            # Not recorded: the next pass tries again.
+            self.exited = batch + self.exited
+            self.unrecorded = starts + self.unrecorded
             raise
         self._forget(batch)
         if time.monotonic() - self.last_reclaim > RECLAIM_INTERVAL_SECONDS:
@@ -252,19 +270,32 @@ class Engine:
         await self._apply_control()
         await self._resume_parked()
         await self._enforce_budgets()
-        started = await self._launch_all(ready)
-        async with self.db.session() as session:
-            await self._record_starts(session, started)
-            await self._settle_jobs(session)
-            if started:
-                await notifications.notify(session, JOBS_TOPIC)
+        if ready:
+            started = await self._launch_all(ready)
+            for _, job, proc, _ in started:
+                if proc is not None:
+                    self._supervise(proc, job, offset=0, lines=0)
+            self.unrecorded.extend(started)
+            self.wake.set()  # the next pass records them, even if nothing else happens
 
-    async def _schedule(self, exits: list[tuple[WorkerProcess, dict[str, Any]]]) -> list[tuple[Worker, Job]]:
-        """Record how workers ended (their slots come back), then claim PENDING jobs, create their
-        workers, and give IDLE workers slots: one transaction."""
+    async def _record_starts_now(self, starts: list[Started]) -> None:
         async with self.db.session() as session:
+            await self._record_starts(session, starts)
+            await notifications.notify(session, JOBS_TOPIC)
+
+    async def _schedule(
+        self, starts: list[Started], exits: list[tuple[WorkerProcess, dict[str, Any]]]
+    ) -> list[tuple[Worker, Job]]:
+        """Record the workers started and ended since the last pass (the slots of the ended come
+        back), settle their jobs, then claim PENDING jobs, create their workers, and give IDLE
+        workers slots: one transaction."""
+        async with self.db.session() as session:
+            if starts:
+                await self._record_starts(session, starts)
             if exits:
                 await self._record_exits(session, exits)
+            await self._settle_jobs(session)
+            if starts or exits:
                 await notifications.notify(session, JOBS_TOPIC)
             free = await slots_repo.pools_free(session, None)
             per_depth = {
@@ -319,29 +350,51 @@ class Engine:
             await slots_repo.bind_new_slots(session, depth, per_job, worker_ids)
         return ready
 
-    async def _launch_all(
-        self, ready: list[tuple[Worker, Job]]
-    ) -> list[tuple[Worker, Job, WorkerProcess | None, dict[str, Any]]]:
-        """Start the pass's workers side by side: creating files and processes blocks, and on a
-        slow disk a worker's directories and files cost more than everything else it needs."""
-
-        async def launch(
-            worker: Worker, job: Job
-        ) -> tuple[Worker, Job, WorkerProcess | None, dict[str, Any]]:
+    async def _launch_all(self, ready: list[tuple[Worker, Job]]) -> list[Started]:
+        """Start the pass's workers: each is prepared in the event loop (a worktree, if any, in a
+        thread), then the blocking part (directories, files, the spawn) runs in the launcher
+        threads, a chunk of workers per call: per-worker thread hand-offs cost more than the
+        spawns on 2 cores, but a slow disk makes each directory cost up to a millisecond, so a
+        big pass is still split across the threads."""
+        prepared: list[tuple[Worker, Job, dict[str, Any], Callable[[], WorkerProcess]]] = []
+        started: list[Started] = []
+        for worker, job in ready:
             try:
-                launched, values = await self._launch(worker, job)
-                return worker, job, launched, values
+                values, start = await self._prepare_launch(worker, job)
+                prepared.append((worker, job, values, start))
             except Exception as exc:
                 log.warning("worker %s could not start: %s", worker.id, exc)
-                return worker, job, None, {"status_reason": f"could not start: {exc}"}
-
-        started = list(await asyncio.gather(*(launch(worker, job) for worker, job in ready)))
+                started.append((worker, job, None, {"status_reason": f"could not start: {exc}"}))
+        size = max(LAUNCH_CHUNK, -(-len(prepared) // LAUNCH_THREADS))
+        chunks = [prepared[i : i + size] for i in range(0, len(prepared), size)]
+        loop = asyncio.get_running_loop()
+        for chunk_result in await asyncio.gather(
+            *(loop.run_in_executor(self.launcher, self._start_chunk, chunk) for chunk in chunks)
+        ):
+            started.extend(chunk_result)
         for _, _, proc, _ in started:
             if proc is not None:
                 self.executor.read_start_time(proc)  # the execs ran meanwhile: no wait for each
         return started
 
-    async def _launch(self, worker: Worker, job: Job) -> tuple[WorkerProcess, dict[str, Any]]:
+    @staticmethod
+    def _start_chunk(
+        chunk: list[tuple[Worker, Job, dict[str, Any], Callable[[], WorkerProcess]]],
+    ) -> list[Started]:
+        """Runs in a launcher thread: one worker that cannot start does not stop the others."""
+        started: list[Started] = []
+        for worker, job, values, start in chunk:
+            try:
+                started.append((worker, job, start(), values))
+            except Exception as exc:
+                log.warning("worker %s could not start: %s", worker.id, exc)
+                started.append((worker, job, None, {"status_reason": f"could not start: {exc}"}))
+        return started
+
+    async def _prepare_launch(
+        self, worker: Worker, job: Job
+    ) -> tuple[dict[str, Any], Callable[[], WorkerProcess]]:
+        """What a worker's start records, and the blocking call that starts it."""
         agent = self.agents.get(job.agent)
         run_dir = self.runs_dir / worker.id
         workdir = self.workspaces_dir / worker.id
@@ -357,13 +410,13 @@ class Engine:
         context = self._worker_context(worker, job, workdir, run_dir / "home", run_dir)
 
         def start() -> WorkerProcess:
-            make_dirs(run_dir, context.home, workdir)
-            return self.executor.start(
-                worker.id, agent.launch(context), workdir, run_dir, read_start_time=False
-            )
+            make_dirs(run_dir, context.home, workdir)  # before the agent writes its files there
+            spec = agent.launch(context)
+            proc = self.executor.start(worker.id, spec, workdir, run_dir, read_start_time=False)
+            values["started_at"] = utcnow()  # recorded by the next pass: keep the real time
+            return proc
 
-        proc = await asyncio.get_running_loop().run_in_executor(self.launcher, start)
-        return proc, values
+        return values, start
 
     def _worker_context(
         self,
@@ -524,14 +577,13 @@ class Engine:
                 git.commit_all, worktree, "orchestrator: checkpoint before delegating", None
             )
 
-    async def _record_starts(
-        self, session: AsyncSession, started: list[tuple[Worker, Job, WorkerProcess | None, dict[str, Any]]]
-    ) -> None:
-        """Record a pass's started workers (and their jobs' first start) in a few statements."""
+    async def _record_starts(self, session: AsyncSession, started: list[Started]) -> None:
+        """Record a pass's started workers (and their jobs' first start) in a few statements; the
+        processes are supervised already (their exits may be recorded in the same transaction)."""
         launched = [item for item in started if item[2] is not None]
         statuses = await lock_statuses(session, Worker, [worker.id for worker, _, _, _ in launched])
         changes: list[Change] = []
-        for worker, job, proc, values in started:
+        for worker, _, proc, values in started:
             if proc is None:
                 await self._fail(session, worker, values["status_reason"])
                 continue
@@ -545,15 +597,18 @@ class Engine:
             else:
                 # Terminated while we were starting it: record the process, then stop it.
                 await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
-            self._supervise(proc, job, offset=0, lines=0)
         await transition_many(session, changes, actor=self.actor)
-        first = {job.id: job for _, job, proc, _ in launched if job.status == JobStatus.PENDING.value}
+        first: dict[str, tuple[Job, datetime]] = {}
+        for _, job, _, values in launched:
+            if job.status == JobStatus.PENDING.value:
+                earliest = first.get(job.id, (job, values["started_at"]))[1]
+                first[job.id] = (job, min(earliest, values["started_at"]))
         job_statuses = await lock_statuses(session, Job, list(first))
         await transition_many(
             session,
             [
-                Change(job, JobStatus.RUNNING, "first worker started")
-                for job in first.values()
+                Change(job, JobStatus.RUNNING, "first worker started", {"started_at": started_at})
+                for job, started_at in first.values()
                 if job_statuses.get(job.id) == JobStatus.PENDING.value
             ],
             actor=self.actor,
@@ -763,7 +818,7 @@ class Engine:
         ids = [job.id for job in candidates]
         # Three reads for all candidates, not three per job.
         children_of = await queries.children_statuses(session, ids)
-        workers_of = await queries.workers_by_job(session, ids)
+        workers_of = await queries.worker_endings(session, ids)
         unbound = await queries.unbound_slots(session, ids)
         endings: list[Change] = []
         for job in candidates:

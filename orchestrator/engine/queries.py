@@ -243,6 +243,11 @@ _WORKER_STATUSES = (
     select(Worker.id, Worker.status, Job.status).join(Job, Job.id == Worker.job_id).where(Worker.id.in_(_IDS))
 )
 _WORKERS_OF_JOBS = select(Worker).where(Worker.job_id.in_(_IDS)).execution_options(populate_existing=True)
+_ENDINGS_OF_JOBS = (
+    select(Worker.job_id, Worker.id, Worker.status, Worker.status_reason, Worker.holds_slot)
+    .where(Worker.job_id.in_(_IDS))
+    .order_by(Worker.job_id, Worker.worker_index)
+)
 _JOBS_WITHOUT_LIVE_WORKERS = (
     select(Job)
     .where(
@@ -287,10 +292,20 @@ async def children_statuses(session: AsyncSession, parent_ids: list[str]) -> dic
     return found
 
 
-async def workers_by_job(session: AsyncSession, job_ids: list[str]) -> dict[str, list[Worker]]:
-    found: dict[str, list[Worker]] = {}
-    for worker in sorted(await workers_for_jobs(session, job_ids), key=lambda w: w.worker_index):
-        found.setdefault(worker.job_id, []).append(worker)
+class WorkerEnding(NamedTuple):
+    id: str
+    status: str
+    status_reason: str | None
+    holds_slot: bool
+
+
+async def worker_endings(session: AsyncSession, job_ids: list[str]) -> dict[str, list[WorkerEnding]]:
+    """How each job's workers stand, in worker order: plain rows, all settling needs (loading
+    whole ORM rows cost four times as much per pass)."""
+    found: dict[str, list[WorkerEnding]] = {}
+    rows = (await session.execute(_ENDINGS_OF_JOBS, {"ids": job_ids})).all()
+    for job_id, worker_id, status, reason, holds_slot in rows:
+        found.setdefault(job_id, []).append(WorkerEnding(worker_id, status, reason, holds_slot))
     return found
 
 

@@ -86,6 +86,7 @@ def profiles(root: Path) -> str:
         f'[agents.delegating_writer]\ncommand = ["{py}", "{root / "writer.py"}"]\nenv = {{ DELEGATE = "1" }}\n'
         f'[agents.child_writer]\ncommand = ["{py}", "{root / "child_writer.py"}"]\n'
         '[agents.sleeper]\ncommand = ["bash", "-c", "echo partial > partial.txt; sleep 600"]\n'
+        '[agents.quick_writer]\ncommand = ["sh", "-c", "echo quick > quick-$WORKER_INDEX.txt"]\n'
     )
     return str(path)
 
@@ -171,6 +172,26 @@ def test_each_worker_gets_a_worktree_branch_and_its_work_is_committed(servers: S
         mine = next(w for w in workspaces if w["repository"] == str(repo.resolve()))
         assert mine["workers"] == 2 and mine["live_workers"] == 0
         assert git(repo, "status", "--porcelain") == "", "the main checkout must not be touched"
+
+
+def test_work_of_a_worker_that_ends_at_once_is_committed(servers: ServerFactory) -> None:
+    """A shell that exits within a millisecond of its spawn usually ends before the engine has
+    recorded its start (the pass after the launch does): its worktree is still committed."""
+    repo = make_repo(servers.root)
+    server = servers.start(ORCHESTRATOR_AGENTS_FILE=profiles(servers.root))
+    with server.client() as client:
+        job = submit(client, agent="quick_writer", worker_count=4, repository=str(repo))
+        final = wait_final(client, job["id"])
+        assert final["status"] == "COMPLETED"
+        workers = workers_of(client, job["id"])
+        # Start times are the spawns', not when they were recorded: the job's is its first worker's.
+        assert final["started_at"] == min(w["started_at"] for w in workers)
+        assert all(w["started_at"] <= w["finished_at"] for w in workers)
+        for worker in workers:
+            branch = f"orchestrator/{job['id']}/{worker['id']}"
+            assert worker["branch"] == branch and worker["commit"], worker
+            index = worker["worker_index"]
+            assert git(repo, "show", f"{branch}:quick-{index}.txt") == "quick"
 
 
 def test_terminated_worker_work_is_committed(servers: ServerFactory) -> None:
