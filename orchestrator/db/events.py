@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from orchestrator.db.models import Event, utcnow
 
 _PENDING = "pending_events"
+_INSERT_EVENTS = insert(Event)  # built once: a reused statement skips SQLAlchemy's cache-key work
 
 
 def record_event(
@@ -57,7 +58,7 @@ def _write_pending_events(session: Session) -> None:
     if connection.dialect.name == "postgresql":
         # Take a transaction id before the sequence values: see db/session.py (live streams).
         connection.exec_driver_sql("SELECT pg_current_xact_id()")
-    connection.execute(insert(Event), rows)
+    connection.execute(_INSERT_EVENTS, rows)
 
 
 @event.listens_for(Session, "after_rollback")

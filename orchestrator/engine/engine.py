@@ -372,14 +372,10 @@ class Engine:
             *(loop.run_in_executor(self.launcher, self._start_chunk, chunk) for chunk in chunks)
         ):
             started.extend(chunk_result)
-        for _, _, proc, _ in started:
-            if proc is not None:
-                self.executor.read_start_time(proc)  # the execs ran meanwhile: no wait for each
         return started
 
-    @staticmethod
     def _start_chunk(
-        chunk: list[tuple[Worker, Job, dict[str, Any], Callable[[], WorkerProcess]]],
+        self, chunk: list[tuple[Worker, Job, dict[str, Any], Callable[[], WorkerProcess]]]
     ) -> list[Started]:
         """Runs in a launcher thread: one worker that cannot start does not stop the others."""
         started: list[Started] = []
@@ -389,6 +385,9 @@ class Engine:
             except Exception as exc:
                 log.warning("worker %s could not start: %s", worker.id, exc)
                 started.append((worker, job, None, {"status_reason": f"could not start: {exc}"}))
+        for _, _, proc, _ in started:
+            if proc is not None:
+                self.executor.read_start_time(proc)  # the execs ran meanwhile: no wait for each
         return started
 
     async def _prepare_launch(

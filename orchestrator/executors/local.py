@@ -52,9 +52,15 @@ STDIN_FILE = "stdin"
 def process_start_time(pid: int) -> int | None:
     """Kernel start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat)."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)  # read once per worker start: no file object
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
+    try:
+        raw = os.read(fd, 4096).decode(errors="replace")
+    except ProcessLookupError:  # the process was reaped between open and read
+        return None
+    finally:
+        os.close(fd)
     # The command name may contain spaces and parentheses: split after the last ')'.
     fields = raw[raw.rindex(")") + 2 :].split()
     return int(fields[19])
