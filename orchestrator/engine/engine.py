@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -290,10 +290,9 @@ class Engine:
         back), settle their jobs, then claim PENDING jobs, create their workers, and give IDLE
         workers slots: one transaction."""
         async with self.db.session() as session:
-            if starts:
-                await self._record_starts(session, starts)
+            running = await self._record_starts(session, starts) if starts else {}
             if exits:
-                await self._record_exits(session, exits)
+                await self._record_exits(session, exits, running)
             await self._settle_jobs(session)
             if starts or exits:
                 await notifications.notify(session, JOBS_TOPIC)
@@ -576,9 +575,10 @@ class Engine:
                 git.commit_all, worktree, "orchestrator: checkpoint before delegating", None
             )
 
-    async def _record_starts(self, session: AsyncSession, started: list[Started]) -> None:
+    async def _record_starts(self, session: AsyncSession, started: list[Started]) -> dict[str, Worker]:
         """Record a pass's started workers (and their jobs' first start) in a few statements; the
-        processes are supervised already (their exits may be recorded in the same transaction)."""
+        processes are supervised already (their exits may be recorded in the same transaction).
+        Returns the workers now RUNNING, as written (their rows stay locked until the commit)."""
         launched = [item for item in started if item[2] is not None]
         statuses = await lock_statuses(session, Worker, [worker.id for worker, _, _, _ in launched])
         changes: list[Change] = []
@@ -612,6 +612,7 @@ class Engine:
             ],
             actor=self.actor,
         )
+        return {change.known.id: cast(Worker, change.known) for change in changes}
 
     def _supervise(self, proc: WorkerProcess, job: Job, *, offset: int, lines: int) -> None:
         self.procs[proc.worker_id] = proc
@@ -750,10 +751,15 @@ class Engine:
         return values
 
     async def _record_exits(
-        self, session: AsyncSession, outcomes: list[tuple[WorkerProcess, dict[str, Any]]]
+        self,
+        session: AsyncSession,
+        outcomes: list[tuple[WorkerProcess, dict[str, Any]]],
+        running: dict[str, Worker],
     ) -> None:
-        """Record how a pass's workers ended and return their slots: a few statements for all."""
-        fresh = await queries.workers_by_id(session, [proc.worker_id for proc, _ in outcomes], lock=True)
+        """Record how a pass's workers ended and return their slots: a few statements for all.
+        `running`: workers whose start this transaction recorded, so their rows are known."""
+        unknown = [proc.worker_id for proc, _ in outcomes if proc.worker_id not in running]
+        fresh = {**running, **await queries.workers_by_id(session, unknown, lock=True)}
         changes: list[Change] = []
         plain: list[tuple[str, dict[str, Any]]] = []
         release: list[tuple[str, str, int]] = []
