@@ -362,8 +362,7 @@ class Engine:
                 values, start = await self._prepare_launch(worker, job)
                 prepared.append((worker, job, values, start))
             except Exception as exc:
-                log.warning("worker %s could not start: %s", worker.id, exc)
-                started.append((worker, job, None, {"status_reason": f"could not start: {exc}"}))
+                started.append(self._not_started(worker, job, exc))
         size = max(LAUNCH_CHUNK, -(-len(prepared) // LAUNCH_THREADS))
         chunks = [prepared[i : i + size] for i in range(0, len(prepared), size)]
         loop = asyncio.get_running_loop()
@@ -382,12 +381,17 @@ class Engine:
             try:
                 started.append((worker, job, start(), values))
             except Exception as exc:
-                log.warning("worker %s could not start: %s", worker.id, exc)
-                started.append((worker, job, None, {"status_reason": f"could not start: {exc}"}))
+                started.append(self._not_started(worker, job, exc))
         for _, _, proc, _ in started:
             if proc is not None:
                 self.executor.read_start_time(proc)  # the execs ran meanwhile: no wait for each
         return started
+
+    @staticmethod
+    def _not_started(worker: Worker, job: Job, exc: Exception) -> Started:
+        """A worker that could not start: the next pass records it FAILED with the reason."""
+        log.warning("worker %s could not start: %s", worker.id, exc)
+        return worker, job, None, {"status_reason": f"could not start: {exc}"}
 
     async def _prepare_launch(
         self, worker: Worker, job: Job
