@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -95,11 +96,16 @@ class Job(Base):
     __table_args__ = (
         CheckConstraint("worker_count >= 1", name="worker_count_positive"),
         CheckConstraint("depth >= 0", name="depth_non_negative"),
-        Index("ix_jobs_pending_order", "status", "depth", "priority", "created_at"),
         # An engine's active jobs, read every pass: without it SQLite walks all the jobs the
         # engine ever ran (ix_jobs_engine_id) and a pass slows down as history grows.
-        Index("ix_jobs_engine_status", "engine_id", "status"),
+        # (depth: the engine's count of its PENDING jobs per depth is read from the index alone.)
+        Index("ix_jobs_engine_status", "engine_id", "status", "depth"),
     )
+
+
+# Claiming reads PENDING jobs of a depth by priority (highest first), then age: with `priority`
+# descending in the index that is a walk of its first rows, not a sort of every PENDING job.
+Index("ix_jobs_pending_order", Job.status, Job.depth, Job.priority.desc(), Job.created_at)
 
 
 class Worker(Base):
@@ -168,6 +174,14 @@ class Allocation(Base):
     __table_args__ = (
         CheckConstraint("slots >= 0 AND slots <= max_slots", name="slots_within_job"),
         CheckConstraint("bound >= 0 AND bound <= slots", name="bound_within_slots"),
+        # Jobs with slots no worker holds (an explicit allocation): claimed first, found
+        # without walking every job's row.
+        Index(
+            "ix_allocations_unbound",
+            "job_id",
+            sqlite_where=text("slots > bound"),
+            postgresql_where=text("slots > bound"),
+        ),
     )
 
 

@@ -386,3 +386,30 @@ def test_an_engine_claims_only_the_jobs_it_can_start_soon(servers: ServerFactory
             client.post(f"/api/jobs/{job['id']}/cancel")
         assert {wait_final(client, job["id"])["status"] for job in jobs} == {"CANCELED"}
         wait_until(lambda: usage_allocated(client) == [0, 0], what="slots back")
+
+
+def test_a_jobs_explicit_allocation_is_used_before_the_queue(servers: ServerFactory) -> None:
+    """Job B is queued first, but job A holds the whole depth-0 pool through an explicit
+    allocation: the engine starts A's workers on A's own slots, and B only once they are back."""
+    profiles = agents_file(servers.root)
+    api = servers.start(
+        ORCHESTRATOR_ENGINE="false", ORCHESTRATOR_AGENTS_FILE=profiles, ORCHESTRATOR_QUOTAS="2"
+    )
+    with api.client() as client:
+        queued_first = submit(client, agent_options={"duration_seconds": 0.5})
+        allocated = submit(client, worker_count=2, agent_options={"duration_seconds": 0.5})
+        grant = client.post(
+            "/api/resources/allocate", json={"job_id": allocated["id"], "depth": 0, "worker_count": 2}
+        )
+        assert grant.status_code == 200 and grant.json()["granted"] == 2, grant.text
+        assert usage_allocated(client)[0] == 2
+        with servers.standalone_engine(api, ORCHESTRATOR_AGENTS_FILE=profiles, ORCHESTRATOR_QUOTAS="2"):
+            assert wait_final(client, allocated["id"])["status"] == "COMPLETED"
+            assert wait_final(client, queued_first["id"])["status"] == "COMPLETED"
+        allocated_workers = workers_of(client, allocated["id"])
+        (waiting_worker,) = workers_of(client, queued_first["id"])
+        assert len(allocated_workers) == 2
+        # Both of A's workers ran first; B started on the first slot one of them gave back.
+        assert all(w["started_at"] < waiting_worker["started_at"] for w in allocated_workers)
+        assert min(w["finished_at"] for w in allocated_workers) <= waiting_worker["started_at"]
+        assert usage_allocated(client)[0] == 0

@@ -6,7 +6,6 @@ The standalone engine below polls only every 30 s, so anything faster proves the
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,35 +21,11 @@ from tests.support.wait import wait_until
 def api_and_engine(servers: ServerFactory) -> Iterator[tuple[Server, subprocess.Popen[bytes]]]:
     profiles = agents_file(servers.root)
     api = servers.start(ORCHESTRATOR_ENGINE="false", ORCHESTRATOR_AGENTS_FILE=profiles)
-    env = servers.base_env(
-        ORCHESTRATOR_AGENTS_FILE=profiles, ORCHESTRATOR_POLL_SECONDS="30", ORCHESTRATOR_PUBLIC_URL=api.url
-    )
-    log = (servers.root / "engine.log").open("wb")
-    engine = subprocess.Popen(
-        [str(Path(sys.executable).parent / "orchestrator"), "engine"],
-        cwd=servers.root,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        wait_until(lambda: "Engine running" in (servers.root / "engine.log").read_text(), timeout=30)
+    with servers.standalone_engine(
+        api, ORCHESTRATOR_AGENTS_FILE=profiles, ORCHESTRATOR_POLL_SECONDS="30"
+    ) as engine:
         time.sleep(0.3)  # past the engine's first pass
         yield api, engine
-    finally:
-        engine.terminate()
-        try:
-            engine.wait(30)
-        except subprocess.TimeoutExpired:
-            engine.kill()
-            engine.wait()
-            pytest.fail(
-                "`orchestrator engine` did not stop within 30 s of SIGTERM:\n"
-                + (servers.root / "engine.log").read_text(errors="replace")[-5000:]
-            )
-        finally:
-            log.close()
 
 
 def test_standalone_engine_starts_jobs_and_applies_control_without_polling(

@@ -183,6 +183,46 @@ class ServerFactory:
     def start(self, **kwargs: Any) -> Server:
         return self.make(**kwargs).start()
 
+    @contextmanager
+    def standalone_engine(self, api: Server, **extra: str) -> Iterator[subprocess.Popen[bytes]]:
+        """`orchestrator engine` on this factory's database, next to an API started with
+        ORCHESTRATOR_ENGINE=false; stopped with SIGTERM (and must stop within 30 s)."""
+        import pytest
+
+        env = self.base_env(ORCHESTRATOR_PUBLIC_URL=api.url, **extra)
+        log_path = self.root / f"engine-{uuid.uuid4().hex[:8]}.log"
+        log = log_path.open("wb")
+        engine = subprocess.Popen(
+            [str(Path(sys.executable).parent / "orchestrator"), "engine"],
+            cwd=self.root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while "Engine running" not in log_path.read_text(errors="replace"):
+                if engine.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(
+                        "`orchestrator engine` did not start:\n" + log_path.read_text(errors="replace")
+                    )
+                time.sleep(0.05)
+            yield engine
+        finally:
+            engine.terminate()
+            try:
+                engine.wait(30)
+            except subprocess.TimeoutExpired:
+                engine.kill()
+                engine.wait()
+                pytest.fail(
+                    "`orchestrator engine` did not stop within 30 s of SIGTERM:\n"
+                    + log_path.read_text(errors="replace")[-5000:]
+                )
+            finally:
+                log.close()
+
     def close(self) -> None:
         for server in self.servers:
             server.stop()

@@ -1,0 +1,101 @@
+"""How SQLite runs the engine's claim, whatever the backlog: the depth's first PENDING jobs are
+read in order from an index (no sort of the whole queue), the few jobs holding an explicit
+allocation are found through their partial index and then by key (no walk of every PENDING
+job), and the engine's count of its own PENDING jobs reads an index only. Query plans, not
+timings: a plan does not depend on the machine's speed. SQLite only by nature (its planner has
+no statistics here; PostgreSQL keeps its own and plans differently)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Table, insert, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from orchestrator.core.config import Settings
+from orchestrator.core.ids import new_job_id
+from orchestrator.db.migrate import upgrade_database
+from orchestrator.db.models import Allocation, Job, utcnow
+from orchestrator.db.session import Database
+from orchestrator.engine import queries
+from tests.unit.test_state_tables import run
+
+BACKLOG = 2000
+
+
+async def _plan(connection: AsyncConnection, statement: Any, params: dict[str, Any]) -> list[str]:
+    compiled = statement.compile(dialect=connection.dialect)
+    names = set(compiled.params)
+    # The expanding IN list rendered as it is when executed: one placeholder per value.
+    expanded = compiled.construct_expanded_state({k: v for k, v in params.items() if k in names})
+    positional = tuple(expanded.parameters[name] for name in expanded.positiontup or ())
+    rows = await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {expanded.statement}", positional)
+    return [str(row[3]) for row in rows]
+
+
+async def _seed_backlog(database: Database) -> list[str]:
+    """BACKLOG queued jobs, the way a submit leaves them (a job row and an empty allocation),
+    two of which then receive an explicit allocation."""
+    await upgrade_database(database)
+    now = utcnow()
+    ids = [new_job_id() for _ in range(BACKLOG)]
+    jobs = [
+        {
+            "id": job_id,
+            "status": "PENDING",
+            "task_description": "queued",
+            "worker_count": 1,
+            "depth": 0,
+            "path": f"{job_id}/",
+            "priority": index % 3,
+            "agent": "simulated",
+            "agent_options": {},
+            "created_by": "test",
+            "created_at": now,
+            "updated_at": now,
+        }
+        for index, job_id in enumerate(ids)
+    ]
+    allocations = [{"job_id": job_id, "depth": 0, "slots": 0, "bound": 0, "max_slots": 1} for job_id in ids]
+    async with database.session() as session:
+        await session.execute(insert(Job.__table__), jobs)
+        await session.execute(insert(Allocation.__table__), [{**a, "updated_at": now} for a in allocations])
+        table: Table = Allocation.__table__  # type: ignore[assignment]
+        await session.execute(update(table).where(table.c.job_id.in_(ids[-2:])).values(slots=1))
+    return ids
+
+
+def test_claiming_reads_indexes_only_whatever_the_backlog(tmp_path: Path) -> None:
+    settings = Settings(orchestrator_data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'plans.db'}")
+
+    async def work(database: Database) -> tuple[dict[str, list[str]], list[str], list[str]]:
+        ids = await _seed_backlog(database)
+        params = {"n0": 15, "allocated": ids[-2:], "engine_id": "engine-test"}
+        async with database.engine.connect() as connection:
+            plans = {
+                "claim": await _plan(connection, queries._claim_candidates((0,), True, False), params),
+                "unbound": await _plan(connection, queries._UNBOUND_JOB_IDS, {}),
+                "owned": await _plan(connection, queries._OWNED_PENDING, params),
+            }
+        async with database.session() as session:
+            claimed = await queries.claim_pending(session, "engine-test", {0: 3})
+        return plans, [job.id for job in claimed], ids
+
+    plans, claimed, ids = run(settings, work)
+
+    # The depth's part: a walk of the index in (priority DESC, created_at) order, never a sort.
+    assert "SEARCH jobs USING INDEX ix_jobs_pending_order (status=? AND depth=?)" in plans["claim"], plans
+    assert not any("RIGHT PART OF ORDER BY" in line for line in plans["claim"]), plans
+    # The allocated jobs: their partial index, then each job by its key.
+    assert plans["unbound"] == ["SCAN allocations USING INDEX ix_allocations_unbound"], plans
+    assert "SEARCH jobs USING INDEX sqlite_autoindex_jobs_1 (id=?)" in plans["claim"], plans
+    assert "SEARCH jobs USING INDEX ix_jobs_pending_order (status=?)" not in plans["claim"], plans
+    # The engine's PENDING jobs per depth: from the index alone.
+    assert plans["owned"] == [
+        "SEARCH jobs USING COVERING INDEX ix_jobs_engine_status (engine_id=? AND status=?)"
+    ], plans
+    # And the claim takes what it should: the two allocated jobs, then the 3 highest-priority
+    # jobs, oldest first.
+    expected_queue = [job_id for index, job_id in enumerate(ids) if index % 3 == 2][:3]
+    assert sorted(claimed) == sorted(ids[-2:] + expected_queue), (claimed, expected_queue)
