@@ -77,6 +77,7 @@ def test_claiming_reads_indexes_only_whatever_the_backlog(tmp_path: Path) -> Non
                 "claim": await _plan(connection, queries._claim_candidates((0,), True, False), params),
                 "unbound": await _plan(connection, queries._UNBOUND_JOB_IDS, {}),
                 "owned": await _plan(connection, queries._OWNED_PENDING, params),
+                "take": await _plan(connection, queries._CLAIM, {"ids": ids[:15], "b_engine": "engine-test"}),
             }
         async with database.session() as session:
             claimed = await queries.claim_pending(session, "engine-test", {0: 3})
@@ -95,6 +96,8 @@ def test_claiming_reads_indexes_only_whatever_the_backlog(tmp_path: Path) -> Non
     assert plans["owned"] == [
         "SEARCH jobs USING COVERING INDEX ix_jobs_engine_status (engine_id=? AND status=?)"
     ], plans
+    # Taking the chosen jobs: each by its key.
+    assert plans["take"] == ["SEARCH jobs USING INDEX sqlite_autoindex_jobs_1 (id=?)"], plans
     # And the claim takes what it should: the two allocated jobs, then the 3 highest-priority
     # jobs, oldest first.
     expected_queue = [job_id for index, job_id in enumerate(ids) if index % 3 == 2][:3]
