@@ -74,7 +74,9 @@ def test_claiming_reads_indexes_only_whatever_the_backlog(tmp_path: Path) -> Non
         params = {"n0": 15, "allocated": ids[-2:], "engine_id": "engine-test"}
         async with database.engine.connect() as connection:
             plans = {
-                "claim": await _plan(connection, queries._claim_candidates((0,), True, False), params),
+                "claim": await _plan(
+                    connection, queries._claim_candidates((0,), allocated=True, postgres=False), params
+                ),
                 "unbound": await _plan(connection, queries._UNBOUND_JOB_IDS, {}),
                 "owned": await _plan(connection, queries._OWNED_PENDING, params),
                 "take": await _plan(connection, queries._CLAIM, {"ids": ids[:15], "b_engine": "engine-test"}),
