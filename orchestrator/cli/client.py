@@ -7,6 +7,7 @@ The HTTP modules are imported on first use so commands that never talk HTTP do n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -152,6 +153,27 @@ def error_from_response(status: int, reason: str, content: bytes, target: Target
     return CliError(f"{label} ({status}): {text}")
 
 
+class EventStream:
+    """A Server-Sent Events response read line by line; `close` may come from another thread
+    (it shuts the socket down, which ends a blocked read)."""
+
+    def __init__(self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+        self._connection = connection
+        self._response = response
+
+    def readline(self) -> bytes:
+        return self._response.readline()
+
+    def close(self) -> None:
+        import socket
+
+        sock = self._connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._connection.close()
+
+
 class ApiClient:
     """A small synchronous JSON client on http.client, keeping one connection alive for polling.
 
@@ -287,6 +309,36 @@ class ApiClient:
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
+
+    def open_stream(self, path: str, **params: Any) -> EventStream | None:
+        """A Server-Sent Events response on its own connection (the caller reads and closes it),
+        or None if the server does not stream it: callers fall back to polling."""
+        import http.client
+        from urllib.parse import urlencode
+
+        query = urlencode({k: _param(v) for k, v in params.items() if v is not None})
+        url = self._prefix + path + (f"?{query}" if query else "")
+        headers = {**self._headers, "Accept": "text/event-stream"}
+        connection: http.client.HTTPConnection
+        if self._https:
+            import ssl
+
+            connection = http.client.HTTPSConnection(
+                self._host, self._port, timeout=None, context=ssl.create_default_context()
+            )
+        else:
+            connection = http.client.HTTPConnection(self._host, self._port, timeout=None)
+        try:
+            connection.request("GET", url, headers=headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException):
+            connection.close()
+            return None
+        content_type = response.getheader("Content-Type", "")
+        if response.status != 200 or not content_type.startswith("text/event-stream"):
+            connection.close()
+            return None
+        return EventStream(connection, response)
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, body=body)

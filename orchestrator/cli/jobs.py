@@ -130,19 +130,12 @@ def _print_submitted(job: dict[str, Any], *, quiet: bool, as_json: bool) -> None
 
 
 def _wait(api: ApiClient, job_id: str, *, quiet: bool) -> dict[str, Any]:
-    """Poll until final, quietly (for --json/-q) or with the live tree."""
-    import time
-
-    from orchestrator.cli.live import watch
-    from orchestrator.cli.output import JOB_FINAL
+    """Until final, quietly (for --json/-q) or with the live tree; woken by the server's events."""
+    from orchestrator.cli.live import wait_until_final, watch
 
     try:
         if quiet:
-            while True:
-                job: dict[str, Any] = api.get(f"/api/jobs/{job_id}")
-                if job.get("status") in JOB_FINAL:
-                    return job
-                time.sleep(0.5)
+            return wait_until_final(api, job_id)
         return watch(api, job_id).root
     except KeyboardInterrupt:
         console().print(f"\nStopped watching; {job_id} keeps running. See it with: orchestrator job {job_id}")

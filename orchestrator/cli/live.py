@@ -7,15 +7,17 @@ per poll. On a very busy server it falls back to walking the tree by `parent_job
 
 from __future__ import annotations
 
+import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 
-from orchestrator.cli.client import ApiClient
+from orchestrator.cli.client import ApiClient, EventStream
 from orchestrator.cli.output import (
     JOB_FINAL,
     WORKER_FINAL,
@@ -37,6 +39,8 @@ PAGE_SIZE = 1000
 MAX_SCAN_PAGES = 5
 MAX_LOG_POLLS = 8  # running workers whose log is read per poll, in rotation
 WAIT_RECONNECT_SECONDS = 30.0
+DEFAULT_POLL_SECONDS = 0.5  # ORCHESTRATOR_CLI_POLL_SECONDS: reads of the tree when no event arrives
+COALESCE_SECONDS = 0.02  # after a streamed change, how long more changes are gathered into one read
 
 
 @dataclass
@@ -257,24 +261,105 @@ def _frame(snap: Snapshot) -> RenderableType:
     return Group(render_tree(snap), summary_line(snap))
 
 
-def watch(api: ApiClient, job_id: str, *, interval: float = 0.5) -> Snapshot:
+def poll_interval() -> float:
+    """How long a watcher waits for news before reading the tree again anyway."""
+    try:
+        return max(0.05, float(os.environ.get("ORCHESTRATOR_CLI_POLL_SECONDS", DEFAULT_POLL_SECONDS)))
+    except ValueError:
+        return DEFAULT_POLL_SECONDS
+
+
+class ChangeSignal:
+    """Set whenever the server streams something about a job's tree (the SSE events stream,
+    read in a daemon thread), so a watcher reads the tree again at once instead of at its next
+    poll: a job's end shows within milliseconds, not up to a poll interval later. If the stream
+    cannot be opened or breaks, the watcher simply keeps polling."""
+
+    def __init__(self, api: ApiClient, job_id: str) -> None:
+        self._api = api
+        self._job_id = job_id
+        self._changed = threading.Event()
+        self._closed = False
+        self._stream: EventStream | None = None
+        self._thread = threading.Thread(target=self._follow, name="orchestrator-events", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        stream = self._api.open_stream(f"/api/jobs/{self._job_id}/events", follow="true")
+        if stream is None:
+            return
+        self._stream = stream
+        if self._closed:  # closed while it was opening
+            stream.close()
+            return
+        try:
+            while not self._closed:
+                line = stream.readline()
+                if not line:  # the server ended the stream (the tree is final) or went away
+                    break
+                if line.startswith((b"event:", b"data:")):
+                    self._changed.set()
+        except (OSError, ValueError, AttributeError):  # closed under us, or the connection broke
+            pass
+        finally:
+            self._changed.set()  # one last read of the tree
+            stream.close()
+
+    def wait(self, timeout: float) -> None:
+        """Until something changed (then a short pause, so a burst costs one read) or `timeout`."""
+        if self._changed.wait(timeout):
+            time.sleep(COALESCE_SECONDS)
+            self._changed.clear()
+
+    def close(self) -> None:
+        self._closed = True
+        stream = self._stream
+        if stream is not None:
+            stream.close()  # ends the reading thread's blocked read
+
+
+def watch(api: ApiClient, job_id: str, *, interval: float | None = None) -> Snapshot:
     """Follow a job until it is final: a live tree on a terminal, one line per change otherwise.
+    The tree is read again when the server streams a change, and every `interval` regardless.
 
     Brief connection losses (a server restart) are ridden out for WAIT_RECONNECT_SECONDS.
     """
+    interval = poll_interval() if interval is None else interval
     fetcher = TreeFetcher(api, job_id)
     out = console()
     snap = fetcher.snapshot()
-    if not out.is_terminal:
-        return _watch_plain(fetcher, snap, interval)
-    from rich.live import Live
+    if snap.done:
+        return _watch_plain(fetcher, snap, None) if not out.is_terminal else snap
+    signal = ChangeSignal(api, job_id)
+    try:
+        if not out.is_terminal:
+            return _watch_plain(fetcher, snap, lambda: signal.wait(interval))
+        from rich.live import Live
 
-    with Live(_frame(snap), console=out, refresh_per_second=8, transient=False) as live:
-        while not snap.done:
-            time.sleep(interval)
-            snap = _poll(fetcher)
-            live.update(_frame(snap))
-    return snap
+        with Live(_frame(snap), console=out, refresh_per_second=8, transient=False) as live:
+            while not snap.done:
+                signal.wait(interval)
+                snap = _poll(fetcher)
+                live.update(_frame(snap))
+        return snap
+    finally:
+        signal.close()
+
+
+def wait_until_final(api: ApiClient, job_id: str, *, interval: float | None = None) -> dict[str, Any]:
+    """The job once it is final, read again whenever the server streams a change (see watch)."""
+    interval = poll_interval() if interval is None else interval
+    job: dict[str, Any] = api.get(f"/api/jobs/{job_id}")
+    if job.get("status") in JOB_FINAL:
+        return job
+    signal = ChangeSignal(api, job_id)
+    try:
+        while job.get("status") not in JOB_FINAL:
+            signal.wait(interval)
+            job = api.get(f"/api/jobs/{job_id}")
+        return job
+    finally:
+        signal.close()
 
 
 def _poll(fetcher: TreeFetcher) -> Snapshot:
@@ -289,7 +374,7 @@ def _poll(fetcher: TreeFetcher) -> Snapshot:
             time.sleep(1.0)
 
 
-def _watch_plain(fetcher: TreeFetcher, snap: Snapshot, interval: float) -> Snapshot:
+def _watch_plain(fetcher: TreeFetcher, snap: Snapshot, pause: Callable[[], None] | None) -> Snapshot:
     out = console()
     seen: dict[str, str] = {}
 
@@ -306,8 +391,8 @@ def _watch_plain(fetcher: TreeFetcher, snap: Snapshot, interval: float) -> Snaps
                 out.print(line, soft_wrap=True)
 
     report(snap)
-    while not snap.done:
-        time.sleep(interval)
+    while not snap.done and pause is not None:
+        pause()
         snap = _poll(fetcher)
         report(snap)
     out.print(render_tree(snap))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,3 +135,17 @@ def env_bin() -> str:
     from tests.cli.support import ORCHESTRATOR
 
     return str(ORCHESTRATOR)
+
+
+@pytest.mark.parametrize("output", ["--json", "--tree"])
+def test_submit_wait_is_woken_by_the_servers_events_not_its_poll(env: dict[str, str], output: str) -> None:
+    """With the fallback poll set to 60 s, `--wait` still returns as soon as the job ends: it
+    reads the tree again when the events stream says something changed."""
+    slow_poll = {**env, "ORCHESTRATOR_CLI_POLL_SECONDS": "60"}
+    started = time.monotonic()
+    args = ["--json"] if output == "--json" else []
+    done = run(slow_poll, "submit", "quick", "-o", "duration_seconds=0.5", "--wait", *args, timeout=120)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "COMPLETED" in done.stdout
+    assert took < 30, f"--wait took {took:.1f} s: it waited for its 60 s poll, not for the event"
