@@ -328,22 +328,26 @@ def watch(api: ApiClient, job_id: str, *, interval: float | None = None) -> Snap
     fetcher = TreeFetcher(api, job_id)
     out = console()
     snap = fetcher.snapshot()
-    if snap.done:
-        return _watch_plain(fetcher, snap, None) if not out.is_terminal else snap
-    signal = ChangeSignal(api, job_id)
+    signal = None if snap.done else ChangeSignal(api, job_id)
+
+    def pause() -> None:
+        if signal is not None:
+            signal.wait(interval)
+
     try:
         if not out.is_terminal:
-            return _watch_plain(fetcher, snap, lambda: signal.wait(interval))
+            return _watch_plain(fetcher, snap, pause)
         from rich.live import Live
 
         with Live(_frame(snap), console=out, refresh_per_second=8, transient=False) as live:
             while not snap.done:
-                signal.wait(interval)
+                pause()
                 snap = _poll(fetcher)
                 live.update(_frame(snap))
         return snap
     finally:
-        signal.close()
+        if signal is not None:
+            signal.close()
 
 
 def wait_until_final(api: ApiClient, job_id: str, *, interval: float | None = None) -> dict[str, Any]:
@@ -374,7 +378,7 @@ def _poll(fetcher: TreeFetcher) -> Snapshot:
             time.sleep(1.0)
 
 
-def _watch_plain(fetcher: TreeFetcher, snap: Snapshot, pause: Callable[[], None] | None) -> Snapshot:
+def _watch_plain(fetcher: TreeFetcher, snap: Snapshot, pause: Callable[[], None]) -> Snapshot:
     out = console()
     seen: dict[str, str] = {}
 
@@ -391,7 +395,7 @@ def _watch_plain(fetcher: TreeFetcher, snap: Snapshot, pause: Callable[[], None]
                 out.print(line, soft_wrap=True)
 
     report(snap)
-    while not snap.done and pause is not None:
+    while not snap.done:
         pause()
         snap = _poll(fetcher)
         report(snap)
