@@ -222,26 +222,31 @@ class ApiClient:
         self.close()
 
     def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            self._conn = self._new_connection(self.timeout)
+        return self._conn
+
+    def _new_connection(self, timeout: float | None) -> http.client.HTTPConnection:
         import http.client
 
-        if self._conn is None:
-            if self._https:
-                import ssl
+        if self._https:
+            import ssl
 
-                self._conn = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=self.timeout, context=ssl.create_default_context()
-                )
-            else:
-                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
-        return self._conn
+            return http.client.HTTPSConnection(
+                self._host, self._port, timeout=timeout, context=ssl.create_default_context()
+            )
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def _url(self, path: str, params: dict[str, Any] | None) -> str:
+        from urllib.parse import urlencode
+
+        query = urlencode({k: _param(v) for k, v in (params or {}).items() if v is not None})
+        return self._prefix + path + (f"?{query}" if query else "")
 
     def request(
         self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Any = None
     ) -> Any:
-        from urllib.parse import urlencode
-
-        query = urlencode({k: _param(v) for k, v in (params or {}).items() if v is not None})
-        url = self._prefix + path + (f"?{query}" if query else "")
+        url = self._url(path, params)
         headers = dict(self._headers)
         data = None
         if body is not None or method == "POST":
@@ -314,22 +319,11 @@ class ApiClient:
         """A Server-Sent Events response on its own connection (the caller reads and closes it),
         or None if the server does not stream it: callers fall back to polling."""
         import http.client
-        from urllib.parse import urlencode
 
-        query = urlencode({k: _param(v) for k, v in params.items() if v is not None})
-        url = self._prefix + path + (f"?{query}" if query else "")
         headers = {**self._headers, "Accept": "text/event-stream"}
-        connection: http.client.HTTPConnection
-        if self._https:
-            import ssl
-
-            connection = http.client.HTTPSConnection(
-                self._host, self._port, timeout=None, context=ssl.create_default_context()
-            )
-        else:
-            connection = http.client.HTTPConnection(self._host, self._port, timeout=None)
+        connection = self._new_connection(None)  # no timeout: a stream is quiet between changes
         try:
-            connection.request("GET", url, headers=headers)
+            connection.request("GET", self._url(path, params), headers=headers)
             response = connection.getresponse()
         except (OSError, http.client.HTTPException):
             connection.close()
