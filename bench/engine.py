@@ -174,15 +174,7 @@ def bench_throughput(root: Path, count: int, concurrency: int | None = None) -> 
         started = time.perf_counter()
         asyncio.run(submit_many(api, count, {"task_description": "t", "agent": "true"}))
         submitted = time.perf_counter() - started
-        env = servers.base_env(ORCHESTRATOR_AGENTS_FILE=profile, ORCHESTRATOR_PUBLIC_URL=api.url, **quotas)
-        engine = subprocess.Popen(
-            [str(Path(sys.executable).parent / "orchestrator"), "engine"],
-            cwd=servers.root,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
+        with servers.standalone_engine(api, ORCHESTRATOR_AGENTS_FILE=profile, **quotas) as engine:
             with api.client() as client:
                 wait_all_final(client, count, timeout=900)
                 first_start, last_end = None, None
@@ -198,9 +190,6 @@ def bench_throughput(root: Path, count: int, concurrency: int | None = None) -> 
                     offset += len(page)
             engine_cpu = cpu_seconds(engine.pid)
             workers_cpu = children_cpu_seconds(engine.pid)
-        finally:
-            engine.terminate()
-            engine.wait(30)
     assert first_start is not None and last_end is not None
     engine_span = (last_end - first_start).total_seconds()
     direct, direct_cpu = direct_baseline(count, quota)
