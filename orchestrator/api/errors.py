@@ -10,7 +10,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from orchestrator.core.errors import DomainError, FieldInvalid, Forbidden, Unauthorized
 
@@ -70,6 +70,18 @@ async def _integrity(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "Conflicting concurrent change; try again"}, status_code=409)
 
 
+# PostgreSQL gave up one of two transactions: a deadlock, or a serialization failure. The other
+# went through; repeating the request is safe because the rolled-back one wrote nothing.
+TRANSACTION_CONFLICTS = frozenset({"40P01", "40001"})
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) in TRANSACTION_CONFLICTS:
+        log.warning("transaction conflict: %s", exc)
+        return JSONResponse({"detail": "Conflicting concurrent change; try again"}, status_code=409)
+    return await _unexpected(request, exc)
+
+
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error", exc_info=exc)
     return JSONResponse({"detail": "Internal server error"}, status_code=500)
@@ -80,4 +92,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(IntegrityError, _integrity)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from orchestrator.db.locking import is_postgres
 from orchestrator.db.models import Event, Job
 
 
@@ -53,6 +54,22 @@ async def list_jobs(
         .execution_options(populate_existing=True)
     )
     return list((await session.execute(stmt)).scalars()), total
+
+
+async def lock_tree(session: AsyncSession, job: Job) -> bool:
+    """Lock the root of `job`'s tree until the transaction ends, before a cancel reads the subtree
+    and before a child submit reads its parent's status: of the two, the one that comes second sees
+    what the first did (a cancel finds the new child; a submit finds its parent canceled). Both
+    lock the root first, also before a budget check locks ancestors, so the order stays the same.
+    PostgreSQL only (SQLite's BEGIN IMMEDIATE serializes writers already); returns whether it
+    locked, in which case rows read before are read again."""
+    if not is_postgres(session):
+        return False
+    root_id = job.path.split("/", 1)[0]
+    # NO KEY UPDATE: exclusive among submits and cancels, yet no wait for a worker row inserted
+    # under the root (a foreign key check takes KEY SHARE).
+    await session.execute(select(Job.id).where(Job.id == root_id).with_for_update(key_share=True))
+    return True
 
 
 async def subtree(session: AsyncSession, job: Job) -> list[Job]:

@@ -60,6 +60,9 @@ async def submit(
         parent = await repo.get_job(session, body.parent_job_id)
         if parent is None:
             raise NotFound(f"Parent job {body.parent_job_id} not found")
+        if await repo.lock_tree(session, parent):
+            parent = await repo.get_job(session, parent.id)  # a cancel that committed meanwhile shows
+            assert parent is not None  # jobs are never deleted
     if actor.is_worker and (parent is None or parent.id != actor.worker_job_id):
         raise Forbidden(f"A worker token may only submit children of its own job {actor.worker_job_id}")
     if parent is not None:
@@ -180,6 +183,8 @@ async def cancel(session: AsyncSession, actor: Actor, job_id: str) -> Job:
     job = await get_visible_job(session, actor, job_id)
     if actor.is_worker and job.id == actor.worker_job_id:
         raise Forbidden("A worker token may cancel its sub-jobs, not its own job")
+    if await repo.lock_tree(session, job):  # no child can be added unseen now
+        job = await get_visible_job(session, actor, job_id)
     if JobStatus(job.status) in JOB_FINAL:
         raise InvalidTransition("job", job.id, job.status, JobStatus.CANCELED.value)
     for member in await repo.subtree(session, job):

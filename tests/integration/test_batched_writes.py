@@ -4,8 +4,6 @@ one event per change, slots returned exactly once."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,47 +14,12 @@ from sqlalchemy.engine import Connection
 from orchestrator.core.config import Settings
 from orchestrator.core.errors import InvalidTransition
 from orchestrator.core.states import WORKER_FINAL, WORKER_TRANSITIONS, JobStatus, WorkerStatus
-from orchestrator.db.migrate import upgrade_database
 from orchestrator.db.models import Allocation, Job, ResourcePool, Worker
 from orchestrator.db.session import Database
 from orchestrator.db.transitions import Change, StaleBatch, transition_many
 from orchestrator.resources import repository as slots
-from tests.support.servers import create_pg_database, drop_pg_database
-from tests.support.servers import test_database_kind as database_kind
+from tests.integration.conftest import sqlite_settings
 from tests.unit.test_state_tables import events_of, run, seed_job, seed_worker
-
-QUOTAS = [10, 8, 5, 3, 2, 1]
-
-
-def _prepared(settings: Settings) -> Settings:
-    async def _create() -> None:
-        database = Database(settings)
-        try:
-            await upgrade_database(database)
-            async with database.session() as session:
-                await slots.sync_pools(session, QUOTAS)
-        finally:
-            await database.dispose()
-
-    asyncio.run(_create())
-    return settings
-
-
-def _sqlite_settings(data: Path) -> Settings:
-    return _prepared(Settings(orchestrator_data_dir=data, database_url=f"sqlite:///{data / 'batched.db'}"))
-
-
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    data = tmp_path_factory.mktemp("batched")
-    if database_kind() != "postgres":
-        yield _sqlite_settings(data)
-        return
-    url = create_pg_database()
-    try:
-        yield _prepared(Settings(orchestrator_data_dir=data, database_url=url))
-    finally:
-        drop_pg_database(url)
 
 
 async def _worker(database: Database, worker_id: str) -> Worker:
@@ -129,7 +92,7 @@ def test_a_row_changed_after_the_read_fails_the_batch_and_writes_nothing(tmp_pat
     executemany row counts, so this is its last line of defence; on PostgreSQL (no row counts for
     executemany) the rows read with FOR UPDATE cannot change before the UPDATE, so there is no
     such window to test, and this test uses SQLite whatever TEST_DATABASE says."""
-    settings = _sqlite_settings(tmp_path)
+    settings = sqlite_settings(tmp_path)
 
     async def scenario(database: Database) -> None:
         first, second = await seed_job(database, "PENDING"), await seed_job(database, "PENDING")

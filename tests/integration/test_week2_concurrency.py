@@ -274,3 +274,42 @@ def test_concurrent_worker_control_exactly_one_wins(
 ) -> None:
     for _ in range(3):
         _worker_race(farm, farm_client, start, action, outcome)
+
+
+def test_child_submits_racing_a_cancel_leave_no_child_behind(farm: Server, farm_client: httpx.Client) -> None:
+    """Children and grandchildren submitted from 4 processes while the root is canceled, under
+    budgets at two levels (their checks lock ancestors too): each submit either lands in the tree,
+    which the cancel then finds, or is refused because its parent is canceled; never a 5xx (no
+    deadlock), and the tree ends all CANCELED."""
+    for round_ in range(3):
+        root = farm_client.post(
+            "/api/jobs/submit", json={"task_description": f"root {round_}", "max_cost_usd": 10}
+        ).json()
+        middle = farm_client.post(
+            "/api/jobs/submit",
+            json={"task_description": "middle", "depth": 1, "parent_job_id": root["id"], "max_cost_usd": 5},
+        ).json()
+        calls: list[dict[str, Any]] = []
+        for i in range(24):
+            parent, depth = (root["id"], 1) if i % 2 else (middle["id"], 2)
+            body = {"task_description": f"child {i}", "depth": depth, "parent_job_id": parent}
+            calls.append({"path": "/api/jobs/submit", "body": {**body, "max_cost_usd": 0.01}})
+        batches = [calls[i::PROCESSES] for i in range(PROCESSES)]
+        batches[round_ % PROCESSES].insert(3, {"path": f"/api/jobs/{root['id']}/cancel", "body": {}})
+        results = run_in_processes(farm, batches, threads=4)
+        refused = [body["detail"] for status, body in results if status == 400]
+        assert {status for status, _ in results} <= {200, 201, 400}, results
+        assert all("CANCELED; it cannot take new child jobs" in detail for detail in refused), refused
+        children = [
+            job
+            for parent in (root["id"], middle["id"])
+            for job in farm_client.get("/api/jobs", params={"parent_job_id": parent, "limit": 100}).json()[
+                "jobs"
+            ]
+        ]
+        landed = {body["id"] for status, body in results if status == 201}
+        assert len(landed) + len(refused) == 24
+        assert {job["id"] for job in children} == landed | {middle["id"]}
+        statuses = {job["id"]: job["status"] for job in children}
+        statuses[root["id"]] = farm_client.get(f"/api/jobs/{root['id']}").json()["status"]
+        assert set(statuses.values()) == {"CANCELED"}, statuses

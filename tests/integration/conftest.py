@@ -1,0 +1,51 @@
+"""A migrated database for tests that drive services and repositories directly, in-process (SQLite,
+or PostgreSQL with TEST_DATABASE=postgres); tests against servers make their own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.core.config import Settings
+from orchestrator.db.migrate import upgrade_database
+from orchestrator.db.session import Database
+from orchestrator.resources import repository as slots
+from tests.support.servers import create_pg_database, drop_pg_database
+from tests.support.servers import test_database_kind as database_kind
+
+QUOTAS = [10, 8, 5, 3, 2, 1]
+
+
+def prepared(settings: Settings) -> Settings:
+    async def _create() -> None:
+        database = Database(settings)
+        try:
+            await upgrade_database(database)
+            async with database.session() as session:
+                await slots.sync_pools(session, QUOTAS)
+        finally:
+            await database.dispose()
+
+    asyncio.run(_create())
+    return settings
+
+
+def sqlite_settings(data: Path) -> Settings:
+    return prepared(Settings(orchestrator_data_dir=data, database_url=f"sqlite:///{data / 'batched.db'}"))
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """One database per test module."""
+    data = tmp_path_factory.mktemp("db")
+    if database_kind() != "postgres":
+        yield sqlite_settings(data)
+        return
+    url = create_pg_database()
+    try:
+        yield prepared(Settings(orchestrator_data_dir=data, database_url=url))
+    finally:
+        drop_pg_database(url)
