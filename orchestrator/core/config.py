@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     orchestrator_engine_lease_seconds: float = Field(default=15.0, gt=0)
     orchestrator_poll_seconds: float = Field(default=1.0, gt=0)
     orchestrator_sse_poll_seconds: float = Field(default=0.25, gt=0)
+    orchestrator_sse_idle_poll_seconds: float = Field(default=5.0, gt=0)
     orchestrator_sse_ping_seconds: float = Field(default=10.0, gt=0)
     orchestrator_log_format: Literal["text", "json"] | None = None
     # Real coding agents (docs/claude-code-workers.md): CLI paths (or names looked up on PATH).

@@ -114,6 +114,29 @@ def test_follow_works_across_two_processes(servers: ServerFactory) -> None:
     print(latency_report(stream))
 
 
+def test_streams_hear_of_changes_made_by_an_engine_in_another_process(servers: ServerFactory) -> None:
+    """The API serving the streams runs no engine: every start, log line, exit, slot and status
+    comes from `orchestrator engine`, another process. Nothing in the API process commits them, so
+    only the change mark can wake the streams (the suite pushes the idle poll out to 600 s): a
+    missed wake-up leaves a stream open and fails here."""
+    api = servers.start(ORCHESTRATOR_ENGINE="false")
+    with servers.standalone_engine(api), api.client() as client:
+        tree = check_tree(api)
+        assert tree.ended
+        job_id = submit(client, {"task_description": "log", "agent_options": {"duration_seconds": 1.5}})
+        worker_id = wait_until(
+            lambda: next(
+                iter(client.get("/api/supervisor/workers", params={"job_id": job_id}).json()["workers"]), None
+            ),
+            timeout=20,
+            what="the job's worker",
+        )["id"]
+        log = follow(client, f"/api/supervisor/workers/{worker_id}/logs?follow=true", max_seconds=60)
+        assert log.ended, f"worker log stream did not end: {log.messages[-3:]}"
+        assert log.messages[-1].json()["status"] == "COMPLETED"
+        assert len(log.of("log")) > 0
+
+
 def test_resume_with_last_event_id_has_no_gaps_and_no_duplicates(server: Server) -> None:
     with server.client() as client:
         body = {**TREE, "agent_options": {**TREE["agent_options"], "duration_seconds": 2}}

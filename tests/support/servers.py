@@ -162,6 +162,9 @@ class ServerFactory:
                 "DATABASE_URL": self.database_url(),
                 "ORCHESTRATOR_DATA_DIR": str(self.root / "data"),
                 "ORCHESTRATOR_TERMINATE_GRACE_SECONDS": "3",
+                # Live streams must be woken by commits and by the change mark; their safety-net
+                # poll is pushed out of reach, so a wake-up that is missed fails a test.
+                "ORCHESTRATOR_SSE_IDLE_POLL_SECONDS": "600",
                 "PYTHONUNBUFFERED": "1",
             }
         )

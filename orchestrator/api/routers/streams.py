@@ -3,7 +3,8 @@
 The streams read the database, never process memory, so an event that arises in any process
 (another API worker, an engine on another host) is delivered. Each poll is one short
 transaction; between polls the stream sleeps until a commit in this process wakes it
-(`db.notify`) or the poll interval passes (ORCHESTRATOR_SSE_POLL_SECONDS, default 0.25 s).
+(`db.notify`), or a commit elsewhere moves the change mark, which one task per process reads
+every poll interval (ORCHESTRATOR_SSE_POLL_SECONDS, default 0.25 s) while streams are open.
 
 Job stream (`GET /api/jobs/{id}/events?follow=true`)
   * `event: <kind>` (`job.status`, `worker.status`, `agent.*`) with an `EventOut` as data,
@@ -31,6 +32,7 @@ import asyncio
 import contextlib
 import heapq
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -49,6 +51,8 @@ from orchestrator.db.session import Database
 from orchestrator.jobs.schemas import EventOut
 from orchestrator.workers import repository as workers_repo
 
+log = logging.getLogger(__name__)
+
 BATCH = 500
 # A PostgreSQL transaction open this long no longer holds back delivery (liveness over a stuck peer).
 MAX_HORIZON_WAIT_SECONDS = 10.0
@@ -63,6 +67,10 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def poll_seconds() -> float:
     return get_settings().orchestrator_sse_poll_seconds
+
+
+def idle_poll_seconds() -> float:
+    return get_settings().orchestrator_sse_idle_poll_seconds
 
 
 def ping_seconds() -> float:
@@ -107,29 +115,72 @@ class _Waiter:
 
 
 class _WakeHub:
-    """Wakes streams when this process commits a change (other processes are polled)."""
+    """Wakes streams when something they may wait for has changed: at once for a commit in this
+    process, and within a poll interval for a commit elsewhere (another API process, an engine on
+    another host), seen as a move of the change mark. One task per database reads the mark every
+    interval while any stream is open, so an idle stream costs nothing (each used to poll the
+    database every interval: 200 idle streams kept a core busy)."""
 
     def __init__(self) -> None:
         self.waiters: set[_Waiter] = set()
         self.registered = False
+        self.watchers: dict[Database, asyncio.Task[None]] = {}
 
     def _on_commit(self, _topics: set[str]) -> None:
+        self.wake_all()
+
+    def wake_all(self) -> None:
         for waiter in list(self.waiters):
             try:
                 waiter.wake()
             except RuntimeError:  # its loop has closed
                 self.waiters.discard(waiter)
 
-    def add(self) -> _Waiter:
+    def add(self, db: Database) -> _Waiter:
         if not self.registered:
             notify.add_listener(self._on_commit)
             self.registered = True
         waiter = _Waiter()
         self.waiters.add(waiter)
+        watcher = self.watchers.get(db)
+        if watcher is None or watcher.done():
+            self.watchers[db] = waiter.loop.create_task(self._watch(db))
         return waiter
 
     def remove(self, waiter: _Waiter) -> None:
         self.waiters.discard(waiter)
+
+    async def _watch(self, db: Database) -> None:
+        """Read the mark every interval while streams are open; wake them all when it moves (and
+        after the first read, which has nothing to compare with)."""
+        interval = poll_seconds()
+        last: tuple[Any, ...] | None = None
+        try:
+            while self.waiters:
+                try:
+                    async with db.session() as session:
+                        mark = tuple((await session.execute(_CHANGE_MARK)).one())
+                except Exception as exc:  # the streams poll and meet the error themselves
+                    log.warning("reading the change mark failed: %s", exc)
+                    mark = None
+                if mark is None or mark != last:
+                    self.wake_all()
+                last = mark
+                await asyncio.sleep(interval)
+        finally:
+            if self.watchers.get(db) is asyncio.current_task():
+                del self.watchers[db]
+
+
+# What any stream waits for moves this mark: the newest event (every status change is one), the
+# newest log line, and the slots held (a worker that ended earlier gives its slot back later). A
+# slot given back in the same pass as another is taken leaves the sum as it was, but the start
+# it was taken for is an event of the next pass. Each stream also polls at least every
+# ORCHESTRATOR_SSE_IDLE_POLL_SECONDS, whatever the mark says.
+_CHANGE_MARK = text(
+    "SELECT (SELECT coalesce(max(id), 0) FROM events), (SELECT coalesce(max(id), 0) FROM worker_logs), "
+    "(SELECT coalesce(sum(allocated), 0) FROM resource_pools)"
+)
 
 
 _hub = _WakeHub()
@@ -150,6 +201,11 @@ class Horizon:
         self.is_postgres = is_postgres
         self.safe = (0, 0)
         self._candidate: tuple[int, int, frozenset[str], float] | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Rows are held back until transactions still open end (no mark moves when they do)."""
+        return self._candidate is not None
 
     async def update(self, session: AsyncSession) -> tuple[int, int]:
         if not self.is_postgres:
@@ -286,7 +342,7 @@ async def follow_job(db: Database, job: Job, cursor: Cursor) -> AsyncIterator[Se
     """Everything that happens in `job`'s subtree after `cursor`, until the tree is final."""
     root_id, path = job.id, job.path
     horizon = Horizon(db.is_postgres)
-    waiter = _hub.add()
+    waiter = _hub.add(db)
     interval = poll_seconds()
     try:
         while True:
@@ -300,7 +356,8 @@ async def follow_job(db: Database, job: Job, cursor: Cursor) -> AsyncIterator[Se
                 yield ServerSentEvent(data=data, event="end", id=str(cursor))
                 return
             if not poll.more:
-                await _sleep(waiter, interval)
+                # Rows held back for open transactions are read again after an interval.
+                await _sleep(waiter, interval if horizon.waiting else idle_poll_seconds())
     finally:
         _hub.remove(waiter)
 
@@ -329,8 +386,7 @@ def _status_message(worker: Worker) -> ServerSentEvent:
 
 async def follow_worker_log(db: Database, worker_id: str, next_seq: int) -> AsyncIterator[ServerSentEvent]:
     """Lines `next_seq`, `next_seq + 1`, ... as they are stored, until the worker has ended."""
-    waiter = _hub.add()
-    interval = poll_seconds()
+    waiter = _hub.add(db)
     last_status: str | None = None
     try:
         while True:
@@ -364,7 +420,7 @@ async def follow_worker_log(db: Database, worker_id: str, next_seq: int) -> Asyn
                 data = json.dumps({"worker_id": worker_id, "status": worker.status, "lines": next_seq})
                 yield ServerSentEvent(data=data, event="end", id=str(next_seq - 1) if next_seq else None)
                 return
-            await _sleep(waiter, interval)
+            await _sleep(waiter, idle_poll_seconds())
     finally:
         _hub.remove(waiter)
 

@@ -1,0 +1,130 @@
+"""Live-stream benchmarks (targets live here, never in tests).
+
+    .venv/bin/python bench/streams.py [--idle 20,200] [--trees 3]
+
+1. N idle streams (`GET /api/jobs/{id}/events?follow=true` on PENDING jobs, no engine): the API
+   process's CPU, in percent of one core, over 10 s;
+2. delivery delay of changes made in another process: an API without engine serves the stream of a
+   small job tree that `orchestrator engine` (another process) runs; for every status message,
+   the time it arrived minus the server timestamp of the change, p50 and max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.engine import cpu_seconds, server_token  # noqa: E402
+from orchestrator.core.config import Settings  # noqa: E402
+from tests.streams.sse import follow  # noqa: E402
+from tests.support.servers import server_factory  # noqa: E402
+
+TREE = {
+    "task_description": "stream me",
+    "worker_count": 2,
+    "agent_options": {
+        "duration_seconds": 1,
+        "progress_interval_seconds": 0.2,
+        "subtasks": [
+            {"task_description": "child", "worker_count": 1, "agent_options": {"duration_seconds": 1}}
+        ],
+    },
+}
+MEASURE_SECONDS = 10.0
+# The shipped safety-net poll, not the test suite's (which pushes it out of reach).
+SHIPPED = {
+    "ORCHESTRATOR_SSE_IDLE_POLL_SECONDS": str(
+        Settings.model_fields["orchestrator_sse_idle_poll_seconds"].default
+    )
+}
+
+
+def idle_streams_cpu(root: Path, count: int) -> float:
+    """Percent of one core the API spends while `count` streams wait on jobs that never change."""
+    root.mkdir(parents=True)
+    with server_factory(root) as servers:
+        api = servers.start(ORCHESTRATOR_ENGINE="false", **SHIPPED)
+        assert api.process is not None
+        with api.client() as client:
+            jobs = [
+                client.post("/api/jobs/submit", json={"task_description": f"idle {i}"}).json()["id"]
+                for i in range(count)
+            ]
+
+        async def measure() -> float:
+            assert api.process is not None
+            limits = httpx.Limits(max_connections=count + 10)
+            headers = {"Authorization": f"Bearer {server_token()}"}
+            async with httpx.AsyncClient(
+                base_url=api.url, headers=headers, timeout=60, limits=limits
+            ) as client:
+
+                async def hold(job_id: str) -> None:
+                    async with client.stream(
+                        "GET", f"/api/jobs/{job_id}/events", params={"follow": "true"}
+                    ) as r:
+                        async for _ in r.aiter_lines():
+                            pass
+
+                tasks = [asyncio.create_task(hold(job_id)) for job_id in jobs]
+                await asyncio.sleep(3)  # every stream open and past its first poll
+                cpu_before, started = cpu_seconds(api.process.pid), time.perf_counter()
+                await asyncio.sleep(MEASURE_SECONDS)
+                percent = 100 * (cpu_seconds(api.process.pid) - cpu_before) / (time.perf_counter() - started)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                return percent
+
+        return asyncio.run(measure())
+
+
+def cross_process_delays(root: Path, trees: int) -> list[float]:
+    """Seconds from each status change (made by an engine in another process) to its delivery."""
+    root.mkdir(parents=True)
+    delays: list[float] = []
+    with server_factory(root) as servers:
+        api = servers.start(ORCHESTRATOR_ENGINE="false", **SHIPPED)
+        with servers.standalone_engine(api, **SHIPPED), api.client() as client:
+            for _ in range(trees):
+                job_id = client.post("/api/jobs/submit", json=TREE).json()["id"]
+                stream = follow(client, f"/api/jobs/{job_id}/events?follow=true", max_seconds=120)
+                assert stream.ended, "the stream did not end"
+                delays += [
+                    m.received - datetime.fromisoformat(m.json()["created_at"]).timestamp()
+                    for m in stream.messages
+                    if m.event in ("job.status", "worker.status")
+                ]
+    return delays
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--idle", default="20,200", help="numbers of idle streams, comma-separated")
+    parser.add_argument("--trees", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, count in enumerate(int(n) for n in args.idle.split(",") if n):
+            percent = idle_streams_cpu(Path(tmp) / f"idle-{index}", count)
+            print(f"{count} idle streams: API at {percent:.1f}% of one core")
+        if args.trees:
+            delays = sorted(cross_process_delays(Path(tmp) / "delays", args.trees))
+            print(
+                f"{len(delays)} status changes made by an engine in another process: delivered after "
+                f"p50 {statistics.median(delays) * 1000:.0f} ms, max {delays[-1] * 1000:.0f} ms"
+            )
+
+
+if __name__ == "__main__":
+    main()
