@@ -95,7 +95,7 @@ def assert_422(r: httpx.Response, loc_tail: str | None = None) -> None:
 
 # --- list parameters ----------------------------------------------------------------------------
 
-LISTS = ["/api/jobs", "/api/supervisor/workers"]
+LISTS = ["/api/jobs", "/api/supervisor/workers", "/api/workspaces"]
 
 
 @pytest.mark.parametrize("path", LISTS)
