@@ -18,6 +18,7 @@ from orchestrator.agents.registry import AgentRegistry
 from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.observability import install_observability
 from orchestrator.api.routers import health, jobs, metrics, resources, supervisor, web, workspaces
+from orchestrator.api.routers.streams import stop_watcher as stop_stream_watcher
 from orchestrator.bootstrap import prepare_database
 from orchestrator.core.auth import SCOPE_DESCRIPTIONS
 from orchestrator.core.config import Settings, get_settings
@@ -79,6 +80,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine is not None:
             await engine.stop()
         await app.state.mcp_http.close()
+        await stop_stream_watcher(database)
         await database.dispose()
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.db.locking import is_postgres
 from orchestrator.db.models import Event, Job
+
+# First key of the two-key advisory locks on job trees: keeps them apart from any other advisory
+# lock a deployment's database may hold.
+TREE_LOCK_NAMESPACE = 0x4A4F42  # "JOB"
 
 
 def has_nul(*values: str | None) -> bool:
@@ -57,18 +61,22 @@ async def list_jobs(
 
 
 async def lock_tree(session: AsyncSession, job: Job) -> bool:
-    """Lock the root of `job`'s tree until the transaction ends, before a cancel reads the subtree
-    and before a child submit reads its parent's status: of the two, the one that comes second sees
-    what the first did (a cancel finds the new child; a submit finds its parent canceled). Both
-    lock the root first, also before a budget check locks ancestors, so the order stays the same.
-    PostgreSQL only (SQLite's BEGIN IMMEDIATE serializes writers already); returns whether it
-    locked, in which case rows read before are read again."""
+    """Serialize the cancels and child submits of `job`'s tree until the transaction ends: each
+    takes this lock before a cancel reads the subtree or a submit reads its parent's status, so
+    the second of two sees what the first did (a cancel finds the new child; a submit finds its
+    parent canceled; READ COMMITTED reads what committed before each statement).
+
+    A transaction-scoped advisory lock keyed by the tree's root, not a lock on the root's row: the
+    engine locks worker rows and then job rows, and takes no advisory lock, so it can never wait
+    in a cycle with this. PostgreSQL only (SQLite's BEGIN IMMEDIATE serializes writers already);
+    returns whether it locked, in which case rows read before are read again."""
     if not is_postgres(session):
         return False
     root_id = job.path.split("/", 1)[0]
-    # NO KEY UPDATE: exclusive among submits and cancels, yet no wait for a worker row inserted
-    # under the root (a foreign key check takes KEY SHARE).
-    await session.execute(select(Job.id).where(Job.id == root_id).with_for_update(key_share=True))
+    await session.execute(
+        text("SELECT pg_advisory_xact_lock(:namespace, hashtext(:root))"),
+        {"namespace": TREE_LOCK_NAMESPACE, "root": root_id},
+    )
     return True
 
 

@@ -60,12 +60,12 @@ async def submit(
         parent = await repo.get_job(session, body.parent_job_id)
         if parent is None:
             raise NotFound(f"Parent job {body.parent_job_id} not found")
-        if await repo.lock_tree(session, parent):
-            parent = await repo.get_job(session, parent.id)  # a cancel that committed meanwhile shows
-            assert parent is not None  # jobs are never deleted
     if actor.is_worker and (parent is None or parent.id != actor.worker_job_id):
         raise Forbidden(f"A worker token may only submit children of its own job {actor.worker_job_id}")
     if parent is not None:
+        if await repo.lock_tree(session, parent):
+            parent = await repo.get_job(session, parent.id)  # a cancel that committed meanwhile shows
+            assert parent is not None  # jobs are never deleted
         if body.depth != parent.depth + 1:
             raise BadRequest(
                 f"A child job's depth must be its parent's depth + 1: parent {parent.id} is at depth "

@@ -132,9 +132,8 @@ def test_a_deadlock_is_answered_409_not_500(tmp_path: Path) -> None:
     gets 409 (safe to repeat: its transaction wrote nothing), not a 500. PostgreSQL whatever
     TEST_DATABASE says: SQLite serializes writers, so it has no deadlocks to answer."""
     url = create_pg_database()
-    settings = prepared(Settings(orchestrator_data_dir=tmp_path, database_url=url))
 
-    async def deadlock() -> DBAPIError:
+    async def deadlock(settings: Settings) -> DBAPIError:
         first, second = Database(settings), Database(settings)
         try:
             a, b = await seed_job(first, "PENDING"), await seed_job(first, "PENDING")
@@ -155,7 +154,7 @@ def test_a_deadlock_is_answered_409_not_500(tmp_path: Path) -> None:
             await second.dispose()
 
     try:
-        error = asyncio.run(deadlock())
+        error = asyncio.run(deadlock(prepared(Settings(orchestrator_data_dir=tmp_path, database_url=url))))
     finally:
         drop_pg_database(url)
     app = FastAPI()

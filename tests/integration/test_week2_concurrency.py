@@ -20,6 +20,7 @@ from tests.support.checks import no_server_errors
 from tests.support.db import seed_worker
 from tests.support.hammer import allocate_calls, fire
 from tests.support.servers import Server, ServerFactory, server_factory, token
+from tests.support.wait import wait_until
 
 DEPTH = 2
 QUOTA = 5  # depth 2's quota in the default ORCHESTRATOR_QUOTAS
@@ -276,40 +277,69 @@ def test_concurrent_worker_control_exactly_one_wins(
         _worker_race(farm, farm_client, start, action, outcome)
 
 
-def test_child_submits_racing_a_cancel_leave_no_child_behind(farm: Server, farm_client: httpx.Client) -> None:
+def _race_child_submits_with_a_cancel(server: Server, client: httpx.Client, round_: int) -> None:
     """Children and grandchildren submitted from 4 processes while the root is canceled, under
     budgets at two levels (their checks lock ancestors too): each submit either lands in the tree,
     which the cancel then finds, or is refused because its parent is canceled; never a 5xx (no
     deadlock), and the tree ends all CANCELED."""
+    busy = {"agent_options": {"duration_seconds": 30}}
+    root = client.post(
+        "/api/jobs/submit", json={"task_description": f"root {round_}", "max_cost_usd": 10, **busy}
+    ).json()
+    middle = client.post(
+        "/api/jobs/submit",
+        json={
+            "task_description": "middle",
+            "depth": 1,
+            "parent_job_id": root["id"],
+            "max_cost_usd": 5,
+            **busy,
+        },
+    ).json()
+    calls: list[dict[str, Any]] = []
+    for i in range(24):
+        parent, depth = (root["id"], 1) if i % 2 else (middle["id"], 2)
+        body = {"task_description": f"child {i}", "depth": depth, "parent_job_id": parent, **busy}
+        calls.append({"path": "/api/jobs/submit", "body": {**body, "max_cost_usd": 0.01}})
+    batches = [calls[i::PROCESSES] for i in range(PROCESSES)]
+    batches[round_ % PROCESSES].insert(3, {"path": f"/api/jobs/{root['id']}/cancel", "body": {}})
+    results = run_in_processes(server, batches, threads=4)
+    refused = [body["detail"] for status, body in results if status == 400]
+    assert {status for status, _ in results} <= {200, 201, 400}, results
+    assert all("CANCELED; it cannot take new child jobs" in detail for detail in refused), refused
+    children = [
+        job
+        for parent in (root["id"], middle["id"])
+        for job in client.get("/api/jobs", params={"parent_job_id": parent, "limit": 100}).json()["jobs"]
+    ]
+    landed = {body["id"] for status, body in results if status == 201}
+    assert len(landed) + len(refused) == 24
+    assert {job["id"] for job in children} == landed | {middle["id"]}
+    statuses = {job["id"]: job["status"] for job in children}
+    statuses[root["id"]] = client.get(f"/api/jobs/{root['id']}").json()["status"]
+    assert set(statuses.values()) == {"CANCELED"}, statuses
+
+
+def test_child_submits_racing_a_cancel_leave_no_child_behind(farm: Server, farm_client: httpx.Client) -> None:
     for round_ in range(3):
-        root = farm_client.post(
-            "/api/jobs/submit", json={"task_description": f"root {round_}", "max_cost_usd": 10}
-        ).json()
-        middle = farm_client.post(
-            "/api/jobs/submit",
-            json={"task_description": "middle", "depth": 1, "parent_job_id": root["id"], "max_cost_usd": 5},
-        ).json()
-        calls: list[dict[str, Any]] = []
-        for i in range(24):
-            parent, depth = (root["id"], 1) if i % 2 else (middle["id"], 2)
-            body = {"task_description": f"child {i}", "depth": depth, "parent_job_id": parent}
-            calls.append({"path": "/api/jobs/submit", "body": {**body, "max_cost_usd": 0.01}})
-        batches = [calls[i::PROCESSES] for i in range(PROCESSES)]
-        batches[round_ % PROCESSES].insert(3, {"path": f"/api/jobs/{root['id']}/cancel", "body": {}})
-        results = run_in_processes(farm, batches, threads=4)
-        refused = [body["detail"] for status, body in results if status == 400]
-        assert {status for status, _ in results} <= {200, 201, 400}, results
-        assert all("CANCELED; it cannot take new child jobs" in detail for detail in refused), refused
-        children = [
-            job
-            for parent in (root["id"], middle["id"])
-            for job in farm_client.get("/api/jobs", params={"parent_job_id": parent, "limit": 100}).json()[
-                "jobs"
-            ]
-        ]
-        landed = {body["id"] for status, body in results if status == 201}
-        assert len(landed) + len(refused) == 24
-        assert {job["id"] for job in children} == landed | {middle["id"]}
-        statuses = {job["id"]: job["status"] for job in children}
-        statuses[root["id"]] = farm_client.get(f"/api/jobs/{root['id']}").json()["status"]
-        assert set(statuses.values()) == {"CANCELED"}, statuses
+        _race_child_submits_with_a_cancel(farm, farm_client, round_)
+
+
+def test_the_same_race_while_engines_run_the_tree(servers: ServerFactory) -> None:
+    """As above with 2 processes each running an engine, so the tree's workers are starting and
+    being stopped while the submits and the cancel race (the engine locks worker rows, then job
+    rows; the tree lock must not close a cycle with that). Every worker then ends and every slot
+    comes back."""
+    server = servers.start(workers=2)
+    with server.client() as client:
+        for round_ in range(2):
+            _race_child_submits_with_a_cancel(server, client, round_)
+
+        def settled() -> bool:
+            workers = client.get("/api/supervisor/workers", params={"limit": 1000}).json()["workers"]
+            usage = client.get("/api/resources/usage").json()["usage"]
+            return all(w["status"] not in ("IDLE", "RUNNING", "PAUSED") for w in workers) and all(
+                row["allocated"] == 0 for row in usage
+            )
+
+        wait_until(settled, timeout=60, what="every worker ended and every slot returned")

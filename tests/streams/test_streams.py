@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import statistics
+import threading
 from collections import Counter
 from typing import Any
 
 import httpx
 import pytest
 
+from orchestrator.db.models import WorkerLog
+from orchestrator.db.session import Database
 from tests.streams.sse import Stream, follow
+from tests.support.db import seed_worker, settings_for
 from tests.support.servers import Server, ServerFactory
 from tests.support.wait import wait_until
 
@@ -228,3 +235,59 @@ def test_follow_one_worker_log(servers: ServerFactory, workers: int) -> None:
         assert stored["complete"] and len(stored["lines"]) == len(seen)
         assert tail.messages[-1].json()["status"] == "COMPLETED"
         assert "COMPLETED" in [m.json()["status"] for m in tail.of("status")]
+
+
+def test_a_log_line_that_commits_after_a_later_one_still_reaches_its_stream(servers: ServerFactory) -> None:
+    """Two writers in other processes' shoes: worker X's first line is written in a transaction
+    that stays open while worker Y's line — a larger id — commits. On PostgreSQL ids can commit
+    out of order, so when X's line finally commits no maximum moves: X's stream must still be
+    woken (the change mark notes the transactions in progress). On SQLite the second writer waits
+    for the first, and the same steps run in order."""
+    api = servers.start(ORCHESTRATOR_ENGINE="false")
+    with api.client() as client:
+        job_id = submit(client, {"task_description": "two writers"})
+    worker_x, worker_y = seed_worker(api, job_id), seed_worker(api, job_id)
+    opened, lines = threading.Event(), list[str]()
+
+    def read() -> None:
+        """X's log stream, open (its first message read) before the writers start."""
+        path = f"/api/supervisor/workers/{worker_x}/logs?follow=true"
+        with api.client() as c, c.stream("GET", path, timeout=httpx.Timeout(60, connect=5)) as resp:
+            event = ""
+            for line in resp.iter_lines():
+                if line.startswith("event:"):
+                    event = line.removeprefix("event:").strip()
+                elif line.startswith("data:") and event == "status":
+                    opened.set()
+                elif line.startswith("data:") and event == "log":
+                    lines.append(line)
+                    return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert opened.wait(20), "X's stream did not open"
+
+    async def write() -> None:
+        first, second = Database(settings_for(api)), Database(settings_for(api))
+        try:
+            async with first.session() as session:
+                session.add(WorkerLog(worker_id=worker_x, job_id=job_id, seq=0, text="x0"))
+                await session.flush()  # X's line has its id; its transaction stays open
+
+                async def later_line() -> None:
+                    async with second.session() as other:
+                        other.add(WorkerLog(worker_id=worker_y, job_id=job_id, seq=0, text="y0"))
+
+                later = asyncio.create_task(later_line())
+                with contextlib.suppress(TimeoutError):  # SQLite: it waits for the first writer
+                    await asyncio.wait_for(asyncio.shield(later), 1.0)
+                await asyncio.sleep(1.0)  # streams woken by Y's line found nothing for X
+            await asyncio.wait_for(later, 10)
+        finally:
+            await first.dispose()
+            await second.dispose()
+
+    asyncio.run(write())
+    reader.join(60)
+    assert lines, "X's stream never delivered its line"
+    assert json.loads(lines[0].removeprefix("data:"))["text"] == "x0"

@@ -106,7 +106,8 @@ def parse_seq(raw: str | None) -> int | None:
 
 
 class _Waiter:
-    def __init__(self) -> None:
+    def __init__(self, db: Database) -> None:
+        self.db = db
         self.loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
 
@@ -118,8 +119,8 @@ class _WakeHub:
     """Wakes streams when something they may wait for has changed: at once for a commit in this
     process, and within a poll interval for a commit elsewhere (another API process, an engine on
     another host), seen as a move of the change mark. One task per database reads the mark every
-    interval while any stream is open, so an idle stream costs nothing (each used to poll the
-    database every interval: 200 idle streams kept a core busy)."""
+    interval while streams of that database are open, so an idle stream costs nothing (each used
+    to poll the database every interval: 200 idle streams kept a core busy)."""
 
     def __init__(self) -> None:
         self.waiters: set[_Waiter] = set()
@@ -129,8 +130,10 @@ class _WakeHub:
     def _on_commit(self, _topics: set[str]) -> None:
         self.wake_all()
 
-    def wake_all(self) -> None:
+    def wake_all(self, db: Database | None = None) -> None:
         for waiter in list(self.waiters):
+            if db is not None and waiter.db is not db:
+                continue
             try:
                 waiter.wake()
             except RuntimeError:  # its loop has closed
@@ -140,31 +143,39 @@ class _WakeHub:
         if not self.registered:
             notify.add_listener(self._on_commit)
             self.registered = True
-        waiter = _Waiter()
+        waiter = _Waiter(db)
         self.waiters.add(waiter)
         watcher = self.watchers.get(db)
-        if watcher is None or watcher.done():
+        if watcher is None or watcher.done() or watcher.get_loop() is not waiter.loop:
             self.watchers[db] = waiter.loop.create_task(self._watch(db))
         return waiter
 
     def remove(self, waiter: _Waiter) -> None:
         self.waiters.discard(waiter)
 
+    async def stop(self, db: Database) -> None:
+        """At shutdown, before the database is disposed."""
+        watcher = self.watchers.pop(db, None)
+        if watcher is not None and watcher.get_loop() is asyncio.get_running_loop():
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
     async def _watch(self, db: Database) -> None:
-        """Read the mark every interval while streams are open; wake them all when it moves (and
-        after the first read, which has nothing to compare with)."""
+        """Read the mark every interval while this database has streams; wake them when it moves
+        (and after the first read, which has nothing to compare with)."""
         interval = poll_seconds()
-        last: tuple[Any, ...] | None = None
+        last: ChangeMark | None = None
         try:
-            while self.waiters:
+            while any(waiter.db is db for waiter in self.waiters):
+                mark: ChangeMark | None = None
                 try:
                     async with db.session() as session:
-                        mark = tuple((await session.execute(_CHANGE_MARK)).one())
+                        mark = await ChangeMark.read(session, db.is_postgres)
                 except Exception as exc:  # the streams poll and meet the error themselves
                     log.warning("reading the change mark failed: %s", exc)
-                    mark = None
-                if mark is None or mark != last:
-                    self.wake_all()
+                if mark is None or last is None or mark.moved_since(last):
+                    self.wake_all(db)
                 last = mark
                 await asyncio.sleep(interval)
         finally:
@@ -172,18 +183,48 @@ class _WakeHub:
                 del self.watchers[db]
 
 
-# What any stream waits for moves this mark: the newest event (every status change is one), the
-# newest log line, and the slots held (a worker that ended earlier gives its slot back later). A
-# slot given back in the same pass as another is taken leaves the sum as it was, but the start
-# it was taken for is an event of the next pass. Each stream also polls at least every
-# ORCHESTRATOR_SSE_IDLE_POLL_SECONDS, whatever the mark says.
-_CHANGE_MARK = text(
-    "SELECT (SELECT coalesce(max(id), 0) FROM events), (SELECT coalesce(max(id), 0) FROM worker_logs), "
+@dataclass(frozen=True)
+class ChangeMark:
+    """What any stream waits for moves this mark: the newest event (every status change is one),
+    the newest log line, and the slots held (a worker that ended earlier gives its slot back
+    later). A slot given back in the same pass as another is taken leaves the sum as it was, but
+    the start it was taken for is an event of the next pass.
+
+    On PostgreSQL a smaller id can commit after a larger one (two engines writing log lines, say),
+    which moves no maximum: the mark also holds the transactions in progress, and moves when one
+    of them ends. Each stream also polls at least every ORCHESTRATOR_SSE_IDLE_POLL_SECONDS,
+    whatever the mark says."""
+
+    counters: tuple[int, int, int]
+    in_progress: frozenset[str] = frozenset()
+
+    @classmethod
+    async def read(cls, session: AsyncSession, is_postgres: bool) -> ChangeMark:
+        row = (await session.execute(_CHANGE_MARK_PG if is_postgres else _CHANGE_MARK)).one()
+        counters = (int(row[0]), int(row[1]), int(row[2]))
+        if not is_postgres:
+            return cls(counters)
+        return cls(counters, frozenset(x for x in str(row[3]).split(":")[2].split(",") if x))
+
+    def moved_since(self, earlier: ChangeMark) -> bool:
+        """The counters changed, or a transaction in progress then has ended since."""
+        return self.counters != earlier.counters or not earlier.in_progress <= self.in_progress
+
+
+_MARK_COLUMNS = (
+    "(SELECT coalesce(max(id), 0) FROM events), (SELECT coalesce(max(id), 0) FROM worker_logs), "
     "(SELECT coalesce(sum(allocated), 0) FROM resource_pools)"
 )
+_CHANGE_MARK = text(f"SELECT {_MARK_COLUMNS}")
+_CHANGE_MARK_PG = text(f"SELECT {_MARK_COLUMNS}, pg_current_snapshot()::text")
 
 
 _hub = _WakeHub()
+
+
+async def stop_watcher(db: Database) -> None:
+    """Stop reading the change mark of `db` (the app's shutdown, before the database goes)."""
+    await _hub.stop(db)
 
 
 async def _sleep(waiter: _Waiter, seconds: float) -> None:
@@ -343,7 +384,6 @@ async def follow_job(db: Database, job: Job, cursor: Cursor) -> AsyncIterator[Se
     root_id, path = job.id, job.path
     horizon = Horizon(db.is_postgres)
     waiter = _hub.add(db)
-    interval = poll_seconds()
     try:
         while True:
             waiter.event.clear()
@@ -356,8 +396,10 @@ async def follow_job(db: Database, job: Job, cursor: Cursor) -> AsyncIterator[Se
                 yield ServerSentEvent(data=data, event="end", id=str(cursor))
                 return
             if not poll.more:
-                # Rows held back for open transactions are read again after an interval.
-                await _sleep(waiter, interval if horizon.waiting else idle_poll_seconds())
+                # Rows held back for open transactions: the mark moves when those end, and a stuck
+                # one stops holding them back after MAX_HORIZON_WAIT_SECONDS.
+                idle = idle_poll_seconds()
+                await _sleep(waiter, min(idle, MAX_HORIZON_WAIT_SECONDS) if horizon.waiting else idle)
     finally:
         _hub.remove(waiter)
 
