@@ -28,19 +28,9 @@ sys.path.insert(0, str(ROOT))
 from bench.engine import cpu_seconds, server_token  # noqa: E402
 from orchestrator.core.config import Settings  # noqa: E402
 from tests.streams.sse import follow  # noqa: E402
+from tests.streams.test_streams import TREE  # noqa: E402
 from tests.support.servers import server_factory  # noqa: E402
 
-TREE = {
-    "task_description": "stream me",
-    "worker_count": 2,
-    "agent_options": {
-        "duration_seconds": 1,
-        "progress_interval_seconds": 0.2,
-        "subtasks": [
-            {"task_description": "child", "worker_count": 1, "agent_options": {"duration_seconds": 1}}
-        ],
-    },
-}
 MEASURE_SECONDS = 10.0
 # The shipped safety-net poll, not the test suite's (which pushes it out of reach).
 SHIPPED = {

@@ -39,6 +39,18 @@ def submit(client: httpx.Client, body: dict[str, Any]) -> str:
     return str(resp.json()["id"])
 
 
+def first_worker(client: httpx.Client, job_id: str) -> str:
+    """The id of the job's first worker, once the engine has created it."""
+    worker: dict[str, Any] = wait_until(
+        lambda: next(
+            iter(client.get("/api/supervisor/workers", params={"job_id": job_id}).json()["workers"]), None
+        ),
+        timeout=20,
+        what="the job's worker",
+    )
+    return str(worker["id"])
+
+
 def subtree_jobs(client: httpx.Client, root: str) -> list[str]:
     jobs, frontier = [root], [root]
     while frontier:
@@ -131,13 +143,7 @@ def test_streams_hear_of_changes_made_by_an_engine_in_another_process(servers: S
         tree = check_tree(api)
         assert tree.ended
         job_id = submit(client, {"task_description": "log", "agent_options": {"duration_seconds": 1.5}})
-        worker_id = wait_until(
-            lambda: next(
-                iter(client.get("/api/supervisor/workers", params={"job_id": job_id}).json()["workers"]), None
-            ),
-            timeout=20,
-            what="the job's worker",
-        )["id"]
+        worker_id = first_worker(client, job_id)
         log = follow(client, f"/api/supervisor/workers/{worker_id}/logs?follow=true", max_seconds=60)
         assert log.ended, f"worker log stream did not end: {log.messages[-3:]}"
         assert log.messages[-1].json()["status"] == "COMPLETED"
@@ -217,13 +223,7 @@ def test_follow_one_worker_log(servers: ServerFactory, workers: int) -> None:
                 "agent_options": {"duration_seconds": 1.5, "progress_interval_seconds": 0.1},
             },
         )
-        worker_id = wait_until(
-            lambda: next(
-                iter(client.get("/api/supervisor/workers", params={"job_id": root}).json()["workers"]), None
-            ),
-            timeout=20,
-            what="the job's worker",
-        )["id"]
+        worker_id = first_worker(client, root)
         path = f"/api/supervisor/workers/{worker_id}/logs?follow=true"
         head = follow(client, path, max_messages=6)
         seen = [m.json()["seq"] for m in head.of("log")]
