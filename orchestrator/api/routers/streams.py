@@ -245,7 +245,8 @@ class Horizon:
 
     @property
     def waiting(self) -> bool:
-        """Rows are held back until transactions still open end (no mark moves when they do)."""
+        """Rows are held back until transactions still open end (the change mark moves when they
+        do, unless one is stuck past MAX_HORIZON_WAIT_SECONDS)."""
         return self._candidate is not None
 
     async def update(self, session: AsyncSession) -> tuple[int, int]:
