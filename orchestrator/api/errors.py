@@ -65,9 +65,13 @@ async def _database_unavailable(_request: Request, exc: Exception) -> JSONRespon
     return JSONResponse({"detail": "Database unavailable; try again shortly"}, status_code=503)
 
 
+def _conflict() -> JSONResponse:
+    return JSONResponse({"detail": "Conflicting concurrent change; try again"}, status_code=409)
+
+
 async def _integrity(_request: Request, exc: Exception) -> JSONResponse:
     log.warning("integrity error: %s", exc)
-    return JSONResponse({"detail": "Conflicting concurrent change; try again"}, status_code=409)
+    return _conflict()
 
 
 # PostgreSQL gave up one of two transactions: a deadlock, or a serialization failure. The other
@@ -78,7 +82,7 @@ TRANSACTION_CONFLICTS = frozenset({"40P01", "40001"})
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     if getattr(getattr(exc, "orig", None), "sqlstate", None) in TRANSACTION_CONFLICTS:
         log.warning("transaction conflict: %s", exc)
-        return JSONResponse({"detail": "Conflicting concurrent change; try again"}, status_code=409)
+        return _conflict()
     return await _unexpected(request, exc)
 
 

@@ -204,19 +204,24 @@ class ChangeMark:
         counters = (int(row[0]), int(row[1]), int(row[2]))
         if not is_postgres:
             return cls(counters)
-        return cls(counters, frozenset(x for x in str(row[3]).split(":")[2].split(",") if x))
+        return cls(counters, _in_progress(str(row[3])))
 
     def moved_since(self, earlier: ChangeMark) -> bool:
         """The counters changed, or a transaction in progress then has ended since."""
         return self.counters != earlier.counters or not earlier.in_progress <= self.in_progress
 
 
-_MARK_COLUMNS = (
-    "(SELECT coalesce(max(id), 0) FROM events), (SELECT coalesce(max(id), 0) FROM worker_logs), "
-    "(SELECT coalesce(sum(allocated), 0) FROM resource_pools)"
-)
+# The newest event id and log line id, which the change mark and the delivery horizon both read.
+_NEWEST_IDS = "(SELECT coalesce(max(id), 0) FROM events), (SELECT coalesce(max(id), 0) FROM worker_logs)"
+_MARK_COLUMNS = f"{_NEWEST_IDS}, (SELECT coalesce(sum(allocated), 0) FROM resource_pools)"
 _CHANGE_MARK = text(f"SELECT {_MARK_COLUMNS}")
 _CHANGE_MARK_PG = text(f"SELECT {_MARK_COLUMNS}, pg_current_snapshot()::text")
+_HORIZON = text(f"SELECT {_NEWEST_IDS}, pg_current_snapshot()::text")
+
+
+def _in_progress(snapshot: str) -> frozenset[str]:
+    """The transaction ids in progress of a `pg_current_snapshot()` (xmin:xmax:xip,...)."""
+    return frozenset(x for x in snapshot.split(":")[2].split(",") if x)
 
 
 _hub = _WakeHub()
@@ -252,16 +257,8 @@ class Horizon:
     async def update(self, session: AsyncSession) -> tuple[int, int]:
         if not self.is_postgres:
             return (2**62, 2**62)
-        row = (
-            await session.execute(
-                text(
-                    "SELECT (SELECT coalesce(max(id), 0) FROM events), "
-                    "(SELECT coalesce(max(id), 0) FROM worker_logs), pg_current_snapshot()::text"
-                )
-            )
-        ).one()
-        max_event, max_log, snapshot = int(row[0]), int(row[1]), str(row[2])
-        in_progress = frozenset(x for x in snapshot.split(":")[2].split(",") if x)
+        row = (await session.execute(_HORIZON)).one()
+        max_event, max_log, in_progress = int(row[0]), int(row[1]), _in_progress(str(row[2]))
         now = time.monotonic()
         if self._candidate is not None:
             event_id, log_id, waiting_on, since = self._candidate
