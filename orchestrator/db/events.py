@@ -10,14 +10,26 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event, insert
+from sqlalchemy import bindparam, event, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from orchestrator.db import fast
 from orchestrator.db.models import Event, utcnow
 
 _PENDING = "pending_events"
-_INSERT_EVENTS = insert(Event)  # built once: a reused statement skips SQLAlchemy's cache-key work
+_COLUMNS = (
+    "job_id",
+    "worker_id",
+    "kind",
+    "actor",
+    "from_status",
+    "to_status",
+    "reason",
+    "data",
+    "created_at",
+)
+_INSERT_EVENTS = fast.FastStatement(insert(Event).values({name: bindparam(name) for name in _COLUMNS}))
 
 
 def record_event(
@@ -58,7 +70,7 @@ def _write_pending_events(session: Session) -> None:
     if connection.dialect.name == "postgresql":
         # Take a transaction id before the sequence values: see db/session.py (live streams).
         connection.exec_driver_sql("SELECT pg_current_xact_id()")
-    connection.execute(_INSERT_EVENTS, rows)
+    fast.execute_many_sync(connection, _INSERT_EVENTS, rows)
 
 
 @event.listens_for(Session, "after_rollback")

@@ -136,6 +136,16 @@ class InlineConnection:
     def isolation_level(self) -> str | None:
         return self._conn.isolation_level
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The sqlite3 connection itself (orchestrator.db.fast runs statements on it)."""
+        return self._conn
+
+    async def run_inline(self, call: Callable[[], T]) -> T:
+        """Run a call on the connection inline (in a thread only while another process holds
+        the write lock)."""
+        return await self._waiting.run(call)
+
     def cursor(self) -> InlineCursor:
         return InlineCursor(self._conn.cursor(), self._waiting)
 

@@ -8,11 +8,13 @@ Each change is recorded as an event in the same transaction.
 from __future__ import annotations
 
 import functools
-from typing import Any, TypeVar, cast
+from datetime import datetime
+from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import Select, Table, Update, bindparam, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.elements import BindParameter
 
 from orchestrator.core.errors import InvalidTransition, NotFound
 from orchestrator.core.states import (
@@ -23,8 +25,8 @@ from orchestrator.core.states import (
     JobStatus,
     WorkerStatus,
 )
+from orchestrator.db import fast
 from orchestrator.db.events import record_event
-from orchestrator.db.locking import for_update
 from orchestrator.db.models import Job, Worker, utcnow
 
 Entity = TypeVar("Entity", Job, Worker)
@@ -128,20 +130,36 @@ async def _load(session: AsyncSession, model: type[Entity], entity_id: str) -> E
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-class Change:
-    """One status change of a batch: `known` is the row as read in this same transaction."""
+class KnownRow(Protocol):
+    """What a batched change reads of its row (a worker's also has `job_id`)."""
 
-    __slots__ = ("data", "known", "reason", "target", "values")
+    id: str
+    status: str
+    started_at: datetime | None
+
+
+class Change:
+    """One status change of a batch: `known` is the row as read in this same transaction (an ORM
+    object, or a `fast.Record` with `model` saying which table it is a row of)."""
+
+    __slots__ = ("data", "known", "model", "reason", "target", "values")
 
     def __init__(
         self,
-        known: Job | Worker,
+        known: KnownRow,
         target: JobStatus | WorkerStatus,
         reason: str | None,
         values: dict[str, Any] | None = None,
         data: dict[str, Any] | None = None,
+        *,
+        model: type[Job] | type[Worker] | None = None,
     ) -> None:
         self.known, self.target, self.reason, self.values, self.data = known, target, reason, values, data
+        if model is None:
+            if not isinstance(known, Job | Worker):
+                raise TypeError("a Change of a plain row needs its model")
+            model = type(known)
+        self.model: type[Job] | type[Worker] = model
 
 
 class StaleBatch(RuntimeError):
@@ -163,7 +181,7 @@ async def transition_many(session: AsyncSession, changes: list[Change], *, actor
     applied: list[tuple[Change, dict[str, Any]]] = []
     for change in changes:
         entity = change.known
-        is_job = isinstance(entity, Job)
+        is_job = change.model is Job
         status_type: type[JobStatus] | type[WorkerStatus] = JobStatus if is_job else WorkerStatus
         table: dict[Any, frozenset[Any]] = JOB_TRANSITIONS if is_job else WORKER_TRANSITIONS
         final: frozenset[Any] = JOB_FINAL if is_job else WORKER_FINAL
@@ -182,21 +200,20 @@ async def transition_many(session: AsyncSession, changes: list[Change], *, actor
         if change.target in final:
             values["finished_at"] = now
         values.update(change.values or {})
-        model = Job if is_job else Worker
-        shape = (model, tuple(sorted(values)))
+        shape = (change.model, tuple(sorted(values)))
         shapes.setdefault(shape, []).append({**values, "b_id": entity.id, "b_status": current.value})
         applied.append((change, values))
-    supports_rowcount = session.bind.dialect.supports_sane_multi_rowcount if session.bind else False
+    exact = session.bind.dialect.supports_sane_multi_rowcount if session.bind else False
     for (model, columns), rows in shapes.items():
-        result = await session.execute(_guarded_update(model, columns), rows)
-        if supports_rowcount and result.rowcount != len(rows):  # type: ignore[attr-defined]
-            raise StaleBatch(f"{len(rows) - result.rowcount} of {len(rows)} rows changed under a batch")  # type: ignore[attr-defined]
+        changed = await fast.execute_many(session, _guarded_update(model, columns), rows)
+        if exact and changed != len(rows):
+            raise StaleBatch(f"{len(rows) - changed} of {len(rows)} rows changed under a batch")
     for change, values in applied:
         entity = change.known
-        is_worker = isinstance(entity, Worker)
+        is_worker = change.model is Worker
         record_event(
             session,
-            job_id=entity.job_id if isinstance(entity, Worker) else entity.id,
+            job_id=cast(Worker, entity).job_id if is_worker else entity.id,  # a worker's row has it
             worker_id=entity.id if is_worker else None,
             kind="worker.status" if is_worker else "job.status",
             actor=actor,
@@ -206,16 +223,20 @@ async def transition_many(session: AsyncSession, changes: list[Change], *, actor
             data=change.data,
             created_at=now,
         )
-        for key, value in values.items():
-            set_committed_value(entity, key, value)
+        if isinstance(entity, fast.Record):
+            for key, value in values.items():
+                if key in entity._fields:
+                    setattr(entity, key, value)
+        else:
+            for key, value in values.items():
+                set_committed_value(entity, key, value)
 
 
 @functools.cache
-def _guarded_update(model: type[Job] | type[Worker], columns: tuple[str, ...]) -> Update:
-    """The UPDATE for one shape of change, built once: a statement reused as is costs a third of
-    one built per call (SQLAlchemy memoizes its cache key), and a pass runs several."""
+def _guarded_update(model: type[Job] | type[Worker], columns: tuple[str, ...]) -> fast.FastStatement:
+    """The UPDATE for one shape of change, built once (a pass runs several)."""
     table = cast(Table, model.__table__)
-    return (
+    return fast.FastStatement(
         update(table)
         .where(table.c.id == bindparam("b_id"), table.c.status == bindparam("b_status"))
         .values({column: bindparam(column) for column in columns})
@@ -223,13 +244,13 @@ def _guarded_update(model: type[Job] | type[Worker], columns: tuple[str, ...]) -
 
 
 @functools.cache
-def _statuses_of(model: type[Job] | type[Worker]) -> Select[str, str]:
-    return select(model.id, model.status).where(model.id.in_(bindparam("ids", expanding=True)))
+def _statuses_of(model: type[Job] | type[Worker]) -> fast.FastStatement:
+    ids: BindParameter[list[str]] = bindparam("ids", expanding=True)
+    return fast.FastStatement(select(model.id, model.status).where(model.id.in_(ids)), lock=True)
 
 
 async def lock_statuses(session: AsyncSession, model: type[Entity], ids: list[str]) -> dict[str, str]:
     """Current status of each row, locked until the transaction ends (db/locking.py)."""
     if not ids:
         return {}
-    stmt = for_update(session, _statuses_of(model))
-    return {row_id: status for row_id, status in (await session.execute(stmt, {"ids": ids})).all()}
+    return {row_id: status for row_id, status in await fast.fetch(session, _statuses_of(model), {"ids": ids})}

@@ -53,6 +53,7 @@ from orchestrator.engine import budget as budgets
 from orchestrator.engine import queries
 from orchestrator.engine.governor import Governor
 from orchestrator.engine.logs import LogCursor
+from orchestrator.engine.queries import JobRow, WorkerRow
 from orchestrator.executors.local import (
     PID_FILE,
     LocalExecutor,
@@ -80,7 +81,7 @@ LAUNCH_THREADS = max(2, os.cpu_count() or 2)  # the blocking part of a start is 
 LAUNCH_CHUNK = 16  # workers started per launcher-thread call, at least
 
 # A launched worker (process None: it could not start) and what its start records.
-Started = tuple[Worker, Job, WorkerProcess | None, dict[str, Any]]
+Started = tuple[WorkerRow, JobRow, WorkerProcess | None, dict[str, Any]]
 
 
 class Engine:
@@ -285,7 +286,7 @@ class Engine:
 
     async def _schedule(
         self, starts: list[Started], exits: list[tuple[WorkerProcess, dict[str, Any]]]
-    ) -> list[tuple[Worker, Job]]:
+    ) -> list[tuple[WorkerRow, JobRow]]:
         """Record the workers started and ended since the last pass (the slots of the ended come
         back), settle their jobs, then claim PENDING jobs, create their workers, and give IDLE
         workers slots: one transaction."""
@@ -312,8 +313,8 @@ class Engine:
         return ready
 
     async def _bind_slots(
-        self, session: AsyncSession, idle: list[tuple[Worker, Job]], free: dict[int, int]
-    ) -> list[tuple[Worker, Job]]:
+        self, session: AsyncSession, idle: list[tuple[WorkerRow, JobRow]], free: dict[int, int]
+    ) -> list[tuple[WorkerRow, JobRow]]:
         """Give slots to IDLE workers in queue order, at most START_BATCH: a slot they hold
         already, else an unbound one of their job (an explicit allocation), else a new one from
         their depth's pool. The counters are read under lock, so the new slots of the whole pass
@@ -322,7 +323,7 @@ class Engine:
         room = await slots_repo.allocations_room(session, list({job.id for _, job in idle}))
         if self.db.is_postgres:  # read again, now locked, after the allocations (lock order)
             free = await slots_repo.pools_free(session, sorted({job.depth for _, job in idle}), lock=True)
-        ready: list[tuple[Worker, Job]] = []
+        ready: list[tuple[WorkerRow, JobRow]] = []
         new_slots: dict[int, tuple[dict[str, int], list[str]]] = {}
         for worker, job in idle:
             if len(ready) >= START_BATCH:
@@ -349,13 +350,13 @@ class Engine:
             await slots_repo.bind_new_slots(session, depth, per_job, worker_ids)
         return ready
 
-    async def _launch_all(self, ready: list[tuple[Worker, Job]]) -> list[Started]:
+    async def _launch_all(self, ready: list[tuple[WorkerRow, JobRow]]) -> list[Started]:
         """Start the pass's workers: each is prepared in the event loop (a worktree, if any, in a
         thread), then the blocking part (directories, files, the spawn) runs in the launcher
         threads, a chunk of workers per call: per-worker thread hand-offs cost more than the
         spawns on 2 cores, but a slow disk makes each directory cost up to a millisecond, so a
         big pass is still split across the threads."""
-        prepared: list[tuple[Worker, Job, dict[str, Any], Callable[[], WorkerProcess]]] = []
+        prepared: list[tuple[WorkerRow, JobRow, dict[str, Any], Callable[[], WorkerProcess]]] = []
         started: list[Started] = []
         for worker, job in ready:
             try:
@@ -373,7 +374,7 @@ class Engine:
         return started
 
     def _start_chunk(
-        self, chunk: list[tuple[Worker, Job, dict[str, Any], Callable[[], WorkerProcess]]]
+        self, chunk: list[tuple[WorkerRow, JobRow, dict[str, Any], Callable[[], WorkerProcess]]]
     ) -> list[Started]:
         """Runs in a launcher thread: one worker that cannot start does not stop the others."""
         started: list[Started] = []
@@ -388,13 +389,13 @@ class Engine:
         return started
 
     @staticmethod
-    def _not_started(worker: Worker, job: Job, exc: Exception) -> Started:
+    def _not_started(worker: WorkerRow, job: JobRow, exc: Exception) -> Started:
         """A worker that could not start: the next pass records it FAILED with the reason."""
         log.warning("worker %s could not start: %s", worker.id, exc)
         return worker, job, None, {"status_reason": f"could not start: {exc}"}
 
     async def _prepare_launch(
-        self, worker: Worker, job: Job
+        self, worker: WorkerRow, job: JobRow
     ) -> tuple[dict[str, Any], Callable[[], WorkerProcess]]:
         """What a worker's start records, and the blocking call that starts it."""
         agent = self.agents.get(job.agent)
@@ -422,8 +423,8 @@ class Engine:
 
     def _worker_context(
         self,
-        worker: Worker,
-        job: Job,
+        worker: WorkerRow,
+        job: JobRow,
         workdir: Path,
         home: Path,
         run_dir: Path,
@@ -467,7 +468,7 @@ class Engine:
         blocked = await self.governor.blocked(session, set(accounts.values()))
         return {name for name, key in accounts.items() if key in blocked}
 
-    def _outcome(self, worker: Worker, values: dict[str, Any], exit_code: int | None) -> Outcome | None:
+    def _outcome(self, worker: WorkerRow, values: dict[str, Any], exit_code: int | None) -> Outcome | None:
         agent = self.agents.agents.get(worker.agent)
         if agent is None:
             return None
@@ -475,7 +476,7 @@ class Engine:
         return agent.outcome(result if isinstance(result, dict) else None, exit_code)
 
     async def _park(
-        self, session: AsyncSession, worker: Worker, values: dict[str, Any], outcome: Outcome
+        self, session: AsyncSession, worker: WorkerRow, values: dict[str, Any], outcome: Outcome
     ) -> bool:
         """A rate-limited run: keep the worker RUNNING (and its slot) and resume it after a backoff."""
         agent = self.agents.agents.get(worker.agent)
@@ -579,7 +580,7 @@ class Engine:
                 git.commit_all, worktree, "orchestrator: checkpoint before delegating", None
             )
 
-    async def _record_starts(self, session: AsyncSession, started: list[Started]) -> dict[str, Worker]:
+    async def _record_starts(self, session: AsyncSession, started: list[Started]) -> dict[str, WorkerRow]:
         """Record a pass's started workers (and their jobs' first start) in a few statements; the
         processes are supervised already (their exits may be recorded in the same transaction).
         Returns the workers now RUNNING, as written (their rows stay locked until the commit)."""
@@ -596,12 +597,12 @@ class Engine:
             if statuses.get(worker.id) == worker.status and WorkerStatus.RUNNING in WORKER_TRANSITIONS.get(
                 WorkerStatus(worker.status), frozenset()
             ):
-                changes.append(Change(worker, WorkerStatus.RUNNING, "started", values))
+                changes.append(Change(worker, WorkerStatus.RUNNING, "started", values, model=Worker))
             else:
                 # Terminated while we were starting it: record the process, then stop it.
                 await session.execute(update(Worker).where(Worker.id == worker.id).values(**values))
         await transition_many(session, changes, actor=self.actor)
-        first: dict[str, tuple[Job, datetime]] = {}
+        first: dict[str, tuple[JobRow, datetime]] = {}
         for _, job, _, values in launched:
             if job.status == JobStatus.PENDING.value:
                 earliest = first.get(job.id, (job, values["started_at"]))[1]
@@ -610,15 +611,15 @@ class Engine:
         await transition_many(
             session,
             [
-                Change(job, JobStatus.RUNNING, "first worker started", {"started_at": started_at})
+                Change(job, JobStatus.RUNNING, "first worker started", {"started_at": started_at}, model=Job)
                 for job, started_at in first.values()
                 if job_statuses.get(job.id) == JobStatus.PENDING.value
             ],
             actor=self.actor,
         )
-        return {change.known.id: cast(Worker, change.known) for change in changes}
+        return {change.known.id: cast(WorkerRow, change.known) for change in changes}
 
-    def _supervise(self, proc: WorkerProcess, job: Job, *, offset: int, lines: int) -> None:
+    def _supervise(self, proc: WorkerProcess, job: JobRow, *, offset: int, lines: int) -> None:
         self.procs[proc.worker_id] = proc
         self.cursors[proc.worker_id] = LogCursor(proc.output_path, offset=offset, lines=lines)
         proc.extra["agent"] = job.agent
@@ -758,12 +759,12 @@ class Engine:
         self,
         session: AsyncSession,
         outcomes: list[tuple[WorkerProcess, dict[str, Any]]],
-        running: dict[str, Worker],
+        running: dict[str, WorkerRow],
     ) -> None:
         """Record how a pass's workers ended and return their slots: a few statements for all.
         `running`: workers whose start this transaction recorded, so their rows are known."""
         unknown = [proc.worker_id for proc, _ in outcomes if proc.worker_id not in running]
-        fresh = {**running, **await queries.workers_by_id(session, unknown, lock=True)}
+        fresh: dict[str, WorkerRow] = {**running, **await queries.workers_by_id(session, unknown, lock=True)}
         changes: list[Change] = []
         plain: list[tuple[str, dict[str, Any]]] = []
         release: list[tuple[str, str, int]] = []
@@ -787,7 +788,7 @@ class Engine:
                     await self.governor.note_ok(session, account)
             if current.status in WORKER_LIVE:
                 target, reason = self._ending(outcome, exit_code)
-                changes.append(Change(current, target, reason, values))
+                changes.append(Change(current, target, reason, values, model=Worker))
             else:
                 plain.append((current.id, values))
             release.append((current.id, current.job_id, current.depth))
@@ -809,7 +810,7 @@ class Engine:
         return WorkerStatus.FAILED, f"exit code {exit_code}"
 
     async def _fail(
-        self, session: AsyncSession, worker: Worker, reason: str, values: dict[str, Any] | None = None
+        self, session: AsyncSession, worker: WorkerRow, reason: str, values: dict[str, Any] | None = None
     ) -> None:
         """FAILED with `reason` (unless it has ended already), and its slot back."""
         if worker.status in WORKER_LIVE:
@@ -821,7 +822,7 @@ class Engine:
 
     async def _settle_jobs(self, session: AsyncSession) -> None:
         """Decide the outcome of jobs whose workers have all ended and whose children are final."""
-        candidates = await queries.jobs_without_live_workers(session, self.id, lock=True)
+        candidates = await queries.jobs_without_live_workers(session, self.id)
         if not candidates:
             return
         ids = [job.id for job in candidates]
@@ -830,6 +831,7 @@ class Engine:
         workers_of = await queries.worker_endings(session, ids)
         unbound = await queries.unbound_slots(session, ids)
         endings: list[Change] = []
+        ending: list[queries.SettlingJob] = []
         for job in candidates:
             children = children_of.get(job.id, [])
             if any(
@@ -854,11 +856,12 @@ class Engine:
             else:
                 target, reason = JobStatus.COMPLETED, "all workers and child jobs completed"
             if target in JOB_TRANSITIONS[JobStatus(job.status)]:
-                endings.append(Change(job, target, reason))
+                endings.append(Change(job, target, reason, model=Job))
+                ending.append(job)
         await transition_many(session, endings, actor=self.actor)
-        for change in endings:
-            if unbound.get(change.known.id, 0) > 0:
-                await release_unbound(session, change.known.id, change.known.depth)
+        for job in ending:
+            if unbound.get(job.id, 0) > 0:
+                await release_unbound(session, job.id, job.depth)
         if endings:
             await notifications.notify(session, JOBS_TOPIC)
 

@@ -27,6 +27,7 @@ from orchestrator.core.config import Settings
 from orchestrator.db.events import record_event
 from orchestrator.db.locking import is_postgres
 from orchestrator.db.models import RateLimit, Worker, utcnow
+from orchestrator.engine.queries import WorkerRow
 
 REFRESH_SECONDS = 1.0
 
@@ -101,7 +102,7 @@ class Governor:
     async def park(
         self,
         session: AsyncSession,
-        worker: Worker,
+        worker: WorkerRow,
         values: dict[str, Any],
         outcome: Outcome,
         account: str,

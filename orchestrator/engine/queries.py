@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import functools
 from datetime import datetime, timedelta
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 from sqlalchemy import (
-    CompoundSelect,
-    Select,
     Table,
     and_,
     bindparam,
@@ -28,6 +26,7 @@ from sqlalchemy.sql.elements import BindParameter
 
 from orchestrator.core.ids import new_worker_id
 from orchestrator.core.states import WORKER_LIVE, JobStatus, WorkerStatus
+from orchestrator.db import fast
 from orchestrator.db.events import record_event
 from orchestrator.db.locking import for_update, is_postgres
 from orchestrator.db.models import Allocation, EngineRecord, Job, Worker, utcnow
@@ -77,6 +76,7 @@ async def live_engine_ids(session: AsyncSession, lease: timedelta, now: datetime
 # Jobs holding slots no worker holds (an explicit allocation): few, and read through a partial
 # index (ix_allocations_unbound) instead of probed for every PENDING job.
 _UNBOUND_JOB_IDS = select(Allocation.job_id).where(Allocation.slots > Allocation.bound)
+_FAST_UNBOUND_JOB_IDS = fast.FastStatement(_UNBOUND_JOB_IDS)
 _HAS_UNBOUND = Job.id.in_(_UNBOUND_JOB_IDS)
 
 
@@ -97,21 +97,21 @@ async def claim_pending(session: AsyncSession, engine_id: str, room: dict[int, i
         params["n_allocated"] = CLAIM_ALLOCATED
         statement = _claim_candidates(depths, allocated=True, postgres=True)
     else:
-        allocated = list((await session.execute(_UNBOUND_JOB_IDS)).scalars())
+        allocated = [row.job_id for row in await fast.fetch(session, _FAST_UNBOUND_JOB_IDS)]
         if not depths and not allocated:
             return []
         if allocated:
             params["allocated"] = allocated
         statement = _claim_candidates(depths, allocated=bool(allocated), postgres=False)
-    ids = set((await session.execute(statement, params)).scalars())
+    ids = {row.id for row in await fast.fetch(session, statement, params)}
     if not ids:
         return []
-    rows = (await session.execute(_CLAIM, {"ids": list(ids), "b_engine": engine_id})).all()
+    rows = await fast.fetch(session, _CLAIM, {"ids": list(ids), "b_engine": engine_id})
     return [ClaimedJob(*row) for row in rows]
 
 
 @functools.cache
-def _claim_candidates(depths: tuple[int, ...], *, allocated: bool, postgres: bool) -> CompoundSelect[str]:
+def _claim_candidates(depths: tuple[int, ...], *, allocated: bool, postgres: bool) -> fast.FastStatement:
     """One statement for all depths, built once per set of depths: each part a derived table
     with its own ORDER BY / LIMIT (and, on PostgreSQL, its own FOR UPDATE SKIP LOCKED, which a
     sub-SELECT may carry). The PENDING jobs of each depth are read from ix_jobs_pending_order in
@@ -131,20 +131,20 @@ def _claim_candidates(depths: tuple[int, ...], *, allocated: bool, postgres: boo
         parts.append(select(Job.id).where(pending, Job.id.in_(bindparam("allocated", expanding=True))))
     if postgres:
         parts = [part.with_for_update(skip_locked=True) for part in parts]
-    return union_all(*(select(part.subquery().c.id) for part in parts))
+    return fast.FastStatement(union_all(*(select(part.subquery().c.id) for part in parts)))
 
 
 _JOBS = cast(Table, Job.__table__)
 # "Still unowned" as coalesce(engine_id, '') = '' rather than engine_id IS NULL: for the latter
 # SQLite's planner (no statistics) walks ix_jobs_engine_status over every unowned job (1.9 ms
 # with 10,000 queued) instead of looking the few ids up by key. Engine ids are never empty.
-_CLAIM = (
+_CLAIM = fast.FastStatement(
     update(_JOBS)
     .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)), func.coalesce(_JOBS.c.engine_id, "") == "")
     .values(engine_id=bindparam("b_engine"))
     .returning(_JOBS.c.id, _JOBS.c.worker_count, _JOBS.c.workspace_id, _JOBS.c.depth, _JOBS.c.agent)
 )
-_OWNED_PENDING = (
+_OWNED_PENDING = fast.FastStatement(
     select(Job.depth, func.count())
     .where(Job.engine_id == bindparam("engine_id"), Job.status == JobStatus.PENDING.value)
     .group_by(Job.depth)
@@ -153,7 +153,7 @@ _OWNED_PENDING = (
 
 async def owned_pending_by_depth(session: AsyncSession, engine_id: str) -> dict[int, int]:
     """How many jobs this engine claimed and has not started yet, per depth."""
-    rows = (await session.execute(_OWNED_PENDING, {"engine_id": engine_id})).all()
+    rows = await fast.fetch(session, _OWNED_PENDING, {"engine_id": engine_id})
     return {depth: int(count) for depth, count in rows}
 
 
@@ -171,6 +171,28 @@ async def take_over_job(session: AsyncSession, job_id: str, old_engine: str | No
         update(Job).where(Job.id == job_id, Job.engine_id == old_engine).values(engine_id=engine_id)
     )
     return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+_WORKER_COLUMNS = (
+    "id",
+    "job_id",
+    "workspace_id",
+    "status",
+    "worker_index",
+    "depth",
+    "agent",
+    "holds_slot",
+    "log_offset",
+    "log_lines",
+    "cost_usd",
+    "input_tokens",
+    "output_tokens",
+    "created_at",
+    "updated_at",
+)
+_INSERT_WORKERS = fast.FastStatement(
+    insert(cast(Table, Worker.__table__)).values({name: bindparam(name) for name in _WORKER_COLUMNS})
+)
 
 
 async def create_workers(session: AsyncSession, jobs: list[ClaimedJob], actor: str) -> None:
@@ -211,13 +233,50 @@ async def create_workers(session: AsyncSession, jobs: list[ClaimedJob], actor: s
                 reason="created",
                 created_at=now,
             )
-    if rows:
-        await session.execute(insert(cast(Table, Worker.__table__)), rows)
+    await fast.execute_many(session, _INSERT_WORKERS, rows)
+
+
+class WorkerRow(Protocol):
+    """What the engine reads of a worker it starts (a `fast.Record`, or a Worker object)."""
+
+    id: str
+    job_id: str
+    status: str
+    worker_index: int
+    depth: int
+    agent: str
+    holds_slot: bool
+    result: dict[str, Any] | None
+    started_at: datetime | None
+
+
+class JobRow(Protocol):
+    """What the engine reads of the job of a worker it starts (a `fast.Record`, or a Job object)."""
+
+    id: str
+    status: str
+    task_description: str
+    worker_count: int
+    depth: int
+    agent: str
+    agent_options: dict[str, Any]
+    timeout_seconds: float | None
+    repository: str | None
+    base_ref: str | None
+    created_by: str
+    max_turns: int | None
+    started_at: datetime | None
+
+
+_WORKER_ROW = tuple(getattr(Worker, name) for name in WorkerRow.__annotations__)
+_JOB_ROW = tuple(getattr(Job, name) for name in JobRow.__annotations__)
+_WORKER_RECORD = fast.record_type(_WORKER_ROW)
+_JOB_RECORD = fast.record_type(_JOB_ROW)
 
 
 async def idle_workers(
     session: AsyncSession, engine_id: str, per_depth: dict[int, int], limit: int
-) -> list[tuple[Worker, Job]]:
+) -> list[tuple[WorkerRow, JobRow]]:
     """IDLE workers that could start now, in queue order: at each depth at most `per_depth[d]`
     (its free slots, plus a little for workers the caller skips), and any worker of a job holding
     an unbound slot (an explicit allocation) or holding a slot already. Rows that could not start
@@ -225,12 +284,13 @@ async def idle_workers(
     depths = tuple(depth for depth, count in sorted(per_depth.items()) if count > 0)
     params: dict[str, object] = {f"n{depth}": per_depth[depth] for depth in depths}
     params.update(engine_id=engine_id, limit=limit)
-    rows = (await session.execute(_idle_workers_statement(depths), params)).all()
-    return [(w, j) for w, j in rows]
+    rows = await fast.fetch(session, _idle_workers_statement(depths), params)
+    split = len(_WORKER_ROW)
+    return [(_WORKER_RECORD(values[:split]), _JOB_RECORD(values[split:])) for values in map(tuple, rows)]
 
 
 @functools.cache
-def _idle_workers_statement(depths: tuple[int, ...]) -> Select[Worker, Job]:
+def _idle_workers_statement(depths: tuple[int, ...]) -> fast.FastStatement:
     """Built once per set of depths with free slots; the counts are parameters."""
     candidates = and_(
         Job.engine_id == bindparam("engine_id"),
@@ -253,39 +313,42 @@ def _idle_workers_statement(depths: tuple[int, ...]) -> Select[Worker, Job]:
         if depths
         else literal(0)
     )
-    return (
-        select(Worker, Job)
+    return fast.FastStatement(
+        select(*_WORKER_ROW, *_JOB_ROW)
         .join(Job, Job.id == Worker.job_id)
         .join(ranked, ranked.c.worker_id == Worker.id)
         .where(or_(ranked.c.place <= allowed, _HAS_UNBOUND, Worker.holds_slot.is_(True)))
         .order_by(Job.depth, *queue_order)
         .limit(bindparam("limit"))
-        .execution_options(populate_existing=True)
     )
 
 
 # Read every pass: built once (a reused statement's cache key is memoized; see _claim_candidates).
 _IDS: BindParameter[list[str]] = bindparam("ids", expanding=True)
-_WORKER_STATUSES = (
+_WORKER_STATUSES = fast.FastStatement(
     select(Worker.id, Worker.status, Job.status).join(Job, Job.id == Worker.job_id).where(Worker.id.in_(_IDS))
 )
 _WORKERS_OF_JOBS = select(Worker).where(Worker.job_id.in_(_IDS)).execution_options(populate_existing=True)
-_ENDINGS_OF_JOBS = (
+_ENDINGS_OF_JOBS = fast.FastStatement(
     select(Worker.job_id, Worker.id, Worker.status, Worker.status_reason, Worker.holds_slot)
     .where(Worker.job_id.in_(_IDS))
     .order_by(Worker.job_id, Worker.worker_index)
 )
-_JOBS_WITHOUT_LIVE_WORKERS = (
-    select(Job)
-    .where(
+_JOBS_WITHOUT_LIVE_WORKERS = fast.FastStatement(
+    select(Job.id, Job.status, Job.depth, Job.started_at).where(
         Job.engine_id == bindparam("engine_id"),
         Job.status.in_(ACTIVE_JOB),
         ~exists().where(and_(Worker.job_id == Job.id, Worker.status.in_(LIVE))),
-    )
-    .execution_options(populate_existing=True)
+    ),
+    lock=True,
+    lock_of=Job,
 )
-_CHILDREN = select(Job.parent_job_id, Job.id, Job.status).where(Job.parent_job_id.in_(_IDS))
-_UNBOUND = select(Allocation.job_id, Allocation.slots - Allocation.bound).where(Allocation.job_id.in_(_IDS))
+_CHILDREN = fast.FastStatement(
+    select(Job.parent_job_id, Job.id, Job.status).where(Job.parent_job_id.in_(_IDS))
+)
+_UNBOUND = fast.FastStatement(
+    select(Allocation.job_id, Allocation.slots - Allocation.bound).where(Allocation.job_id.in_(_IDS))
+)
 _JOBS_BY_ID = select(Job).where(Job.id.in_(_IDS)).execution_options(populate_existing=True)
 _WORKERS_BY_ID = select(Worker).where(Worker.id.in_(_IDS)).execution_options(populate_existing=True)
 
@@ -294,7 +357,7 @@ async def worker_statuses(session: AsyncSession, worker_ids: list[str]) -> dict[
     """(worker status, its job's status) of each worker."""
     if not worker_ids:
         return {}
-    rows = (await session.execute(_WORKER_STATUSES, {"ids": worker_ids})).all()
+    rows = await fast.fetch(session, _WORKER_STATUSES, {"ids": worker_ids})
     return {worker_id: (status, job_status) for worker_id, status, job_status in rows}
 
 
@@ -302,18 +365,25 @@ async def workers_for_jobs(session: AsyncSession, job_ids: list[str]) -> list[Wo
     return list((await session.execute(_WORKERS_OF_JOBS, {"ids": job_ids})).scalars())
 
 
-async def jobs_without_live_workers(
-    session: AsyncSession, engine_id: str, *, lock: bool = False
-) -> list[Job]:
-    """`lock`: the rows stay as read until the transaction ends (db/locking.py)."""
-    stmt = for_update(session, _JOBS_WITHOUT_LIVE_WORKERS, of=Job) if lock else _JOBS_WITHOUT_LIVE_WORKERS
-    return list((await session.execute(stmt, {"engine_id": engine_id})).scalars())
+class SettlingJob(Protocol):
+    """A job whose outcome may be decided (a `fast.Record`)."""
+
+    id: str
+    status: str
+    depth: int
+    started_at: datetime | None
+
+
+async def jobs_without_live_workers(session: AsyncSession, engine_id: str) -> list[SettlingJob]:
+    """The engine's active jobs none of whose workers is live, locked until the transaction ends
+    (db/locking.py)."""
+    return await fast.fetch(session, _JOBS_WITHOUT_LIVE_WORKERS, {"engine_id": engine_id})
 
 
 async def children_statuses(session: AsyncSession, parent_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
     """(child id, status) of the children of each of `parent_ids`."""
     found: dict[str, list[tuple[str, str]]] = {}
-    for parent_id, child_id, status in (await session.execute(_CHILDREN, {"ids": parent_ids})).all():
+    for parent_id, child_id, status in await fast.fetch(session, _CHILDREN, {"ids": parent_ids}):
         if parent_id is not None:
             found.setdefault(parent_id, []).append((child_id, status))
     return found
@@ -330,7 +400,7 @@ async def worker_endings(session: AsyncSession, job_ids: list[str]) -> dict[str,
     """How each job's workers stand, in worker order: plain rows, all settling needs (loading
     whole ORM rows cost four times as much per pass)."""
     found: dict[str, list[WorkerEnding]] = {}
-    rows = (await session.execute(_ENDINGS_OF_JOBS, {"ids": job_ids})).all()
+    rows = await fast.fetch(session, _ENDINGS_OF_JOBS, {"ids": job_ids})
     for job_id, worker_id, status, reason, holds_slot in rows:
         found.setdefault(job_id, []).append(WorkerEnding(worker_id, status, reason, holds_slot))
     return found
@@ -338,7 +408,7 @@ async def worker_endings(session: AsyncSession, job_ids: list[str]) -> dict[str,
 
 async def unbound_slots(session: AsyncSession, job_ids: list[str]) -> dict[str, int]:
     """Slots each job holds that no worker holds (an explicit allocation not used up)."""
-    rows = (await session.execute(_UNBOUND, {"ids": job_ids})).all()
+    rows = await fast.fetch(session, _UNBOUND, {"ids": job_ids})
     return {job_id: int(free) for job_id, free in rows}
 
 

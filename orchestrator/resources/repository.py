@@ -9,7 +9,8 @@ from typing import cast
 from sqlalchemy import Table, bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator.db.locking import for_update, is_postgres
+from orchestrator.db import fast
+from orchestrator.db.locking import is_postgres
 from orchestrator.db.models import Allocation, ResourcePool, Worker, utcnow
 
 _PG_POOLS_LOCK = 7_417_002
@@ -55,9 +56,8 @@ async def get_allocation(session: AsyncSession, job_id: str) -> Allocation | Non
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-# The engine runs these every pass: statements built once and reused cost a third of those built
-# per call (SQLAlchemy memoizes a statement's cache key on the statement object).
-_POOL_TAKE = (
+# The engine runs these every pass: built once, run on the driver (orchestrator.db.fast).
+_POOL_TAKE = fast.FastStatement(
     update(ResourcePool)
     .where(
         ResourcePool.depth == bindparam("b_depth"),
@@ -65,17 +65,28 @@ _POOL_TAKE = (
     )
     .values(allocated=ResourcePool.allocated + bindparam("b_count"))
 )
-_POOL_GIVE_BACK = (
+_POOL_GIVE_BACK = fast.FastStatement(
     update(ResourcePool)
     .where(ResourcePool.depth == bindparam("b_depth"), ResourcePool.allocated >= bindparam("b_count"))
     .values(allocated=ResourcePool.allocated - bindparam("b_count"))
 )
 _POOLS_FREE = select(ResourcePool.depth, ResourcePool.max_workers - ResourcePool.allocated)
-_ALLOCATIONS_ROOM = select(
-    Allocation.job_id, Allocation.slots - Allocation.bound, Allocation.max_slots - Allocation.slots
-).where(Allocation.job_id.in_(bindparam("job_ids", expanding=True)))
+_POOLS_FREE_AT = _POOLS_FREE.where(ResourcePool.depth.in_(bindparam("depths", expanding=True)))
+# (all depths or some, locked or not)
+_POOLS_FREE_STATEMENTS = {
+    (False, False): fast.FastStatement(_POOLS_FREE),
+    (False, True): fast.FastStatement(_POOLS_FREE, lock=True),
+    (True, False): fast.FastStatement(_POOLS_FREE_AT),
+    (True, True): fast.FastStatement(_POOLS_FREE_AT, lock=True),
+}
+_ALLOCATIONS_ROOM = fast.FastStatement(
+    select(
+        Allocation.job_id, Allocation.slots - Allocation.bound, Allocation.max_slots - Allocation.slots
+    ).where(Allocation.job_id.in_(bindparam("job_ids", expanding=True))),
+    lock=True,
+)
 _ALLOCATIONS = cast(Table, Allocation.__table__)
-_ALLOCATIONS_RETURN = (
+_ALLOCATIONS_RETURN = fast.FastStatement(
     update(_ALLOCATIONS)
     .where(_ALLOCATIONS.c.job_id == bindparam("b_job"), _ALLOCATIONS.c.bound >= bindparam("b_n"))
     .values(
@@ -84,7 +95,7 @@ _ALLOCATIONS_RETURN = (
         updated_at=bindparam("b_now"),
     )
 )
-_ALLOCATIONS_BIND_NEW = (
+_ALLOCATIONS_BIND_NEW = fast.FastStatement(
     update(_ALLOCATIONS)
     .where(
         _ALLOCATIONS.c.job_id == bindparam("b_job"),
@@ -96,13 +107,13 @@ _ALLOCATIONS_BIND_NEW = (
         updated_at=bindparam("b_now"),
     )
 )
-_WORKERS_RELEASE = (
+_WORKERS_RELEASE = fast.FastStatement(
     update(Worker)
     .where(Worker.id.in_(bindparam("ids", expanding=True)), Worker.holds_slot.is_(True))
     .values(holds_slot=False)
     .returning(Worker.id)
 )
-_WORKERS_HOLD = (
+_WORKERS_HOLD = fast.FastStatement(
     update(Worker)
     .where(Worker.id.in_(bindparam("ids", expanding=True)), Worker.holds_slot.is_(False))
     .values(holds_slot=True)
@@ -110,12 +121,11 @@ _WORKERS_HOLD = (
 
 
 async def pool_take(session: AsyncSession, depth: int, count: int) -> bool:
-    result = await session.execute(_POOL_TAKE, {"b_depth": depth, "b_count": count})
-    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+    return await fast.execute(session, _POOL_TAKE, {"b_depth": depth, "b_count": count}) == 1
 
 
 async def pool_give_back(session: AsyncSession, depth: int, count: int) -> None:
-    await session.execute(_POOL_GIVE_BACK, {"b_depth": depth, "b_count": count})
+    await fast.execute(session, _POOL_GIVE_BACK, {"b_depth": depth, "b_count": count})
 
 
 async def allocation_add(session: AsyncSession, job_id: str, count: int) -> bool:
@@ -176,7 +186,7 @@ async def workers_release_slots(session: AsyncSession, workers: list[tuple[str, 
     if not workers:
         return 0
     ids = [worker_id for worker_id, _, _ in workers]
-    freed = set((await session.execute(_WORKERS_RELEASE, {"ids": ids})).scalars())
+    freed = {row.id for row in await fast.fetch(session, _WORKERS_RELEASE, {"ids": ids})}
     per_job: dict[str, int] = {}
     per_depth: dict[int, int] = {}
     for worker_id, job_id, depth in workers:
@@ -186,7 +196,8 @@ async def workers_release_slots(session: AsyncSession, workers: list[tuple[str, 
     if not per_job:
         return 0
     now = utcnow()
-    await session.execute(
+    await fast.execute_many(
+        session,
         _ALLOCATIONS_RETURN,
         [{"b_job": job_id, "b_n": n, "b_now": now} for job_id, n in sorted(per_job.items())],
     )
@@ -201,18 +212,14 @@ async def pools_free(
     """Free slots per depth (all depths: None). `lock`: as read until the transaction ends
     (db/locking.py). Lock pools only after the allocations involved, the order every slot move
     follows."""
-    stmt = _POOLS_FREE
-    if depths is not None:
-        stmt = stmt.where(ResourcePool.depth.in_(depths))
-    if lock:
-        stmt = for_update(session, stmt)
-    return {depth: int(free) for depth, free in (await session.execute(stmt)).all()}
+    stmt = _POOLS_FREE_STATEMENTS[depths is not None, lock]
+    rows = await fast.fetch(session, stmt, {"depths": depths} if depths is not None else None)
+    return {depth: int(free) for depth, free in rows}
 
 
 async def allocations_room(session: AsyncSession, job_ids: list[str]) -> dict[str, tuple[int, int]]:
     """(unbound slots, room for more slots) per job, locked like `pools_free`."""
-    stmt = for_update(session, _ALLOCATIONS_ROOM)
-    rows = (await session.execute(stmt, {"job_ids": job_ids})).all()
+    rows = await fast.fetch(session, _ALLOCATIONS_ROOM, {"job_ids": job_ids})
     return {job_id: (int(unbound), int(room)) for job_id, unbound, room in rows}
 
 
@@ -228,12 +235,11 @@ async def bind_new_slots(
     they allow. Guarded UPDATEs in the lock order of every slot move: allocations, pool, workers."""
     now = utcnow()
     rows = [{"b_job": job_id, "b_n": n, "b_now": now} for job_id, n in sorted(per_job.items())]
-    result = await session.execute(_ALLOCATIONS_BIND_NEW, rows)
+    changed = await fast.execute_many(session, _ALLOCATIONS_BIND_NEW, rows)
     exact = session.bind is not None and session.bind.dialect.supports_sane_multi_rowcount
-    if exact and result.rowcount != len(rows):  # type: ignore[attr-defined]
+    if exact and changed != len(rows):
         raise SlotsMoved("an allocation changed under lock")
     if not await pool_take(session, depth, sum(per_job.values())):
         raise SlotsMoved(f"the depth-{depth} pool changed under lock")
-    marked = await session.execute(_WORKERS_HOLD, {"ids": worker_ids})
-    if marked.rowcount != len(worker_ids):  # type: ignore[attr-defined]
+    if await fast.execute(session, _WORKERS_HOLD, {"ids": worker_ids}) != len(worker_ids):
         raise SlotsMoved("a worker took a slot under lock")

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestrator.core.config import Settings
 from orchestrator.core.ids import new_job_id
+from orchestrator.db import fast
 from orchestrator.db.migrate import upgrade_database
 from orchestrator.db.models import Allocation, Job, utcnow
 from orchestrator.db.session import Database
@@ -24,13 +25,13 @@ from tests.unit.test_state_tables import run
 BACKLOG = 2000
 
 
-async def _plan(connection: AsyncConnection, statement: Any, params: dict[str, Any]) -> list[str]:
-    compiled = statement.compile(dialect=connection.dialect)
-    names = set(compiled.params)
-    # The expanding IN list rendered as it is when executed: one placeholder per value.
-    expanded = compiled.construct_expanded_state({k: v for k, v in params.items() if k in names})
-    positional = tuple(expanded.parameters[name] for name in expanded.positiontup or ())
-    rows = await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {expanded.statement}", positional)
+async def _plan(
+    connection: AsyncConnection, statement: fast.FastStatement, params: dict[str, Any]
+) -> list[str]:
+    """The plan of the SQL the engine runs (an expanding IN list as one placeholder per value)."""
+    compiled = statement.for_sqlite(connection.dialect)
+    values, lengths = compiled.arguments(params)
+    rows = await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled.sql(lengths)}", tuple(values))
     return [str(row[3]) for row in rows]
 
 
@@ -77,7 +78,7 @@ def test_claiming_reads_indexes_only_whatever_the_backlog(tmp_path: Path) -> Non
                 "claim": await _plan(
                     connection, queries._claim_candidates((0,), allocated=True, postgres=False), params
                 ),
-                "unbound": await _plan(connection, queries._UNBOUND_JOB_IDS, {}),
+                "unbound": await _plan(connection, queries._FAST_UNBOUND_JOB_IDS, {}),
                 "owned": await _plan(connection, queries._OWNED_PENDING, params),
                 "take": await _plan(connection, queries._CLAIM, {"ids": ids[:15], "b_engine": "engine-test"}),
             }
