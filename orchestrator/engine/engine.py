@@ -103,6 +103,7 @@ class Engine:
         self.deadlines: dict[str, float] = {}
         self.exited: list[WorkerProcess] = []
         self.unrecorded: list[Started] = []  # launched, to be recorded by the next pass
+        self.control_statuses: dict[str, tuple[str, str]] = {}  # read by the pass, for control
         self.wake = asyncio.Event()
         self.log_lock = asyncio.Lock()
         self.repo_locks: dict[str, asyncio.Lock] = {}
@@ -308,6 +309,8 @@ class Engine:
             await queries.create_workers(session, claimed, self.actor)
             idle = await queries.idle_workers(session, self.id, per_depth, START_BATCH * 4)
             ready = await self._bind_slots(session, idle, free) if idle else []
+            # What control (after this transaction) acts on: read here, not in one more.
+            self.control_statuses = await queries.worker_statuses(session, list(self.procs))
         if len(ready) == START_BATCH:
             self.wake.set()  # more to do: come straight back
         return ready
@@ -642,21 +645,32 @@ class Engine:
     # ---------------------------------------------------------------- control
 
     async def _apply_control(self) -> None:
+        """Make processes follow the statuses the pass's transaction read; a worker to stop is
+        written in a transaction of its own (rare)."""
+        both, self.control_statuses = self.control_statuses, {}
         if not self.procs:
             return
         now = time.monotonic()
-        async with self.db.session() as session:
-            both = await queries.worker_statuses(session, list(self.procs))
-            statuses = {worker_id: status for worker_id, (status, _) in both.items()}
-            for worker_id, (worker_status, job_status) in both.items():
-                if worker_status in WORKER_LIVE and JobStatus(job_status) in JOB_FINAL:
+        statuses = {worker_id: status for worker_id, (status, _) in both.items()}
+        orphans = [
+            (worker_id, job_status)
+            for worker_id, (worker_status, job_status) in both.items()
+            if worker_status in WORKER_LIVE and JobStatus(job_status) in JOB_FINAL
+        ]
+        overdue = [
+            worker_id
+            for worker_id, deadline in self.deadlines.items()
+            if now >= deadline and statuses.get(worker_id) in (WorkerStatus.RUNNING, WorkerStatus.PAUSED)
+        ]
+        if orphans or overdue:
+            async with self.db.session() as session:
+                for worker_id, job_status in orphans:
                     # Its job ended while it was being started (a cancel that committed between
                     # this engine's claim and the start): a worker never outlives its job.
                     await self._mark_stopped(
                         session, statuses, worker_id, WorkerStatus.TERMINATED, f"its job is {job_status}"
                     )
-            for worker_id, deadline in list(self.deadlines.items()):
-                if now >= deadline and statuses.get(worker_id) in (WorkerStatus.RUNNING, WorkerStatus.PAUSED):
+                for worker_id in overdue:
                     await self._mark_stopped(session, statuses, worker_id, WorkerStatus.FAILED, "timeout")
                     self.deadlines.pop(worker_id, None)
         grace = self.settings.orchestrator_terminate_grace_seconds
