@@ -228,7 +228,7 @@ async def fetch(session: AsyncSession, statement: FastStatement, params: Params 
     """The rows of a SELECT or of a statement with RETURNING."""
     params = params or {}
     sqlite = await _sqlite(session)
-    if sqlite is None or _has_empty_list(statement, params):
+    if sqlite is None or _has_empty_list(params):
         result = await (await session.connection()).execute(statement.core_statement, dict(params))
         return statement.rows(result.all())
     compiled = statement.for_sqlite(_dialect(session))
@@ -241,7 +241,7 @@ async def execute(session: AsyncSession, statement: FastStatement, params: Param
     """Run a statement that returns no rows; the number of rows it changed."""
     params = params or {}
     sqlite = await _sqlite(session)
-    if sqlite is None or _has_empty_list(statement, params):
+    if sqlite is None or _has_empty_list(params):
         result = await (await session.connection()).execute(statement.core_statement, dict(params))
         return int(result.rowcount)
     compiled = statement.for_sqlite(_dialect(session))
@@ -293,7 +293,7 @@ def _fallback(bind: BindParameter[Any]) -> Callable[[], Any]:
     return lambda: value
 
 
-def _has_empty_list(statement: FastStatement, params: Params) -> bool:
+def _has_empty_list(params: Params) -> bool:
     """An empty IN list: SQLAlchemy renders it as an always-false (or, negated, always-true)
     expression; such statements take the ordinary path."""
     return any(isinstance(value, list | tuple) and not value for value in params.values())
