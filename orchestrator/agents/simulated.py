@@ -26,6 +26,9 @@ class SimulatedOptions(BaseModel):
     exit_code: int = Field(default=0, ge=0, le=255)
     subtasks: list[str | Subtask] = Field(default_factory=list, max_length=50)
     progress_interval_seconds: float = Field(default=0.5, gt=0, le=60)
+    # A waiting worker learns of a child's end from the child's events stream; it re-reads the
+    # child's status this often anyway, in case the stream is quiet or cannot be opened.
+    wait_poll_seconds: float = Field(default=5.0, gt=0, le=3600)
 
 
 class SimulatedAgent(Agent):

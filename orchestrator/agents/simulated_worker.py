@@ -16,6 +16,7 @@ import urllib.request
 from typing import Any
 
 FINAL = {"COMPLETED", "FAILED", "CANCELED"}
+RETRY_SECONDS = 0.2
 
 
 def _api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -27,6 +28,44 @@ def _api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str
     with urllib.request.urlopen(request, timeout=30) as response:
         result: dict[str, Any] = json.loads(response.read())
         return result
+
+
+def wait_for(job_id: str, poll_seconds: float) -> str:
+    """The job's final status. Its events stream says when its tree is final (`end`), so the
+    wait ends within milliseconds of the job's; the status is read again at least every
+    `poll_seconds` (a quiet or broken stream), and a stream that cannot be opened at all falls
+    back to reading it every RETRY_SECONDS."""
+    cursor: str | None = None
+    while True:
+        status = str(_api("GET", f"/api/jobs/{job_id}")["status"])
+        if status in FINAL:
+            return status
+        cursor = _until_end(job_id, cursor, poll_seconds)
+
+
+def _until_end(job_id: str, cursor: str | None, timeout: float) -> str | None:
+    """Follow the job's events stream until it ends (or says `end`), breaks, or is quiet for
+    `timeout`; returns the cursor to resume from, so nothing is read twice."""
+    url = os.environ["ORCHESTRATOR_URL"].rstrip("/") + f"/api/jobs/{job_id}/events?follow=true"
+    request = urllib.request.Request(url)
+    request.add_header("Authorization", f"Bearer {os.environ['ORCHESTRATOR_TOKEN']}")
+    request.add_header("Accept", "text/event-stream")
+    if cursor is not None:
+        request.add_header("Last-Event-ID", cursor)
+    deadline = time.monotonic() + timeout  # keep-alive pings must not make the wait endless
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            for raw in response:
+                line = raw.decode(errors="replace").rstrip("\r\n")
+                if line.startswith("id:"):
+                    cursor = line[3:].strip()
+                elif line == "event: end" or time.monotonic() > deadline:
+                    break
+    except TimeoutError:
+        pass  # quiet for `timeout`: read the status again
+    except (OSError, ValueError):
+        time.sleep(RETRY_SECONDS)  # no stream (or it broke): read the status again shortly
+    return cursor
 
 
 def say(message: str) -> None:
@@ -72,12 +111,9 @@ def main() -> int:
         say(f"[simulated] delegated {child['id']} at depth {depth + 1}: {body['task_description']}")
 
     failed = []
+    poll = float(options.get("wait_poll_seconds", 5.0))
     for child_id in children:
-        while True:
-            status = _api("GET", f"/api/jobs/{child_id}")["status"]
-            if status in FINAL:
-                break
-            time.sleep(0.2)
+        status = wait_for(child_id, poll)
         say(f"[simulated] child {child_id} finished: {status}")
         if status != "COMPLETED":
             failed.append(child_id)

@@ -50,3 +50,20 @@ def test_standalone_engine_starts_jobs_and_applies_control_without_polling(
         assert time.monotonic() - paused_at < 1.0
         client.post(f"/api/jobs/{ticker['id']}/cancel")
         assert wait_final(client, ticker["id"], timeout=10)["status"] == "CANCELED"
+
+
+def test_a_waiting_worker_learns_of_its_childs_end_from_the_events_stream(
+    api_and_engine: tuple[Server, subprocess.Popen[bytes]],
+) -> None:
+    """Here a waiting simulated worker reads its children's status again only every 600 s, so the
+    tree completes in seconds only because each child's events stream (served by the API, while
+    another process runs the jobs) tells the worker waiting for it when its tree has ended."""
+    api, _engine = api_and_engine
+    leaf = {"duration_seconds": 0, "wait_poll_seconds": 600}
+    middle = {**leaf, "subtasks": [{"task_description": "leaf", "agent_options": leaf}]}
+    root = {**leaf, "subtasks": [{"task_description": "middle", "agent_options": middle}, "second leaf"]}
+    with api.client() as client:
+        job = submit(client, agent_options=root)
+        assert wait_final(client, job["id"], timeout=60)["status"] == "COMPLETED"
+        children = client.get("/api/jobs", params={"parent_job_id": job["id"]}).json()["jobs"]
+        assert sorted(c["status"] for c in children) == ["COMPLETED", "COMPLETED"]
