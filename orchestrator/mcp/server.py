@@ -10,6 +10,7 @@ Results are plain text (structured_output=False): that is what agents read best.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from contextvars import ContextVar
@@ -20,7 +21,8 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 FINAL = {"COMPLETED", "FAILED", "CANCELED"}
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.5  # a job whose events stream cannot be followed: its status read this often
+STREAM_POLL_SECONDS = 5.0  # followed jobs: their status read again at least this often anyway
 MAX_MESSAGE_CHARS = 2000
 
 server = MCPServer(
@@ -71,6 +73,29 @@ class Api:
                 base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30.0
             )
         return self._client
+
+    async def follow_until_end(self, job_id: str, ended: asyncio.Event) -> bool:
+        """Follow the job's events stream until it says the job's tree has ended (`end`) or the
+        stream ends, then set `ended`. False if the stream could not be opened."""
+        path = f"/api/jobs/{job_id}/events"
+        try:
+            async with self.client().stream(
+                "GET",
+                path,
+                params={"follow": "true"},
+                headers={"Accept": "text/event-stream"},
+                timeout=httpx.Timeout(30.0, read=None),
+            ) as response:
+                if response.status_code >= 400:
+                    return False
+                async for line in response.aiter_lines():
+                    if line == "event: end":
+                        break
+        except httpx.HTTPError:
+            return False
+        finally:
+            ended.set()
+        return True
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -203,16 +228,35 @@ async def describe(job_id: str) -> str:
 
 
 async def _wait(job_ids: list[str], timeout_seconds: float) -> tuple[dict[str, str], list[str]]:
+    """Wait for the jobs to end: each pending job's events stream says when its tree has ended,
+    and its status is then read again (also every STREAM_POLL_SECONDS, or every POLL_SECONDS for
+    a job whose stream could not be opened)."""
     deadline = time.monotonic() + max(0.0, timeout_seconds)
     statuses: dict[str, str] = {}
-    while True:
-        for job_id in job_ids:
-            if statuses.get(job_id) not in FINAL:
-                statuses[job_id] = (await api.call("GET", f"/api/jobs/{job_id}"))["status"]
-        pending = [j for j in job_ids if statuses[j] not in FINAL]
-        if not pending or time.monotonic() >= deadline:
-            return statuses, pending
-        await asyncio.sleep(POLL_SECONDS)
+    ended = asyncio.Event()
+    followers: dict[str, asyncio.Task[bool]] = {}
+    try:
+        while True:
+            ended.clear()
+            for job_id in job_ids:
+                if statuses.get(job_id) not in FINAL:
+                    statuses[job_id] = (await api.call("GET", f"/api/jobs/{job_id}"))["status"]
+            pending = [j for j in job_ids if statuses[j] not in FINAL]
+            remaining = deadline - time.monotonic()
+            if not pending or remaining <= 0:
+                return statuses, pending
+            for job_id in pending:
+                follower = followers.get(job_id)
+                if follower is None or (follower.done() and follower.result()):  # ended: follow again
+                    followers[job_id] = asyncio.create_task(api.follow_until_end(job_id, ended))
+            unfollowed = any(followers[j].done() and not followers[j].result() for j in pending)
+            poll = POLL_SECONDS if unfollowed else STREAM_POLL_SECONDS
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), timeout=min(poll, remaining))
+    finally:
+        for follower in followers.values():
+            follower.cancel()
+        await asyncio.gather(*followers.values(), return_exceptions=True)
 
 
 @server.tool(structured_output=False)
