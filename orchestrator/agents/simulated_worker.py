@@ -19,11 +19,16 @@ FINAL = {"COMPLETED", "FAILED", "CANCELED"}
 RETRY_SECONDS = 0.2
 
 
-def _api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _request(path: str, method: str = "GET", data: bytes | None = None) -> urllib.request.Request:
+    """A request to the orchestrator with this worker's delegated token."""
     url = os.environ["ORCHESTRATOR_URL"].rstrip("/") + path
-    data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)
     request.add_header("Authorization", f"Bearer {os.environ['ORCHESTRATOR_TOKEN']}")
+    return request
+
+
+def _api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    request = _request(path, method, json.dumps(body).encode() if body is not None else None)
     request.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(request, timeout=30) as response:
         result: dict[str, Any] = json.loads(response.read())
@@ -46,9 +51,7 @@ def wait_for(job_id: str, poll_seconds: float) -> str:
 def _until_end(job_id: str, cursor: str | None, timeout: float) -> str | None:
     """Follow the job's events stream until it ends (or says `end`), breaks, or is quiet for
     `timeout`; returns the cursor to resume from, so nothing is read twice."""
-    url = os.environ["ORCHESTRATOR_URL"].rstrip("/") + f"/api/jobs/{job_id}/events?follow=true"
-    request = urllib.request.Request(url)
-    request.add_header("Authorization", f"Bearer {os.environ['ORCHESTRATOR_TOKEN']}")
+    request = _request(f"/api/jobs/{job_id}/events?follow=true")
     request.add_header("Accept", "text/event-stream")
     if cursor is not None:
         request.add_header("Last-Event-ID", cursor)

@@ -224,29 +224,31 @@ def _dialect(session: AsyncSession) -> Dialect:
     return session.bind.dialect
 
 
-async def fetch(session: AsyncSession, statement: FastStatement, params: Params | None = None) -> list[Any]:
-    """The rows of a SELECT or of a statement with RETURNING."""
-    params = params or {}
+async def _run(
+    session: AsyncSession, statement: FastStatement, params: Params
+) -> tuple[_Compiled | None, Any]:
+    """Run one statement: on SQLite on the driver (its compiled form, the sqlite3 cursor), else
+    through SQLAlchemy (None, the result)."""
     sqlite = await _sqlite(session)
     if sqlite is None or _has_empty_list(params):
-        result = await (await session.connection()).execute(statement.core_statement, dict(params))
-        return statement.rows(result.all())
+        return None, await (await session.connection()).execute(statement.core_statement, dict(params))
     compiled = statement.for_sqlite(_dialect(session))
     values, lengths = compiled.arguments(params)
-    cursor = await sqlite.run_async(compiled.sql(lengths), values, many=False)
+    return compiled, await sqlite.run_async(compiled.sql(lengths), values, many=False)
+
+
+async def fetch(session: AsyncSession, statement: FastStatement, params: Params | None = None) -> list[Any]:
+    """The rows of a SELECT or of a statement with RETURNING."""
+    compiled, cursor = await _run(session, statement, params or {})
+    if compiled is None:
+        return statement.rows(cursor.all())
     return statement.rows([compiled.values(raw) for raw in cursor.fetchall()])
 
 
 async def execute(session: AsyncSession, statement: FastStatement, params: Params | None = None) -> int:
     """Run a statement that returns no rows; the number of rows it changed."""
-    params = params or {}
-    sqlite = await _sqlite(session)
-    if sqlite is None or _has_empty_list(params):
-        result = await (await session.connection()).execute(statement.core_statement, dict(params))
-        return int(result.rowcount)
-    compiled = statement.for_sqlite(_dialect(session))
-    values, lengths = compiled.arguments(params)
-    return (await sqlite.run_async(compiled.sql(lengths), values, many=False)).rowcount
+    _, cursor = await _run(session, statement, params or {})
+    return int(cursor.rowcount)
 
 
 async def execute_many(session: AsyncSession, statement: FastStatement, rows: Sequence[Params]) -> int:
