@@ -4,7 +4,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
-TEST_PG_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
 .PHONY: run test install install-dev lint typecheck unit integration integration-pg openapi bench clean
 

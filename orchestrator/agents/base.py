@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from orchestrator.core.errors import FieldInvalid
+from orchestrator.core.unix_http import SOCKET_ENV
 
 
 class NoOptions(BaseModel):
@@ -35,6 +36,9 @@ class WorkerContext:
     run_dir: Path
     api_url: str
     token: str
+    # Set when the server listens on a unix socket (`uvicorn --uds`): api_url is then
+    # http://localhost and clients connect here (ORCHESTRATOR_API_SOCKET).
+    api_socket: str | None = None
     max_turns: int | None = None
     # Set when the engine restarts a parked worker: continue this agent session.
     resume_session: str | None = None
@@ -121,10 +125,18 @@ def json_object(line: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def api_environment(ctx: WorkerContext) -> dict[str, str]:
+    """How a worker, and the tools it starts, reach the API."""
+    env = {"ORCHESTRATOR_URL": ctx.api_url}
+    if ctx.api_socket:
+        env[SOCKET_ENV] = ctx.api_socket
+    return env
+
+
 def base_environment(ctx: WorkerContext) -> dict[str, str]:
     """What every worker gets, whatever the agent."""
     return {
-        "ORCHESTRATOR_URL": ctx.api_url,
+        **api_environment(ctx),
         "ORCHESTRATOR_TOKEN": ctx.token,
         "ORCHESTRATOR_JOB_ID": ctx.job_id,
         "ORCHESTRATOR_WORKER_ID": ctx.worker_id,

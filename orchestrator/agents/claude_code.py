@@ -27,6 +27,7 @@ from orchestrator.agents.base import (
     LaunchSpec,
     Outcome,
     WorkerContext,
+    api_environment,
     base_environment,
     json_object,
 )
@@ -84,9 +85,10 @@ def mcp_config(ctx: WorkerContext, transport: str = "http") -> dict[str, Any]:
     """The orchestrator's delegation tools for one worker, holding that worker's delegated token.
 
     `http` (default): served by the API process at /mcp/ — nothing to start per worker.
-    `stdio`: `python -m orchestrator.mcp` started by the CLI for this worker (~0.6 CPU-s).
+    `stdio`: `python -m orchestrator.mcp` started by the CLI for this worker (~0.6 CPU-s); also
+    when the API listens on a unix socket (`uvicorn --uds`), which the CLI's HTTP client cannot use.
     """
-    if transport == "http":
+    if transport == "http" and not ctx.api_socket:
         return {
             "mcpServers": {
                 MCP_SERVER_NAME: {
@@ -97,7 +99,7 @@ def mcp_config(ctx: WorkerContext, transport: str = "http") -> dict[str, Any]:
             }
         }
     env = {
-        "ORCHESTRATOR_URL": ctx.api_url,
+        **api_environment(ctx),
         "ORCHESTRATOR_TOKEN": ctx.token,
         "ORCHESTRATOR_JOB_ID": ctx.job_id,
         "ORCHESTRATOR_WORKER_ID": ctx.worker_id,

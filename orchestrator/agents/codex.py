@@ -23,6 +23,7 @@ from orchestrator.agents.base import (
     LaunchSpec,
     Outcome,
     WorkerContext,
+    api_environment,
     base_environment,
     json_object,
 )
@@ -104,7 +105,7 @@ class CodexAgent(Agent):
                 "wire_api": "responses",
             }
             config["model_provider"] = PROVIDER_NAME
-        if options.delegation and options.mcp_transport == "http":
+        if options.delegation and options.mcp_transport == "http" and not ctx.api_socket:
             # Served by the API process: connected before Codex's first model request (a stdio
             # server needs ~1 s of Python start-up, and Codex does not wait for it).
             config["mcp_servers.orchestrator"] = {
@@ -116,7 +117,7 @@ class CodexAgent(Agent):
                 "command": sys.executable,
                 "args": ["-m", "orchestrator.mcp"],
                 "env": {
-                    "ORCHESTRATOR_URL": ctx.api_url,
+                    **api_environment(ctx),
                     "ORCHESTRATOR_TOKEN": ctx.token,
                     "ORCHESTRATOR_JOB_ID": ctx.job_id,
                     "ORCHESTRATOR_WORKER_ID": ctx.worker_id,

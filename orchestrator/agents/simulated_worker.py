@@ -15,8 +15,18 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from orchestrator.core.unix_http import api_socket, opener
+
 FINAL = {"COMPLETED", "FAILED", "CANCELED"}
 RETRY_SECONDS = 0.2
+
+
+def _open(request: urllib.request.Request, timeout: float) -> Any:
+    """urlopen, over the API's unix socket when the server listens on one (`uvicorn --uds`)."""
+    socket_path = api_socket()
+    if socket_path:
+        return opener(socket_path).open(request, timeout=timeout)
+    return urllib.request.urlopen(request, timeout=timeout)
 
 
 def _request(path: str, method: str = "GET", data: bytes | None = None) -> urllib.request.Request:
@@ -30,7 +40,7 @@ def _request(path: str, method: str = "GET", data: bytes | None = None) -> urlli
 def _api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     request = _request(path, method, json.dumps(body).encode() if body is not None else None)
     request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with _open(request, timeout=30) as response:
         result: dict[str, Any] = json.loads(response.read())
         return result
 
@@ -57,7 +67,7 @@ def _until_end(job_id: str, cursor: str | None, timeout: float) -> str | None:
         request.add_header("Last-Event-ID", cursor)
     deadline = time.monotonic() + timeout  # keep-alive pings must not make the wait endless
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _open(request, timeout=timeout) as response:
             for raw in response:
                 line = raw.decode(errors="replace").rstrip("\r\n")
                 if line.startswith("id:"):

@@ -6,7 +6,11 @@ Each process that serves the API also runs an engine (unless ORCHESTRATOR_ENGINE
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -20,6 +24,7 @@ from orchestrator.api.observability import install_observability
 from orchestrator.api.routers import health, jobs, metrics, resources, supervisor, web, workspaces
 from orchestrator.api.routers.streams import stop_watcher as stop_stream_watcher
 from orchestrator.bootstrap import prepare_database
+from orchestrator.core.address import ApiAddress, current_address, settings_address, wait_for_address
 from orchestrator.core.auth import SCOPE_DESCRIPTIONS
 from orchestrator.core.config import Settings, get_settings
 from orchestrator.db.session import Database
@@ -67,21 +72,49 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await prepare_database(database, settings)
     app.state.db = database
     app.state.agents = AgentRegistry.from_settings(settings)
-    engine = None
+    app.state.engine = None
+    starting: asyncio.Task[None] | None = None
     if settings.orchestrator_engine:
-        from orchestrator.engine.engine import Engine
-
-        engine = Engine(settings, database, app.state.agents)
-        await engine.start()
-    app.state.engine = engine
+        address = current_address(settings)
+        if address is not None:  # an explicit URL, or sockets handed over (--workers, gunicorn)
+            await _start_engine(app, address)
+        else:  # a single uvicorn process binds its socket after this start-up: wait for it
+            starting = asyncio.create_task(_start_engine_once_bound(app), name="engine-start")
     try:
         yield
     finally:
-        if engine is not None:
-            await engine.stop()
+        if starting is not None:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        if app.state.engine is not None:
+            await app.state.engine.stop()
         await app.state.mcp_http.close()
         await stop_stream_watcher(database)
         await database.dispose()
+
+
+async def _start_engine(app: FastAPI, address: ApiAddress | None) -> None:
+    """Start this process's engine, handing workers the address this server is reached at."""
+    from orchestrator.engine.engine import Engine
+
+    settings: Settings = app.state.settings
+    if address is None:
+        address = await wait_for_address(settings)
+    engine = Engine(settings, app.state.db, app.state.agents, address=address)
+    await engine.start()
+    app.state.engine = engine
+    log.info("workers reach this server at %s", address.socket_path or address.url)
+
+
+async def _start_engine_once_bound(app: FastAPI) -> None:
+    """The engine start of a single uvicorn process, after its socket is bound. A failure stops
+    the server, as it would have during start-up: an API whose jobs never run must not look fine."""
+    try:
+        await _start_engine(app, None)
+    except Exception:
+        log.exception("the engine could not start; stopping the server")
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -110,7 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(web.router)
     # The delegation tools for agents, over MCP streamable HTTP (worker tokens only).
-    app.state.mcp_http = McpOverHttp(settings.public_url)
+    app.state.mcp_http = McpOverHttp(lambda: current_address(settings) or settings_address(settings))
     app.mount("/mcp", app.state.mcp_http)
     install_observability(app)
     return app

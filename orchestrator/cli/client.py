@@ -229,12 +229,17 @@ class ApiClient:
     def _new_connection(self, timeout: float | None) -> http.client.HTTPConnection:
         import http.client
 
+        from orchestrator.core.unix_http import UnixHTTPConnection, api_socket
+
         if self._https:
             import ssl
 
             return http.client.HTTPSConnection(
                 self._host, self._port, timeout=timeout, context=ssl.create_default_context()
             )
+        socket_path = api_socket()
+        if socket_path:  # the server listens on a unix socket (`uvicorn --uds`): a worker's CLI
+            return UnixHTTPConnection(self._host, socket_path=socket_path, timeout=timeout)
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
     def _url(self, path: str, params: dict[str, Any] | None) -> str:

@@ -64,6 +64,16 @@ class TokenClaims:
         return self.worker_id is not None
 
 
+# A token made where the server's key is not (another directory's generated key, another
+# SECRET_KEY) fails here; the reason says so without naming the key or where it is kept.
+WRONG_KEY = (
+    "Invalid token: it was signed with a different key than this server's. Make tokens with the "
+    "server's key: run `orchestrator token` on the server host with the same SECRET_KEY (or, "
+    "without SECRET_KEY, from the same directory / ORCHESTRATOR_DATA_DIR as the server), or "
+    "call create_access_token() there"
+)
+
+
 def create_access_token(
     user_id: str,
     scopes: list[str],
@@ -99,6 +109,8 @@ def decode_access_token(token: str) -> TokenClaims:
         )
     except jwt.ExpiredSignatureError as exc:
         raise Unauthorized("Token has expired") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise Unauthorized(WRONG_KEY) from exc
     except jwt.InvalidTokenError as exc:
         raise Unauthorized(f"Invalid token: {exc}") from exc
     scopes = payload.get("scopes", [])

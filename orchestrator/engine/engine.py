@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.agents.base import Agent, Outcome, WorkerContext
 from orchestrator.agents.registry import AgentRegistry
+from orchestrator.core.address import ApiAddress, settings_address
 from orchestrator.core.auth import create_access_token, engine_actor
 from orchestrator.core.config import Settings
 from orchestrator.core.errors import InvalidTransition
@@ -91,8 +92,11 @@ class Engine:
         database: Database,
         agents: AgentRegistry,
         executor: LocalExecutor | None = None,
+        address: ApiAddress | None = None,
     ) -> None:
         self.settings = settings
+        # Where workers reach the API (the server's own socket; HOST/PORT for a lone engine).
+        self.address = address or settings_address(settings)
         self.db = database
         self.agents = agents
         self.executor = executor or LocalExecutor()
@@ -452,7 +456,8 @@ class Engine:
             workdir=workdir,
             home=home,
             run_dir=run_dir,
-            api_url=self.settings.public_url,
+            api_url=self.address.url,
+            api_socket=self.address.socket_path,
             token=token,
             max_turns=job.max_turns,
             resume_session=resume_session,

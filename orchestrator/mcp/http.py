@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from typing import Any
 
+from orchestrator.core.address import ApiAddress
 from orchestrator.core.auth import decode_access_token
 from orchestrator.core.errors import Unauthorized
 
@@ -22,8 +24,10 @@ Scope = dict[str, Any]
 class McpOverHttp:
     """ASGI app to mount at /mcp: authenticates the worker, then hands over to the MCP SDK."""
 
-    def __init__(self, api_url: str) -> None:
-        self.api_url = api_url
+    def __init__(self, address: Callable[[], ApiAddress]) -> None:
+        # Resolved at the first request: by then this process's listening socket exists.
+        self._resolve_address = address
+        self._address: ApiAddress | None = None
         self._app: Any = None
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -48,7 +52,14 @@ class McpOverHttp:
         app = await self._ensure_app()
         from orchestrator.mcp.server import Api, current_api
 
-        worker_api = Api(url=self.api_url, token=token.strip(), job_id=claims.job_id)
+        if self._address is None:
+            self._address = self._resolve_address()
+        worker_api = Api(
+            url=self._address.url,
+            token=token.strip(),
+            job_id=claims.job_id,
+            socket_path=self._address.socket_path,
+        )
         reset = current_api.set(worker_api)
         try:
             await app(scope, receive, send)

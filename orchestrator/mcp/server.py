@@ -20,6 +20,8 @@ import httpx
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
+from orchestrator.core.unix_http import SOCKET_ENV
+
 FINAL = {"COMPLETED", "FAILED", "CANCELED"}
 POLL_SECONDS = 0.5  # a job whose events stream cannot be followed: its status read this often
 STREAM_POLL_SECONDS = 5.0  # followed jobs: their status read again at least this often anyway
@@ -44,7 +46,10 @@ class Api:
         token: str | None = None,
         job_id: str | None = None,
         depth: int | None = None,
+        socket_path: str | None = None,
     ) -> None:
+        # With `uvicorn --uds`, the URL is http://localhost and the socket says where to connect.
+        self.socket_path = socket_path if url is not None else os.environ.get(SOCKET_ENV) or None
         self.url = (url if url is not None else os.environ.get("ORCHESTRATOR_URL", "")).rstrip("/")
         self.token = token if token is not None else os.environ.get("ORCHESTRATOR_TOKEN", "")
         self.job_id = job_id if job_id is not None else os.environ.get("ORCHESTRATOR_JOB_ID", "")
@@ -69,8 +74,12 @@ class Api:
                 "ORCHESTRATOR_TOKEN and ORCHESTRATOR_JOB_ID must be set); delegation is unavailable."
             )
         if self._client is None:
+            transport = httpx.AsyncHTTPTransport(uds=self.socket_path) if self.socket_path else None
             self._client = httpx.AsyncClient(
-                base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30.0
+                base_url=self.url,
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=30.0,
+                transport=transport,
             )
         return self._client
 
