@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import warnings
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import httpx
 import jwt
 import pytest
 
 from orchestrator.core.auth import ALL_SCOPES, create_access_token, decode_access_token, effective_scopes
 from orchestrator.core.config import get_settings
 from orchestrator.core.errors import Unauthorized
-from tests.support.servers import TEST_SECRET_KEY
+from tests.support.servers import TEST_SECRET_KEY, ServerFactory
 
 
 def test_secret_comes_from_the_environment() -> None:
@@ -129,3 +133,48 @@ def test_tampered_payload_is_refused() -> None:
     forged_payload = jwt.encode(_claims(), "x" * 40).split(".")[1]
     with pytest.raises(Unauthorized):
         decode_access_token(f"{header}.{forged_payload}.{signature}")
+
+
+GUIDE_SNIPPET = """
+from orchestrator.core.auth import create_access_token
+print(create_access_token(user_id="test-user", scopes=["jobs:read"]))
+"""
+
+
+def test_a_token_signed_elsewhere_gets_a_401_that_says_the_key_differs(
+    servers: ServerFactory, tmp_path: Path
+) -> None:
+    """The guide's snippet run from another directory signs with a key generated there; the
+    server's 401 says the key is not the server's and how to get a good token, naming no key or
+    path. A token made with `orchestrator token` where the server runs is accepted."""
+    server = servers.make(ORCHESTRATOR_ENGINE="false")
+    del server.env["SECRET_KEY"]  # the server generates and keeps its own key in its data dir
+    server.env.pop("ORCHESTRATOR_DATA_DIR")
+    server.start()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in server.env.items() if k != "DATABASE_URL"}
+    made = subprocess.run(
+        [sys.executable, "-c", GUIDE_SNIPPET], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    foreign = made.stdout.strip()
+    response = httpx.get(f"{server.url}/api/jobs", headers={"Authorization": f"Bearer {foreign}"})
+    assert response.status_code == 401
+    detail = response.json()["detail"]
+    assert "different key than this server's" in detail and "orchestrator token" in detail
+    assert "SECRET_KEY" in detail  # how to share the key, without showing it
+    server_key = (server.root / ".orchestrator" / "secret_key").read_text().strip()
+    other_key = (elsewhere / ".orchestrator" / "secret_key").read_text().strip()
+    for secret in (server_key, other_key, str(server.root), str(elsewhere), "secret_key"):
+        assert secret not in detail
+    good = subprocess.run(
+        [str(Path(sys.executable).parent / "orchestrator"), "token", "-s", "jobs:read"],
+        cwd=server.root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert good.returncode == 0, good.stderr
+    accepted = httpx.get(f"{server.url}/api/jobs", headers={"Authorization": f"Bearer {good.stdout.strip()}"})
+    assert accepted.status_code == 200, accepted.text
