@@ -43,8 +43,8 @@ def serve(
         if log_format.lower() not in ("text", "json"):
             raise CliError(f"--log-format must be text or json, not {log_format!r}")
         os.environ["ORCHESTRATOR_LOG_FORMAT"] = log_format.lower()
-    # Exported, not just passed to uvicorn: the engine builds the URL it gives workers from them,
-    # and --workers/--reload child processes inherit the environment.
+    # Exported, not just passed to uvicorn: --workers/--reload child processes inherit the
+    # environment. (Workers are handed the address of the socket the server really listens on.)
     if data_dir is not None:
         os.environ["ORCHESTRATOR_DATA_DIR"] = str(data_dir.resolve())
     if host is not None:

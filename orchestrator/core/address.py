@@ -57,7 +57,13 @@ def listening_sockets() -> list[Listener]:
             if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
                 continue
             # A duplicate descriptor: closing it leaves the server's socket alone.
-            with socket.socket(fileno=os.dup(int(name))) as sock:
+            duplicate = os.dup(int(name))
+            try:
+                sock = socket.socket(fileno=duplicate)
+            except OSError:
+                os.close(duplicate)
+                raise
+            with sock:
                 if sock.type != socket.SOCK_STREAM or sock.family not in (
                     socket.AF_INET,
                     socket.AF_INET6,

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
 
     @property
     def public_url(self) -> str:
+        """ORCHESTRATOR_PUBLIC_URL, else HOST:PORT. The API hands workers the address it really
+        listens on instead (core/address.py); this is for processes without a socket of their
+        own: `orchestrator engine`, the hint `make run` prints."""
         if self.orchestrator_public_url:
             return self.orchestrator_public_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
