@@ -141,4 +141,3 @@ async def wait_for_address(settings: Settings, patience: float = SOCKET_WAIT_SEC
             )
             return fallback
         await asyncio.sleep(SOCKET_POLL_SECONDS)
-
