@@ -7,9 +7,10 @@
 // Nothing re-renders on a timer. Rows are keyed by id and patched in place when a Server-Sent
 // Events stream (read with fetch(): EventSource cannot send the Authorization header) says
 // something changed, so an element a user is about to click stays attached:
-//   * the fleet:        GET /api/fleet/events?follow=true   (every job.status / worker.status)
-//   * the selected job: GET /api/jobs/{id}/events?follow=true (its timeline)
-//   * the log pane:     GET /api/supervisor/workers/{id}/logs?follow=true
+//   * the fleet:    GET /api/fleet/events?follow=true   (every job.status / worker.status; the
+//                   selected job's panel and timeline re-read what changed in its tree)
+//   * the log pane: GET /api/supervisor/workers/{id}/logs?follow=true
+// Two streams at most: a browser opens only six connections to a server, for all its tabs.
 "use strict";
 
 const TOKEN_KEY = "orchestrator.token";
@@ -18,9 +19,6 @@ const STATUSES = ["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELED"];
 const FINAL_JOB = new Set(["COMPLETED", "FAILED", "CANCELED"]);
 const FINAL_WORKER = new Set(["COMPLETED", "FAILED", "TERMINATED"]);
 const FILTER_KEYS = ["status", "depth", "agent", "repo", "after", "before", "q", "flat"];
-// The job stream also carries the subtree's log lines; the log pane has its own stream, so the
-// panel asks the job stream to start its log cursor past any id (it then sends events only).
-const NO_LOGS = "9007199254740991";
 
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY) || "",
@@ -29,7 +27,6 @@ const state = {
   workers: new Map(), // id -> worker of the selected job
   expanded: new Set(), // job ids whose children are shown in the list
   fleet: null, // AbortController of the fleet stream
-  jobStream: null,
   logStream: null,
   listToken: 0, // the newest list request (an older answer is dropped)
   panelToken: 0,
@@ -427,7 +424,10 @@ async function expand(li, { quiet = false } = {}) {
     const rows = list.jobs.reverse().map((job) => jobRow(job, level)); // oldest child first
     children.replaceChildren(...rows);
     li.dataset.loaded = "yes";
-    if (!rows.length) {
+    // Sub-jobs announced while the list was on its way (it may have been read before them).
+    for (const id of li.pendingChildren || []) if (!$(`li.job[data-job-id="${CSS.escape(id)}"]`, children)) insertChild(li, id);
+    delete li.pendingChildren;
+    if (!rows.length && !$(":scope > li.job", children)) {
       li.classList.add("leaf");
       li.removeAttribute("aria-expanded");
       if (toggle) toggle.textContent = "·";
@@ -531,13 +531,11 @@ function patchJobStatus(jobId, status, reason) {
 
 function onJobStatus(event) {
   loadCountsSoon();
-  const known = state.jobs.has(event.job_id);
-  if (known) {
-    patchJobStatus(event.job_id, event.to_status, event.reason);
-    if (event.job_id === state.panelJob) refreshPanelJob();
-    return;
-  }
-  if (event.from_status !== null) return; // a change of a job not on screen
+  patchJobStatus(event.job_id, event.to_status, event.reason); // wherever it is shown
+  if (event.job_id === state.panelJob) refreshPanelJob();
+  if (touchesPanel(event)) refreshTimelineSoon();
+  if (event.from_status !== null) return;
+  if ($(`#jobs li.job[data-job-id="${CSS.escape(event.job_id)}"]`)) return; // listed already
   // A new job: into its parent's open children, or on top of the first page of trees.
   if (event.parent_job_id) {
     for (const li of $$(`li.job[data-job-id="${CSS.escape(event.parent_job_id)}"]`)) {
@@ -546,6 +544,7 @@ function onJobStatus(event) {
       const toggle = $(":scope > .job-line .toggle", li);
       if (toggle && toggle.textContent === "·") toggle.textContent = $(":scope > ul.children", li).hidden ? "▸" : "▾";
       if (li.dataset.loaded === "yes") insertChild(li, event.job_id);
+      else if (li.dataset.loaded === "loading") (li.pendingChildren ||= []).push(event.job_id);
     }
     if (state.panelJob === event.parent_job_id) loadPanelChildren();
   } else if (!isFlat(state.view) && (state.view.page || "1") === "1" && !hasNarrowingFilter(state.view)) {
@@ -590,7 +589,8 @@ async function insertRoot(jobId) {
 
 function onWorkerStatus(event) {
   loadQuotasSoon();
-  if (event.job_id !== state.panelJob && !state.panelSubtree.has(event.job_id)) return;
+  if (!touchesPanel(event)) return;
+  refreshTimelineSoon();
   const worker = state.workers.get(event.worker_id);
   if (worker) {
     worker.status = event.to_status;
@@ -619,11 +619,10 @@ function section(title, ...content) {
 
 async function openPanel(jobId) {
   const token = ++state.panelToken;
-  if (state.jobStream) state.jobStream.abort();
-  state.jobStream = null;
   state.panelJob = jobId || null;
   state.workers.clear();
   state.panelSubtree = new Set();
+  state.timelineAfter = 0;
   markSelected();
   const panel = $("#panel");
   if (!jobId) {
@@ -684,7 +683,7 @@ function detailsOf(job) {
     ["Finished", shortTime(job.finished_at) || "—"],
     ["Took", job.started_at && job.finished_at ? `${((new Date(job.finished_at) - new Date(job.started_at)) / 1000).toFixed(1)} s` : "—"],
   ];
-  return h("dl", { id: "details", class: "details" }, rows.map(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))]));
+  return h("dl", { id: "details", class: "details" }, rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))]));
 }
 
 const refreshPanelJob = debounce(async () => {
@@ -855,32 +854,25 @@ function timelineItem(event) {
 }
 
 async function loadTimeline(jobId, token) {
-  let lastId = 0;
   try {
-    const events = await api(`/api/jobs/${enc(jobId)}/events?limit=1000`);
-    if (token !== state.panelToken) return;
+    const events = await api(`/api/jobs/${enc(jobId)}/events?after_id=${state.timelineAfter || 0}&limit=1000`);
+    if (token !== state.panelToken || jobId !== state.panelJob) return;
     const list = $("#timeline");
-    list.replaceChildren(...events.events.map(timelineItem));
-    lastId = events.events.length ? events.events.at(-1).id : 0;
+    if (!list) return;
+    for (const event of events.events) {
+      if (!$(`li[data-event-id="${event.id}"]`, list)) list.append(timelineItem(event));
+      state.timelineAfter = Math.max(state.timelineAfter || 0, event.id);
+    }
   } catch (error) {
     reportError("Loading events", error);
-    return;
   }
-  const controller = new AbortController();
-  state.jobStream = controller;
-  follow(`/api/jobs/${enc(jobId)}/events?follow=true`, controller, (message) => {
-    if (message.event === "log" || message.event === "end") return;
-    let event;
-    try {
-      event = JSON.parse(message.data);
-    } catch (_) {
-      return;
-    }
-    const list = $("#timeline");
-    if (!list || $(`li[data-event-id="${event.id}"]`, list)) return;
-    list.append(timelineItem(event));
-    if (event.kind === "job.status" && event.job_id !== jobId) loadPanelChildren();
-  }, { lastId: `e${lastId}-l${NO_LOGS}` });
+}
+// The fleet stream says when the panel's tree changed; the timeline then reads what is new.
+const refreshTimelineSoon = debounce(() => loadTimeline(state.panelJob, state.panelToken), 300);
+
+function touchesPanel(event) {
+  const jobId = event.job_id;
+  return Boolean(state.panelJob) && (jobId === state.panelJob || event.parent_job_id === state.panelJob || state.panelSubtree.has(jobId));
 }
 
 // --- the log pane ------------------------------------------------------------------------------
@@ -1091,8 +1083,8 @@ function onGlobalKey(event) {
 // --- start ------------------------------------------------------------------------------------------
 
 function stopStreams() {
-  for (const stream of [state.fleet, state.jobStream, state.logStream]) if (stream) stream.abort();
-  state.fleet = state.jobStream = state.logStream = null;
+  for (const stream of [state.fleet, state.logStream]) if (stream) stream.abort();
+  state.fleet = state.logStream = null;
 }
 
 function connect() {
@@ -1182,6 +1174,9 @@ function wire() {
     else if (action === "pause" || action === "resume") workerAction(workerId, action);
   });
   document.addEventListener("keydown", onGlobalKey);
+  // A browser opens few connections per server (6 over HTTP/1.1, across tabs): close the streams
+  // with the page rather than when the browser gets round to it.
+  window.addEventListener("pagehide", stopStreams);
   window.addEventListener("popstate", () => show(viewFromUrl()));
   connect();
 }
