@@ -48,10 +48,12 @@ class FieldInvalid(DomainError):
 
     status_code = 422
 
-    def __init__(self, field: str, message: str, value: object) -> None:
+    def __init__(self, field: str, message: str, value: object, *, location: str = "body") -> None:
         super().__init__(message)
         self.field = field
         self.value = value
+        self.location = location
 
     def as_detail(self) -> list[dict[str, object]]:
-        return [{"type": "value_error", "loc": ["body", self.field], "msg": self.detail, "input": self.value}]
+        loc = [self.location, self.field]
+        return [{"type": "value_error", "loc": loc, "msg": self.detail, "input": self.value}]

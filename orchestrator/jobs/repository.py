@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
 
-from sqlalchemy import func, select, text
+from sqlalchemy import ColumnElement, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.db.locking import is_postgres
@@ -27,27 +29,65 @@ async def get_job(session: AsyncSession, job_id: str) -> Job | None:
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
+@dataclass(frozen=True)
+class JobFilter:
+    """What the jobs list and its per-status counts are narrowed to (every field optional).
+
+    `q` matches a substring of the id or the task text, case-insensitively, with `%` and `_`
+    taken literally; `root_only` keeps the jobs with no parent, or for a subtree (a worker's
+    token) the subtree's own root, so a page holds whole trees."""
+
+    depth: int | None = None
+    status: str | None = None
+    parent_job_id: str | None = None
+    path_prefix: str | None = None
+    agent: str | None = None
+    repository: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    q: str | None = None
+    root_only: bool = False
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        conditions: list[ColumnElement[bool]] = []
+        if self.depth is not None:
+            conditions.append(Job.depth == self.depth)
+        if self.status is not None:
+            conditions.append(Job.status == self.status)
+        if self.parent_job_id is not None:
+            conditions.append(Job.parent_job_id == self.parent_job_id)
+        if self.path_prefix is not None:
+            conditions.append(Job.path.startswith(self.path_prefix, autoescape=True))
+        if self.agent is not None:
+            conditions.append(Job.agent == self.agent)
+        if self.repository is not None:
+            conditions.append(Job.repository == self.repository)
+        if self.created_after is not None:
+            conditions.append(Job.created_at >= self.created_after)
+        if self.created_before is not None:
+            conditions.append(Job.created_at < self.created_before)
+        if self.q:
+            conditions.append(
+                or_(
+                    Job.id.icontains(self.q, autoescape=True),
+                    Job.task_description.icontains(self.q, autoescape=True),
+                )
+            )
+        if self.root_only:
+            own_root = Job.path == self.path_prefix if self.path_prefix else Job.parent_job_id.is_(None)
+            conditions.append(own_root)
+        return conditions
+
+    def finds_nothing(self) -> bool:
+        return has_nul(self.status, self.parent_job_id, self.path_prefix, self.agent, self.repository, self.q)
+
+
 async def list_jobs(
-    session: AsyncSession,
-    *,
-    depth: int | None = None,
-    status: str | None = None,
-    parent_job_id: str | None = None,
-    path_prefix: str | None = None,
-    limit: int = 50,
-    offset: int = 0,
+    session: AsyncSession, where: JobFilter, *, limit: int = 50, offset: int = 0
 ) -> tuple[list[Job], int]:
-    if has_nul(status, parent_job_id, path_prefix):
+    if where.finds_nothing():
         return [], 0
-    conditions = []
-    if depth is not None:
-        conditions.append(Job.depth == depth)
-    if status is not None:
-        conditions.append(Job.status == status)
-    if parent_job_id is not None:
-        conditions.append(Job.parent_job_id == parent_job_id)
-    if path_prefix is not None:
-        conditions.append(Job.path.startswith(path_prefix, autoescape=True))
+    conditions = where.conditions()
     total = (await session.execute(select(func.count()).select_from(Job).where(*conditions))).scalar_one()
     stmt = (
         select(Job)
@@ -58,6 +98,15 @@ async def list_jobs(
         .execution_options(populate_existing=True)
     )
     return list((await session.execute(stmt)).scalars()), total
+
+
+async def count_by_status(session: AsyncSession, where: JobFilter) -> dict[str, int]:
+    """Jobs per status under `where` (its own status ignored: the counts are the status filter's choices)."""
+    if where.finds_nothing():
+        return {}
+    conditions = replace(where, status=None).conditions()
+    stmt = select(Job.status, func.count()).where(*conditions).group_by(Job.status)
+    return {str(status): int(count) for status, count in (await session.execute(stmt)).all()}
 
 
 async def lock_tree(session: AsyncSession, job: Job) -> bool:

@@ -94,6 +94,11 @@ class JobList(BaseModel):
     offset: int
 
 
+class JobCounts(BaseModel):
+    counts: dict[str, int] = Field(description="Jobs per status, every status present.")
+    total: int
+
+
 class EventOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import select
@@ -158,24 +159,27 @@ async def _workspace_for(
 
 
 async def list_jobs(
-    session: AsyncSession,
-    actor: Actor,
-    *,
-    depth: int | None,
-    status: JobStatus | None,
-    parent_job_id: str | None,
-    limit: int,
-    offset: int,
+    session: AsyncSession, actor: Actor, where: repo.JobFilter, *, limit: int, offset: int
 ) -> tuple[list[Job], int]:
-    return await repo.list_jobs(
-        session,
-        depth=depth,
-        status=status.value if status else None,
-        parent_job_id=parent_job_id,
-        path_prefix=actor.subtree_path,
-        limit=limit,
-        offset=offset,
-    )
+    return await repo.list_jobs(session, _visible(actor, where), limit=limit, offset=offset)
+
+
+async def count_jobs(session: AsyncSession, actor: Actor, where: repo.JobFilter) -> dict[str, int]:
+    """Visible jobs per status (every status present, zeros included) under `where`."""
+    counts = await repo.count_by_status(session, _visible(actor, where))
+    return {status.value: counts.get(status.value, 0) for status in JobStatus}
+
+
+def _visible(actor: Actor, where: repo.JobFilter) -> repo.JobFilter:
+    """Confine the filter to the actor's subtree; refuse a time range that cannot hold a job."""
+    if where.created_after and where.created_before and where.created_after >= where.created_before:
+        raise FieldInvalid(
+            "created_before",
+            "created_before must be later than created_after",
+            where.created_before.isoformat(),
+            location="query",
+        )
+    return replace(where, path_prefix=actor.subtree_path)
 
 
 async def cancel(session: AsyncSession, actor: Actor, job_id: str) -> Job:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, status
+from fastapi import APIRouter, Depends, Header, Query, Request, status
 from fastapi.responses import Response
+from pydantic import AfterValidator
 
 from orchestrator.api.deps import MAX_QUERY_INT, AgentsDep, JobsRead, JobsWrite, SessionDep, SettingsDep
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
 from orchestrator.api.routers import streams
 from orchestrator.core.states import JobStatus
 from orchestrator.jobs import service
-from orchestrator.jobs.schemas import EventList, EventOut, JobList, JobOut, JobSubmit, JobUsage
+from orchestrator.jobs.repository import JobFilter
+from orchestrator.jobs.schemas import EventList, EventOut, JobCounts, JobList, JobOut, JobSubmit, JobUsage
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -30,20 +33,69 @@ async def submit_job(
     return JobOut.model_validate(job)
 
 
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """A time without a zone is UTC, as every time the API returns is."""
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+Text = Annotated[str | None, AfterValidator(_no_nul)]
+Time = Annotated[datetime | None, AfterValidator(_utc)]
+
+
+def job_filter(
+    depth: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
+    status: JobStatus | None = None,
+    parent_job_id: Annotated[Text, Query(max_length=64)] = None,
+    agent: Annotated[Text, Query(max_length=64, description="Only jobs of this agent profile")] = None,
+    repository: Annotated[Text, Query(max_length=4096, description="Only jobs on this repository")] = None,
+    created_after: Annotated[Time, Query(description="Created at or after (UTC if no zone)")] = None,
+    created_before: Annotated[Time, Query(description="Created before this time (UTC if no zone)")] = None,
+    q: Annotated[
+        Text, Query(max_length=200, description="Search the ids and task texts (case-insensitive, literal)")
+    ] = None,
+    root_only: Annotated[
+        bool, Query(description="Only the roots of job trees (a worker token: its own job)")
+    ] = False,
+) -> JobFilter:
+    return JobFilter(
+        depth=depth,
+        status=status.value if status else None,
+        parent_job_id=parent_job_id,
+        agent=agent,
+        repository=repository,
+        created_after=created_after,
+        created_before=created_before,
+        q=q or None,
+        root_only=root_only,
+    )
+
+
+JobFilterDep = Annotated[JobFilter, Depends(job_filter)]
+
+
 @router.get("", response_model=JobList)
 async def list_jobs(
     actor: JobsRead,
     session: SessionDep,
-    depth: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
-    status: JobStatus | None = None,
-    parent_job_id: str | None = None,
+    where: JobFilterDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT)] = 0,
 ) -> JobList:
-    jobs, total = await service.list_jobs(
-        session, actor, depth=depth, status=status, parent_job_id=parent_job_id, limit=limit, offset=offset
-    )
+    jobs, total = await service.list_jobs(session, actor, where, limit=limit, offset=offset)
     return JobList(jobs=[JobOut.model_validate(j) for j in jobs], total=total, limit=limit, offset=offset)
+
+
+@router.get("/counts", response_model=JobCounts)
+async def count_jobs(actor: JobsRead, session: SessionDep, where: JobFilterDep) -> JobCounts:
+    """Jobs per status under the list's filters (its `status` ignored): the dashboard's counts."""
+    counts = await service.count_jobs(session, actor, where)
+    return JobCounts(counts=counts, total=sum(counts.values()))
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)

@@ -35,7 +35,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from orchestrator.core.config import get_settings
+from orchestrator.core.errors import BadRequest
 from orchestrator.core.states import JOB_FINAL, WORKER_FINAL, JobStatus, WorkerStatus
 from orchestrator.db import notify
 from orchestrator.db.models import Event, Job, Worker, WorkerLog
@@ -94,6 +95,16 @@ class Cursor:
     def parse(cls, raw: str | None, default: Cursor) -> Cursor:
         match = _CURSOR.match((raw or "").strip())
         return cls(int(match.group(1)), int(match.group(2))) if match else default
+
+    @classmethod
+    def parse_strict(cls, raw: str | None) -> Cursor | None:
+        """None without a header; 400 for one this server never sent."""
+        if raw is None or not raw.strip():
+            return None
+        cursor = cls.parse(raw, cls(-1, -1))
+        if cursor.event_id < 0 or cursor.event_id > 2**63 - 1 or cursor.log_id > 2**63 - 1:
+            raise BadRequest(f"Last-Event-ID {raw[:40]!r} is not a cursor of this stream (e<n>-l<n>)")
+        return cursor
 
 
 def parse_seq(raw: str | None) -> int | None:
@@ -235,6 +246,22 @@ async def stop_watcher(db: Database) -> None:
 async def _sleep(waiter: _Waiter, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(waiter.event.wait(), seconds)
+
+
+@contextlib.contextmanager
+def wakeups(db: Database) -> Iterator[_Waiter]:
+    """A waiter woken like the job and log streams' (for another stream, e.g. the fleet's)."""
+    waiter = _hub.add(db)
+    try:
+        yield waiter
+    finally:
+        _hub.remove(waiter)
+
+
+async def wait_for_change(waiter: _Waiter, horizon: Horizon) -> None:
+    """Sleep until something may have changed, as the job stream does between polls."""
+    idle = idle_poll_seconds()
+    await _sleep(waiter, min(idle, MAX_HORIZON_WAIT_SECONDS) if horizon.waiting else idle)
 
 
 # --- delivery horizon -----------------------------------------------------------------------
@@ -396,8 +423,7 @@ async def follow_job(db: Database, job: Job, cursor: Cursor) -> AsyncIterator[Se
             if not poll.more:
                 # Rows held back for open transactions: the mark moves when those end, and a stuck
                 # one stops holding them back after MAX_HORIZON_WAIT_SECONDS.
-                idle = idle_poll_seconds()
-                await _sleep(waiter, min(idle, MAX_HORIZON_WAIT_SECONDS) if horizon.waiting else idle)
+                await wait_for_change(waiter, horizon)
     finally:
         _hub.remove(waiter)
 
@@ -405,10 +431,10 @@ async def follow_job(db: Database, job: Job, cursor: Cursor) -> AsyncIterator[Se
 def job_event_stream(db: Database, job: Job, last_event_id: str | None, after_id: int) -> EventSourceResponse:
     """The response for `follow=true`; visibility was checked by the route."""
     cursor = Cursor.parse(last_event_id, Cursor(event_id=after_id))
-    return EventSourceResponse(follow_job(db, job, cursor), ping=ping_seconds(), headers=_NO_BUFFERING)
+    return EventSourceResponse(follow_job(db, job, cursor), ping=ping_seconds(), headers=NO_BUFFERING)
 
 
-_NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # --- one worker's log -----------------------------------------------------------------------
@@ -472,5 +498,5 @@ def worker_log_stream(
     return EventSourceResponse(
         follow_worker_log(db, worker.id, offset if next_seq is None else next_seq),
         ping=ping_seconds(),
-        headers=_NO_BUFFERING,
+        headers=NO_BUFFERING,
     )
