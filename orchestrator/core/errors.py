@@ -31,10 +31,6 @@ class Conflict(DomainError):
     status_code = 409
 
 
-class ServiceUnavailable(DomainError):
-    status_code = 503
-
-
 class InvalidTransition(BadRequest):
     """A state change the transition table does not allow, or that lost a race."""
 

@@ -5,7 +5,7 @@
 * Concurrent submits from several OS processes into a 2-process server: every accepted job is
   stored once, with its allocation and its one `submitted` event; nothing lost, nothing doubled.
 * With the engine on, concurrent submits queue behind the depth quota: exactly the quota runs.
-* A read session refuses to write; `/health` answers without the database, `/ready` does not.
+* A read session refuses to write; `/health` answers without the database.
 
 Runs on SQLite and on PostgreSQL (TEST_DATABASE).
 """
@@ -36,9 +36,9 @@ from tests.support.servers import (
     create_pg_database,
     drop_pg_database,
     server_factory,
-    test_database_kind,
     token,
 )
+from tests.support.servers import test_database_kind as database_kind
 from tests.support.wait import wait_until
 
 
@@ -116,12 +116,13 @@ def test_reads_answer_while_another_connection_holds_a_write_transaction(tmp_pat
     waited for the held lock (60 s busy timeout) and the client's 20 s deadline expired."""
     with server_factory(tmp_path) as servers:
         api = servers.start(ORCHESTRATOR_ENGINE="false")
-        with api.client(timeout=20.0) as client:
+        headers = {"Authorization": f"Bearer {token()}"}
+        with httpx.Client(base_url=api.url, headers=headers, timeout=20.0) as client:
             job = _submit(client, "held")
             with HeldWrite(servers.database_url(), job["id"]) as held:
                 assert held.error is None
                 assert client.get("/health").json()["status"] == "ok"
-                assert client.get("/ready").status_code == 200
+                assert client.get("/ready").json()["reason"] == "no engine has ever heartbeated"
                 listed = client.get("/api/jobs", params={"limit": 50})
                 assert listed.status_code == 200, listed.text
                 assert [j["id"] for j in listed.json()["jobs"]] == [job["id"]]
@@ -233,7 +234,7 @@ def test_concurrent_submits_queue_behind_the_quota(tmp_path: Path) -> None:
 
             wait_until(lambda: counts()["RUNNING"] == QUOTA, timeout=120, what=f"{QUOTA} jobs RUNNING")
             usage = next(r for r in client.get("/api/resources/usage").json()["usage"] if r["depth"] == 0)
-            assert usage["used"] == QUOTA, usage
+            assert usage["allocated"] == QUOTA, usage
             assert counts() == {"RUNNING": QUOTA, "PENDING": QUEUED - QUOTA}
             for job in jobs:
                 assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
@@ -279,7 +280,7 @@ async def test_a_read_session_refuses_to_write(settings: Settings) -> None:
         await database.dispose()
 
 
-@pytest.mark.skipif(test_database_kind() != "postgres", reason="drops the server's PostgreSQL database")
+@pytest.mark.skipif(database_kind() != "postgres", reason="drops the server's PostgreSQL database")
 def test_health_is_liveness_and_ready_checks_the_database(tmp_path: Path) -> None:
     """With its database gone, the API is still alive (/health 200) but not ready (/ready 503)."""
     url = create_pg_database()
@@ -287,13 +288,13 @@ def test_health_is_liveness_and_ready_checks_the_database(tmp_path: Path) -> Non
         with server_factory(tmp_path) as servers:
             servers._database_url = url  # the factory must not drop it: this test does
             api: Server = servers.start(ORCHESTRATOR_ENGINE="false")
-            assert httpx.get(f"{api.url}/ready").status_code == 200
+            assert httpx.get(f"{api.url}/ready").json()["reason"] == "no engine has ever heartbeated"
             drop_pg_database(url)
             health = httpx.get(f"{api.url}/health", timeout=20)
             assert health.status_code == 200 and health.json()["status"] == "ok"
             ready = httpx.get(f"{api.url}/ready", timeout=20)
             assert ready.status_code == 503
-            assert ready.json()["detail"].startswith("Database unavailable")
+            assert ready.json()["reason"].startswith("database unreachable")
             api.stop()
             servers.servers.clear()  # its log has the expected connection errors
     finally:
