@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import func, select, text
+from sqlalchemy import ColumnElement, Select, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.db.locking import is_postgres
@@ -39,7 +39,7 @@ async def list_jobs(
 ) -> tuple[list[Job], int]:
     if has_nul(status, parent_job_id, path_prefix):
         return [], 0
-    conditions = []
+    conditions: list[ColumnElement[bool]] = []
     if depth is not None:
         conditions.append(Job.depth == depth)
     if status is not None:
@@ -49,15 +49,13 @@ async def list_jobs(
     if path_prefix is not None:
         conditions.append(Job.path.startswith(path_prefix, autoescape=True))
     total = (await session.execute(select(func.count()).select_from(Job).where(*conditions))).scalar_one()
-    stmt = (
-        select(Job)
-        .where(*conditions)
-        .order_by(Job.created_at.desc(), Job.id.desc())
-        .limit(limit)
-        .offset(offset)
-        .execution_options(populate_existing=True)
-    )
+    stmt = listing(*conditions).limit(limit).offset(offset).execution_options(populate_existing=True)
     return list((await session.execute(stmt)).scalars()), total
+
+
+def listing(*conditions: ColumnElement[bool]) -> Select[Job]:
+    """Jobs newest first: a backward walk of ix_jobs_created_order, not a sort of the table."""
+    return select(Job).where(*conditions).order_by(Job.created_at.desc(), Job.id.desc())
 
 
 async def lock_tree(session: AsyncSession, job: Job) -> bool:
