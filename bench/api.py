@@ -3,6 +3,11 @@ here and in docs/BENCHMARKS.md, never in tests).
 
     .venv/bin/python bench/api.py [--seconds 5] [--connections 32] [--databases sqlite,postgres]
                                   [--processes 1,2,4] [--engine off,on] [--seed 100000]
+                                  [--compare DIR] [--list-connections 32,4]
+
+`--compare DIR`: DIR holds another version's `orchestrator` package (e.g. `git archive <commit>
+orchestrator | tar -x -C DIR`); every configuration is then measured with it too, right after
+this checkout's, so the two columns share the machine's load of the moment.
 
 Needs `wrk` (Debian package; `make bench-api` installs it). For each database, number of
 processes and engine setting, a real `uvicorn orchestrator.api.main:app` is started and measured:
@@ -179,13 +184,19 @@ def measure(
     engine: bool,
     args: argparse.Namespace,
     results: list[dict[str, object]],
+    code: Path | None = None,
 ) -> None:
+    """One configuration, on this checkout's code or (`code`) on another version's."""
     os.environ["TEST_DATABASE"] = database
     root.mkdir(parents=True)
     extra = {"ORCHESTRATOR_ENGINE": "true" if engine else "false"}
     if engine:
         extra |= {"ORCHESTRATOR_AGENTS_FILE": profiles(root), "ORCHESTRATOR_DEFAULT_AGENT": "sleep"}
-    label = f"{database:8} {processes}p engine {'on ' if engine else 'off'}"
+    if code is not None:
+        extra["PYTHONPATH"] = str(code)
+    label = (
+        f"{'compared' if code else 'this':8} {database:8} {processes}p engine {'on ' if engine else 'off'}"
+    )
     with server_factory(root) as servers:
         api = servers.start(workers=processes, **extra)
         auth = f"Authorization: Bearer {token()}"
@@ -204,16 +215,20 @@ def measure(
         print(f"{label}  POST /api/jobs/submit {submit.row()}  stored {stored}, 2xx {accepted}", flush=True)
 
         seed_jobs(servers.database_url(), args.seed)
-        listing = wrk(f"{api.url}/api/jobs?limit=50", args.seconds, args.connections, header=auth)
-        print(f"{label}  GET /api/jobs?limit=50 {listing.row()}  ({args.seed} jobs seeded)", flush=True)
+        listings = {}
+        for connections in (int(c) for c in args.list_connections.split(",")):
+            listing = wrk(f"{api.url}/api/jobs?limit=50", args.seconds, connections, header=auth)
+            listings[connections] = vars(listing)
+            print(f"{label}  GET /api/jobs?limit=50 {listing.row()}  ({connections} connections)", flush=True)
         results.append(
             {
+                "code": str(code) if code else "this",
                 "database": database,
                 "processes": processes,
                 "engine": engine,
                 "health": vars(health),
                 "submit": vars(submit) | {"stored": stored, "accepted": accepted},
-                "list": vars(listing),
+                "list": listings,
             }
         )
 
@@ -228,6 +243,8 @@ def main() -> None:
     parser.add_argument("--processes", default="1,2,4")
     parser.add_argument("--engine", default="off,on")
     parser.add_argument("--seed", type=int, default=100_000)
+    parser.add_argument("--list-connections", default="32,4")
+    parser.add_argument("--compare", type=Path, help="another version's orchestrator package's parent")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -244,15 +261,29 @@ def main() -> None:
         finally:
             bare.stop()
         results.append({"bare_fastapi": vars(base)})
-        for database in args.databases.split(","):
-            for processes in (int(p) for p in args.processes.split(",")):
-                for engine in args.engine.split(","):
-                    run = root / f"{database}-{processes}-{engine}-{time.monotonic_ns()}"
-                    measure(run, database, processes, engine == "on", args, results)
+        measure_databases(root, args, results)
+        bare = bare_fastapi(root / "bare-again", 1)
+        try:
+            again = wrk(f"{bare.url}/health", args.seconds, args.connections)
+            print(
+                f"bare FastAPI 1p       GET /health          {again.row()}  (again, at the end)", flush=True
+            )
+        finally:
+            bare.stop()
+        results.append({"bare_fastapi_at_end": vars(again)})
     with open("/proc/loadavg") as handle:
         print(f"load average at end: {handle.read().split()[:3]}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def measure_databases(root: Path, args: argparse.Namespace, results: list[dict[str, object]]) -> None:
+    for database in args.databases.split(","):
+        for processes in (int(p) for p in args.processes.split(",")):
+            for engine in args.engine.split(","):
+                for code in [None, args.compare] if args.compare else [None]:
+                    run = root / f"{database}-{processes}-{engine}-{time.monotonic_ns()}"
+                    measure(run, database, processes, engine == "on", args, results, code)
 
 
 if __name__ == "__main__":
