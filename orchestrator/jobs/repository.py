@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, select, text
+from sqlalchemy import ColumnElement, Row, Select, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.db.locking import is_postgres
@@ -36,7 +37,8 @@ async def list_jobs(
     path_prefix: str | None = None,
     limit: int = 50,
     offset: int = 0,
-) -> tuple[list[Job], int]:
+) -> tuple[list[Row[Any]], int]:
+    """A page of jobs (rows with a job's attributes) and how many match in all."""
     if has_nul(status, parent_job_id, path_prefix):
         return [], 0
     conditions: list[ColumnElement[bool]] = []
@@ -49,13 +51,17 @@ async def list_jobs(
     if path_prefix is not None:
         conditions.append(Job.path.startswith(path_prefix, autoescape=True))
     total = (await session.execute(select(func.count()).select_from(Job).where(*conditions))).scalar_one()
-    stmt = listing(*conditions).limit(limit).offset(offset).execution_options(populate_existing=True)
-    return list((await session.execute(stmt)).scalars()), total
+    rows = (await session.execute(listing(*conditions).limit(limit).offset(offset))).all()
+    return list(rows), total
 
 
-def listing(*conditions: ColumnElement[bool]) -> Select[Job]:
-    """Jobs newest first: a backward walk of ix_jobs_created_order, not a sort of the table."""
-    return select(Job).where(*conditions).order_by(Job.created_at.desc(), Job.id.desc())
+def listing(*conditions: ColumnElement[bool]) -> Select[Any]:
+    """Jobs newest first: a backward walk of ix_jobs_created_order, not a sort of the table.
+
+    Rows of the table's columns, not ORM objects: a page is read to be serialised, and building
+    50 identity-mapped instances cost more than the query and the serialisation together."""
+    table = Job.__table__
+    return select(*table.columns).where(*conditions).order_by(table.c.created_at.desc(), table.c.id.desc())
 
 
 async def lock_tree(session: AsyncSession, job: Job) -> bool:

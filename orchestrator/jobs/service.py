@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import Row, bindparam, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.auth import Actor
@@ -235,7 +235,7 @@ async def list_jobs(
     parent_job_id: str | None,
     limit: int,
     offset: int,
-) -> tuple[list[Job], int]:
+) -> tuple[list[Row[Any]], int]:
     return await repo.list_jobs(
         session,
         depth=depth,
