@@ -198,7 +198,7 @@ def measure(
         f"{'compared' if code else 'this':8} {database:8} {processes}p engine {'on ' if engine else 'off'}"
     )
     with server_factory(root) as servers:
-        api = servers.start(workers=processes, **extra)
+        api = servers.make(workers=processes, **extra).start(timeout=120)  # slow to start under load
         auth = f"Authorization: Bearer {token()}"
         script = root / "submit.lua"
         script.write_text(SUBMIT_LUA % token())
