@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: run test install install-dev lint typecheck unit integration integration-pg openapi bench clean
+.PHONY: run test install install-dev lint typecheck unit integration integration-pg openapi bench bench-api wrk clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ openapi: install
 
 bench: install-dev
 	$(BIN)/python bench/engine.py
+
+## wrk, the native load generator bench/api.py drives (Debian package).
+wrk:
+	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
+
+bench-api: install-dev wrk
+	$(BIN)/python bench/api.py
 
 clean:
 	rm -rf $(VENV) .orchestrator .pytest_cache .mypy_cache .ruff_cache htmlcov

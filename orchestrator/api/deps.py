@@ -1,4 +1,9 @@
-"""Typed dependencies: the database session (one transaction per request) and the caller."""
+"""Typed dependencies: the database session (one transaction per request) and the caller.
+
+A GET (or HEAD) request reads: its session is a read session (`Database.read_session`), which on
+SQLite never takes the write lock and is not queued behind this process's writers. Every other
+method gets a unit of work that may write.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityS
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.agents.registry import AgentRegistry
-from orchestrator.core.auth import Actor, Scope, decode_access_token
+from orchestrator.core.auth import Actor, Scope, verify_access_token
 from orchestrator.core.config import Settings
 from orchestrator.core.errors import Forbidden, Unauthorized
 from orchestrator.core.states import WORKER_LIVE
@@ -29,24 +34,33 @@ bearer_scheme = HTTPBearer(
 )
 
 
-def get_settings_dep(request: Request) -> Settings:
+# Every dependency is `async def`: FastAPI runs a plain `def` dependency in a worker thread, a
+# thread hop per dependency per request for what is an attribute lookup.
+
+
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     database: Database = request.app.state.db
     return database
 
 
-def get_agents(request: Request) -> AgentRegistry:
+async def get_agents(request: Request) -> AgentRegistry:
     agents: AgentRegistry = request.app.state.agents
     return agents
 
 
-async def get_session(database: Annotated[Database, Depends(get_database)]) -> AsyncIterator[AsyncSession]:
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """The request's transaction: committed when the endpoint returns, before the response is sent."""
-    async with database.session() as session:
+    database: Database = request.app.state.db
+    opened = database.read_session() if request.method in READ_METHODS else database.session()
+    async with opened as session:
         yield session
 
 
@@ -62,7 +76,7 @@ async def authenticate(
 ) -> Actor:
     if credentials is None:
         raise Unauthorized("Not authenticated: send 'Authorization: Bearer <token>'")
-    claims = decode_access_token(credentials.credentials)
+    claims = verify_access_token(credentials.credentials)
     missing = [scope for scope in security_scopes.scopes if scope not in claims.scopes]
     if missing:
         raise Forbidden(f"Insufficient scope: this operation requires {', '.join(missing)}")

@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -159,21 +160,40 @@ def route_template(scope: Scope) -> str:
 
 
 class ObservabilityMiddleware:
-    """Request id in, request id out, one latency sample per request."""
+    """Request id in, request id out, one latency sample per request.
+
+    What is constant is looked up once: the metrics directory on the first request (the app's
+    settings are known by then), each (method, route, status) histogram child on its first use.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._metrics: RequestMetrics | None = None
+        self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
+
+    def _observer(self, scope: Scope, status: int) -> Callable[[float], None] | None:
+        key = (scope["method"], route_template(scope), status)
+        observer = self._observers.get(key)
+        if observer is None:
+            if self._metrics is None:
+                settings = getattr(getattr(scope.get("app"), "state", None), "settings", None)
+                if settings is None:
+                    return None
+                self._metrics = request_metrics(settings.data_dir)
+            observer = self._metrics.latency.labels(key[0], key[1], str(status)).observe
+            self._observers[key] = observer
+        return observer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         incoming = ""
-        for name, value in scope.get("headers", []):
+        for name, value in scope["headers"]:
             if name == b"x-request-id":
                 incoming = value.decode("latin-1").strip()
                 break
-        request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if incoming and _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         recorded = False
@@ -183,23 +203,18 @@ class ObservabilityMiddleware:
             if recorded:
                 return
             recorded = True
-            app = scope.get("app")
-            settings = getattr(getattr(app, "state", None), "settings", None)
-            if settings is None:
-                return
             try:
-                request_metrics(settings.data_dir).observe(
-                    scope["method"], route_template(scope), status, time.perf_counter() - started
-                )
+                observer = self._observer(scope, status)
+                if observer is not None:
+                    observer(time.perf_counter() - started)
             except OSError:  # metrics must never break a request
                 logging.getLogger(__name__).warning("could not record request metrics", exc_info=True)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
-                message["headers"] = headers
-                record(int(message["status"]))
+                header = (b"x-request-id", request_id.encode("latin-1"))
+                message["headers"] = [*message.get("headers", ()), header]
+                record(message["status"])
             await send(message)
 
         try:

@@ -6,6 +6,7 @@ the job whose subtree it may act on; the API checks those claims on every reques
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -13,7 +14,7 @@ from typing import Any
 
 import jwt
 
-from orchestrator.core.config import get_settings
+from orchestrator.core.config import Settings, get_settings
 from orchestrator.core.errors import Unauthorized
 
 
@@ -126,6 +127,33 @@ def decode_access_token(token: str) -> TokenClaims:
         job_id=payload.get("jid"),
         raw=payload,
     )
+
+
+# Verified tokens by their text: agents send the same token on every call, and verifying it again
+# (HMAC, JSON, claims checks, the stored key's file when SECRET_KEY is unset) is most of the CPU
+# of a small authenticated request. An entry is used only with the same Settings object (a new
+# key means a new Settings), only before the token's own expiry, and for at most a minute.
+_VERIFIED: dict[str, tuple[Settings, float, TokenClaims]] = {}
+_VERIFIED_MAX = 4096
+_VERIFIED_SECONDS = 60.0
+
+
+def verify_access_token(token: str) -> TokenClaims:
+    """`decode_access_token`, remembered for a while per token (see _VERIFIED)."""
+    settings = get_settings()
+    now = time.time()
+    hit = _VERIFIED.get(token)
+    if hit is not None and hit[0] is settings and now < hit[1]:
+        return hit[2]
+    claims = decode_access_token(token)
+    exp = claims.raw.get("exp")
+    until = now + _VERIFIED_SECONDS
+    if isinstance(exp, int | float):
+        until = min(until, float(exp))
+    if len(_VERIFIED) >= _VERIFIED_MAX:
+        _VERIFIED.clear()
+    _VERIFIED[token] = (settings, until, claims)
+    return claims
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def _write_pending_events(session: Session) -> None:
     if not rows:
         return
     connection = session.connection()
-    if connection.dialect.name == "postgresql":
+    if connection.dialect.name == "postgresql" and not session.info.get("has_xid"):
         # Take a transaction id before the sequence values: see db/session.py (live streams).
         connection.exec_driver_sql("SELECT pg_current_xact_id()")
     fast.execute_many_sync(connection, _INSERT_EVENTS, rows)

@@ -1,8 +1,8 @@
 """Row locks where the database has them.
 
 On PostgreSQL a row read to be changed later in the same transaction is read `FOR UPDATE`. On
-SQLite every transaction starts with BEGIN IMMEDIATE and so already excludes every other writer:
-the same read needs no lock clause (and SQLite has none).
+SQLite every transaction that may write (`Database.session`) starts with BEGIN IMMEDIATE and so
+already excludes every other writer: the same read needs no lock clause (and SQLite has none).
 """
 
 from __future__ import annotations

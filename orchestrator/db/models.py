@@ -137,6 +137,8 @@ class Job(Base):
 # Claiming reads PENDING jobs of a depth by priority (highest first), then age: with `priority`
 # descending in the index that is a walk of its first rows, not a sort of every PENDING job.
 Index("ix_jobs_pending_order", Job.status, Job.depth, Job.priority.desc(), Job.created_at)
+# GET /api/jobs lists newest first: a backward walk of this index, not a sort of every job.
+Index("ix_jobs_created_order", Job.created_at, Job.id)
 
 
 class Worker(Base):

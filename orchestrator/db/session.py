@@ -20,6 +20,9 @@ from orchestrator.db.sqlite_inline import inline_connector
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
+# Execution option of the engine that read sessions use: their transactions are deferred.
+READ_ONLY = "orchestrator_read_only"
+
 
 def make_engine(settings: Settings) -> AsyncEngine:
     url = settings.async_database_url
@@ -38,13 +41,17 @@ def make_engine(settings: Settings) -> AsyncEngine:
         )
         _tune_sqlite(engine)
         return engine
+    # pool_pre_ping costs a round trip per checkout, but without it the first request on each
+    # connection a restarted server dropped fails: a restarted database must lose no request.
     return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
 
 def _tune_sqlite(engine: AsyncEngine) -> None:
-    """WAL for concurrent readers; BEGIN IMMEDIATE so writers queue for the lock (in a thread:
-    see sqlite_inline) instead of failing with 'database is locked' when a read transaction
-    tries to upgrade."""
+    """WAL for concurrent readers; BEGIN IMMEDIATE for units of work that write, so writers queue
+    for the lock (in a thread: see sqlite_inline) instead of failing with 'database is locked'
+    when a read transaction tries to upgrade. Read sessions (`Database.read_session`) begin
+    DEFERRED: on WAL they read a snapshot and never touch the write lock, so no read waits for a
+    writer, in this process or another."""
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -57,7 +64,29 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+
+
+class ReadOnlySessionError(RuntimeError):
+    """A read session was asked to write: a bug in the caller, which must use `Database.session`."""
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _reads_only(state: ORMExecuteState) -> None:
+    if state.session.info.get(READ_ONLY) and (state.is_insert or state.is_update or state.is_delete):
+        raise ReadOnlySessionError(f"a read session cannot run {state.statement.__class__.__name__}")
+
+
+@event.listens_for(Session, "before_flush")
+def _flushes_nothing(session: Session, _context: object, _instances: object) -> None:
+    if session.info.get(READ_ONLY) and (session.new or session.dirty or session.deleted):
+        raise ReadOnlySessionError("a read session cannot write rows")
+
+
+@event.listens_for(Session, "before_commit", insert=True)  # before db.events writes its rows
+def _commits_nothing(session: Session) -> None:
+    if session.info.get(READ_ONLY) and (session.info.get("pending_events") or session.info.get("notify")):
+        raise ReadOnlySessionError("a read session cannot record events or notifications")
 
 
 @event.listens_for(Session, "do_orm_execute")
@@ -106,6 +135,14 @@ class Database:
         # No autoflush: services flush where they need to, and the event rows a transaction adds
         # then go out as one multi-row INSERT at commit instead of one round trip each.
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        # Read sessions share the pool; their connections begin deferred on SQLite (see
+        # _tune_sqlite), and they are not queued behind this process's writers.
+        self.read_sessionmaker = async_sessionmaker(
+            self.engine.execution_options(**{READ_ONLY: True}),
+            expire_on_commit=False,
+            autoflush=False,
+            info={READ_ONLY: True},
+        )
         # SQLite has one writer at a time. Queue this process's transactions here, in order, rather
         # than letting them poll the file lock (SQLite's busy handler sleeps up to 100 ms a try).
         self._write_lock: asyncio.Lock | None = None if self.is_postgres else asyncio.Lock()
@@ -116,8 +153,16 @@ class Database:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        """One transaction: committed when the block ends, rolled back on error."""
+        """One unit of work that may write: committed when the block ends, rolled back on error.
+        On SQLite it holds the database's write lock from its first statement to its end."""
         async with self._serialized(), self.sessionmaker() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def read_session(self) -> AsyncIterator[AsyncSession]:
+        """One read-only transaction (a consistent snapshot) that never takes or waits for the
+        write lock. Any write through it raises ReadOnlySessionError."""
+        async with self.read_sessionmaker() as session, session.begin():
             yield session
 
     def _serialized(self) -> contextlib.AbstractAsyncContextManager[object]:

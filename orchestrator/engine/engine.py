@@ -737,7 +737,7 @@ class Engine:
         in_repository = [p.worker_id for p in batch if p.extra.get("repository") is not False]
         workers: dict[str, Worker] = {}
         if in_repository:
-            async with self.db.session() as session:
+            async with self.db.read_session() as session:
                 workers = await queries.workers_by_id(session, in_repository)
         return [(proc, await self._collect_outcome(proc, workers.get(proc.worker_id))) for proc in batch]
 
@@ -758,7 +758,7 @@ class Engine:
             patch["api_retry"] = proc.extra["agent_api_retry"]
         if worker is not None and worker.branch and worker.workdir:
             job_repo = None
-            async with self.db.session() as session:
+            async with self.db.read_session() as session:
                 job = await session.get(Job, worker.job_id)
                 job_repo = job.repository if job else None
             try:

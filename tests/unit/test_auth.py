@@ -13,10 +13,17 @@ import httpx
 import jwt
 import pytest
 
-from orchestrator.core.auth import ALL_SCOPES, create_access_token, decode_access_token, effective_scopes
+from orchestrator.core.auth import (
+    ALL_SCOPES,
+    create_access_token,
+    decode_access_token,
+    effective_scopes,
+    verify_access_token,
+)
 from orchestrator.core.config import get_settings
 from orchestrator.core.errors import Unauthorized
 from tests.support.servers import TEST_SECRET_KEY, ServerFactory
+from tests.support.wait import wait_until
 
 
 def test_secret_comes_from_the_environment() -> None:
@@ -178,3 +185,33 @@ def test_a_token_signed_elsewhere_gets_a_401_that_says_the_key_differs(
     assert good.returncode == 0, good.stderr
     accepted = httpx.get(f"{server.url}/api/jobs", headers={"Authorization": f"Bearer {good.stdout.strip()}"})
     assert accepted.status_code == 200, accepted.text
+
+
+def test_a_remembered_token_still_expires() -> None:
+    """verify_access_token remembers a verified token, but never past the token's own expiry."""
+    token = create_access_token(user_id="brief", scopes=["jobs:read"], expires_delta=timedelta(seconds=2))
+    assert verify_access_token(token).user_id == "brief"  # verified and remembered
+    assert verify_access_token(token).user_id == "brief"  # from memory
+
+    def expired() -> bool:
+        try:
+            verify_access_token(token)
+        except Unauthorized as exc:
+            return str(exc) == "Token has expired"
+        return False
+
+    wait_until(expired, timeout=30, interval=0.2, what="the remembered token to expire")
+
+
+def test_a_remembered_token_is_not_trusted_under_another_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    token = create_access_token(user_id="alice", scopes=["jobs:read"])
+    assert verify_access_token(token).user_id == "alice"
+    monkeypatch.setenv("SECRET_KEY", "another-key-entirely-0123456789abcdefghij")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(Unauthorized, match="Signature verification failed"):
+            verify_access_token(token)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert verify_access_token(token).user_id == "alice"

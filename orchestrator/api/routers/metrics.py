@@ -211,7 +211,7 @@ async def metrics(request: Request) -> Response:
     started = time.perf_counter()
     settings: Settings = request.app.state.settings
     database: Database = request.app.state.db
-    async with database.session() as session:
+    async with database.read_session() as session:
         families = await collect_database_metrics(session, settings)
     scrape = GaugeMetricFamily(
         "orchestrator_metrics_scrape_seconds", "Time this scrape spent in the database"
@@ -235,7 +235,7 @@ async def ready(request: Request) -> JSONResponse:
     if database is None:
         return JSONResponse({"status": "unavailable", "reason": "starting up"}, status_code=503)
     try:
-        async with database.session() as session:
+        async with database.read_session() as session:
             await session.execute(text("SELECT 1"))
             newest = (await session.execute(select(func.max(EngineRecord.heartbeat_at)))).scalar_one_or_none()
     except Exception as exc:

@@ -181,7 +181,7 @@ class _WakeHub:
             while any(waiter.db is db for waiter in self.waiters):
                 mark: ChangeMark | None = None
                 try:
-                    async with db.session() as session:
+                    async with db.read_session() as session:
                         mark = await ChangeMark.read(session, db.is_postgres)
                 except Exception as exc:  # the streams poll and meet the error themselves
                     log.warning("reading the change mark failed: %s", exc)
@@ -412,7 +412,7 @@ async def follow_job(db: Database, job: Job, cursor: Cursor) -> AsyncIterator[Se
     try:
         while True:
             waiter.event.clear()
-            async with db.session() as session:
+            async with db.read_session() as session:
                 poll = await _poll_job(session, root_id, path, cursor, horizon)
             for message in poll.messages:
                 yield message
@@ -457,7 +457,7 @@ async def follow_worker_log(db: Database, worker_id: str, next_seq: int) -> Asyn
     try:
         while True:
             waiter.event.clear()
-            async with db.session() as session:
+            async with db.read_session() as session:
                 worker = await workers_repo.get_worker(session, worker_id)
                 if worker is None:  # deleted meanwhile (garbage collection)
                     return
