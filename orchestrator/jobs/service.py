@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -24,6 +25,7 @@ from orchestrator.jobs.schemas import JobSubmit, JobUsage, WorkerUsageOut
 from orchestrator.resources.service import release_unbound
 from orchestrator.workers import repository as workers_repo
 from orchestrator.workers.service import request_stop
+from orchestrator.workspaces import refs
 from orchestrator.workspaces.git import resolve_repository
 
 JOBS_TOPIC = "jobs"
@@ -97,6 +99,8 @@ async def submit(
         delegating = await workers_repo.get_worker(session, actor.worker_id)
         if delegating is not None and delegating.branch:
             base_ref = delegating.branch
+    if base_ref is not None:
+        await _check_base_ref(session, actor, repository, base_ref)
 
     job_id = new_job_id()
     workspace_id = await _workspace_for(session, parent, repository, job_id)
@@ -139,6 +143,20 @@ async def submit(
     await session.flush()
     await notify(session, JOBS_TOPIC)
     return job
+
+
+async def _check_base_ref(session: AsyncSession, actor: Actor, repository: str | None, base_ref: str) -> None:
+    """base_ref must resolve in the repository (400); a worker may name only its own subtree's
+    orchestrator branches (403). The engine checks again when the worker starts."""
+    if repository is None:
+        raise FieldInvalid("base_ref", "base_ref needs a repository (none given or inherited)", base_ref)
+
+    async def path_of(job_id: str) -> str | None:
+        job = await repo.get_job(session, job_id)
+        return job.path if job is not None else None
+
+    subtree = actor.subtree_path if actor.is_worker else None
+    await refs.resolve_checked(Path(repository), base_ref, subtree=subtree, path_of=path_of)
 
 
 async def _workspace_for(
