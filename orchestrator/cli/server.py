@@ -105,10 +105,14 @@ async def _run_engine() -> None:
 
     from orchestrator.agents.registry import AgentRegistry
     from orchestrator.bootstrap import prepare_database
+    from orchestrator.core.datadir import secure_data_dir
+    from orchestrator.core.logsafe import install_log_escaping
     from orchestrator.db.session import Database
     from orchestrator.engine.engine import Engine
 
     settings = _settings()
+    install_log_escaping()
+    secure_data_dir(settings.data_dir, settings.sqlite_file)
     settings.signing_key()
     database = Database(settings)
     try:

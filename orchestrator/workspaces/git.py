@@ -86,10 +86,12 @@ def resolve_repository(settings: Settings, repository: str) -> Path:
     if not (path / ".git").exists():
         raise BadRequest(f"Repository {path} is not a git repository (no .git)")
     try:
-        top, git_dir, common_dir = run_git(
-            "rev-parse", "--show-toplevel", "--absolute-git-dir", "--git-common-dir", cwd=path, timeout=30
-        ).splitlines()
-    except (GitError, ValueError) as exc:
+        # One call each: a path may contain a newline.
+        top, git_dir, common_dir = (
+            run_git("rev-parse", option, cwd=path, timeout=30)
+            for option in ("--show-toplevel", "--absolute-git-dir", "--git-common-dir")
+        )
+    except GitError as exc:
         raise BadRequest(f"Repository {path} is not a usable git work tree: {str(exc)[-300:]}") from exc
     if Path(top).resolve() != path:
         raise BadRequest(f"Repository {path} is not the top level of its git work tree ({top})")
