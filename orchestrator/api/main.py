@@ -22,7 +22,6 @@ from orchestrator.api.routers.streams import stop_watcher as stop_stream_watcher
 from orchestrator.bootstrap import prepare_database
 from orchestrator.core.auth import SCOPE_DESCRIPTIONS
 from orchestrator.core.config import Settings, get_settings
-from orchestrator.core.datadir import secure_data_dir
 from orchestrator.core.logsafe import install_log_escaping
 from orchestrator.db.session import Database
 from orchestrator.mcp.http import McpOverHttp
@@ -64,10 +63,9 @@ def check_startup_settings(settings: Settings) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     check_startup_settings(settings)
-    secure_data_dir(settings.data_dir, settings.sqlite_file)  # before any file is made
-    settings.signing_key()  # create the stored key now, not racing in the first request
     database = Database(settings)
-    await prepare_database(database, settings)
+    await prepare_database(database, settings)  # first: it makes the data dir private
+    settings.signing_key()  # create the stored key now, not racing in the first request
     app.state.db = database
     app.state.agents = AgentRegistry.from_settings(settings)
     engine = None

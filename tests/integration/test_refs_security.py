@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
 from tests.integration.test_engine_workspaces_tokens import git, make_repo
-from tests.support.servers import ServerFactory
+from tests.support.servers import Server, ServerFactory
 from tests.support.wait import wait_until
 
 # Worker A: tries every spelling of worker B's branch as a child's base_ref, then its own branch,
@@ -277,3 +277,106 @@ def test_repository_swapped_after_submit_is_checked_again_before_worktree_add(
     assert "could not start" in log, log
     assert not any(line.startswith(FORGED) for line in log.splitlines()), log
     assert f"evil\\n{FORGED}" in log
+
+
+# --- base_ref at submit ------------------------------------------------------------------
+
+
+MALFORMED_REFS = [
+    "-x",
+    "--upload-pack=touch /tmp/pwned",
+    "main..other",
+    "main\nINFO forged line",
+    "main\r",
+    "a\u2028b",
+    "HEAD~1",
+    "a b",
+    "a:b",
+    "refs/heads/.hidden",
+    "x.lock",
+    "@",
+    "main@{1}",
+    "/main",
+    "",
+]
+
+
+def test_malformed_base_ref_is_422_at_submit(server: Server) -> None:
+    (server.root / "r").mkdir()
+    repo = make_repo(server.root / "r")
+    with server.client() as client:
+        for ref in MALFORMED_REFS:
+            response = client.post(
+                "/api/jobs/submit", json={"task_description": "x", "repository": str(repo), "base_ref": ref}
+            )
+            assert response.status_code == 422, (ref, response.text)
+            (error,) = response.json()["detail"]
+            assert error["loc"] == ["body", "base_ref"], error
+        assert client.get("/api/jobs").json()["total"] == 0
+
+
+def test_base_ref_must_resolve_in_the_repository(server: Server) -> None:
+    (server.root / "r").mkdir()
+    repo = make_repo(server.root / "r")
+    git(repo, "tag", "v1")
+    commit = git(repo, "rev-parse", "main")
+    with server.client() as client:
+
+        def post(**body: Any) -> httpx.Response:
+            return client.post("/api/jobs/submit", json={"task_description": "x", **body})
+
+        for ref in ("no-such-branch", "0" * 40, "refs/heads/nope"):
+            response = post(repository=str(repo), base_ref=ref)
+            assert response.status_code == 400, response.text
+            assert "does not resolve" in response.json()["detail"]
+        for ref in ("main", "v1", "refs/heads/main", "heads/main", commit, commit[:10]):
+            response = post(repository=str(repo), base_ref=ref, agent_options={"duration_seconds": 0})
+            assert response.status_code == 201, (ref, response.text)
+            assert response.json()["base_ref"] == ref
+        response = post(base_ref="main")
+        assert response.status_code == 422 and "needs a repository" in response.text, response.text
+
+
+# --- git runs with the server's GIT_* variables, hooks, fsmonitor and signing out of the way ---
+
+MARKER_SCRIPT = '#!/bin/sh\necho "$0 ran" >> "{marker}"\nexit 1\n'
+
+
+def test_git_ignores_hooks_fsmonitor_signing_and_git_environment(
+    servers: ServerFactory, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    repo = make_repo(servers.root)
+    marker = servers.root / "ran.txt"
+    script = servers.root / "hostile.sh"
+    script.write_text(MARKER_SCRIPT.format(marker=marker))
+    script.chmod(0o755)
+    for hook in ("post-checkout", "pre-commit", "post-commit", "reference-transaction", "commit-msg"):
+        (repo / ".git" / "hooks" / hook).symlink_to(script)
+    git(repo, "config", "core.fsmonitor", str(script))
+    git(repo, "config", "commit.gpgSign", "true")
+    git(repo, "config", "gpg.program", str(script))
+    decoy = make_repo(tmp_path_factory.mktemp("decoy"))
+    server = servers.start(
+        ORCHESTRATOR_AGENTS_FILE=attacker_profiles(servers.root),
+        GIT_DIR=str(decoy / ".git"),
+        GIT_WORK_TREE=str(decoy),
+        GIT_CONFIG_COUNT="1",
+        GIT_CONFIG_KEY_0="core.hooksPath",
+        GIT_CONFIG_VALUE_0=str(repo / ".git" / "hooks"),
+    )
+    with server.client() as client:
+        job = submit(client, agent="victim", repository=str(repo), base_ref="main", timeout_seconds=600)
+        worker = running_worker(client, job["id"])
+        workdir = servers.root / "data" / "workspaces" / worker["id"]
+        wait_until(lambda: (workdir / "secret.txt").exists(), timeout=60, what="the worker's file")
+        client.post(f"/api/supervisor/workers/{worker['id']}/terminate")
+        wait_final(client, job["id"], timeout=120)
+        final = wait_until(
+            lambda: (w := client.get(f"/api/supervisor/workers/{worker['id']}").json())["commit"] and w,
+            timeout=60,
+            what="the worker's commit",
+        )
+    assert "commit_error" not in (final["result"] or {}), final
+    assert git(repo, "show", f"{final['branch']}:secret.txt") == "secret of B"
+    assert not marker.exists(), marker.read_text()
+    assert git(decoy, "branch", "--list").strip() == "* main", "nothing was done in the decoy"
