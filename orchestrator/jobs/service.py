@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
@@ -89,7 +90,8 @@ async def submit(
     base_ref = body.base_ref
     if repository is not None:
         try:
-            repository = str(resolve_repository(settings, repository))
+            # git runs here (the real git dirs): not in the event loop
+            repository = str(await asyncio.to_thread(resolve_repository, settings, repository))
         except OSError as exc:  # e.g. a name too long for the file system
             raise FieldInvalid("repository", f"not a usable path: {exc.strerror}", repository) from exc
     elif parent is not None and parent.repository is not None:
