@@ -27,6 +27,7 @@ from orchestrator.bootstrap import prepare_database
 from orchestrator.core.address import ApiAddress, current_address, settings_address, wait_for_address
 from orchestrator.core.auth import SCOPE_DESCRIPTIONS
 from orchestrator.core.config import Settings, get_settings
+from orchestrator.core.logsafe import install_log_escaping
 from orchestrator.db.session import Database
 from orchestrator.mcp.http import McpOverHttp
 
@@ -67,9 +68,9 @@ def check_startup_settings(settings: Settings) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     check_startup_settings(settings)
-    settings.signing_key()  # create the stored key now, not racing in the first request
     database = Database(settings)
-    await prepare_database(database, settings)
+    await prepare_database(database, settings)  # first: it makes the data dir private
+    settings.signing_key()  # create the stored key now, not racing in the first request
     app.state.db = database
     app.state.agents = AgentRegistry.from_settings(settings)
     app.state.engine = None
@@ -119,6 +120,7 @@ async def _start_engine_once_bound(app: FastAPI) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    install_log_escaping()  # every process serving the app: uvicorn --workers imports it in each
     app = FastAPI(
         title="Parallel AI Orchestrator",
         version=VERSION,

@@ -13,7 +13,6 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +22,7 @@ import typer
 from rich.text import Text
 
 from orchestrator.cli.output import CliError, console
+from orchestrator.workspaces.git import GitError, run_git
 
 if TYPE_CHECKING:
     from orchestrator.core.config import Settings
@@ -237,7 +237,7 @@ def _classify(path: Path) -> tuple[str, Path | None]:
 
 def _remove(path: Path, kind: str, repo: Path | None) -> None:
     if kind == "worktree" and repo is not None:
-        done = _git(repo, "worktree", "remove", "--force", "--force", str(path))
+        done = _git(repo, "worktree", "remove", "--force", "--force", "--end-of-options", str(path))
         if done or not path.exists():
             return
     if path.is_symlink() or path.is_file():
@@ -247,13 +247,12 @@ def _remove(path: Path, kind: str, repo: Path | None) -> None:
 
 
 def _git(repo: Path, *args: str) -> bool:
+    """Whether git succeeded (through the one runner: hooks off, GIT_* from the environment ignored)."""
     try:
-        completed = subprocess.run(
-            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=120, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        run_git(*args, cwd=repo)
+    except (OSError, GitError):
         return False
-    return completed.returncode == 0
+    return True
 
 
 def _inside(path: Path, root: Path) -> bool:

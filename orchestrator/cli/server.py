@@ -105,14 +105,16 @@ async def _run_engine() -> None:
 
     from orchestrator.agents.registry import AgentRegistry
     from orchestrator.bootstrap import prepare_database
+    from orchestrator.core.logsafe import install_log_escaping
     from orchestrator.db.session import Database
     from orchestrator.engine.engine import Engine
 
     settings = _settings()
-    settings.signing_key()
+    install_log_escaping()
     database = Database(settings)
     try:
-        await prepare_database(database, settings)
+        await prepare_database(database, settings)  # first: it makes the data dir private
+        settings.signing_key()
         runner = Engine(settings, database, AgentRegistry.from_settings(settings))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -99,6 +99,16 @@ class Settings(BaseSettings):
         return to_async_url(self.database_url or f"sqlite:///{self.data_dir / 'orchestrator.db'}")
 
     @property
+    def sqlite_file(self) -> Path | None:
+        """The SQLite database file, if the database is one (None for PostgreSQL or in-memory)."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.async_database_url)
+        if not url.drivername.startswith("sqlite") or not url.database or url.database == ":memory:":
+            return None
+        return Path(url.database).resolve()
+
+    @property
     def is_production(self) -> bool:
         return self.environment.lower() in ("production", "prod")
 

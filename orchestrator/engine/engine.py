@@ -67,7 +67,7 @@ from orchestrator.jobs.service import JOBS_TOPIC
 from orchestrator.resources import repository as slots_repo
 from orchestrator.resources.service import bind_unbound_slot, release_unbound
 from orchestrator.workers import repository as workers_repo
-from orchestrator.workspaces import git
+from orchestrator.workspaces import git, refs
 
 log = logging.getLogger("orchestrator.engine")
 
@@ -412,10 +412,9 @@ class Engine:
         if job.repository:
             branch = git.branch_name(job.id, worker.id)
             async with self._repo_lock(job.repository):
-                await self._checkpoint_parent_branch(job.base_ref)
-                base = await asyncio.to_thread(
-                    git.add_worktree, Path(job.repository), workdir, branch, job.base_ref
-                )
+                repository = await self._checked_repository(job.repository)
+                base = await self._start_point(repository, job)
+                await asyncio.to_thread(git.add_worktree, repository, workdir, branch, base)
             values.update(branch=branch, result={"base_commit": base})
         context = self._worker_context(worker, job, workdir, run_dir / "home", run_dir)
 
@@ -578,15 +577,39 @@ class Engine:
             if await budgets.enforce(session, self.id, engine_actor(self.id), finishing):
                 await notifications.notify(session, "control")
 
-    async def _checkpoint_parent_branch(self, base_ref: str | None) -> None:
-        """A child starting from a live worker's branch sees that worker's work so far."""
-        if not base_ref or not base_ref.startswith("orchestrator/"):
-            return
-        worktree = self.workspaces_dir / base_ref.rsplit("/", 1)[-1]
-        if (worktree / ".git").exists():
-            await asyncio.to_thread(
-                git.commit_all, worktree, "orchestrator: checkpoint before delegating", None
-            )
+    async def _checked_repository(self, recorded: str) -> Path:
+        """The job's repository, checked as at the submit (roots, real git dirs, top level): its
+        files may have changed since (a `.git` file or a symlink swapped in)."""
+        repository = await asyncio.to_thread(git.resolve_repository, self.settings, recorded)
+        if repository != Path(recorded):
+            raise git.GitError(f"repository {recorded} now resolves to {repository}")
+        return repository
+
+    async def _start_point(self, repository: Path, job: JobRow) -> str:
+        """The commit a worker starts from: base_ref (else HEAD) with the submit's checks repeated
+        on what it resolves to now. Only the delegating worker's own branch is checkpointed (its
+        live worktree committed first, so the child sees its work so far); no other worktree."""
+        if not job.base_ref:
+            return (await asyncio.to_thread(refs.resolve, repository, "HEAD")).commit
+        by_worker = job.created_by_worker_id
+        subtree = job.path.removesuffix(f"{job.id}/") if by_worker else None
+        resolved = await refs.resolve_checked(
+            repository, job.base_ref, subtree=subtree, path_of=self._job_path
+        )
+        own = git.branch_name(job.parent_job_id or "", by_worker or "")
+        if by_worker and job.parent_job_id and refs.is_branch(resolved, own):
+            worktree = self.workspaces_dir / by_worker
+            if (worktree / ".git").exists():
+                await asyncio.to_thread(
+                    git.commit_all, worktree, "orchestrator: checkpoint before delegating", None
+                )
+            resolved = await asyncio.to_thread(refs.resolve, repository, resolved.full_name)
+        return resolved.commit
+
+    async def _job_path(self, job_id: str) -> str | None:
+        async with self.db.session() as session:
+            job = await session.get(Job, job_id)
+            return job.path if job is not None else None
 
     async def _record_starts(self, session: AsyncSession, started: list[Started]) -> dict[str, WorkerRow]:
         """Record a pass's started workers (and their jobs' first start) in a few statements; the

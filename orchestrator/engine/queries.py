@@ -263,6 +263,9 @@ class JobRow(Protocol):
     timeout_seconds: float | None
     repository: str | None
     base_ref: str | None
+    path: str
+    parent_job_id: str | None
+    created_by_worker_id: str | None
     created_by: str
     max_turns: int | None
     started_at: datetime | None

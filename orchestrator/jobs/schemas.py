@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.core.config import get_settings
 from orchestrator.core.states import JobStatus
+from orchestrator.workspaces.refs import ref_format_error
 
 
 class JobSubmit(BaseModel):
@@ -44,6 +45,15 @@ class JobSubmit(BaseModel):
         # PostgreSQL cannot store NUL in text, and no path or name contains one.
         if value is not None and "\x00" in value:
             raise ValueError("must not contain NUL characters")
+        return value
+
+    @field_validator("base_ref")
+    @classmethod
+    def _ref_format(cls, value: str | None) -> str | None:
+        # Checked before any git command sees it: a ref such as `--upload-pack=...` or one with a
+        # newline must never reach git or the logs.
+        if value is not None and (why := ref_format_error(value)) is not None:
+            raise ValueError(f"base_ref {why}: a branch or tag name (git check-ref-format) or a commit id")
         return value
 
     @field_validator("task_description")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Row, bindparam, func, insert, select
@@ -27,6 +29,7 @@ from orchestrator.jobs.schemas import JobSubmit, JobUsage, WorkerUsageOut
 from orchestrator.resources.service import release_unbound
 from orchestrator.workers import repository as workers_repo
 from orchestrator.workers.service import request_stop
+from orchestrator.workspaces import refs
 from orchestrator.workspaces.git import resolve_repository
 
 JOBS_TOPIC = "jobs"
@@ -143,7 +146,8 @@ async def submit(
     base_ref = body.base_ref
     if repository is not None:
         try:
-            repository = str(resolve_repository(settings, repository))
+            # git runs here (the real git dirs): not in the event loop
+            repository = str(await asyncio.to_thread(resolve_repository, settings, repository))
         except OSError as exc:  # e.g. a name too long for the file system
             raise FieldInvalid("repository", f"not a usable path: {exc.strerror}", repository) from exc
     elif parent is not None and parent.repository is not None:
@@ -153,6 +157,8 @@ async def submit(
         delegating = await workers_repo.get_worker(session, actor.worker_id)
         if delegating is not None and delegating.branch:
             base_ref = delegating.branch
+    if base_ref is not None:
+        await _check_base_ref(session, actor, repository, base_ref)
 
     job_id = new_job_id()
     workspace_id, new_workspace = await _workspace_for(session, parent, repository, job_id)
@@ -210,6 +216,20 @@ async def submit(
     if not is_postgres(session):
         await notify(session, JOBS_TOPIC)
     return job
+
+
+async def _check_base_ref(session: AsyncSession, actor: Actor, repository: str | None, base_ref: str) -> None:
+    """base_ref must resolve in the repository (400); a worker may name only its own subtree's
+    orchestrator branches (403). The engine checks again when the worker starts."""
+    if repository is None:
+        raise FieldInvalid("base_ref", "base_ref needs a repository (none given or inherited)", base_ref)
+
+    async def path_of(job_id: str) -> str | None:
+        job = await repo.get_job(session, job_id)
+        return job.path if job is not None else None
+
+    subtree = actor.subtree_path if actor.is_worker else None
+    await refs.resolve_checked(Path(repository), base_ref, subtree=subtree, path_of=path_of)
 
 
 async def _workspace_for(

@@ -1,29 +1,20 @@
-"""Git repositories and worktrees for workers."""
+"""Git: the one runner every git call goes through, repositories under the allowed roots, worktrees.
+
+Repositories are the users', but worktrees and branches in them are touched by agents, which
+are treated as hostile: every call runs with hooks, fsmonitor and signing off (a hook or an
+fsmonitor command the agent wrote into a shared config must not run as the server), ignores
+GIT_* variables the server was started with (GIT_DIR or GIT_CONFIG_* would redirect it), and
+puts `--end-of-options` / `--` before anything that came from a request.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 from orchestrator.core.config import Settings
 from orchestrator.core.errors import BadRequest
-
-
-def resolve_repository(settings: Settings, repository: str) -> Path:
-    """The repository's real path, if it is a git work tree under an allowed root."""
-    path = Path(repository).expanduser()
-    if not path.is_absolute():
-        path = Path.cwd() / path
-    path = path.resolve()
-    roots = settings.repo_roots
-    if not any(path == root or path.is_relative_to(root) for root in roots):
-        allowed = ", ".join(str(r) for r in roots)
-        raise BadRequest(
-            f"Repository {path} is not under an allowed root ({allowed}); see ORCHESTRATOR_REPO_ROOTS"
-        )
-    if not (path / ".git").exists():
-        raise BadRequest(f"Repository {path} is not a git repository (no .git)")
-    return path
-
 
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "Parallel AI Orchestrator",
@@ -32,45 +23,116 @@ GIT_IDENTITY = {
     "GIT_COMMITTER_EMAIL": "orchestrator@localhost",
 }
 
+# Command-line config wins over every config file, including one an agent wrote.
+SAFE_CONFIG = (
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=false",
+    "-c",
+    "commit.gpgSign=false",
+    "-c",
+    "tag.gpgSign=false",
+)
+
 
 class GitError(RuntimeError):
     pass
 
 
-def _git(*args: str, cwd: Path) -> str:
-    import os
-    import subprocess
+def git_env() -> dict[str, str]:
+    """The server's environment without any GIT_* variable, plus the orchestrator's identity."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_IDENTITY)
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    return env
 
-    env = {**os.environ, **GIT_IDENTITY, "GIT_TERMINAL_PROMPT": "0"}
-    done = subprocess.run(
-        ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
-    )
+
+def run_git(*args: str, cwd: Path, timeout: float = 120.0) -> str:
+    """Run `git <args>` in `cwd`; its stdout, stripped. Raises GitError on a non-zero exit."""
+    try:
+        done = subprocess.run(
+            ["git", *SAFE_CONFIG, *args],
+            cwd=cwd,
+            env=git_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise GitError(f"git {args[0] if args else ''} timed out after {timeout:g}s") from exc
     if done.returncode != 0:
         raise GitError(f"git {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout.strip()
+
+
+def resolve_repository(settings: Settings, repository: str) -> Path:
+    """The repository's real top level, if it is a git work tree whose real git dir and common
+    dir are also under an allowed root, and that is not inside the orchestrator's data dir.
+
+    A `.git` file (`gitdir: /elsewhere`), a `commondir` file or a symlink could otherwise put the
+    repository the engine registers worktrees and branches in outside the roots. The engine
+    checks again before each worktree it adds (the files may have changed since the submit).
+    Raises BadRequest (400) with the reason."""
+    path = Path(repository).expanduser()
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    path = path.resolve()
+    roots = settings.repo_roots
+    _require_under_roots(path, roots, f"Repository {path}")
+    if not (path / ".git").exists():
+        raise BadRequest(f"Repository {path} is not a git repository (no .git)")
+    try:
+        # One call each: a path may contain a newline.
+        top, git_dir, common_dir = (
+            run_git("rev-parse", option, cwd=path, timeout=30)
+            for option in ("--show-toplevel", "--absolute-git-dir", "--git-common-dir")
+        )
+    except GitError as exc:
+        raise BadRequest(f"Repository {path} is not a usable git work tree: {str(exc)[-300:]}") from exc
+    if Path(top).resolve() != path:
+        raise BadRequest(f"Repository {path} is not the top level of its git work tree ({top})")
+    real_git_dir, real_common_dir = (path / git_dir).resolve(), (path / common_dir).resolve()
+    for what, real in (("git dir", real_git_dir), ("common git dir", real_common_dir)):
+        _require_under_roots(real, roots, f"Repository {path}: its {what} {real}")
+    data_dir = settings.data_dir
+    for inside in (path, real_git_dir, real_common_dir):
+        if inside == data_dir or inside.is_relative_to(data_dir):
+            raise BadRequest(
+                f"Repository {path} is inside the orchestrator's data directory: "
+                "workers' worktrees and the server's files cannot be used as repositories"
+            )
+    return path
+
+
+def _require_under_roots(path: Path, roots: list[Path], what: str) -> None:
+    if not any(path == root or path.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise BadRequest(f"{what} is not under an allowed root ({allowed}); see ORCHESTRATOR_REPO_ROOTS")
 
 
 def branch_name(job_id: str, worker_id: str) -> str:
     return f"orchestrator/{job_id}/{worker_id}"
 
 
-def add_worktree(repository: Path, worktree: Path, branch: str, base_ref: str | None) -> str:
-    """Create the worker's worktree on a new branch; returns the commit it starts from."""
-    base = _git("rev-parse", "--verify", f"{base_ref or 'HEAD'}^{{commit}}", cwd=repository)
+def add_worktree(repository: Path, worktree: Path, branch: str, start: str) -> None:
+    """Create the worker's worktree on a new branch at `start` (a commit id already resolved)."""
     worktree.parent.mkdir(parents=True, exist_ok=True)
-    _git("worktree", "add", "-b", branch, str(worktree), base, cwd=repository)
-    return base
+    run_git("worktree", "add", "-b", branch, "--end-of-options", str(worktree), start, cwd=repository)
 
 
 def commit_all(worktree: Path, message: str, base_commit: str | None) -> tuple[str, str]:
     """Commit whatever the worker left in its worktree; returns (HEAD commit, diff stat vs base)."""
-    _git("add", "-A", cwd=worktree)
-    if _git("status", "--porcelain", cwd=worktree):
-        _git("commit", "-q", "--no-verify", "-m", message, cwd=worktree)
-    head = _git("rev-parse", "HEAD", cwd=worktree)
-    stat = _git("diff", "--shortstat", f"{base_commit}..HEAD", cwd=worktree) if base_commit else ""
+    run_git("add", "-A", cwd=worktree)
+    if run_git("status", "--porcelain", cwd=worktree):
+        run_git("commit", "-q", "--no-verify", "-m", message, cwd=worktree)
+    head = run_git("rev-parse", "--verify", "HEAD^{commit}", cwd=worktree)
+    stat = run_git("diff", "--shortstat", f"{base_commit}..HEAD", "--", cwd=worktree) if base_commit else ""
     return head, stat
 
 
 def remove_worktree(repository: Path, worktree: Path) -> None:
-    _git("worktree", "remove", "--force", str(worktree), cwd=repository)
+    run_git("worktree", "remove", "--force", "--end-of-options", str(worktree), cwd=repository)
