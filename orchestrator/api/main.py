@@ -16,9 +16,11 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from orchestrator.agents.registry import AgentRegistry
 from orchestrator.api.errors import install_error_handlers
+from orchestrator.api.limits import RequestLimitsMiddleware, bound_httptools_headers
 from orchestrator.api.observability import install_observability
 from orchestrator.api.routers import health, jobs, metrics, resources, supervisor, web, workspaces
 from orchestrator.api.routers.streams import stop_watcher as stop_stream_watcher
+from orchestrator.api.security_headers import SecurityHeadersMiddleware
 from orchestrator.bootstrap import prepare_database
 from orchestrator.core.auth import SCOPE_DESCRIPTIONS
 from orchestrator.core.config import Settings, get_settings
@@ -113,6 +115,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.mcp_http = McpOverHttp(settings.public_url)
     app.mount("/mcp", app.state.mcp_http)
     install_observability(app)
+    # Outermost last: size limits before anything reads the request, and the security headers
+    # on every answer, the limits' 431/413 included.
+    app.add_middleware(
+        RequestLimitsMiddleware,
+        max_header_bytes=settings.orchestrator_max_header_bytes,
+        max_body_bytes=settings.orchestrator_max_body_bytes,
+    )
+    app.add_middleware(SecurityHeadersMiddleware)
+    # uvicorn's httptools parser holds all of a request's headers before the app is called: bound
+    # it in this process (every server process imports the app). See orchestrator/api/limits.py.
+    bound_httptools_headers(settings.orchestrator_max_header_bytes)
     return app
 
 
