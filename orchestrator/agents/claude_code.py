@@ -4,8 +4,9 @@
         --mcp-config <run_dir>/mcp.json --strict-mcp-config --allowedTools mcp__orchestrator__* ...
 
 The task arrives on stdin, never in argv or the environment. Each worker gets its own HOME and
-CLAUDE_CONFIG_DIR (session transcripts live there, so a parked worker can be resumed with `--resume <session_id>`), the server's `ANTHROPIC_*` environment, and
-the orchestrator's MCP server (`python -m orchestrator.mcp`) holding its delegated token.
+CLAUDE_CONFIG_DIR (session transcripts live there, so a parked worker can be resumed with
+`--resume <session_id>`), the server's `ANTHROPIC_*` environment, and the orchestrator's MCP
+server (`python -m orchestrator.mcp`) holding its delegated token.
 Facts behind every flag and variable: docs/agent-cli-harness.md.
 """
 
