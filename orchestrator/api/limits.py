@@ -138,7 +138,8 @@ def bound_httptools_headers(limit: int) -> bool:
         counted += len(data)
         setattr(self, _HTTPTOOLS_STATE, counted)
         data_received(self, data)
-        if getattr(self, _HTTPTOOLS_STATE, 0) is not None and counted > self.header_limit:
+        # Still the same request's headers (not completed, nor a next request begun meanwhile).
+        if getattr(self, _HTTPTOOLS_STATE, 0) == counted > self.header_limit:
             _send_431(self)
 
     def bounded_on_headers_complete(self: Any) -> None:
