@@ -25,7 +25,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.api.security_headers import COMMON_HEADERS
+from orchestrator.api.security_headers import API_CSP, COMMON_HEADERS
 
 log = logging.getLogger(__name__)
 
@@ -109,48 +109,74 @@ class RequestLimitsMiddleware:
         await self.app(scope, counted, send)
 
 
-_HTTPTOOLS_STATE = "_orchestrator_header_bytes"
+_COUNTED = "_orchestrator_header_bytes"  # bytes fed since this request began; None once its headers are in
+_REFUSED = "_orchestrator_refused"
 
 
 def bound_httptools_headers(limit: int) -> bool:
-    """Bound what uvicorn's httptools protocol buffers for one request's line and headers."""
+    """Bound what uvicorn's httptools protocol buffers for one request's line and headers.
+
+    Two checks: bytes fed to the parser while a request's headers are incomplete (so one header
+    that never ends is stopped after at most one read past the limit), and the request line plus
+    parsed headers when they complete (exact, for a request that arrives in one read). Either
+    answers 431, closes the connection, and has the protocol ignore the rest of it."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # httptools not installed: uvicorn uses h11, which has its own bound
         return False
-    needed = ("data_received", "on_headers_complete", "on_message_complete")
-    if not all(hasattr(HttpToolsProtocol, name) for name in needed):
+    names = ("data_received", "on_headers_complete", "on_body", "on_message_complete", "send_400_response")
+    if not all(callable(getattr(HttpToolsProtocol, name, None)) for name in names):
         log.warning("uvicorn's httptools protocol changed: request headers are bounded only after parsing")
         return False
     HttpToolsProtocol.header_limit = limit  # type: ignore[attr-defined]
     if getattr(HttpToolsProtocol, "_orchestrator_bounded", False):
         return True
-    data_received = HttpToolsProtocol.data_received
-    on_headers_complete = HttpToolsProtocol.on_headers_complete
-    on_message_complete = HttpToolsProtocol.on_message_complete
-    detail = json.dumps({"detail": header_detail(limit)}).encode()
+    data_received, on_headers_complete, on_body, on_message_complete, send_400_response = (
+        getattr(HttpToolsProtocol, name) for name in names
+    )
 
     def bounded_data_received(self: Any, data: bytes) -> None:
-        counted = getattr(self, _HTTPTOOLS_STATE, 0)
-        if counted is None:  # headers complete: a body, bounded by the middleware
+        if getattr(self, _REFUSED, False):
+            return
+        counted = getattr(self, _COUNTED, 0)
+        if counted is None:  # in a body, which the middleware bounds
             data_received(self, data)
             return
         counted += len(data)
-        setattr(self, _HTTPTOOLS_STATE, counted)
+        setattr(self, _COUNTED, counted)
         data_received(self, data)
         # Still the same request's headers (not completed, nor a next request begun meanwhile).
-        if getattr(self, _HTTPTOOLS_STATE, 0) == counted > self.header_limit:
-            _send_431(self)
+        if getattr(self, _COUNTED, 0) == counted > self.header_limit:
+            _refuse(self)
 
     def bounded_on_headers_complete(self: Any) -> None:
-        setattr(self, _HTTPTOOLS_STATE, None)
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self.header_limit:
+            _refuse(self)
+            return
+        setattr(self, _COUNTED, None)
         on_headers_complete(self)
 
+    def bounded_on_body(self: Any, body: bytes) -> None:
+        if not getattr(self, _REFUSED, False):
+            on_body(self, body)
+
     def bounded_on_message_complete(self: Any) -> None:
-        setattr(self, _HTTPTOOLS_STATE, 0)  # the next request on this connection starts counting
+        if getattr(self, _REFUSED, False):
+            return
+        setattr(self, _COUNTED, 0)  # the next request on this connection starts counting
         on_message_complete(self)
 
-    def _send_431(self: Any) -> None:
+    def bounded_send_400_response(self: Any, msg: str) -> None:
+        if not getattr(self, _REFUSED, False):  # the 431 is already on its way
+            send_400_response(self, msg)
+
+    detail = json.dumps({"detail": header_detail(limit)}).encode()
+
+    def _refuse(self: Any) -> None:
+        if getattr(self, _REFUSED, False):
+            return
+        setattr(self, _REFUSED, True)
         transport = self.transport
         if transport.is_closing():
             return
@@ -158,12 +184,15 @@ def bound_httptools_headers(limit: int) -> bool:
         head += [b"content-type: application/json", b"connection: close"]
         head += [f"content-length: {len(detail)}".encode()]
         head += [f"{k}: {v}".encode("latin-1") for k, v in COMMON_HEADERS.items()]
+        head += [b"content-security-policy: " + API_CSP.encode()]
         transport.write(b"\r\n".join(head) + b"\r\n\r\n" + detail)
         transport.close()
-        self.logger.warning("Request headers over %d bytes: answered 431", self.header_limit)
+        self.logger.warning("Request line and headers over %d bytes: answered 431", self.header_limit)
 
     HttpToolsProtocol.data_received = bounded_data_received  # type: ignore[method-assign]
     HttpToolsProtocol.on_headers_complete = bounded_on_headers_complete  # type: ignore[method-assign]
+    HttpToolsProtocol.on_body = bounded_on_body  # type: ignore[method-assign]
     HttpToolsProtocol.on_message_complete = bounded_on_message_complete  # type: ignore[method-assign]
+    HttpToolsProtocol.send_400_response = bounded_send_400_response  # type: ignore[method-assign]
     HttpToolsProtocol._orchestrator_bounded = True  # type: ignore[attr-defined]
     return True
