@@ -58,7 +58,7 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise JsonRefused(f"duplicate key {json.dumps(key)[:80]} in an object")
+                raise JsonRefused(f"duplicate key {key[:80]!r} in an object")
             seen.add(key)
     return result
 
