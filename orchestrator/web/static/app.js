@@ -33,6 +33,8 @@ function h(tag, attrs = {}, ...children) {
     if (value === undefined || value === null || value === false) continue;
     if (key === "class") el.className = value;
     else if (key === "dataset") Object.assign(el.dataset, value);
+    // Styles through the CSSOM: the page's CSP refuses inline style attributes.
+    else if (key === "style") Object.assign(el.style, value);
     else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
     else el.setAttribute(key, value === true ? "" : value);
   }
@@ -435,7 +437,7 @@ function renderQuotas() {
         "div",
         { class: "quota", dataset: { depth: u.depth } },
         h("span", {}, `depth ${u.depth}`),
-        h("div", { class: u.available === 0 ? "bar full" : "bar" }, h("span", { style: `width:${pct}%` })),
+        h("div", { class: u.available === 0 ? "bar full" : "bar" }, h("span", { style: { width: `${pct}%` } })),
         h("span", { class: "meta" }, `${u.allocated} / ${max}`),
       );
     }),
