@@ -125,7 +125,7 @@ def test_the_docs_pages_run_under_their_csp(shared_server: Server, browser: WebD
     entries = eventually(
         "the page's scripts to have run or failed to load",
         lambda: (
-            browser.execute_script("return document.readyState") == "complete" and console(browser) + [{}]
+            browser.execute_script("return document.readyState") == "complete" and [*console(browser), {}]
         ),
     )
     messages = [json.dumps(e) for e in entries if e]
