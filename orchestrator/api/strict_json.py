@@ -31,25 +31,23 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class JsonRefused(ValueError):
-    pass
+    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.loc = loc
 
 
-def _constant(name: str) -> Any:
-    raise JsonRefused(f"{name} is not a JSON number")
+class _Refused:
+    """Stands in for a value refused while parsing, so the walk can say where it was."""
 
-
-def _float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise JsonRefused(f"number {text[:40]} is out of range")
-    return value
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 def _int(text: str) -> int:
     try:
         return int(text)
     except ValueError as exc:  # over Python's digit limit for int()
-        raise JsonRefused(f"integer of {len(text)} digits is out of range") from exc
+        raise JsonRefused(f"an integer of {len(text)} digits is out of range") from exc
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -63,31 +61,36 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _check(value: Any, surrogates: bool) -> None:
-    """Depth, and lone surrogates when the body holds such an escape (iterative: no recursion)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
+def _walk(value: Any, surrogates: bool) -> None:
+    """Refused values, depth, and lone surrogates when the body holds such an escape; iterative,
+    and it says where the problem is (FastAPI's `loc`)."""
+    stack: list[tuple[Any, int, tuple[str | int, ...]]] = [(value, 1, ())]
     while stack:
-        item, depth = stack.pop()
+        item, depth, path = stack.pop()
         if isinstance(item, dict):
             if depth > MAX_DEPTH:
                 raise JsonRefused(f"nested deeper than {MAX_DEPTH} levels")
-            if surrogates:
-                for key in item:
-                    _check_text(key)
-            stack.extend((v, depth + 1) for v in item.values())
+            for key, child in item.items():
+                if surrogates:
+                    _check_text(key, path)
+                stack.append((child, depth + 1, (*path, key)))
         elif isinstance(item, list):
             if depth > MAX_DEPTH:
                 raise JsonRefused(f"nested deeper than {MAX_DEPTH} levels")
-            stack.extend((v, depth + 1) for v in item)
+            stack.extend((child, depth + 1, (*path, index)) for index, child in enumerate(item))
+        elif isinstance(item, _Refused):
+            raise JsonRefused(item.reason, path)
         elif surrogates and isinstance(item, str):
-            _check_text(item)
+            _check_text(item, path)
 
 
-def _check_text(text: str) -> None:
+def _check_text(text: str, path: tuple[str | int, ...]) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise JsonRefused("a string holds a lone surrogate (\\ud800-\\udfff), which is not text") from exc
+        raise JsonRefused(
+            "a string holds a lone surrogate (\\ud800-\\udfff), which is not text", path
+        ) from exc
 
 
 def strict_loads(body: bytes) -> Any:
@@ -96,9 +99,24 @@ def strict_loads(body: bytes) -> Any:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise JsonRefused(f"the body is not valid UTF-8 (byte {exc.start})") from exc
+    refused = False
+
+    def constant(name: str) -> _Refused:
+        nonlocal refused
+        refused = True
+        return _Refused(f"{name} is not a JSON number")
+
+    def real(text: str) -> float | _Refused:
+        nonlocal refused
+        value = float(text)
+        if math.isfinite(value):
+            return value
+        refused = True
+        return _Refused(f"the number {text[:40]} is out of range")
+
     try:
         value = json.loads(
-            text, parse_constant=_constant, parse_float=_float, parse_int=_int, object_pairs_hook=_object
+            text, parse_constant=constant, parse_float=real, parse_int=_int, object_pairs_hook=_object
         )
     except RecursionError as exc:
         raise JsonRefused(f"nested deeper than {MAX_DEPTH} levels") from exc
@@ -107,15 +125,22 @@ def strict_loads(body: bytes) -> Any:
     except json.JSONDecodeError as exc:
         raise JsonRefused(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     surrogates = _SURROGATE_ESCAPE.search(body) is not None
-    if surrogates or body.count(b"[") + body.count(b"{") > MAX_DEPTH:
-        _check(value, surrogates)
+    if refused or surrogates or body.count(b"[") + body.count(b"{") > MAX_DEPTH:
+        _walk(value, surrogates)
     return value
 
 
 def refusal(exc: JsonRefused) -> HTTPException:
     return HTTPException(
         status_code=422,
-        detail=[{"type": "json_invalid", "loc": ["body"], "msg": f"Invalid JSON body: {exc}", "input": None}],
+        detail=[
+            {
+                "type": "json_invalid",
+                "loc": ["body", *exc.loc],
+                "msg": f"Invalid JSON body: {exc}",
+                "input": None,
+            }
+        ],
     )
 
 

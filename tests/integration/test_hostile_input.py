@@ -79,6 +79,16 @@ def test_each_refusal_says_why(shared_server: Server) -> None:
     for name, words in expected.items():
         response = post_raw(shared_server, BAD_BODIES[name])
         assert words in response.text, (name, response.text[:300])
+    # Where the parser can tell, the error names the field, as FastAPI's own errors do.
+    located = {
+        "nan": ["body", "agent_options", "duration_seconds"],
+        "float-field-overflow": ["body", "timeout_seconds"],
+        "surrogate-in-option-value": ["body", "agent_options", "x", 0],
+        "surrogate-in-task": ["body", "task_description"],
+    }
+    for name, loc in located.items():
+        [error] = post_raw(shared_server, BAD_BODIES[name]).json()["detail"]
+        assert error["loc"] == loc, (name, error)
 
 
 def test_the_same_body_on_other_endpoints(shared_server: Server) -> None:
