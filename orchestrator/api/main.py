@@ -115,14 +115,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.mcp_http = McpOverHttp(settings.public_url)
     app.mount("/mcp", app.state.mcp_http)
     install_observability(app)
-    # Outermost last: size limits before anything reads the request, and the security headers
-    # on every answer, the limits' 431/413 included.
+    # Size limits before anything reads the request; the security headers on every answer, the
+    # limits' 431/413 included.
     app.add_middleware(
         RequestLimitsMiddleware,
         max_header_bytes=settings.orchestrator_max_header_bytes,
         max_body_bytes=settings.orchestrator_max_body_bytes,
     )
-    app.add_middleware(SecurityHeadersMiddleware)
+    # Outside Starlette's ServerErrorMiddleware too, so even an unexpected 500 carries them.
+    build_stack = app.build_middleware_stack
+    setattr(app, "build_middleware_stack", lambda: SecurityHeadersMiddleware(build_stack()))  # noqa: B010
     # uvicorn's httptools parser holds all of a request's headers before the app is called: bound
     # it in this process (every server process imports the app). See orchestrator/api/limits.py.
     bound_httptools_headers(settings.orchestrator_max_header_bytes)
