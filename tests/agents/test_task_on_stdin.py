@@ -156,3 +156,23 @@ def test_a_task_over_64_kib_of_utf8_is_refused_naming_the_limit(shared_server: S
     assert response.status_code == 422, response.text[:500]
     message = str(response.json()["detail"])
     assert "65536 bytes" in message and "64 KiB" in message, message[:500]
+
+
+def test_simulated_options_over_128_kib_reach_the_worker(shared_server: Server) -> None:
+    """A simulated worker's options go on stdin: in one environment string, more than 128 KiB of
+    them (here three 50 KB sub-tasks) could never start (E2BIG)."""
+    subtasks = [
+        {"task_description": f"child {i} " + "y" * 50_000, "agent_options": {"duration_seconds": 0}}
+        for i in range(3)
+    ]
+    with shared_server.client() as client:
+        job = submit(
+            client,
+            task_description="parent with big options",
+            agent_options={"duration_seconds": 0, "subtasks": subtasks},
+        )
+        done = wait_final(client, job["id"], timeout=TIMEOUT)
+        children = client.get("/api/jobs", params={"parent_job_id": job["id"]}).json()["jobs"]
+    assert done["status"] == "COMPLETED", done
+    assert sorted(c["task_description"][:8] for c in children) == ["child 0 ", "child 1 ", "child 2 "]
+    assert all(c["status"] == "COMPLETED" for c in children), children
