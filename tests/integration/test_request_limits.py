@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.servers import Server, ServerFactory, free_port, token
+from tests.support.servers import Server, ServerFactory, free_port, server_factory, token
 
 MIB = 1024 * 1024
 
@@ -33,9 +34,7 @@ def guide_server(servers: ServerFactory, **extra: str) -> Server:
 
 
 @pytest.fixture(scope="module")
-def guide(tmp_path_factory: pytest.TempPathFactory) -> object:
-    from tests.support.servers import server_factory
-
+def guide(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with server_factory(tmp_path_factory.mktemp("limits")) as factory:
         yield guide_server(factory)
 
@@ -144,11 +143,11 @@ def test_bodies_within_the_limit_are_served(guide: Server) -> None:
     response = httpx.post(f"{guide.url}/api/jobs/submit", content=body, headers=headers, timeout=60)
     assert response.status_code == 422, response.text[:300]  # read and validated: not 413
 
-    def chunks() -> object:
+    def chunks() -> Iterator[bytes]:
         yield body[: len(body) // 2]
         yield body[len(body) // 2 :]
 
-    response = httpx.post(f"{guide.url}/api/jobs/submit", content=chunks(), headers=headers, timeout=60)  # type: ignore[arg-type]
+    response = httpx.post(f"{guide.url}/api/jobs/submit", content=chunks(), headers=headers, timeout=60)
     assert response.status_code == 422, response.text[:300]
 
 
