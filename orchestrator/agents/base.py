@@ -133,9 +133,11 @@ def api_environment(ctx: WorkerContext) -> dict[str, str]:
     return env
 
 
-def base_environment(ctx: WorkerContext) -> dict[str, str]:
-    """What every worker gets, whatever the agent."""
-    return {
+def base_environment(ctx: WorkerContext, *, with_task: bool = True) -> dict[str, str]:
+    """What every worker gets, whatever the agent. The task is also in `ORCHESTRATOR_TASK` for
+    command profiles (bounded to 64 KiB, under the kernel's 128 KiB per environment string);
+    the real agent CLIs read it on stdin only (`with_task=False`)."""
+    env = {
         **api_environment(ctx),
         "ORCHESTRATOR_TOKEN": ctx.token,
         "ORCHESTRATOR_JOB_ID": ctx.job_id,
@@ -148,3 +150,6 @@ def base_environment(ctx: WorkerContext) -> dict[str, str]:
         "XDG_CONFIG_HOME": str(ctx.home / ".config"),
         "XDG_CACHE_HOME": str(ctx.home / ".cache"),
     }
+    if not with_task:
+        del env["ORCHESTRATOR_TASK"]
+    return env

@@ -1,11 +1,12 @@
 """`claude-code`: the real Claude Code CLI, headless, its stream-json output parsed.
 
-    claude -p <task> --output-format stream-json --verbose --permission-mode ... \\
+    claude -p --output-format stream-json --verbose --permission-mode ... \\
         --mcp-config <run_dir>/mcp.json --strict-mcp-config --allowedTools mcp__orchestrator__* ...
 
-Each worker gets its own HOME and CLAUDE_CONFIG_DIR (session transcripts live there, so a parked
-worker can be resumed with `--resume <session_id>`), the server's `ANTHROPIC_*` environment, and
-the orchestrator's MCP server (`python -m orchestrator.mcp`) holding its delegated token.
+The task arrives on stdin, never in argv or the environment. Each worker gets its own HOME and
+CLAUDE_CONFIG_DIR (session transcripts live there, so a parked worker can be resumed with
+`--resume <session_id>`), the server's `ANTHROPIC_*` environment, and the orchestrator's MCP
+server (`python -m orchestrator.mcp`) holding its delegated token.
 Facts behind every flag and variable: docs/agent-cli-harness.md.
 """
 
@@ -154,10 +155,10 @@ class ClaudeCodeAgent(Agent):
         if binary is None:
             raise RuntimeError(self.unavailable_reason())
         options = ClaudeCodeOptions.model_validate(ctx.options)
+        # The task goes on stdin (`-p` with no prompt argument reads it there): never in argv,
+        # which every local user can read in /proc/PID/cmdline, nor in the environment.
         task = RESUME_PROMPT if ctx.resume_session else ctx.task
-        if task.startswith("-"):
-            task = " " + task  # never mistaken for an option
-        argv = [binary, "-p", task, "--output-format", "stream-json", "--verbose"]
+        argv = [binary, "-p", "--output-format", "stream-json", "--verbose"]
         argv += ["--permission-mode", options.permission_mode]
         if options.model:
             argv += ["--model", options.model]
@@ -183,7 +184,7 @@ class ClaudeCodeAgent(Agent):
         if ctx.resume_session:
             argv += ["--resume", ctx.resume_session]
 
-        env = base_environment(ctx)
+        env = base_environment(ctx, with_task=False)
         env.update(provider_environment(PROVIDER_PREFIXES))
         env.update(
             {
@@ -198,7 +199,7 @@ class ClaudeCodeAgent(Agent):
         )
         if options.permission_mode == "bypassPermissions" and os.geteuid() == 0:
             env["IS_SANDBOX"] = "1"  # else the CLI refuses bypass mode as root
-        return LaunchSpec(argv=argv, env=env, stdin_text="")
+        return LaunchSpec(argv=argv, env=env, stdin_text=task)
 
     # ------------------------------------------------------------------ output
 

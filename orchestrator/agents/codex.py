@@ -131,12 +131,14 @@ class CodexAgent(Agent):
         )
         for key, value in options.config.items():
             argv += ["-c", f"{key}={toml_value(value)}"]
+        # `-`: the prompt is read from stdin, never put in argv (readable by every local user in
+        # /proc/PID/cmdline) or the environment.
         task = "Continue the task." if ctx.resume_session else ctx.task
-        argv.append(" " + task if task.startswith("-") else task)
-        env = base_environment(ctx)
+        argv.append("-")
+        env = base_environment(ctx, with_task=False)
         env.update(provider)
         env["CODEX_HOME"] = str(codex_home)
-        return LaunchSpec(argv=argv, env=env, stdin_text="")
+        return LaunchSpec(argv=argv, env=env, stdin_text=task)
 
     def parse_events(self, line: str) -> list[AgentEvent]:
         data = json_object(line)

@@ -36,6 +36,10 @@ class SimulatedAgent(Agent):
     options_model = SimulatedOptions
 
     def launch(self, ctx: WorkerContext) -> LaunchSpec:
-        env = base_environment(ctx)
-        env["ORCHESTRATOR_SIMULATED_OPTIONS"] = json.dumps(ctx.options)
-        return LaunchSpec(argv=[sys.executable, "-m", "orchestrator.agents.simulated_worker"], env=env)
+        # Options on stdin: a request may hold up to 2 MiB of them, more than one environment
+        # string may (128 KiB). The task stays in ORCHESTRATOR_TASK (64 KiB at most).
+        return LaunchSpec(
+            argv=[sys.executable, "-m", "orchestrator.agents.simulated_worker"],
+            env=base_environment(ctx),
+            stdin_text=json.dumps(ctx.options),
+        )

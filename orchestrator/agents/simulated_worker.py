@@ -86,7 +86,7 @@ def say(message: str) -> None:
 
 
 def main() -> int:
-    options: dict[str, Any] = json.loads(os.environ.get("ORCHESTRATOR_SIMULATED_OPTIONS", "{}"))
+    options: dict[str, Any] = json.loads(sys.stdin.read() or "{}")  # the agent options, on stdin
     task = os.environ.get("ORCHESTRATOR_TASK", "")
     index = int(os.environ.get("WORKER_INDEX", "0"))
     count = int(os.environ.get("WORKER_COUNT", "1"))

@@ -20,9 +20,11 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from orchestrator.agents.registry import AgentRegistry
 from orchestrator.api.errors import install_error_handlers
+from orchestrator.api.limits import RequestLimitsMiddleware, bound_httptools_headers
 from orchestrator.api.observability import install_observability
 from orchestrator.api.routers import fleet, health, jobs, metrics, resources, supervisor, web, workspaces
 from orchestrator.api.routers.streams import stop_watcher as stop_stream_watcher
+from orchestrator.api.security_headers import SecurityHeadersMiddleware
 from orchestrator.bootstrap import prepare_database
 from orchestrator.core.address import ApiAddress, current_address, settings_address, wait_for_address
 from orchestrator.core.auth import SCOPE_DESCRIPTIONS
@@ -149,6 +151,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.mcp_http = McpOverHttp(lambda: current_address(settings) or settings_address(settings))
     app.mount("/mcp", app.state.mcp_http)
     install_observability(app)
+    # Size limits before anything reads the request; the security headers on every answer, the
+    # limits' 431/413 included.
+    app.add_middleware(
+        RequestLimitsMiddleware,
+        max_header_bytes=settings.orchestrator_max_header_bytes,
+        max_body_bytes=settings.orchestrator_max_body_bytes,
+    )
+    # Outside Starlette's ServerErrorMiddleware too, so even an unexpected 500 carries them.
+    build_stack = app.build_middleware_stack
+    setattr(app, "build_middleware_stack", lambda: SecurityHeadersMiddleware(build_stack()))  # noqa: B010
+    # uvicorn's httptools parser holds all of a request's headers before the app is called: bound
+    # it in this process (every server process imports the app). See orchestrator/api/limits.py.
+    bound_httptools_headers(settings.orchestrator_max_header_bytes)
     return app
 
 

@@ -120,11 +120,19 @@ def decode_access_token(token: str) -> TokenClaims:
     sub = payload["sub"]
     if not isinstance(sub, str) or not sub:
         raise Unauthorized("Invalid token: 'sub' must be a non-empty string")
+    worker_id, job_id = payload.get("wid"), payload.get("jid")
+    # A worker token names both its worker and its job, as strings; anything else (a number, a
+    # list, an object, one without the other) is not a token this server signs.
+    for name, value in (("wid", worker_id), ("jid", job_id)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise Unauthorized(f"Invalid token: '{name}' must be a non-empty string")
+    if (worker_id is None) != (job_id is None):
+        raise Unauthorized("Invalid token: a worker token needs both 'wid' and 'jid'")
     return TokenClaims(
         user_id=sub,
         scopes=effective_scopes(scopes),
-        worker_id=payload.get("wid"),
-        job_id=payload.get("jid"),
+        worker_id=worker_id,
+        job_id=job_id,
         raw=payload,
     )
 

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     orchestrator_sse_idle_poll_seconds: float = Field(default=5.0, gt=0)
     orchestrator_sse_ping_seconds: float = Field(default=10.0, gt=0)
     orchestrator_log_format: Literal["text", "json"] | None = None
+    # Request line + headers (431 over it) and request bodies (413 over it), checked before
+    # authentication or parsing (orchestrator/api/limits.py).
+    orchestrator_max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    orchestrator_max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     # Real coding agents (docs/claude-code-workers.md): CLI paths (or names looked up on PATH).
     orchestrator_claude_bin: str = "claude"
     orchestrator_codex_bin: str = "codex"

@@ -185,7 +185,10 @@ class LocalExecutor:
             actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
             if data:
                 stdin_arg = str(run_dir / STDIN_FILE)
-                Path(stdin_arg).write_bytes(data)
+                # The task or options: readable by the worker's user only.
+                fd = os.open(stdin_arg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
         actions += [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0), (os.POSIX_SPAWN_DUP2, 1, 2)]
         actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in self._inheritable()]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8")}

@@ -11,13 +11,37 @@ from orchestrator.core.config import get_settings
 from orchestrator.core.states import JobStatus
 from orchestrator.workspaces.refs import ref_format_error
 
+# A task reaches the worker on stdin (and, for command profiles, in ORCHESTRATOR_TASK): 64 KiB
+# fits a pipe's buffer and the kernel's limit on one environment string (128 KiB).
+MAX_TASK_BYTES = 64 * 1024
+# Options go to agents that walk them recursively; a request body is bounded at 64 levels.
+MAX_OPTIONS_DEPTH = 32
+
+
+def nesting_depth(value: Any) -> int:
+    """Levels of dicts and lists in `value` (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+            deepest = max(deepest, depth + 1)
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+            deepest = max(deepest, depth + 1)
+    return deepest
+
 
 class JobSubmit(BaseModel):
     # Integers must be JSON integers (not `true` or "3"); floats must be finite.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     task_description: str = Field(
-        min_length=1, max_length=100_000, examples=["Implement user authentication"]
+        min_length=1,
+        json_schema_extra={"maxLength": MAX_TASK_BYTES},  # characters <= bytes: checked in bytes
+        examples=["Implement user authentication"],
+        description=f"At most {MAX_TASK_BYTES} bytes of UTF-8 (64 KiB).",
     )
     worker_count: int = Field(
         default=1, ge=1, strict=True, description="Workers to run; at most the quota of the depth."
@@ -30,7 +54,9 @@ class JobSubmit(BaseModel):
         default=0, ge=-1000, le=1000, strict=True, description="Higher runs first within a depth."
     )
     agent: str | None = Field(default=None, description="Agent profile; the server's default if omitted.")
-    agent_options: dict[str, Any] = Field(default_factory=dict)
+    agent_options: dict[str, Any] = Field(
+        default_factory=dict, description=f"Nested at most {MAX_OPTIONS_DEPTH} levels deep."
+    )
     timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     repository: str | None = Field(
         default=None, max_length=4096, description="Local git repository under an allowed root."
@@ -61,6 +87,23 @@ class JobSubmit(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("task_description must not be blank")
+        return value
+
+    @field_validator("task_description")
+    @classmethod
+    def _within_task_bytes(cls, value: str) -> str:
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_TASK_BYTES:
+            raise ValueError(
+                f"task_description is {size} bytes of UTF-8; the limit is {MAX_TASK_BYTES} bytes (64 KiB)"
+            )
+        return value
+
+    @field_validator("agent_options")
+    @classmethod
+    def _options_depth(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if nesting_depth(value) > MAX_OPTIONS_DEPTH:
+            raise ValueError(f"agent_options is nested deeper than {MAX_OPTIONS_DEPTH} levels")
         return value
 
     @field_validator("depth")

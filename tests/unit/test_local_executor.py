@@ -41,6 +41,7 @@ def test_large_stdin_is_written_to_a_file_and_arrives_whole(tmp_path: Path) -> N
     run_dir = _run(tmp_path, LaunchSpec(argv=["cat"], stdin_text=task), "large")
     assert (run_dir / "output.log").read_text() == task
     assert (run_dir / "stdin").read_text() == task
+    assert (run_dir / "stdin").stat().st_mode & 0o777 == 0o600  # a task is nobody else's to read
 
 
 def test_no_stdin_is_an_empty_stdin(tmp_path: Path) -> None:

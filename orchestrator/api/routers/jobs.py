@@ -12,12 +12,13 @@ from pydantic import AfterValidator
 from orchestrator.api.deps import MAX_QUERY_INT, AgentsDep, JobsRead, JobsWrite, SessionDep, SettingsDep
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
 from orchestrator.api.routers import streams
+from orchestrator.api.strict_json import StrictJsonRoute
 from orchestrator.core.states import JobStatus
 from orchestrator.jobs import service
 from orchestrator.jobs.repository import JobFilter
 from orchestrator.jobs.schemas import EventList, EventOut, JobCounts, JobList, JobOut, JobSubmit, JobUsage
 
-router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
 
 
 @router.post(

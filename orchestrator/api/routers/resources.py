@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from orchestrator.api.deps import ResourcesRead, ResourcesWrite, SessionDep, SettingsDep
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
+from orchestrator.api.strict_json import StrictJsonRoute
 from orchestrator.resources import service
 from orchestrator.resources.schemas import (
     AllocateRequest,
@@ -16,7 +17,9 @@ from orchestrator.resources.schemas import (
     UsageReport,
 )
 
-router = APIRouter(prefix="/api/resources", tags=["resources"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/api/resources", tags=["resources"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute
+)
 
 
 @router.get("/quotas", response_model=QuotaList)

@@ -80,7 +80,16 @@ def ping_seconds() -> float:
 
 # --- cursors --------------------------------------------------------------------------------
 
-_CURSOR = re.compile(r"^e(\d+)-l(\d+)$")
+# ASCII digits only (`\d` and str.isdigit also take '²' or Arabic-Indic digits, which int()
+# refuses or reads), at most 18 of them: every id fits a signed 64-bit column.
+_ID = r"([0-9]{1,18})"
+_CURSOR = re.compile(rf"e{_ID}-l{_ID}")
+_SEQ = re.compile(_ID)
+
+
+def _bad_last_event_id(raw: str, expected: str) -> BadRequest:
+    shown = raw if len(raw) <= 40 else raw[:40] + "..."
+    return BadRequest(f"Malformed Last-Event-ID {shown!r}: expected {expected}, as sent by this stream")
 
 
 @dataclass
@@ -93,8 +102,15 @@ class Cursor:
 
     @classmethod
     def parse(cls, raw: str | None, default: Cursor) -> Cursor:
-        match = _CURSOR.match((raw or "").strip())
-        return cls(int(match.group(1)), int(match.group(2))) if match else default
+        """The cursor of a `Last-Event-ID` (absent or blank: `default`); BadRequest if malformed,
+        raised before the stream starts (a stream that has begun can only be cut short)."""
+        text = (raw or "").strip()
+        if not text:
+            return default
+        match = _CURSOR.fullmatch(text)
+        if match is None:
+            raise _bad_last_event_id(text, "e<event id>-l<log id>")
+        return cls(int(match.group(1)), int(match.group(2)))
 
     @classmethod
     def parse_strict(cls, raw: str | None) -> Cursor | None:
@@ -108,9 +124,13 @@ class Cursor:
 
 
 def parse_seq(raw: str | None) -> int | None:
-    """The next log line to send after `Last-Event-ID: <seq>`."""
-    raw = (raw or "").strip()
-    return int(raw) + 1 if raw.isdigit() else None
+    """The next log line to send after `Last-Event-ID: <seq>` (None when absent or blank)."""
+    text = (raw or "").strip()
+    if not text:
+        return None
+    if _SEQ.fullmatch(text) is None:
+        raise _bad_last_event_id(text, "a log line number")
+    return int(text) + 1
 
 
 # --- wake-ups -------------------------------------------------------------------------------

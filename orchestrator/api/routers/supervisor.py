@@ -10,11 +10,14 @@ from fastapi.responses import Response
 from orchestrator.api.deps import MAX_QUERY_INT, SessionDep, SupervisorRead, SupervisorWrite
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
 from orchestrator.api.routers import streams
+from orchestrator.api.strict_json import StrictJsonRoute
 from orchestrator.core.states import WORKER_FINAL, WorkerStatus
 from orchestrator.workers import service
 from orchestrator.workers.schemas import LogLine, SystemMetrics, WorkerList, WorkerLogs, WorkerOut
 
-router = APIRouter(prefix="/api/supervisor", tags=["supervisor"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/api/supervisor", tags=["supervisor"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute
+)
 
 
 @router.get("/workers", response_model=WorkerList)

@@ -8,10 +8,13 @@ from fastapi import APIRouter, Query
 
 from orchestrator.api.deps import MAX_QUERY_INT, JobsRead, SessionDep
 from orchestrator.api.errors import ERROR_RESPONSES
+from orchestrator.api.strict_json import StrictJsonRoute
 from orchestrator.workspaces import service
 from orchestrator.workspaces.schemas import WorkspaceList
 
-router = APIRouter(prefix="/api/workspaces", tags=["workspaces"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/api/workspaces", tags=["workspaces"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute
+)
 
 
 @router.get("", response_model=WorkspaceList)
