@@ -12,14 +12,16 @@ $BIN/mypy orchestrator
 
 mkdir -p test-artifacts
 
-# System tools the suite drives for real: a headless browser for the dashboard test, git for worktrees.
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 || ! command -v git >/dev/null 2>&1; then
-  echo "== installing chromium, chromium-driver and git (Debian packages)"
+# System tools the suite drives for real: a headless browser for the dashboard test, git for worktrees,
+# bubblewrap (the worker sandbox, and the host kind on which the Codex profile must work).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
+  || ! command -v git >/dev/null 2>&1 || ! command -v bwrap >/dev/null 2>&1; then
+  echo "== installing chromium, chromium-driver, git and bubblewrap (Debian packages)"
   if [ "$(id -u)" = "0" ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver git >/dev/null \
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver git bubblewrap >/dev/null \
       || echo "could not install them; the tests that need them will fail and say why"
   else
-    echo "not root: install chromium, chromium-driver and git yourself; the tests that need them will fail and say why"
+    echo "not root: install chromium, chromium-driver, git and bubblewrap yourself; the tests that need them will fail and say why"
   fi
 fi
 # The real Claude Code CLI (npm registry), for the agent tests.
