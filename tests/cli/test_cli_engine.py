@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli.support import cli_env, ok, ok_json, run
+from tests.cli.support import ORCHESTRATOR, cli_env, ok, ok_json, run
 from tests.support.servers import Server, server_factory
 from tests.support.wait import wait_until
 
@@ -61,6 +61,50 @@ def test_submit_wait_exits_1_when_the_job_fails(env: dict[str, str]) -> None:
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAILED" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_submit_wait_says_how_the_workers_of_a_canceled_job_ended(env: dict[str, str]) -> None:
+    """Piped `submit --wait` of a job canceled while its two workers run: the end reads
+    "workers 2/2 ended: 2 TERMINATED" (it used to read "workers 2/2", like a success), the exit is
+    1, and the stamps of the status lines never go back."""
+    watcher = subprocess.Popen(
+        [str(ORCHESTRATOR), "submit", "long", "-w", "2", "-o", "duration_seconds=600", "--wait"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        job_id = wait_until(
+            lambda: next(
+                (j["id"] for j in ok_json(env, "jobs")["jobs"] if j["task_description"] == "long"), None
+            ),
+            timeout=60,
+            interval=0.2,
+            what="the submitted job",
+        )
+        wait_until(
+            lambda: (
+                [w["status"] for w in ok_json(env, "workers", "--job", job_id)["workers"]]
+                == ["RUNNING", "RUNNING"]
+            ),
+            timeout=60,
+            interval=0.2,
+            what="both workers running",
+        )
+        ok(env, "cancel", job_id)
+        out, err = watcher.communicate(timeout=120)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.communicate()
+    assert watcher.returncode == 1, out + err
+    assert "Traceback" not in err
+    assert "workers 2/2 ended: 2 TERMINATED" in out, out
+    changes = [line.split() for line in out.splitlines() if f"{job_id} d0 " in line and "workers" not in line]
+    assert changes[-1][3] == "CANCELED", out
+    stamps = [float(change[0].rstrip("s")) for change in changes]
+    assert stamps == sorted(stamps), out
 
 
 def test_submit_wait_json_prints_the_final_job(env: dict[str, str]) -> None:
