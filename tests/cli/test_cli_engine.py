@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,13 +182,11 @@ def env_bin() -> str:
 
 @pytest.mark.parametrize("output", ["--json", "--tree"])
 def test_submit_wait_is_woken_by_the_servers_events_not_its_poll(env: dict[str, str], output: str) -> None:
-    """With the fallback poll set to 60 s, `--wait` still returns as soon as the job ends: it
-    reads the tree again when the events stream says something changed."""
-    slow_poll = {**env, "ORCHESTRATOR_CLI_POLL_SECONDS": "60"}
-    started = time.monotonic()
+    """With the fallback poll set to 600 s, `--wait` still returns as soon as the job ends: it
+    reads the tree again when the events stream says something changed. (Its run is given 300 s:
+    generous on a loaded host, and ending in time is only possible through the stream.)"""
+    slow_poll = {**env, "ORCHESTRATOR_CLI_POLL_SECONDS": "600"}
     args = ["--json"] if output == "--json" else []
-    done = run(slow_poll, "submit", "quick", "-o", "duration_seconds=0.5", "--wait", *args, timeout=120)
-    took = time.monotonic() - started
+    done = run(slow_poll, "submit", "quick", "-o", "duration_seconds=0.5", "--wait", *args, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "COMPLETED" in done.stdout
-    assert took < 30, f"--wait took {took:.1f} s: it waited for its 60 s poll, not for the event"
