@@ -125,7 +125,7 @@ def test_workers_killed_while_server_down_are_marked_lost(servers: ServerFactory
         assert "tick" in log_lines(client, workers_of(client, job["id"])[0]["id"])
 
 
-def test_four_processes_each_job_claimed_once_and_control_within_a_second(servers: ServerFactory) -> None:
+def test_four_processes_each_job_claimed_once_and_control_applied(servers: ServerFactory) -> None:
     server = servers.start(workers=4, ORCHESTRATOR_AGENTS_FILE=agents_file(servers.root))
     with server.client() as client:
         jobs = [submit(client, worker_count=1, agent_options={"duration_seconds": 0.2}) for _ in range(12)]
