@@ -196,6 +196,9 @@ class CodexAgent(Agent):
             if refused:
                 reason = _clip(refused.group(1).strip(), 500)
                 return [AgentEvent("tool_refused", {"status": "refused", "output": reason})]
+            if line.startswith("Error: "):  # Codex could not start (bad config, ...): it exits 1
+                message = _clip(line[len("Error: ") :].strip(), 500)
+                return [AgentEvent("result", {"is_error": True, "result": message, "startup_error": True})]
             if SANDBOX_HELPER_WARNING in line:
                 return [AgentEvent("warning", {"text": _clip(line)})]
             return []
@@ -252,6 +255,8 @@ class CodexAgent(Agent):
                 return Outcome(False, f"authentication failed: {message}")
             if isinstance(status, int):
                 return Outcome(False, f"api error {status}: {message}")
+            if result.get("startup_error"):
+                return Outcome(False, f"codex could not start: {message}")
             return Outcome(False, f"turn failed: {message}")
         if exit_code not in (0, None):
             return None

@@ -207,6 +207,20 @@ def test_a_command_that_ran_and_failed_is_an_event_not_a_failure(
     assert "Process exited with code 3" in function_output[0], function_output
 
 
+def test_a_codex_that_cannot_start_fails_with_its_own_reason(codex_server: Server) -> None:
+    """A configuration Codex refuses (here a retired approval policy) ends it before any turn with
+    exit 1 and an `Error: ...` line: the worker's reason is that line, not a bare exit code."""
+    options = {"config": {"approval_policy": "untrusted"}}
+    with codex_server.client() as client:
+        job = submit(client, task_description="never runs", agent="codex", agent_options=options)
+        done = wait_final(client, job["id"], timeout=TIMEOUT)
+        [worker] = workers_of(client, job["id"])
+        assert done["status"] == "FAILED", (done, worker)
+        reason = worker["status_reason"]
+        assert reason.startswith("codex could not start: "), reason
+        assert "approval_policy" in reason and "exit code" not in reason, reason
+
+
 def test_rejected_credentials_fail_with_that_reason(codex_server: Server, codex_scenarios: Scenarios) -> None:
     tag = codex_scenarios.add("auth", lambda body, turn, n: error(401))
     with codex_server.client() as client:
