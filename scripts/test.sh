@@ -12,25 +12,63 @@ $BIN/mypy orchestrator
 
 mkdir -p test-artifacts
 
-# System tools the suite drives for real: a headless browser for the dashboard test, git for worktrees.
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 || ! command -v git >/dev/null 2>&1; then
-  echo "== installing chromium, chromium-driver and git (Debian packages)"
+# System tools the suite drives for real: a headless browser for the dashboard test, git for worktrees,
+# bubblewrap (the worker sandbox, and the host kind on which the Codex profile must work).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
+  || ! command -v git >/dev/null 2>&1 || ! command -v bwrap >/dev/null 2>&1; then
+  echo "== installing chromium, chromium-driver, git and bubblewrap (Debian packages)"
   if [ "$(id -u)" = "0" ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver git >/dev/null \
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver git bubblewrap >/dev/null \
       || echo "could not install them; the tests that need them will fail and say why"
   else
-    echo "not root: install chromium, chromium-driver and git yourself; the tests that need them will fail and say why"
+    echo "not root: install chromium, chromium-driver, git and bubblewrap yourself; the tests that need them will fail and say why"
   fi
 fi
 # The real Claude Code CLI (npm registry), for the agent tests.
 bash tests/fakes/install_claude.sh >/dev/null || echo "could not install the Claude Code CLI; the agent tests will fail and say why"
-echo "== pytest (SQLite)"
-TEST_DATABASE=sqlite $BIN/python -m pytest -q -ra "$@"
+# Both halves always run (a failure in the first must not hide the second's); each half's whole output is
+# kept in test-artifacts/, and both summary lines are printed at the end. pytest's exit 5 ("no tests
+# collected", e.g. a -k that matches only one half) is fine for one half, not for both.
+run_half() {  # NAME LOG ARGS...: run pytest, tee its output to LOG, return its exit status
+  local name="$1" log="$2"
+  shift 2
+  echo "== pytest ($name)"
+  set +e
+  "$@" 2>&1 | tee "$log"
+  local rc="${PIPESTATUS[0]}"
+  set -e
+  return "$rc"
+}
+summary_of() {  # the last summary line pytest printed in LOG, or what went wrong
+  local line
+  line="$(grep -E '([0-9]+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed)|no tests ran)' "$1" | tail -1 || true)"
+  echo "${line:-no pytest summary (see $1)}"
+}
 
-echo "== pytest integration, streams and agents (PostgreSQL)"
+SQLITE_LOG=test-artifacts/pytest-sqlite.log
+PG_LOG=test-artifacts/pytest-postgres.log
+sqlite_rc=0
+run_half SQLite "$SQLITE_LOG" env TEST_DATABASE=sqlite $BIN/python -m pytest -q -ra "$@" || sqlite_rc=$?
+
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   echo "PostgreSQL is not accepting connections on 127.0.0.1:5432; trying to start it"
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
 fi
-TEST_DATABASE=postgres $BIN/python -m pytest -q -ra tests/integration tests/streams tests/agents "$@"
+pg_rc=0
+run_half "PostgreSQL: integration, streams, agents" "$PG_LOG" \
+  env TEST_DATABASE=postgres $BIN/python -m pytest -q -ra tests/integration tests/streams tests/agents "$@" || pg_rc=$?
+
+echo "== summary"
+echo "SQLite (exit $sqlite_rc): $(summary_of "$SQLITE_LOG")   [$SQLITE_LOG]"
+echo "PostgreSQL (exit $pg_rc): $(summary_of "$PG_LOG")   [$PG_LOG]"
+ok() { [ "$1" = 0 ] || [ "$1" = 5 ]; }
+if ! ok "$sqlite_rc" || ! ok "$pg_rc"; then
+  echo "FAILED: $( ok "$sqlite_rc" || echo "SQLite half (exit $sqlite_rc) " )$( ok "$pg_rc" || echo "PostgreSQL half (exit $pg_rc)" )"
+  exit 1
+fi
+if [ "$sqlite_rc" = 5 ] && [ "$pg_rc" = 5 ]; then
+  echo "FAILED: no tests ran in either half"
+  exit 5
+fi
+echo "OK: both halves passed"

@@ -6,6 +6,16 @@ gets its own CODEX_HOME, whose `config.toml` (mode 0600) holds the provider and 
 server: that server's settings carry the worker's delegated token, which must not be in argv.
 A rejected request ends the turn with `turn.failed` ("unexpected status 401 Unauthorized: ...", after
 codex's own reconnect attempts); its HTTP status decides the reason. Facts: docs/agent-cli-harness.md.
+
+Codex's own sandbox is off by default (`--dangerously-bypass-approvals-and-sandbox`): the orchestrator
+confines the worker itself (its own worktree, HOME and token), and Codex's sandbox fails silently on
+hosts with bubblewrap installed: Codex then wraps each command in `bwrap ... codex-linux-sandbox`, a
+helper it refuses to create when CODEX_HOME is under /tmp and that cannot nest inside another sandbox.
+The command does not run, Codex tells only the model, the model says "Done" and the run exits 0.
+A second sandbox inside the worker adds nothing but that silent failure; `sandbox: read-only` or
+`workspace-write` stays available for hosts where it works. Whatever the mode, a command Codex reports
+as declined (or failed without ever starting) fails the worker (`outcome`), and a command that ran and
+exited non-zero is an `agent.command_failed` event (the agent saw its exit code and may have handled it).
 """
 
 from __future__ import annotations
@@ -34,13 +44,22 @@ PROVIDER_NAME = "orchestrator"
 # "unexpected status 401 Unauthorized: ..." / "exceeded retry limit, last status: 429 Too Many Requests"
 HTTP_STATUS = re.compile(r"\bstatus:? (\d{3})\b")
 BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# Codex's note (on stderr) that its sandbox helper could not be set up: sandboxed commands will not run.
+SANDBOX_HELPER_WARNING = "could not create PATH aliases"
+# Codex's log line (stderr) for a tool call it refused to run (e.g. an escalation under approval
+# policy "never"): nothing on the JSON stream says so, only the model is told.
+REFUSED_TOOL = re.compile(r"\bcodex_core::tools::router: error=(.*)$")
+# How long Codex waits for the delegation MCP server before its first model request: marked required,
+# so the tools are in every request (also on a loaded host), and a server that never answers fails the run.
+MCP_STARTUP_TIMEOUT_SECONDS = 120
 
 
 class CodexOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(default=None, max_length=200)
-    sandbox: Literal["read-only", "workspace-write", "danger-full-access"] = "workspace-write"
+    # "none": Codex's own sandbox off (see the module docstring); the others are Codex's `-s` modes.
+    sandbox: Literal["none", "read-only", "workspace-write", "danger-full-access"] = "none"
     delegation: bool = True
     mcp_transport: Literal["http", "stdio"] = "http"
     config: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=50)
@@ -68,6 +87,30 @@ def http_status(message: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def command_events(item: dict[str, Any]) -> list[AgentEvent]:
+    """A finished shell command: a `tool_use`, plus `command_failed` when it ran and exited non-zero,
+    or `tool_refused` when it never ran (declined, or failed with no exit code: it never started)."""
+    status, exit_code = item.get("status"), item.get("exit_code")
+    use: dict[str, Any] = {
+        "name": "exec_command",
+        "input": {"command": _clip(item.get("command"), 2000)},
+        "exit_code": exit_code,
+        "status": status,
+    }
+    events = [AgentEvent("tool_use", use)]
+    detail = {
+        "command": _clip(item.get("command"), 500),
+        "status": status,
+        "exit_code": exit_code,
+        "output": _clip(item.get("aggregated_output"), 500),
+    }
+    if status == "declined" or (status == "failed" and not isinstance(exit_code, int)):
+        events.append(AgentEvent("tool_refused", detail))
+    elif status == "failed" or (isinstance(exit_code, int) and exit_code != 0):
+        events.append(AgentEvent("command_failed", detail))
+    return events
+
+
 class CodexAgent(Agent):
     name = "codex"
     options_model = CodexOptions
@@ -92,7 +135,12 @@ class CodexAgent(Agent):
         argv = [binary, "exec"]
         if ctx.resume_session:
             argv += ["resume", ctx.resume_session]
-        argv += ["--json", "--skip-git-repo-check", "-s", options.sandbox, "-C", str(ctx.workdir)]
+        argv += ["--json", "--skip-git-repo-check"]
+        if options.sandbox == "none":
+            argv.append("--dangerously-bypass-approvals-and-sandbox")
+        else:
+            argv += ["-s", options.sandbox]
+        argv += ["-C", str(ctx.workdir)]
         if options.model:
             argv += ["-m", options.model]
         config: dict[str, Any] = {}
@@ -111,6 +159,8 @@ class CodexAgent(Agent):
             config["mcp_servers.orchestrator"] = {
                 "url": f"{ctx.api_url}/mcp/",
                 "bearer_token_env_var": "ORCHESTRATOR_TOKEN",
+                "required": True,
+                "startup_timeout_sec": MCP_STARTUP_TIMEOUT_SECONDS,
             }
         elif options.delegation:
             config["mcp_servers.orchestrator"] = {
@@ -123,6 +173,8 @@ class CodexAgent(Agent):
                     "ORCHESTRATOR_WORKER_ID": ctx.worker_id,
                     "ORCHESTRATOR_DEPTH": str(ctx.depth),
                 },
+                "required": True,
+                "startup_timeout_sec": MCP_STARTUP_TIMEOUT_SECONDS,
             }
         codex_home = ctx.home / ".codex"
         codex_home.mkdir(parents=True, exist_ok=True)
@@ -143,6 +195,15 @@ class CodexAgent(Agent):
     def parse_events(self, line: str) -> list[AgentEvent]:
         data = json_object(line)
         if data is None:
+            refused = REFUSED_TOOL.search(line)
+            if refused:
+                reason = _clip(refused.group(1).strip(), 500)
+                return [AgentEvent("tool_refused", {"status": "refused", "output": reason})]
+            if line.startswith("Error: "):  # Codex could not start (bad config, ...): it exits 1
+                message = _clip(line[len("Error: ") :].strip(), 500)
+                return [AgentEvent("result", {"is_error": True, "result": message, "startup_error": True})]
+            if SANDBOX_HELPER_WARNING in line:
+                return [AgentEvent("warning", {"text": _clip(line)})]
             return []
         kind = data.get("type")
         if kind == "thread.started":
@@ -153,16 +214,7 @@ class CodexAgent(Agent):
             if itype == "agent_message":
                 return [AgentEvent("message", {"text": _clip(item.get("text"))})]
             if itype == "command_execution":
-                return [
-                    AgentEvent(
-                        "tool_use",
-                        {
-                            "name": "exec_command",
-                            "input": {"command": _clip(item.get("command"), 2000)},
-                            "exit_code": item.get("exit_code"),
-                        },
-                    )
-                ]
+                return command_events(item)
             if itype in ("file_change", "mcp_tool_call", "web_search"):
                 return [AgentEvent("tool_use", {"name": itype, "input": _clip(json.dumps(item), 2000)})]
             if itype == "error":  # a warning (e.g. unknown model metadata), not a failure
@@ -190,6 +242,15 @@ class CodexAgent(Agent):
     def outcome(self, result: dict[str, Any] | None, exit_code: int | None) -> Outcome | None:
         if not result or "is_error" not in result:
             return None
+        refused = result.get("refused_tools")
+        if not result["is_error"] and isinstance(refused, list) and refused:
+            first = refused[0] if isinstance(refused[0], dict) else {}
+            command = f" {first['command']!r}" if first.get("command") else ""
+            return Outcome(
+                False,
+                f"codex did not run {len(refused)} tool call(s) the model asked for; first{command} "
+                f"({first.get('status') or 'failed'}): {first.get('output') or 'no output'}",
+            )
         if result["is_error"]:
             message = str(result.get("result") or "").strip() or "no message"
             status = result.get("api_error_status")
@@ -197,6 +258,8 @@ class CodexAgent(Agent):
                 return Outcome(False, f"authentication failed: {message}")
             if isinstance(status, int):
                 return Outcome(False, f"api error {status}: {message}")
+            if result.get("startup_error"):
+                return Outcome(False, f"codex could not start: {message}")
             return Outcome(False, f"turn failed: {message}")
         if exit_code not in (0, None):
             return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -81,6 +82,29 @@ def _until_end(job_id: str, cursor: str | None, timeout: float) -> str | None:
     return cursor
 
 
+class WorkClock:
+    """Work time only: a paused worker (SIGSTOP ... SIGCONT to its process group) must not count
+    the pause as work. A stopped process cannot note when it was stopped, but it learns when it
+    is resumed (SIGCONT runs this handler), so a step during which it was resumed counts only
+    from the resume: the work done before the stop within that step (at most one progress
+    interval) is not counted, so the run may be a little longer than asked, never shorter."""
+
+    def __init__(self) -> None:
+        self.worked = 0.0
+        self.resumed_at: float | None = None
+        signal.signal(signal.SIGCONT, self._resumed)
+
+    def _resumed(self, signum: int, frame: object) -> None:
+        self.resumed_at = time.monotonic()
+
+    def step(self, seconds: float) -> None:
+        """Sleep `seconds` and add the part of it spent running (from the last resume, if any)."""
+        began = time.monotonic()
+        time.sleep(seconds)
+        resumed = self.resumed_at
+        self.worked += time.monotonic() - (resumed if resumed is not None and resumed > began else began)
+
+
 def say(message: str) -> None:
     print(message, flush=True)
 
@@ -96,12 +120,12 @@ def main() -> int:
     interval = float(options.get("progress_interval_seconds", 0.5))
     say(f"[simulated] worker {index + 1}/{count} at depth {depth} starting: {task}")
 
-    started = time.monotonic()
+    clock = WorkClock()
     step = 0
-    while (elapsed := time.monotonic() - started) < duration:
+    while (elapsed := clock.worked) < duration:
         step += 1
         say(f"[simulated] working... step {step} ({elapsed:.1f}s of {duration:.1f}s)")
-        time.sleep(min(interval, max(0.0, duration - elapsed)))
+        clock.step(min(interval, max(0.0, duration - elapsed)))
 
     children: list[str] = []
     for subtask in options.get("subtasks", []):

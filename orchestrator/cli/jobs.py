@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -96,6 +97,7 @@ def submit(
         if depth is None and parent is not None:
             depth = int(api.get(f"/api/jobs/{parent}").get("depth", 0)) + 1
         body["depth"] = depth or 0
+        submitted = time.monotonic()  # the --wait view's stamps count from here
         job = api.post("/api/jobs/submit", body)
         if not wait:
             _print_submitted(job, quiet=quiet, as_json=as_json)
@@ -106,7 +108,7 @@ def submit(
                     "Submitted ", (job["id"], "bold"), " — following it; Ctrl-C stops watching only."
                 )
             )
-        final = _wait(api, job["id"], quiet=quiet or as_json)
+        final = _wait(api, job["id"], quiet=quiet or as_json, submitted=submitted)
     if as_json:
         print_json(final)
     elif quiet:
@@ -129,14 +131,14 @@ def _print_submitted(job: dict[str, Any], *, quiet: bool, as_json: bool) -> None
         console().print(f"See it with: orchestrator job {job['id']}", style="dim")
 
 
-def _wait(api: ApiClient, job_id: str, *, quiet: bool) -> dict[str, Any]:
+def _wait(api: ApiClient, job_id: str, *, quiet: bool, submitted: float) -> dict[str, Any]:
     """Until final, quietly (for --json/-q) or with the live tree; woken by the server's events."""
     from orchestrator.cli.live import wait_until_final, watch
 
     try:
         if quiet:
             return wait_until_final(api, job_id)
-        return watch(api, job_id).root
+        return watch(api, job_id, submitted=submitted).root
     except KeyboardInterrupt:
         console().print(f"\nStopped watching; {job_id} keeps running. See it with: orchestrator job {job_id}")
         raise typer.Exit(130) from None

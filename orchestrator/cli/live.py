@@ -31,6 +31,8 @@ from orchestrator.cli.output import (
     worker_cost,
 )
 
+ACTIVE = ("RUNNING", "PAUSED")
+
 if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.tree import Tree
@@ -51,6 +53,8 @@ class Snapshot:
     workers: dict[str, list[dict[str, Any]]]
     last_lines: dict[str, str] = field(default_factory=dict)
     taken_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # When it was read on this machine's monotonic clock: the stamps a watcher prints never go back.
+    taken_mono: float = field(default_factory=time.monotonic)
 
     @property
     def done(self) -> bool:
@@ -167,17 +171,32 @@ class TreeFetcher:
             self._log_offsets[worker["id"]] = int(data.get("next_offset", offset))
 
 
+def shown_status(job: dict[str, Any], workers: list[dict[str, Any]]) -> str:
+    """The job's status as shown: a job read PENDING whose worker has started is RUNNING (the job
+    and its workers are read one after the other, and the engine marks them in that order)."""
+    status = str(job.get("status"))
+    if status == "PENDING" and any(w.get("started_at") or w.get("status") in ACTIVE for w in workers):
+        return "RUNNING"
+    return status
+
+
+def workers_ended(workers: list[dict[str, Any]], total: int) -> Text:
+    """ "workers 2/2 ended: 1 COMPLETED, 1 TERMINATED": how many ended and how, not a bare 2/2
+    that reads as success on a canceled job."""
+    ended = [w for w in workers if w.get("status") in WORKER_FINAL]
+    text = Text(f"workers {len(ended)}/{total} ended")
+    if ended:
+        text.append(": ")
+        text.append_text(_counts(w.get("status") for w in ended))
+    return text
+
+
 def _job_label(job: dict[str, Any], workers: list[dict[str, Any]], now: datetime) -> Text:
-    done = sum(1 for w in workers if w.get("status") in WORKER_FINAL)
     total = int(job.get("worker_count") or len(workers))
-    label = Text.assemble(
-        (job["id"], "bold"),
-        " ",
-        status_text(job.get("status")),
-        f"  d{job.get('depth', 0)}",
-        f"  workers {done}/{total}",
-    )
-    if job.get("status") == "PENDING":
+    status = shown_status(job, workers)
+    label = Text.assemble((job["id"], "bold"), " ", status_text(status), f"  d{job.get('depth', 0)}  ")
+    label.append_text(workers_ended(workers, total))
+    if status == "PENDING":
         queued = (now - (parse_time(job.get("created_at")) or now)).total_seconds()
         label.append(f"  queued {format_duration(queued)}", style="dim")
     else:
@@ -235,7 +254,7 @@ def summary_line(snap: Snapshot) -> Text:
     jobs = list(snap.walk())
     workers = snap.all_workers()
     text = Text(f"{len(jobs)} job(s): ")
-    text.append_text(_counts(j.get("status") for j in jobs))
+    text.append_text(_counts(shown_status(j, snap.workers.get(j["id"], [])) for j in jobs))
     text.append(f"  ·  {len(workers)} worker(s): ")
     text.append_text(_counts(w.get("status") for w in workers))
     text.append(f"  ·  {format_duration(elapsed(snap.root))}", style="dim")
@@ -318,9 +337,13 @@ class ChangeSignal:
             stream.close()  # ends the reading thread's blocked read
 
 
-def watch(api: ApiClient, job_id: str, *, interval: float | None = None) -> Snapshot:
+def watch(
+    api: ApiClient, job_id: str, *, interval: float | None = None, submitted: float | None = None
+) -> Snapshot:
     """Follow a job until it is final: a live tree on a terminal, one line per change otherwise.
     The tree is read again when the server streams a change, and every `interval` regardless.
+    Printed stamps are seconds on this machine's monotonic clock since `submitted` (a
+    `time.monotonic()` taken when the job was submitted), else since the job's creation as first read.
 
     Brief connection losses (a server restart) are ridden out for WAIT_RECONNECT_SECONDS.
     """
@@ -336,7 +359,7 @@ def watch(api: ApiClient, job_id: str, *, interval: float | None = None) -> Snap
 
     try:
         if not out.is_terminal:
-            return _watch_plain(fetcher, snap, pause)
+            return _watch_plain(fetcher, snap, pause, submitted)
         from rich.live import Live
 
         with Live(_frame(snap), console=out, refresh_per_second=8, transient=False) as live:
@@ -378,16 +401,21 @@ def _poll(fetcher: TreeFetcher) -> Snapshot:
             time.sleep(1.0)
 
 
-def _watch_plain(fetcher: TreeFetcher, snap: Snapshot, pause: Callable[[], None]) -> Snapshot:
+def _watch_plain(
+    fetcher: TreeFetcher, snap: Snapshot, pause: Callable[[], None], submitted: float | None
+) -> Snapshot:
     out = console()
     seen: dict[str, str] = {}
+    if submitted is None:  # the job's age when first read, then this machine's monotonic clock
+        created = parse_time(snap.root.get("created_at")) or snap.taken_at
+        submitted = snap.taken_mono - max(0.0, (snap.taken_at - created).total_seconds())
 
     def report(current: Snapshot) -> None:
         for job in current.walk():
-            status = str(job.get("status"))
+            status = shown_status(job, current.workers.get(job["id"], []))
             if seen.get(job["id"]) != status:
                 seen[job["id"]] = status
-                clock = format_duration(elapsed(current.root, current.taken_at))
+                clock = format_duration(current.taken_mono - submitted)
                 line = Text(f"{clock:>7}  {job['id']} d{job.get('depth', 0)} ")
                 line.append_text(status_text(status))
                 if job.get("status_reason") and status in ("FAILED", "CANCELED"):

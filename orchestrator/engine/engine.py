@@ -963,10 +963,16 @@ class Engine:
                 proc.extra["agent_session_id"] = event.data["session_id"]
             elif event.kind == "message" and event.data.get("text"):
                 proc.extra["agent_last_message"] = event.data["text"]
+            elif event.kind == "tool_refused":
+                # A tool call the agent's CLI did not run: its outcome decides whether that fails the run.
+                refused = proc.extra.get("agent_refused")
+                proc.extra["agent_refused"] = [*(refused if isinstance(refused, list) else []), event.data]
             elif event.kind == "result":
                 # Agents whose final event carries only usage (Codex) still get a final message
                 # and a session id (to resume) from what they said earlier in the run.
                 result = dict(event.data)
+                if isinstance(proc.extra.get("agent_refused"), list):
+                    result.setdefault("refused_tools", proc.extra["agent_refused"])
                 if not result.get("result") and proc.extra.get("agent_last_message"):
                     result["result"] = proc.extra["agent_last_message"]
                 if not result.get("session_id") and proc.extra.get("agent_session_id"):

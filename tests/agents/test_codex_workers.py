@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from tests.fakes.fake_openai_responses import (
     Step,
     error,
     exec_command,
+    function_call,
     function_outputs,
     text,
     turn_of,
@@ -71,6 +73,12 @@ def events_of(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
 def test_exec_command_lands_on_the_worker_branch_with_tokens(
     codex_server: Server, codex_scenarios: Scenarios, openai_fake: FakeOpenAIResponses
 ) -> None:
+    # With bubblewrap installed Codex's own sandbox could not run the command (it said so only to the
+    # model, which answered "Done"): the profile must work on such hosts (scripts/test.sh installs it).
+    assert shutil.which("bwrap"), (
+        "bubblewrap (bwrap) must be installed for this test: apt-get install bubblewrap"
+    )
+
     def script(body: dict[str, Any], turn: int, n: int) -> Step:
         if turn == 0:
             return exec_command(
@@ -123,10 +131,10 @@ def test_exec_command_lands_on_the_worker_branch_with_tokens(
     cwd = re.search(r"<cwd>([^<]+)</cwd>", json.dumps(first["input"]))
     assert cwd and worker["id"] in cwd.group(1), cwd
     assert "Process exited with code 0" in function_outputs(last)[0]
-    # Codex gives MCP servers ~250 ms before its first model request and connects the rest in the
-    # background, so the tools may first appear in the second request; this run makes two.
-    offered = ["mcp__orchestrator" in json.dumps(body["input"]) for body in codex_scenarios.bodies["write"]]
-    assert any(offered), offered
+    # The delegation server is `required`: Codex waits for it before its first model request, so the
+    # tools are offered in every request, also on a loaded host (it used to give the server ~250 ms).
+    offered = ["mcp__orchestrator" in json.dumps(body) for body in codex_scenarios.bodies["write"]]
+    assert offered and all(offered), offered
     # Those settings are in a private file, not on the command line: the tools are served by the API
     # process at /mcp/ and the CLI authenticates with the worker's delegated token from its environment.
     [config] = codex_server.root.rglob(f"runs/{worker['id']}/home/.codex/config.toml")
@@ -134,9 +142,83 @@ def test_exec_command_lands_on_the_worker_branch_with_tokens(
     text_ = config.read_text()
     assert 'model_provider = "orchestrator"' in text_ and f'url="{codex_server.url}/mcp/"' in text_, text_
     assert 'bearer_token_env_var="ORCHESTRATOR_TOKEN"' in text_ and "eyJ" not in text_, text_
+    assert "required=true" in text_, text_
     request = next(r for r in openai_fake.response_requests if r.body is first)
     assert request.headers["authorization"] == "Bearer test-key"
     assert not openai_fake.problems
+
+
+def test_a_tool_call_codex_refused_fails_the_worker(codex_server: Server, codex_scenarios: Scenarios) -> None:
+    """Codex refuses an escalated command under approval policy "never" and tells only the model (and
+    its log); the model answers "Done" and Codex exits 0. That run must not look like a success."""
+
+    def script(body: dict[str, Any], turn: int, n: int) -> Step:
+        if turn == 0:
+            arguments = {
+                "cmd": "touch refused.txt",
+                "sandbox_permissions": "require_escalated",
+                "justification": "x",
+            }
+            return function_call("exec_command", arguments)
+        return text("Done: all good.")
+
+    tag = codex_scenarios.add("refused", script)
+    repo = make_repo(codex_server.root, "codex-refused-repo")
+    options = {"sandbox": "workspace-write", "config": {"approval_policy": "never"}}
+    with codex_server.client() as client:
+        job = submit(
+            client,
+            task_description=f"{tag} touch",
+            agent="codex",
+            repository=str(repo),
+            agent_options=options,
+        )
+        done = wait_final(client, job["id"], timeout=TIMEOUT)
+        [worker] = workers_of(client, job["id"])
+        assert done["status"] == "FAILED", (done, worker, log_lines(client, worker["id"])[-8:])
+        reason = worker["status_reason"]
+        assert reason.startswith("codex did not run 1 tool call(s)"), reason
+        assert "approval policy is Never" in reason, reason
+        refused = [e for e in events_of(client, job["id"]) if e["kind"] == "agent.tool_refused"]
+        assert len(refused) == 1, refused
+    assert not (repo / "refused.txt").exists()
+
+
+def test_a_command_that_ran_and_failed_is_an_event_not_a_failure(
+    codex_server: Server, codex_scenarios: Scenarios
+) -> None:
+    """A command that ran and exited non-zero (a failing test run, say) is the agent's to handle:
+    an `agent.command_failed` event with its exit code, and the run's own outcome decides."""
+
+    def script(body: dict[str, Any], turn: int, n: int) -> Step:
+        if turn == 0:
+            return exec_command("echo broken >&2; exit 3")
+        return text("Handled the failure.")
+
+    tag = codex_scenarios.add("exit3", script)
+    with codex_server.client() as client:
+        job = submit(client, task_description=f"{tag} run", agent="codex")
+        done = wait_final(client, job["id"], timeout=TIMEOUT)
+        [worker] = workers_of(client, job["id"])
+        assert done["status"] == "COMPLETED", (done, worker)
+        [failed] = [e for e in events_of(client, job["id"]) if e["kind"] == "agent.command_failed"]
+        assert failed["data"]["exit_code"] == 3 and "broken" in failed["data"]["output"], failed
+    function_output = function_outputs(codex_scenarios.bodies["exit3"][-1])
+    assert "Process exited with code 3" in function_output[0], function_output
+
+
+def test_a_codex_that_cannot_start_fails_with_its_own_reason(codex_server: Server) -> None:
+    """A configuration Codex refuses (here a retired approval policy) ends it before any turn with
+    exit 1 and an `Error: ...` line: the worker's reason is that line, not a bare exit code."""
+    options = {"config": {"approval_policy": "untrusted"}}
+    with codex_server.client() as client:
+        job = submit(client, task_description="never runs", agent="codex", agent_options=options)
+        done = wait_final(client, job["id"], timeout=TIMEOUT)
+        [worker] = workers_of(client, job["id"])
+        assert done["status"] == "FAILED", (done, worker)
+        reason = worker["status_reason"]
+        assert reason.startswith("codex could not start: "), reason
+        assert "approval_policy" in reason and "exit code" not in reason, reason
 
 
 def test_rejected_credentials_fail_with_that_reason(codex_server: Server, codex_scenarios: Scenarios) -> None:

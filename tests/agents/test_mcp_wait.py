@@ -54,10 +54,10 @@ def test_a_wait_ends_when_the_sub_job_does_not_at_the_next_poll(
                     },
                 )
                 started = time.monotonic()
-                statuses, pending = await tools._wait([child["id"]], timeout_seconds=60)
-                # Past 60 s the wait would end on its deadline, reading a status it never polled:
-                # ending well before it is what only the stream can do (not a performance bound).
-                assert time.monotonic() - started < 20, "the wait must end on the stream's `end`"
+                statuses, pending = await tools._wait([child["id"]], timeout_seconds=600)
+                # At 600 s the wait would end on its deadline, reading a status it never polled:
+                # ending well before it (generous on a loaded host) is what only the stream can do.
+                assert time.monotonic() - started < 400, "the wait must end on the stream's `end`"
                 return child["id"], statuses, pending
             finally:
                 await tools.api.aclose()

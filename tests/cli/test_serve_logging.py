@@ -38,7 +38,7 @@ def test_serve_json_logs_carry_the_request_id(servers: ServerFactory) -> None:
 
             def healthy() -> bool:
                 try:
-                    return httpx.get(f"{url}/health", timeout=1).status_code == 200
+                    return httpx.get(f"{url}/health", timeout=10).status_code == 200
                 except httpx.HTTPError:
                     return False
 
