@@ -36,8 +36,9 @@ async def list_jobs(
     path_prefix: str | None = None,
     limit: int = 50,
     offset: int = 0,
+    delegation_key: str | None = None,
 ) -> tuple[list[Job], int]:
-    if has_nul(status, parent_job_id, path_prefix):
+    if has_nul(status, parent_job_id, path_prefix, delegation_key):
         return [], 0
     conditions = []
     if depth is not None:
@@ -48,6 +49,8 @@ async def list_jobs(
         conditions.append(Job.parent_job_id == parent_job_id)
     if path_prefix is not None:
         conditions.append(Job.path.startswith(path_prefix, autoescape=True))
+    if delegation_key is not None:
+        conditions.append(Job.delegation_key == delegation_key)
     total = (await session.execute(select(func.count()).select_from(Job).where(*conditions))).scalar_one()
     stmt = (
         select(Job)

@@ -8,11 +8,19 @@ from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import Response
 
 from orchestrator.api.deps import MAX_QUERY_INT, AgentsDep, JobsRead, JobsWrite, SessionDep, SettingsDep
-from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
+from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND, ErrorOut
 from orchestrator.api.routers import streams
 from orchestrator.core.states import JobStatus
 from orchestrator.jobs import service
-from orchestrator.jobs.schemas import EventList, EventOut, JobList, JobOut, JobSubmit, JobUsage
+from orchestrator.jobs.schemas import (
+    DELEGATION_KEY_PATTERN,
+    EventList,
+    EventOut,
+    JobList,
+    JobOut,
+    JobSubmit,
+    JobUsage,
+)
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -21,7 +29,11 @@ router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
     "/submit",
     response_model=JobOut,
     status_code=status.HTTP_201_CREATED,
-    responses={**NOT_FOUND, **BAD_REQUEST},
+    responses={
+        **NOT_FOUND,
+        **BAD_REQUEST,
+        409: {"model": ErrorOut, "description": "The parent has a child with this delegation_key"},
+    },
 )
 async def submit_job(
     body: JobSubmit, actor: JobsWrite, session: SessionDep, settings: SettingsDep, agents: AgentsDep
@@ -39,9 +51,23 @@ async def list_jobs(
     parent_job_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT)] = 0,
+    delegation_key: Annotated[
+        str | None,
+        Query(
+            pattern=DELEGATION_KEY_PATTERN,
+            description="Only the jobs submitted with this delegation_key (with parent_job_id: at most one)",
+        ),
+    ] = None,
 ) -> JobList:
     jobs, total = await service.list_jobs(
-        session, actor, depth=depth, status=status, parent_job_id=parent_job_id, limit=limit, offset=offset
+        session,
+        actor,
+        depth=depth,
+        status=status,
+        parent_job_id=parent_job_id,
+        limit=limit,
+        offset=offset,
+        delegation_key=delegation_key,
     )
     return JobList(jobs=[JobOut.model_validate(j) for j in jobs], total=total, limit=limit, offset=offset)
 
