@@ -7,19 +7,38 @@ a child did not complete). Standard library only, so it starts in a few millisec
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import os
 import signal
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from orchestrator.core.unix_http import api_socket, opener
 
 FINAL = {"COMPLETED", "FAILED", "CANCELED"}
 RETRY_SECONDS = 0.2
+# Connection errors, torn answers and 5xx are retried with backoff (doubling from the first to
+# the last delay) for as long as the worker's token is valid: a server killed and restarted (or
+# a proxy that dropped an answer) must not fail a tree.
+BACKOFF_FIRST_SECONDS = 0.2
+BACKOFF_MAX_SECONDS = 5.0
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+T = TypeVar("T")
+
+
+class Transient(Exception):
+    """The request may not have been served, or its answer was lost: worth trying again."""
+
+
+class GaveUp(Exception):
+    """Retried until the worker's token expires."""
 
 
 def _open(request: urllib.request.Request, timeout: float) -> Any:
@@ -38,12 +57,81 @@ def _request(path: str, method: str = "GET", data: bytes | None = None) -> urlli
     return request
 
 
-def _api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _call(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One request; Transient if it failed in a way a retry may mend, HTTPError for a refusal."""
     request = _request(path, method, json.dumps(body).encode() if body is not None else None)
     request.add_header("Content-Type", "application/json")
-    with _open(request, timeout=30) as response:
-        result: dict[str, Any] = json.loads(response.read())
-        return result
+    try:
+        with _open(request, timeout=30) as response:
+            result: dict[str, Any] = json.loads(response.read())
+            return result
+    except urllib.error.HTTPError as exc:
+        if exc.code in RETRY_STATUSES or exc.code >= 500:
+            raise Transient(f"{exc.code} {exc.reason}") from exc
+        raise
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # refused, reset, torn, timed out
+        raise Transient(f"{type(exc).__name__}: {exc}") from exc
+
+
+def token_expires_at() -> float:
+    """When this worker's token expires (its `exp` claim, read without checking the signature:
+    the server checks it); a week from now if it cannot be read."""
+    try:
+        payload = os.environ["ORCHESTRATOR_TOKEN"].split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"])
+    except (KeyError, IndexError, ValueError, TypeError):
+        return time.time() + 7 * 24 * 3600
+
+
+def retrying(attempt: Callable[[], T], what: str) -> T:
+    """`attempt()` until it does not raise Transient, sleeping 0.2 s, 0.4 s, ... 5 s between tries,
+    as long as the token stays valid."""
+    delay = BACKOFF_FIRST_SECONDS
+    deadline = token_expires_at()
+    while True:
+        try:
+            return attempt()
+        except Transient as exc:
+            if time.time() + delay >= deadline:
+                raise GaveUp(f"{what}: {exc}; gave up, this worker's token expires") from exc
+            say(f"[simulated] {what} failed ({exc}); retrying in {delay:.1f}s")
+            time.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+
+
+def _api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A request that is safe to repeat (a read), retried through server restarts."""
+    return retrying(lambda: _call(method, path, body), f"{method} {path}")
+
+
+def find_child(parent_job_id: str, key: str) -> dict[str, Any] | None:
+    """The child this worker submitted with `key`, if the server has it."""
+    query = urllib.parse.urlencode({"parent_job_id": parent_job_id, "delegation_key": key})
+    jobs = _call("GET", f"/api/jobs?{query}")["jobs"]
+    return jobs[0] if jobs else None
+
+
+def delegate(body: dict[str, Any]) -> dict[str, Any]:
+    """Submit a child exactly once. Once a submit was sent, its answer may have been lost after
+    the server committed it (killed, connection cut): the child is looked up by its
+    `delegation_key` before the submit is sent again, and a 409 (the key is taken: a submit of
+    ours that raced) is answered by the lookup too."""
+    sent = False
+
+    def attempt() -> dict[str, Any]:
+        nonlocal sent
+        if sent and (found := find_child(body["parent_job_id"], body["delegation_key"])) is not None:
+            return found
+        sent = True
+        try:
+            return _call("POST", "/api/jobs/submit", body)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:
+                raise
+            raise Transient("409: the delegation key is taken; looking the child up") from exc
+
+    return retrying(attempt, f"delegating {body['task_description']!r}")
 
 
 def wait_for(job_id: str, poll_seconds: float) -> str:
@@ -77,7 +165,7 @@ def _until_end(job_id: str, cursor: str | None, timeout: float) -> str | None:
                     break
     except TimeoutError:
         pass  # quiet for `timeout`: read the status again
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):
         time.sleep(RETRY_SECONDS)  # no stream (or it broke): read the status again shortly
     return cursor
 
@@ -116,6 +204,7 @@ def main() -> int:
     count = int(os.environ.get("WORKER_COUNT", "1"))
     depth = int(os.environ.get("ORCHESTRATOR_DEPTH", "0"))
     job_id = os.environ.get("ORCHESTRATOR_JOB_ID", "")
+    worker_id = os.environ.get("ORCHESTRATOR_WORKER_ID", "")
     duration = float(options.get("duration_seconds", 2.0))
     interval = float(options.get("progress_interval_seconds", 0.5))
     say(f"[simulated] worker {index + 1}/{count} at depth {depth} starting: {task}")
@@ -137,12 +226,17 @@ def main() -> int:
             "parent_job_id": job_id,
             "agent": "simulated",
             "agent_options": spec.get("agent_options", {}),
+            # This worker's n-th child: the same key on every retry of its submit.
+            "delegation_key": f"{worker_id}:{len(children)}",
         }
         try:
-            child = _api("POST", "/api/jobs/submit", body)
+            child = delegate(body)
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")
             say(f"[simulated] could not delegate {body['task_description']!r}: {exc.code} {detail}")
+            return 1
+        except GaveUp as exc:
+            say(f"[simulated] could not delegate {body['task_description']!r}: {exc}")
             return 1
         children.append(child["id"])
         say(f"[simulated] delegated {child['id']} at depth {depth + 1}: {body['task_description']}")
@@ -150,7 +244,11 @@ def main() -> int:
     failed = []
     poll = float(options.get("wait_poll_seconds", 5.0))
     for child_id in children:
-        status = wait_for(child_id, poll)
+        try:
+            status = wait_for(child_id, poll)
+        except (GaveUp, urllib.error.HTTPError) as exc:
+            say(f"[simulated] could not follow child {child_id}: {exc}")
+            return 1
         say(f"[simulated] child {child_id} finished: {status}")
         if status != "COMPLETED":
             failed.append(child_id)

@@ -119,6 +119,9 @@ class Job(Base):
     status_reason: Mapped[str | None] = mapped_column(Text)
     max_cost_usd: Mapped[float | None] = mapped_column(Float)
     max_turns: Mapped[int | None] = mapped_column(Integer)
+    # The submitter's key for this child, unique per parent: a delegating worker whose submit's
+    # answer was lost (server killed, connection cut) looks the child up by it before retrying.
+    delegation_key: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -127,6 +130,7 @@ class Job(Base):
     __table_args__ = (
         CheckConstraint("worker_count >= 1", name="worker_count_positive"),
         CheckConstraint("depth >= 0", name="depth_non_negative"),
+        Index("ux_jobs_parent_delegation_key", "parent_job_id", "delegation_key", unique=True),
         # An engine's active jobs, read every pass: without it SQLite walks all the jobs the
         # engine ever ran (ix_jobs_engine_id) and a pass slows down as history grows.
         # (depth: the engine's count of its PENDING jobs per depth is read from the index alone.)

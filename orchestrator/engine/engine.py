@@ -55,6 +55,7 @@ from orchestrator.engine import queries
 from orchestrator.engine.governor import Governor
 from orchestrator.engine.logs import LogCursor
 from orchestrator.engine.queries import JobRow, WorkerRow
+from orchestrator.engine.reconcile import Reconciler
 from orchestrator.executors.local import (
     PID_FILE,
     LocalExecutor,
@@ -1047,13 +1048,14 @@ class Engine:
         log.warning(
             "engine %s taking over %d job(s) of dead engine(s) %s", self.id, len(orphans), sorted(dead)
         )
+        reconciler = Reconciler(self.executor)
         for job in orphans:
             try:
                 async with self.db.session() as session:
                     if not await queries.take_over_job(session, job.id, job.engine_id, self.id):
                         continue
                     for worker in await workers_repo.workers_of_job(session, job.id):
-                        await self._recover_worker(session, worker, job)
+                        await self._recover_worker(session, worker, job, reconciler)
                     await notifications.notify(session, JOBS_TOPIC)
             except Exception:
                 # One job that cannot be taken over must not stop the others (or the engine from
@@ -1061,7 +1063,9 @@ class Engine:
                 log.exception("engine %s could not take over job %s; will retry", self.id, job.id)
         self.wake.set()
 
-    async def _recover_worker(self, session: AsyncSession, worker: Worker, job: Job) -> None:
+    async def _recover_worker(
+        self, session: AsyncSession, worker: Worker, job: Job, reconciler: Reconciler
+    ) -> None:
         run_dir = self.runs_dir / worker.id
         pid, start_time = worker.pid, worker.pid_start_time
         if pid is None and (run_dir / PID_FILE).exists():
@@ -1101,9 +1105,21 @@ class Engine:
             return
         proc = self.executor.adopt(worker.id, pid, start_time or 0, run_dir)
         if proc is not None:
-            proc.applied_paused = worker.status == WorkerStatus.PAUSED
-            if proc.applied_paused:
-                self.executor.send(proc, signal.SIGSTOP)
+            # The process may disagree with its record (an engine killed between an API call
+            # and its signal): make it follow, both ways.
+            done = reconciler.reconcile(proc, worker.status)
+            if done is not None:
+                log.warning("engine %s: adopted worker %s: %s", self.id, worker.id, done)
+                record_event(
+                    session,
+                    job_id=job.id,
+                    worker_id=worker.id,
+                    kind="worker.reconciled",
+                    actor=self.actor,
+                    reason=done,
+                    data={"pid": pid, "status": worker.status},
+                    created_at=utcnow(),
+                )
             self._supervise(proc, job, offset=worker.log_offset, lines=worker.log_lines)
             log.info("engine %s adopted worker %s (pid %s)", self.id, worker.id, pid)
             return

@@ -158,12 +158,23 @@ async def owned_pending_by_depth(session: AsyncSession, engine_id: str) -> dict[
 
 
 async def orphaned_jobs(session: AsyncSession, live_engines: set[str]) -> list[Job]:
-    stmt = (
-        select(Job)
-        .where(Job.status.in_(ACTIVE_JOB), Job.engine_id.is_not(None), Job.engine_id.not_in(live_engines))
-        .execution_options(populate_existing=True)
+    """Jobs of dead engines to take over: unfinished ones, and finished ones (a cancel) whose
+    workers still hold slots, that is whose processes may still run: a cancel recorded after its
+    engine died must still stop them."""
+    owned_by_dead = (Job.engine_id.is_not(None), Job.engine_id.not_in(live_engines))
+    active = select(Job).where(Job.status.in_(ACTIVE_JOB), *owned_by_dead)
+    holding = (
+        select(Worker.job_id)
+        .join(Job, Job.id == Worker.job_id)
+        .where(Worker.holds_slot.is_(True), Job.status.not_in(ACTIVE_JOB), *owned_by_dead)
+        .distinct()
     )
-    return list((await session.execute(stmt)).scalars())
+    found = list((await session.execute(active.execution_options(populate_existing=True))).scalars())
+    ended = [job_id for (job_id,) in (await session.execute(holding)).all()]
+    if ended:
+        stmt = select(Job).where(Job.id.in_(ended)).execution_options(populate_existing=True)
+        found += list((await session.execute(stmt)).scalars())
+    return found
 
 
 async def take_over_job(session: AsyncSession, job_id: str, old_engine: str | None, engine_id: str) -> bool:

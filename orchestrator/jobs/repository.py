@@ -48,6 +48,7 @@ class JobFilter:
     created_before: datetime | None = None
     q: str | None = None
     root_only: bool = False
+    delegation_key: str | None = None
 
     def conditions(self) -> list[ColumnElement[bool]]:
         conditions: list[ColumnElement[bool]] = []
@@ -74,13 +75,23 @@ class JobFilter:
                     Job.task_description.icontains(self.q, autoescape=True),
                 )
             )
+        if self.delegation_key is not None:
+            conditions.append(Job.delegation_key == self.delegation_key)
         if self.root_only:
             own_root = Job.path == self.path_prefix if self.path_prefix else Job.parent_job_id.is_(None)
             conditions.append(own_root)
         return conditions
 
     def finds_nothing(self) -> bool:
-        return has_nul(self.status, self.parent_job_id, self.path_prefix, self.agent, self.repository, self.q)
+        return has_nul(
+            self.status,
+            self.parent_job_id,
+            self.path_prefix,
+            self.agent,
+            self.repository,
+            self.q,
+            self.delegation_key,
+        )
 
 
 async def list_jobs(

@@ -33,6 +33,10 @@ def nesting_depth(value: Any) -> int:
     return deepest
 
 
+# Printable ASCII without spaces: it is matched exactly and shown in logs.
+DELEGATION_KEY_PATTERN = r"^[A-Za-z0-9._:/@+-]{1,128}$"
+
+
 class JobSubmit(BaseModel):
     # Integers must be JSON integers (not `true` or "3"); floats must be finite.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -64,6 +68,13 @@ class JobSubmit(BaseModel):
     base_ref: str | None = Field(default=None, max_length=255)
     max_cost_usd: float | None = Field(default=None, gt=0)
     max_turns: int | None = Field(default=None, ge=1, le=1_000_000, strict=True)
+    delegation_key: str | None = Field(
+        default=None,
+        pattern=DELEGATION_KEY_PATTERN,
+        description="The submitter's key for this child, unique per parent (needs parent_job_id): "
+        "a submit whose answer was lost is looked up by it (GET /api/jobs?delegation_key=...) "
+        "before it is retried; a second submit with the same key is 409.",
+    )
 
     @field_validator("task_description", "parent_job_id", "agent", "repository", "base_ref")
     @classmethod
@@ -138,6 +149,7 @@ class JobOut(BaseModel):
     max_turns: int | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    delegation_key: str | None = None
 
 
 class JobList(BaseModel):

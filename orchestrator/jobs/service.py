@@ -14,7 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.auth import Actor
 from orchestrator.core.config import Settings
-from orchestrator.core.errors import BadRequest, FieldInvalid, Forbidden, InvalidTransition, NotFound
+from orchestrator.core.errors import (
+    BadRequest,
+    Conflict,
+    FieldInvalid,
+    Forbidden,
+    InvalidTransition,
+    NotFound,
+)
 from orchestrator.core.ids import new_job_id, new_workspace_id
 from orchestrator.core.states import JOB_FINAL, WORKER_LIVE, JobStatus
 from orchestrator.db import fast
@@ -139,6 +146,11 @@ async def submit(
                 f"max_turns must be at most {parent.max_turns}, the max_turns of parent job {parent.id}",
                 body.max_turns,
             )
+        await _check_delegation_key(session, parent, body.delegation_key)
+    elif body.delegation_key is not None:
+        raise FieldInvalid(
+            "delegation_key", "delegation_key names a child of a parent: give parent_job_id", None
+        )
 
     agent, options = validate_agent(body.agent, body.agent_options)
 
@@ -182,6 +194,7 @@ async def submit(
         created_by_worker_id=actor.worker_id,
         max_cost_usd=body.max_cost_usd,
         max_turns=body.max_turns if body.max_turns is not None else (parent.max_turns if parent else None),
+        delegation_key=body.delegation_key,
         created_at=now,
         updated_at=now,
     )
@@ -230,6 +243,21 @@ async def _check_base_ref(session: AsyncSession, actor: Actor, repository: str |
 
     subtree = actor.subtree_path if actor.is_worker else None
     await refs.resolve_checked(Path(repository), base_ref, subtree=subtree, path_of=path_of)
+
+
+async def _check_delegation_key(session: AsyncSession, parent: Job, key: str | None) -> None:
+    """A second submit with the same key under the same parent is refused (the unique index
+    refuses it too, for submits that race): the retry of a submit whose answer was lost must find
+    the child it made, not make another."""
+    if key is None:
+        return
+    found = await repo.list_jobs(
+        session, repo.JobFilter(parent_job_id=parent.id, delegation_key=key), limit=1
+    )
+    if found[0]:
+        raise Conflict(
+            f"delegation_key {key!r} is already used by job {found[0][0].id}, a child of {parent.id}"
+        )
 
 
 async def _workspace_for(

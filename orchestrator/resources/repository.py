@@ -10,7 +10,7 @@ from sqlalchemy import Table, bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.db import fast
-from orchestrator.db.locking import is_postgres
+from orchestrator.db.locking import for_update, is_postgres
 from orchestrator.db.models import Allocation, ResourcePool, Worker, utcnow
 
 _PG_POOLS_LOCK = 7_417_002
@@ -46,13 +46,19 @@ async def list_pools(session: AsyncSession, max_depth: int) -> list[ResourcePool
     return list((await session.execute(stmt)).scalars())
 
 
-async def get_pool(session: AsyncSession, depth: int) -> ResourcePool | None:
+async def get_pool(session: AsyncSession, depth: int, *, lock: bool = False) -> ResourcePool | None:
+    """The depth's pool; `lock`: as read until the transaction ends (after the allocations involved)."""
     stmt = select(ResourcePool).where(ResourcePool.depth == depth).execution_options(populate_existing=True)
+    if lock:
+        stmt = for_update(session, stmt)
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-async def get_allocation(session: AsyncSession, job_id: str) -> Allocation | None:
+async def get_allocation(session: AsyncSession, job_id: str, *, lock: bool = False) -> Allocation | None:
+    """The job's allocation; `lock`: as read until the transaction ends (db/locking.py)."""
     stmt = select(Allocation).where(Allocation.job_id == job_id).execution_options(populate_existing=True)
+    if lock:
+        stmt = for_update(session, stmt)
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
@@ -128,10 +134,15 @@ async def pool_give_back(session: AsyncSession, depth: int, count: int) -> None:
     await fast.execute(session, _POOL_GIVE_BACK, {"b_depth": depth, "b_count": count})
 
 
-async def allocation_add(session: AsyncSession, job_id: str, count: int) -> bool:
+async def allocation_add(session: AsyncSession, job_id: str, count: int, *, held: int) -> bool:
+    """Add `count` slots to a job that holds `held` (as read): no-op if it holds any other number."""
     result = await session.execute(
         update(Allocation)
-        .where(Allocation.job_id == job_id, Allocation.slots + count <= Allocation.max_slots)
+        .where(
+            Allocation.job_id == job_id,
+            Allocation.slots == held,
+            Allocation.slots + count <= Allocation.max_slots,
+        )
         .values(slots=Allocation.slots + count, updated_at=utcnow())
     )
     return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]

@@ -23,10 +23,20 @@ class AllocateRequest(BaseModel):
 
 
 class AllocateResponse(BaseModel):
+    """The guide's four fields, then extensions. Allocate is idempotent: `granted` is what the job
+    holds for this request, whoever took the slots (this call, an earlier one, or the engine for
+    the job's workers)."""
+
     job_id: str
     depth: int
     requested: int
-    granted: int
+    granted: int = Field(
+        description="Slots the job holds for this request: min(requested, held); "
+        "never more than its worker_count or the depth's quota"
+    )
+    newly_allocated: int = Field(description="Slots this call took from the depth's pool")
+    bound_to_workers: int = Field(description="Slots of the job its running workers hold")
+    held: int = Field(description="All slots the job holds after this call")
 
 
 class ReleaseRequest(BaseModel):
@@ -37,9 +47,13 @@ class ReleaseRequest(BaseModel):
 
 
 class ReleaseResponse(BaseModel):
+    """The guide's three fields, then extensions: what stays bound, and why the answer is what it is."""
+
     job_id: str
     depth: int
-    released: int
+    released: int = Field(description="Slots returned to the depth's pool by this call")
+    still_bound: int = Field(description="Slots the job's running workers keep until they end")
+    reason: str = Field(description="Why this much (or nothing) was released")
 
 
 class DepthUsage(BaseModel):

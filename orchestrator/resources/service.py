@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.auth import Actor
@@ -14,6 +16,26 @@ from orchestrator.resources import repository as repo
 from orchestrator.resources.schemas import DepthUsage, Quota
 
 _MAX_ATTEMPTS = 50
+
+
+@dataclass(frozen=True)
+class Allocated:
+    """What an allocate call answers: `granted` is what the job holds for the request (never
+    more than requested, than its worker_count or than the quota); `newly_allocated` what this
+    call took from the pool (the ledger figure); `held` all the job's slots, `bound_to_workers`
+    those its running workers hold."""
+
+    granted: int
+    newly_allocated: int
+    bound_to_workers: int
+    held: int
+
+
+@dataclass(frozen=True)
+class Released:
+    released: int
+    still_bound: int
+    reason: str
 
 
 async def quotas(session: AsyncSession, settings: Settings) -> list[Quota]:
@@ -45,40 +67,61 @@ async def _job_for_resources(session: AsyncSession, actor: Actor, job_id: str, d
     return job
 
 
-async def allocate(session: AsyncSession, actor: Actor, job_id: str, depth: int, requested: int) -> int:
-    """Grant min(requested, free slots at the depth, what the job still lacks); may be 0."""
+async def allocate(session: AsyncSession, actor: Actor, job_id: str, depth: int, requested: int) -> Allocated:
+    """Make the job hold min(requested, its worker_count) slots if the quota allows; idempotent.
+
+    The engine binds slots to a job's workers as soon as it starts them, so by the time a client
+    allocates for the job (the guide's Complete Workflow) the slots are usually held already:
+    the answer counts them (`granted`), and only what the job still lacks is taken."""
     job = await _job_for_resources(session, actor, job_id, depth)
     if JobStatus(job.status) in JOB_FINAL:
         raise BadRequest(f"Job {job_id} is {job.status}; slots are only allocated to unfinished jobs")
-    return await take_slots(session, job_id, depth, requested)
+    return await top_up(session, job_id, depth, requested)
 
 
-async def take_slots(session: AsyncSession, job_id: str, depth: int, requested: int) -> int:
-    for _ in range(_MAX_ATTEMPTS):
-        allocation = await repo.get_allocation(session, job_id)
-        pool = await repo.get_pool(session, depth)
-        if allocation is None or pool is None:
-            raise NotFound(f"No allocation record for job {job_id} at depth {depth}")
-        grant = min(requested, pool.max_workers - pool.allocated, allocation.max_slots - allocation.slots)
-        if grant <= 0:
-            return 0
-        # Lock order everywhere: the job's allocation row, then the depth's pool row (release and
-        # worker exit take them in this order too), so concurrent transactions cannot deadlock.
-        if not await repo.allocation_add(session, job_id, grant):
-            continue  # the job got slots since we read: read again
-        if not await repo.pool_take(session, depth, grant):
-            # Another transaction took slots since we read: undo our row and read again.
-            if not await repo.allocation_remove_unbound(session, job_id, grant):
-                raise RuntimeError(f"could not undo a tentative allocation of job {job_id}")
-            continue
-        return grant
-    return 0
+async def top_up(session: AsyncSession, job_id: str, depth: int, requested: int) -> Allocated:
+    # Both rows are read locked, in the lock order of every slot move (the job's allocation, then
+    # the depth's pool): concurrent allocates of one job take turns, so identical requests never
+    # both add, and what was read is what the guarded UPDATEs find.
+    allocation = await repo.get_allocation(session, job_id, lock=True)
+    pool = await repo.get_pool(session, depth, lock=True)
+    if allocation is None or pool is None:
+        raise NotFound(f"No allocation record for job {job_id} at depth {depth}")
+    lacking = min(requested, allocation.max_slots) - allocation.slots
+    take = max(0, min(lacking, pool.max_workers - pool.allocated))
+    if take > 0 and not (
+        await repo.allocation_add(session, job_id, take, held=allocation.slots)
+        and await repo.pool_take(session, depth, take)
+    ):
+        raise repo.SlotsMoved(f"the slots of job {job_id} or of depth {depth} changed under lock")
+    held = allocation.slots + take
+    return Allocated(
+        granted=min(requested, held), newly_allocated=take, bound_to_workers=allocation.bound, held=held
+    )
 
 
-async def release(session: AsyncSession, actor: Actor, job_id: str, depth: int) -> int:
-    """Return the job's slots that no live worker holds; releasing again returns 0."""
-    await _job_for_resources(session, actor, job_id, depth)
-    return await release_unbound(session, job_id, depth)
+async def release(session: AsyncSession, actor: Actor, job_id: str, depth: int) -> Released:
+    """Return the job's slots that no live worker holds; releasing again returns 0. The answer
+    says what stays bound to running workers (they return their slots as they end) and why."""
+    job = await _job_for_resources(session, actor, job_id, depth)
+    released = await release_unbound(session, job_id, depth)
+    allocation = await repo.get_allocation(session, job_id)
+    bound = allocation.bound if allocation is not None else 0
+    return Released(released=released, still_bound=bound, reason=_release_reason(job, released, bound))
+
+
+def _release_reason(job: Job, released: int, bound: int) -> str:
+    if released:
+        said = f"returned {released} slot(s) no worker held to the depth-{job.depth} pool"
+    else:
+        said = "nothing to release"
+    if bound:
+        return f"{said}; {bound} slot(s) stay bound to the job's running workers until they end"
+    if released:
+        return said
+    if JobStatus(job.status) in JOB_FINAL:
+        return f"{said}: the job is {job.status} and its workers returned their slots as they ended"
+    return f"{said}: the job holds no slots"
 
 
 async def release_unbound(session: AsyncSession, job_id: str, depth: int) -> int:

@@ -103,8 +103,11 @@ def test_concurrent_allocations_never_exceed_the_quota(servers: ServerFactory) -
         assert {status for status, _ in results} == {200}, [r for r in results if r[0] != 200][:5]
         per_job: dict[str, int] = defaultdict(int)
         for _, body in results:
-            assert 0 <= body["granted"] <= body["requested"]
-            per_job[body["job_id"]] += body["granted"]
+            # `granted` is what the job holds for the request (idempotent); `newly_allocated` is
+            # what the call took: the ledger figure.
+            assert 0 <= body["newly_allocated"] <= body["granted"] <= body["requested"]
+            assert body["granted"] == min(body["requested"], body["held"]) and body["held"] <= QUOTA
+            per_job[body["job_id"]] += body["newly_allocated"]
         total = sum(per_job.values())
         assert total <= QUOTA, f"over-allocation: granted {total} > quota {QUOTA}: {dict(per_job)}"
         assert all(v <= QUOTA for v in per_job.values()), per_job
@@ -120,7 +123,7 @@ def test_concurrent_allocations_never_exceed_the_quota(servers: ServerFactory) -
             r = client.post(
                 "/api/resources/allocate", json={"job_id": job_id, "depth": DEPTH, "worker_count": QUOTA}
             )
-            per_job[job_id] += r.json()["granted"]
+            per_job[job_id] += r.json()["newly_allocated"]
         assert sum(per_job.values()) == QUOTA == depth_usage(client)["allocated"]
 
         # Phase 2: allocations and releases mixed; the ledger must match the counter exactly.
@@ -139,7 +142,7 @@ def test_concurrent_allocations_never_exceed_the_quota(servers: ServerFactory) -
         assert {status for status, _ in results} == {200}, [r for r in results if r[0] != 200][:5]
         for _, body in results:
             if "granted" in body:
-                per_job[body["job_id"]] += body["granted"]
+                per_job[body["job_id"]] += body["newly_allocated"]
             else:
                 per_job[body["job_id"]] -= body["released"]
         assert all(0 <= v <= QUOTA for v in per_job.values()), per_job
@@ -188,7 +191,7 @@ def test_allocate_and_release_racing_on_the_same_jobs(farm: Server) -> None:
             batches.append(calls)
         results = run_in_processes(farm, batches)
         assert {status for status, _ in results} == {200}, [r for r in results if r[0] != 200][:5]
-        ledger = sum(b["granted"] if "granted" in b else -b["released"] for _, b in results)
+        ledger = sum(b["newly_allocated"] if "granted" in b else -b["released"] for _, b in results)
         assert 0 <= ledger <= 3 == depth_usage(client, 3)["max_workers"]
         assert depth_usage(client, 3)["allocated"] == ledger
         for job_id in jobs:

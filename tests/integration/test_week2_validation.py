@@ -50,24 +50,30 @@ def allocate(
     )
 
 
-def granted(client: httpx.Client, job: dict[str, Any], count: int) -> int:
+def granted(client: httpx.Client, job: dict[str, Any], count: int) -> tuple[int, int]:
+    """(granted, newly_allocated): what the job holds for the request, and what this call took."""
     r = allocate(client, job, count)
     assert r.status_code == 200, r.text
-    assert r.json() == {
+    body = r.json()
+    assert body == {
         "job_id": job["id"],
         "depth": job["depth"],
         "requested": count,
-        "granted": r.json()["granted"],
+        "granted": body["granted"],
+        "newly_allocated": body["newly_allocated"],
+        "bound_to_workers": 0,  # no engine here: no worker holds a slot
+        "held": body["held"],
     }
-    value: int = r.json()["granted"]
-    return value
+    assert body["granted"] == min(count, body["held"]) and body["held"] <= job["worker_count"]
+    return body["granted"], body["newly_allocated"]
 
 
 def release(client: httpx.Client, job: dict[str, Any]) -> int:
     r = client.post("/api/resources/release", json={"job_id": job["id"], "depth": job["depth"]})
     assert r.status_code == 200, r.text
-    assert set(r.json()) == {"job_id", "depth", "released"}
+    assert set(r.json()) == {"job_id", "depth", "released", "still_bound", "reason"}
     assert r.json()["job_id"] == job["id"] and r.json()["depth"] == job["depth"]
+    assert r.json()["still_bound"] == 0 and r.json()["reason"]
     value: int = r.json()["released"]
     return value
 
@@ -280,18 +286,18 @@ def test_partial_and_zero_grants(client: httpx.Client) -> None:
     b = submit(client, depth=3, worker_count=3)
     c = submit(client, depth=3, worker_count=1)
 
-    assert granted(client, a, 2) == 2
-    assert granted(client, b, 3) == 1  # partial: only one slot left at depth 3
-    assert granted(client, c, 1) == 0  # zero grant is still 200
+    assert granted(client, a, 2) == (2, 2)
+    assert granted(client, b, 3) == (1, 1)  # partial: only one slot left at depth 3
+    assert granted(client, c, 1) == (0, 0)  # zero grant is still 200
     assert usage(client)[3] == {"depth": 3, "allocated": 3, "available": 0, "max_workers": 3}
 
     assert release(client, a) == 2
     assert release(client, a) == 0  # releasing again releases nothing
-    assert granted(client, b, 3) == 2  # b lacks 2 of its 3
-    assert granted(client, b, 1) == 0  # b lacks nothing now
-    assert granted(client, c, 1) == 0
+    assert granted(client, b, 3) == (3, 2)  # b lacked 2 of its 3
+    assert granted(client, b, 1) == (1, 0)  # b holds it already: asking again takes nothing
+    assert granted(client, c, 1) == (0, 0)
     assert release(client, b) == 3
-    assert granted(client, c, 5) == 1  # never more than c's worker_count
+    assert granted(client, c, 5) == (1, 1)  # never more than c's worker_count
     assert release(client, c) == 1
     assert usage(client)[3]["allocated"] == 0
 
@@ -299,9 +305,9 @@ def test_partial_and_zero_grants(client: httpx.Client) -> None:
 def test_grants_never_exceed_what_the_job_lacks(client: httpx.Client) -> None:
     job = submit(client, depth=0, worker_count=4)
     start = usage(client)[0]["allocated"]
-    assert granted(client, job, 1) == 1
-    assert granted(client, job, 10) == 3
-    assert granted(client, job, 1) == 0
+    assert granted(client, job, 1) == (1, 1)
+    assert granted(client, job, 10) == (4, 3)  # the 3 it lacked; never more than worker_count
+    assert granted(client, job, 1) == (1, 0)
     assert usage(client)[0]["allocated"] == start + 4
     assert release(client, job) == 4
     assert release(client, job) == 0
@@ -325,7 +331,7 @@ def test_allocate_unknown_job_is_404_and_wrong_depth_400(client: httpx.Client) -
 def test_allocate_for_finished_job_is_400_and_cancel_frees_slots(client: httpx.Client) -> None:
     job = submit(client, depth=4, worker_count=2)
     before = usage(client)[4]["allocated"]
-    assert granted(client, job, 2) == 2
+    assert granted(client, job, 2) == (2, 2)
     assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
     assert usage(client)[4]["allocated"] == before  # cancel returned the job's unbound slots
     r = allocate(client, job, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -10,13 +11,22 @@ from fastapi.responses import Response
 from pydantic import AfterValidator
 
 from orchestrator.api.deps import MAX_QUERY_INT, AgentsDep, JobsRead, JobsWrite, SessionDep, SettingsDep
-from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
+from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND, ErrorOut
 from orchestrator.api.routers import streams
 from orchestrator.api.strict_json import StrictJsonRoute
 from orchestrator.core.states import JobStatus
 from orchestrator.jobs import service
 from orchestrator.jobs.repository import JobFilter
-from orchestrator.jobs.schemas import EventList, EventOut, JobCounts, JobList, JobOut, JobSubmit, JobUsage
+from orchestrator.jobs.schemas import (
+    DELEGATION_KEY_PATTERN,
+    EventList,
+    EventOut,
+    JobCounts,
+    JobList,
+    JobOut,
+    JobSubmit,
+    JobUsage,
+)
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)
 
@@ -25,7 +35,11 @@ router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=ERROR_RESPONSES,
     "/submit",
     response_model=JobOut,
     status_code=status.HTTP_201_CREATED,
-    responses={**NOT_FOUND, **BAD_REQUEST},
+    responses={
+        **NOT_FOUND,
+        **BAD_REQUEST,
+        409: {"model": ErrorOut, "description": "The parent has a child with this delegation_key"},
+    },
 )
 async def submit_job(
     body: JobSubmit, actor: JobsWrite, session: SessionDep, settings: SettingsDep, agents: AgentsDep
@@ -87,7 +101,16 @@ async def list_jobs(
     where: JobFilterDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT)] = 0,
+    delegation_key: Annotated[
+        str | None,
+        Query(
+            pattern=DELEGATION_KEY_PATTERN,
+            description="Only the jobs submitted with this delegation_key (with parent_job_id: at most one)",
+        ),
+    ] = None,
 ) -> JobList:
+    if delegation_key is not None:
+        where = replace(where, delegation_key=delegation_key)
     jobs, total = await service.list_jobs(session, actor, where, limit=limit, offset=offset)
     return JobList(jobs=[JobOut.model_validate(j) for j in jobs], total=total, limit=limit, offset=offset)
 

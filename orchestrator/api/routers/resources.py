@@ -29,16 +29,28 @@ async def get_quotas(actor: ResourcesRead, session: SessionDep, settings: Settin
 
 @router.post("/allocate", response_model=AllocateResponse, responses={**NOT_FOUND, **BAD_REQUEST})
 async def allocate(body: AllocateRequest, actor: ResourcesWrite, session: SessionDep) -> AllocateResponse:
-    granted = await service.allocate(session, actor, body.job_id, body.depth, body.worker_count)
+    done = await service.allocate(session, actor, body.job_id, body.depth, body.worker_count)
     return AllocateResponse(
-        job_id=body.job_id, depth=body.depth, requested=body.worker_count, granted=granted
+        job_id=body.job_id,
+        depth=body.depth,
+        requested=body.worker_count,
+        granted=done.granted,
+        newly_allocated=done.newly_allocated,
+        bound_to_workers=done.bound_to_workers,
+        held=done.held,
     )
 
 
 @router.post("/release", response_model=ReleaseResponse, responses={**NOT_FOUND, **BAD_REQUEST})
 async def release(body: ReleaseRequest, actor: ResourcesWrite, session: SessionDep) -> ReleaseResponse:
-    released = await service.release(session, actor, body.job_id, body.depth)
-    return ReleaseResponse(job_id=body.job_id, depth=body.depth, released=released)
+    done = await service.release(session, actor, body.job_id, body.depth)
+    return ReleaseResponse(
+        job_id=body.job_id,
+        depth=body.depth,
+        released=done.released,
+        still_bound=done.still_bound,
+        reason=done.reason,
+    )
 
 
 @router.get("/usage", response_model=UsageReport)
