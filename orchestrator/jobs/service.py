@@ -60,6 +60,7 @@ _JOB_COLUMNS = (
     "created_by_worker_id",
     "max_cost_usd",
     "max_turns",
+    "delegation_key",
     "created_at",
     "updated_at",
 )

@@ -119,7 +119,7 @@ def test_listing_jobs_walks_an_index_whatever_the_table(tmp_path: Path) -> None:
         async with database.engine.connect() as connection:
             plan = await _plan(connection, fast.FastStatement(statement), {})
         async with database.read_session() as session:
-            jobs, total = await jobs_repo.list_jobs(session, limit=50)
+            jobs, total = await jobs_repo.list_jobs(session, jobs_repo.JobFilter(), limit=50)
         assert total == BACKLOG
         return plan, [job.id for job in jobs], ids
 
