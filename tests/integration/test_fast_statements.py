@@ -79,6 +79,7 @@ def job_row(job_id: str) -> dict[str, Any]:
         "status_reason": None,
         "max_cost_usd": None,
         "max_turns": None,
+        "delegation_key": None,
         "created_at": now,
         "updated_at": now,
         "started_at": None,
