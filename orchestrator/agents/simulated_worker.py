@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 FINAL = {"COMPLETED", "FAILED", "CANCELED"}
@@ -85,6 +86,16 @@ def main() -> int:
     duration = float(options.get("duration_seconds", 2.0))
     interval = float(options.get("progress_interval_seconds", 0.5))
     say(f"[simulated] worker {index + 1}/{count} at depth {depth} starting: {task}")
+    if os.environ.get("ORCHESTRATOR_ROLE") == "resolver":
+        return resolve(
+            options.get("resolve"), json.loads(os.environ.get("ORCHESTRATOR_CONFLICT_FILES", "[]"))
+        )
+    for name, content in dict(options.get("files", {})).items():
+        # "{index}" in a path or content is the worker's index: workers of one job can differ.
+        path = Path(name.replace("{index}", str(index)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content.replace("{index}", str(index)))
+        say(f"[simulated] wrote {name}")
 
     started = time.monotonic()
     step = 0
@@ -127,6 +138,28 @@ def main() -> int:
         exit_code = exit_code or 1
     say(f"[simulated] done with exit code {exit_code}")
     return exit_code
+
+
+def resolve(mode: str | None, files: list[str]) -> int:
+    """Resolve conflict markers in `files` by keeping ours, theirs, or both (ours first)."""
+    if mode not in ("ours", "theirs", "both"):
+        say("[simulated] cannot resolve conflicts: no resolve option")
+        return 1
+    for name in files:
+        kept: list[str] = []
+        side = None
+        for line in Path(name).read_text().splitlines(keepends=True):
+            if line.startswith("<<<<<<< "):
+                side = "ours"
+            elif side == "ours" and line.rstrip("\n") == "=======":
+                side = "theirs"
+            elif side == "theirs" and line.startswith(">>>>>>> "):
+                side = None
+            elif side is None or mode == "both" or side == mode:
+                kept.append(line)
+        Path(name).write_text("".join(kept))
+        say(f"[simulated] resolved {name} ({mode})")
+    return 0
 
 
 if __name__ == "__main__":
