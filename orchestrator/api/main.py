@@ -17,7 +17,17 @@ from fastapi.middleware.cors import CORSMiddleware
 from orchestrator.agents.registry import AgentRegistry
 from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.observability import install_observability
-from orchestrator.api.routers import fleet, health, jobs, metrics, resources, supervisor, web, workspaces
+from orchestrator.api.routers import (
+    fleet,
+    health,
+    jobs,
+    metrics,
+    resources,
+    results,
+    supervisor,
+    web,
+    workspaces,
+)
 from orchestrator.api.routers.streams import stop_watcher as stop_stream_watcher
 from orchestrator.bootstrap import prepare_database
 from orchestrator.core.auth import SCOPE_DESCRIPTIONS
@@ -105,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(supervisor.router)
     app.include_router(jobs.router)
+    app.include_router(results.router)
     app.include_router(fleet.router)
     app.include_router(resources.router)
     app.include_router(workspaces.router)

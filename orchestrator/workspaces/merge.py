@@ -174,7 +174,14 @@ def summarize(repository: Path, base: str, commit: str) -> Summary:
 
 def diff(repository: Path, base: str, commit: str, path: str | None, limit: int) -> tuple[str, bool]:
     """The unified diff of the result against its base (one path, or all), cut at `limit` bytes."""
-    args = ["diff", "--no-color", "--no-ext-diff", f"{base}..{commit}"]
+    args = [
+        "--literal-pathspecs",
+        "diff",
+        "--no-color",
+        "--no-ext-diff",
+        "--no-textconv",
+        f"{base}..{commit}",
+    ]
     if path is not None:
         args += ["--", path]
     text = run(*args, cwd=repository).stdout
