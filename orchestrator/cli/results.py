@@ -177,7 +177,24 @@ def apply(
     console().print(Text.assemble("Merged ", (data["branch"], "bold"), f" into {branch} ({head[:12]})"))
 
 
+def merge_subjob(
+    job_id: JobArg, url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """(For a worker, with its token) merge a finished sub-job's result into your worktree."""
+    from orchestrator.mcp.server import merge_summary
+
+    with client(url, token) as api:
+        body = api.post(f"/api/jobs/{job_id}/merge")
+    if as_json:
+        print_json(body)
+    else:
+        console().print(merge_summary(body), markup=False, highlight=False)
+    if body["status"] == "conflict":
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
+    app.command("merge-subjob")(merge_subjob)
     app.command("result")(result)
     app.command("diff")(diff)
     app.command("apply")(apply)

@@ -16,7 +16,10 @@ from pathlib import Path
 from orchestrator.workspaces.git import GIT_IDENTITY, GitError
 
 # Hooks are never run: a worker (hostile code) can write into the repository's hooks directory.
-_SAFE = ("-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", "-c", "merge.conflictStyle=merge")
+_SAFE = (
+    *("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "commit.gpgsign=false"),
+    *("-c", "merge.conflictStyle=merge"),
+)
 CONFLICT_MARKERS = ("<<<<<<< ", ">>>>>>> ")
 
 
@@ -188,3 +191,44 @@ def diff(repository: Path, base: str, commit: str, path: str | None, limit: int)
     if len(text.encode()) <= limit:
         return text, False
     return text.encode()[:limit].decode(errors="ignore"), True
+
+
+@dataclass
+class IntoWorktree:
+    status: str  # merged | already merged | conflict
+    merge_commit: str | None
+    files: list[str]
+    diff_stat: str
+
+
+def merge_into_worktree(
+    repository: Path, workdir: Path, branch: str, commit: str, message: str
+) -> IntoWorktree:
+    """Merge `commit` into a worker's own worktree (on its branch). The worktree is the agent's:
+    its `.git` file is not trusted to say which repository it is; git is pointed at the
+    repository's own record of that worktree, which must name `workdir` and be on `branch`."""
+    common = Path(out("rev-parse", "--git-common-dir", cwd=repository))
+    if not common.is_absolute():
+        common = (repository / common).resolve()
+    admin = common / "worktrees" / workdir.name
+    recorded = (admin / "gitdir").read_text().strip() if (admin / "gitdir").is_file() else ""
+    if Path(recorded).resolve() != (workdir / ".git").resolve():
+        raise GitError(f"{workdir} is not a worktree of {repository}")
+    base = ("--git-dir", str(admin), "--work-tree", str(workdir))
+    if out(*base, "symbolic-ref", "-q", "HEAD", cwd=workdir) != f"refs/heads/{branch}":
+        raise GitError(f"the worktree is not on its branch {branch}")
+    if run(*base, "merge-base", "--is-ancestor", commit, "HEAD", cwd=workdir, check=False).returncode == 0:
+        return IntoWorktree("already merged", None, [], "")
+    before = out(*base, "rev-parse", "HEAD", cwd=workdir)
+    done = run(
+        *base, "merge", "--no-ff", "--no-verify", "--no-edit", "-m", message, commit, cwd=workdir, check=False
+    )
+    if done.returncode == 0:
+        after = out(*base, "rev-parse", "HEAD", cwd=workdir)
+        stat = out(*base, "diff", "--stat", f"{before}..{after}", cwd=workdir)
+        names = out(*base, "diff", "--name-only", f"{before}..{after}", cwd=workdir).splitlines()
+        return IntoWorktree("merged", after, names, stat)
+    files = sorted(set(out(*base, "diff", "--name-only", "--diff-filter=U", cwd=workdir).splitlines()))
+    if not files:
+        raise GitError(f"git merge failed: {done.stderr.strip() or done.stdout.strip()}")
+    return IntoWorktree("conflict", None, files, "")

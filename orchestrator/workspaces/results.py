@@ -8,12 +8,13 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.auth import Actor
-from orchestrator.core.errors import BadRequest, NotFound
-from orchestrator.db.models import Integration
+from orchestrator.core.errors import BadRequest, Conflict, Forbidden, NotFound
+from orchestrator.core.states import WORKER_LIVE
+from orchestrator.db.models import Integration, Worker
 from orchestrator.jobs.service import get_visible_job
 from orchestrator.workspaces import merge
 from orchestrator.workspaces.git import GitError
-from orchestrator.workspaces.schemas import MergedBranch, ResultOut
+from orchestrator.workspaces.schemas import MergedBranch, MergeIntoWorkerOut, ResultOut
 
 DIFF_DEFAULT_BYTES = 1_000_000
 DIFF_MAX_BYTES = 20_000_000
@@ -78,3 +79,48 @@ async def diff(
     except (GitError, OSError) as exc:
         raise NotFound(f"Job {job_id}'s result can no longer be read from {row.repository}: {exc}") from exc
     return text, cut, row
+
+
+async def merge_into_worker(session: AsyncSession, actor: Actor, child_id: str) -> MergeIntoWorkerOut:
+    """`merge_subjob`: a worker merges a finished child job's result into its own worktree. Only a
+    worker may, only its own children (sub-jobs of its job that it, or nobody in particular,
+    spawned), and only once their result branch exists."""
+    if actor.worker_id is None or actor.worker_job_id is None:
+        raise Forbidden("Only a worker (with its delegated token) can merge a sub-job into its worktree")
+    child = await get_visible_job(session, actor, child_id)
+    if child.parent_job_id != actor.worker_job_id or child.created_by_worker_id not in (
+        None,
+        actor.worker_id,
+    ):
+        raise Forbidden(
+            f"Job {child_id} is not a sub-job of this worker; a worker merges only its own sub-jobs"
+        )
+    worker = await session.get(Worker, actor.worker_id)
+    if worker is None or not worker.workdir or not worker.branch or worker.status not in WORKER_LIVE:
+        raise BadRequest("This worker has no live git worktree to merge into (its job has no repository)")
+    row = await integration_of(session, actor, child_id)
+    if row.status != "done" or row.commit is None:
+        raise Conflict(f"Job {child_id}'s result is incomplete ({row.reason}); it cannot be merged")
+    if Path(row.repository) != Path(child.repository or ""):
+        raise BadRequest(f"Job {child_id} works in another repository")
+    message = f"orchestrator: merge sub-job {child_id} ({row.branch})"
+    try:
+        done = await asyncio.to_thread(
+            merge.merge_into_worktree,
+            Path(row.repository),
+            Path(worker.workdir),
+            worker.branch,
+            row.commit,
+            message,
+        )
+    except (GitError, OSError) as exc:
+        raise Conflict(f"Cannot merge {row.branch} into this worktree: {exc}") from exc
+    return MergeIntoWorkerOut(
+        job_id=child_id,
+        branch=row.branch,
+        commit=row.commit,
+        status=done.status,
+        merge_commit=done.merge_commit,
+        files=done.files,
+        diff_stat=done.diff_stat,
+    )

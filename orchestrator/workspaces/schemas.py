@@ -46,3 +46,15 @@ class ResultOut(BaseModel):
     files_changed: int
     insertions: int
     deletions: int
+
+
+class MergeIntoWorkerOut(BaseModel):
+    """What `merge_subjob` did in the calling worker's worktree."""
+
+    job_id: str
+    branch: str
+    commit: str
+    status: str  # merged | already merged | conflict (markers left in `files` for the agent)
+    merge_commit: str | None
+    files: list[str]
+    diff_stat: str

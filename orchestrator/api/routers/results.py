@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse
 
-from orchestrator.api.deps import JobsRead, SessionDep
+from orchestrator.api.deps import JobsRead, JobsWrite, SessionDep
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
 from orchestrator.workspaces import results
-from orchestrator.workspaces.schemas import ResultOut
+from orchestrator.workspaces.schemas import MergeIntoWorkerOut, ResultOut
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -43,3 +43,14 @@ async def job_diff(
         "X-Base-Commit": row.base_commit or "",
     }
     return PlainTextResponse(text, media_type="text/x-diff; charset=utf-8", headers=headers)
+
+
+@router.post(
+    "/{job_id}/merge",
+    response_model=MergeIntoWorkerOut,
+    responses={**NOT_FOUND, **BAD_REQUEST, 403: {"description": "not a worker, or not its sub-job"}},
+)
+async def merge_into_worker(job_id: str, actor: JobsWrite, session: SessionDep) -> MergeIntoWorkerOut:
+    """A worker merges its finished sub-job's result branch into its own worktree (`merge_subjob`);
+    a conflict leaves the markers in place for the agent to resolve."""
+    return await results.merge_into_worker(session, actor, job_id)
