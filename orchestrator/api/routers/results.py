@@ -23,8 +23,12 @@ async def job_result(job_id: str, actor: JobsRead, session: SessionDep) -> Resul
 
 @router.get(
     "/{job_id}/diff",
-    response_class=PlainTextResponse,
-    responses={**NOT_FOUND, **BAD_REQUEST, 200: {"content": {"text/x-diff": {}}}},
+    response_model=None,
+    responses={
+        **NOT_FOUND,
+        **BAD_REQUEST,
+        200: {"description": "A unified diff", "content": {"text/x-diff": {"schema": {"type": "string"}}}},
+    },
 )
 async def job_diff(
     job_id: str,
@@ -48,7 +52,7 @@ async def job_diff(
 @router.post(
     "/{job_id}/merge",
     response_model=MergeIntoWorkerOut,
-    responses={**NOT_FOUND, **BAD_REQUEST, 403: {"description": "not a worker, or not its sub-job"}},
+    responses={**NOT_FOUND, **BAD_REQUEST},
 )
 async def merge_into_worker(job_id: str, actor: JobsWrite, session: SessionDep) -> MergeIntoWorkerOut:
     """A worker merges its finished sub-job's result branch into its own worktree (`merge_subjob`);
