@@ -68,6 +68,7 @@ from orchestrator.resources import repository as slots_repo
 from orchestrator.resources.service import bind_unbound_slot, release_unbound
 from orchestrator.workers import repository as workers_repo
 from orchestrator.workspaces import git
+from orchestrator.workspaces import setup as worktree_setup
 
 log = logging.getLogger("orchestrator.engine")
 
@@ -422,7 +423,13 @@ class Engine:
 
         def start() -> WorkerProcess:
             make_dirs(run_dir, context.home, workdir)  # before the agent writes its files there
-            spec = agent.launch(context)
+            spec = worktree_setup.prepare(
+                self.settings.orchestrator_agents_file,
+                job.repository,
+                workdir,
+                run_dir,
+                agent.launch(context),
+            )
             proc = self.executor.start(worker.id, spec, workdir, run_dir, read_start_time=False)
             values["started_at"] = utcnow()  # recorded by the next pass: keep the real time
             return proc
@@ -480,6 +487,9 @@ class Engine:
         agent = self.agents.agents.get(worker.agent)
         if agent is None:
             return None
+        failed = worktree_setup.failure(self.runs_dir / worker.id)
+        if failed is not None:
+            return Outcome(False, failed)
         result = values.get("result")
         return agent.outcome(result if isinstance(result, dict) else None, exit_code)
 
