@@ -171,29 +171,43 @@ class Integrator:
                 return
         temp = self.temp_root / job_id
         repo_lock = self.engine._repo_lock(str(plan.repository))
-        async with repo_lock:
-            await asyncio.to_thread(merge.prepare, plan.repository, temp, plan.base)
+        async with repo_lock:  # what a previous attempt (killed) may have left
+            await asyncio.to_thread(merge.discard, plan.repository, temp)
         merged: list[dict[str, Any]] = []
         conflicts: list[dict[str, Any]] = []
         failure: str | None = None
+        commit = plan.base
         try:
             for source in plan.sources:
-                step = await asyncio.to_thread(merge.merge, temp, source.branch, plan.branch)
-                if isinstance(step, merge.Merged):
+                message = f"orchestrator: merge {source.branch} into {plan.branch}"
+                done = await asyncio.to_thread(
+                    merge.merge_in_memory, plan.repository, commit, source.branch, message
+                )
+                if done is not None:
                     merged.append(
-                        {"branch": step.branch, "commit": step.commit, "merge_commit": step.merge_commit}
+                        {"branch": done.branch, "commit": done.commit, "merge_commit": done.merge_commit}
                     )
+                    commit = done.merge_commit or commit
                     continue
-                resolved = await self._resolve(job_id, plan, temp, source, step)
-                conflicts.append(resolved)
+                async with repo_lock:
+                    await asyncio.to_thread(merge.prepare, plan.repository, temp, commit)
+                step = await asyncio.to_thread(merge.merge, temp, source.branch, plan.branch)
+                if isinstance(step, merge.Merged):  # not a conflict after all
+                    resolved: dict[str, Any] = {"commit": step.merge_commit, "resolution": "clean"}
+                else:
+                    resolved = await self._resolve(job_id, plan, temp, source, step)
+                    conflicts.append(resolved)
                 if resolved["resolution"] is None:
-                    await asyncio.to_thread(merge.abort, temp, step.before)
-                    failure = f"merge conflict: {', '.join(step.files)} ({plan.branch} vs {source.branch})"
+                    failure = (
+                        f"merge conflict: {', '.join(resolved['files'])} ({plan.branch} vs {source.branch})"
+                    )
                     break
                 merged.append(
-                    {"branch": step.branch, "commit": step.commit, "merge_commit": resolved["commit"]}
+                    {"branch": source.branch, "commit": step.commit, "merge_commit": resolved["commit"]}
                 )
-            commit = await asyncio.to_thread(merge.head, temp)
+                commit = resolved["commit"] or commit
+                async with repo_lock:
+                    await asyncio.to_thread(merge.discard, plan.repository, temp)
             async with repo_lock:
                 await asyncio.to_thread(merge.publish, plan.repository, plan.branch, commit)
         finally:

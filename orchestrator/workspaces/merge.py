@@ -1,9 +1,11 @@
-"""Git work of integration: a job's result branch built in a temporary worktree from the job's
-base commit by real merges of its sources (children's result branches, then worker branches).
+"""Git work of integration: a job's result branch built from the job's base commit by real merges
+of its sources (children's result branches, then worker branches).
 
-Everything here is redone from scratch after a crash: the temporary worktree is detached (no
-branch is checked out there), and the result branch is written only by `publish`, so a merge cut
-short leaves nothing but a directory and a worktree entry that `prepare` removes."""
+A merge without conflicts is made in memory (`merge_in_memory`: no checkout); a conflicting one
+is redone in a temporary detached worktree, with the merge left in progress for a resolver.
+Everything here is redone from scratch after a crash: no branch is checked out in the temporary
+worktree, and the result branch is written only by `publish`, so a merge cut short leaves nothing
+but unreferenced objects and at most a directory and a worktree entry that `prepare` removes."""
 
 from __future__ import annotations
 
@@ -79,6 +81,23 @@ class Conflicted:
     files: list[str] = field(default_factory=list)
 
 
+def merge_in_memory(repository: Path, current: str, branch: str, message: str) -> Merged | None:
+    """Merge `branch` into commit `current` without a worktree (`git merge-tree`, the same `ort`
+    merge as `git merge`, then `commit-tree` with both parents): the common, conflict-free case
+    costs no checkout. None when it conflicts (then `merge` redoes it in a worktree)."""
+    commit = out("rev-parse", "--verify", f"{branch}^{{commit}}", cwd=repository)
+    if run("merge-base", "--is-ancestor", commit, current, cwd=repository, check=False).returncode == 0:
+        return Merged(branch, commit, None)
+    done = run("merge-tree", "--write-tree", "--no-messages", current, commit, cwd=repository, check=False)
+    if done.returncode == 1:
+        return None
+    if done.returncode != 0:
+        raise GitError(f"git merge-tree {branch} failed: {done.stderr.strip() or done.stdout.strip()}")
+    tree = done.stdout.split()[0]
+    made = out("commit-tree", tree, "-p", current, "-p", commit, "-m", message, cwd=repository)
+    return Merged(branch, commit, made)
+
+
 def merge(temp: Path, branch: str, into: str) -> Merged | Conflicted:
     """Merge `branch` into the worktree's HEAD with a merge commit; a conflict is left in progress."""
     commit = out("rev-parse", "--verify", f"{branch}^{{commit}}", cwd=temp)
@@ -132,13 +151,6 @@ def conclude(temp: Path, conflict: Conflicted) -> str | None:
         return None
     run("commit", "--no-verify", "--no-edit", cwd=temp)
     return head(temp)
-
-
-def abort(temp: Path, before: str) -> None:
-    """Back to HEAD before the merge, whatever was done meanwhile."""
-    run("merge", "--abort", cwd=temp, check=False)
-    run("reset", "-q", "--hard", before, cwd=temp)
-    run("clean", "-q", "-fdx", cwd=temp)
 
 
 def head(temp: Path) -> str:

@@ -61,6 +61,7 @@ async def result(session: AsyncSession, actor: Actor, job_id: str) -> ResultOut:
         files_changed=summary.files_changed,
         insertions=summary.insertions,
         deletions=summary.deletions,
+        attempts=row.attempts,
     )
 
 

@@ -46,6 +46,7 @@ class ResultOut(BaseModel):
     files_changed: int
     insertions: int
     deletions: int
+    attempts: int  # more than 1: an engine died integrating it and another redid it
 
 
 class MergeIntoWorkerOut(BaseModel):

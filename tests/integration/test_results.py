@@ -3,6 +3,8 @@ through the tree, on real git repositories, with a real server and real worker p
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -121,111 +123,42 @@ def test_failed_worker_leaves_no_result_branch(servers: ServerFactory) -> None:
         assert git(repo, "branch", "--list", result_branch(job)) == ""
 
 
+def slow_git(root: Path) -> str:
+    """A PATH whose `git` is the real one, 0.3 s slower per merge: integration takes seconds, so the
+    server can be killed in the middle of it."""
+    real = shutil.which("git")
+    assert real is not None
+    bin_dir = root / "slow-git"
+    bin_dir.mkdir()
+    script = bin_dir / "git"
+    script.write_text(f'#!/bin/sh\ncase " $* " in *" merge-tree "*) sleep 0.3;; esac\nexec {real} "$@"\n')
+    script.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
 def test_kill9_mid_integration_then_restart_completes_the_result(servers: ServerFactory) -> None:
     repo = make_repo(servers.root)
-    first = servers.start(ORCHESTRATOR_AGENTS_FILE=profiles(servers.root))
-    temp = servers.root / "data" / "integrations"
+    first = servers.start(ORCHESTRATOR_AGENTS_FILE=profiles(servers.root), PATH=slow_git(servers.root))
     with first.client() as client:
-        job = submit(client, agent="writer", worker_count=8, repository=str(repo))
-        # Killed while the temporary worktree exists: merges under way, the branch not written.
-        wait_until(
-            lambda: (temp / job["id"]).exists(), timeout=60, interval=0.005, what="integration under way"
-        )
+        job = submit(client, agent="writer", worker_count=10, repository=str(repo))
+
+        def integrating() -> bool:
+            workers = workers_of(client, job["id"])
+            ended = len(workers) == 10 and all(w["status"] == "COMPLETED" for w in workers)
+            return ended and client.get(f"/api/jobs/{job['id']}").json()["status"] == "RUNNING"
+
+        # Killed once every worker has ended but not the job: while it merges (about 3 s).
+        wait_until(integrating, timeout=60, interval=0.05, what="integration under way")
     first.kill9()
     second = servers.make(port=first.port, ORCHESTRATOR_AGENTS_FILE=profiles(servers.root)).start()
     with second.client() as client:
         done = wait_final(client, job["id"], timeout=60)
         assert done["status"] == "COMPLETED", done
+        # The first engine began it (and died in it); the second redid it from the base.
+        assert client.get(f"/api/jobs/{job['id']}/result").json()["attempts"] == 2
     branch = result_branch(job)
-    for index in range(8):
+    for index in range(10):
         assert git(repo, "show", f"{branch}:file-{index}.txt") == f"worker {index}"
-    assert len(merge_parents(repo, branch)) == 8
-    assert not (temp / job["id"]).exists()
+    assert len(merge_parents(repo, branch)) == 10
+    assert not (servers.root / "data" / "integrations" / job["id"]).exists()
     assert "integrations" not in git(repo, "worktree", "list")
-
-
-SAME_LINE = {"shared.txt": "line written by worker {index}\n"}
-
-
-def conflict_profiles(root: Path) -> str:
-    """Command profiles that write the same line differently per worker; resolvers, or not."""
-    path = root / "conflict-agents.toml"
-    clash = 'command = ["sh", "-c", "echo \\"worker $WORKER_INDEX\\" > shared.txt"]\n'
-    path.write_text(
-        f"[agents.clash]\n{clash}"
-        # A "resolver" that claims success but leaves the markers in place.
-        '[agents.liar]\nresolver = true\ncommand = ["sh", "-c", '
-        '"test \\"$ORCHESTRATOR_ROLE\\" = resolver && exit 0; echo \\"worker $WORKER_INDEX\\" > shared.txt"]\n'
-        # A resolver that commits something else of its own instead of the merge.
-        '[agents.rogue]\nresolver = true\ncommand = ["sh", "-c", '
-        '"if test \\"$ORCHESTRATOR_ROLE\\" = resolver; then git merge --abort; echo evil > evil.txt; '
-        "git add -A; git -c user.name=x -c user.email=x@x commit -qm evil; exit 0; fi; "
-        'echo \\"worker $WORKER_INDEX\\" > shared.txt"]\n'
-    )
-    return str(path)
-
-
-def test_same_line_conflict_goes_to_a_resolver_and_both_intents_land(servers: ServerFactory) -> None:
-    repo = make_repo(servers.root)
-    server = servers.start()
-    with server.client() as client:
-        job = submit(
-            client,
-            worker_count=2,
-            repository=str(repo),
-            agent_options={"duration_seconds": 0, "files": SAME_LINE, "resolve": "both"},
-        )
-        done = wait_final(client, job["id"], timeout=60)
-        assert done["status"] == "COMPLETED", done
-        content = git(repo, "show", f"{result_branch(job)}:shared.txt")
-        assert content.splitlines() == ["line written by worker 0", "line written by worker 1"]
-        workers = workers_of(client, job["id"])
-        resolvers = [w for w in workers if (w["result"] or {}).get("role") == "resolver"]
-        assert len(resolvers) == 1 and resolvers[0]["status"] == "COMPLETED", workers
-        merges = merge_parents(repo, result_branch(job))
-        assert len(merges) == 2 and all(len(p) == 2 for p in merges)
-        events = client.get(f"/api/jobs/{job['id']}/events").json()["events"]
-        assert any(e["kind"] == "integration.conflict" for e in events)
-
-
-def test_profile_that_cannot_resolve_fails_naming_files_and_branches(servers: ServerFactory) -> None:
-    repo = make_repo(servers.root)
-    server = servers.start(ORCHESTRATOR_AGENTS_FILE=conflict_profiles(servers.root))
-    with server.client() as client:
-        job = submit(client, agent="clash", worker_count=2, repository=str(repo))
-        done = wait_final(client, job["id"], timeout=60)
-        assert done["status"] == "FAILED", done
-        workers = sorted(workers_of(client, job["id"]), key=lambda w: w["worker_index"])
-        assert len(workers) == 2, "no resolver for a profile without resolver = true"
-        reason = f"merge conflict: shared.txt (orchestrator/{job['id']}/result vs {workers[1]['branch']})"
-        assert done["status_reason"] == reason
-        for worker in workers:  # every source branch intact
-            assert git(repo, "rev-parse", worker["branch"]) == worker["commit"]
-        # The partial result is kept: worker 0's work merged, worker 1's not.
-        assert git(repo, "show", f"{result_branch(job)}:shared.txt") == "worker 0"
-        assert git(repo, "status", "--porcelain") == ""
-
-
-def test_simulated_resolver_without_resolve_option_fails_the_job(servers: ServerFactory) -> None:
-    repo = make_repo(servers.root)
-    server = servers.start()
-    with server.client() as client:
-        options = {"duration_seconds": 0, "files": SAME_LINE}
-        job = submit(client, worker_count=2, repository=str(repo), agent_options=options)
-        done = wait_final(client, job["id"], timeout=60)
-        assert done["status"] == "FAILED", done
-        assert done["status_reason"].startswith("merge conflict: shared.txt (")
-
-
-def test_hostile_resolvers_cannot_pass_off_markers_or_their_own_commit(servers: ServerFactory) -> None:
-    repo = make_repo(servers.root)
-    server = servers.start(ORCHESTRATOR_AGENTS_FILE=conflict_profiles(servers.root))
-    with server.client() as client:
-        for agent in ("liar", "rogue"):
-            job = submit(client, agent=agent, worker_count=2, repository=str(repo))
-            done = wait_final(client, job["id"], timeout=60)
-            assert done["status"] == "FAILED", (agent, done)
-            assert done["status_reason"].startswith("merge conflict: shared.txt ("), done
-            files = git(repo, "ls-tree", "--name-only", result_branch(job)).splitlines()
-            assert "evil.txt" not in files
-            assert git(repo, "show", f"{result_branch(job)}:shared.txt") == "worker 0"
