@@ -36,7 +36,7 @@ from orchestrator.db.events import record_event
 from orchestrator.db.models import EngineRecord, Integration, Job, RepositoryLock, Worker, utcnow
 from orchestrator.db.transitions import transition_worker
 from orchestrator.engine.queries import JobRow, WorkerRow
-from orchestrator.executors.local import make_dirs
+from orchestrator.executors.local import WorkerProcess, make_dirs
 from orchestrator.jobs.service import JOBS_TOPIC
 from orchestrator.workspaces import merge
 from orchestrator.workspaces.git import GitError
@@ -49,7 +49,8 @@ log = logging.getLogger("orchestrator.engine.integrate")
 PENDING, DONE, FAILED = "pending", "done", "failed"
 LOCK_POLL_SECONDS = 0.05
 RESOLVER_POLL_SECONDS = 0.2
-RETRY_SECONDS = 2.0  # after an unexpected error (git, database): the next pass retries
+RETRY_SECONDS = 2.0
+MAX_ATTEMPTS = 5  # after an unexpected error (git, database): the next pass retries
 
 
 @dataclass
@@ -158,8 +159,9 @@ class Integrator:
                 await self._integrate(job_id)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("integration of job %s failed unexpectedly; it will be retried", job_id)
+            await self._give_up_after_attempts(job_id, exc)
             await asyncio.sleep(RETRY_SECONDS)
         finally:
             self.engine.wake.set()
@@ -236,6 +238,21 @@ class Integrator:
             )
             await notifications.notify(session, JOBS_TOPIC)
 
+    async def _give_up_after_attempts(self, job_id: str, exc: Exception) -> None:
+        """An integration that keeps failing (the repository gone, a broken ref) ends the job
+        FAILED with the error rather than keeping it RUNNING for ever."""
+        with contextlib.suppress(Exception):
+            async with self.engine.db.session() as session:
+                await session.execute(
+                    update(Integration)
+                    .where(
+                        Integration.job_id == job_id,
+                        Integration.status == PENDING,
+                        Integration.attempts >= MAX_ATTEMPTS,
+                    )
+                    .values(status=FAILED, reason=f"integration failed: {exc}", updated_at=utcnow())
+                )
+
     async def _resolve(
         self, job_id: str, plan: Plan, temp: Path, source: Source, conflict: merge.Conflicted
     ) -> dict[str, Any]:
@@ -310,13 +327,17 @@ class Integrator:
             )
             worker_id = worker.id
         record["resolver"] = worker_id
-        spec = agent.launch(ctx)
-        spec.env["ORCHESTRATOR_ROLE"] = "resolver"
-        spec.env["ORCHESTRATOR_CONFLICT_FILES"] = json.dumps(conflict.files)
-        try:
+
+        def start() -> WorkerProcess:
             make_dirs(ctx.run_dir, ctx.home)
-            proc = await asyncio.to_thread(self.engine.executor.start, worker_id, spec, temp, ctx.run_dir)
-        except OSError as exc:
+            spec = agent.launch(ctx)
+            spec.env["ORCHESTRATOR_ROLE"] = "resolver"
+            spec.env["ORCHESTRATOR_CONFLICT_FILES"] = json.dumps(conflict.files)
+            return self.engine.executor.start(worker_id, spec, temp, ctx.run_dir)
+
+        try:
+            proc = await asyncio.to_thread(start)
+        except Exception as exc:  # the row exists: it must end, or the job would wait forever
             async with self.engine.db.session() as session:
                 await transition_worker(
                     session,

@@ -3,13 +3,15 @@ in the parent's worktree and ends on the parent's branch and in the job's result
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.agents.conftest import Scenarios, make_repo
+from tests.agents.conftest import Scenarios, make_repo, workdir_of
 from tests.fakes.fake_anthropic import Step, text, tool_result_texts, tool_use
 from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
 from tests.support.servers import Server
@@ -61,3 +63,46 @@ def test_claude_worker_merges_its_sub_job_over_mcp(
     assert merged.startswith("Merged orchestrator/j_") and "child.txt" in merged, merged
     assert show(repo, f"{worker['branch']}:child.txt") == "from the child\n"
     assert show(repo, f"orchestrator/{job['id']}/result:child.txt") == "from the child\n"
+
+
+def test_claude_resolver_resolves_a_scripted_conflict(claude_server: Server, scenarios: Scenarios) -> None:
+    """Two Claude Code workers write the same line differently; the engine hands the conflict to a
+    Claude Code resolver (same profile), which keeps both: the job COMPLETES with both intents."""
+
+    def script(body: dict[str, Any], turn: int, n: int) -> Step:
+        workdir = workdir_of(body)
+        if "resolving a git merge conflict" in json.dumps(body["messages"]):
+            if turn == 0:
+                return tool_use("Read", {"file_path": f"{workdir}/shared.txt"})
+            if turn == 1:
+                current = Path(workdir, "shared.txt").read_text()
+                kept = [
+                    line
+                    for line in current.splitlines(keepends=True)
+                    if not line.startswith(("<<<<<<< ", ">>>>>>> ")) and line.rstrip("\n") != "======="
+                ]
+                return tool_use("Write", {"file_path": f"{workdir}/shared.txt", "content": "".join(kept)})
+            return text("Resolved: kept both lines.")
+        if turn == 0:
+            line = f"line from {Path(workdir).name}\n"
+            return tool_use("Write", {"file_path": f"{workdir}/shared.txt", "content": line})
+        return text("Wrote my line.")
+
+    tag = scenarios.add("resolve-conflict", script)
+    repo = make_repo(claude_server.root, "resolve-repo")
+    with claude_server.client() as client:
+        job = submit(
+            client,
+            task_description=f"{tag} write your line",
+            agent="claude-code",
+            worker_count=2,
+            repository=str(repo),
+        )
+        done = wait_final(client, job["id"], timeout=TIMEOUT * 2)
+        workers = workers_of(client, job["id"])
+        assert done["status"] == "COMPLETED", (done, workers)
+    writers = [w for w in workers if (w["result"] or {}).get("role") != "resolver"]
+    resolvers = [w for w in workers if (w["result"] or {}).get("role") == "resolver"]
+    assert len(writers) == 2 and len(resolvers) == 1 and resolvers[0]["status"] == "COMPLETED", workers
+    content = show(repo, f"orchestrator/{job['id']}/result:shared.txt")
+    assert sorted(content.splitlines()) == sorted(f"line from {w['id']}" for w in writers), content
