@@ -671,10 +671,12 @@ async function openPanel(jobId) {
   if (hasResult(job)) loadResult(job.id);
 }
 
-// A result exists once a job with a repository COMPLETED, or FAILED on a merge conflict (its
-// partial result is kept); asking earlier would only log a 404 in the console.
+// A result exists once the engine has integrated the job: its COMPLETED reason names the result
+// branch ("... result on orchestrator/<job>/result"), a FAILED one the conflict that stopped it
+// (the partial result is kept). Asking before would only log a 404 in the console.
 function hasResult(job) {
-  return Boolean(job.repository) && (job.status === "COMPLETED" || (job.status === "FAILED" && (job.status_reason || "").startsWith("merge conflict")));
+  const reason = job.status_reason || "";
+  return Boolean(job.repository) && ((job.status === "COMPLETED" && reason.includes("result on ")) || (job.status === "FAILED" && reason.startsWith("merge conflict")));
 }
 
 // --- the job's result: its result branch, what was merged, conflicts, the diff per file ----------
