@@ -161,3 +161,90 @@ def test_kill9_mid_integration_then_restart_completes_the_result(servers: Server
     assert len(merge_parents(repo, branch)) == 10
     assert not (servers.root / "data" / "integrations" / job["id"]).exists()
     assert "integrations" not in git(repo, "worktree", "list")
+
+
+SAME_LINE = {"shared.txt": "line written by worker {index}\n"}
+
+
+def conflict_profiles(root: Path) -> str:
+    """Command profiles that write the same line differently per worker; resolvers, or not."""
+    path = root / "conflict-agents.toml"
+    clash = 'command = ["sh", "-c", "echo \\"worker $WORKER_INDEX\\" > shared.txt"]\n'
+    path.write_text(
+        f"[agents.clash]\n{clash}"
+        # A "resolver" that claims success but leaves the markers in place.
+        '[agents.liar]\nresolver = true\ncommand = ["sh", "-c", '
+        '"test \\"$ORCHESTRATOR_ROLE\\" = resolver && exit 0; echo \\"worker $WORKER_INDEX\\" > shared.txt"]\n'
+        # A resolver that commits something else of its own instead of the merge.
+        '[agents.rogue]\nresolver = true\ncommand = ["sh", "-c", '
+        '"if test \\"$ORCHESTRATOR_ROLE\\" = resolver; then git merge --abort; echo evil > evil.txt; '
+        "git add -A; git -c user.name=x -c user.email=x@x commit -qm evil; exit 0; fi; "
+        'echo \\"worker $WORKER_INDEX\\" > shared.txt"]\n'
+    )
+    return str(path)
+
+
+def test_same_line_conflict_goes_to_a_resolver_and_both_intents_land(servers: ServerFactory) -> None:
+    repo = make_repo(servers.root)
+    server = servers.start()
+    with server.client() as client:
+        job = submit(
+            client,
+            worker_count=2,
+            repository=str(repo),
+            agent_options={"duration_seconds": 0, "files": SAME_LINE, "resolve": "both"},
+        )
+        done = wait_final(client, job["id"], timeout=60)
+        assert done["status"] == "COMPLETED", done
+        content = git(repo, "show", f"{result_branch(job)}:shared.txt")
+        assert content.splitlines() == ["line written by worker 0", "line written by worker 1"]
+        workers = workers_of(client, job["id"])
+        resolvers = [w for w in workers if (w["result"] or {}).get("role") == "resolver"]
+        assert len(resolvers) == 1 and resolvers[0]["status"] == "COMPLETED", workers
+        merges = merge_parents(repo, result_branch(job))
+        assert len(merges) == 2 and all(len(p) == 2 for p in merges)
+        events = client.get(f"/api/jobs/{job['id']}/events").json()["events"]
+        assert any(e["kind"] == "integration.conflict" for e in events)
+
+
+def test_profile_that_cannot_resolve_fails_naming_files_and_branches(servers: ServerFactory) -> None:
+    repo = make_repo(servers.root)
+    server = servers.start(ORCHESTRATOR_AGENTS_FILE=conflict_profiles(servers.root))
+    with server.client() as client:
+        job = submit(client, agent="clash", worker_count=2, repository=str(repo))
+        done = wait_final(client, job["id"], timeout=60)
+        assert done["status"] == "FAILED", done
+        workers = sorted(workers_of(client, job["id"]), key=lambda w: w["worker_index"])
+        assert len(workers) == 2, "no resolver for a profile without resolver = true"
+        reason = f"merge conflict: shared.txt (orchestrator/{job['id']}/result vs {workers[1]['branch']})"
+        assert done["status_reason"] == reason
+        for worker in workers:  # every source branch intact
+            assert git(repo, "rev-parse", worker["branch"]) == worker["commit"]
+        # The partial result is kept: worker 0's work merged, worker 1's not.
+        assert git(repo, "show", f"{result_branch(job)}:shared.txt") == "worker 0"
+        assert git(repo, "status", "--porcelain") == ""
+
+
+def test_simulated_resolver_without_resolve_option_fails_the_job(servers: ServerFactory) -> None:
+    repo = make_repo(servers.root)
+    server = servers.start()
+    with server.client() as client:
+        options = {"duration_seconds": 0, "files": SAME_LINE}
+        job = submit(client, worker_count=2, repository=str(repo), agent_options=options)
+        done = wait_final(client, job["id"], timeout=60)
+        assert done["status"] == "FAILED", done
+        assert done["status_reason"].startswith("merge conflict: shared.txt (")
+
+
+def test_hostile_resolvers_cannot_pass_off_markers_or_their_own_commit(servers: ServerFactory) -> None:
+    repo = make_repo(servers.root)
+    server = servers.start(ORCHESTRATOR_AGENTS_FILE=conflict_profiles(servers.root))
+    with server.client() as client:
+        for agent in ("liar", "rogue"):
+            job = submit(client, agent=agent, worker_count=2, repository=str(repo))
+            done = wait_final(client, job["id"], timeout=60)
+            assert done["status"] == "FAILED", (agent, done)
+            assert done["status_reason"].startswith("merge conflict: shared.txt ("), done
+            files = git(repo, "ls-tree", "--name-only", result_branch(job)).splitlines()
+            assert "evil.txt" not in files
+            assert git(repo, "show", f"{result_branch(job)}:shared.txt") == "worker 0"
