@@ -65,5 +65,8 @@ def load_profiles(path: Path) -> dict[str, Agent]:
         command = spec.get("command")
         if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
             raise ValueError(f"agent profile {name!r}: command must be a list of strings")
-        profiles[name] = CommandAgent(name, command, spec.get("env"))
+        resolver = spec.get("resolver", False)
+        if not isinstance(resolver, bool):
+            raise ValueError(f"agent profile {name!r}: resolver must be true or false")
+        profiles[name] = CommandAgent(name, command, spec.get("env"), resolver=resolver)
     return profiles

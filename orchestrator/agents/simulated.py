@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from pathlib import PurePosixPath
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.agents.base import Agent, LaunchSpec, WorkerContext, base_environment
 
@@ -29,6 +30,19 @@ class SimulatedOptions(BaseModel):
     # A waiting worker learns of a child's end from the child's events stream; it re-reads the
     # child's status this often anyway, in case the stream is quiet or cannot be opened.
     wait_poll_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # Files to write in the worktree (path relative to it: content), before the work starts.
+    files: dict[str, str] = Field(default_factory=dict, max_length=100)
+    # As a conflict resolver: keep our side, their side, or both (ours then theirs).
+    resolve: Literal["ours", "theirs", "both"] | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _relative_paths(cls, files: dict[str, str]) -> dict[str, str]:
+        for name in files:
+            path = PurePosixPath(name)
+            if not name or path.is_absolute() or ".." in path.parts or path.parts[:1] == (".git",):
+                raise ValueError(f"file path {name!r} must be relative to the worktree, without '..' or .git")
+        return files
 
 
 class SimulatedAgent(Agent):

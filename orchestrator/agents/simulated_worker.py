@@ -18,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestrator.core.unix_http import api_socket, opener
@@ -208,6 +209,16 @@ def main() -> int:
     duration = float(options.get("duration_seconds", 2.0))
     interval = float(options.get("progress_interval_seconds", 0.5))
     say(f"[simulated] worker {index + 1}/{count} at depth {depth} starting: {task}")
+    if os.environ.get("ORCHESTRATOR_ROLE") == "resolver":
+        return resolve(
+            options.get("resolve"), json.loads(os.environ.get("ORCHESTRATOR_CONFLICT_FILES", "[]"))
+        )
+    for name, content in dict(options.get("files", {})).items():
+        # "{index}" in a path or content is the worker's index: workers of one job can differ.
+        path = Path(name.replace("{index}", str(index)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content.replace("{index}", str(index)))
+        say(f"[simulated] wrote {name}")
 
     clock = WorkClock()
     step = 0
@@ -259,6 +270,28 @@ def main() -> int:
         exit_code = exit_code or 1
     say(f"[simulated] done with exit code {exit_code}")
     return exit_code
+
+
+def resolve(mode: str | None, files: list[str]) -> int:
+    """Resolve conflict markers in `files` by keeping ours, theirs, or both (ours first)."""
+    if mode not in ("ours", "theirs", "both"):
+        say("[simulated] cannot resolve conflicts: no resolve option")
+        return 1
+    for name in files:
+        kept: list[str] = []
+        side = None
+        for line in Path(name).read_text().splitlines(keepends=True):
+            if line.startswith("<<<<<<< "):
+                side = "ours"
+            elif side == "ours" and line.rstrip("\n") == "=======":
+                side = "theirs"
+            elif side == "theirs" and line.startswith(">>>>>>> "):
+                side = None
+            elif side is None or mode == "both" or side == mode:
+                kept.append(line)
+        Path(name).write_text("".join(kept))
+        say(f"[simulated] resolved {name} ({mode})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,17 @@ from orchestrator.agents.registry import AgentRegistry
 from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.limits import RequestLimitsMiddleware, bound_httptools_headers
 from orchestrator.api.observability import install_observability
-from orchestrator.api.routers import fleet, health, jobs, metrics, resources, supervisor, web, workspaces
+from orchestrator.api.routers import (
+    fleet,
+    health,
+    jobs,
+    metrics,
+    resources,
+    results,
+    supervisor,
+    web,
+    workspaces,
+)
 from orchestrator.api.routers.streams import stop_watcher as stop_stream_watcher
 from orchestrator.api.security_headers import SecurityHeadersMiddleware
 from orchestrator.bootstrap import prepare_database
@@ -142,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(supervisor.router)
     app.include_router(jobs.router)
+    app.include_router(results.router)
     app.include_router(fleet.router)
     app.include_router(resources.router)
     app.include_router(workspaces.router)

@@ -202,6 +202,7 @@ class ApiClient:
         self._host = parts.hostname
         self._prefix = parts.path.rstrip("/")
         self._conn: http.client.HTTPConnection | None = None
+        self.last_headers: dict[str, str] = {}  # of the last answer
         self._headers = {"Accept": "application/json", "User-Agent": "orchestrator-cli"}
         if target.token:
             self._headers["Authorization"] = f"Bearer {target.token}"
@@ -285,6 +286,7 @@ class ApiClient:
                 conn.request(method, url, body=data, headers=headers)
                 response = conn.getresponse()
                 content = response.read()
+                self.last_headers = {k.lower(): v for k, v in response.getheaders()}
                 if response.getheader("Connection", "").lower() == "close":
                     self.close()
                 return response.status, response.reason, content
@@ -319,6 +321,17 @@ class ApiClient:
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
+
+    def get_text(self, path: str, params: dict[str, Any]) -> tuple[str, dict[str, str]]:
+        """A GET whose answer is text (a diff), with the headers that matter to it."""
+        status, reason, content, headers = self._send_with_headers("GET", self._url(path, params))
+        if status >= 400:
+            raise error_from_response(status, reason, content, self.target)
+        return content.decode(errors="replace"), headers
+
+    def _send_with_headers(self, method: str, url: str) -> tuple[int, str, bytes, dict[str, str]]:
+        status, reason, content = self._send(method, url, None, dict(self._headers))
+        return status, reason, content, self.last_headers
 
     def open_stream(self, path: str, **params: Any) -> EventStream | None:
         """A Server-Sent Events response on its own connection (the caller reads and closes it),

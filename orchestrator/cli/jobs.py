@@ -109,6 +109,10 @@ def submit(
                 )
             )
         final = _wait(api, job["id"], quiet=quiet or as_json, submitted=submitted)
+        if not (quiet or as_json):
+            from orchestrator.cli.results import show_final_result
+
+            show_final_result(api, final)
     if as_json:
         print_json(final)
     elif quiet:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import typer
 
-from orchestrator.cli import demo, gc, jobs, mcp, resources, server, session, workers
+from orchestrator.cli import demo, gc, jobs, mcp, resources, results, server, session, workers
 from orchestrator.cli.output import CliError, print_error
 
 app = typer.Typer(
@@ -28,7 +28,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for _module in (jobs, workers, resources, session, server, gc, demo, mcp):
+for _module in (jobs, workers, resources, results, session, server, gc, demo, mcp):
     _module.register(app)
 
 

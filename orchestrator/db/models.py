@@ -281,3 +281,36 @@ class RateLimit(Base):
     failures: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Integration(Base):
+    """A job's result branch: its integration's progress, so an engine that dies mid-merge leaves a
+    record the next engine redoes (the git work itself is redone from the base: it is idempotent)."""
+
+    __tablename__ = "integrations"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    repository: Mapped[str] = mapped_column(Text, index=True)
+    # pending (to do or being done) -> done | failed
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    branch: Mapped[str] = mapped_column(Text)
+    base_commit: Mapped[str | None] = mapped_column(String(64))
+    commit: Mapped[str | None] = mapped_column(String(64))
+    merged: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    conflicts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    engine_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RepositoryLock(Base):
+    """SQLite's one-integration-per-repository lock (PostgreSQL uses an advisory lock): held by an
+    engine; a dead engine's row is taken over."""
+
+    __tablename__ = "repository_locks"
+
+    repository: Mapped[str] = mapped_column(Text, primary_key=True)
+    engine_id: Mapped[str] = mapped_column(String(32))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

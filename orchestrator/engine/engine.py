@@ -53,6 +53,7 @@ from orchestrator.db.transitions import (
 from orchestrator.engine import budget as budgets
 from orchestrator.engine import queries
 from orchestrator.engine.governor import Governor
+from orchestrator.engine.integrate import Integrator
 from orchestrator.engine.logs import LogCursor
 from orchestrator.engine.queries import JobRow, WorkerRow
 from orchestrator.engine.reconcile import Reconciler
@@ -69,6 +70,7 @@ from orchestrator.resources import repository as slots_repo
 from orchestrator.resources.service import bind_unbound_slot, release_unbound
 from orchestrator.workers import repository as workers_repo
 from orchestrator.workspaces import git, refs
+from orchestrator.workspaces import setup as worktree_setup
 
 log = logging.getLogger("orchestrator.engine")
 
@@ -123,6 +125,7 @@ class Engine:
         self.launcher = ThreadPoolExecutor(max_workers=LAUNCH_THREADS, thread_name_prefix="launch")
         self.spend_changed = False
         self.last_budget_check = 0.0
+        self.integrator = Integrator(self)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -153,6 +156,8 @@ class Engine:
         _done, pending = await asyncio.wait(self.tasks, timeout=STOP_STEP_SECONDS)
         if pending:
             log.warning("engine %s: %d task(s) did not stop in time: %s", self.id, len(pending), pending)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.integrator.stop(), STOP_STEP_SECONDS)
         if self.unrecorded:  # else the next engine finds them by their PID files ("adopted")
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._record_starts_now(self.unrecorded), STOP_STEP_SECONDS)
@@ -272,6 +277,7 @@ class Engine:
             self.unrecorded = starts + self.unrecorded
             raise
         self._forget(batch)
+        self.integrator.launch()
         if time.monotonic() - self.last_reclaim > RECLAIM_INTERVAL_SECONDS:
             await self._reclaim()
         await self._apply_control()
@@ -421,7 +427,13 @@ class Engine:
 
         def start() -> WorkerProcess:
             make_dirs(run_dir, context.home, workdir)  # before the agent writes its files there
-            spec = agent.launch(context)
+            spec = worktree_setup.prepare(
+                self.settings.orchestrator_agents_file,
+                job.repository,
+                workdir,
+                run_dir,
+                agent.launch(context),
+            )
             proc = self.executor.start(worker.id, spec, workdir, run_dir, read_start_time=False)
             values["started_at"] = utcnow()  # recorded by the next pass: keep the real time
             return proc
@@ -480,6 +492,9 @@ class Engine:
         agent = self.agents.agents.get(worker.agent)
         if agent is None:
             return None
+        failed = worktree_setup.failure(self.runs_dir / worker.id)
+        if failed is not None:
+            return Outcome(False, failed)
         result = values.get("result")
         return agent.outcome(result if isinstance(result, dict) else None, exit_code)
 
@@ -901,6 +916,15 @@ class Engine:
             if target in JOB_TRANSITIONS[JobStatus(job.status)]:
                 endings.append(Change(job, target, reason, model=Job))
                 ending.append(job)
+        # A job with a repository COMPLETES once its result branch is written (engine/integrate.py).
+        gated = await self.integrator.gate(session, {c.known.id: JobStatus(c.target) for c in endings})
+        for index in reversed(range(len(endings))):
+            if endings[index].known.id in gated:
+                decided = gated[endings[index].known.id]
+                if decided is None:
+                    del endings[index], ending[index]
+                else:
+                    endings[index] = Change(ending[index], decided[0], decided[1], model=Job)
         await transition_many(session, endings, actor=self.actor)
         for job in ending:
             if unbound.get(job.id, 0) > 0:

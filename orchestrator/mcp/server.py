@@ -32,7 +32,8 @@ server = MCPServer(
     instructions=(
         "Delegate parts of your task to sub-jobs run by other agents in parallel: spawn_subjob, then "
         "wait_for_jobs and get_job to read their results (final message, git branch, diff stat, cost). "
-        "Sub-jobs work on their own git branches, started from yours."
+        "Sub-jobs work on their own git branches, started from yours; merge_subjob brings a finished "
+        "sub-job's work into your worktree."
     ),
 )
 
@@ -362,6 +363,31 @@ async def read_worker_log(worker_id: str, offset: int = 0, limit: int = 200) -> 
     lines = [f"{line['seq']}: {_clip(line['text'], 1000)}" for line in body["lines"]]
     tail = "(end of log)" if body.get("complete") else f"(next offset {body['next_offset']})"
     return "\n".join([*lines, tail]) if lines else f"No lines from offset {offset}. {tail}"
+
+
+@server.tool(structured_output=False)
+async def merge_subjob(job_id: str) -> str:
+    """Merge a finished sub-job's result branch (its whole subtree's work) into your own worktree,
+    with a merge commit. On a conflict the markers are left in the listed files: edit them to keep
+    both intents, then `git add` them and `git commit` (or tell the orchestrator you are done)."""
+    body = await api.call("POST", f"/api/jobs/{job_id}/merge")
+    return merge_summary(body)
+
+
+def merge_summary(body: dict[str, Any]) -> str:
+    if body["status"] == "conflict":
+        return (
+            f"Merging {body['branch']} (job {body['job_id']}) into your worktree conflicts in: "
+            f"{', '.join(body['files'])}. The conflict markers are in those files: resolve them, "
+            "`git add` the files and `git commit` to finish the merge."
+        )
+    if body["status"] == "already merged":
+        return f"{body['branch']} (job {body['job_id']}) is already merged into your branch."
+    files = ", ".join(body["files"]) or "no files"
+    return (
+        f"Merged {body['branch']} (job {body['job_id']}) into your worktree as "
+        f"{str(body['merge_commit'])[:12]}: {files}\n{body['diff_stat']}"
+    )
 
 
 def main() -> None:

@@ -623,6 +623,7 @@ async function openPanel(jobId) {
   state.workers.clear();
   state.panelSubtree = new Set();
   state.timelineAfter = 0;
+  state.resultShown = null;
   markSelected();
   const panel = $("#panel");
   if (!jobId) {
@@ -656,6 +657,7 @@ async function openPanel(jobId) {
     h("p", { class: "task-full" }, job.task_description),
     section("Tree", h("div", { id: "panel-parents", class: "crumbs" }), h("ul", { id: "panel-children", class: "mini-tree" })),
     section("Workers", h("table", { class: "workers" }, h("thead", {}, h("tr", {}, ["Worker", "Status", "Branch / commit", "Changes", ""].map((t) => h("th", {}, t)))), h("tbody", { id: "workers" }))),
+    ...(job.repository ? [section("Result", h("div", { id: "result", class: "result" }, h("p", { class: "hint" }, "Not integrated yet: the result branch is written once every worker and sub-job has completed.")))] : []),
     section("Cost and tokens", h("div", { id: "usage", class: "usage" }, "…")),
     section("Details", detailsOf(job)),
     section("Timeline", h("ol", { id: "timeline", class: "timeline" })),
@@ -666,6 +668,108 @@ async function openPanel(jobId) {
   loadWorkers(token);
   loadUsage();
   loadTimeline(job.id, token);
+  if (hasResult(job)) loadResult(job.id);
+}
+
+// A result exists once the engine has integrated the job: its COMPLETED reason names the result
+// branch ("... result on orchestrator/<job>/result"), a FAILED one the conflict that stopped it
+// (the partial result is kept). Asking before would only log a 404 in the console.
+function hasResult(job) {
+  const reason = job.status_reason || "";
+  return Boolean(job.repository) && ((job.status === "COMPLETED" && reason.includes("result on ")) || (job.status === "FAILED" && reason.startsWith("merge conflict")));
+}
+
+// --- the job's result: its result branch, what was merged, conflicts, the diff per file ----------
+
+state.resultShown = null; // the result commit on screen (re-read only when it changes)
+
+async function loadResult(jobId) {
+  const box = $("#result");
+  if (!box || jobId !== state.panelJob) return;
+  let result;
+  try {
+    result = await api(`/api/jobs/${enc(jobId)}/result`);
+  } catch (error) {
+    if (jobId !== state.panelJob) return;
+    state.resultShown = null;
+    const text = error.status === 404 ? "Not integrated yet: the result branch is written once every worker and sub-job has completed." : `Cannot read the result: ${error.message}`;
+    box.replaceChildren(h("p", { class: "hint" }, text));
+    return;
+  }
+  if (jobId !== state.panelJob || state.resultShown === `${jobId}@${result.commit}`) return;
+  state.resultShown = `${jobId}@${result.commit}`;
+  let diff = "";
+  let truncated = false;
+  try {
+    const response = await api(`/api/jobs/${enc(jobId)}/diff`, { raw: true });
+    diff = await response.text();
+    truncated = response.headers.get("X-Diff-Truncated") === "true";
+  } catch (error) {
+    diff = "";
+  }
+  if (jobId !== state.panelJob) return;
+  box.replaceChildren(...resultView(result, diff, truncated));
+}
+
+function resultView(result, diff, truncated) {
+  const parts = [
+    h(
+      "dl",
+      { class: "details", id: "result-summary" },
+      h("dt", {}, "Branch"), h("dd", {}, h("code", { id: "result-branch" }, result.branch)),
+      h("dt", {}, "Commit"), h("dd", {}, h("code", { id: "result-commit", title: result.commit }, (result.commit || "").slice(0, 12))),
+      h("dt", {}, "Base"), h("dd", {}, h("code", { title: result.base_commit || "" }, (result.base_commit || "").slice(0, 12))),
+      h("dt", {}, "Changes"), h("dd", { id: "result-stat" }, `${result.files_changed} file(s), `, h("span", { class: "add" }, `+${result.insertions}`), " ", h("span", { class: "del" }, `-${result.deletions}`)),
+    ),
+  ];
+  if (result.status === "failed") parts.push(h("p", { class: "result-failed" }, result.reason || "integration failed"));
+  parts.push(
+    h("h4", {}, `Merged branches (${result.merged.length})`),
+    h("ul", { class: "merged", id: "result-merged" }, result.merged.map((m) => h("li", {}, h("code", {}, m.branch), " ", h("span", { class: "muted" }, m.merge_commit ? `${m.commit.slice(0, 10)} → ${m.merge_commit.slice(0, 10)}` : `${m.commit.slice(0, 10)} (already in)`)))),
+  );
+  if (result.conflicts.length) {
+    parts.push(
+      h("h4", {}, `Conflicts (${result.conflicts.length})`),
+      h("ul", { class: "conflicts", id: "result-conflicts" }, result.conflicts.map((c) => h("li", {}, h("code", {}, (c.files || []).join(", ")), `: ${c.branch} into ${c.into} — `, h("strong", { class: c.resolution ? "ok" : "bad" }, c.resolution ? `resolved by ${c.resolver}` : `unresolved${c.reason ? ` (${c.reason})` : ""}`)))),
+    );
+  }
+  const files = splitDiff(diff);
+  parts.push(h("h4", {}, `Diff (${files.length} file(s))${truncated ? " — cut, too large" : ""}`));
+  parts.push(h("div", { class: "diff", id: "result-diff" }, files.map((f) => fileDiff(f, files.length <= 5))));
+  return parts;
+}
+
+function splitDiff(text) {
+  const files = [];
+  for (const line of text.split("\n")) {
+    if (line.startsWith("diff --git ")) {
+      const name = line.replace(/^diff --git a\/(.*?) b\/.*$/, "$1");
+      files.push({ name, lines: [], add: 0, del: 0 });
+    } else if (files.length) {
+      const file = files[files.length - 1];
+      file.lines.push(line);
+      if (line.startsWith("+") && !line.startsWith("+++")) file.add++;
+      if (line.startsWith("-") && !line.startsWith("---")) file.del++;
+    }
+  }
+  return files;
+}
+
+function fileDiff(file, open) {
+  const lines = file.lines.map((line) => {
+    let cls = "ctx";
+    if (line.startsWith("+++") || line.startsWith("---") || line.startsWith("index ") || line.startsWith("new file") || line.startsWith("deleted file")) cls = "meta";
+    else if (line.startsWith("@@")) cls = "hunk";
+    else if (line.startsWith("+")) cls = "add";
+    else if (line.startsWith("-")) cls = "del";
+    return h("span", { class: `line ${cls}` }, `${line}\n`);
+  });
+  return h(
+    "details",
+    { class: "file-diff", open, dataset: { path: file.name } },
+    h("summary", {}, h("code", {}, file.name), " ", h("span", { class: "add" }, `+${file.add}`), " ", h("span", { class: "del" }, `-${file.del}`)),
+    h("pre", {}, ...lines),
+  );
 }
 
 function detailsOf(job) {
@@ -698,6 +802,7 @@ const refreshPanelJob = debounce(async () => {
     if (details) details.replaceWith(detailsOf(job));
     const cancel = $("#cancel-job");
     if (cancel) cancel.disabled = FINAL_JOB.has(job.status);
+    if (hasResult(job)) loadResult(job.id);
   } catch (_) {
     /* the next event tries again */
   }

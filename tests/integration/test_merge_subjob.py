@@ -1,0 +1,95 @@
+"""`merge_subjob` (issue 15): a worker merges its finished sub-job's result into its own worktree,
+through the CLI with its worker token; and nobody else's (a worker is hostile code)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
+from tests.integration.test_engine_workspaces_tokens import git, make_repo
+from tests.support.servers import ServerFactory
+
+ORCHESTRATOR = Path(sys.executable).with_name("orchestrator")
+
+PARENT = r"""
+import json, os, pathlib, subprocess, sys, time, urllib.request, urllib.error
+URL, TOKEN, JOB = os.environ["ORCHESTRATOR_URL"], os.environ["ORCHESTRATOR_TOKEN"], os.environ["ORCHESTRATOR_JOB_ID"]
+def call(method, path, body=None):
+    req = urllib.request.Request(URL + path, method=method, data=json.dumps(body).encode() if body is not None else None)
+    req.add_header("Authorization", "Bearer " + TOKEN)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+pathlib.Path("parent.txt").write_text("from the parent\n")
+_, child = call("POST", "/api/jobs/submit", {"task_description": "child", "depth": 1, "parent_job_id": JOB,
+    "agent": "simulated", "agent_options": {"duration_seconds": 0, "files": {"child.txt": "from the child\n"}}})
+results = {"early": call("POST", f"/api/jobs/{child['id']}/merge")[0]}
+while call("GET", "/api/jobs/" + child["id"])[1]["status"] not in ("COMPLETED", "FAILED", "CANCELED"):
+    time.sleep(0.1)
+done = subprocess.run([os.environ["ORCHESTRATOR_CLI"], "merge-subjob", child["id"]], capture_output=True, text=True)
+print("CLI", done.returncode, done.stdout.strip().replace("\n", " | "), done.stderr.strip(), flush=True)
+results["seen"] = pathlib.Path("child.txt").read_text() if pathlib.Path("child.txt").exists() else None
+results["again"] = call("POST", f"/api/jobs/{child['id']}/merge")[1].get("status")
+other = pathlib.Path(os.environ["OTHER_FILE"]).read_text().strip()
+results["other_child"] = call("POST", f"/api/jobs/{other}/merge")[0]
+results["own_job"] = call("POST", f"/api/jobs/{JOB}/merge")[0]
+print("RESULTS " + json.dumps(results), flush=True)
+"""
+
+
+def profiles(root: Path) -> str:
+    (root / "parent.py").write_text(PARENT)
+    path = root / "merge-agents.toml"
+    path.write_text(
+        f'[agents.parent]\ncommand = ["{sys.executable}", "{root / "parent.py"}"]\n'
+        f'env = {{ ORCHESTRATOR_CLI = "{ORCHESTRATOR}", OTHER_FILE = "{root / "other_job"}" }}\n'
+    )
+    return str(path)
+
+
+def test_worker_merges_its_sub_job_and_nobody_elses(servers: ServerFactory) -> None:
+    repo = make_repo(servers.root)
+    server = servers.start(ORCHESTRATOR_AGENTS_FILE=profiles(servers.root))
+    with server.client() as client:
+        # Another tree's finished child: the worker must not be able to merge it.
+        other_root = submit(
+            client,
+            repository=str(repo),
+            agent_options={"duration_seconds": 0, "subtasks": [{"task_description": "theirs"}]},
+        )
+        assert wait_final(client, other_root["id"])["status"] == "COMPLETED"
+        other_child = client.get("/api/jobs", params={"parent_job_id": other_root["id"]}).json()["jobs"][0]
+        (servers.root / "other_job").write_text(other_child["id"])
+        user = client.post(f"/api/jobs/{other_child['id']}/merge")
+        assert user.status_code == 403 and "worker" in user.json()["detail"]
+
+        job = submit(client, agent="parent", repository=str(repo))
+        done = wait_final(client, job["id"], timeout=90)
+        [worker] = workers_of(client, job["id"])
+        lines = log_lines(client, worker["id"])
+        assert done["status"] == "COMPLETED", (done, lines[-5:])
+        cli = next(line for line in lines if line.startswith("CLI "))
+        assert cli.startswith("CLI 0 Merged orchestrator/j_") and "child.txt" in cli, cli
+        results: dict[str, Any] = json.loads(
+            next(x for x in lines if x.startswith("RESULTS ")).removeprefix("RESULTS ")
+        )
+        assert results == {
+            "early": 404,  # not integrated yet
+            "seen": "from the child\n",
+            "again": "already merged",
+            "other_child": 403,
+            "own_job": 403,
+        }, results
+        # The merge is on the worker's own branch (a real merge commit), and in the job's result.
+        assert git(repo, "show", f"{worker['branch']}:child.txt") == "from the child"
+        subjects = git(repo, "log", "--merges", "--format=%s", worker["branch"])
+        assert "orchestrator: merge sub-job" in subjects
+        result = f"orchestrator/{job['id']}/result"
+        assert git(repo, "show", f"{result}:child.txt") == "from the child"
+        assert git(repo, "show", f"{result}:parent.txt") == "from the parent"
