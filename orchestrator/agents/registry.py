@@ -4,6 +4,14 @@
 type = "command"
 command = ["bash", "-c", "cat; echo done"]
 env = { FOO = "bar" }
+# the sandbox (docs/SANDBOX.md): limits, their maximum per job, network and extra binds
+memory_mb = 1024
+pids = 512
+max_memory_mb = 4096
+max_pids = 2048
+network = "none"          # default "on"
+ro_binds = ["/srv/cache"]
+rw_binds = ["/srv/scratch"]
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from orchestrator.agents.base import Agent
+from orchestrator.agents.base import Agent, SandboxProfile
 from orchestrator.agents.claude_code import ClaudeCodeAgent
 from orchestrator.agents.codex import CodexAgent
 from orchestrator.agents.command import CommandAgent
@@ -65,5 +73,32 @@ def load_profiles(path: Path) -> dict[str, Agent]:
         command = spec.get("command")
         if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
             raise ValueError(f"agent profile {name!r}: command must be a list of strings")
-        profiles[name] = CommandAgent(name, command, spec.get("env"))
+        agent = CommandAgent(name, command, spec.get("env"))
+        agent.sandbox = sandbox_profile(name, spec)
+        profiles[name] = agent
     return profiles
+
+
+def sandbox_profile(name: str, spec: dict[str, Any]) -> SandboxProfile:
+    """A profile's sandbox settings from its TOML table, checked (a typo must not loosen it)."""
+    values: dict[str, Any] = {}
+    for key in ("memory_mb", "pids", "max_memory_mb", "max_pids"):
+        if key in spec:
+            value = spec[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"agent profile {name!r}: {key} must be a positive integer")
+            values[key] = value
+    if "network" in spec:
+        if spec["network"] not in ("on", "none"):
+            raise ValueError(f"agent profile {name!r}: network must be \"on\" or \"none\"")
+        values["network"] = spec["network"] == "on"
+    for key in ("ro_binds", "rw_binds"):
+        if key in spec:
+            paths = spec[key]
+            if not isinstance(paths, list) or not all(isinstance(p, str) and p.startswith("/") for p in paths):
+                raise ValueError(f"agent profile {name!r}: {key} must be a list of absolute paths")
+            values[key] = tuple(paths)
+    profile = SandboxProfile(**values)
+    if profile.memory_mb > profile.memory_ceiling or profile.pids > profile.pids_ceiling:
+        raise ValueError(f"agent profile {name!r}: a default limit is above its maximum")
+    return profile

@@ -23,7 +23,7 @@ from typing import Any, cast
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator.agents.base import Agent, Outcome, WorkerContext
+from orchestrator.agents.base import Agent, LaunchSpec, Outcome, WorkerContext
 from orchestrator.agents.registry import AgentRegistry
 from orchestrator.core.auth import create_access_token, engine_actor
 from orchestrator.core.config import Settings
@@ -54,6 +54,8 @@ from orchestrator.engine import queries
 from orchestrator.engine.governor import Governor
 from orchestrator.engine.logs import LogCursor
 from orchestrator.engine.queries import JobRow, WorkerRow
+from orchestrator.executors import sandbox as sandboxing
+from orchestrator.executors.cgroups import Limits
 from orchestrator.executors.local import (
     PID_FILE,
     LocalExecutor,
@@ -95,7 +97,7 @@ class Engine:
         self.settings = settings
         self.db = database
         self.agents = agents
-        self.executor = executor or LocalExecutor()
+        self.executor = executor or LocalExecutor.for_settings(settings)
         self.id = new_engine_id()
         self.actor = engine_actor(self.id).name
         self.procs: dict[str, WorkerProcess] = {}
@@ -418,11 +420,38 @@ class Engine:
         def start() -> WorkerProcess:
             make_dirs(run_dir, context.home, workdir)  # before the agent writes its files there
             spec = agent.launch(context)
-            proc = self.executor.start(worker.id, spec, workdir, run_dir, read_start_time=False)
+            proc = self._start_process(worker.id, agent, spec, context, read_start_time=False)
             values["started_at"] = utcnow()  # recorded by the next pass: keep the real time
             return proc
 
         return values, start
+
+    def _start_process(
+        self, worker_id: str, agent: Agent, spec: LaunchSpec, context: WorkerContext, *, read_start_time: bool = True
+    ) -> WorkerProcess:
+        """Start a worker in its sandbox (docs/SANDBOX.md) with its profile's limits: the view
+        is its worktree, its HOME (both handed to the agent's uid), the profile's binds and the
+        programs the agent needs."""
+        profile = agent.sandbox
+        box = sandboxing.SandboxSpec(
+            context.workdir,
+            context.home,
+            network=profile.network,
+            ro_binds=[*agent.sandbox_paths(), *profile.ro_binds],
+            rw_binds=list(profile.rw_binds),
+        )
+        if self.executor.sandbox is not None and self.executor.sandbox.usable:
+            sandboxing.give_to_agent(self.executor.sandbox, context.home, context.workdir)
+        limits = Limits(memory_mb=profile.memory_mb, pids=profile.pids)
+        return self.executor.start(
+            worker_id,
+            spec,
+            context.workdir,
+            context.run_dir,
+            read_start_time=read_start_time,
+            sandbox=box,
+            limits=limits,
+        )
 
     def _worker_context(
         self,
@@ -527,7 +556,7 @@ class Engine:
                     )
                     spec = agent.launch(context)
                     (run_dir / "exit").unlink(missing_ok=True)
-                    proc = self.executor.start(worker.id, spec, workdir, run_dir)
+                    proc = self._start_process(worker.id, agent, spec, context)
                 except Exception as exc:
                     log.warning("worker %s could not be resumed: %s", worker.id, exc)
                     reason = f"could not resume after a rate limit: {exc}"
@@ -746,6 +775,7 @@ class Engine:
         """The exit status, the worktree committed (if any), and what to add to the result."""
         patch: dict[str, Any] = {}
         values: dict[str, Any] = {"_exit": read_exit_code(proc.run_dir), "_result_patch": patch}
+        values["_limit"] = await asyncio.to_thread(self.executor.ending, proc.worker_id)
         agent_result = proc.extra.get("agent_result")
         if isinstance(agent_result, dict):
             patch.update(agent_result)
@@ -785,12 +815,15 @@ class Engine:
         for proc, values in outcomes:
             exit_code = values.pop("_exit")
             patch = values.pop("_result_patch")
+            limit = values.pop("_limit", None)
             values["exit_code"] = exit_code
             current = fresh.get(proc.worker_id)
             if current is None:
                 continue
             values["result"] = {**(current.result or {}), **patch} or None
             outcome = self._outcome(current, values, exit_code) if current.status in WORKER_LIVE else None
+            if limit is not None:
+                outcome = Outcome(False, limit)  # a limit killed it: that is the reason, not the agent's
             if outcome is not None and outcome.retryable and not proc.kill_sent:
                 if await self._park(session, current, values, outcome):
                     continue  # keeps its slot; the engine resumes it after the backoff
