@@ -440,6 +440,21 @@ class Engine:
             ro_binds=[*agent.sandbox_paths(), *profile.ro_binds],
             rw_binds=list(profile.rw_binds),
         )
+        dirs = git.worktree_git_dirs(context.workdir)
+        if dirs is not None and self.executor.sandbox is not None:
+            # Git in the sandbox: the repository's common dir read-only (refs, objects and config
+            # of every other branch stay as they are), the worktree's own dir (HEAD, index)
+            # writable, new objects in a private store beside the shared one. The engine
+            # commits the worktree onto the worker's branch when it ends.
+            own, common = dirs
+            objects = context.home / ".git-objects"
+            make_dirs(objects)
+            box.ro_binds.append(str(common))
+            box.rw_extra.append(str(own))
+            spec.env["GIT_OBJECT_DIRECTORY"] = str(objects)
+            spec.env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(common / "objects")
+            if self.executor.sandbox.uid is not None:
+                sandboxing.give_to_agent(self.executor.sandbox, own)
         if self.executor.sandbox is not None and self.executor.sandbox.usable:
             sandboxing.give_to_agent(self.executor.sandbox, context.home, context.workdir)
         limits = Limits(memory_mb=profile.memory_mb, pids=profile.pids)
@@ -793,6 +808,7 @@ class Engine:
                         Path(worker.workdir),
                         f"orchestrator: work of {worker.id} (job {worker.job_id})",
                         (worker.result or {}).get("base_commit"),
+                        worker.branch,
                     )
                 values.update(commit=commit, diff_stat=stat)
             except (git.GitError, OSError) as exc:

@@ -359,10 +359,35 @@ class LocalExecutor:
         """Signal the worker's whole process group, if it is still the process we started."""
         if proc.exited or not is_same_process(proc.pid, proc.start_time):
             return False
+        if self.sandbox is not None and sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            # bwrap dies of a TERM it does not handle, and the sandbox dies with it (its PID
+            # namespace ends): the agent would get no grace period. So a polite signal goes to
+            # the group's processes except bwrap's own two (the monitor and the namespace's
+            # init); the agent ends, then bwrap with it. KILL, STOP and CONT go to the group.
+            return self._signal_agents(proc.pid, sig)
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             return False
+        return True
+
+    def _signal_agents(self, group: int, sig: signal.Signals) -> bool:
+        assert self.sandbox is not None
+        bwrap = os.path.realpath(self.sandbox.bwrap or "/usr/bin/bwrap")
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == group:
+                continue
+            pid = int(name)
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+                if int(fields[2]) != group or os.readlink(f"/proc/{pid}/exe") == bwrap:
+                    continue  # field 5: the process group
+                os.kill(pid, sig)
+            except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
+                continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(group, sig)  # the wrapper: its trap keeps it alive to record the exit status
         return True
 
     def watch(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
