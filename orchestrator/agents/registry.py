@@ -90,12 +90,14 @@ def sandbox_profile(name: str, spec: dict[str, Any]) -> SandboxProfile:
             values[key] = value
     if "network" in spec:
         if spec["network"] not in ("on", "none"):
-            raise ValueError(f"agent profile {name!r}: network must be \"on\" or \"none\"")
+            raise ValueError(f'agent profile {name!r}: network must be "on" or "none"')
         values["network"] = spec["network"] == "on"
     for key in ("ro_binds", "rw_binds"):
         if key in spec:
             paths = spec[key]
-            if not isinstance(paths, list) or not all(isinstance(p, str) and p.startswith("/") for p in paths):
+            if not isinstance(paths, list) or not all(
+                isinstance(p, str) and p.startswith("/") for p in paths
+            ):
                 raise ValueError(f"agent profile {name!r}: {key} must be a list of absolute paths")
             values[key] = tuple(paths)
     profile = SandboxProfile(**values)

@@ -427,7 +427,13 @@ class Engine:
         return values, start
 
     def _start_process(
-        self, worker_id: str, agent: Agent, spec: LaunchSpec, context: WorkerContext, *, read_start_time: bool = True
+        self,
+        worker_id: str,
+        agent: Agent,
+        spec: LaunchSpec,
+        context: WorkerContext,
+        *,
+        read_start_time: bool = True,
     ) -> WorkerProcess:
         """Start a worker in its sandbox (docs/SANDBOX.md) with its profile's limits: the view
         is its worktree, its HOME (both handed to the agent's uid), the profile's binds and the

@@ -73,7 +73,9 @@ class Cgroups:
             _write(groups["memory"] / "memory.memsw.limit_in_bytes", memory, optional=True)
             _write(groups["pids"] / "pids.max", str(limits.pids))
             if limits.cpu_weight is not None and "cpu" in groups:
-                _write(groups["cpu"] / "cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100)), optional=True)
+                _write(
+                    groups["cpu"] / "cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100)), optional=True
+                )
         return [group / "cgroup.procs" for group in groups.values()]
 
     def limit_hit(self, worker_id: str) -> tuple[bool, bool]:
@@ -90,7 +92,9 @@ class Cgroups:
     def limit_of(self, worker_id: str) -> tuple[int | None, int | None]:
         """(memory limit in MiB, pids limit) as the groups hold them, if they exist."""
         groups = self.groups(worker_id)
-        mem_file = groups[""] / "memory.max" if self.version == "v2" else groups["memory"] / "memory.limit_in_bytes"
+        mem_file = (
+            groups[""] / "memory.max" if self.version == "v2" else groups["memory"] / "memory.limit_in_bytes"
+        )
         pids_file = groups["" if self.version == "v2" else "pids"] / "pids.max"
         return _int(mem_file, MIB), _int(pids_file, 1)
 

@@ -164,9 +164,7 @@ class WorkerProcess:
 class LocalExecutor:
     """Starts, signals and watches worker processes on this host."""
 
-    def __init__(
-        self, sandbox: sandboxing.SandboxHost | None = None, groups: Cgroups | None = None
-    ) -> None:
+    def __init__(self, sandbox: sandboxing.SandboxHost | None = None, groups: Cgroups | None = None) -> None:
         """`sandbox` None runs workers unconfined (ORCHESTRATOR_SANDBOX=off, or a bare executor
         in unit tests); a host whose sandbox cannot work refuses to start workers, with why."""
         self.host = socket.gethostname()
@@ -183,11 +181,15 @@ class LocalExecutor:
         if not groups.usable:
             log.warning("worker limits (cgroups) cannot work on this host: %s", groups.problem)
         if settings.orchestrator_sandbox == "off":
-            log.warning("ORCHESTRATOR_SANDBOX=off: workers run UNSANDBOXED, with the server's view of the machine")
+            log.warning(
+                "ORCHESTRATOR_SANDBOX=off: workers run UNSANDBOXED, with the server's view of the machine"
+            )
             return cls(None, groups if groups.usable else None)
         host = sandboxing.detect(settings.data_dir, uid=settings.orchestrator_sandbox_uid)
         if not host.usable:
-            log.error("the worker sandbox cannot work on this host, workers will fail to start: %s", host.problem)
+            log.error(
+                "the worker sandbox cannot work on this host, workers will fail to start: %s", host.problem
+            )
         elif not groups.usable:
             host = dataclasses.replace(host, problem=f"no worker limits: {groups.problem}")
             log.error("the worker sandbox cannot work on this host: %s", host.problem)

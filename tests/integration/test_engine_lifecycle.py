@@ -200,7 +200,9 @@ def test_pause_stops_output_resume_continues_terminate_kills_group(servers: Serv
 
         # The grandchild's PID as the host sees it (the sandbox has its own PID namespace).
         grandchild = wait_until(
-            lambda: next((p for p, (_, cmd) in session_processes(worker["pid"]).items() if cmd == "sleep 1000"), None),
+            lambda: next(
+                (p for p, (_, cmd) in session_processes(worker["pid"]).items() if cmd == "sleep 1000"), None
+            ),
             what="grandchild",
         )
         assert pid_alive(grandchild)

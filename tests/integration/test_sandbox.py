@@ -16,7 +16,7 @@ from tests.support.checks import session_processes
 from tests.support.servers import ServerFactory
 from tests.support.wait import wait_until
 
-ATTACK = r'''
+ATTACK = r"""
 import json, os, signal, subprocess, sys
 spec = json.loads(sys.stdin.read())
 report = {}
@@ -71,10 +71,10 @@ report["no_new_privs"] = status["NoNewPrivs"].strip()
 report["secret_in_env"] = any(k in os.environ for k in ("SECRET_KEY", "DATABASE_URL"))
 report["token_in_env"] = "ORCHESTRATOR_TOKEN" in os.environ
 print("REPORT " + json.dumps(report), flush=True)
-'''
+"""
 
 HOG = "x = []\nwhile True:\n    x.append(bytearray(16 * 1024 * 1024))\n"
-FORKS = r'''
+FORKS = r"""
 import os, sys, time
 children = 0
 while True:
@@ -87,8 +87,8 @@ while True:
         time.sleep(60)
         os._exit(0)
     children += 1
-'''
-GIT_ATTACK = r'''
+"""
+GIT_ATTACK = r"""
 import subprocess, sys
 def run(*args):
     done = subprocess.run(["git", *args], capture_output=True, text=True)
@@ -98,7 +98,7 @@ run("update-ref", "refs/heads/main", "HEAD")
 run("config", "core.hooksPath", "/tmp")
 open("work.txt", "w").write("mine")
 run("add", "work.txt")
-'''
+"""
 
 
 def agents(root: Path) -> str:
@@ -166,7 +166,9 @@ def test_hostile_agent_reaches_only_its_own_worktree(servers: ServerFactory) -> 
         ):  # fmt: skip
             assert report[attack].startswith("blocked"), (attack, report[attack])
         assert report["own_worktree"] == "mine.txt" and report["own_tmp"] == "/tmp/mine.txt"
-        assert report["uid"] != 0 and report["cap_eff"] == "0000000000000000" and report["no_new_privs"] == "1"
+        assert (
+            report["uid"] != 0 and report["cap_eff"] == "0000000000000000" and report["no_new_privs"] == "1"
+        )
         assert report["secret_in_env"] is False and report["token_in_env"] is True
         assert not (data / "pwned").exists()
         assert (data / "workspaces" / worker["id"] / "mine.txt").read_text() == "pwned"
@@ -201,8 +203,12 @@ def test_git_worktree_cannot_rewrite_another_branch(servers: ServerFactory) -> N
         assert wait_final(client, job["id"], timeout=60)["status"] == "COMPLETED"
         worker = workers_of(client, job["id"])[0]
         lines = log_lines(client, worker["id"])
-        assert any(line.startswith("branch -f main ->") and not line.endswith("-> 0") for line in lines), lines
-        assert any(line.startswith("update-ref refs/heads/main") and not line.endswith("-> 0") for line in lines)
+        assert any(line.startswith("branch -f main ->") and not line.endswith("-> 0") for line in lines), (
+            lines
+        )
+        assert any(
+            line.startswith("update-ref refs/heads/main") and not line.endswith("-> 0") for line in lines
+        )
         assert any(line.startswith("add work.txt -> 0") for line in lines), lines  # git works there
     assert git(repo, "rev-parse", "main") == main_before
     assert git(repo, "show", f"{worker['branch']}:work.txt") == "mine"
