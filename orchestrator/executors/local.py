@@ -216,7 +216,12 @@ class LocalExecutor:
             memory_mb, max_pids = self.cgroups.limit_of(worker_id)
         except (OSError, KeyError):
             return None
-        if not self.cgroups.remove(worker_id):
+        # The kernel empties a v1 group a moment after its last process is reaped: retry briefly.
+        for _ in range(20):
+            if self.cgroups.remove(worker_id):
+                break
+            time.sleep(0.025)
+        else:
             log.warning("cgroups of worker %s are not empty yet; gc removes them", worker_id)
         if oom:
             return f"out of memory: killed at its memory limit of {memory_mb} MiB"
