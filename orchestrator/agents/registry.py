@@ -50,6 +50,10 @@ class AgentRegistry:
     def get(self, name: str) -> Agent:
         return self.agents[name]
 
+    def validate_limits(self, name: str, limits: dict[str, Any]) -> dict[str, Any]:
+        """A job's `limits`, checked against its agent profile's maxima (400 above them)."""
+        return _limits_of(self.agents[name], limits)
+
     def validate(self, name: str | None, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         chosen = name or self.default
         agent = self.agents.get(chosen)
@@ -60,6 +64,20 @@ class AgentRegistry:
         if reason is not None:
             raise BadRequest(f"Agent {chosen!r} cannot run on this server: {reason}")
         return chosen, agent.validate_options(options)
+
+
+def _limits_of(agent: Agent, limits: dict[str, Any]) -> dict[str, Any]:
+    profile = agent.sandbox
+    memory, pids = limits.get("memory_mb"), limits.get("pids")
+    if memory is not None and memory > profile.memory_ceiling:
+        ceiling = profile.memory_ceiling
+        raise BadRequest(f"limits.memory_mb {memory} is above agent {agent.name!r}'s maximum ({ceiling} MiB)")
+    if pids is not None and pids > profile.pids_ceiling:
+        ceiling = profile.pids_ceiling
+        raise BadRequest(f"limits.pids {pids} is above the maximum of agent {agent.name!r} ({ceiling})")
+    if limits.get("network") == "on" and not profile.network:
+        raise BadRequest(f"agent {agent.name!r} runs without network; a job cannot turn it on")
+    return limits
 
 
 def load_profiles(path: Path) -> dict[str, Agent]:

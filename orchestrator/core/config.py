@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     orchestrator_sandbox_uid: int = Field(default=61000, ge=1, le=2**31 - 2)
     # Memory-aware admission: memory kept free beyond the running workers' limits.
     orchestrator_memory_headroom_mb: int = Field(default=512, ge=0)
+    # Where available memory is read (`MemAvailable:`): /proc/meminfo, or a file an operator
+    # (or a test) keeps to admit against a smaller figure than the host's.
+    orchestrator_meminfo_path: Path = Path("/proc/meminfo")
 
     @field_validator("orchestrator_quotas")
     @classmethod

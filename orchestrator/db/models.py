@@ -119,6 +119,8 @@ class Job(Base):
     status_reason: Mapped[str | None] = mapped_column(Text)
     max_cost_usd: Mapped[float | None] = mapped_column(Float)
     max_turns: Mapped[int | None] = mapped_column(Integer)
+    # Sandbox limits asked for at submit ({"memory_mb", "pids", "network"}), checked against the profile.
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

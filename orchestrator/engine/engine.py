@@ -55,7 +55,7 @@ from orchestrator.engine.governor import Governor
 from orchestrator.engine.logs import LogCursor
 from orchestrator.engine.queries import JobRow, WorkerRow
 from orchestrator.executors import sandbox as sandboxing
-from orchestrator.executors.cgroups import Limits
+from orchestrator.executors.cgroups import Limits, host_available_mb
 from orchestrator.executors.local import (
     PID_FILE,
     LocalExecutor,
@@ -84,6 +84,17 @@ LAUNCH_CHUNK = 16  # workers started per launcher-thread call, at least
 
 # A launched worker (process None: it could not start) and what its start records.
 Started = tuple[WorkerRow, JobRow, WorkerProcess | None, dict[str, Any]]
+
+
+def worker_limits(agent: Agent | None, job_limits: dict[str, Any] | None) -> Limits:
+    """A worker's cgroup limits: its job's `limits` (checked at submit), else its profile's."""
+    asked = job_limits or {}
+    if agent is None:
+        return Limits(memory_mb=int(asked.get("memory_mb", 1024)), pids=int(asked.get("pids", 512)))
+    return Limits(
+        memory_mb=int(asked.get("memory_mb", agent.sandbox.memory_mb)),
+        pids=int(asked.get("pids", agent.sandbox.pids)),
+    )
 
 
 class Engine:
@@ -119,6 +130,7 @@ class Engine:
         self.governor = Governor(settings)
         self.launcher = ThreadPoolExecutor(max_workers=LAUNCH_THREADS, thread_name_prefix="launch")
         self.spend_changed = False
+        self.memory_waits: dict[str, str] = {}  # IDLE workers held by memory-aware admission
         self.last_budget_check = 0.0
 
     # ---------------------------------------------------------------- lifecycle
@@ -330,11 +342,20 @@ class Engine:
             free = await slots_repo.pools_free(session, sorted({job.depth for _, job in idle}), lock=True)
         ready: list[tuple[WorkerRow, JobRow]] = []
         new_slots: dict[int, tuple[dict[str, int], list[str]]] = {}
+        memory = self._memory_room()
+        waiting: dict[str, str] = {}
         for worker, job in idle:
             if len(ready) >= START_BATCH:
                 break
             if worker.id in self.procs or job.agent in limited:
                 continue
+            if memory is not None:
+                agent = self.agents.agents.get(job.agent)
+                needs = worker_limits(agent, job.limits).memory_mb if agent is not None else 0
+                if needs + self.settings.orchestrator_memory_headroom_mb > memory:
+                    waiting[worker.id] = f"waiting for memory: needs {needs} MiB, {max(memory, 0)} available"
+                    continue
+                memory -= needs
             if worker.holds_slot:
                 ready.append((worker, job))
                 continue
@@ -353,7 +374,31 @@ class Engine:
                 ready.append((worker, job))
         for depth, (per_job, worker_ids) in sorted(new_slots.items()):
             await slots_repo.bind_new_slots(session, depth, per_job, worker_ids)
+        await self._note_memory_waits(session, waiting)
         return ready
+
+    def _memory_room(self) -> int | None:
+        """MiB a new worker may still reserve: the host's available memory minus the limits of
+        the workers running (or just launched), which may grow to them; None without limits."""
+        if self.executor.cgroups is None:
+            return None
+        available = host_available_mb(self.settings.orchestrator_meminfo_path)
+        if available is None:
+            return None
+        procs = [*self.procs.values(), *(p for _, _, p, _ in self.unrecorded if p is not None)]
+        reserved = sum(cast(int, p.extra.get("memory_mb", 0)) for p in procs if not p.exited)
+        return available - reserved
+
+    async def _note_memory_waits(self, session: AsyncSession, waiting: dict[str, str]) -> None:
+        """Say why IDLE workers wait for memory (once per change of the reason)."""
+        for worker_id, reason in waiting.items():
+            if self.memory_waits.get(worker_id) != reason:
+                await session.execute(
+                    update(Worker)
+                    .where(Worker.id == worker_id, Worker.status == WorkerStatus.IDLE.value)
+                    .values(status_reason=reason)
+                )
+        self.memory_waits = waiting
 
     async def _launch_all(self, ready: list[tuple[WorkerRow, JobRow]]) -> list[Started]:
         """Start the pass's workers: each is prepared in the event loop (a worktree, if any, in a
@@ -420,7 +465,7 @@ class Engine:
         def start() -> WorkerProcess:
             make_dirs(run_dir, context.home, workdir)  # before the agent writes its files there
             spec = agent.launch(context)
-            proc = self._start_process(worker.id, agent, spec, context, read_start_time=False)
+            proc = self._start_process(worker.id, agent, spec, context, job.limits, read_start_time=False)
             values["started_at"] = utcnow()  # recorded by the next pass: keep the real time
             return proc
 
@@ -432,6 +477,7 @@ class Engine:
         agent: Agent,
         spec: LaunchSpec,
         context: WorkerContext,
+        job_limits: dict[str, Any] | None,
         *,
         read_start_time: bool = True,
     ) -> WorkerProcess:
@@ -442,7 +488,7 @@ class Engine:
         box = sandboxing.SandboxSpec(
             context.workdir,
             context.home,
-            network=profile.network,
+            network=profile.network and (job_limits or {}).get("network") != "none",
             ro_binds=[*agent.sandbox_paths(), *profile.ro_binds],
             rw_binds=list(profile.rw_binds),
         )
@@ -463,8 +509,8 @@ class Engine:
                 sandboxing.give_to_agent(self.executor.sandbox, own)
         if self.executor.sandbox is not None and self.executor.sandbox.usable:
             sandboxing.give_to_agent(self.executor.sandbox, context.home, context.workdir)
-        limits = Limits(memory_mb=profile.memory_mb, pids=profile.pids)
-        return self.executor.start(
+        limits = worker_limits(agent, job_limits)
+        proc = self.executor.start(
             worker_id,
             spec,
             context.workdir,
@@ -473,6 +519,8 @@ class Engine:
             sandbox=box,
             limits=limits,
         )
+        proc.extra["memory_mb"] = limits.memory_mb  # reserved while it runs (memory-aware admission)
+        return proc
 
     def _worker_context(
         self,
@@ -577,7 +625,7 @@ class Engine:
                     )
                     spec = agent.launch(context)
                     (run_dir / "exit").unlink(missing_ok=True)
-                    proc = self._start_process(worker.id, agent, spec, context)
+                    proc = self._start_process(worker.id, agent, spec, context, job.limits)
                 except Exception as exc:
                     log.warning("worker %s could not be resumed: %s", worker.id, exc)
                     reason = f"could not resume after a rate limit: {exc}"
@@ -674,6 +722,10 @@ class Engine:
 
     def _supervise(self, proc: WorkerProcess, job: JobRow, *, offset: int, lines: int) -> None:
         self.procs[proc.worker_id] = proc
+        if "memory_mb" not in proc.extra and not proc.exited:  # adopted: its cgroup says
+            agent = self.agents.agents.get(job.agent)
+            memory = self.executor.memory_limit_mb(proc.worker_id)
+            proc.extra["memory_mb"] = memory or (worker_limits(agent, job.limits).memory_mb if agent else 0)
         self.cursors[proc.worker_id] = LogCursor(proc.output_path, offset=offset, lines=lines)
         proc.extra["agent"] = job.agent
         proc.extra["job_id"] = job.id

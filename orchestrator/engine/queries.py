@@ -265,6 +265,7 @@ class JobRow(Protocol):
     base_ref: str | None
     created_by: str
     max_turns: int | None
+    limits: dict[str, Any] | None
     started_at: datetime | None
 
 

@@ -32,7 +32,7 @@ MIB = 1024 * 1024
 class Limits:
     memory_mb: int
     pids: int
-    cpu_weight: int | None = None  # 1-10000 (v2 cpu.weight); v1 cpu.shares scaled from it
+    cpu_weight: int | None = None  # 1-10000, cgroup v2 `cpu.weight` only
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,18 @@ def _int(path: Path, unit: int) -> int | None:
     return int(raw) // unit if raw.isdigit() else None
 
 
+def host_available_mb(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The host's available memory (`MemAvailable` of /proc/meminfo) in MiB."""
+    try:
+        text = meminfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return None
+
+
 def own_cgroups(text: str) -> dict[str, str]:
     """Controller -> path of this process's groups, from /proc/self/cgroup ("" = the v2 one)."""
     paths: dict[str, str] = {}
@@ -188,9 +200,8 @@ def detect(root: Path = ROOT, self_cgroup: str | None = None) -> Cgroups:
 
 def _detect_v1(root: Path, own: dict[str, str]) -> Cgroups:
     bases: dict[str, Path] = {}
-    for controller in ("memory", "pids", "cpu"):
-        if controller == "cpu" and not (root / controller).is_dir():
-            continue
+    # Only the two controllers limits need: each group is a mkdir and a write on every start.
+    for controller in ("memory", "pids"):
         base = root / controller / own.get(controller, "/").lstrip("/") / PARENT_NAME
         base.mkdir(exist_ok=True)
         bases[controller] = base

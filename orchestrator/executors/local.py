@@ -206,6 +206,14 @@ class LocalExecutor:
             state["cgroups"] = self.cgroups.version
         return state
 
+    def memory_limit_mb(self, worker_id: str) -> int | None:
+        """The memory limit of a running worker's cgroup (an adopted worker's reservation)."""
+        if self.cgroups is None or not self.cgroups.usable:
+            return None
+        with contextlib.suppress(OSError, KeyError):
+            return self.cgroups.limit_of(worker_id)[0]
+        return None
+
     def ending(self, worker_id: str) -> str | None:
         """Why a limit ended the worker, if one did; removes its cgroups (empty by now: the PID
         namespace dies with the agent). Called once the wrapper is gone."""

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.core.config import get_settings
 from orchestrator.core.states import JobStatus
+
+
+class JobLimits(BaseModel):
+    """Per-job sandbox limits of each worker: memory (MiB), processes/threads, and the network
+    ("none" only narrows a profile; a profile without network cannot be given one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory_mb: int | None = Field(default=None, ge=16, le=1_048_576, strict=True)
+    pids: int | None = Field(default=None, ge=8, le=1_000_000, strict=True)
+    network: Literal["on", "none"] | None = None
 
 
 class JobSubmit(BaseModel):
@@ -37,6 +48,10 @@ class JobSubmit(BaseModel):
     base_ref: str | None = Field(default=None, max_length=255)
     max_cost_usd: float | None = Field(default=None, gt=0)
     max_turns: int | None = Field(default=None, ge=1, le=1_000_000, strict=True)
+    limits: JobLimits | None = Field(
+        default=None,
+        description="The workers' sandbox limits (docs/SANDBOX.md); at most the agent profile's maximum.",
+    )
 
     @field_validator("task_description", "parent_job_id", "agent", "repository", "base_ref")
     @classmethod
@@ -83,6 +98,7 @@ class JobOut(BaseModel):
     status_reason: str | None = None
     max_cost_usd: float | None = None
     max_turns: int | None = None
+    limits: dict[str, Any] | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
 

@@ -30,6 +30,8 @@ JOBS_TOPIC = "jobs"
 
 # (agent name or None, options) -> (profile name, validated options); raises FieldInvalid.
 AgentValidator = Callable[[str | None, dict[str, Any]], tuple[str, dict[str, Any]]]
+# (agent, the submitted limits) -> the limits to store; raises BadRequest above the profile's maximum.
+LimitsValidator = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 async def get_visible_job(session: AsyncSession, actor: Actor, job_id: str) -> Job:
@@ -47,6 +49,7 @@ async def submit(
     actor: Actor,
     body: JobSubmit,
     validate_agent: AgentValidator,
+    validate_limits: LimitsValidator | None = None,
 ) -> Job:
     quota = settings.quotas[body.depth]
     if body.worker_count > quota:
@@ -82,6 +85,9 @@ async def submit(
             )
 
     agent, options = validate_agent(body.agent, body.agent_options)
+    limits = body.limits.model_dump(exclude_none=True) if body.limits is not None else None
+    if limits and validate_limits is not None:
+        limits = validate_limits(agent, limits)
 
     repository = body.repository
     base_ref = body.base_ref
@@ -120,6 +126,7 @@ async def submit(
         created_by_worker_id=actor.worker_id,
         max_cost_usd=body.max_cost_usd,
         max_turns=body.max_turns if body.max_turns is not None else (parent.max_turns if parent else None),
+        limits=limits or None,
         created_at=now,
         updated_at=now,
     )

@@ -236,3 +236,61 @@ def test_network_none_and_sandboxed_worker_survives_kill9_and_is_adopted(servers
         assert client.post(f"/api/supervisor/workers/{worker['id']}/terminate").status_code == 200
         wait_until(lambda: not session_processes(worker["pid"]), timeout=20, what="no process left")
         assert wait_final(client, job["id"])["status"] == "FAILED"
+
+
+def test_job_limits_are_validated_and_applied(servers: ServerFactory) -> None:
+    server = servers.start(ORCHESTRATOR_AGENTS_FILE=agents(servers.root))
+    with server.client() as client:
+        for bad in ({"memory_mb": "lots"}, {"memory_mb": 0}, {"pids": -1}, {"network": "some"}, {"cpu": 1}):
+            response = client.post("/api/jobs/submit", json={"task_description": "x", "limits": bad})
+            assert response.status_code == 422, (bad, response.text)
+        above = client.post(
+            "/api/jobs/submit", json={"task_description": "x", "agent": "hog", "limits": {"memory_mb": 4096}}
+        )
+        assert above.status_code == 400 and "maximum" in above.json()["detail"], above.text
+        network = client.post(
+            "/api/jobs/submit",
+            json={"task_description": "x", "agent": "offline", "limits": {"network": "on"}},
+        )
+        assert network.status_code == 400 and "network" in network.json()["detail"]
+        job = submit(client, agent="hog", limits={"memory_mb": 48})
+        assert job["limits"] == {"memory_mb": 48}
+        assert wait_final(client, job["id"], timeout=60)["status"] == "FAILED"
+        worker = workers_of(client, job["id"])[0]
+        assert worker["status_reason"] == "out of memory: killed at its memory limit of 48 MiB", worker
+
+
+def test_admission_holds_a_worker_until_memory_frees(servers: ServerFactory) -> None:
+    meminfo = servers.root / "meminfo"
+    meminfo.write_text(f"MemTotal: {4096 * 1024} kB\nMemAvailable: {300 * 1024} kB\n")
+    server = servers.start(
+        ORCHESTRATOR_AGENTS_FILE=agents(servers.root),
+        ORCHESTRATOR_MEMINFO_PATH=str(meminfo),
+        ORCHESTRATOR_MEMORY_HEADROOM_MB="0",
+    )
+    with server.client() as client:
+        first = submit(client, agent="sleeper", limits={"memory_mb": 200})
+        running = wait_until(
+            lambda: next((w for w in workers_of(client, first["id"]) if w["status"] == "RUNNING"), None)
+        )
+        second = submit(client, agent="sleeper", limits={"memory_mb": 200})
+        held = wait_until(
+            lambda: next(
+                (
+                    w
+                    for w in workers_of(client, second["id"])
+                    if (w["status_reason"] or "").startswith("waiting")
+                ),
+                None,
+            ),
+            what="second worker held for memory",
+        )
+        assert held["status"] == "IDLE" and held["pid"] is None
+        assert held["status_reason"] == "waiting for memory: needs 200 MiB, 100 available"
+        assert session_processes(running["pid"])  # the running worker is never evicted
+        client.post(f"/api/supervisor/workers/{running['id']}/terminate")
+        wait_until(
+            lambda: any(w["status"] == "RUNNING" for w in workers_of(client, second["id"])),
+            what="second worker starts once memory frees",
+        )
+        client.post(f"/api/jobs/{second['id']}/cancel")
