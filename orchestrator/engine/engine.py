@@ -80,6 +80,7 @@ RECLAIM_INTERVAL_SECONDS = 2.0
 SQLITE_WATCH_SECONDS = 0.05
 STOP_STEP_SECONDS = 5.0
 LAUNCH_THREADS = max(2, os.cpu_count() or 2)  # the blocking part of a start is short: one per core
+PIDS_CHECK_SECONDS = 2.0  # how often running workers' process-limit counters are read
 LAUNCH_CHUNK = 16  # workers started per launcher-thread call, at least
 
 # A launched worker (process None: it could not start) and what its start records.
@@ -130,7 +131,8 @@ class Engine:
         self.governor = Governor(settings)
         self.launcher = ThreadPoolExecutor(max_workers=LAUNCH_THREADS, thread_name_prefix="launch")
         self.spend_changed = False
-        self.memory_waits: dict[str, str] = {}  # IDLE workers held by memory-aware admission
+        self.memory_waits: dict[str, str] = {}
+        self.last_pids_check = 0.0  # IDLE workers held by memory-aware admission
         self.last_budget_check = 0.0
 
     # ---------------------------------------------------------------- lifecycle
@@ -142,6 +144,10 @@ class Engine:
             await queries.register_engine(session, self.id, self.executor.host, os.getpid())
         notifications.add_listener(self._on_notify)
         await self._reclaim(force_same_host=True)
+        if self.executor.cgroups is not None and self.executor.cgroups.usable:
+            stale = await asyncio.to_thread(self.executor.cgroups.remove_stale, set(self.procs))
+            if stale:
+                log.info("removed %d stale worker cgroup(s)", len(stale))
         self.tasks = [
             asyncio.create_task(self._run_forever(self._main_loop, "main")),
             asyncio.create_task(self._run_forever(self._heartbeat_loop, "heartbeat")),
@@ -764,8 +770,12 @@ class Engine:
             for worker_id, deadline in self.deadlines.items()
             if now >= deadline and statuses.get(worker_id) in (WorkerStatus.RUNNING, WorkerStatus.PAUSED)
         ]
-        if orphans or overdue:
+        bombs = self._at_process_limit(now, statuses)
+        if orphans or overdue or bombs:
             async with self.db.session() as session:
+                for worker_id, reason in bombs.items():
+                    # A fork bomb is held at its limit; the worker is stopped, not left spinning.
+                    await self._mark_stopped(session, statuses, worker_id, WorkerStatus.FAILED, reason)
                 for worker_id, job_status in orphans:
                     # Its job ended while it was being started (a cancel that committed between
                     # this engine's claim and the start): a worker never outlives its job.
@@ -798,6 +808,23 @@ class Engine:
             # Come back for the SIGKILL deadline even if nothing else happens.
             assert self.loop is not None
             self.loop.call_later(min(grace, 0.5) or 0.1, self.wake.set)
+
+    def _at_process_limit(self, now: float, statuses: dict[str, str]) -> dict[str, str]:
+        """Running workers that hit their process limit (checked every PIDS_CHECK_SECONDS)."""
+        groups = self.executor.cgroups
+        if groups is None or not groups.usable or now - self.last_pids_check < PIDS_CHECK_SECONDS:
+            return {}
+        self.last_pids_check = now
+        found: dict[str, str] = {}
+        for worker_id, proc in self.procs.items():
+            if proc.exited or statuses.get(worker_id) != WorkerStatus.RUNNING:
+                continue
+            with contextlib.suppress(OSError, KeyError):
+                if groups.limit_hit(worker_id)[1]:
+                    limit = groups.limit_of(worker_id)[1]
+                    reason = f"process limit: it reached its limit of {limit} processes (fork bomb contained)"
+                    found[worker_id] = reason
+        return found
 
     async def _mark_stopped(
         self,

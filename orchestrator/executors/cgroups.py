@@ -112,6 +112,25 @@ class Cgroups:
                 gone = False
         return gone
 
+    def remove_stale(self, keep: set[str], min_age_seconds: float = 60.0) -> list[str]:
+        """Remove the empty worker groups not in `keep` (workers this engine watches) that are
+        older than `min_age_seconds` (another engine on this host may have just made one for a
+        worker it is starting). A group with processes is never removed (rmdir refuses)."""
+        import time
+
+        removed = []
+        now = time.time()
+        for name in sorted(self.existing() - keep):
+            groups = list(self.groups(name).values())
+            try:
+                if min(os.stat(group).st_mtime for group in groups if group.exists()) > now - min_age_seconds:
+                    continue
+            except (OSError, ValueError):
+                continue
+            if self.remove(name):
+                removed.append(name)
+        return removed
+
     def existing(self) -> set[str]:
         """Names of the worker groups that exist now (for gc)."""
         found: set[str] = set()

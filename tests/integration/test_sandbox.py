@@ -114,6 +114,7 @@ def agents(root: Path) -> str:
         f'[agents.hog]\ncommand = ["{py}", "{scripts / "hog.py"}"]\nmemory_mb = 64\n{binds}'
         f'[agents.forks]\ncommand = ["{py}", "{scripts / "forks.py"}"]\npids = 24\n{binds}'
         f'[agents.git]\ncommand = ["{py}", "{scripts / "git.py"}"]\n{binds}'
+        '[agents.bomb]\ncommand = ["bash", "-c", ":(){ :|:& };:; sleep 600"]\npids = 32\n'
         '[agents.sleeper]\ncommand = ["bash", "-c", "echo up; sleep 600 & wait"]\n'
         '[agents.offline]\ncommand = ["python3", "-c", "import socket; socket.create_connection((\'1.1.1.1\', 53), 3)"]\n'
         'network = "none"\n'
@@ -294,3 +295,29 @@ def test_admission_holds_a_worker_until_memory_frees(servers: ServerFactory) -> 
             what="second worker starts once memory frees",
         )
         client.post(f"/api/jobs/{second['id']}/cancel")
+
+
+def test_endless_fork_bomb_is_stopped_and_leaves_nothing(servers: ServerFactory) -> None:
+    server = servers.start(ORCHESTRATOR_AGENTS_FILE=agents(servers.root))
+    with server.client() as client:
+        job = submit(client, agent="bomb")
+        worker = wait_until(lambda: next(iter(workers_of(client, job["id"])), None), what="worker")
+        assert wait_final(client, job["id"], timeout=60)["status"] == "FAILED"
+        worker = client.get(f"/api/supervisor/workers/{worker['id']}").json()
+        assert worker["status_reason"].startswith("process limit: it reached its limit of 32 processes")
+        wait_until(lambda: not session_processes(worker["pid"]), timeout=30, what="no process left")
+        assert client.get("/health").status_code == 200
+
+
+def test_data_dir_is_private(servers: ServerFactory) -> None:
+    server = servers.start(ORCHESTRATOR_AGENTS_FILE=agents(servers.root))
+    data = servers.root / "data"
+    with server.client() as client:
+        job = submit(client, agent="sleeper")
+        worker = wait_until(lambda: next(iter(workers_of(client, job["id"])), None), what="worker")
+        run_dir = data / "runs" / worker["id"]
+        wait_until(lambda: (run_dir / "output.log").exists(), what="output file")
+        assert data.stat().st_mode & 0o777 == 0o700
+        for path in (run_dir / "output.log", run_dir / "pid", *data.glob("orchestrator.db*")):
+            assert path.stat().st_mode & 0o777 == 0o600, path
+        client.post(f"/api/jobs/{job['id']}/cancel")
