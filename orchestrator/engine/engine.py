@@ -57,7 +57,10 @@ from orchestrator.engine.queries import JobRow, WorkerRow
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import Limits, host_available_mb
 from orchestrator.executors.local import (
+    EXIT_FILE,
+    OUTPUT_FILE,
     PID_FILE,
+    STDIN_FILE,
     LocalExecutor,
     WorkerProcess,
     make_dirs,
@@ -80,6 +83,7 @@ RECLAIM_INTERVAL_SECONDS = 2.0
 SQLITE_WATCH_SECONDS = 0.05
 STOP_STEP_SECONDS = 5.0
 LAUNCH_THREADS = max(2, os.cpu_count() or 2)  # the blocking part of a start is short: one per core
+WRAPPER_FILES = frozenset({OUTPUT_FILE, EXIT_FILE, PID_FILE, STDIN_FILE})
 PIDS_CHECK_SECONDS = 2.0  # how often running workers' process-limit counters are read
 LAUNCH_CHUNK = 16  # workers started per launcher-thread call, at least
 
@@ -498,6 +502,14 @@ class Engine:
             ro_binds=[*agent.sandbox_paths(), *profile.ro_binds],
             rw_binds=list(profile.rw_binds),
         )
+        # Files the agent profile wrote into the run dir for the agent (an MCP config, say):
+        # read-only in the sandbox, at the paths its command line names. The wrapper's own files
+        # (output, exit status, PID) stay out of reach.
+        for entry in os.scandir(context.run_dir):
+            if entry.is_file(follow_symlinks=False) and entry.name not in WRAPPER_FILES:
+                box.ro_files.append((entry.path, entry.path))
+                if self.executor.sandbox is not None and self.executor.sandbox.uid is not None:
+                    os.chown(entry.path, self.executor.sandbox.uid, self.executor.sandbox.uid)
         dirs = git.worktree_git_dirs(context.workdir)
         if dirs is not None and self.executor.sandbox is not None:
             # Git in the sandbox: the repository's common dir read-only (refs, objects and config
