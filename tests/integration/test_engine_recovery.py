@@ -202,7 +202,11 @@ def test_worker_started_but_not_yet_recorded_is_adopted_not_started_twice(server
     run_dir, workdir = data_dir / "runs" / worker_id, data_dir / "workspaces" / worker_id
     workdir.mkdir(parents=True)
     wrapper = LocalExecutor().start(
-        worker_id, LaunchSpec(argv=["sh", "-c", "sleep 4; echo ran once"]), workdir, run_dir
+        # Long enough to outlast a server start on a loaded machine (3-5 s measured here).
+        worker_id,
+        LaunchSpec(argv=["sh", "-c", "sleep 12; echo ran once"]),
+        workdir,
+        run_dir,
     )
     api_only.stop()
 
@@ -214,7 +218,7 @@ def test_worker_started_but_not_yet_recorded_is_adopted_not_started_twice(server
             what="worker adopted",
         )
         assert (worker["status"], worker["pid"]) == ("RUNNING", wrapper.pid), worker
-        done = wait_final(client, job_id, timeout=20)
+        done = wait_final(client, job_id, timeout=40)
         assert done["status"] == "COMPLETED", done
         assert log_lines(client, worker_id) == ["ran once"]
         assert (run_dir / "output.log").read_text() == "ran once\n"  # one run, not two
