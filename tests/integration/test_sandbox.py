@@ -321,3 +321,32 @@ def test_data_dir_is_private(servers: ServerFactory) -> None:
         for path in (run_dir / "output.log", run_dir / "pid", *data.glob("orchestrator.db*")):
             assert path.stat().st_mode & 0o777 == 0o600, path
         client.post(f"/api/jobs/{job['id']}/cancel")
+
+
+def test_never_silently_unsandboxed(servers: ServerFactory) -> None:
+    empty = servers.root / "no-bwrap-here"
+    empty.mkdir()
+    # No bwrap on PATH: /ready says why, and workers fail with the reason instead of running bare.
+    missing = servers.start(ORCHESTRATOR_AGENTS_FILE=agents(servers.root), PATH=str(empty))
+    with missing.client() as client:
+        ready = wait_until(lambda: (r := client.get("/ready")).status_code == 200 and r.json(), what="ready")
+        assert ready["sandbox"] == {"status": "unavailable", "reason": "bwrap (bubblewrap) is not installed"}
+        job = submit(client, agent="sleeper")
+        assert wait_final(client, job["id"])["status"] == "FAILED"
+        worker = workers_of(client, job["id"])[0]
+        assert worker["status_reason"] == (
+            "could not start: the worker sandbox cannot work on this host: bwrap (bubblewrap) is not installed"
+        )
+    missing.stop()
+    # Switched off on purpose: said at start-up and in /ready, and workers run unconfined.
+    off = servers.start(ORCHESTRATOR_AGENTS_FILE=agents(servers.root), ORCHESTRATOR_SANDBOX="off")
+    with off.client() as client:
+        ready = wait_until(lambda: (r := client.get("/ready")).status_code == 200 and r.json(), what="ready")
+        assert ready["sandbox"]["status"] == "off"
+        assert "UNSANDBOXED" in off.log()
+        job = submit(client, agent="sleeper")
+        worker = wait_until(
+            lambda: next((w for w in workers_of(client, job["id"]) if w["status"] == "RUNNING"), None)
+        )
+        assert not any("bwrap" in cmd for _, cmd in session_processes(worker["pid"]).values())
+        client.post(f"/api/jobs/{job['id']}/cancel")
