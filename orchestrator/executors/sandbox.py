@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def detect(data_dir: Path, *, uid: int | None = DEFAULT_UID) -> SandboxHost:
     probe_dir.mkdir(parents=True, exist_ok=True)
     if run_as is not None:
         os.chown(probe_dir, run_as, run_as)
+        _crossable(probe_dir)
     argv = command(host, SandboxSpec(probe_dir, probe_dir, network=False), ["/bin/true"])
     try:
         # The filter goes in on fd 9 as the worker wrapper passes it (local.py).
@@ -187,6 +189,18 @@ def give_to_agent(host: SandboxHost, *paths: Path) -> None:
         return
     for path in paths:
         _chown_tree(path, host.uid)
+        _crossable(path)
+
+
+def _crossable(path: Path) -> None:
+    """The server's umask is 077, so the directories it makes are 0700; bwrap enters the worktree
+    (`--chdir`) as uid 0 after dropping every capability but three, i.e. without
+    CAP_DAC_OVERRIDE, so a 0700 directory of the agent's uid would refuse it. 0711: crossable,
+    not listable, by others."""
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode):
+            os.chmod(path, stat.S_IMODE(mode) | 0o011)
 
 
 def _chown_tree(root: Path, uid: int) -> None:

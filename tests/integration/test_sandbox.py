@@ -136,7 +136,9 @@ def make_repo(path: Path) -> Path:
 
 
 def report_of(client: httpx.Client, worker_id: str) -> dict[str, Any]:
-    line = next(line for line in log_lines(client, worker_id) if line.startswith("REPORT "))
+    lines = log_lines(client, worker_id)
+    line = next((line for line in lines if line.startswith("REPORT ")), None)
+    assert line is not None, (client.get(f"/api/supervisor/workers/{worker_id}").json()["status_reason"], lines)
     result: dict[str, Any] = json.loads(line[len("REPORT ") :])
     return result
 
