@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import stat
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field

@@ -40,6 +40,9 @@ SAFE_CONFIG = (
 )
 
 
+GIT_UMASK = 0o022
+
+
 class GitError(RuntimeError):
     pass
 
@@ -65,6 +68,10 @@ def run_git(*args: str, cwd: Path, timeout: float = 120.0) -> str:
             errors="replace",
             timeout=timeout,
             check=False,
+            # The server's umask is 077 (its data dir); the repository is the user's and its files
+            # are read by sandboxed agents of another uid (the common dir and shared objects, bound
+            # read-only): git makes them with the usual modes.
+            umask=GIT_UMASK,
         )
     except subprocess.TimeoutExpired as exc:
         raise GitError(f"git {args[0] if args else ''} timed out after {timeout:g}s") from exc
