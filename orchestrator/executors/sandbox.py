@@ -161,15 +161,19 @@ def command(host: SandboxHost, spec: SandboxSpec, argv: list[str]) -> list[str]:
     ro = [p for p in _outermost([*host.ro_paths, *spec.ro_binds]) if os.path.exists(p)]
     rw = [str(spec.workdir), str(spec.home), *spec.rw_binds, *spec.rw_extra]
     # bwrap makes a bind target's missing parents 0700 (the agent could not reach its own
-    # worktree): make them first, 0711, so they can be crossed but not listed.
+    # worktree): make them first, 0711, so they can be crossed but not listed. The parents of
+    # the interpreter's and this package's paths are 0755: Python finds a module on a sys.path
+    # entry by listing it (an editable install puts the checkout's directory on sys.path, and
+    # only the package and the virtualenv are bound in it, so the listing shows nothing more).
     made: set[str] = set()
+    listable = {str(parent) for path in host.ro_paths for parent in Path(path).parents}
     for path in [*ro, *rw, *(target for _, target in spec.ro_files)]:
         for parent in reversed(Path(path).parents[:-1] if len(Path(path).parents) > 1 else []):
             name = str(parent)
             if name in made or any(name == b or name.startswith(b + "/") for b in bound):
                 continue
             made.add(name)
-            args += ["--perms", "0711", "--dir", name]
+            args += ["--perms", "0755" if name in listable else "0711", "--dir", name]
     for path in ro:
         args += ["--ro-bind", path, path]
     for path in rw:

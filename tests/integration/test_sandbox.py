@@ -138,7 +138,10 @@ def make_repo(path: Path) -> Path:
 def report_of(client: httpx.Client, worker_id: str) -> dict[str, Any]:
     lines = log_lines(client, worker_id)
     line = next((line for line in lines if line.startswith("REPORT ")), None)
-    assert line is not None, (client.get(f"/api/supervisor/workers/{worker_id}").json()["status_reason"], lines)
+    assert line is not None, (
+        client.get(f"/api/supervisor/workers/{worker_id}").json()["status_reason"],
+        lines,
+    )
     result: dict[str, Any] = json.loads(line[len("REPORT ") :])
     return result
 
