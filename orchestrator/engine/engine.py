@@ -525,15 +525,25 @@ class Engine:
             # of every other branch stay as they are), the worktree's own dir (HEAD, index)
             # writable, new objects in a private store beside the shared one. The engine
             # commits the worktree onto the worker's branch when it ends.
+            # A private copy of the common dir (refs, HEAD, config) is mounted over it, so the
+            # agent's own commits and branches work on refs only it sees; the shared objects
+            # are mounted read-only inside it. The engine commits the worktree's final state
+            # onto the worker's branch when it ends (the agent's own commit history stays in
+            # its private view).
             own, common = dirs
             objects = context.home / ".git-objects"
+            private = context.run_dir / "git-common"
             make_dirs(objects)
-            box.ro_binds.append(str(common))
-            box.rw_extra.append(str(own))
+            sandboxing.private_git_common(common, own, private)
+            box.mounts += [
+                (str(private), str(common), True),
+                (str(common / "objects"), str(common / "objects"), False),
+                (str(own), str(common / "worktrees" / own.name), True),
+            ]
             spec.env["GIT_OBJECT_DIRECTORY"] = str(objects)
             spec.env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(common / "objects")
             if self.executor.sandbox.uid is not None:
-                sandboxing.give_to_agent(self.executor.sandbox, own)
+                sandboxing.give_to_agent(self.executor.sandbox, own, private)
         if self.executor.sandbox is not None and self.executor.sandbox.usable:
             sandboxing.give_to_agent(self.executor.sandbox, context.home, context.workdir)
         limits = worker_limits(agent, job_limits)

@@ -64,6 +64,9 @@ class SandboxSpec:
     # (host source, target inside): read-only file binds, such as a worktree's private .git file
     ro_files: list[tuple[str, str]] = field(default_factory=list)
     rw_extra: list[str] = field(default_factory=list)  # writable paths the engine adds (git view)
+    # (host source, target inside, writable), mounted in this order after every other bind: the
+    # git view stacks a private common dir, the shared objects and the worktree's own git dir.
+    mounts: list[tuple[str, str, bool]] = field(default_factory=list)
 
 
 def _outermost(paths: list[str]) -> list[str]:
@@ -167,7 +170,8 @@ def command(host: SandboxHost, spec: SandboxSpec, argv: list[str]) -> list[str]:
     # only the package and the virtualenv are bound in it, so the listing shows nothing more).
     made: set[str] = set()
     listable = {str(parent) for path in host.ro_paths for parent in Path(path).parents}
-    for path in [*ro, *rw, *(target for _, target in spec.ro_files)]:
+    targets = [*(target for _, target, _ in spec.mounts), *(target for _, target in spec.ro_files)]
+    for path in [*ro, *rw, *targets]:
         for parent in reversed(Path(path).parents[:-1] if len(Path(path).parents) > 1 else []):
             name = str(parent)
             if name in made or any(name == b or name.startswith(b + "/") for b in bound):
@@ -178,6 +182,8 @@ def command(host: SandboxHost, spec: SandboxSpec, argv: list[str]) -> list[str]:
         args += ["--ro-bind", path, path]
     for path in rw:
         args += ["--bind", path, path]
+    for source, target, writable in spec.mounts:
+        args += ["--bind" if writable else "--ro-bind", source, target]
     for source, target in spec.ro_files:
         args += ["--ro-bind", source, target]
     # (bwrap's --proc already keeps /proc/sys, /proc/sysrq-trigger & co read-only.)
@@ -214,3 +220,29 @@ def _chown_tree(root: Path, uid: int) -> None:
         for name in dirnames + filenames:
             with contextlib.suppress(FileNotFoundError):
                 os.lchown(os.path.join(dirpath, name), uid, uid)
+
+
+# What a private common git dir holds besides refs (objects and worktrees are mount points).
+_COMMON_FILES = ("HEAD", "config", "packed-refs", "shallow", "description")
+_COMMON_DIRS = ("refs", "info")
+
+
+def private_git_common(common: Path, own: Path, dest: Path) -> None:
+    """A private copy of a repository's common git dir for one sandboxed worktree: its refs,
+    packed-refs, HEAD, config and info, an empty `objects` (the shared store is mounted over it,
+    read-only) and `worktrees/<own>` (the worktree's own git dir is mounted there). Mounted over
+    the common dir inside the sandbox, it lets the agent's own `git commit`, `branch` and `tag`
+    work on refs only it sees: the repository's refs, config and hooks stay as they are. Its
+    new objects go to a private store (GIT_OBJECT_DIRECTORY); the engine commits the worktree's
+    final state onto the worker's branch when it ends."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in _COMMON_FILES:
+        if (common / name).is_file():
+            shutil.copyfile(common / name, dest / name, follow_symlinks=False)
+    for name in _COMMON_DIRS:
+        if (common / name).is_dir():
+            shutil.copytree(common / name, dest / name, symlinks=True)
+    (dest / "objects").mkdir()
+    (dest / "worktrees" / own.name).mkdir(parents=True)

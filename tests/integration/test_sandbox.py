@@ -90,14 +90,16 @@ while True:
 """
 GIT_ATTACK = r"""
 import subprocess, sys
-def run(*args):
+def run(label, *args):
     done = subprocess.run(["git", *args], capture_output=True, text=True)
-    print(" ".join(args[:3]), "->", done.returncode, flush=True)
-run("branch", "-f", "main", "HEAD")
-run("update-ref", "refs/heads/main", "HEAD")
-run("config", "core.hooksPath", "/tmp")
+    print(label, "->", done.returncode, done.stderr.strip()[-200:] if done.returncode else "", flush=True)
 open("work.txt", "w").write("mine")
-run("add", "work.txt")
+run("add work.txt", "add", "work.txt")
+run("commit", "-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qm", "the agent's own commit")
+run("branch -f main", "branch", "-f", "main", "HEAD")
+run("update-ref refs/heads/main", "update-ref", "refs/heads/main", "HEAD")
+run("config core.hooksPath", "config", "core.hooksPath", "/tmp")
+run("log main", "log", "-1", "--format=%s", "main")
 """
 
 
@@ -209,14 +211,14 @@ def test_git_worktree_cannot_rewrite_another_branch(servers: ServerFactory) -> N
         assert wait_final(client, job["id"], timeout=60)["status"] == "COMPLETED"
         worker = workers_of(client, job["id"])[0]
         lines = log_lines(client, worker["id"])
-        assert any(line.startswith("branch -f main ->") and not line.endswith("-> 0") for line in lines), (
-            lines
-        )
-        assert any(
-            line.startswith("update-ref refs/heads/main") and not line.endswith("-> 0") for line in lines
-        )
-        assert any(line.startswith("add work.txt -> 0") for line in lines), lines  # git works there
+        # Git works in the worktree, the agent's own commit too (on refs only its view holds),
+        # and whatever it does to refs and config there (main moved by update-ref; `branch -f`
+        # refuses, main being checked out in the main worktree; a hooks path set) stays
+        # in its private copy of the common dir: the repository's main and config are untouched.
+        for step in ("add work.txt", "commit", "update-ref refs/heads/main", "config core.hooksPath"):
+            assert any(line.startswith(f"{step} -> 0") for line in lines), (step, lines)
     assert git(repo, "rev-parse", "main") == main_before
+    assert "hookspath" not in git(repo, "config", "--list").lower()
     assert git(repo, "show", f"{worker['branch']}:work.txt") == "mine"
 
 
