@@ -235,6 +235,8 @@ def private_git_common(common: Path, own: Path, dest: Path) -> None:
     work on refs only it sees: the repository's refs, config and hooks stay as they are. Its
     new objects go to a private store (GIT_OBJECT_DIRECTORY); the engine commits the worktree's
     final state onto the worker's branch when it ends."""
+    if (dest / "worktrees" / own.name).is_dir():
+        return  # a resumed worker keeps its view (its own commits and branches)
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -243,6 +245,8 @@ def private_git_common(common: Path, own: Path, dest: Path) -> None:
             shutil.copyfile(common / name, dest / name, follow_symlinks=False)
     for name in _COMMON_DIRS:
         if (common / name).is_dir():
-            shutil.copytree(common / name, dest / name, symlinks=True)
+            # Lock files come and go while other workers' branches are committed.
+            skip = shutil.ignore_patterns("*.lock")
+            shutil.copytree(common / name, dest / name, symlinks=True, ignore=skip)
     (dest / "objects").mkdir()
     (dest / "worktrees" / own.name).mkdir(parents=True)
