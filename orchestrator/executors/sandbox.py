@@ -109,7 +109,6 @@ def detect(data_dir: Path, *, uid: int | None = DEFAULT_UID) -> SandboxHost:
     probe_dir.mkdir(parents=True, exist_ok=True)
     if run_as is not None:
         os.chown(probe_dir, run_as, run_as)
-        _crossable(probe_dir)
     argv = command(host, SandboxSpec(probe_dir, probe_dir, network=False), ["/bin/true"])
     try:
         # The filter goes in on fd 9 as the worker wrapper passes it (local.py).
@@ -134,12 +133,17 @@ def command(host: SandboxHost, spec: SandboxSpec, argv: list[str]) -> list[str]:
     if host.uid is not None:
         # A root server: bwrap builds the view with root's rights (it can bind a directory only
         # root may enter, such as a pyenv under /root), keeps only the three capabilities the
-        # inner setpriv needs to become the agent's uid, and setpriv then drops every capability
-        # (a uid change from root clears them), the bounding set and the group list. The agent
+        # inner setpriv needs to become the agent's uid (and DAC_READ_SEARCH, below), and
+        # setpriv then drops every capability (a uid change from root clears them), the
+        # bounding set and the group list. The agent
         # ends as a plain host uid: no user namespace maps it to root outside.
         assert host.setpriv is not None
         args += ["--cap-drop", "ALL"]
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
+        # bwrap enters the worktree (`--chdir`) with these capabilities only, as uid 0: the
+        # worktree and HOME are the agent's uid's, 0700 under the server's umask 077, so it needs
+        # DAC_READ_SEARCH to cross them. setpriv's uid change drops it with every other one.
+        args += ["--cap-add", "CAP_DAC_READ_SEARCH"]
         inner = [host.setpriv, f"--reuid={host.uid}", f"--regid={host.uid}", "--clear-groups"]
         inner += ["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
     else:
@@ -199,18 +203,6 @@ def give_to_agent(host: SandboxHost, *paths: Path) -> None:
         return
     for path in paths:
         _chown_tree(path, host.uid)
-        _crossable(path)
-
-
-def _crossable(path: Path) -> None:
-    """The server's umask is 077, so the directories it makes are 0700; bwrap enters the worktree
-    (`--chdir`) as uid 0 after dropping every capability but three, i.e. without
-    CAP_DAC_OVERRIDE, so a 0700 directory of the agent's uid would refuse it. 0711: crossable,
-    not listable, by others."""
-    with contextlib.suppress(FileNotFoundError):
-        mode = os.lstat(path).st_mode
-        if stat.S_ISDIR(mode):
-            os.chmod(path, stat.S_IMODE(mode) | 0o011)
 
 
 def _chown_tree(root: Path, uid: int) -> None:
@@ -250,3 +242,9 @@ def private_git_common(common: Path, own: Path, dest: Path) -> None:
             shutil.copytree(common / name, dest / name, symlinks=True, ignore=skip)
     (dest / "objects").mkdir()
     (dest / "worktrees" / own.name).mkdir(parents=True)
+    for top, dirs, files in os.walk(dest):  # copytree kept the repository's modes: private, as the data dir
+        for name in (*dirs, *files):
+            path = os.path.join(top, name)
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISLNK(mode):
+                os.chmod(path, stat.S_IMODE(mode) & ~0o077)

@@ -55,7 +55,7 @@ def git_env() -> dict[str, str]:
     return env
 
 
-def run_git(*args: str, cwd: Path, timeout: float = 120.0) -> str:
+def run_git(*args: str, cwd: Path, timeout: float = 120.0, umask: int = GIT_UMASK) -> str:
     """Run `git <args>` in `cwd`; its stdout, stripped. Raises GitError on a non-zero exit."""
     try:
         done = subprocess.run(
@@ -71,7 +71,7 @@ def run_git(*args: str, cwd: Path, timeout: float = 120.0) -> str:
             # The server's umask is 077 (its data dir); the repository is the user's and its files
             # are read by sandboxed agents of another uid (the common dir and shared objects, bound
             # read-only): git makes them with the usual modes.
-            umask=GIT_UMASK,
+            umask=umask,
         )
     except subprocess.TimeoutExpired as exc:
         raise GitError(f"git {args[0] if args else ''} timed out after {timeout:g}s") from exc
@@ -150,7 +150,11 @@ def branch_name(job_id: str, worker_id: str) -> str:
 def add_worktree(repository: Path, worktree: Path, branch: str, start: str) -> None:
     """Create the worker's worktree on a new branch at `start` (a commit id already resolved)."""
     worktree.parent.mkdir(parents=True, exist_ok=True)
-    run_git("worktree", "add", "-b", branch, "--end-of-options", str(worktree), start, cwd=repository)
+    # The worktree is in the data dir (private, umask 077); what git adds to the repository
+    # (worktrees/<name>) is bound into the sandbox as the agent's own anyway.
+    run_git(
+        "worktree", "add", "-b", branch, "--end-of-options", str(worktree), start, cwd=repository, umask=0o077
+    )
 
 
 def commit_all(
