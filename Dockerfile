@@ -2,7 +2,7 @@
 FROM python:3.13-slim
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git \
+    && apt-get install -y --no-install-recommends git bubblewrap util-linux \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
@@ -13,6 +13,10 @@ COPY . .
 RUN pip install --no-deps .
 
 ENV ORCHESTRATOR_DATA_DIR=/data
+# Workers run in a bubblewrap sandbox, which needs a container allowed to make namespaces and
+# mounts (e.g. `docker run --privileged`, or a seccomp/AppArmor profile that permits them) and a
+# writable cgroup. Elsewhere workers fail with the reason (also in /ready); set
+# ORCHESTRATOR_SANDBOX=off to run them unsandboxed, relying on the container alone (docs/SANDBOX.md).
 VOLUME ["/data"]
 EXPOSE 8000
 

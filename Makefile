@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: run test install install-dev lint typecheck unit integration integration-pg openapi bench bench-api wrk clean
+.PHONY: run test sandbox-deps install install-dev lint typecheck unit integration integration-pg openapi bench bench-api wrk clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,16 +19,27 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@ $(VENV)/.installed
 
+# The worker sandbox needs bubblewrap (docs/SANDBOX.md): installed from Debian/Ubuntu packages
+# when run as root, else the server says why workers cannot start (or set ORCHESTRATOR_SANDBOX=off).
+sandbox-deps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap (the worker sandbox)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else \
+	    echo "bubblewrap is not installed: install it (apt-get install bubblewrap) or workers will not start"; \
+	  fi; }
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 ## Set up and start API + engine on :$(PORT) with embedded SQLite.
-run: install
+run: install sandbox-deps
 	@HOST=$(HOST) PORT=$(PORT) $(BIN)/orchestrator token --hint
 	$(BIN)/orchestrator serve --host $(HOST) --port $(PORT)
 
 ## Set up and run every check and test (SQLite, then PostgreSQL).
-test: install-dev
+test: install-dev sandbox-deps
 	bash scripts/test.sh
 
 lint: install-dev

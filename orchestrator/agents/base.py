@@ -52,6 +52,28 @@ class LaunchSpec:
 
 
 @dataclass(frozen=True)
+class SandboxProfile:
+    """How a profile's workers are confined (docs/SANDBOX.md): default and maximum limits, the
+    network, and extra binds. Set on the server (built-ins, the agents TOML), never by a request."""
+
+    memory_mb: int = 1024
+    pids: int = 512
+    max_memory_mb: int | None = None  # what a job's `limits` may ask for at most (None: default x4)
+    max_pids: int | None = None
+    network: bool = True
+    ro_binds: tuple[str, ...] = ()
+    rw_binds: tuple[str, ...] = ()
+
+    @property
+    def memory_ceiling(self) -> int:
+        return self.max_memory_mb or self.memory_mb * 4
+
+    @property
+    def pids_ceiling(self) -> int:
+        return self.max_pids or self.pids * 4
+
+
+@dataclass(frozen=True)
 class AgentEvent:
     """Something an agent reported on its output stream."""
 
@@ -77,6 +99,12 @@ class Outcome:
 class Agent(ABC):
     name: str
     options_model: ClassVar[type[BaseModel]] = NoOptions
+    sandbox: SandboxProfile = SandboxProfile()
+
+    def sandbox_paths(self) -> list[str]:
+        """Directories outside the system ones the agent's program needs, bound read-only (its
+        installation, when that is not under /usr)."""
+        return []
 
     def validate_options(self, raw: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -123,6 +151,19 @@ def json_object(line: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
+
+
+def install_dirs(binary: str | None) -> list[str]:
+    """The installation a CLI binary belongs to (`PREFIX` of `PREFIX/bin/NAME`, and of the file
+    it links to), for a sandbox to bind read-only; nothing under /usr (bound anyway)."""
+    if binary is None:
+        return []
+    found = []
+    for path in (Path(binary).absolute(), Path(binary).resolve()):
+        prefix = str(path.parent.parent)
+        if prefix != "/" and not prefix.startswith("/usr/") and prefix != "/usr":
+            found.append(prefix)
+    return sorted(set(found))
 
 
 def api_environment(ctx: WorkerContext) -> dict[str, str]:

@@ -27,9 +27,11 @@ from orchestrator.agents.base import (
     AgentEvent,
     LaunchSpec,
     Outcome,
+    SandboxProfile,
     WorkerContext,
     api_environment,
     base_environment,
+    install_dirs,
     json_object,
 )
 from orchestrator.core.config import Settings
@@ -129,11 +131,15 @@ def write_private(path: Path, text: str) -> None:
 class ClaudeCodeAgent(Agent):
     name = "claude-code"
     options_model = ClaudeCodeOptions
+    sandbox = SandboxProfile(memory_mb=2048, pids=512, max_memory_mb=8192, max_pids=4096)
 
     def __init__(self, settings: Settings) -> None:
         self.configured_bin = settings.orchestrator_claude_bin
         self.max_retries = settings.orchestrator_agent_max_retries
         self.mcp_timeout_ms = settings.orchestrator_mcp_connect_timeout_ms
+
+    def sandbox_paths(self) -> list[str]:
+        return install_dirs(resolve_binary(self.configured_bin))
 
     def unavailable_reason(self) -> str | None:
         if resolve_binary(self.configured_bin) is None:

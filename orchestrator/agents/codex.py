@@ -32,9 +32,11 @@ from orchestrator.agents.base import (
     AgentEvent,
     LaunchSpec,
     Outcome,
+    SandboxProfile,
     WorkerContext,
     api_environment,
     base_environment,
+    install_dirs,
     json_object,
 )
 from orchestrator.agents.claude_code import _clip, provider_environment, resolve_binary, write_private
@@ -114,9 +116,13 @@ def command_events(item: dict[str, Any]) -> list[AgentEvent]:
 class CodexAgent(Agent):
     name = "codex"
     options_model = CodexOptions
+    sandbox = SandboxProfile(memory_mb=2048, pids=512, max_memory_mb=8192, max_pids=4096)
 
     def __init__(self, settings: Settings) -> None:
         self.configured_bin = settings.orchestrator_codex_bin
+
+    def sandbox_paths(self) -> list[str]:
+        return install_dirs(resolve_binary(self.configured_bin))
 
     def unavailable_reason(self) -> str | None:
         if resolve_binary(self.configured_bin) is None:

@@ -4,6 +4,14 @@
 type = "command"
 command = ["bash", "-c", "cat; echo done"]
 env = { FOO = "bar" }
+# the sandbox (docs/SANDBOX.md): limits, their maximum per job, network and extra binds
+memory_mb = 1024
+pids = 512
+max_memory_mb = 4096
+max_pids = 2048
+network = "none"          # default "on"
+ro_binds = ["/srv/cache"]
+rw_binds = ["/srv/scratch"]
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from orchestrator.agents.base import Agent
+from orchestrator.agents.base import Agent, SandboxProfile
 from orchestrator.agents.claude_code import ClaudeCodeAgent
 from orchestrator.agents.codex import CodexAgent
 from orchestrator.agents.command import CommandAgent
@@ -42,6 +50,10 @@ class AgentRegistry:
     def get(self, name: str) -> Agent:
         return self.agents[name]
 
+    def validate_limits(self, name: str, limits: dict[str, Any]) -> dict[str, Any]:
+        """A job's `limits`, checked against its agent profile's maxima (400 above them)."""
+        return _limits_of(self.agents[name], limits)
+
     def validate(self, name: str | None, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         chosen = name or self.default
         agent = self.agents.get(chosen)
@@ -52,6 +64,20 @@ class AgentRegistry:
         if reason is not None:
             raise BadRequest(f"Agent {chosen!r} cannot run on this server: {reason}")
         return chosen, agent.validate_options(options)
+
+
+def _limits_of(agent: Agent, limits: dict[str, Any]) -> dict[str, Any]:
+    profile = agent.sandbox
+    memory, pids = limits.get("memory_mb"), limits.get("pids")
+    if memory is not None and memory > profile.memory_ceiling:
+        ceiling = profile.memory_ceiling
+        raise BadRequest(f"limits.memory_mb {memory} is above agent {agent.name!r}'s maximum ({ceiling} MiB)")
+    if pids is not None and pids > profile.pids_ceiling:
+        ceiling = profile.pids_ceiling
+        raise BadRequest(f"limits.pids {pids} is above the maximum of agent {agent.name!r} ({ceiling})")
+    if limits.get("network") == "on" and not profile.network:
+        raise BadRequest(f"agent {agent.name!r} runs without network; a job cannot turn it on")
+    return limits
 
 
 def load_profiles(path: Path) -> dict[str, Agent]:
@@ -68,5 +94,34 @@ def load_profiles(path: Path) -> dict[str, Agent]:
         resolver = spec.get("resolver", False)
         if not isinstance(resolver, bool):
             raise ValueError(f"agent profile {name!r}: resolver must be true or false")
-        profiles[name] = CommandAgent(name, command, spec.get("env"), resolver=resolver)
+        agent = CommandAgent(name, command, spec.get("env"), resolver=resolver)
+        agent.sandbox = sandbox_profile(name, spec)
+        profiles[name] = agent
     return profiles
+
+
+def sandbox_profile(name: str, spec: dict[str, Any]) -> SandboxProfile:
+    """A profile's sandbox settings from its TOML table, checked (a typo must not loosen it)."""
+    values: dict[str, Any] = {}
+    for key in ("memory_mb", "pids", "max_memory_mb", "max_pids"):
+        if key in spec:
+            value = spec[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"agent profile {name!r}: {key} must be a positive integer")
+            values[key] = value
+    if "network" in spec:
+        if spec["network"] not in ("on", "none"):
+            raise ValueError(f'agent profile {name!r}: network must be "on" or "none"')
+        values["network"] = spec["network"] == "on"
+    for key in ("ro_binds", "rw_binds"):
+        if key in spec:
+            paths = spec[key]
+            if not isinstance(paths, list) or not all(
+                isinstance(p, str) and p.startswith("/") for p in paths
+            ):
+                raise ValueError(f"agent profile {name!r}: {key} must be a list of absolute paths")
+            values[key] = tuple(paths)
+    profile = SandboxProfile(**values)
+    if profile.memory_mb > profile.memory_ceiling or profile.pids > profile.pids_ceiling:
+        raise ValueError(f"agent profile {name!r}: a default limit is above its maximum")
+    return profile

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from orchestrator.agents.base import Agent, LaunchSpec, WorkerContext, base_environment
+from orchestrator.agents.base import Agent, LaunchSpec, SandboxProfile, WorkerContext, base_environment
 
 
 class Subtask(BaseModel):
@@ -48,6 +48,7 @@ class SimulatedOptions(BaseModel):
 class SimulatedAgent(Agent):
     name = "simulated"
     options_model = SimulatedOptions
+    sandbox = SandboxProfile(memory_mb=128, pids=512)
 
     def launch(self, ctx: WorkerContext) -> LaunchSpec:
         # Options on stdin: a request may hold up to 2 MiB of them, more than one environment

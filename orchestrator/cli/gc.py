@@ -113,6 +113,12 @@ def gc(
             )
             out.print(line, soft_wrap=True)
     if not dry_run:
+        from orchestrator.executors import cgroups
+
+        groups = cgroups.detect()
+        if groups.usable:  # empty groups of ended workers (a running worker's group is never empty)
+            for name in groups.remove_stale(set(), min_age_seconds=max(age, 60.0)):
+                out.print(f"removed the empty cgroup of worker {name}", style="dim")
         for repo in sorted(repositories):
             if (repo / ".git").exists() or (repo / "HEAD").exists():
                 _git(repo, "worktree", "prune")

@@ -58,6 +58,16 @@ class Settings(BaseSettings):
     orchestrator_rate_limit_backoff_seconds: float = Field(default=10.0, gt=0)
     orchestrator_rate_limit_max_backoff_seconds: float = Field(default=300.0, gt=0)
     orchestrator_rate_limit_max_resumes: int = Field(default=8, ge=0)
+    # The worker sandbox (docs/SANDBOX.md): "on" (default; workers fail with the reason if it
+    # cannot work here) or "off" (unconfined workers: a warning at start-up, shown in /ready).
+    orchestrator_sandbox: Literal["on", "off"] = "on"
+    # The host uid agents run as when the server runs as root.
+    orchestrator_sandbox_uid: int = Field(default=61000, ge=1, le=2**31 - 2)
+    # Memory-aware admission: memory kept free beyond the running workers' limits.
+    orchestrator_memory_headroom_mb: int = Field(default=512, ge=0)
+    # Where available memory is read (`MemAvailable:`): /proc/meminfo, or a file an operator
+    # (or a test) keeps to admit against a smaller figure than the host's.
+    orchestrator_meminfo_path: Path = Path("/proc/meminfo")
 
     @field_validator("orchestrator_quotas")
     @classmethod

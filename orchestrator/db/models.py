@@ -122,6 +122,8 @@ class Job(Base):
     # The submitter's key for this child, unique per parent: a delegating worker whose submit's
     # answer was lost (server killed, connection cut) looks the child up by it before retrying.
     delegation_key: Mapped[str | None] = mapped_column(String(128))
+    # Sandbox limits asked for at submit ({"memory_mb", "pids", "network"}), checked against the profile.
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

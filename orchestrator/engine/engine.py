@@ -23,7 +23,7 @@ from typing import Any, cast
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator.agents.base import Agent, Outcome, WorkerContext
+from orchestrator.agents.base import Agent, LaunchSpec, Outcome, WorkerContext
 from orchestrator.agents.registry import AgentRegistry
 from orchestrator.core.address import ApiAddress, settings_address
 from orchestrator.core.auth import create_access_token, engine_actor
@@ -57,8 +57,13 @@ from orchestrator.engine.integrate import Integrator
 from orchestrator.engine.logs import LogCursor
 from orchestrator.engine.queries import JobRow, WorkerRow
 from orchestrator.engine.reconcile import Reconciler
+from orchestrator.executors import sandbox as sandboxing
+from orchestrator.executors.cgroups import Limits, host_available_mb
 from orchestrator.executors.local import (
+    EXIT_FILE,
+    OUTPUT_FILE,
     PID_FILE,
+    STDIN_FILE,
     LocalExecutor,
     WorkerProcess,
     make_dirs,
@@ -82,10 +87,23 @@ RECLAIM_INTERVAL_SECONDS = 2.0
 SQLITE_WATCH_SECONDS = 0.05
 STOP_STEP_SECONDS = 5.0
 LAUNCH_THREADS = max(2, os.cpu_count() or 2)  # the blocking part of a start is short: one per core
+WRAPPER_FILES = frozenset({OUTPUT_FILE, EXIT_FILE, PID_FILE, STDIN_FILE})
+PIDS_CHECK_SECONDS = 2.0  # how often running workers' process-limit counters are read
 LAUNCH_CHUNK = 16  # workers started per launcher-thread call, at least
 
 # A launched worker (process None: it could not start) and what its start records.
 Started = tuple[WorkerRow, JobRow, WorkerProcess | None, dict[str, Any]]
+
+
+def worker_limits(agent: Agent | None, job_limits: dict[str, Any] | None) -> Limits:
+    """A worker's cgroup limits: its job's `limits` (checked at submit), else its profile's."""
+    asked = job_limits or {}
+    if agent is None:
+        return Limits(memory_mb=int(asked.get("memory_mb", 1024)), pids=int(asked.get("pids", 512)))
+    return Limits(
+        memory_mb=int(asked.get("memory_mb", agent.sandbox.memory_mb)),
+        pids=int(asked.get("pids", agent.sandbox.pids)),
+    )
 
 
 class Engine:
@@ -102,7 +120,7 @@ class Engine:
         self.address = address or settings_address(settings)
         self.db = database
         self.agents = agents
-        self.executor = executor or LocalExecutor()
+        self.executor = executor or LocalExecutor.for_settings(settings)
         self.id = new_engine_id()
         self.actor = engine_actor(self.id).name
         self.procs: dict[str, WorkerProcess] = {}
@@ -124,6 +142,8 @@ class Engine:
         self.governor = Governor(settings)
         self.launcher = ThreadPoolExecutor(max_workers=LAUNCH_THREADS, thread_name_prefix="launch")
         self.spend_changed = False
+        self.memory_waits: dict[str, str] = {}
+        self.last_pids_check = 0.0  # IDLE workers held by memory-aware admission
         self.last_budget_check = 0.0
         self.integrator = Integrator(self)
 
@@ -136,6 +156,10 @@ class Engine:
             await queries.register_engine(session, self.id, self.executor.host, os.getpid())
         notifications.add_listener(self._on_notify)
         await self._reclaim(force_same_host=True)
+        if self.executor.cgroups is not None and self.executor.cgroups.usable:
+            stale = await asyncio.to_thread(self.executor.cgroups.remove_stale, set(self.procs))
+            if stale:
+                log.info("removed %d stale worker cgroup(s)", len(stale))
         self.tasks = [
             asyncio.create_task(self._run_forever(self._main_loop, "main")),
             asyncio.create_task(self._run_forever(self._heartbeat_loop, "heartbeat")),
@@ -339,11 +363,20 @@ class Engine:
             free = await slots_repo.pools_free(session, sorted({job.depth for _, job in idle}), lock=True)
         ready: list[tuple[WorkerRow, JobRow]] = []
         new_slots: dict[int, tuple[dict[str, int], list[str]]] = {}
+        memory = self._memory_room()
+        waiting: dict[str, str] = {}
         for worker, job in idle:
             if len(ready) >= START_BATCH:
                 break
             if worker.id in self.procs or job.agent in limited:
                 continue
+            if memory is not None:
+                agent = self.agents.agents.get(job.agent)
+                needs = worker_limits(agent, job.limits).memory_mb if agent is not None else 0
+                if needs + self.settings.orchestrator_memory_headroom_mb > memory:
+                    waiting[worker.id] = f"waiting for memory: needs {needs} MiB, {max(memory, 0)} available"
+                    continue
+                memory -= needs
             if worker.holds_slot:
                 ready.append((worker, job))
                 continue
@@ -362,7 +395,31 @@ class Engine:
                 ready.append((worker, job))
         for depth, (per_job, worker_ids) in sorted(new_slots.items()):
             await slots_repo.bind_new_slots(session, depth, per_job, worker_ids)
+        await self._note_memory_waits(session, waiting)
         return ready
+
+    def _memory_room(self) -> int | None:
+        """MiB a new worker may still reserve: the host's available memory minus the limits of
+        the workers running (or just launched), which may grow to them; None without limits."""
+        if self.executor.cgroups is None:
+            return None
+        available = host_available_mb(self.settings.orchestrator_meminfo_path)
+        if available is None:
+            return None
+        procs = [*self.procs.values(), *(p for _, _, p, _ in self.unrecorded if p is not None)]
+        reserved = sum(cast(int, p.extra.get("memory_mb", 0)) for p in procs if not p.exited)
+        return available - reserved
+
+    async def _note_memory_waits(self, session: AsyncSession, waiting: dict[str, str]) -> None:
+        """Say why IDLE workers wait for memory (once per change of the reason)."""
+        for worker_id, reason in waiting.items():
+            if self.memory_waits.get(worker_id) != reason:
+                await session.execute(
+                    update(Worker)
+                    .where(Worker.id == worker_id, Worker.status == WorkerStatus.IDLE.value)
+                    .values(status_reason=reason)
+                )
+        self.memory_waits = waiting
 
     async def _launch_all(self, ready: list[tuple[WorkerRow, JobRow]]) -> list[Started]:
         """Start the pass's workers: each is prepared in the event loop (a worktree, if any, in a
@@ -434,11 +491,85 @@ class Engine:
                 run_dir,
                 agent.launch(context),
             )
-            proc = self.executor.start(worker.id, spec, workdir, run_dir, read_start_time=False)
+            proc = self._start_process(worker.id, agent, spec, context, job.limits, read_start_time=False)
             values["started_at"] = utcnow()  # recorded by the next pass: keep the real time
             return proc
 
         return values, start
+
+    def _start_process(
+        self,
+        worker_id: str,
+        agent: Agent,
+        spec: LaunchSpec,
+        context: WorkerContext,
+        job_limits: dict[str, Any] | None,
+        *,
+        read_start_time: bool = True,
+    ) -> WorkerProcess:
+        """Start a worker in its sandbox (docs/SANDBOX.md) with its profile's limits: the view
+        is its worktree, its HOME (both handed to the agent's uid), the profile's binds and the
+        programs the agent needs."""
+        profile = agent.sandbox
+        box = sandboxing.SandboxSpec(
+            context.workdir,
+            context.home,
+            network=profile.network and (job_limits or {}).get("network") != "none",
+            ro_binds=[*agent.sandbox_paths(), *profile.ro_binds],
+            rw_binds=list(profile.rw_binds),
+        )
+        # Files the agent profile wrote into the run dir for the agent (an MCP config, say):
+        # read-only in the sandbox, at the paths its command line names. The wrapper's own files
+        # (output, exit status, PID) stay out of reach.
+        for entry in os.scandir(context.run_dir):
+            if entry.is_file(follow_symlinks=False) and entry.name not in WRAPPER_FILES:
+                box.ro_files.append((entry.path, entry.path))
+                if self.executor.sandbox is not None and self.executor.sandbox.uid is not None:
+                    os.chown(entry.path, self.executor.sandbox.uid, self.executor.sandbox.uid)
+        if context.api_socket and os.path.exists(context.api_socket):
+            # `uvicorn --uds`: the worker reaches the API through the server's unix socket (uvicorn
+            # makes it 0666), bound in at its own path; a path socket is reachable whatever the
+            # network namespace, so also with network "none".
+            box.rw_extra.append(context.api_socket)
+        dirs = git.worktree_git_dirs(context.workdir)
+        if dirs is not None and self.executor.sandbox is not None:
+            # Git in the sandbox: the repository's common dir read-only (refs, objects and config
+            # of every other branch stay as they are), the worktree's own dir (HEAD, index)
+            # writable, new objects in a private store beside the shared one. The engine
+            # commits the worktree onto the worker's branch when it ends.
+            # A private copy of the common dir (refs, HEAD, config) is mounted over it, so the
+            # agent's own commits and branches work on refs only it sees; the shared objects
+            # are mounted read-only inside it. The engine commits the worktree's final state
+            # onto the worker's branch when it ends (the agent's own commit history stays in
+            # its private view).
+            own, common = dirs
+            objects = context.home / ".git-objects"
+            private = context.run_dir / "git-common"
+            make_dirs(objects)
+            sandboxing.private_git_common(common, own, private)
+            box.mounts += [
+                (str(private), str(common), True),
+                (str(common / "objects"), str(common / "objects"), False),
+                (str(own), str(common / "worktrees" / own.name), True),
+            ]
+            spec.env["GIT_OBJECT_DIRECTORY"] = str(objects)
+            spec.env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(common / "objects")
+            if self.executor.sandbox.uid is not None:
+                sandboxing.give_to_agent(self.executor.sandbox, own, private)
+        if self.executor.sandbox is not None and self.executor.sandbox.usable:
+            sandboxing.give_to_agent(self.executor.sandbox, context.home, context.workdir)
+        limits = worker_limits(agent, job_limits)
+        proc = self.executor.start(
+            worker_id,
+            spec,
+            context.workdir,
+            context.run_dir,
+            read_start_time=read_start_time,
+            sandbox=box,
+            limits=limits,
+        )
+        proc.extra["memory_mb"] = limits.memory_mb  # reserved while it runs (memory-aware admission)
+        return proc
 
     def _worker_context(
         self,
@@ -547,7 +678,7 @@ class Engine:
                     )
                     spec = agent.launch(context)
                     (run_dir / "exit").unlink(missing_ok=True)
-                    proc = self.executor.start(worker.id, spec, workdir, run_dir)
+                    proc = self._start_process(worker.id, agent, spec, context, job.limits)
                 except Exception as exc:
                     log.warning("worker %s could not be resumed: %s", worker.id, exc)
                     reason = f"could not resume after a rate limit: {exc}"
@@ -616,8 +747,11 @@ class Engine:
         if by_worker and job.parent_job_id and refs.is_branch(resolved, own):
             worktree = self.workspaces_dir / by_worker
             if (worktree / ".git").exists():
+                # On the worker's own branch (HEAD put back on it, the index rebuilt): a sandboxed
+                # agent may have pointed HEAD at another branch or staged objects only its
+                # private object store holds.
                 await asyncio.to_thread(
-                    git.commit_all, worktree, "orchestrator: checkpoint before delegating", None
+                    git.commit_all, worktree, "orchestrator: checkpoint before delegating", None, own
                 )
             resolved = await asyncio.to_thread(refs.resolve, repository, resolved.full_name)
         return resolved.commit
@@ -668,6 +802,10 @@ class Engine:
 
     def _supervise(self, proc: WorkerProcess, job: JobRow, *, offset: int, lines: int) -> None:
         self.procs[proc.worker_id] = proc
+        if "memory_mb" not in proc.extra and not proc.exited:  # adopted: its cgroup says
+            agent = self.agents.agents.get(job.agent)
+            memory = self.executor.memory_limit_mb(proc.worker_id)
+            proc.extra["memory_mb"] = memory or (worker_limits(agent, job.limits).memory_mb if agent else 0)
         self.cursors[proc.worker_id] = LogCursor(proc.output_path, offset=offset, lines=lines)
         proc.extra["agent"] = job.agent
         proc.extra["job_id"] = job.id
@@ -706,8 +844,12 @@ class Engine:
             for worker_id, deadline in self.deadlines.items()
             if now >= deadline and statuses.get(worker_id) in (WorkerStatus.RUNNING, WorkerStatus.PAUSED)
         ]
-        if orphans or overdue:
+        bombs = self._at_process_limit(now, statuses)
+        if orphans or overdue or bombs:
             async with self.db.session() as session:
+                for worker_id, reason in bombs.items():
+                    # A fork bomb is held at its limit; the worker is stopped, not left spinning.
+                    await self._mark_stopped(session, statuses, worker_id, WorkerStatus.FAILED, reason)
                 for worker_id, job_status in orphans:
                     # Its job ended while it was being started (a cancel that committed between
                     # this engine's claim and the start): a worker never outlives its job.
@@ -740,6 +882,23 @@ class Engine:
             # Come back for the SIGKILL deadline even if nothing else happens.
             assert self.loop is not None
             self.loop.call_later(min(grace, 0.5) or 0.1, self.wake.set)
+
+    def _at_process_limit(self, now: float, statuses: dict[str, str]) -> dict[str, str]:
+        """Running workers that hit their process limit (checked every PIDS_CHECK_SECONDS)."""
+        groups = self.executor.cgroups
+        if groups is None or not groups.usable or now - self.last_pids_check < PIDS_CHECK_SECONDS:
+            return {}
+        self.last_pids_check = now
+        found: dict[str, str] = {}
+        for worker_id, proc in self.procs.items():
+            if proc.exited or statuses.get(worker_id) != WorkerStatus.RUNNING:
+                continue
+            with contextlib.suppress(OSError, KeyError):
+                if groups.limit_hit(worker_id)[1]:
+                    limit = groups.limit_of(worker_id)[1]
+                    reason = f"process limit: it reached its limit of {limit} processes (fork bomb contained)"
+                    found[worker_id] = reason
+        return found
 
     async def _mark_stopped(
         self,
@@ -790,6 +949,7 @@ class Engine:
         """The exit status, the worktree committed (if any), and what to add to the result."""
         patch: dict[str, Any] = {}
         values: dict[str, Any] = {"_exit": read_exit_code(proc.run_dir), "_result_patch": patch}
+        values["_limit"] = await asyncio.to_thread(self.executor.ending, proc.worker_id)
         agent_result = proc.extra.get("agent_result")
         if isinstance(agent_result, dict):
             patch.update(agent_result)
@@ -807,6 +967,7 @@ class Engine:
                         Path(worker.workdir),
                         f"orchestrator: work of {worker.id} (job {worker.job_id})",
                         (worker.result or {}).get("base_commit"),
+                        worker.branch,
                     )
                 values.update(commit=commit, diff_stat=stat)
             except (git.GitError, OSError) as exc:
@@ -829,12 +990,15 @@ class Engine:
         for proc, values in outcomes:
             exit_code = values.pop("_exit")
             patch = values.pop("_result_patch")
+            limit = values.pop("_limit", None)
             values["exit_code"] = exit_code
             current = fresh.get(proc.worker_id)
             if current is None:
                 continue
             values["result"] = {**(current.result or {}), **patch} or None
             outcome = self._outcome(current, values, exit_code) if current.status in WORKER_LIVE else None
+            if limit is not None:
+                outcome = Outcome(False, limit)  # a limit killed it: that is the reason, not the agent's
             if outcome is not None and outcome.retryable and not proc.kill_sent:
                 if await self._park(session, current, values, outcome):
                     continue  # keeps its slot; the engine resumes it after the backoff

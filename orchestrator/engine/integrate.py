@@ -326,6 +326,7 @@ class Integrator:
                 ctx, task=resolver_task(job.id, job.task_description, plan.branch, source, conflict.files)
             )
             worker_id = worker.id
+            job_limits = job.limits
         record["resolver"] = worker_id
 
         def start() -> WorkerProcess:
@@ -333,7 +334,9 @@ class Integrator:
             spec = agent.launch(ctx)
             spec.env["ORCHESTRATOR_ROLE"] = "resolver"
             spec.env["ORCHESTRATOR_CONFLICT_FILES"] = json.dumps(conflict.files)
-            return self.engine.executor.start(worker_id, spec, temp, ctx.run_dir)
+            # In the worker sandbox like any agent: it sees the temporary worktree (its git view
+            # private, as a worker's) and its HOME; `merge.conclude` stages the result itself.
+            return self.engine._start_process(worker_id, agent, spec, ctx, job_limits)
 
         try:
             proc = await asyncio.to_thread(start)

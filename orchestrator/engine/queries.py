@@ -279,6 +279,7 @@ class JobRow(Protocol):
     created_by_worker_id: str | None
     created_by: str
     max_turns: int | None
+    limits: dict[str, Any] | None
     started_at: datetime | None
 
 

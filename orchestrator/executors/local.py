@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import os
 import select
 import signal
@@ -22,20 +24,33 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.agents.base import LaunchSpec
+from orchestrator.core.config import Settings
+from orchestrator.executors import cgroups
+from orchestrator.executors import sandbox as sandboxing
+from orchestrator.executors.cgroups import Cgroups, Limits
+
+log = logging.getLogger(__name__)
 
 # $1 = run dir, $2 = a file for the agent's stdin ("-": the wrapper's own stdin, a pipe the engine
-# fills), $3 = the working directory; then the agent's argv. The wrapper enters the working
-# directory itself (posix_spawn has no chdir here) and records its PID first (an engine that dies before
-# writing the PID to the database still finds the worker), then runs the agent, then writes its
-# exit status. A handled TERM/INT/HUP trap keeps the wrapper alive to record that status (handled
-# traps reset to default in the agent, so it still dies). The exit file is read only once the
-# wrapper is gone; a wrapper killed mid-write leaves it empty, which reads as "no exit status".
-# Only shell built-ins besides the agent: no extra process, and no file the engine must create.
+# fills), $3 = the working directory, $4 = the cgroup.procs files to join ("" for none), $5 = the
+# seccomp filter to open on descriptor 9 for bwrap ("" for none); then the agent's argv (under
+# bwrap when sandboxed). The wrapper joins the worker's cgroups first, so every descendant is
+# counted against its limits, enters the working directory itself (posix_spawn has no chdir
+# here) and records its PID (an engine that dies before writing the PID to the database still
+# finds the worker), then runs the agent, then writes its exit status. A handled TERM/INT/HUP
+# trap keeps the wrapper alive to record that status (handled traps reset to default in the
+# agent, so it still dies). The exit file is read only once the wrapper is gone; a wrapper killed
+# mid-write leaves it empty, which reads as "no exit status". Its own files are private (umask
+# 077); the agent gets umask 022 back. Only shell built-ins besides the agent: no extra process,
+# and no file the engine must create.
 WRAPPER_SCRIPT = (
-    'd="$1"; i="$2"; cd "$3" || { printf "127\\n" >"$d/exit"; exit 127; }; shift 3; '
-    'trap ":" TERM INT HUP; printf "%s\\n" "$$" >"$d/pid"; '
+    'umask 077; d="$1"; i="$2"; g="$4"; s="$5"; '
+    'for f in $g; do printf "%s\\n" "$$" >"$f" || { printf "126\\n" >"$d/exit"; exit 126; }; done; '
+    'cd "$3" || { printf "127\\n" >"$d/exit"; exit 127; }; shift 5; '
+    'trap ":" TERM INT HUP; printf "%s\\n" "$$" >"$d/pid"; : >>"$d/output.log"; '
+    'if [ -n "$s" ]; then exec 9<"$s" || { printf "126\\n" >"$d/exit"; exit 126; }; fi; umask 022; '
     'if [ "$i" = - ]; then "$@" >>"$d/output.log" 2>&1; else "$@" <"$i" >>"$d/output.log" 2>&1; fi; '
-    'printf "%s\\n" "$?" >"$d/exit"'
+    'r=$?; umask 077; printf "%s\\n" "$r" >"$d/exit"'
 )
 # Stdin up to this size goes through a pipe (it fits the pipe buffer, so writing never blocks);
 # larger stdin is written to a file first.
@@ -47,6 +62,8 @@ EXIT_FILE = "exit"
 PID_FILE = "pid"
 WRAPPER_NAME = "orchestrator-worker"  # $0 of every wrapper: how a worker process is recognised
 STDIN_FILE = "stdin"
+# The server's own secrets: never in a worker's environment, even if an agent profile names them.
+SERVER_ONLY_ENV = ("SECRET_KEY", "DATABASE_URL", "ORCHESTRATOR_DATA_DIR")
 
 
 def process_start_time(pid: int) -> int | None:
@@ -147,11 +164,78 @@ class WorkerProcess:
 class LocalExecutor:
     """Starts, signals and watches worker processes on this host."""
 
-    def __init__(self) -> None:
+    def __init__(self, sandbox: sandboxing.SandboxHost | None = None, groups: Cgroups | None = None) -> None:
+        """`sandbox` None runs workers unconfined (ORCHESTRATOR_SANDBOX=off, or a bare executor
+        in unit tests); a host whose sandbox cannot work refuses to start workers, with why."""
         self.host = socket.gethostname()
+        self.sandbox = sandbox
+        self.cgroups = groups
         _raise_fd_limit()
         self._inheritable_fds = inheritable_descriptors()
         self._inheritable_read_at = time.monotonic()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> LocalExecutor:
+        """The executor the settings ask for: sandboxed unless ORCHESTRATOR_SANDBOX=off."""
+        groups = cgroups.detect()
+        if not groups.usable:
+            log.warning("worker limits (cgroups) cannot work on this host: %s", groups.problem)
+        if settings.orchestrator_sandbox == "off":
+            log.warning(
+                "ORCHESTRATOR_SANDBOX=off: workers run UNSANDBOXED, with the server's view of the machine"
+            )
+            return cls(None, groups if groups.usable else None)
+        host = sandboxing.detect(settings.data_dir, uid=settings.orchestrator_sandbox_uid)
+        if not host.usable:
+            log.error(
+                "the worker sandbox cannot work on this host, workers will fail to start: %s", host.problem
+            )
+        elif not groups.usable:
+            host = dataclasses.replace(host, problem=f"no worker limits: {groups.problem}")
+            log.error("the worker sandbox cannot work on this host: %s", host.problem)
+        return cls(host, groups)
+
+    def sandbox_state(self) -> dict[str, object]:
+        """What /ready and the dashboard show about confinement."""
+        if self.sandbox is None:
+            return {"status": "off", "reason": "ORCHESTRATOR_SANDBOX=off: workers run unsandboxed"}
+        if not self.sandbox.usable:
+            return {"status": "unavailable", "reason": self.sandbox.problem}
+        state: dict[str, object] = {"status": "on", "uid": self.sandbox.uid}
+        if self.cgroups is not None:
+            state["cgroups"] = self.cgroups.version
+        return state
+
+    def memory_limit_mb(self, worker_id: str) -> int | None:
+        """The memory limit of a running worker's cgroup (an adopted worker's reservation)."""
+        if self.cgroups is None or not self.cgroups.usable:
+            return None
+        with contextlib.suppress(OSError, KeyError):
+            return self.cgroups.limit_of(worker_id)[0]
+        return None
+
+    def ending(self, worker_id: str) -> str | None:
+        """Why a limit ended the worker, if one did; removes its cgroups (empty by now: the PID
+        namespace dies with the agent). Called once the wrapper is gone."""
+        if self.cgroups is None or not self.cgroups.usable:
+            return None
+        try:
+            oom, pids = self.cgroups.limit_hit(worker_id)
+            memory_mb, max_pids = self.cgroups.limit_of(worker_id)
+        except (OSError, KeyError):
+            return None
+        # The kernel empties a v1 group a moment after its last process is reaped: retry briefly.
+        for _ in range(20):
+            if self.cgroups.remove(worker_id):
+                break
+            time.sleep(0.025)
+        else:
+            log.warning("cgroups of worker %s are not empty yet; gc removes them", worker_id)
+        if oom:
+            return f"out of memory: killed at its memory limit of {memory_mb} MiB"
+        if pids:
+            return f"process limit: it reached its limit of {max_pids} processes (fork bomb contained)"
+        return None
 
     def _inheritable(self) -> list[int]:
         """Inheritable descriptors, read again at most once a second: listing /proc/self/fd while
@@ -163,7 +247,15 @@ class LocalExecutor:
         return self._inheritable_fds
 
     def start(
-        self, worker_id: str, spec: LaunchSpec, workdir: Path, run_dir: Path, *, read_start_time: bool = True
+        self,
+        worker_id: str,
+        spec: LaunchSpec,
+        workdir: Path,
+        run_dir: Path,
+        *,
+        read_start_time: bool = True,
+        sandbox: sandboxing.SandboxSpec | None = None,
+        limits: Limits | None = None,
     ) -> WorkerProcess:
         """Start the worker. Blocking calls (the engine runs several at once in threads), none of
         which holds the GIL for long: posix_spawn (vfork + exec in the C library) instead of
@@ -173,6 +265,19 @@ class LocalExecutor:
         are closed in the child."""
         if not workdir.is_dir():
             raise FileNotFoundError(f"working directory {workdir} does not exist")
+        agent_argv = list(spec.argv)
+        seccomp_file = ""
+        if self.sandbox is not None:
+            if not self.sandbox.usable:
+                raise RuntimeError(f"the worker sandbox cannot work on this host: {self.sandbox.problem}")
+            box = sandbox or sandboxing.SandboxSpec(workdir, workdir)
+            agent_argv = sandboxing.command(self.sandbox, box, agent_argv)
+            seccomp_file = str(self.sandbox.seccomp or "")
+        procs_files = ""
+        if self.cgroups is not None and limits is not None:
+            if not self.cgroups.usable:
+                raise RuntimeError(f"worker limits cannot be set on this host: {self.cgroups.problem}")
+            procs_files = " ".join(str(p) for p in self.cgroups.create(worker_id, limits))
         make_dirs(run_dir)
         data = (spec.stdin_text or "").encode()
         stdin_arg = "-"
@@ -193,9 +298,12 @@ class LocalExecutor:
         actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in self._inheritable()]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8")}
         env.update(spec.env)
+        for name in SERVER_ONLY_ENV:
+            env.pop(name, None)  # whatever a profile says: the server's secrets never reach a worker
         argv = ["/bin/sh", "-c", WRAPPER_SCRIPT, WRAPPER_NAME, str(run_dir), stdin_arg, str(workdir)]
+        argv += [procs_files, seccomp_file]
         try:
-            pid = os.posix_spawn("/bin/sh", argv + list(spec.argv), env, file_actions=actions, setsid=True)
+            pid = os.posix_spawn("/bin/sh", argv + agent_argv, env, file_actions=actions, setsid=True)
         finally:
             if pipe is not None:
                 os.close(pipe[0])
@@ -269,10 +377,35 @@ class LocalExecutor:
         """Signal the worker's whole process group, if it is still the process we started."""
         if proc.exited or not is_same_process(proc.pid, proc.start_time):
             return False
+        if self.sandbox is not None and sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            # bwrap dies of a TERM it does not handle, and the sandbox dies with it (its PID
+            # namespace ends): the agent would get no grace period. So a polite signal goes to
+            # the group's processes except bwrap's own two (the monitor and the namespace's
+            # init); the agent ends, then bwrap with it. KILL, STOP and CONT go to the group.
+            return self._signal_agents(proc.pid, sig)
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             return False
+        return True
+
+    def _signal_agents(self, group: int, sig: signal.Signals) -> bool:
+        assert self.sandbox is not None
+        bwrap = os.path.realpath(self.sandbox.bwrap or "/usr/bin/bwrap")
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == group:
+                continue
+            pid = int(name)
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+                if int(fields[2]) != group or os.readlink(f"/proc/{pid}/exe") == bwrap:
+                    continue  # field 5: the process group
+                os.kill(pid, sig)
+            except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
+                continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(group, sig)  # the wrapper: its trap keeps it alive to record the exit status
         return True
 
     def watch(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -35,6 +35,17 @@ def nesting_depth(value: Any) -> int:
 
 # Printable ASCII without spaces: it is matched exactly and shown in logs.
 DELEGATION_KEY_PATTERN = r"^[A-Za-z0-9._:/@+-]{1,128}$"
+
+
+class JobLimits(BaseModel):
+    """Per-job sandbox limits of each worker: memory (MiB), processes/threads, and the network
+    ("none" only narrows a profile; a profile without network cannot be given one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory_mb: int | None = Field(default=None, ge=16, le=1_048_576, strict=True)
+    pids: int | None = Field(default=None, ge=8, le=1_000_000, strict=True)
+    network: Literal["on", "none"] | None = None
 
 
 class JobSubmit(BaseModel):
@@ -74,6 +85,10 @@ class JobSubmit(BaseModel):
         description="The submitter's key for this child, unique per parent (needs parent_job_id): "
         "a submit whose answer was lost is looked up by it (GET /api/jobs?delegation_key=...) "
         "before it is retried; a second submit with the same key is 409.",
+    )
+    limits: JobLimits | None = Field(
+        default=None,
+        description="The workers' sandbox limits (docs/SANDBOX.md); at most the agent profile's maximum.",
     )
 
     @field_validator("task_description", "parent_job_id", "agent", "repository", "base_ref")
@@ -147,6 +162,7 @@ class JobOut(BaseModel):
     status_reason: str | None = None
     max_cost_usd: float | None = None
     max_turns: int | None = None
+    limits: dict[str, Any] | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     delegation_key: str | None = None

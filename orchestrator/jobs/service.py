@@ -61,6 +61,7 @@ _JOB_COLUMNS = (
     "max_cost_usd",
     "max_turns",
     "delegation_key",
+    "limits",
     "created_at",
     "updated_at",
 )
@@ -97,6 +98,8 @@ _SUBMIT_PG = {
 
 # (agent name or None, options) -> (profile name, validated options); raises FieldInvalid.
 AgentValidator = Callable[[str | None, dict[str, Any]], tuple[str, dict[str, Any]]]
+# (agent, the submitted limits) -> the limits to store; raises BadRequest above the profile's maximum.
+LimitsValidator = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 async def get_visible_job(session: AsyncSession, actor: Actor, job_id: str) -> Job:
@@ -114,6 +117,7 @@ async def submit(
     actor: Actor,
     body: JobSubmit,
     validate_agent: AgentValidator,
+    validate_limits: LimitsValidator | None = None,
 ) -> Job:
     quota = settings.quotas[body.depth]
     if body.worker_count > quota:
@@ -154,6 +158,9 @@ async def submit(
         )
 
     agent, options = validate_agent(body.agent, body.agent_options)
+    limits = body.limits.model_dump(exclude_none=True) if body.limits is not None else None
+    if limits and validate_limits is not None:
+        limits = validate_limits(agent, limits)
 
     repository = body.repository
     base_ref = body.base_ref
@@ -196,6 +203,7 @@ async def submit(
         max_cost_usd=body.max_cost_usd,
         max_turns=body.max_turns if body.max_turns is not None else (parent.max_turns if parent else None),
         delegation_key=body.delegation_key,
+        limits=limits or None,
         created_at=now,
         updated_at=now,
     )

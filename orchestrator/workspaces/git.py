@@ -33,7 +33,14 @@ SAFE_CONFIG = (
     "commit.gpgSign=false",
     "-c",
     "tag.gpgSign=false",
+    # The engine runs git in worktrees a sandboxed agent (another uid) has written: no "dubious
+    # ownership" refusal (only command-line or system config may set this).
+    "-c",
+    "safe.directory=*",
 )
+
+
+GIT_UMASK = 0o022
 
 
 class GitError(RuntimeError):
@@ -48,7 +55,7 @@ def git_env() -> dict[str, str]:
     return env
 
 
-def run_git(*args: str, cwd: Path, timeout: float = 120.0) -> str:
+def run_git(*args: str, cwd: Path, timeout: float = 120.0, umask: int = GIT_UMASK) -> str:
     """Run `git <args>` in `cwd`; its stdout, stripped. Raises GitError on a non-zero exit."""
     try:
         done = subprocess.run(
@@ -61,6 +68,10 @@ def run_git(*args: str, cwd: Path, timeout: float = 120.0) -> str:
             errors="replace",
             timeout=timeout,
             check=False,
+            # The server's umask is 077 (its data dir); the repository is the user's and its files
+            # are read by sandboxed agents of another uid (the common dir and shared objects, bound
+            # read-only): git makes them with the usual modes.
+            umask=umask,
         )
     except subprocess.TimeoutExpired as exc:
         raise GitError(f"git {args[0] if args else ''} timed out after {timeout:g}s") from exc
@@ -114,6 +125,24 @@ def _require_under_roots(path: Path, roots: list[Path], what: str) -> None:
         raise BadRequest(f"{what} is not under an allowed root ({allowed}); see ORCHESTRATOR_REPO_ROOTS")
 
 
+def worktree_git_dirs(worktree: Path) -> tuple[Path, Path] | None:
+    """(the worktree's own git dir, the repository's common git dir), from the `.git` file git
+    wrote, or None if it is not a linked worktree. Read before the agent runs: later the file is
+    the agent's to change."""
+    try:
+        text = (worktree / ".git").read_text()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    if not text.startswith("gitdir: "):
+        return None
+    own = Path(text[len("gitdir: ") :].strip())
+    try:
+        common = (own / (own / "commondir").read_text().strip()).resolve()
+    except FileNotFoundError:
+        return None
+    return own, common
+
+
 def branch_name(job_id: str, worker_id: str) -> str:
     return f"orchestrator/{job_id}/{worker_id}"
 
@@ -121,11 +150,23 @@ def branch_name(job_id: str, worker_id: str) -> str:
 def add_worktree(repository: Path, worktree: Path, branch: str, start: str) -> None:
     """Create the worker's worktree on a new branch at `start` (a commit id already resolved)."""
     worktree.parent.mkdir(parents=True, exist_ok=True)
-    run_git("worktree", "add", "-b", branch, "--end-of-options", str(worktree), start, cwd=repository)
+    # The worktree is in the data dir (private, umask 077); what git adds to the repository
+    # (worktrees/<name>) is bound into the sandbox as the agent's own anyway.
+    run_git(
+        "worktree", "add", "-b", branch, "--end-of-options", str(worktree), start, cwd=repository, umask=0o077
+    )
 
 
-def commit_all(worktree: Path, message: str, base_commit: str | None) -> tuple[str, str]:
-    """Commit whatever the worker left in its worktree; returns (HEAD commit, diff stat vs base)."""
+def commit_all(
+    worktree: Path, message: str, base_commit: str | None, branch: str | None = None
+) -> tuple[str, str]:
+    """Commit whatever the worker left in its worktree; returns (HEAD commit, diff stat vs base).
+    With `branch`: HEAD is put back on the worker's own branch first (a sandboxed agent may have
+    pointed it at another branch) and the index is rebuilt from HEAD (the agent's index may name
+    objects only its private object store holds), so the commit lands on its branch alone."""
+    if branch is not None:
+        run_git("symbolic-ref", "HEAD", f"refs/heads/{branch}", cwd=worktree)
+        run_git("read-tree", "HEAD", cwd=worktree)
     run_git("add", "-A", cwd=worktree)
     if run_git("status", "--porcelain", cwd=worktree):
         run_git("commit", "-q", "--no-verify", "-m", message, cwd=worktree)

@@ -146,6 +146,10 @@ def conclude(temp: Path, conflict: Conflicted) -> str | None:
         if parents == [conflict.before, conflict.commit] and clean and not with_markers(temp, conflict.files):
             return head(temp)
         return None
+    # The resolver's own `git add` (in the sandbox) wrote its blobs to a private object store
+    # the repository never sees: drop its index entries for the conflicted files, so staging
+    # hashes them again, here. Anything else it staged makes the commit fail: the job fails.
+    run("rm", "--cached", "-q", "--ignore-unmatch", "--", *conflict.files, cwd=temp)
     run("add", "-A", cwd=temp)
     if unmerged(temp) or with_markers(temp, conflict.files):
         return None

@@ -104,14 +104,15 @@ def test_codex_gets_the_task_on_stdin_only(
 @pytest.fixture
 def command_server(servers: ServerFactory) -> Server:
     profile = servers.root / "agents.toml"
-    # The worker copies what it got on stdin and in ORCHESTRATOR_TASK into its working directory,
+    # The worker copies what it got on stdin and in ORCHESTRATOR_TASK into its HOME (the sandbox
+    # lets it write there, not into its run dir),
     # then waits for the test to have looked at every command line.
     profile.write_text(
         "[agents.echo]\n"
         'type = "command"\n'
-        'command = ["sh", "-c", "cat > \\"$HOME/../stdin.txt\\"; '
-        'printf %s \\"$ORCHESTRATOR_TASK\\" > \\"$HOME/../env.txt\\"; '
-        'while [ ! -e \\"$HOME/../go\\" ]; do sleep 0.05; done"]\n'
+        'command = ["sh", "-c", "cat > \\"$HOME/stdin.txt\\"; '
+        'printf %s \\"$ORCHESTRATOR_TASK\\" > \\"$HOME/env.txt\\"; '
+        'while [ ! -e \\"$HOME/go\\" ]; do sleep 0.05; done"]\n'
     )
     return servers.start(ORCHESTRATOR_AGENTS_FILE=str(profile))
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from tests.support.checks import session_processes
 from tests.support.servers import Server, ServerFactory
 from tests.support.wait import wait_until
 
@@ -184,6 +185,13 @@ def test_pause_stops_output_resume_continues_terminate_kills_group(servers: Serv
         time.sleep(1.0)
         assert output.read_text().count("tick") == before, "a paused worker must produce no output"
 
+        def all_stopped() -> dict[int, tuple[str, str]] | None:
+            inside = session_processes(worker["pid"])
+            return inside if len(inside) >= 4 and {s for s, _ in inside.values()} == {"T"} else None
+
+        # Every process of the worker (wrapper, bwrap, the sandbox's init, bash, its sleep) is stopped.
+        wait_until(all_stopped, timeout=60, what="every process of the worker stopped")
+
         again = client.post(f"/api/supervisor/workers/{worker['id']}/pause")
         assert again.status_code == 400 and "PAUSED" in again.json()["detail"]
 
@@ -192,13 +200,12 @@ def test_pause_stops_output_resume_continues_terminate_kills_group(servers: Serv
         resume_again = client.post(f"/api/supervisor/workers/{worker['id']}/resume")
         assert resume_again.status_code == 400
 
-        workdir = Path(servers.root / "data" / "workspaces" / worker["id"])
-        grandchild = int(
-            wait_until(
-                lambda: (
-                    (workdir / "grandchild.pid").exists() and (workdir / "grandchild.pid").read_text().strip()
-                )
-            )
+        # The grandchild's PID as the host sees it (the sandbox has its own PID namespace).
+        grandchild = wait_until(
+            lambda: next(
+                (p for p, (_, cmd) in session_processes(worker["pid"]).items() if cmd == "sleep 1000"), None
+            ),
+            what="grandchild",
         )
         assert pid_alive(grandchild)
 
@@ -206,6 +213,7 @@ def test_pause_stops_output_resume_continues_terminate_kills_group(servers: Serv
         assert terminated.status_code == 200 and terminated.json()["status"] == "TERMINATED"
         wait_until(lambda: not pid_alive(worker["pid"]), timeout=10, what="worker process gone")
         wait_until(lambda: not pid_alive(grandchild), timeout=10, what="grandchild gone")
+        wait_until(lambda: not session_processes(worker["pid"]), timeout=10, what="no process left")
         done = wait_final(client, job["id"])
         assert done["status"] == "FAILED"
         assert "TERMINATED" in done["status_reason"]

@@ -15,7 +15,7 @@ from tests.support.servers import ServerFactory
 from tests.support.wait import wait_until
 
 PROBE = r"""
-import json, os, urllib.request, urllib.error
+import json, os, sys, urllib.request, urllib.error
 URL, TOKEN, JOB = os.environ["ORCHESTRATOR_URL"], os.environ["ORCHESTRATOR_TOKEN"], os.environ["ORCHESTRATOR_JOB_ID"]
 def call(method, path, body=None):
     req = urllib.request.Request(URL + path, method=method, data=json.dumps(body).encode() if body is not None else None)
@@ -26,7 +26,7 @@ def call(method, path, body=None):
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-other = os.environ["OTHER_JOB"] if "OTHER_JOB" in os.environ else open("../../other_job").read().strip()
+other = os.environ["OTHER_JOB"] if "OTHER_JOB" in os.environ else sys.stdin.read().strip()
 results = {}
 results["own_job"] = call("GET", "/api/jobs/" + JOB)[0]
 code, child = call("POST", "/api/jobs/submit", {"task_description": "child", "depth": 1, "parent_job_id": JOB,
@@ -76,15 +76,19 @@ raise SystemExit(0 if "work-0.txt" in seen else 7)
 
 
 def profiles(root: Path) -> str:
+    scripts = root / "agent-scripts"  # bound read-only into the worker sandbox
+    scripts.mkdir(exist_ok=True)
     for name, body in (("probe.py", PROBE), ("writer.py", WRITER), ("child_writer.py", CHILD_WRITER)):
-        (root / name).write_text(body)
+        (scripts / name).write_text(body)
     py = sys.executable
+    binds = f'ro_binds = ["{scripts}"]\n'
     path = root / "agents.toml"
     path.write_text(
-        f'[agents.probe]\ncommand = ["{py}", "{root / "probe.py"}"]\n'
-        f'[agents.writer]\ncommand = ["{py}", "{root / "writer.py"}"]\n'
-        f'[agents.delegating_writer]\ncommand = ["{py}", "{root / "writer.py"}"]\nenv = {{ DELEGATE = "1" }}\n'
-        f'[agents.child_writer]\ncommand = ["{py}", "{root / "child_writer.py"}"]\n'
+        f'[agents.probe]\ncommand = ["{py}", "{scripts / "probe.py"}"]\n{binds}'
+        f'[agents.writer]\ncommand = ["{py}", "{scripts / "writer.py"}"]\n{binds}'
+        f'[agents.delegating_writer]\ncommand = ["{py}", "{scripts / "writer.py"}"]\n'
+        f'env = {{ DELEGATE = "1" }}\n{binds}'
+        f'[agents.child_writer]\ncommand = ["{py}", "{scripts / "child_writer.py"}"]\n{binds}'
         '[agents.sleeper]\ncommand = ["bash", "-c", "echo partial > partial.txt; sleep 600"]\n'
         '[agents.quick_writer]\ncommand = ["sh", "-c", "echo quick > quick-$WORKER_INDEX.txt"]\n'
     )
@@ -109,9 +113,8 @@ def test_worker_token_is_confined_to_its_subtree(servers: ServerFactory) -> None
     server = servers.start(ORCHESTRATOR_AGENTS_FILE=profiles(servers.root))
     with server.client() as client:
         other = submit(client, agent_options={"duration_seconds": 30})
-        # The probe reads the other job's id from a file two levels above its working directory.
-        (servers.root / "data" / "other_job").write_text(other["id"])
-        job = submit(client, agent="probe", agent_options={})
+        # The probe reads the other job's id from its task (stdin): the data dir is not in its sandbox.
+        job = submit(client, agent="probe", agent_options={}, task_description=other["id"])
         done = wait_final(client, job["id"])
         (worker,) = workers_of(client, job["id"])
         line = next(x for x in log_lines(client, worker["id"]) if x.startswith("RESULTS "))

@@ -114,6 +114,7 @@ def delegation_completes(server: Running) -> None:
         [worker] = workers_of(client, root["id"])
         assert done["status"] == "COMPLETED", (
             done,
+            client.get(f"/api/supervisor/workers/{worker['id']}").json()["status_reason"],
             log_lines(client, worker["id"])[-8:],
             server.log()[-3000:],
         )

@@ -86,7 +86,12 @@ def running_worker(client: httpx.Client, job_id: str) -> dict[str, Any]:
 def test_worker_cannot_start_a_child_from_another_trees_branch(servers: ServerFactory) -> None:
     repo = make_repo(servers.root)
     main = git(repo, "rev-parse", "main")
-    server = servers.start(ORCHESTRATOR_AGENTS_FILE=attacker_profiles(servers.root))
+    # Unsandboxed (the operator's ORCHESTRATOR_SANDBOX=off): the agent writes refs into the shared
+    # repository, and the server's ref checks are what stops it. (Sandboxed, its refs are a
+    # private copy the server never resolves: tests/integration/test_sandbox.py.)
+    server = servers.start(
+        ORCHESTRATOR_AGENTS_FILE=attacker_profiles(servers.root), ORCHESTRATOR_SANDBOX="off"
+    )
     with server.client() as client:
         victim_job = submit(client, agent="victim", repository=str(repo))
         victim = running_worker(client, victim_job["id"])
@@ -164,7 +169,10 @@ def test_a_ref_retargeted_after_the_submit_is_checked_again_at_the_start(servers
             f'[agents.retargeter]\ncommand = ["{sys.executable}", "{servers.root / "retargeter.py"}"]\n'
             f'env = {{ VICTIM = "{servers.root / "victim"}" }}\n'
         )
-    server = servers.start(ORCHESTRATOR_AGENTS_FILE=profiles, ORCHESTRATOR_QUOTAS="10,1")
+    # Unsandboxed, as above: the ref is retargeted in the shared repository.
+    server = servers.start(
+        ORCHESTRATOR_AGENTS_FILE=profiles, ORCHESTRATOR_QUOTAS="10,1", ORCHESTRATOR_SANDBOX="off"
+    )
     with server.client() as client:
         victim_job = submit(client, agent="victim", repository=str(repo))
         victim = running_worker(client, victim_job["id"])

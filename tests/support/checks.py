@@ -41,3 +41,20 @@ def no_server_errors(request: pytest.FixtureRequest) -> Iterator[None]:
     for server in _servers_of(request):
         errors = new_server_errors(server)
         assert not errors, f"server {server.url} logged an unexpected error:\n{errors[-6000:]}"
+
+
+def session_processes(session_id: int) -> dict[int, tuple[str, str]]:
+    """Host PID -> (state, command line) of every process in a worker's session (the wrapper's
+    PID): what runs inside a sandboxed worker, seen from the host, whatever PIDs it sees itself."""
+    found: dict[int, tuple[str, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[3]) == session_id:  # field 6 of /proc/PID/stat: the session
+            found[int(entry.name)] = (fields[0], cmdline.strip())
+    return found

@@ -44,7 +44,7 @@ router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=ERROR_RESPONSES,
 async def submit_job(
     body: JobSubmit, actor: JobsWrite, session: SessionDep, settings: SettingsDep, agents: AgentsDep
 ) -> JobOut:
-    job = await service.submit(session, settings, actor, body, agents.validate)
+    job = await service.submit(session, settings, actor, body, agents.validate, agents.validate_limits)
     return JobOut.model_validate(job)
 
 

@@ -255,10 +255,13 @@ async def ready(request: Request) -> JSONResponse:
             {"status": "unavailable", "reason": reason, "engine_heartbeat_age_seconds": round(age, 3)},
             status_code=503,
         )
-    return JSONResponse(
-        {
-            "status": "ready",
-            "database": database.engine.dialect.name,
-            "engine_heartbeat_age_seconds": round(age, 3),
-        }
-    )
+    body: dict[str, object] = {
+        "status": "ready",
+        "database": database.engine.dialect.name,
+        "engine_heartbeat_age_seconds": round(age, 3),
+    }
+    engine = getattr(request.app.state, "engine", None)
+    if engine is not None:
+        # Never silently unsandboxed: "on", "off" (ORCHESTRATOR_SANDBOX=off) or "unavailable" + why.
+        body["sandbox"] = engine.executor.sandbox_state()
+    return JSONResponse(body)

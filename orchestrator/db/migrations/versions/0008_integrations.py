@@ -1,7 +1,7 @@
 """integrations: each job's result branch and its progress; repository locks for SQLite
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-04
 """
 from collections.abc import Sequence
@@ -12,7 +12,7 @@ from alembic import op
 from orchestrator.db.models import UTCDateTime
 
 revision: str = '0008'
-down_revision: str | None = '0006'
+down_revision: str | None = '0007'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
