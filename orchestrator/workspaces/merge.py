@@ -9,19 +9,17 @@ but unreferenced objects and at most a directory and a worktree entry that `prep
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.workspaces.git import GIT_IDENTITY, GitError
+from orchestrator.workspaces.git import GIT_UMASK, SAFE_CONFIG, GitError, git_env
 
-# Hooks are never run: a worker (hostile code) can write into the repository's hooks directory.
-_SAFE = (
-    *("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "commit.gpgsign=false"),
-    *("-c", "merge.conflictStyle=merge"),
-)
+# The one git runner's settings (no hooks: a worker, hostile code, can write into the repository's
+# hooks directory; no GIT_* from the environment; worktrees a sandboxed agent's uid owns), plus
+# the plain conflict style the resolvers and marker checks expect.
+_SAFE = (*SAFE_CONFIG, "-c", "merge.conflictStyle=merge")
 CONFLICT_MARKERS = ("<<<<<<< ", ">>>>>>> ")
 
 
@@ -33,9 +31,18 @@ def result_branch(job_id: str) -> str:
 
 
 def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **GIT_IDENTITY, "GIT_TERMINAL_PROMPT": "0", "GIT_EDITOR": "true"}
+    env = {**git_env(), "GIT_TERMINAL_PROMPT": "0", "GIT_EDITOR": "true"}
     done = subprocess.run(
-        ["git", *_SAFE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
+        ["git", *_SAFE, *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=300,
+        check=False,
+        umask=GIT_UMASK,
     )
     if check and done.returncode != 0:
         raise GitError(f"git {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
@@ -141,11 +148,14 @@ def conclude(temp: Path, conflict: Conflicted) -> str | None:
     only if its commit is exactly that merge (parents: HEAD before, the source)."""
     in_progress = run("rev-parse", "-q", "--verify", "MERGE_HEAD", cwd=temp, check=False).returncode == 0
     if not in_progress:
+        # A commit of its own that is not exactly the merge, or that only its private object
+        # store holds (in the sandbox), is refused before anything else reads it.
         parents = run("rev-parse", "HEAD^1", "HEAD^2", cwd=temp, check=False).stdout.split()
-        clean = not out("status", "--porcelain", cwd=temp)
-        if parents == [conflict.before, conflict.commit] and clean and not with_markers(temp, conflict.files):
-            return head(temp)
-        return None
+        if parents != [conflict.before, conflict.commit]:
+            return None
+        if out("status", "--porcelain", cwd=temp) or with_markers(temp, conflict.files):
+            return None
+        return head(temp)
     # The resolver's own `git add` (in the sandbox) wrote its blobs to a private object store
     # the repository never sees: drop its index entries for the conflicted files, so staging
     # hashes them again, here. Anything else it staged makes the commit fail: the job fails.

@@ -27,7 +27,13 @@ from pathlib import Path, PurePosixPath
 
 from orchestrator.agents.base import LaunchSpec
 
-FAILURE_FILE = "setup-failed"
+FAILURE_FILE = ".orchestrator-setup-failed"
+
+
+def _failure_path(run_dir: Path) -> Path:
+    """In the worker's HOME (`<run_dir>/home`): the one place of the run dir a sandboxed worker
+    may write. The worker could forge it, but only to word its own failure."""
+    return run_dir / "home" / FAILURE_FILE
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ def prepare(
     """Copy the configured files into the new worktree, and wrap the agent's command so the
     set-up command runs first (in the worker's process). Blocking: the launcher thread runs it."""
     config = for_repository(agents_file, repository)
-    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+    _failure_path(run_dir).unlink(missing_ok=True)
     if config is None or repository is None:
         return spec
     copied = []
@@ -118,7 +124,7 @@ def prepare(
         "setup": list(config.setup),
         "label": config.label,
         "timeout": config.timeout_seconds,
-        "failure_file": str(run_dir / FAILURE_FILE),
+        "failure_file": str(_failure_path(run_dir)),
     }
     argv = [sys.executable, "-m", "orchestrator.workspaces.setup", json.dumps(plan), "--", *spec.argv]
     return LaunchSpec(argv=argv, env=spec.env, stdin_text=spec.stdin_text)
@@ -127,7 +133,7 @@ def prepare(
 def failure(run_dir: Path) -> str | None:
     """Why the worker's set-up failed, if it did (read by the engine when the worker ends)."""
     try:
-        return (run_dir / FAILURE_FILE).read_text().strip() or None
+        return _failure_path(run_dir).read_text().strip() or None
     except OSError:
         return None
 

@@ -44,11 +44,14 @@ print("RESULTS " + json.dumps(results), flush=True)
 
 
 def profiles(root: Path) -> str:
-    (root / "parent.py").write_text(PARENT)
+    scripts = root / "agent-scripts"  # bound read-only into the worker sandbox
+    scripts.mkdir(exist_ok=True)
+    (scripts / "parent.py").write_text(PARENT)
     path = root / "merge-agents.toml"
     path.write_text(
-        f'[agents.parent]\ncommand = ["{sys.executable}", "{root / "parent.py"}"]\n'
-        f'env = {{ ORCHESTRATOR_CLI = "{ORCHESTRATOR}", OTHER_FILE = "{root / "other_job"}" }}\n'
+        f'[agents.parent]\ncommand = ["{sys.executable}", "{scripts / "parent.py"}"]\n'
+        f'env = {{ ORCHESTRATOR_CLI = "{ORCHESTRATOR}", OTHER_FILE = "{scripts / "other_job"}" }}\n'
+        f'ro_binds = ["{scripts}"]\n'
     )
     return str(path)
 
@@ -65,7 +68,7 @@ def test_worker_merges_its_sub_job_and_nobody_elses(servers: ServerFactory) -> N
         )
         assert wait_final(client, other_root["id"])["status"] == "COMPLETED"
         other_child = client.get("/api/jobs", params={"parent_job_id": other_root["id"]}).json()["jobs"][0]
-        (servers.root / "other_job").write_text(other_child["id"])
+        (servers.root / "agent-scripts" / "other_job").write_text(other_child["id"])
         user = client.post(f"/api/jobs/{other_child['id']}/merge")
         assert user.status_code == 403 and "worker" in user.json()["detail"]
 

@@ -36,10 +36,13 @@ if index == "0" and depth < int(os.environ.get("MAX_DEPTH", "0")):
 
 
 def profiles(root: Path) -> str:
-    (root / "tree.py").write_text(TREE_WRITER)
+    scripts = root / "agent-scripts"  # bound read-only into the worker sandbox
+    scripts.mkdir(exist_ok=True)
+    (scripts / "tree.py").write_text(TREE_WRITER)
     path = root / "results-agents.toml"
     path.write_text(
-        f'[agents.tree]\ncommand = ["{sys.executable}", "{root / "tree.py"}"]\nenv = {{ MAX_DEPTH = "2" }}\n'
+        f'[agents.tree]\ncommand = ["{sys.executable}", "{scripts / "tree.py"}"]\nenv = {{ MAX_DEPTH = "2" }}\n'
+        f'ro_binds = ["{scripts}"]\n'
         '[agents.writer]\ncommand = ["sh", "-c", "echo \\"worker $WORKER_INDEX\\" > file-$WORKER_INDEX.txt"]\n'
         '[agents.named]\ncommand = ["sh", "-c", "echo \\"$ORCHESTRATOR_JOB_ID\\" > job-$ORCHESTRATOR_JOB_ID.txt"]\n'
         '[agents.failing]\ncommand = ["sh", "-c", "echo x > x.txt; exit 3"]\n'
@@ -195,7 +198,10 @@ def test_same_line_conflict_goes_to_a_resolver_and_both_intents_land(servers: Se
             agent_options={"duration_seconds": 0, "files": SAME_LINE, "resolve": "both"},
         )
         done = wait_final(client, job["id"], timeout=60)
-        assert done["status"] == "COMPLETED", done
+        assert done["status"] == "COMPLETED", (
+            done["status_reason"],
+            [(w["status"], w["status_reason"]) for w in workers_of(client, job["id"])],
+        )
         content = git(repo, "show", f"{result_branch(job)}:shared.txt")
         assert content.splitlines() == ["line written by worker 0", "line written by worker 1"]
         workers = workers_of(client, job["id"])
