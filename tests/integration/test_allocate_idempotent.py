@@ -37,6 +37,7 @@ GATED_PROFILE = """
 [agents.gated]
 type = "command"
 command = ["sh", "-c", 'echo waiting; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo done']
+ro_binds = ["{gate_dir}"]  # the gate's directory, seen from inside the worker sandbox
 """
 
 
@@ -47,14 +48,18 @@ def _no_500s(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture
 def gate(tmp_path: Path) -> Path:
-    return tmp_path / "gate-open"
+    # A directory of its own, readable by the sandboxed agent's uid (pytest's are 0700).
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    gates.chmod(0o755)
+    return gates / "gate-open"
 
 
 @pytest.fixture
 def live(servers: ServerFactory, gate: Path) -> Server:
     """Engine on, jobs run by default with the gated agent."""
     profiles = servers.root / "agents.toml"
-    profiles.write_text(GATED_PROFILE.replace("{gate}", str(gate)))
+    profiles.write_text(GATED_PROFILE.replace("{gate}", str(gate)).replace("{gate_dir}", str(gate.parent)))
     return servers.start(ORCHESTRATOR_AGENTS_FILE=str(profiles), ORCHESTRATOR_DEFAULT_AGENT="gated")
 
 
