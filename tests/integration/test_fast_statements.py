@@ -80,6 +80,7 @@ def job_row(job_id: str) -> dict[str, Any]:
         "max_cost_usd": None,
         "max_turns": None,
         "delegation_key": None,
+        "limits": None,
         "created_at": now,
         "updated_at": now,
         "started_at": None,
