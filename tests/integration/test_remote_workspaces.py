@@ -10,6 +10,7 @@ a rewritten `.git`, hooks and config meant to run code or push somewhere else.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.core.config import Settings
+from orchestrator.executors import sandbox
 from orchestrator.workspaces import merge, remote
+from orchestrator.workspaces.git import worktree_git_dirs
 from orchestrator.workspaces.remote import RemoteCheckout, RemoteError
 
 BRANCH = "orchestrator/j_one/w_one"
@@ -453,3 +456,68 @@ def test_the_remote_comes_from_the_repositorys_table_or_the_default(tmp_path: Pa
     os.utime(toml, (time.time() + 20, time.time() + 20))
     with pytest.raises(ValueError, match="git_remote must be a non-empty string"):
         remote.git_remote_for(settings, mine)
+
+
+AGENT = """
+set -u
+echo work > work.txt
+git add -A && git commit -q -m "the agent's own commit" && echo committed >> report
+git update-ref refs/heads/$BRANCH $(git rev-parse HEAD) && echo moved-branch >> report
+printf '[url "/elsewhere"]\\n\\tpushInsteadOf = x\\n' >> "$NODE_REPO/config" && echo wrote-config >> report
+touch "$NODE_REPO/objects/planted" 2>/dev/null && echo planted-object >> report
+touch "$NODE_REPO/hooks/pre-push" 2>/dev/null && echo planted-hook >> report
+echo more > more.txt
+echo "gitdir: /nonexistent" > .git
+"""
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+def test_a_sandboxed_agent_on_the_node_has_the_same_private_git_view(world: World) -> None:
+    """The node's layout (a linked worktree of a node repository) gets the git view the engine
+    builds on one machine (engine `_start_process`, repeated here): the agent's own commits and
+    refs stay private, the node repository is read-only to it, and its work still comes back."""
+    checkout = world.checkout()
+    dest, run_dir = world.node / "w_one", world.node / "runs" / "w_one"
+    home = run_dir / "home"
+    remote.clone_worktree(checkout, dest)
+    host = sandbox.detect(world.root / "data")
+    assert host.usable, host.problem
+    dirs = worktree_git_dirs(dest)
+    assert dirs is not None
+    own, common = dirs
+    assert common == remote.node_repository(dest).resolve()
+    config_before = (common / "config").read_text()
+    objects, private = home / ".git-objects", run_dir / "git-common"
+    objects.mkdir(parents=True)
+    sandbox.private_git_common(common, own, private)
+    box = sandbox.SandboxSpec(dest, home, network=False)
+    box.mounts += [
+        (str(private), str(common), True),
+        (str(common / "objects"), str(common / "objects"), False),
+        (str(own), str(common / "worktrees" / own.name), True),
+    ]
+    sandbox.give_to_agent(host, own, private, home, dest)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "BRANCH": BRANCH, "NODE_REPO": str(common)}
+    env |= IDENTITY | {
+        "GIT_OBJECT_DIRECTORY": str(objects),
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(common / "objects"),
+    }
+    argv = sandbox.command(host, box, ["/bin/sh", "-c", AGENT])
+    assert host.seccomp is not None
+    done = subprocess.run(
+        ["/bin/sh", "-c", 'exec "$@" 9<"$0"', str(host.seccomp), *argv],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # Git worked for the agent, on its private view only.
+    assert (dest / "report").read_text().split() == ["committed", "moved-branch", "wrote-config"]
+    assert git("rev-parse", f"refs/heads/{BRANCH}", cwd=common) == world.base
+    assert (common / "config").read_text() == config_before
+    assert not (common / "objects" / "planted").exists() and not (common / "hooks" / "pre-push").exists()
+
+    commit = remote.push_branch(checkout, dest)
+    assert commit is not None
+    assert remote.fetch_branch(world.repo, world.url, BRANCH) == commit
+    assert git("rev-parse", f"{commit}^", cwd=world.repo) == world.base  # one commit: the work as left
+    files = git("ls-tree", "-r", "--name-only", commit, cwd=world.repo).splitlines()
+    assert {"work.txt", "more.txt", "report"} <= set(files) and ".git" not in files
