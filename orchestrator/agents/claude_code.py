@@ -88,7 +88,7 @@ def mcp_config(ctx: WorkerContext, transport: str = "http") -> dict[str, Any]:
     """The orchestrator's delegation tools for one worker, holding that worker's delegated token.
 
     `http` (default): served by the API process at /mcp/ — nothing to start per worker.
-    `stdio`: `python -m orchestrator.mcp` started by the CLI for this worker (~0.6 CPU-s); also
+    `stdio`: `python -m orchestrator.mcp` started by the CLI for this worker (a Python process each); also
     when the API listens on a unix socket (`uvicorn --uds`), which the CLI's HTTP client cannot use.
     """
     if transport == "http" and not ctx.api_socket:

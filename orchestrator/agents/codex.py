@@ -161,7 +161,7 @@ class CodexAgent(Agent):
             config["model_provider"] = PROVIDER_NAME
         if options.delegation and options.mcp_transport == "http" and not ctx.api_socket:
             # Served by the API process: connected before Codex's first model request (a stdio
-            # server needs ~1 s of Python start-up, and Codex does not wait for it).
+            # server must start a Python process first, and Codex does not wait for it).
             config["mcp_servers.orchestrator"] = {
                 "url": f"{ctx.api_url}/mcp/",
                 "bearer_token_env_var": "ORCHESTRATOR_TOKEN",

@@ -43,11 +43,6 @@ async def get_settings_dep(request: Request) -> Settings:
     return settings
 
 
-async def get_database(request: Request) -> Database:
-    database: Database = request.app.state.db
-    return database
-
-
 async def get_agents(request: Request) -> AgentRegistry:
     agents: AgentRegistry = request.app.state.agents
     return agents

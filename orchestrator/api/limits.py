@@ -29,9 +29,6 @@ from orchestrator.api.security_headers import API_CSP, COMMON_HEADERS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_HEADER_BYTES = 64 * 1024
-DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
-
 
 def header_detail(limit: int) -> str:
     return f"Request line and headers exceed the limit of {limit} bytes (ORCHESTRATOR_MAX_HEADER_BYTES)"

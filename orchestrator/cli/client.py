@@ -177,7 +177,7 @@ class EventStream:
 class ApiClient:
     """A small synchronous JSON client on http.client, keeping one connection alive for polling.
 
-    Not httpx: its import (httpcore, anyio/trio probing) costs ~0.1 s on every CLI call.
+    Not httpx: its import (httpcore, anyio/trio probing) is paid again on every CLI call.
     Every failure becomes a CliError with one clear line.
     """
 

@@ -182,8 +182,5 @@ class Actor:
         return self.subtree_path is None or job_path.startswith(self.subtree_path)
 
 
-SYSTEM_ACTOR = Actor(name="system", user_id="system")
-
-
 def engine_actor(engine_id: str) -> Actor:
     return Actor(name=f"engine:{engine_id}", user_id="system")
