@@ -45,6 +45,9 @@ TokenOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON response, for scripts.")]
+# A list command's page, with the bounds the API's list endpoints apply (api/paging.py).
+LimitOption = Annotated[int, typer.Option(min=1, max=1000, help="At most this many (newest first).")]
+OffsetOption = Annotated[int, typer.Option(min=0)]
 
 
 def config_path() -> Path:

@@ -269,5 +269,7 @@ def test_the_checks_catch_what_they_are_for(tmp_path: Path, monkeypatch: pytest.
     assert why["workers/service.py->orchestrator.jobs"] is None  # the relative import, resolved
     with pytest.raises(AssertionError, match=re.escape("cli/long.py:f: 61 lines")):
         test_function_length()
-    with pytest.raises(AssertionError, match=re.escape("jobs/service.py:2 imports orchestrator.workers.service")):
+    with pytest.raises(
+        AssertionError, match=re.escape("jobs/service.py:2 imports orchestrator.workers.service")
+    ):
         test_no_package_import_cycles()
