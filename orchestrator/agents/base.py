@@ -7,6 +7,8 @@ lines of the worker's output into structured events (tool uses, results, cost).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +142,32 @@ class Agent(ABC):
     def account_key(self) -> str | None:
         """Which provider account this agent's workers share (for the rate-limit governor), if any."""
         return None
+
+
+class CliAgent(Agent):
+    """An agent that runs an installed command-line program: `configured_bin` is a name looked up
+    on PATH or a path; the sandbox binds its installation."""
+
+    configured_bin: str
+    cli_title: ClassVar[str]  # e.g. "the Codex CLI"
+    install_hint: ClassVar[str]  # how to install it, or the setting naming its path
+    sandbox = SandboxProfile(memory_mb=2048, pids=512, max_memory_mb=8192, max_pids=4096)
+
+    def sandbox_paths(self) -> list[str]:
+        return install_dirs(resolve_binary(self.configured_bin))
+
+    def unavailable_reason(self) -> str | None:
+        if resolve_binary(self.configured_bin) is None:
+            missing = f"{self.cli_title} ({self.configured_bin!r}) was not found"
+            return f"{missing}; install it with {self.install_hint}"
+        return None
+
+
+def resolve_binary(configured: str) -> str | None:
+    if os.sep in configured:
+        path = Path(configured).expanduser()
+        return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+    return shutil.which(configured)
 
 
 def json_object(line: str) -> dict[str, Any] | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -23,16 +22,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.agents.base import (
-    Agent,
     AgentEvent,
+    CliAgent,
     LaunchSpec,
     Outcome,
-    SandboxProfile,
     WorkerContext,
     api_environment,
     base_environment,
-    install_dirs,
     json_object,
+    resolve_binary,
 )
 from orchestrator.core.config import Settings
 
@@ -77,18 +75,11 @@ def provider_environment(prefixes: tuple[str, ...]) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
 
 
-def resolve_binary(configured: str) -> str | None:
-    if os.sep in configured:
-        path = Path(configured).expanduser()
-        return str(path) if path.is_file() and os.access(path, os.X_OK) else None
-    return shutil.which(configured)
-
-
 def mcp_config(ctx: WorkerContext, transport: str = "http") -> dict[str, Any]:
     """The orchestrator's delegation tools for one worker, holding that worker's delegated token.
 
     `http` (default): served by the API process at /mcp/ — nothing to start per worker.
-    `stdio`: `python -m orchestrator.mcp` started by the CLI for this worker (~0.6 CPU-s); also
+    `stdio`: `python -m orchestrator.mcp` started by the CLI for this worker (a Python process each); also
     when the API listens on a unix socket (`uvicorn --uds`), which the CLI's HTTP client cannot use.
     """
     if transport == "http" and not ctx.api_socket:
@@ -128,26 +119,16 @@ def write_private(path: Path, text: str) -> None:
         handle.write(text)
 
 
-class ClaudeCodeAgent(Agent):
+class ClaudeCodeAgent(CliAgent):
     name = "claude-code"
     options_model = ClaudeCodeOptions
-    sandbox = SandboxProfile(memory_mb=2048, pids=512, max_memory_mb=8192, max_pids=4096)
+    cli_title = "the Claude Code CLI"
+    install_hint = "`npm install -g @anthropic-ai/claude-code` or set ORCHESTRATOR_CLAUDE_BIN to its path"
 
     def __init__(self, settings: Settings) -> None:
         self.configured_bin = settings.orchestrator_claude_bin
         self.max_retries = settings.orchestrator_agent_max_retries
         self.mcp_timeout_ms = settings.orchestrator_mcp_connect_timeout_ms
-
-    def sandbox_paths(self) -> list[str]:
-        return install_dirs(resolve_binary(self.configured_bin))
-
-    def unavailable_reason(self) -> str | None:
-        if resolve_binary(self.configured_bin) is None:
-            return (
-                f"the Claude Code CLI ({self.configured_bin!r}) was not found; install it with "
-                "`npm install -g @anthropic-ai/claude-code` or set ORCHESTRATOR_CLAUDE_BIN to its path"
-            )
-        return None
 
     def account_key(self) -> str:
         env = provider_environment(("ANTHROPIC_",))

@@ -28,18 +28,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.agents.base import (
-    Agent,
     AgentEvent,
+    CliAgent,
     LaunchSpec,
     Outcome,
-    SandboxProfile,
     WorkerContext,
     api_environment,
     base_environment,
-    install_dirs,
     json_object,
+    resolve_binary,
 )
-from orchestrator.agents.claude_code import _clip, provider_environment, resolve_binary, write_private
+from orchestrator.agents.claude_code import _clip, provider_environment, write_private
 from orchestrator.core.config import Settings
 
 PROVIDER_NAME = "orchestrator"
@@ -113,24 +112,14 @@ def command_events(item: dict[str, Any]) -> list[AgentEvent]:
     return events
 
 
-class CodexAgent(Agent):
+class CodexAgent(CliAgent):
     name = "codex"
     options_model = CodexOptions
-    sandbox = SandboxProfile(memory_mb=2048, pids=512, max_memory_mb=8192, max_pids=4096)
+    cli_title = "the Codex CLI"
+    install_hint = "`npm install -g @openai/codex` or set ORCHESTRATOR_CODEX_BIN to its path"
 
     def __init__(self, settings: Settings) -> None:
         self.configured_bin = settings.orchestrator_codex_bin
-
-    def sandbox_paths(self) -> list[str]:
-        return install_dirs(resolve_binary(self.configured_bin))
-
-    def unavailable_reason(self) -> str | None:
-        if resolve_binary(self.configured_bin) is None:
-            return (
-                f"the Codex CLI ({self.configured_bin!r}) was not found; install it with "
-                "`npm install -g @openai/codex` or set ORCHESTRATOR_CODEX_BIN to its path"
-            )
-        return None
 
     def launch(self, ctx: WorkerContext) -> LaunchSpec:
         binary = resolve_binary(self.configured_bin)
@@ -149,39 +138,7 @@ class CodexAgent(Agent):
         argv += ["-C", str(ctx.workdir)]
         if options.model:
             argv += ["-m", options.model]
-        config: dict[str, Any] = {}
-        base_url = provider.get("OPENAI_BASE_URL")
-        if base_url:
-            config[f"model_providers.{PROVIDER_NAME}"] = {
-                "name": PROVIDER_NAME,
-                "base_url": base_url,
-                "env_key": "OPENAI_API_KEY",
-                "wire_api": "responses",
-            }
-            config["model_provider"] = PROVIDER_NAME
-        if options.delegation and options.mcp_transport == "http" and not ctx.api_socket:
-            # Served by the API process: connected before Codex's first model request (a stdio
-            # server needs ~1 s of Python start-up, and Codex does not wait for it).
-            config["mcp_servers.orchestrator"] = {
-                "url": f"{ctx.api_url}/mcp/",
-                "bearer_token_env_var": "ORCHESTRATOR_TOKEN",
-                "required": True,
-                "startup_timeout_sec": MCP_STARTUP_TIMEOUT_SECONDS,
-            }
-        elif options.delegation:
-            config["mcp_servers.orchestrator"] = {
-                "command": sys.executable,
-                "args": ["-m", "orchestrator.mcp"],
-                "env": {
-                    **api_environment(ctx),
-                    "ORCHESTRATOR_TOKEN": ctx.token,
-                    "ORCHESTRATOR_JOB_ID": ctx.job_id,
-                    "ORCHESTRATOR_WORKER_ID": ctx.worker_id,
-                    "ORCHESTRATOR_DEPTH": str(ctx.depth),
-                },
-                "required": True,
-                "startup_timeout_sec": MCP_STARTUP_TIMEOUT_SECONDS,
-            }
+        config = _codex_config(ctx, options, provider.get("OPENAI_BASE_URL"))
         codex_home = ctx.home / ".codex"
         codex_home.mkdir(parents=True, exist_ok=True)
         write_private(
@@ -270,3 +227,41 @@ class CodexAgent(Agent):
         if exit_code not in (0, None):
             return None
         return Outcome(True, "completed")
+
+
+def _codex_config(ctx: WorkerContext, options: CodexOptions, base_url: str | None) -> dict[str, Any]:
+    """The worker's config.toml: the model provider when OPENAI_BASE_URL is set, and the
+    orchestrator's MCP server when the worker may delegate."""
+    config: dict[str, Any] = {}
+    if base_url:
+        config[f"model_providers.{PROVIDER_NAME}"] = {
+            "name": PROVIDER_NAME,
+            "base_url": base_url,
+            "env_key": "OPENAI_API_KEY",
+            "wire_api": "responses",
+        }
+        config["model_provider"] = PROVIDER_NAME
+    if options.delegation and options.mcp_transport == "http" and not ctx.api_socket:
+        # Served by the API process: connected before Codex's first model request (a stdio
+        # server must start a Python process first, and Codex does not wait for it).
+        config["mcp_servers.orchestrator"] = {
+            "url": f"{ctx.api_url}/mcp/",
+            "bearer_token_env_var": "ORCHESTRATOR_TOKEN",
+            "required": True,
+            "startup_timeout_sec": MCP_STARTUP_TIMEOUT_SECONDS,
+        }
+    elif options.delegation:
+        config["mcp_servers.orchestrator"] = {
+            "command": sys.executable,
+            "args": ["-m", "orchestrator.mcp"],
+            "env": {
+                **api_environment(ctx),
+                "ORCHESTRATOR_TOKEN": ctx.token,
+                "ORCHESTRATOR_JOB_ID": ctx.job_id,
+                "ORCHESTRATOR_WORKER_ID": ctx.worker_id,
+                "ORCHESTRATOR_DEPTH": str(ctx.depth),
+            },
+            "required": True,
+            "startup_timeout_sec": MCP_STARTUP_TIMEOUT_SECONDS,
+        }
+    return config

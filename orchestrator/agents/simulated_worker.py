@@ -198,6 +198,35 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def _delegate(subtasks: list[Any], depth: int, job_id: str, worker_id: str) -> list[str] | None:
+    """Submit each subtask as a child job; their ids, or None when one could not be submitted."""
+    children: list[str] = []
+    for subtask in subtasks:
+        spec = {"task_description": subtask} if isinstance(subtask, str) else dict(subtask)
+        body = {
+            "task_description": spec["task_description"],
+            "worker_count": spec.get("worker_count", 1),
+            "depth": depth + 1,
+            "parent_job_id": job_id,
+            "agent": "simulated",
+            "agent_options": spec.get("agent_options", {}),
+            # This worker's n-th child: the same key on every retry of its submit.
+            "delegation_key": f"{worker_id}:{len(children)}",
+        }
+        try:
+            child = delegate(body)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            say(f"[simulated] could not delegate {body['task_description']!r}: {exc.code} {detail}")
+            return None
+        except GaveUp as exc:
+            say(f"[simulated] could not delegate {body['task_description']!r}: {exc}")
+            return None
+        children.append(child["id"])
+        say(f"[simulated] delegated {child['id']} at depth {depth + 1}: {body['task_description']}")
+    return children
+
+
 def main() -> int:
     options: dict[str, Any] = json.loads(sys.stdin.read() or "{}")  # the agent options, on stdin
     task = os.environ.get("ORCHESTRATOR_TASK", "")
@@ -227,30 +256,9 @@ def main() -> int:
         say(f"[simulated] working... step {step} ({elapsed:.1f}s of {duration:.1f}s)")
         clock.step(min(interval, max(0.0, duration - elapsed)))
 
-    children: list[str] = []
-    for subtask in options.get("subtasks", []):
-        spec = {"task_description": subtask} if isinstance(subtask, str) else dict(subtask)
-        body = {
-            "task_description": spec["task_description"],
-            "worker_count": spec.get("worker_count", 1),
-            "depth": depth + 1,
-            "parent_job_id": job_id,
-            "agent": "simulated",
-            "agent_options": spec.get("agent_options", {}),
-            # This worker's n-th child: the same key on every retry of its submit.
-            "delegation_key": f"{worker_id}:{len(children)}",
-        }
-        try:
-            child = delegate(body)
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            say(f"[simulated] could not delegate {body['task_description']!r}: {exc.code} {detail}")
-            return 1
-        except GaveUp as exc:
-            say(f"[simulated] could not delegate {body['task_description']!r}: {exc}")
-            return 1
-        children.append(child["id"])
-        say(f"[simulated] delegated {child['id']} at depth {depth + 1}: {body['task_description']}")
+    children = _delegate(options.get("subtasks", []), depth, job_id, worker_id)
+    if children is None:
+        return 1
 
     failed = []
     poll = float(options.get("wait_poll_seconds", 5.0))

@@ -43,11 +43,6 @@ async def get_settings_dep(request: Request) -> Settings:
     return settings
 
 
-async def get_database(request: Request) -> Database:
-    database: Database = request.app.state.db
-    return database
-
-
 async def get_agents(request: Request) -> AgentRegistry:
     agents: AgentRegistry = request.app.state.agents
     return agents
@@ -72,11 +67,12 @@ SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 async def authenticate(
     security_scopes: SecurityScopes,
     session: SessionDep,
+    settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Actor:
     if credentials is None:
         raise Unauthorized("Not authenticated: send 'Authorization: Bearer <token>'")
-    claims = verify_access_token(credentials.credentials)
+    claims = verify_access_token(credentials.credentials, settings)
     missing = [scope for scope in security_scopes.scopes if scope not in claims.scopes]
     if missing:
         raise Forbidden(f"Insufficient scope: this operation requires {', '.join(missing)}")

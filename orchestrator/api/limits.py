@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.api.security_headers import API_CSP, COMMON_HEADERS
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-DEFAULT_MAX_HEADER_BYTES = 64 * 1024
-DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 def header_detail(limit: int) -> str:
@@ -113,6 +113,41 @@ _COUNTED = "_orchestrator_header_bytes"  # bytes fed since this request began; N
 _REFUSED = "_orchestrator_refused"
 
 
+_PATCHED = ("data_received", "on_headers_complete", "on_body", "on_message_complete", "send_400_response")
+
+
+def _httptools_protocol() -> type[HttpToolsProtocol] | None:
+    """uvicorn's httptools protocol class, or None when it is not installed or no longer has the
+    methods patched below."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as protocol
+    except ImportError:  # httptools not installed: uvicorn uses h11, which has its own bound
+        return None
+    if not all(callable(getattr(protocol, name, None)) for name in _PATCHED):
+        log.warning("uvicorn's httptools protocol changed: request headers are bounded only after parsing")
+        return None
+    return protocol
+
+
+def _refuse(self: Any) -> None:
+    """Answer 431 on an httptools protocol instance and close its connection (once)."""
+    if getattr(self, _REFUSED, False):
+        return
+    setattr(self, _REFUSED, True)
+    transport = self.transport
+    if transport.is_closing():
+        return
+    detail = json.dumps({"detail": header_detail(self.header_limit)}).encode()
+    head = [b"HTTP/1.1 431 Request Header Fields Too Large"]
+    head += [b"content-type: application/json", b"connection: close"]
+    head += [f"content-length: {len(detail)}".encode()]
+    head += [f"{k}: {v}".encode("latin-1") for k, v in COMMON_HEADERS.items()]
+    head += [b"content-security-policy: " + API_CSP.encode()]
+    transport.write(b"\r\n".join(head) + b"\r\n\r\n" + detail)
+    transport.close()
+    self.logger.warning("Request line and headers over %d bytes: answered 431", self.header_limit)
+
+
 def bound_httptools_headers(limit: int) -> bool:
     """Bound what uvicorn's httptools protocol buffers for one request's line and headers.
 
@@ -120,19 +155,14 @@ def bound_httptools_headers(limit: int) -> bool:
     that never ends is stopped after at most one read past the limit), and the request line plus
     parsed headers when they complete (exact, for a request that arrives in one read). Either
     answers 431, closes the connection, and has the protocol ignore the rest of it."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # httptools not installed: uvicorn uses h11, which has its own bound
+    protocol = _httptools_protocol()
+    if protocol is None:
         return False
-    names = ("data_received", "on_headers_complete", "on_body", "on_message_complete", "send_400_response")
-    if not all(callable(getattr(HttpToolsProtocol, name, None)) for name in names):
-        log.warning("uvicorn's httptools protocol changed: request headers are bounded only after parsing")
-        return False
-    HttpToolsProtocol.header_limit = limit  # type: ignore[attr-defined]
-    if getattr(HttpToolsProtocol, "_orchestrator_bounded", False):
+    protocol.header_limit = limit  # type: ignore[attr-defined]
+    if getattr(protocol, "_orchestrator_bounded", False):
         return True
     data_received, on_headers_complete, on_body, on_message_complete, send_400_response = (
-        getattr(HttpToolsProtocol, name) for name in names
+        getattr(protocol, name) for name in _PATCHED
     )
 
     def bounded_data_received(self: Any, data: bytes) -> None:
@@ -171,28 +201,10 @@ def bound_httptools_headers(limit: int) -> bool:
         if not getattr(self, _REFUSED, False):  # the 431 is already on its way
             send_400_response(self, msg)
 
-    detail = json.dumps({"detail": header_detail(limit)}).encode()
-
-    def _refuse(self: Any) -> None:
-        if getattr(self, _REFUSED, False):
-            return
-        setattr(self, _REFUSED, True)
-        transport = self.transport
-        if transport.is_closing():
-            return
-        head = [b"HTTP/1.1 431 Request Header Fields Too Large"]
-        head += [b"content-type: application/json", b"connection: close"]
-        head += [f"content-length: {len(detail)}".encode()]
-        head += [f"{k}: {v}".encode("latin-1") for k, v in COMMON_HEADERS.items()]
-        head += [b"content-security-policy: " + API_CSP.encode()]
-        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + detail)
-        transport.close()
-        self.logger.warning("Request line and headers over %d bytes: answered 431", self.header_limit)
-
-    HttpToolsProtocol.data_received = bounded_data_received  # type: ignore[method-assign]
-    HttpToolsProtocol.on_headers_complete = bounded_on_headers_complete  # type: ignore[method-assign]
-    HttpToolsProtocol.on_body = bounded_on_body  # type: ignore[method-assign]
-    HttpToolsProtocol.on_message_complete = bounded_on_message_complete  # type: ignore[method-assign]
-    HttpToolsProtocol.send_400_response = bounded_send_400_response  # type: ignore[method-assign]
-    HttpToolsProtocol._orchestrator_bounded = True  # type: ignore[attr-defined]
+    protocol.data_received = bounded_data_received  # type: ignore[method-assign]
+    protocol.on_headers_complete = bounded_on_headers_complete  # type: ignore[method-assign]
+    protocol.on_body = bounded_on_body  # type: ignore[method-assign]
+    protocol.on_message_complete = bounded_on_message_complete  # type: ignore[method-assign]
+    protocol.send_400_response = bounded_send_400_response  # type: ignore[method-assign]
+    protocol._orchestrator_bounded = True  # type: ignore[attr-defined]
     return True

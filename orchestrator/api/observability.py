@@ -33,12 +33,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.executors.local import pid_alive
 
-REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
-LOG_FORMAT_ENV = "ORCHESTRATOR_LOG_FORMAT"
 LOG_FORMATS = ("text", "json")
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -74,13 +72,13 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s"
 
 
-def configure_logging(fmt: str | None = None, level: int | str = logging.INFO) -> None:
-    """Log to stderr as `text` or `json` (default: $ORCHESTRATOR_LOG_FORMAT, else text).
+def configure_logging(fmt: str, level: int | str = logging.INFO) -> None:
+    """Log to stderr as `text` or `json` (Settings.orchestrator_log_format, ORCHESTRATOR_LOG_FORMAT).
 
     Replaces the root handlers and routes uvicorn's loggers through the root, so access lines
     also carry the request id. Safe to call more than once.
     """
-    fmt = (fmt or os.environ.get(LOG_FORMAT_ENV) or "text").strip().lower()
+    fmt = fmt.strip().lower()
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)

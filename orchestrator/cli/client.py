@@ -45,6 +45,9 @@ TokenOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON response, for scripts.")]
+# A list command's page, with the bounds the API's list endpoints apply (api/paging.py).
+LimitOption = Annotated[int, typer.Option(min=1, max=1000, help="At most this many (newest first).")]
+OffsetOption = Annotated[int, typer.Option(min=0)]
 
 
 def config_path() -> Path:
@@ -177,7 +180,7 @@ class EventStream:
 class ApiClient:
     """A small synchronous JSON client on http.client, keeping one connection alive for polling.
 
-    Not httpx: its import (httpcore, anyio/trio probing) costs ~0.1 s on every CLI call.
+    Not httpx: its import (httpcore, anyio/trio probing) is paid again on every CLI call.
     Every failure becomes a CliError with one clear line.
     """
 

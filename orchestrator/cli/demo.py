@@ -17,13 +17,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.text import Text
 
 from orchestrator.cli.client import ApiClient, Target
 from orchestrator.cli.output import JOB_FINAL, CliError, console
+
+if TYPE_CHECKING:
+    from orchestrator.cli.tree import Snapshot
 
 STARTUP_TIMEOUT = 60.0
 
@@ -46,6 +49,54 @@ def demo_options(levels: int, seconds: float) -> dict[str, Any]:
         }
         options = {"duration_seconds": seconds, "progress_interval_seconds": 0.25, "subtasks": [subtask]}
     return options
+
+
+def _run_demo_job(api: ApiClient, levels: int, seconds: float) -> tuple[str, Snapshot]:
+    """Submit the demo's job tree and watch it live until it ends (Ctrl-C cancels it)."""
+    out = console()
+    job = api.post(
+        "/api/jobs/submit",
+        {
+            "task_description": "Build a small TODO web app (demo)",
+            "worker_count": 2,
+            "depth": 0,
+            "agent": "simulated",
+            "agent_options": demo_options(levels, seconds),
+        },
+    )
+    job_id: str = job["id"]
+    out.print(
+        Text.assemble(
+            "Submitted ",
+            (job_id, "bold"),
+            f": 2 simulated workers that delegate {levels - 1} level(s) down, competing for the "
+            "per-depth quotas.\n",
+        )
+    )
+    from orchestrator.cli.live import watch
+
+    try:
+        return job_id, watch(api, job_id)
+    except KeyboardInterrupt:
+        out.print("\nInterrupted: canceling the demo job.", style="yellow")
+        _cancel_and_settle(api, job_id)
+        raise typer.Exit(130) from None
+
+
+def _print_finished(job_id: str, snap: Snapshot) -> None:
+    jobs = list(snap.walk())
+    workers = snap.all_workers()
+    depth = max(int(j.get("depth", 0)) for j in jobs)
+    console().print()
+    console().print(
+        Text.assemble(
+            "Demo finished: ",
+            (job_id, "bold"),
+            " ",
+            (snap.root["status"], "green" if snap.root["status"] == "COMPLETED" else "bold red"),
+            f" — {len(jobs)} jobs and {len(workers)} workers over {depth + 1} levels.",
+        )
+    )
 
 
 def demo(
@@ -77,48 +128,10 @@ def demo(
         _wait_healthy(server, url, root)
         token = _token(root, env)
         with ApiClient(Target(url=url, token=token)) as api:
-            job = api.post(
-                "/api/jobs/submit",
-                {
-                    "task_description": "Build a small TODO web app (demo)",
-                    "worker_count": 2,
-                    "depth": 0,
-                    "agent": "simulated",
-                    "agent_options": demo_options(levels, seconds),
-                },
-            )
-            job_id: str = job["id"]
-            out.print(
-                Text.assemble(
-                    "Submitted ",
-                    (job_id, "bold"),
-                    f": 2 simulated workers that delegate {levels - 1} level(s) down, competing for the "
-                    "per-depth quotas.\n",
-                )
-            )
-            from orchestrator.cli.live import watch
-
-            try:
-                snap = watch(api, job_id)
-            except KeyboardInterrupt:
-                out.print("\nInterrupted: canceling the demo job.", style="yellow")
-                _cancel_and_settle(api, job_id)
-                raise typer.Exit(130) from None
-        jobs = list(snap.walk())
-        workers = snap.all_workers()
-        depth = max(int(j.get("depth", 0)) for j in jobs)
-        out.print()
-        out.print(
-            Text.assemble(
-                "Demo finished: ",
-                (job_id, "bold"),
-                " ",
-                (snap.root["status"], "green" if snap.root["status"] == "COMPLETED" else "bold red"),
-                f" — {len(jobs)} jobs and {len(workers)} workers over {depth + 1} levels.",
-            )
-        )
+            job_id, snap = _run_demo_job(api, levels, seconds)
+        _print_finished(job_id, snap)
         leave_running = keep
-        _where_next(url, token, job_id, workers, root, server.pid if keep else None)
+        _where_next(url, token, job_id, snap.all_workers(), root, server.pid if keep else None)
         if snap.root["status"] != "COMPLETED":
             raise typer.Exit(1)
     finally:

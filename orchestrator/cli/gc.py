@@ -79,50 +79,11 @@ def gc(
     candidates = _candidates(rows, data_dir, datetime.now(UTC) - timedelta(seconds=age))
     report = Report()
     out = console()
-    verb = "would remove" if dry_run else "removed"
     repositories: set[Path] = set()
     for candidate in candidates:
-        if candidate.repository:
-            repositories.add(Path(candidate.repository))
-        for path in candidate.paths:
-            size = _size(path)
-            kind, repo = _classify(path)
-            if kind == "dir" and not _inside(path, data_dir):
-                report.skipped.append(
-                    f"{path} ({candidate.worker_id}): not a git worktree and outside {data_dir}"
-                )
-                continue
-            if not dry_run:
-                try:
-                    _remove(path, kind, repo)
-                except OSError as exc:
-                    report.skipped.append(f"{path} ({candidate.worker_id}): {exc}")
-                    continue
-            if repo is not None:
-                repositories.add(repo)
-            if kind == "worktree":
-                report.worktrees += 1
-            else:
-                report.dirs += 1
-            report.freed_bytes += size
-            line = Text(f"{verb} {kind} {path}", style="dim" if dry_run else "")
-            line.append(f"  ({candidate.worker_id}, job {candidate.job_id}", style="dim")
-            line.append(
-                f", branch {candidate.branch})" if candidate.branch and kind == "worktree" else ")",
-                style="dim",
-            )
-            out.print(line, soft_wrap=True)
+        _collect(candidate, data_dir=data_dir, dry_run=dry_run, report=report, repositories=repositories)
     if not dry_run:
-        from orchestrator.executors import cgroups
-
-        groups = cgroups.detect()
-        if groups.usable:  # empty groups of ended workers (a running worker's group is never empty)
-            for name in groups.remove_stale(set(), min_age_seconds=max(age, 60.0)):
-                out.print(f"removed the empty cgroup of worker {name}", style="dim")
-        for repo in sorted(repositories):
-            if (repo / ".git").exists() or (repo / "HEAD").exists():
-                _git(repo, "worktree", "prune")
-                report.pruned.add(repo)
+        _prune(repositories, report, min_age_seconds=max(age, 60.0))
     for note in report.skipped:
         out.print(Text(f"kept {note}", style="yellow"), soft_wrap=True)
     total = report.worktrees + report.dirs
@@ -135,6 +96,59 @@ def gc(
         f"{action} {report.worktrees} worktree(s) and {report.dirs} dir(s), "
         f"{_human(report.freed_bytes)}{pruned}."
     )
+
+
+def _collect(
+    candidate: Candidate, *, data_dir: Path, dry_run: bool, report: Report, repositories: set[Path]
+) -> None:
+    """Remove (or, dry, list) one finished worker's worktree and scratch dirs, counting in `report`."""
+    verb = "would remove" if dry_run else "removed"
+    out = console()
+    if candidate.repository:
+        repositories.add(Path(candidate.repository))
+    for path in candidate.paths:
+        size = _size(path)
+        kind, repo = _classify(path)
+        if kind == "dir" and not _inside(path, data_dir):
+            report.skipped.append(
+                f"{path} ({candidate.worker_id}): not a git worktree and outside {data_dir}"
+            )
+            continue
+        if not dry_run:
+            try:
+                _remove(path, kind, repo)
+            except OSError as exc:
+                report.skipped.append(f"{path} ({candidate.worker_id}): {exc}")
+                continue
+        if repo is not None:
+            repositories.add(repo)
+        if kind == "worktree":
+            report.worktrees += 1
+        else:
+            report.dirs += 1
+        report.freed_bytes += size
+        line = Text(f"{verb} {kind} {path}", style="dim" if dry_run else "")
+        line.append(f"  ({candidate.worker_id}, job {candidate.job_id}", style="dim")
+        line.append(
+            f", branch {candidate.branch})" if candidate.branch and kind == "worktree" else ")",
+            style="dim",
+        )
+        out.print(line, soft_wrap=True)
+
+
+def _prune(repositories: set[Path], report: Report, *, min_age_seconds: float) -> None:
+    """After a removal: empty cgroups of ended workers, and the repositories' worktree lists."""
+    out = console()
+    from orchestrator.executors import cgroups
+
+    groups = cgroups.detect()
+    if groups.usable:  # empty groups of ended workers (a running worker's group is never empty)
+        for name in groups.remove_stale(set(), min_age_seconds=min_age_seconds):
+            out.print(f"removed the empty cgroup of worker {name}", style="dim")
+    for repo in sorted(repositories):
+        if (repo / ".git").exists() or (repo / "HEAD").exists():
+            _git(repo, "worktree", "prune")
+            report.pruned.add(repo)
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.text import Text
 
-from orchestrator.cli.client import ApiClient, JsonOption, TokenOption, UrlOption, client
+from orchestrator.cli.client import (
+    ApiClient,
+    JsonOption,
+    LimitOption,
+    OffsetOption,
+    TokenOption,
+    UrlOption,
+    client,
+)
 from orchestrator.cli.output import (
     CliError,
     console,
@@ -23,6 +31,9 @@ from orchestrator.cli.output import (
     status_text,
 )
 from orchestrator.core.states import JobStatus
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -76,23 +87,10 @@ def submit(
 ) -> None:
     """Submit a job; with --wait, watch its whole tree until it ends."""
     body: dict[str, Any] = {"task_description": task, "worker_count": workers, "priority": priority}
-    options = parse_options(option or [])
-    if options:
-        body["agent_options"] = options
-    for key, value in (
-        ("agent", agent),
-        ("parent_job_id", parent),
-        ("base_ref", base_ref),
-        ("timeout_seconds", timeout),
-        ("max_cost_usd", budget),
-        ("max_turns", max_turns),
-    ):
-        if value is not None:
-            body[key] = value
-    if repo is not None:
-        # The server resolves paths against its own working directory: send an absolute one.
-        local = Path(repo).expanduser()
-        body["repository"] = str(local.resolve()) if local.exists() else repo
+    optional: dict[str, Any] = {"agent": agent, "parent_job_id": parent, "base_ref": base_ref}
+    optional |= {"max_turns": max_turns, "agent_options": parse_options(option or []) or None}
+    optional |= {"timeout_seconds": timeout, "max_cost_usd": budget, "repository": _repository(repo)}
+    body |= {key: value for key, value in optional.items() if value is not None}
     with client(url, token) as api:
         if depth is None and parent is not None:
             depth = int(api.get(f"/api/jobs/{parent}").get("depth", 0)) + 1
@@ -102,23 +100,35 @@ def submit(
         if not wait:
             _print_submitted(job, quiet=quiet, as_json=as_json)
             return
-        if not as_json and not quiet:
-            console().print(
-                Text.assemble(
-                    "Submitted ", (job["id"], "bold"), " — following it; Ctrl-C stops watching only."
-                )
-            )
-        final = _wait(api, job["id"], quiet=quiet or as_json, submitted=submitted)
-        if not (quiet or as_json):
-            from orchestrator.cli.results import show_final_result
-
-            show_final_result(api, final)
+        final = _follow(api, job, quiet=quiet or as_json, submitted=submitted)
     if as_json:
         print_json(final)
     elif quiet:
         console().print(f"{final['id']} {final['status']}")
     if final.get("status") != "COMPLETED":
         raise typer.Exit(1)
+
+
+def _repository(repo: str | None) -> str | None:
+    """The server resolves paths against its own working directory: send an absolute one."""
+    if repo is None:
+        return None
+    local = Path(repo).expanduser()
+    return str(local.resolve()) if local.exists() else repo
+
+
+def _follow(api: ApiClient, job: dict[str, Any], *, quiet: bool, submitted: float) -> dict[str, Any]:
+    """`submit --wait`: watch the job's tree until it ends, then show its result; the final job."""
+    if not quiet:
+        console().print(
+            Text.assemble("Submitted ", (job["id"], "bold"), " — following it; Ctrl-C stops watching only.")
+        )
+    final = _wait(api, job["id"], quiet=quiet, submitted=submitted)
+    if not quiet:
+        from orchestrator.cli.results import show_final_result
+
+        show_final_result(api, final)
+    return final
 
 
 def _print_submitted(job: dict[str, Any], *, quiet: bool, as_json: bool) -> None:
@@ -154,8 +164,8 @@ def list_jobs(
     ] = None,
     depth: Annotated[int | None, typer.Option(min=0, help="Only jobs at this depth.")] = None,
     parent: Annotated[str | None, typer.Option("--parent", help="Only children of this job.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many (newest first).")] = 50,
-    offset: Annotated[int, typer.Option(min=0)] = 0,
+    limit: LimitOption = 50,
+    offset: OffsetOption = 0,
     url: UrlOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
@@ -217,7 +227,8 @@ def show_job(
     as_json: JsonOption = False,
 ) -> None:
     """Show a job: its tree of descendants and every worker with status, exit, branch and result."""
-    from orchestrator.cli.live import TreeFetcher, render_tree, summary_line
+    from orchestrator.cli.live import render_tree, summary_line
+    from orchestrator.cli.tree import TreeFetcher
 
     with client(url, token) as api:
         snap = TreeFetcher(api, job_id, tail_logs=False).snapshot()
@@ -249,8 +260,12 @@ def show_job(
     out.print()
     out.print(render_tree(snap))
     out.print(summary_line(snap))
-    if not workers:
-        return
+    if workers:
+        out.print()
+        out.print(_workers_table(workers))
+
+
+def _workers_table(workers: list[dict[str, Any]]) -> RenderableType:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
@@ -269,8 +284,7 @@ def show_job(
             (worker.get("commit") or "-")[:10],
             shorten(reason, 60) if reason else result_summary(worker.get("result")) or "-",
         )
-    out.print()
-    out.print(table)
+    return table
 
 
 def cancel(

@@ -68,7 +68,7 @@ def serve(
         reload=reload,
         log_level=log_level.lower(),
         # With a log format chosen, the app configures logging itself (request ids on every line).
-        log_config=None if os.environ.get("ORCHESTRATOR_LOG_FORMAT") else uvicorn.config.LOGGING_CONFIG,
+        log_config=None if settings.orchestrator_log_format else uvicorn.config.LOGGING_CONFIG,
     )
 
 

@@ -9,7 +9,15 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from orchestrator.cli.client import ApiClient, JsonOption, TokenOption, UrlOption, client
+from orchestrator.cli.client import (
+    ApiClient,
+    JsonOption,
+    LimitOption,
+    OffsetOption,
+    TokenOption,
+    UrlOption,
+    client,
+)
 from orchestrator.cli.output import (
     CliError,
     console,
@@ -34,8 +42,8 @@ def list_workers(
     workspace: Annotated[
         str | None, typer.Option("--workspace", help="Only workers of this workspace.")
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many (newest first).")] = 50,
-    offset: Annotated[int, typer.Option(min=0)] = 0,
+    limit: LimitOption = 50,
+    offset: OffsetOption = 0,
     url: UrlOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,

@@ -82,9 +82,12 @@ def create_access_token(
     *,
     worker_id: str | None = None,
     job_id: str | None = None,
+    settings: Settings | None = None,
 ) -> str:
-    """Sign a token for `user_id` with `scopes` (HS256 by default, key from SECRET_KEY)."""
-    settings = get_settings()
+    """Sign a token for `user_id` with `scopes` (HS256 by default, key from SECRET_KEY).
+
+    `settings`: the server's; the process-wide settings when omitted (the CLI's `token` command)."""
+    settings = settings or get_settings()
     unknown = sorted(set(scopes) - set(ALL_SCOPES))
     if unknown:
         raise ValueError(f"unknown scope(s): {', '.join(unknown)}; known: {', '.join(ALL_SCOPES)}")
@@ -98,9 +101,9 @@ def create_access_token(
     return jwt.encode(payload, settings.signing_key(), algorithm=settings.algorithm)
 
 
-def decode_access_token(token: str) -> TokenClaims:
+def decode_access_token(token: str, settings: Settings | None = None) -> TokenClaims:
     """Verify signature, algorithm and expiry; raise Unauthorized with a reason otherwise."""
-    settings = get_settings()
+    settings = settings or get_settings()
     try:
         payload = jwt.decode(
             token,
@@ -146,14 +149,14 @@ _VERIFIED_MAX = 4096
 _VERIFIED_SECONDS = 60.0
 
 
-def verify_access_token(token: str) -> TokenClaims:
+def verify_access_token(token: str, settings: Settings | None = None) -> TokenClaims:
     """`decode_access_token`, remembered for a while per token (see _VERIFIED)."""
-    settings = get_settings()
+    settings = settings or get_settings()
     now = time.time()
     hit = _VERIFIED.get(token)
     if hit is not None and hit[0] is settings and now < hit[1]:
         return hit[2]
-    claims = decode_access_token(token)
+    claims = decode_access_token(token, settings)
     exp = claims.raw.get("exp")
     until = now + _VERIFIED_SECONDS
     if isinstance(exp, int | float):
@@ -180,9 +183,6 @@ class Actor:
 
     def can_see(self, job_path: str) -> bool:
         return self.subtree_path is None or job_path.startswith(self.subtree_path)
-
-
-SYSTEM_ACTOR = Actor(name="system", user_id="system")
 
 
 def engine_actor(engine_id: str) -> Actor:

@@ -1,10 +1,11 @@
 """Identifiers: a prefix and 12 lowercase hex characters, as the API guide shows (`j_a1b2c3d4e5f6`)."""
 
-import re
 import secrets
 
-JOB_ID_PATTERN = re.compile(r"^j_[0-9a-f]{12}$")
-WORKER_ID_PATTERN = re.compile(r"^w_[0-9a-f]{12}$")
+
+def has_nul(*values: str | None) -> bool:
+    """No id contains NUL, and PostgreSQL refuses it in a parameter: such a lookup finds nothing."""
+    return any(v is not None and "\x00" in v for v in values)
 
 
 def _new(prefix: str) -> str:

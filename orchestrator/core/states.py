@@ -53,11 +53,3 @@ WORKER_TRANSITIONS: dict[WorkerStatus, frozenset[WorkerStatus]] = {
 JOB_FINAL = frozenset(s for s, targets in JOB_TRANSITIONS.items() if not targets)
 WORKER_FINAL = frozenset(s for s, targets in WORKER_TRANSITIONS.items() if not targets)
 WORKER_LIVE = frozenset(set(WorkerStatus) - WORKER_FINAL)
-
-
-def job_can_transition(current: JobStatus, target: JobStatus) -> bool:
-    return target in JOB_TRANSITIONS[current]
-
-
-def worker_can_transition(current: WorkerStatus, target: WorkerStatus) -> bool:
-    return target in WORKER_TRANSITIONS[current]

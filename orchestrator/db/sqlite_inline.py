@@ -1,8 +1,8 @@
 """SQLite for the async engine without a thread hop per call.
 
 SQLAlchemy's aiosqlite driver sends every cursor call (open, execute, fetch, close) to a
-per-connection thread and back: four hops per statement, ~0.2 ms each on a 2-core VM, against
-~5 us for SQLite itself to run a small statement on a WAL database. This shim has the shape
+per-connection thread and back: four hops per statement, each costing far more than SQLite takes
+to run a small statement on a WAL database (figures in docs/BENCHMARKS.md). This shim has the shape
 SQLAlchemy's aiosqlite adapter expects, but runs each call inline in the event loop.
 
 Blocking is bounded: the connection's busy timeout is 0, so a call either runs at once (readers

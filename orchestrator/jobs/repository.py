@@ -10,24 +10,14 @@ from typing import Any
 from sqlalchemy import ColumnElement, Row, Select, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from orchestrator.core.ids import has_nul
 from orchestrator.db.locking import is_postgres
+from orchestrator.db.lookups import get_job as get_job
 from orchestrator.db.models import Event, Job
 
 # First key of the two-key advisory locks on job trees: keeps them apart from any other advisory
 # lock a deployment's database may hold.
 TREE_LOCK_NAMESPACE = 0x4A4F42  # "JOB"
-
-
-def has_nul(*values: str | None) -> bool:
-    """No id contains NUL, and PostgreSQL refuses it in a parameter: such a lookup finds nothing."""
-    return any(v is not None and "\x00" in v for v in values)
-
-
-async def get_job(session: AsyncSession, job_id: str) -> Job | None:
-    if has_nul(job_id):
-        return None
-    stmt = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
-    return (await session.execute(stmt)).scalar_one_or_none()
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from orchestrator.core.states import JOB_FINAL, WORKER_LIVE, JobStatus
 from orchestrator.db import fast
 from orchestrator.db.events import record_event
 from orchestrator.db.locking import is_postgres
+from orchestrator.db.lookups import get_visible_job as get_visible_job
 from orchestrator.db.models import Allocation, Event, Job, Worker, Workspace, utcnow
 from orchestrator.db.notify import CHANNEL, notify
 from orchestrator.db.transitions import transition_job
@@ -100,15 +101,6 @@ _SUBMIT_PG = {
 AgentValidator = Callable[[str | None, dict[str, Any]], tuple[str, dict[str, Any]]]
 # (agent, the submitted limits) -> the limits to store; raises BadRequest above the profile's maximum.
 LimitsValidator = Callable[[str, dict[str, Any]], dict[str, Any]]
-
-
-async def get_visible_job(session: AsyncSession, actor: Actor, job_id: str) -> Job:
-    job = await repo.get_job(session, job_id)
-    if job is None:
-        raise NotFound(f"Job {job_id} not found")
-    if not actor.can_see(job.path):
-        raise Forbidden(f"Job {job_id} is outside this token's job subtree")
-    return job
 
 
 async def submit(

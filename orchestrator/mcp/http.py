@@ -1,7 +1,7 @@
 """The delegation tools over MCP's streamable HTTP transport, served by the API process at /mcp/.
 
 A worker's agent connects with its delegated token as a bearer header, so no Python process is
-started per worker (the stdio server costs ~0.6 CPU-s of imports each). The MCP SDK is imported,
+started per worker (the stdio server pays the SDK's imports once per worker). The MCP SDK is imported,
 and its session manager started, on the first request only: servers that never see an MCP client
 pay nothing.
 """

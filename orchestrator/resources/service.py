@@ -10,8 +10,8 @@ from orchestrator.core.auth import Actor
 from orchestrator.core.config import Settings
 from orchestrator.core.errors import BadRequest, Forbidden, NotFound
 from orchestrator.core.states import JOB_FINAL, JobStatus
+from orchestrator.db.lookups import get_job
 from orchestrator.db.models import Job
-from orchestrator.jobs import repository as jobs_repo
 from orchestrator.resources import repository as repo
 from orchestrator.resources.schemas import DepthUsage, Quota
 
@@ -59,7 +59,7 @@ async def usage(session: AsyncSession, settings: Settings) -> list[DepthUsage]:
 async def _job_for_resources(session: AsyncSession, actor: Actor, job_id: str, depth: int) -> Job:
     if actor.is_worker:
         raise Forbidden("A worker token cannot manage resources directly")
-    job = await jobs_repo.get_job(session, job_id)
+    job = await get_job(session, job_id)
     if job is None:
         raise NotFound(f"Job {job_id} not found")
     if depth != job.depth:

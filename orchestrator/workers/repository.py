@@ -5,9 +5,8 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator.core.states import WORKER_LIVE
+from orchestrator.core.ids import has_nul
 from orchestrator.db.models import Job, Worker, WorkerLog
-from orchestrator.jobs.repository import has_nul
 
 
 async def get_worker(session: AsyncSession, worker_id: str) -> Worker | None:
@@ -60,10 +59,6 @@ async def workers_of_job(session: AsyncSession, job_id: str) -> list[Worker]:
         .execution_options(populate_existing=True)
     )
     return list((await session.execute(stmt)).scalars())
-
-
-async def live_workers_of_job(session: AsyncSession, job_id: str) -> list[Worker]:
-    return [w for w in await workers_of_job(session, job_id) if w.status in WORKER_LIVE]
 
 
 async def count_by_status(session: AsyncSession) -> dict[str, int]:

@@ -8,10 +8,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator.core.auth import Actor
 from orchestrator.core.errors import Forbidden, NotFound
 from orchestrator.core.states import WorkerStatus
+from orchestrator.db.lookups import get_job
 from orchestrator.db.models import Worker, WorkerLog, utcnow
 from orchestrator.db.notify import notify
 from orchestrator.db.transitions import transition_worker
-from orchestrator.jobs import repository as jobs_repo
 from orchestrator.workers import repository as repo
 
 CONTROL_TOPIC = "control"
@@ -22,7 +22,7 @@ async def get_visible_worker(session: AsyncSession, actor: Actor, worker_id: str
     if worker is None:
         raise NotFound(f"Worker {worker_id} not found")
     if actor.subtree_path is not None:
-        job = await jobs_repo.get_job(session, worker.job_id)
+        job = await get_job(session, worker.job_id)
         if job is None or not actor.can_see(job.path):
             raise Forbidden(f"Worker {worker_id} is outside this token's job subtree")
     return worker

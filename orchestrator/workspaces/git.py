@@ -173,7 +173,3 @@ def commit_all(
     head = run_git("rev-parse", "--verify", "HEAD^{commit}", cwd=worktree)
     stat = run_git("diff", "--shortstat", f"{base_commit}..HEAD", "--", cwd=worktree) if base_commit else ""
     return head, stat
-
-
-def remove_worktree(repository: Path, worktree: Path) -> None:
-    run_git("worktree", "remove", "--force", "--end-of-options", str(worktree), cwd=repository)

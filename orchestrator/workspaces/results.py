@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator.core.auth import Actor
 from orchestrator.core.errors import BadRequest, Conflict, Forbidden, NotFound
 from orchestrator.core.states import WORKER_LIVE
+from orchestrator.db.lookups import get_visible_job
 from orchestrator.db.models import Integration, Worker
-from orchestrator.jobs.service import get_visible_job
 from orchestrator.workspaces import merge
 from orchestrator.workspaces.git import GitError
 from orchestrator.workspaces.schemas import MergedBranch, MergeIntoWorkerOut, ResultOut

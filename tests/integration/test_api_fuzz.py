@@ -6,7 +6,7 @@ submitted (SQLite, or PostgreSQL with TEST_DATABASE=postgres).
 A fixed seed keeps the run repeatable; a failure prints the request that reproduces it. An
 exploratory run of the same tool found a 500 the hand-written validation tests had missed (an
 `offset` past SQLite's integer range on `GET /api/workspaces`); that case is pinned in
-test_week2_validation.py, since a random search is not guaranteed to meet it again."""
+test_request_validation.py, since a random search is not guaranteed to meet it again."""
 
 from __future__ import annotations
 

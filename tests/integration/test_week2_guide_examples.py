@@ -539,7 +539,9 @@ def test_troubleshooting_fresh_token_with_two_scopes(api: Server) -> None:
 
 def test_postman_import_file_is_the_served_spec(api: Server) -> None:
     committed = Path(__file__).resolve().parents[2] / "openapi.json"
-    assert committed.exists(), "openapi.json is missing at the repository root (see test_week2_schema.py)"
+    assert committed.exists(), (
+        "openapi.json is missing at the repository root (see test_schema_and_openapi.py)"
+    )
     served = requests.get(f"{api.url}/openapi.json").json()
     import json
 

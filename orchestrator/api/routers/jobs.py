@@ -12,6 +12,7 @@ from pydantic import AfterValidator
 
 from orchestrator.api.deps import MAX_QUERY_INT, AgentsDep, JobsRead, JobsWrite, SessionDep, SettingsDep
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND, ErrorOut
+from orchestrator.api.paging import PageDep
 from orchestrator.api.routers import streams
 from orchestrator.api.strict_json import StrictJsonRoute
 from orchestrator.core.states import JobStatus
@@ -99,8 +100,7 @@ async def list_jobs(
     actor: JobsRead,
     session: SessionDep,
     where: JobFilterDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT)] = 0,
+    page: PageDep,
     delegation_key: Annotated[
         str | None,
         Query(
@@ -111,8 +111,10 @@ async def list_jobs(
 ) -> JobList:
     if delegation_key is not None:
         where = replace(where, delegation_key=delegation_key)
-    jobs, total = await service.list_jobs(session, actor, where, limit=limit, offset=offset)
-    return JobList(jobs=[JobOut.model_validate(j) for j in jobs], total=total, limit=limit, offset=offset)
+    jobs, total = await service.list_jobs(session, actor, where, limit=page.limit, offset=page.offset)
+    return JobList(
+        jobs=[JobOut.model_validate(j) for j in jobs], total=total, limit=page.limit, offset=page.offset
+    )
 
 
 @router.get("/counts", response_model=JobCounts)

@@ -23,6 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import ColumnElement, Float, case, func, literal, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from orchestrator.api.deps import SettingsDep
 from orchestrator.api.observability import request_metrics
 from orchestrator.core.config import Settings
 from orchestrator.core.states import JobStatus, WorkerStatus
@@ -80,36 +81,45 @@ def _bound(value: float) -> str:
 
 async def collect_database_metrics(session: AsyncSession, settings: Settings) -> list[Metric]:
     """Every system metric, read in one transaction."""
-    families: list[Metric] = []
+    families: list[Metric] = [
+        await _by_status_and_depth(
+            session, settings, "orchestrator_jobs", "Jobs by status and depth", Job, list(JobStatus)
+        ),
+        await _by_status_and_depth(
+            session,
+            settings,
+            "orchestrator_workers",
+            "Workers by status and depth",
+            Worker,
+            list(WorkerStatus),
+        ),
+    ]
+    families += await _slots(session, settings)
+    families += await _durations(session)
+    families += await _agent_usage(session)
+    families.append(await _live_engines(session, settings))
+    return families
 
-    jobs = GaugeMetricFamily("orchestrator_jobs", "Jobs by status and depth", labels=["status", "depth"])
-    counts = {
-        (status, depth): count
-        for status, depth, count in (
-            await session.execute(select(Job.status, Job.depth, func.count()).group_by(Job.status, Job.depth))
-        ).all()
-    }
+
+async def _by_status_and_depth(
+    session: AsyncSession,
+    settings: Settings,
+    name: str,
+    documentation: str,
+    model: type[Job] | type[Worker],
+    statuses: Sequence[JobStatus | WorkerStatus],
+) -> GaugeMetricFamily:
+    """A gauge with a sample for every (status, depth) pair, zero where nothing is."""
+    family = GaugeMetricFamily(name, documentation, labels=["status", "depth"])
+    stmt = select(model.status, model.depth, func.count()).group_by(model.status, model.depth)
+    counts = {(status, depth): count for status, depth, count in (await session.execute(stmt)).all()}
     for depth in range(settings.max_depth + 1):
-        for status in JobStatus:
-            jobs.add_metric([status.value, str(depth)], counts.get((status.value, depth), 0))
-    families.append(jobs)
+        for status in statuses:
+            family.add_metric([status.value, str(depth)], counts.get((status.value, depth), 0))
+    return family
 
-    workers = GaugeMetricFamily(
-        "orchestrator_workers", "Workers by status and depth", labels=["status", "depth"]
-    )
-    counts = {
-        (status, depth): count
-        for status, depth, count in (
-            await session.execute(
-                select(Worker.status, Worker.depth, func.count()).group_by(Worker.status, Worker.depth)
-            )
-        ).all()
-    }
-    for depth in range(settings.max_depth + 1):
-        for wstatus in WorkerStatus:
-            workers.add_metric([wstatus.value, str(depth)], counts.get((wstatus.value, depth), 0))
-    families.append(workers)
 
+async def _slots(session: AsyncSession, settings: Settings) -> list[Metric]:
     allocated = GaugeMetricFamily(
         "orchestrator_slots_allocated", "Slots allocated per depth", labels=["depth"]
     )
@@ -122,37 +132,38 @@ async def collect_database_metrics(session: AsyncSession, settings: Settings) ->
         allocated.add_metric([str(pool.depth)], pool.allocated)
         available.add_metric([str(pool.depth)], pool.max_workers - pool.allocated)
         quota.add_metric([str(pool.depth)], pool.max_workers)
-    families += [allocated, available, quota]
+    return [allocated, available, quota]
 
-    families.append(
-        await _histogram(
-            session,
-            "orchestrator_job_submit_to_running_seconds",
-            "Time from submission to the first worker running, per depth",
-            Job,
-            Job.created_at,
-            Job.started_at,
-            SUBMIT_TO_RUNNING_BUCKETS,
-            Job.depth,
-            "depth",
-            [],
-        )
-    )
-    families.append(
-        await _histogram(
-            session,
-            "orchestrator_worker_duration_seconds",
-            "Run time of ended workers, by final status",
-            Worker,
-            Worker.started_at,
-            Worker.finished_at,
-            WORKER_DURATION_BUCKETS,
-            Worker.status,
-            "status",
-            [],
-        )
-    )
 
+async def _durations(session: AsyncSession) -> list[Metric]:
+    submit_to_running = await _histogram(
+        session,
+        "orchestrator_job_submit_to_running_seconds",
+        "Time from submission to the first worker running, per depth",
+        Job,
+        Job.created_at,
+        Job.started_at,
+        SUBMIT_TO_RUNNING_BUCKETS,
+        Job.depth,
+        "depth",
+        [],
+    )
+    worker_duration = await _histogram(
+        session,
+        "orchestrator_worker_duration_seconds",
+        "Run time of ended workers, by final status",
+        Worker,
+        Worker.started_at,
+        Worker.finished_at,
+        WORKER_DURATION_BUCKETS,
+        Worker.status,
+        "status",
+        [],
+    )
+    return [submit_to_running, worker_duration]
+
+
+async def _agent_usage(session: AsyncSession) -> list[Metric]:
     cost = CounterMetricFamily(
         "orchestrator_agent_cost_usd", "Agent cost reported by workers", labels=["agent"]
     )
@@ -176,8 +187,10 @@ async def collect_database_metrics(session: AsyncSession, settings: Settings) ->
         cost.add_metric([agent], float(usd or 0))
         tokens.add_metric([agent, "input"], float(tokens_in or 0))
         tokens.add_metric([agent, "output"], float(tokens_out or 0))
-    families += [cost, tokens]
+    return [cost, tokens]
 
+
+async def _live_engines(session: AsyncSession, settings: Settings) -> Metric:
     lease = timedelta(seconds=settings.orchestrator_engine_lease_seconds)
     live = (
         await session.execute(
@@ -188,8 +201,7 @@ async def collect_database_metrics(session: AsyncSession, settings: Settings) ->
     ).scalar_one()
     engines = GaugeMetricFamily("orchestrator_engines_live", "Engines whose heartbeat is within the lease")
     engines.add_metric([], live)
-    families.append(engines)
-    return families
+    return engines
 
 
 class _Fixed:
@@ -207,9 +219,8 @@ class _Fixed:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
 )
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, settings: SettingsDep) -> Response:
     started = time.perf_counter()
-    settings: Settings = request.app.state.settings
     database: Database = request.app.state.db
     async with database.read_session() as session:
         families = await collect_database_metrics(session, settings)
@@ -228,9 +239,8 @@ async def metrics(request: Request) -> Response:
     "/ready",
     responses={503: {"description": "Database unreachable or no engine heartbeating"}},
 )
-async def ready(request: Request) -> JSONResponse:
+async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
     """200 when the database answers and an engine heartbeat is within the lease, else 503."""
-    settings: Settings = request.app.state.settings
     database: Database | None = getattr(request.app.state, "db", None)
     if database is None:
         return JSONResponse({"status": "unavailable", "reason": "starting up"}, status_code=503)

@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from orchestrator.api.deps import MAX_QUERY_INT, SessionDep, SupervisorRead, SupervisorWrite
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
+from orchestrator.api.paging import PageDep
 from orchestrator.api.routers import streams
 from orchestrator.api.strict_json import StrictJsonRoute
 from orchestrator.core.states import WORKER_FINAL, WorkerStatus
@@ -27,14 +28,23 @@ async def list_workers(
     workspace_id: str | None = None,
     status: WorkerStatus | None = None,
     job_id: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT)] = 0,
+    *,
+    page: PageDep,
 ) -> WorkerList:
     workers, total = await service.list_workers(
-        session, actor, workspace_id=workspace_id, status=status, job_id=job_id, limit=limit, offset=offset
+        session,
+        actor,
+        workspace_id=workspace_id,
+        status=status,
+        job_id=job_id,
+        limit=page.limit,
+        offset=page.offset,
     )
     return WorkerList(
-        workers=[WorkerOut.model_validate(w) for w in workers], total=total, limit=limit, offset=offset
+        workers=[WorkerOut.model_validate(w) for w in workers],
+        total=total,
+        limit=page.limit,
+        offset=page.offset,
     )
 
 

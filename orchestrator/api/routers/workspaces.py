@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter
 
-from fastapi import APIRouter, Query
-
-from orchestrator.api.deps import MAX_QUERY_INT, JobsRead, SessionDep
+from orchestrator.api.deps import JobsRead, SessionDep
 from orchestrator.api.errors import ERROR_RESPONSES
+from orchestrator.api.paging import PageDep
 from orchestrator.api.strict_json import StrictJsonRoute
 from orchestrator.workspaces import service
 from orchestrator.workspaces.schemas import WorkspaceList
@@ -21,8 +20,7 @@ router = APIRouter(
 async def list_workspaces(
     actor: JobsRead,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT)] = 0,
+    page: PageDep,
 ) -> WorkspaceList:
-    workspaces, total = await service.list_workspaces(session, actor, limit=limit, offset=offset)
-    return WorkspaceList(workspaces=workspaces, total=total, limit=limit, offset=offset)
+    workspaces, total = await service.list_workspaces(session, actor, limit=page.limit, offset=page.offset)
+    return WorkspaceList(workspaces=workspaces, total=total, limit=page.limit, offset=page.offset)
