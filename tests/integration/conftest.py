@@ -18,6 +18,19 @@ from tests.support.servers import test_database_kind as database_kind
 
 QUOTAS = [10, 8, 5, 3, 2, 1]
 
+# The API guide runs `pytest tests/integration/test_week2*.py`: these links keep its three rule files
+# under the names it knows. Collected only when named on the command line (the guide's command), so
+# the whole suite runs each test once, under the name that says what it tests.
+GUIDE_ALIASES = frozenset({"test_week2_validation.py", "test_week2_schema.py", "test_week2_concurrency.py"})
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if collection_path.name in GUIDE_ALIASES and not any(
+        Path(str(arg).split("::")[0]).name == collection_path.name for arg in config.args
+    ):
+        return True
+    return None
+
 
 def prepared(settings: Settings) -> Settings:
     async def _create() -> None:

@@ -1,0 +1,1 @@
+test_allocation_and_transition_races.py

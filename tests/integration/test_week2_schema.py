@@ -1,0 +1,1 @@
+test_schema_and_openapi.py

@@ -1,0 +1,1 @@
+test_request_validation.py
