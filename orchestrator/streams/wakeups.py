@@ -4,8 +4,8 @@ of the change mark.
 
 The hub belongs to the app (created in its lifespan, stopped before its database is disposed), so
 two apps in one process never share waiters or a watcher task. One task reads the mark every
-interval while streams are open, so an idle stream costs nothing (each used to poll the database
-every interval: 200 idle streams kept a core busy).
+interval while streams are open, so an idle stream costs nothing (streams that each polled the
+database every interval kept a core busy when many were idle).
 """
 
 from __future__ import annotations
