@@ -79,6 +79,11 @@ class Horizon:
         do, unless one is stuck past MAX_HORIZON_WAIT_SECONDS)."""
         return self._candidate is not None
 
+    @property
+    def waiting_on(self) -> frozenset[str]:
+        """The PostgreSQL transaction ids whose end the held-back rows wait for."""
+        return frozenset() if self._candidate is None else self._candidate.waiting_on
+
     async def update(self, session: AsyncSession) -> tuple[int, int]:
         """The horizon as of a new snapshot in `session`."""
         if not self.is_postgres:

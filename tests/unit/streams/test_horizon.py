@@ -21,12 +21,12 @@ def test_rows_are_held_back_until_the_transactions_open_then_end() -> None:
     horizon.advance(5, 5, frozenset(), now=0.0)
     # Transaction A is open: it may still commit an id below 10 / 20.
     assert horizon.advance(10, 20, A, now=1.0) == (5, 5)
-    assert horizon.waiting
+    assert horizon.waiting and horizon.waiting_on == A
     # B opened meanwhile, A still open: still held back, and the candidate is not replaced.
     assert horizon.advance(12, 22, A | B, now=2.0) == (5, 5)
     # A has ended, B is open: the ids A's snapshot saw are safe; the newer ones wait for B.
     assert horizon.advance(12, 22, B, now=3.0) == (10, 20)
-    assert horizon.waiting
+    assert horizon.waiting and horizon.waiting_on == B
     assert horizon.advance(12, 22, frozenset(), now=4.0) == (12, 22)
     assert not horizon.waiting
 
