@@ -33,7 +33,6 @@ from orchestrator.api.routers import (
     web,
     workspaces,
 )
-from orchestrator.api.routers.streams import stop_watcher as stop_stream_watcher
 from orchestrator.api.security_headers import SecurityHeadersMiddleware
 from orchestrator.bootstrap import prepare_database
 from orchestrator.core.address import ApiAddress, current_address, settings_address, wait_for_address
@@ -42,6 +41,7 @@ from orchestrator.core.config import Settings, get_settings
 from orchestrator.core.logsafe import install_log_escaping
 from orchestrator.db.session import Database
 from orchestrator.mcp.http import McpOverHttp
+from orchestrator.streams.wakeups import WakeHub
 
 log = logging.getLogger("orchestrator")
 
@@ -84,6 +84,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await prepare_database(database, settings)  # first: it makes the data dir private
     settings.signing_key()  # create the stored key now, not racing in the first request
     app.state.db = database
+    app.state.wakeups = WakeHub.from_settings(database, settings)  # the streams' wake-ups, this app's own
+    app.state.wakeups.start()
     app.state.agents = AgentRegistry.from_settings(settings)
     app.state.engine = None
     starting: asyncio.Task[None] | None = None
@@ -103,7 +105,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.engine is not None:
             await app.state.engine.stop()
         await app.state.mcp_http.close()
-        await stop_stream_watcher(database)
+        await app.state.wakeups.stop()
         await database.dispose()
 
 

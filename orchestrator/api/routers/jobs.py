@@ -6,7 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request, status
+from fastapi import APIRouter, Depends, Header, Query, status
 from fastapi.responses import Response
 from pydantic import AfterValidator
 
@@ -14,6 +14,7 @@ from orchestrator.api.deps import MAX_QUERY_INT, AgentsDep, JobsRead, JobsWrite,
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND, ErrorOut
 from orchestrator.api.paging import PageDep
 from orchestrator.api.routers import streams
+from orchestrator.api.sse import FeedsDep
 from orchestrator.api.strict_json import StrictJsonRoute
 from orchestrator.core.states import JobStatus
 from orchestrator.jobs import service
@@ -145,7 +146,7 @@ async def job_events(
     job_id: str,
     actor: JobsRead,
     session: SessionDep,
-    request: Request,
+    feeds: FeedsDep,
     after_id: Annotated[int, Query(ge=0, le=2**63 - 1, description="Return events with a larger id")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     follow: Annotated[
@@ -155,6 +156,6 @@ async def job_events(
 ) -> EventList | Response:
     if follow:
         job = await service.get_visible_job(session, actor, job_id)
-        return streams.job_event_stream(request.app.state.db, job, last_event_id, after_id)
+        return streams.job_event_stream(feeds, job, last_event_id, after_id)
     events = await service.events(session, actor, job_id, after_id=after_id, limit=limit)
     return EventList(job_id=job_id, events=[EventOut.model_validate(e) for e in events])

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import Response
 
 from orchestrator.api.deps import MAX_QUERY_INT, SessionDep, SupervisorRead, SupervisorWrite
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
 from orchestrator.api.paging import PageDep
 from orchestrator.api.routers import streams
+from orchestrator.api.sse import FeedsDep
 from orchestrator.api.strict_json import StrictJsonRoute
 from orchestrator.core.states import WORKER_FINAL, WorkerStatus
 from orchestrator.workers import service
@@ -77,7 +78,7 @@ async def worker_logs(
     worker_id: str,
     actor: SupervisorRead,
     session: SessionDep,
-    request: Request,
+    feeds: FeedsDep,
     offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT, description="First line number to return")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     follow: Annotated[bool, Query(description="Stream new lines (SSE) until the worker has ended")] = False,
@@ -87,7 +88,7 @@ async def worker_logs(
 ) -> WorkerLogs | Response:
     if follow:
         worker = await service.get_visible_worker(session, actor, worker_id)
-        return streams.worker_log_stream(request.app.state.db, worker, last_event_id, offset)
+        return streams.worker_log_stream(feeds, worker, last_event_id, offset)
     worker, lines = await service.read_logs(session, actor, worker_id, offset=offset, limit=limit)
     next_offset = lines[-1].seq + 1 if lines else offset
     return WorkerLogs(
