@@ -27,7 +27,6 @@ MODULE_EXCEPTIONS: frozenset[str] = frozenset(
     {
         "engine/engine.py",  # being split into one module per phase
         "engine/queries.py",  # follows the engine split
-        "api/routers/streams.py",  # moving to orchestrator/streams/
         "executors/local.py",  # being changed by the executors work
     }
 )
@@ -39,7 +38,6 @@ FUNCTION_EXCEPTIONS: frozenset[str] = frozenset(
         "engine/engine.py:Engine._start_process",
         "engine/engine.py:Engine._resume_parked",
         "engine/engine.py:Engine._recover_worker",
-        "api/routers/streams.py:_poll_job",
         "executors/local.py:LocalExecutor.start",
         "executors/sandbox.py:command",
         # The unit-of-work rewrite owns these (db/ and the services' commit code).
