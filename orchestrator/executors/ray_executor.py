@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ POLL_SECONDS = 0.25
 CALL_TIMEOUT = 30.0
 PLACE_TIMEOUT = 120.0  # how long a start waits for a node with room
 CONNECT_RETRY_SECONDS = 2.0
+CONNECT_PROBE_SECONDS = 5.0
 MAX_SHIPPED_BYTES = 8 * MIB  # run-dir files the agent profile wrote, sent along with the start
 WRAPPER_FILES = frozenset({OUTPUT_FILE, EXIT_FILE, PID_FILE, STDIN_FILE, EXIT_FILE + ".tmp"})
 
@@ -96,6 +98,7 @@ class RayExecutor(LocalExecutor):
     def _connect(self) -> None:
         ray = self.ray
         if not ray.is_initialized():
+            _probe(self.address)
             ray.init(
                 address=self.address or "auto",
                 namespace=NAMESPACE,
@@ -353,6 +356,16 @@ class RayExecutor(LocalExecutor):
 
     def close(self) -> None:
         self.stopping.set()
+
+
+def _probe(address: str | None) -> None:
+    """Fail fast if nothing listens at the cluster's address: `ray.init` would keep retrying
+    (and hold this thread) for as long as the cluster is away."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_PROBE_SECONDS):
+        pass
 
 
 def _size(path: Path) -> int:

@@ -97,7 +97,9 @@ def node_ids(cluster: RayCluster) -> list[str]:
     return [str(node.node_id) for node in cluster.nodes]  # type: ignore[attr-defined]
 
 
-def test_jobs_spread_over_both_nodes_within_their_slots(servers: ServerFactory, ray_cluster: RayCluster) -> None:
+def test_jobs_spread_over_both_nodes_within_their_slots(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
     server = start_server(servers, ray_cluster)
     with server.client() as client:
         tasks = [mark() for _ in range(4)]
@@ -165,12 +167,17 @@ def test_engine_killed_mid_run_readopts_its_workers_by_name(
     with second.client() as client:
         for worker in before:
             seen = len(log_lines(client, worker["id"]))
-            wait_until(lambda w=worker, s=seen: len(log_lines(client, w["id"])) > s + 3, timeout=LONG,
-                       what="ticks flowing again through the new engine")
+            wait_until(
+                lambda w=worker, s=seen: len(log_lines(client, w["id"])) > s + 3,
+                timeout=LONG,
+                what="ticks flowing again through the new engine",
+            )
         after = {w["id"]: w for w in running(client, [j["id"] for j in jobs]) or []}
         for worker in before:
             # The same process on the same node: adopted, not started again.
-            assert after[worker["id"]]["pid"] == worker["pid"] and after[worker["id"]]["host"] == worker["host"]
+            assert (
+                after[worker["id"]]["pid"] == worker["pid"] and after[worker["id"]]["host"] == worker["host"]
+            )
         for task in tasks:
             assert len(grandchildren(task)) == 1, "a worker was started twice"
         for job in jobs:
@@ -203,7 +210,9 @@ def test_node_lost_mid_run_fails_its_workers_and_frees_their_slots(
     tasks = [mark() for _ in range(6)]
     with server.client() as client:
         jobs = [submit(client, agent="ticker", task_description=task) for task in tasks]
-        workers = wait_until(lambda: running(client, [j["id"] for j in jobs]), timeout=LONG * 2, what="running")
+        workers = wait_until(
+            lambda: running(client, [j["id"] for j in jobs]), timeout=LONG * 2, what="running"
+        )
         on_lost = [w for w in workers if w["host"] == lost_node]
         others = [w for w in workers if w["host"] != lost_node]
         assert len(on_lost) == 2 and len(others) == 4, [w["host"] for w in workers]
@@ -220,14 +229,43 @@ def test_node_lost_mid_run_fails_its_workers_and_frees_their_slots(
             current = workers_of(client, worker["job_id"])[0]
             assert current["status_reason"] == f"lost: node {lost_node} died", current
         for task in lost_tasks:
-            wait_until(lambda t=task: not grandchildren(t), timeout=LONG, what="the lost workers' processes gone")
+            wait_until(
+                lambda t=task: not grandchildren(t), timeout=LONG, what="the lost workers' processes gone"
+            )
         # The others are undisturbed, and the lost workers' slots came back.
         assert all(workers_of(client, w["job_id"])[0]["status"] == "RUNNING" for w in others)
         wait_until(lambda: usage_allocated(client)[0] == 4, timeout=LONG, what="the lost slots freed")
         for worker in others:
             seen = len(log_lines(client, worker["id"]))
-            wait_until(lambda w=worker, s=seen: len(log_lines(client, w["id"])) > s, timeout=LONG, what="ticks")
+            wait_until(
+                lambda w=worker, s=seen: len(log_lines(client, w["id"])) > s, timeout=LONG, what="ticks"
+            )
             assert client.post(f"/api/supervisor/workers/{worker['id']}/terminate").status_code == 200
         for job in jobs:
             wait_final(client, job["id"], timeout=LONG)
         assert usage_allocated(client)[0] == 0
+
+
+def test_cluster_unreachable_ready_says_so_and_jobs_wait(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    """No Ray cluster at RAY_ADDRESS: the server runs, /ready says why it is not ready, and a job
+    waits PENDING (its worker is not started, nor failed) instead of failing."""
+    from tests.support.servers import free_port
+
+    server = start_server(servers, ray_cluster, RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+    with server.client() as client:
+        job = submit(client, agent="short", task_description=mark())
+
+        def unready() -> dict[str, Any] | None:
+            response = client.get("/ready")
+            body: dict[str, Any] = response.json()
+            return body if response.status_code == 503 and "cluster" in body else None
+
+        body = wait_until(unready, timeout=LONG, what="/ready naming the unreachable cluster")
+        assert body["cluster"]["status"] == "unavailable" and "unreachable" in body["cluster"]["reason"], body
+        assert "worker cluster" in body["reason"]
+        # The engine heartbeats (so /ready got this far) and passes run: the job waits, unfailed.
+        assert client.get(f"/api/jobs/{job['id']}").json()["status"] == "PENDING"
+        assert all(w["status"] == "IDLE" for w in workers_of(client, job["id"]))
+        assert server.process is not None and server.process.poll() is None
