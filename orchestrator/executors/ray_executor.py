@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ CALL_TIMEOUT = 30.0
 PLACE_TIMEOUT = 120.0  # how long a start waits for a node with room
 CONNECT_RETRY_SECONDS = 2.0
 CONNECT_PROBE_SECONDS = 5.0
+RECONNECT_FOREVER_SECONDS = 10 * 365 * 24 * 3600
+PROBE_SECONDS = 2.0  # how often a connected executor checks that the cluster still answers
 MAX_SHIPPED_BYTES = 8 * MIB  # run-dir files the agent profile wrote, sent along with the start
 WRAPPER_FILES = frozenset({OUTPUT_FILE, EXIT_FILE, PID_FILE, STDIN_FILE, EXIT_FILE + ".tmp"})
 
@@ -70,6 +73,9 @@ class RayExecutor(LocalExecutor):
     def __init__(self, address: str | None, sandbox: sandboxing.SandboxHost | None, sandbox_uid: int) -> None:
         # No cgroups here: the node applies the limits, Ray admits by memory.
         super().__init__(sandbox, None)
+        # A Ray driver exits its whole process when the cluster's GCS stays away longer than
+        # this: the server must outlive the cluster (it says so in /ready and reconnects).
+        os.environ["RAY_gcs_rpc_server_reconnect_timeout_s"] = str(RECONNECT_FOREVER_SECONDS)
         import ray
 
         self.ray = ray
@@ -82,6 +88,7 @@ class RayExecutor(LocalExecutor):
         self.lost: dict[str, str] = {}
         self.lock = threading.Lock()
         self.connected = threading.Event()
+        self.last_probe = 0.0
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ray-executor", daemon=True)
         self.thread.start()
@@ -122,13 +129,31 @@ class RayExecutor(LocalExecutor):
                     self.stopping.wait(CONNECT_RETRY_SECONDS)
                     continue
             try:
-                self._poll_once()
+                self._check_reachable()
+                if self.problem is None:
+                    self._poll_once()
             except Exception:
                 log.exception("polling Ray workers failed; retrying")
             self.stopping.wait(POLL_SECONDS)
 
+    def _check_reachable(self) -> None:
+        """Say (for /ready, and to hold starts and signals) when the cluster went away after
+        connecting: Ray's own calls would wait for it instead of failing."""
+        now = time.monotonic()
+        if now - self.last_probe < PROBE_SECONDS:
+            return
+        self.last_probe = now
+        try:
+            _probe(self.address)
+        except OSError as exc:
+            if self.problem is None:
+                log.warning("the Ray cluster at %s is unreachable: %s", self.address, exc)
+            self.problem = f"Ray cluster at {self.address} unreachable: {exc}"[:500]
+            return
+        self.problem = None
+
     def can_start(self) -> bool:
-        return self.connected.is_set()
+        return self.connected.is_set() and self.problem is None
 
     def reaches(self, host: str | None) -> bool:
         return True  # any node of the cluster: its actor is found by name
@@ -242,8 +267,8 @@ class RayExecutor(LocalExecutor):
         return proc
 
     def send(self, proc: WorkerProcess, sig: signal.Signals) -> bool:
-        if proc.exited or proc.worker_id in self.lost:
-            return False
+        if proc.exited or proc.worker_id in self.lost or not self.can_start():
+            return False  # not sent (a pause is tried again by the next pass)
         actor = self._actor(proc.worker_id)
         if actor is None:
             return False

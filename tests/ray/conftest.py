@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ SLOTS_PER_NODE = 2
 
 
 class RayCluster:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, nodes: int = 2) -> None:
         os.environ["ORCHESTRATOR_NODE_DIR"] = str(root / "nodes")  # the nodes inherit it
         self.cluster = ray_cluster_utils.Cluster(
             initialize_head=True,
@@ -31,11 +32,15 @@ class RayCluster:
                 "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5},
             },
         )
-        self.nodes = [self.add_node() for _ in range(2)]
+        self.nodes = [self.add_node() for _ in range(nodes)]
         self.address: str = self.cluster.address
 
     def add_node(self, slots: int = SLOTS_PER_NODE) -> object:
         return self.cluster.add_node(num_cpus=1, resources={"agent_slot": slots}, node_ip_address="127.0.0.1")
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):  # a test may have killed the head already
+            self.cluster.shutdown()
 
     def env(self) -> dict[str, str]:
         """What a server needs to run its workers on this cluster."""
@@ -52,4 +57,4 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     try:
         yield cluster
     finally:
-        cluster.cluster.shutdown()
+        cluster.shutdown()

@@ -269,3 +269,36 @@ def test_cluster_unreachable_ready_says_so_and_jobs_wait(
         assert client.get(f"/api/jobs/{job['id']}").json()["status"] == "PENDING"
         assert all(w["status"] == "IDLE" for w in workers_of(client, job["id"]))
         assert server.process is not None and server.process.poll() is None
+
+
+def test_cluster_lost_mid_run_the_server_keeps_serving(servers: ServerFactory, tmp_path: Path) -> None:
+    """The cluster's head dies under a running worker: /ready says so, new jobs wait, and the
+    server outlives the Ray driver's own deadline for a missing GCS (cut to 5 s here, which
+    would end the process without the executor's override)."""
+    cluster = RayCluster(tmp_path, nodes=1)
+    try:
+        server = start_server(servers, cluster, RAY_gcs_rpc_server_reconnect_timeout_s="5")
+        with server.client() as client:
+            first = submit(client, agent="ticker", task_description=mark())
+            wait_until(lambda: running(client, [first["id"]]), timeout=LONG, what="worker running")
+            cluster.cluster.head_node.kill_all_processes(check_alive=False, allow_graceful=False)
+
+            def unready() -> dict[str, Any] | None:
+                response = client.get("/ready")
+                body: dict[str, Any] = response.json()
+                return body if response.status_code == 503 and "cluster" in body else None
+
+            body = wait_until(unready, timeout=LONG, what="/ready naming the lost cluster")
+            assert "unreachable" in body["cluster"]["reason"], body
+            second = submit(client, agent="short", task_description=mark())
+            served = 0
+            deadline = time.monotonic() + 20  # four times the driver's cut deadline
+            while time.monotonic() < deadline:
+                assert client.get("/health").status_code == 200
+                served += 1
+                time.sleep(0.5)
+            assert server.process is not None and server.process.poll() is None, server.log()
+            assert client.get(f"/api/jobs/{second['id']}").json()["status"] == "PENDING"
+            assert served > 0
+    finally:
+        cluster.shutdown()
