@@ -34,13 +34,10 @@ from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import MIB, Limits
 from orchestrator.executors.local import (
     EXIT_FILE,
-    OUTPUT_FILE,
-    PID_FILE,
-    STDIN_FILE,
     LocalExecutor,
     WorkerProcess,
 )
-from orchestrator.executors.ray_node import StartRequest, WorkerNode
+from orchestrator.executors.ray_node import StartRequest, WorkerNode, files_to_ship
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +47,9 @@ CALL_TIMEOUT = 30.0
 PLACE_TIMEOUT = 120.0  # how long a start waits for a node with room
 CONNECT_RETRY_SECONDS = 2.0
 CONNECT_PROBE_SECONDS = 5.0
+RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
 RECONNECT_FOREVER_SECONDS = 10 * 365 * 24 * 3600
 PROBE_SECONDS = 2.0  # how often a connected executor checks that the cluster still answers
-MAX_SHIPPED_BYTES = 8 * MIB  # run-dir files the agent profile wrote, sent along with the start
-WRAPPER_FILES = frozenset({OUTPUT_FILE, EXIT_FILE, PID_FILE, STDIN_FILE, EXIT_FILE + ".tmp"})
 
 
 def actor_name(worker_id: str) -> str:
@@ -75,7 +71,7 @@ class RayExecutor(LocalExecutor):
         super().__init__(sandbox, None)
         # A Ray driver exits its whole process when the cluster's GCS stays away longer than
         # this: the server must outlive the cluster (it says so in /ready and reconnects).
-        os.environ["RAY_gcs_rpc_server_reconnect_timeout_s"] = str(RECONNECT_FOREVER_SECONDS)
+        os.environ[RECONNECT_ENV] = str(RECONNECT_FOREVER_SECONDS)
         import ray
 
         self.ray = ray
@@ -217,7 +213,7 @@ class RayExecutor(LocalExecutor):
             limits,
             sandboxed=self.sandbox is not None,
             sandbox_uid=self.sandbox_uid,
-            files=_files_to_ship(run_dir),
+            files=files_to_ship(run_dir),
         )
         options: dict[str, Any] = {
             "name": actor_name(worker_id),
@@ -243,7 +239,8 @@ class RayExecutor(LocalExecutor):
         except ray.exceptions.RayError as exc:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
-            raise RuntimeError(f"its Ray actor failed: {str(exc)[:300]}") from None
+            cause = getattr(exc, "cause", None)  # the node's own exception (a sandbox that cannot work)
+            raise RuntimeError(f"on its Ray node: {str(cause or exc)[:300]}") from None
         self.actors[worker_id] = actor
         proc = WorkerProcess(worker_id, int(ident["pid"]), int(ident["start_time"]), run_dir)
         proc.host = str(ident["node_id"])
@@ -398,23 +395,3 @@ def _size(path: Path) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return 0
-
-
-def _files_to_ship(run_dir: Path) -> dict[str, bytes]:
-    """The files the agent profile wrote into the run dir (an MCP config, say), for the node."""
-    files: dict[str, bytes] = {}
-    total = 0
-    for top, dirs, names in os.walk(run_dir):
-        dirs[:] = [d for d in dirs if d != "git-common"]
-        for name in names:
-            path = Path(top) / name
-            relative = str(path.relative_to(run_dir))
-            if relative in WRAPPER_FILES or not path.is_file() or path.is_symlink():
-                continue
-            total += path.stat().st_size
-            if total > MAX_SHIPPED_BYTES:
-                raise RuntimeError(
-                    f"the run dir holds more than {MAX_SHIPPED_BYTES // MIB} MiB to send to a node"
-                )
-            files[relative] = path.read_bytes()
-    return files

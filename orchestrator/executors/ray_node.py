@@ -26,11 +26,22 @@ from typing import Any
 from orchestrator.agents.base import LaunchSpec
 from orchestrator.executors import cgroups
 from orchestrator.executors import sandbox as sandboxing
-from orchestrator.executors.cgroups import Limits
-from orchestrator.executors.local import LocalExecutor, WorkerProcess, make_dirs, read_exit_code
+from orchestrator.executors.cgroups import MIB, Limits
+from orchestrator.executors.local import (
+    EXIT_FILE,
+    OUTPUT_FILE,
+    PID_FILE,
+    STDIN_FILE,
+    LocalExecutor,
+    WorkerProcess,
+    make_dirs,
+    read_exit_code,
+)
 
 NODE_DIR_ENV = "ORCHESTRATOR_NODE_DIR"  # where a node keeps its workers' run dirs and worktrees
 MAX_CHUNK = 1 << 20
+MAX_SHIPPED_BYTES = 8 * MIB  # run-dir files the agent profile wrote, sent along with the start
+WRAPPER_FILES = frozenset({OUTPUT_FILE, EXIT_FILE, PID_FILE, STDIN_FILE, EXIT_FILE + ".tmp"})
 FENCE_SCRIPT = (
     'a="$1"; r="$2"; w="$3"; '
     'while kill -0 "$a" 2>/dev/null && kill -0 "$r" 2>/dev/null && kill -0 "$w" 2>/dev/null; '
@@ -52,6 +63,26 @@ class StartRequest:
     sandboxed: bool
     sandbox_uid: int | None
     files: dict[str, bytes] = field(default_factory=dict)  # run-dir files the agent profile wrote
+
+
+def files_to_ship(run_dir: Path) -> dict[str, bytes]:
+    """The files the agent profile wrote into the run dir (an MCP config, say), for the node."""
+    files: dict[str, bytes] = {}
+    total = 0
+    for top, dirs, names in os.walk(run_dir):
+        dirs[:] = [d for d in dirs if d != "git-common"]
+        for name in names:
+            path = Path(top) / name
+            relative = str(path.relative_to(run_dir))
+            if relative in WRAPPER_FILES or not path.is_file() or path.is_symlink():
+                continue
+            total += path.stat().st_size
+            if total > MAX_SHIPPED_BYTES:
+                raise RuntimeError(
+                    f"the run dir holds more than {MAX_SHIPPED_BYTES // MIB} MiB to send to a node"
+                )
+            files[relative] = path.read_bytes()
+    return files
 
 
 def node_dir(node_id: str) -> Path:

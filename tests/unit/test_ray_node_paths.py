@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.executors.ray_executor import _files_to_ship
-from orchestrator.executors.ray_node import PathMap
+from orchestrator.executors.ray_node import PathMap, files_to_ship
 
 
 def test_engine_paths_are_mapped_to_the_nodes_wherever_they_appear() -> None:
@@ -29,10 +28,10 @@ def test_the_agents_files_are_shipped_not_the_wrappers(tmp_path: Path) -> None:
     (tmp_path / "git-common").mkdir()
     (tmp_path / "git-common" / "HEAD").write_text("ref")
     (tmp_path / "link").symlink_to("/etc/hostname")
-    assert _files_to_ship(tmp_path) == {"mcp.json": b"{}", "home/.config": b"x"}
+    assert files_to_ship(tmp_path) == {"mcp.json": b"{}", "home/.config": b"x"}
 
 
 def test_a_run_dir_too_big_to_ship_is_refused(tmp_path: Path) -> None:
     (tmp_path / "big").write_bytes(b"\0" * (9 << 20))
     with pytest.raises(RuntimeError, match="more than 8 MiB"):
-        _files_to_ship(tmp_path)
+        files_to_ship(tmp_path)
