@@ -46,7 +46,7 @@ FENCE_SCRIPT = (
     'a="$1"; r="$2"; w="$3"; '
     'while kill -0 "$a" 2>/dev/null && kill -0 "$r" 2>/dev/null && kill -0 "$w" 2>/dev/null; '
     "do sleep 1; done; "
-    'kill -0 "$w" 2>/dev/null && kill -KILL -- "-$w"'
+    'kill -0 "$w" 2>/dev/null && kill -s KILL -- "-$w"'
 )
 
 

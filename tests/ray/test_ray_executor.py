@@ -302,3 +302,26 @@ def test_cluster_lost_mid_run_the_server_keeps_serving(servers: ServerFactory, t
             assert served > 0
     finally:
         cluster.shutdown()
+
+
+def test_a_killed_actor_fails_its_worker_and_takes_its_processes_along(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    """The actor process itself killed (kill -9, say the OOM killer) on a node that lives on: the
+    worker ends FAILED `lost: ...`, its slot comes back, and its fence kills the process group
+    the actor started (Ray would leave it running)."""
+    server = start_server(servers, ray_cluster)
+    task = mark()
+    with server.client() as client:
+        job = submit(client, agent="ticker", task_description=task)
+        worker = wait_until(lambda: running(client, [job["id"]]), timeout=LONG, what="worker running")[0]
+        stat = Path(f"/proc/{worker['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+        actor_pid = int(stat[1])  # the wrapper's parent: the actor that started it
+        assert "ray::" in Path(f"/proc/{actor_pid}/cmdline").read_text(errors="replace")
+        os.kill(actor_pid, 9)
+        wait_final(client, job["id"], timeout=LONG)
+        current = workers_of(client, job["id"])[0]
+        assert current["status"] == "FAILED" and current["status_reason"].startswith("lost: "), current
+        wait_until(lambda: not grandchildren(task), timeout=LONG, what="the grandchild gone")
+        wait_until(lambda: not group_states(worker["pid"]), timeout=LONG, what="the process group gone")
+        assert usage_allocated(client)[0] == 0
