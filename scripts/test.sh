@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every check and test: lint, types, the whole suite on SQLite, then the integration suite on PostgreSQL.
+# Every check and test: lint, types, the whole suite on SQLite, then the integration suite on PostgreSQL,
+# then the Ray group (tests/ray: a real multi-node Ray cluster on this machine, on PostgreSQL).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -58,7 +59,7 @@ summary_of() {  # the last summary line pytest printed in LOG, or what went wron
 SQLITE_LOG=test-artifacts/pytest-sqlite.log
 PG_LOG=test-artifacts/pytest-postgres.log
 sqlite_rc=0
-run_half SQLite "$SQLITE_LOG" env TEST_DATABASE=sqlite $BIN/python -m pytest -q -ra "$@" || sqlite_rc=$?
+run_half SQLite "$SQLITE_LOG" env TEST_DATABASE=sqlite $BIN/python -m pytest -q -ra --ignore=tests/ray "$@" || sqlite_rc=$?
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   echo "PostgreSQL is not accepting connections on 127.0.0.1:5432; trying to start it"
@@ -68,17 +69,23 @@ fi
 pg_rc=0
 run_half "PostgreSQL: integration, streams, agents" "$PG_LOG" \
   env TEST_DATABASE=postgres $BIN/python -m pytest -q -ra tests/integration tests/streams tests/agents "$@" || pg_rc=$?
+# Ray: workers as actors on a head and two nodes (a few minutes; the `ray` package comes with the dev extra).
+RAY_LOG=test-artifacts/pytest-ray.log
+ray_rc=0
+run_half "Ray cluster (PostgreSQL)" "$RAY_LOG" \
+  env TEST_DATABASE=postgres $BIN/python -m pytest -q -ra tests/ray "$@" || ray_rc=$?
 
 echo "== summary"
 echo "SQLite (exit $sqlite_rc): $(summary_of "$SQLITE_LOG")   [$SQLITE_LOG]"
 echo "PostgreSQL (exit $pg_rc): $(summary_of "$PG_LOG")   [$PG_LOG]"
+echo "Ray (exit $ray_rc): $(summary_of "$RAY_LOG")   [$RAY_LOG]"
 ok() { [ "$1" = 0 ] || [ "$1" = 5 ]; }
-if ! ok "$sqlite_rc" || ! ok "$pg_rc"; then
-  echo "FAILED: $( ok "$sqlite_rc" || echo "SQLite half (exit $sqlite_rc) " )$( ok "$pg_rc" || echo "PostgreSQL half (exit $pg_rc)" )"
+if ! ok "$sqlite_rc" || ! ok "$pg_rc" || ! ok "$ray_rc"; then
+  echo "FAILED: $( ok "$sqlite_rc" || echo "SQLite half (exit $sqlite_rc) " )$( ok "$pg_rc" || echo "PostgreSQL half (exit $pg_rc) " )$( ok "$ray_rc" || echo "Ray group (exit $ray_rc)" )"
   exit 1
 fi
 if [ "$sqlite_rc" = 5 ] && [ "$pg_rc" = 5 ]; then
   echo "FAILED: no tests ran in either half"
   exit 5
 fi
-echo "OK: both halves passed"
+echo "OK: every group passed"

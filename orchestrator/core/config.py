@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     # Where available memory is read (`MemAvailable:`): /proc/meminfo, or a file an operator
     # (or a test) keeps to admit against a smaller figure than the host's.
     orchestrator_meminfo_path: Path = Path("/proc/meminfo")
+    # Where workers run (docs/deploy.md): "local" (this host) or "ray" (actors on the Ray cluster
+    # at RAY_ADDRESS; needs the `ray` extra).
+    orchestrator_executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
 
     @field_validator("orchestrator_quotas")
     @classmethod

@@ -59,6 +59,7 @@ from orchestrator.engine.queries import JobRow, WorkerRow
 from orchestrator.engine.reconcile import Reconciler
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import Limits, host_available_mb
+from orchestrator.executors.factory import make_executor
 from orchestrator.executors.local import (
     EXIT_FILE,
     OUTPUT_FILE,
@@ -120,7 +121,7 @@ class Engine:
         self.address = address or settings_address(settings)
         self.db = database
         self.agents = agents
-        self.executor = executor or LocalExecutor.for_settings(settings)
+        self.executor = executor or make_executor(settings)
         self.id = new_engine_id()
         self.actor = engine_actor(self.id).name
         self.procs: dict[str, WorkerProcess] = {}
@@ -343,7 +344,7 @@ class Engine:
             claimed = await queries.claim_pending(session, self.id, room)
             await queries.create_workers(session, claimed, self.actor)
             idle = await queries.idle_workers(session, self.id, per_depth, START_BATCH * 4)
-            ready = await self._bind_slots(session, idle, free) if idle else []
+            ready = await self._bind_slots(session, idle, free) if idle and self.executor.can_start() else []
             # What control (after this transaction) acts on: read here, not in one more.
             self.control_statuses = await queries.worker_statuses(session, list(self.procs))
         if len(ready) == START_BATCH:
@@ -773,7 +774,10 @@ class Engine:
                 await self._fail(session, worker, values["status_reason"])
                 continue
             values.update(
-                pid=proc.pid, pid_start_time=proc.start_time, host=self.executor.host, engine_id=self.id
+                pid=proc.pid,
+                pid_start_time=proc.start_time,
+                host=proc.host or self.executor.host,
+                engine_id=self.id,
             )
             if statuses.get(worker.id) == worker.status and WorkerStatus.RUNNING in WORKER_TRANSITIONS.get(
                 WorkerStatus(worker.status), frozenset()
@@ -1288,7 +1292,7 @@ class Engine:
                 await slots_repo.worker_release_slot(session, worker.id, job.id, job.depth)
             return  # IDLE and never started: it starts normally
         await session.execute(update(Worker).where(Worker.id == worker.id).values(engine_id=self.id))
-        if worker.host not in (None, self.executor.host):
+        if not self.executor.reaches(worker.host):
             await self._fail(session, worker, f"lost: its engine on host {worker.host} stopped heartbeating")
             return
         proc = self.executor.adopt(worker.id, pid, start_time or 0, run_dir)

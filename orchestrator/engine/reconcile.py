@@ -54,6 +54,9 @@ class Reconciler:
         self._stopped: set[int] | None = None
 
     def is_stopped(self, proc: WorkerProcess) -> bool:
+        remote = self.executor.process_stopped(proc)
+        if remote is not None:
+            return remote  # a worker on another node: its executor asks there
         if self._stopped is None:
             self._stopped = stopped_process_groups()
         return proc.pid in self._stopped  # the wrapper leads its group: its PID is the group id

@@ -155,6 +155,7 @@ class WorkerProcess:
     applied_paused: bool = False
     exited: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+    host: str | None = None  # where it runs, if not the executor's own host (a Ray node id)
 
     @property
     def output_path(self) -> Path:
@@ -205,6 +206,24 @@ class LocalExecutor:
         if self.cgroups is not None:
             state["cgroups"] = self.cgroups.version
         return state
+
+    def can_start(self) -> bool:
+        """Whether workers can be started now (a cluster executor says no while unreachable:
+        jobs then wait instead of failing)."""
+        return True
+
+    def reaches(self, host: str | None) -> bool:
+        """Whether a worker recorded on `host` can be adopted by this executor."""
+        return host in (None, self.host)
+
+    def cluster_state(self) -> dict[str, object] | None:
+        """What /ready shows about a cluster executor (None: workers run on this host)."""
+        return None
+
+    def process_stopped(self, proc: WorkerProcess) -> bool | None:
+        """Whether the worker's process group is stopped, if the executor must say (None: the
+        reconciler reads /proc itself, once for all workers)."""
+        return None
 
     def memory_limit_mb(self, worker_id: str) -> int | None:
         """The memory limit of a running worker's cgroup (an adopted worker's reservation)."""

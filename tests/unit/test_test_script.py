@@ -1,4 +1,5 @@
-"""scripts/test.sh, the real script, driven with stand-in tools: both halves always run.
+"""scripts/test.sh, the real script, driven with stand-in tools: both halves (and the Ray group,
+on PostgreSQL like the second half) always run.
 
 The script is copied into a scratch tree whose `.venv/bin` holds stand-ins for ruff, mypy and
 python (a `python -m pytest` that prints a pytest-like summary and exits as told per database), and
@@ -94,7 +95,7 @@ def test_a_failing_half_does_not_stop_the_other_and_fails_the_run(
     tmp_path: Path, sqlite_rc: int, pg_rc: int
 ) -> None:
     run = run_script(tmp_path, sqlite_rc, pg_rc)
-    assert halves(run) == ["sqlite", "postgres"], run.output
+    assert halves(run) == ["sqlite", "postgres", "postgres"], run.output
     assert run.returncode != 0, run.output
     summary = run.output[run.output.index("== summary") :]
     for name, rc in (("SQLite", sqlite_rc), ("PostgreSQL", pg_rc)):
@@ -111,11 +112,14 @@ def test_a_failing_half_does_not_stop_the_other_and_fails_the_run(
 def test_both_halves_passing_passes_with_both_summaries(tmp_path: Path) -> None:
     run = run_script(tmp_path, 0, 0, "-k", "some thing")
     assert run.returncode == 0, run.output
-    assert run.output.count("7 passed in 0.10s") == 4, run.output  # each half's output and its summary
-    # Arguments go to both halves; the PostgreSQL half runs the database-backed suites.
-    sqlite_call, pg_call = run.calls
-    assert sqlite_call == "sqlite -m pytest -q -ra -k some thing", sqlite_call
+    assert run.output.count("7 passed in 0.10s") == 6, run.output  # each group's output and its summary
+    # Arguments go to every group; the PostgreSQL half runs the database-backed suites, the Ray
+    # group its own directory (which the SQLite half leaves out).
+    sqlite_call, pg_call, ray_call = run.calls
+    assert sqlite_call == "sqlite -m pytest -q -ra --ignore=tests/ray -k some thing", sqlite_call
     assert pg_call == "postgres -m pytest -q -ra tests/integration tests/streams tests/agents -k some thing"
+    assert ray_call == "postgres -m pytest -q -ra tests/ray -k some thing"
+    assert "Ray (exit 0)" in run.output
     assert "apt-get must not run" not in run.output
 
 
@@ -128,6 +132,6 @@ def test_no_tests_in_one_half_is_fine(tmp_path: Path, sqlite_rc: int, pg_rc: int
 
 def test_no_tests_in_either_half_fails(tmp_path: Path) -> None:
     run = run_script(tmp_path, 5, 5)
-    assert halves(run) == ["sqlite", "postgres"], run.output
+    assert halves(run) == ["sqlite", "postgres", "postgres"], run.output
     assert run.returncode != 0, run.output
     assert "no tests ran in either half" in run.output

@@ -274,4 +274,10 @@ async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
     if engine is not None:
         # Never silently unsandboxed: "on", "off" (ORCHESTRATOR_SANDBOX=off) or "unavailable" + why.
         body["sandbox"] = engine.executor.sandbox_state()
+        cluster = engine.executor.cluster_state()
+        if cluster is not None:  # workers on a Ray cluster: unreachable means jobs wait
+            body["cluster"] = cluster
+            if cluster["status"] != "connected":
+                body.update(status="unavailable", reason=f"worker cluster: {cluster.get('reason')}")
+                return JSONResponse(body, status_code=503)
     return JSONResponse(body)

@@ -1,0 +1,248 @@
+"""The node side of the Ray executor: one actor per worker, running the local executor there.
+
+The actor starts the worker with the same wrapper, sandbox and cgroup limits as a local worker
+(executors/local.py) in a directory of its own node, and answers the engine's calls: signals,
+output from an offset, exit status, whether its node is going away. It never touches the
+database. Paths the engine chose (its run dir and worktree) are mapped to the node's own
+directory, so nothing on the node relies on a filesystem shared with the engine.
+
+Ray does not kill what an actor started (a killed actor leaves its children's process group
+behind) and a node whose raylet dies can keep its processes running. So every worker gets a
+fence: a tiny shell loop in a session of its own that kills the worker's process group as soon
+as the actor or the node's raylet is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.agents.base import LaunchSpec
+from orchestrator.executors import cgroups
+from orchestrator.executors import sandbox as sandboxing
+from orchestrator.executors.cgroups import MIB, Limits
+from orchestrator.executors.local import (
+    EXIT_FILE,
+    OUTPUT_FILE,
+    PID_FILE,
+    STDIN_FILE,
+    LocalExecutor,
+    WorkerProcess,
+    make_dirs,
+    read_exit_code,
+)
+
+NODE_DIR_ENV = "ORCHESTRATOR_NODE_DIR"  # where a node keeps its workers' run dirs and worktrees
+MAX_CHUNK = 1 << 20
+MAX_SHIPPED_BYTES = 8 * MIB  # run-dir files the agent profile wrote, sent along with the start
+WRAPPER_FILES = frozenset({OUTPUT_FILE, EXIT_FILE, PID_FILE, STDIN_FILE, EXIT_FILE + ".tmp"})
+FENCE_SCRIPT = (
+    'a="$1"; r="$2"; w="$3"; '
+    'while kill -0 "$a" 2>/dev/null && kill -0 "$r" 2>/dev/null && kill -0 "$w" 2>/dev/null; '
+    "do sleep 1; done; "
+    'kill -0 "$w" 2>/dev/null && kill -s KILL -- "-$w"'
+)
+
+
+@dataclass
+class StartRequest:
+    """What the engine sends to start one worker (plain data: pickled across nodes)."""
+
+    worker_id: str
+    spec: LaunchSpec
+    workdir: str  # the engine's paths, mapped to the node's below
+    run_dir: str
+    sandbox: sandboxing.SandboxSpec | None
+    limits: Limits | None
+    sandboxed: bool
+    sandbox_uid: int | None
+    files: dict[str, bytes] = field(default_factory=dict)  # run-dir files the agent profile wrote
+
+
+def files_to_ship(run_dir: Path) -> dict[str, bytes]:
+    """The files the agent profile wrote into the run dir (an MCP config, say), for the node."""
+    files: dict[str, bytes] = {}
+    total = 0
+    for top, dirs, names in os.walk(run_dir):
+        dirs[:] = [d for d in dirs if d != "git-common"]
+        for name in names:
+            path = Path(top) / name
+            relative = str(path.relative_to(run_dir))
+            if relative in WRAPPER_FILES or not path.is_file() or path.is_symlink():
+                continue
+            total += path.stat().st_size
+            if total > MAX_SHIPPED_BYTES:
+                raise RuntimeError(
+                    f"the run dir holds more than {MAX_SHIPPED_BYTES // MIB} MiB to send to a node"
+                )
+            files[relative] = path.read_bytes()
+    return files
+
+
+def node_dir(node_id: str) -> Path:
+    return (Path(os.environ.get(NODE_DIR_ENV) or "/tmp/orchestrator-ray") / node_id).resolve()
+
+
+class PathMap:
+    """Replaces the engine's run dir and worktree paths by the node's in every string."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.pairs = pairs
+
+    def __call__(self, text: str) -> str:
+        for old, new in self.pairs:
+            text = re.sub(re.escape(old) + r"(?=/|$|[^\w.-])", new.replace("\\", r"\\"), text)
+        return text
+
+
+def _mapped_sandbox(box: sandboxing.SandboxSpec, remap: PathMap) -> sandboxing.SandboxSpec:
+    return dataclasses.replace(
+        box,
+        workdir=Path(remap(str(box.workdir))),
+        home=Path(remap(str(box.home))),
+        ro_binds=[remap(p) for p in box.ro_binds],
+        rw_binds=[remap(p) for p in box.rw_binds],
+        ro_files=[(remap(s), remap(t)) for s, t in box.ro_files],
+        # A path the node does not have (the engine's API socket) cannot be bound.
+        rw_extra=[remap(p) for p in box.rw_extra if os.path.exists(remap(p))],
+        mounts=[(remap(s), remap(t), w) for s, t, w in box.mounts],
+    )
+
+
+class WorkerNode:
+    """The body of one worker's actor (made a Ray actor class by executors/ray_executor.py)."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self.node_id: str = ray.get_runtime_context().get_node_id()
+        self.raylet = os.getppid()  # the raylet started this worker process
+        self.executor: LocalExecutor | None = None
+        self.proc: WorkerProcess | None = None
+        self.fence: int | None = None
+        self.ended = False
+
+    def _make_executor(self, request: StartRequest, base: Path) -> LocalExecutor:
+        groups = cgroups.detect()
+        if not request.sandboxed:
+            return LocalExecutor(None, groups if groups.usable else None)
+        host = sandboxing.detect(base, uid=request.sandbox_uid)
+        if host.usable and not groups.usable:
+            host = dataclasses.replace(host, problem=f"no worker limits: {groups.problem}")
+        return LocalExecutor(host, groups)
+
+    def start(self, request: StartRequest) -> dict[str, Any]:
+        """Start the worker once: a second call (an engine that restarted before recording the
+        first) answers with the process already running."""
+        if self.proc is not None:
+            return self.identity()
+        base = node_dir(self.node_id)
+        run_dir = base / "runs" / request.worker_id
+        workdir = base / "workspaces" / request.worker_id
+        remap = PathMap([(request.run_dir, str(run_dir)), (request.workdir, str(workdir))])
+        make_dirs(base, base / "runs", base / "workspaces", run_dir, workdir)
+        for name, data in request.files.items():
+            target = run_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        self.executor = executor = self._make_executor(request, base)
+        spec = LaunchSpec(
+            [remap(a) for a in request.spec.argv],
+            {k: remap(v) for k, v in request.spec.env.items()},
+            request.spec.stdin_text,
+        )
+        box = _mapped_sandbox(request.sandbox, remap) if request.sandbox is not None else None
+        if box is not None:
+            make_dirs(box.home)
+            if executor.sandbox is not None and executor.sandbox.uid is not None:
+                sandboxing.give_to_agent(
+                    executor.sandbox, box.home, box.workdir, *(Path(s) for s, _ in box.ro_files)
+                )
+        self.proc = executor.start(
+            request.worker_id, spec, workdir, run_dir, sandbox=box, limits=request.limits
+        )
+        self._start_fence()
+        return self.identity()
+
+    def _start_fence(self) -> None:
+        assert self.proc is not None
+        argv = ["/bin/sh", "-c", FENCE_SCRIPT, "orchestrator-fence"]
+        argv += [str(os.getpid()), str(self.raylet), str(self.proc.pid)]
+        null = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+        self.fence = os.posix_spawn(
+            "/bin/sh", argv, {"PATH": "/usr/bin:/bin"}, file_actions=null, setsid=True
+        )
+
+    def identity(self) -> dict[str, Any]:
+        proc = self.proc
+        return {
+            "node_id": self.node_id,
+            "pid": proc.pid if proc else None,
+            "start_time": proc.start_time if proc else None,
+        }
+
+    def _reap(self) -> int | None:
+        """The wrapper's status once it has ended (reaped here: it is this actor's child)."""
+        assert self.proc is not None
+        if self.fence is not None:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(self.fence, os.WNOHANG)[0]:
+                    self.fence = None
+        return LocalExecutor._reap(self.proc)
+
+    def node_gone(self) -> bool:
+        """Whether this node's raylet is gone (the node is dying: its workers with it)."""
+        return os.getppid() != self.raylet
+
+    def poll(self, offset: int) -> dict[str, Any]:
+        """Output from `offset` on (at most a chunk), and whether the worker has ended: its exit
+        status read only once the wrapper is gone and all output was handed over."""
+        assert self.proc is not None
+        status = self._reap()
+        chunk = b""
+        with contextlib.suppress(FileNotFoundError), open(self.proc.output_path, "rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read(MAX_CHUNK)
+        ended = status is not None and len(chunk) < MAX_CHUNK
+        return {
+            "output": chunk,
+            "ended": ended,
+            "exit_code": read_exit_code(self.proc.run_dir) if ended else None,
+            "node_gone": self.node_gone(),
+        }
+
+    def signal(self, signum: int) -> bool:
+        assert self.executor is not None and self.proc is not None
+        if self._reap() is not None:
+            return False
+        return self.executor.send(self.proc, signal.Signals(signum))
+
+    def stopped(self) -> bool:
+        """Whether the worker's process group has a stopped member (a pause that took)."""
+        from orchestrator.engine.reconcile import stopped_process_groups
+
+        assert self.proc is not None
+        return self.proc.pid in stopped_process_groups()
+
+    def finish(self) -> str | None:
+        """The worker has ended: kill what is left of its process group (children that outlived
+        the agent), remove its cgroups and say whether a limit ended it."""
+        assert self.executor is not None and self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.ended = True
+        return self.executor.ending(self.proc.worker_id)
+
+    def kill_group(self) -> None:
+        """SIGKILL the worker's whole process group (before the actor itself is killed)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.proc.pid, signal.SIGCONT)
