@@ -20,6 +20,7 @@ from orchestrator.core.config import Settings
 from orchestrator.core.errors import Forbidden, Unauthorized
 from orchestrator.core.states import WORKER_LIVE
 from orchestrator.db.session import Database
+from orchestrator.db.unit_of_work import UnitOfWork
 from orchestrator.jobs import repository as jobs_repo
 from orchestrator.workers import repository as workers_repo
 
@@ -66,7 +67,18 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 AgentsDep = Annotated[AgentRegistry, Depends(get_agents)]
+
+
+async def get_unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
+    """The request's unit of work, for an endpoint that writes: committed (its events written, its
+    topics announced) when the endpoint returns, before the response is sent."""
+    database: Database = request.app.state.db
+    async with database.session() as session:
+        yield session
+
+
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+UnitOfWorkDep = Annotated[UnitOfWork, Depends(get_unit_of_work, scope="function")]
 
 
 async def authenticate(

@@ -1,4 +1,4 @@
-"""Statements run on the driver (orchestrator.db.fast) store and read exactly what the same
+"""Statements run on the driver (orchestrator.db.precompiled) store and read exactly what the same
 statements store and read through SQLAlchemy's session, in the session's transaction."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.config import Settings
-from orchestrator.db import fast
+from orchestrator.db import precompiled
 from orchestrator.db.models import Job, UTCDateTime, Worker
 from orchestrator.db.session import Database
 
@@ -25,24 +25,24 @@ _IDS = bindparam("ids", expanding=True)
 SELECT_WORKERS = select(
     Worker.id, Worker.status, Worker.holds_slot, Worker.result, Worker.started_at, Worker.pid_start_time
 ).where(Worker.id.in_(_IDS), Worker.status.in_(("RUNNING", "PAUSED")))
-FAST_SELECT = fast.FastStatement(SELECT_WORKERS)
+FAST_SELECT = precompiled.Statement(SELECT_WORKERS)
 NOT_IN = (
     select(Worker.id).where(Worker.job_id == bindparam("job"), Worker.id.not_in(_IDS)).order_by(Worker.id)
 )
-FAST_NOT_IN = fast.FastStatement(NOT_IN)
+FAST_NOT_IN = precompiled.Statement(NOT_IN)
 SET_RESULT = (
     update(WORKERS)
     .where(WORKERS.c.id == bindparam("b_id"))
     .values(result=bindparam("result"), started_at=bindparam("started_at"), holds_slot=bindparam("holds"))
 )
-FAST_SET_RESULT = fast.FastStatement(SET_RESULT)
-RELEASE = fast.FastStatement(
+FAST_SET_RESULT = precompiled.Statement(SET_RESULT)
+RELEASE = precompiled.Statement(
     update(Worker)
     .where(Worker.id.in_(_IDS), Worker.holds_slot.is_(True))
     .values(holds_slot=False)
     .returning(Worker.id, Worker.finished_at)
 )
-INSERT_JOB = fast.FastStatement(insert(JOBS))
+INSERT_JOB = precompiled.Statement(insert(JOBS))
 
 
 def run(settings: Settings, body: Callable[[Database], Awaitable[None]]) -> None:
@@ -121,7 +121,7 @@ def test_values_written_on_the_driver_are_stored_as_sqlalchemy_stores_them(setti
         async with database.session() as session:
             ids = await add_job_with_workers(session, "jfast1")
             await session.execute(SET_RESULT, [{"b_id": ids[0], **values}])
-            changed = await fast.execute_many(session, FAST_SET_RESULT, [{"b_id": ids[1], **values}])
+            changed = await precompiled.execute_many(session, FAST_SET_RESULT, [{"b_id": ids[1], **values}])
             assert changed == 1
         async with database.session() as session:
             raw = (
@@ -135,7 +135,7 @@ def test_values_written_on_the_driver_are_stored_as_sqlalchemy_stores_them(setti
             ).all()
             assert raw[0][1:] == raw[1][1:]
             through_session = (await session.execute(SELECT_WORKERS, {"ids": ids})).all()
-            on_driver = await fast.fetch(session, FAST_SELECT, {"ids": ids})
+            on_driver = await precompiled.fetch(session, FAST_SELECT, {"ids": ids})
             assert [tuple(row) for row in on_driver] == [tuple(row) for row in through_session]
             by_id = {row.id: row for row in on_driver}
             assert by_id[ids[1]].started_at == started  # aware, UTC, microseconds kept
@@ -153,19 +153,19 @@ def test_lists_literals_and_returning(settings: Settings) -> None:
             ids = await add_job_with_workers(session, "jfast2")
             await session.execute(update(Worker).where(Worker.id == ids[2]).values(status="COMPLETED"))
             # The statement's own literals ('RUNNING', 'PAUSED') apply alongside the IN list.
-            rows = await fast.fetch(session, FAST_SELECT, {"ids": [*ids, "missing"]})
+            rows = await precompiled.fetch(session, FAST_SELECT, {"ids": [*ids, "missing"]})
             assert sorted(row.id for row in rows) == ids[:2]
             # NOT IN, with a list and with an empty one (which matches every row).
-            others = await fast.fetch(session, FAST_NOT_IN, {"job": "jfast2", "ids": [ids[0]]})
+            others = await precompiled.fetch(session, FAST_NOT_IN, {"job": "jfast2", "ids": [ids[0]]})
             assert [row.id for row in others] == ids[1:]
-            everyone = await fast.fetch(session, FAST_NOT_IN, {"job": "jfast2", "ids": []})
+            everyone = await precompiled.fetch(session, FAST_NOT_IN, {"job": "jfast2", "ids": []})
             assert [row.id for row in everyone] == ids
-            assert await fast.fetch(session, FAST_SELECT, {"ids": []}) == []
-            released = await fast.fetch(session, RELEASE, {"ids": ids[:2]})
+            assert await precompiled.fetch(session, FAST_SELECT, {"ids": []}) == []
+            released = await precompiled.fetch(session, RELEASE, {"ids": ids[:2]})
             assert sorted(row.id for row in released) == ids[:2]
             assert all(row.finished_at is None for row in released)
-            assert await fast.fetch(session, RELEASE, {"ids": ids[:2]}) == []  # released already
-            assert await fast.execute(session, FAST_SET_RESULT, {"b_id": "missing", **_nothing()}) == 0
+            assert await precompiled.fetch(session, RELEASE, {"ids": ids[:2]}) == []  # released already
+            assert await precompiled.execute(session, FAST_SET_RESULT, {"b_id": "missing", **_nothing()}) == 0
 
     run(settings, body)
 
@@ -178,11 +178,11 @@ def test_writes_on_the_driver_belong_to_the_session_transaction(settings: Settin
     async def body(database: Database) -> None:
         with pytest.raises(RuntimeError):
             async with database.session() as session:
-                await fast.execute_many(session, INSERT_JOB, [job_row("jfast3")])
+                await precompiled.execute_many(session, INSERT_JOB, [job_row("jfast3")])
                 raise RuntimeError("roll back")
         async with database.session() as session:
             assert await session.get(Job, "jfast3") is None
-            await fast.execute_many(session, INSERT_JOB, [job_row("jfast3")])
+            await precompiled.execute_many(session, INSERT_JOB, [job_row("jfast3")])
         async with database.session() as session:
             job = await session.get(Job, "jfast3")
             assert job is not None and job.agent_options == {"a": [1, 2]}
@@ -193,10 +193,10 @@ def test_writes_on_the_driver_belong_to_the_session_transaction(settings: Settin
 def test_a_constraint_violation_is_sqlalchemy_s_integrity_error(settings: Settings) -> None:
     async def body(database: Database) -> None:
         async with database.session() as session:
-            await fast.execute_many(session, INSERT_JOB, [job_row("jfast4")])
+            await precompiled.execute_many(session, INSERT_JOB, [job_row("jfast4")])
         with pytest.raises(IntegrityError):
             async with database.session() as session:
-                await fast.execute_many(session, INSERT_JOB, [job_row("jfast4")])  # same key
+                await precompiled.execute_many(session, INSERT_JOB, [job_row("jfast4")])  # same key
 
     run(settings, body)
 
