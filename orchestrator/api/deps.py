@@ -20,7 +20,7 @@ from orchestrator.core.config import Settings
 from orchestrator.core.errors import Forbidden, Unauthorized
 from orchestrator.core.states import WORKER_LIVE
 from orchestrator.db.session import Database
-from orchestrator.db.unit_of_work import UnitOfWork
+from orchestrator.db.unit_of_work import UnitOfWork, unit_of_work
 from orchestrator.jobs import repository as jobs_repo
 from orchestrator.workers import repository as workers_repo
 
@@ -69,16 +69,17 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 AgentsDep = Annotated[AgentRegistry, Depends(get_agents)]
 
 
-async def get_unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
-    """The request's unit of work, for an endpoint that writes: committed (its events written, its
-    topics announced) when the endpoint returns, before the response is sent."""
-    database: Database = request.app.state.db
-    async with database.session() as session:
-        yield session
-
-
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
-UnitOfWorkDep = Annotated[UnitOfWork, Depends(get_unit_of_work, scope="function")]
+
+
+async def get_unit_of_work(session: SessionDep) -> UnitOfWork:
+    """The request's session (one per request: authentication reads through it too), typed as the
+    unit of work it is for a method that writes: committed, its events written and its topics
+    announced, when the endpoint returns, before the response is sent."""
+    return unit_of_work(session)
+
+
+UnitOfWorkDep = Annotated[UnitOfWork, Depends(get_unit_of_work)]
 
 
 async def authenticate(
