@@ -1,11 +1,17 @@
-"""Statements run on the driver (orchestrator.db.precompiled) store and read exactly what the same
-statements store and read through SQLAlchemy's session, in the session's transaction."""
+"""Precompiled statements (orchestrator.db.precompiled, on SQLite run on the driver) store and read
+exactly what the same statements store and read through SQLAlchemy, in the session's
+transaction; and every one of them in orchestrator/ does so on this database (the conformance
+test, below: run on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
+import pkgutil
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -14,10 +20,12 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+import orchestrator
 from orchestrator.core.config import Settings
 from orchestrator.db import precompiled
-from orchestrator.db.models import Job, UTCDateTime, Worker
+from orchestrator.db.models import Allocation, Base, Job, ResourcePool, UTCDateTime, Worker
 from orchestrator.db.session import Database
+from orchestrator.jobs import service as jobs_service
 
 JOBS = cast(Table, Job.__table__)
 WORKERS = cast(Table, Worker.__table__)
@@ -221,3 +229,266 @@ def test_sqlite_datetimes_are_the_text_sqlalchemy_writes(moment: datetime) -> No
     read = UTCDateTime().result_processor(dialect, None)
     assert read is not None and read(ours(moment)) == as_utc and read(ours(moment)).tzinfo is not None
     assert ours(None) is None and read(None) is None
+
+
+# --- Conformance: every precompiled statement in orchestrator/, on this database -------------------
+#
+# Each statement runs twice on the same seeded rows, each time in a transaction rolled back after:
+# once as the application runs it (precompiled.fetch / execute / execute_many: on SQLite on the
+# driver) and once through SQLAlchemy's Core connection. The rows it returns, the rows it changed
+# and the tables afterwards must be the same, and the run must do something (rows back, or a
+# change), so a case cannot pass by matching nothing. Statements are found, not listed: every
+# precompiled.Statement a module of orchestrator/ holds (a global, a global dict's value, or what
+# a functools.cache builder returns), so a new statement without a case here fails.
+
+ENGINE = "e_conform"
+NOW = datetime(2026, 12, 5, 1, 2, 3, 456789, tzinfo=UTC)
+FETCH, EXECUTE, MANY = "fetch", "execute", "execute_many"
+Trial = tuple[precompiled.Statement, str, Any]  # statement, how it is run, parameters
+SEEDED_TABLES = ("jobs", "workers", "allocations", "resource_pools", "workspaces", "events")
+
+
+def find_statements() -> dict[str, Any]:
+    """Every precompiled statement (or cached builder of statements) in orchestrator/, by name."""
+    found: dict[str, Any] = {}
+    for info in pkgutil.walk_packages(orchestrator.__path__, "orchestrator."):
+        spec = importlib.util.find_spec(info.name)
+        if info.ispkg or spec is None or spec.origin is None:
+            continue
+        if "precompiled" not in Path(spec.origin).read_text() or info.name.startswith(
+            "orchestrator.db.precompiled"
+        ):
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if isinstance(value, precompiled.Statement):
+                found[f"{info.name}.{name}"] = value
+            elif isinstance(value, dict):
+                found |= {
+                    f"{info.name}.{name}[{key!r}]": item
+                    for key, item in value.items()
+                    if isinstance(item, precompiled.Statement)
+                }
+            elif _is_statement_builder(value, info.name):
+                found[f"{info.name}.{name}()"] = value
+    return found
+
+
+def _is_statement_builder(value: Any, module: str) -> bool:
+    """A functools.cache builder of this module returning a statement (built once per argument)."""
+    if not (
+        callable(value) and getattr(value, "__module__", None) == module and hasattr(value, "cache_info")
+    ):
+        return False
+    return "Statement" in str(getattr(value, "__wrapped__", value).__annotations__.get("return"))
+
+
+def _claims(build: Any, postgres: bool) -> list[Trial]:
+    counts = {"n0": 5, "n1": 5}
+    if postgres:
+        return [(build((0, 1), allocated=True, postgres=True), FETCH, counts | {"n_allocated": 5})]
+    return [
+        (build((0, 1), allocated=False, postgres=False), FETCH, counts),
+        (build((0,), allocated=True, postgres=False), FETCH, {"n0": 5, "allocated": ["c_pend1"]}),
+    ]
+
+
+def _event() -> dict[str, Any]:
+    return {
+        "job_id": "c_run",
+        "worker_id": "c_run_w0",
+        "kind": "worker.status",
+        "actor": "conformance",
+        "from_status": "IDLE",
+        "to_status": "RUNNING",
+        "reason": None,
+        "data": {"k": [1, None]},
+        "created_at": NOW,
+    }
+
+
+def _new_worker() -> dict[str, Any]:
+    return {
+        "id": "c_new_w0",
+        "job_id": "c_pend0",
+        "workspace_id": None,
+        "status": "IDLE",
+        "worker_index": 0,
+        "depth": 0,
+        "agent": "simulated",
+        "holds_slot": False,
+        "log_offset": 0,
+        "log_lines": 0,
+        "cost_usd": 0.0,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "created_at": NOW,
+        "updated_at": NOW,
+    }
+
+
+def _submitted() -> dict[str, Any]:
+    row = {name: value for name, value in job_row("c_submit").items() if name in jobs_service._JOB_COLUMNS}
+    row |= {"status": "PENDING", "created_at": NOW, "updated_at": NOW, "workspace_id": "c_ws_new"}
+    row |= {"a_depth": 0, "a_max_slots": 3, "a_updated_at": NOW}
+    return row | {"w_id": "c_ws_new", "w_repository": None, "w_root_job_id": "c_submit", "w_created_at": NOW}
+
+
+def _worker_change() -> dict[str, Any]:
+    return {
+        "b_id": "c_run_w0",
+        "b_status": "IDLE",
+        "status": "RUNNING",
+        "updated_at": NOW,
+        "holds_slot": True,
+    }
+
+
+def _case(how: str, params: Any) -> Callable[[Any, bool], list[Trial]]:
+    return lambda statement, _postgres: [(statement, how, params)]
+
+
+Q, R, J = "orchestrator.engine.queries.", "orchestrator.resources.repository.", "orchestrator.jobs.service."
+CASES: dict[str, Callable[[Any, bool], list[Trial]]] = {
+    "orchestrator.db.unit_of_work._INSERT_EVENTS": _case(MANY, [_event(), _event() | {"kind": "agent.x"}]),
+    "orchestrator.db.transitions._guarded_update()": lambda build, _: [
+        (build(Worker, ("holds_slot", "status", "updated_at")), MANY, [_worker_change()])
+    ],
+    "orchestrator.db.transitions._statuses_of()": lambda build, _: [
+        (build(Job), FETCH, {"ids": ["c_run", "c_pend0"]}),
+        (build(Worker), FETCH, {"ids": ["c_run_w0", "c_run_w1"]}),
+    ],
+    Q + "_CHILDREN": _case(FETCH, {"ids": ["c_run"]}),
+    Q + "_CLAIM": _case(FETCH, {"ids": ["c_pend0", "c_pend1", "c_run"], "b_engine": ENGINE}),
+    Q + "_ENDINGS_OF_JOBS": _case(FETCH, {"ids": ["c_run", "c_done"]}),
+    Q + "_FAST_UNBOUND_JOB_IDS": _case(FETCH, {}),
+    Q + "_INSERT_WORKERS": _case(MANY, [_new_worker()]),
+    Q + "_JOBS_WITHOUT_LIVE_WORKERS": _case(FETCH, {"engine_id": ENGINE}),
+    Q + "_OWNED_PENDING": _case(FETCH, {"engine_id": ENGINE}),
+    Q + "_UNBOUND": _case(FETCH, {"ids": ["c_run", "c_pend0"]}),
+    Q + "_WORKER_STATUSES": _case(FETCH, {"ids": ["c_run_w0", "c_run_w1", "c_done_w0"]}),
+    Q + "_claim_candidates()": lambda build, postgres: _claims(build, postgres),
+    Q + "_idle_workers_statement()": lambda build, _: [
+        (build((0,)), FETCH, {"n0": 5, "engine_id": ENGINE, "limit": 10}),
+        (build(()), FETCH, {"engine_id": ENGINE, "limit": 10}),  # no free slot: bound ones only
+    ],
+    J + "_INSERT_ALLOCATION": _case(EXECUTE, _submitted() | {"id": "c_pend1"}),  # c_pend1 has none
+    J + "_INSERT_JOB": _case(EXECUTE, _submitted() | {"workspace_id": None}),
+    J + "_INSERT_WORKSPACE": _case(EXECUTE, _submitted()),
+    R + "_ALLOCATIONS_BIND_NEW": _case(MANY, [{"b_job": "c_run", "b_n": 1, "b_now": NOW}]),
+    R + "_ALLOCATIONS_RETURN": _case(MANY, [{"b_job": "c_run", "b_n": 1, "b_now": NOW}]),
+    R + "_ALLOCATIONS_ROOM": _case(FETCH, {"job_ids": ["c_run", "c_pend0"]}),
+    R + "_POOLS_FREE_STATEMENTS[(False, False)]": _case(FETCH, {}),
+    R + "_POOLS_FREE_STATEMENTS[(False, True)]": _case(FETCH, {}),
+    R + "_POOLS_FREE_STATEMENTS[(True, False)]": _case(FETCH, {"depths": [0, 1]}),
+    R + "_POOLS_FREE_STATEMENTS[(True, True)]": _case(FETCH, {"depths": [1]}),
+    R + "_POOL_GIVE_BACK": _case(EXECUTE, {"b_depth": 0, "b_count": 1}),
+    R + "_POOL_TAKE": _case(EXECUTE, {"b_depth": 1, "b_count": 2}),
+    R + "_WORKERS_HOLD": _case(EXECUTE, {"ids": ["c_run_w0", "c_run_w1"]}),
+    R + "_WORKERS_RELEASE": _case(FETCH, {"ids": ["c_run_w0", "c_run_w1"]}),
+}
+FOUND = find_statements()
+
+
+def test_every_precompiled_statement_has_a_conformance_case() -> None:
+    assert len(FOUND) >= 20, sorted(FOUND)  # the finder finds them (engine, resources, jobs, db)
+    assert sorted(set(FOUND) - set(CASES)) == [], "add a case to CASES for each new statement"
+    assert sorted(set(CASES) - set(FOUND)) == [], "a case for a statement that no longer exists"
+
+
+@pytest.fixture(scope="module")
+def seeded(settings: Settings) -> Settings:
+    """Jobs in each state the statements look for: two unowned PENDING (depths 0 and 1), one
+    PENDING this engine owns, one RUNNING with an IDLE and a RUNNING worker holding a slot and
+    an allocation with an unbound slot, one RUNNING whose only worker has ended."""
+
+    def job(job_id: str, status: str, **values: Any) -> dict[str, Any]:
+        return job_row(job_id) | {"status": status, "created_at": NOW, "updated_at": NOW} | values
+
+    def worker(worker_id: str, job_id: str, index: int, status: str, holds: bool) -> Worker:
+        return Worker(
+            id=worker_id, job_id=job_id, status=status, worker_index=index, depth=0, agent="simulated",
+            holds_slot=holds, created_at=NOW, updated_at=NOW,
+        )  # fmt: skip
+
+    async def body(database: Database) -> None:
+        async with database.session() as session:
+            await session.execute(
+                insert(JOBS),
+                [
+                    job("c_run", "RUNNING", engine_id=ENGINE),
+                    job("c_pend0", "PENDING", worker_count=2),
+                    job("c_pend1", "PENDING", depth=1, parent_job_id="c_run", path="c_run/c_pend1/"),
+                    job("c_owned", "PENDING", engine_id=ENGINE),
+                    job("c_done", "RUNNING", engine_id=ENGINE),
+                ],
+            )
+            session.add_all(
+                [
+                    worker("c_run_w0", "c_run", 0, "IDLE", False),
+                    worker("c_run_w1", "c_run", 1, "RUNNING", True),
+                    worker("c_done_w0", "c_done", 0, "COMPLETED", False),
+                    Allocation(job_id="c_run", depth=0, slots=2, bound=1, max_slots=3, updated_at=NOW),
+                    Allocation(job_id="c_pend0", depth=0, slots=0, bound=0, max_slots=2, updated_at=NOW),
+                ]
+            )
+            await session.execute(update(ResourcePool).where(ResourcePool.depth == 0).values(allocated=2))
+
+    run(settings, body)
+    return settings
+
+
+@pytest.mark.parametrize("name", sorted(FOUND))
+def test_a_precompiled_statement_runs_as_sqlalchemy_runs_it(seeded: Settings, name: str) -> None:
+    async def body(database: Database) -> None:
+        assert name in CASES, f"no conformance case for {name}"
+        for statement, how, params in CASES[name](FOUND[name], database.is_postgres):
+            precompiled_run = await _outcome(database, statement, how, params, precompiled_path=True)
+            sqlalchemy_run = await _outcome(database, statement, how, params, precompiled_path=False)
+            assert precompiled_run == sqlalchemy_run
+            returned, changed, before, after = precompiled_run
+            assert returned or changed or before != after, f"{name} did nothing: its case tests nothing"
+
+    run(seeded, body)
+
+
+async def _outcome(
+    database: Database, statement: precompiled.Statement, how: str, params: Any, *, precompiled_path: bool
+) -> tuple[list[str], int, list[Any], list[Any]]:
+    """(rows returned, rows changed when the driver says, tables before, tables after), in a
+    transaction rolled back."""
+    session = database.sessionmaker()
+    try:
+        before = await _tables(session)
+        returned: list[Any] = []
+        changed = 0
+        if precompiled_path:
+            if how == FETCH:
+                returned = await precompiled.fetch(session, statement, params)
+            elif how == EXECUTE:
+                changed = await precompiled.execute(session, statement, params)
+            else:
+                changed = await precompiled.execute_many(session, statement, params)
+        else:
+            result = await (await session.connection()).execute(statement.core_statement, params)
+            if how == FETCH:
+                returned = list(result.all())
+            else:
+                changed = result.rowcount
+        return sorted(repr(tuple(row)) for row in returned), max(changed, 0), before, await _tables(session)
+    finally:
+        await session.rollback()
+        await session.close()
+
+
+async def _tables(session: AsyncSession) -> list[Any]:
+    rows: list[Any] = []
+    for name in SEEDED_TABLES:
+        table = Base.metadata.tables[name]
+        # Not an id from a sequence (events): PostgreSQL's do not roll back, so each run's differ.
+        columns = [
+            column for column in table.columns if not (column.primary_key and column.autoincrement is True)
+        ]
+        result = await session.execute(select(*columns))
+        rows.append(sorted(repr(tuple(row)) for row in result))
+    return rows
