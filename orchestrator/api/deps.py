@@ -67,8 +67,6 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 AgentsDep = Annotated[AgentRegistry, Depends(get_agents)]
-
-
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 

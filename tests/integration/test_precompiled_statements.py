@@ -396,6 +396,13 @@ def test_every_precompiled_statement_has_a_conformance_case() -> None:
     assert sorted(set(CASES) - set(FOUND)) == [], "a case for a statement that no longer exists"
 
 
+def test_the_submit_insert_names_every_column_a_new_job_sets() -> None:
+    """jobs/service.py writes a submitted job with a precompiled INSERT of `_JOB_COLUMNS`: a
+    column of `jobs` missing there would be left NULL (or its server default) on every submit."""
+    left_null_on_submit = {"engine_id", "status_reason", "started_at", "finished_at"}
+    assert set(jobs_service._JOB_COLUMNS) == set(JOBS.columns.keys()) - left_null_on_submit
+
+
 @pytest.fixture(scope="module")
 def seeded(settings: Settings) -> Settings:
     """Jobs in each state the statements look for: two unowned PENDING (depths 0 and 1), one
