@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 from sqlalchemy import bindparam, insert, text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from orchestrator.db import precompiled
 from orchestrator.db.models import Event, WorkerLog, utcnow
@@ -156,15 +157,12 @@ class UnitOfWork(_Session):
 
     async def commit(self) -> None:
         """Write the recorded events, commit, then announce the published topics."""
-        events, topics = self.pending_events, self.topics
+        events, topics, has_transaction_id = self.pending_events, self.topics, self.has_transaction_id
         self._forget()
-        await self._take_transaction_id(
-            ordered_rows=bool(events) or any(isinstance(o, Event | WorkerLog) for o in self.new)
-        )
-        if events:
-            await precompiled.execute_many(self, _INSERT_EVENTS, events)
-        await super().commit()
-        self.has_transaction_id = False
+        self.sqlite_driver = None
+        # The writes and the commit in one call into SQLAlchemy's synchronous session: one
+        # switch from the event loop for both, as a plain commit costs.
+        await self.run_sync(_write_and_commit, events, has_transaction_id)
         announce(topics)
 
     async def rollback(self) -> None:
@@ -195,6 +193,17 @@ class UnitOfWork(_Session):
             return
         await (await self.connection()).exec_driver_sql(_TAKE_TRANSACTION_ID)
         self.has_transaction_id = True
+
+
+def _write_and_commit(session: Session, events: list[EventRow], has_transaction_id: bool) -> None:
+    """The commit of a unit of work: its events (one multi-row INSERT), after taking a
+    transaction id first on PostgreSQL (see UnitOfWork._take_transaction_id), then COMMIT."""
+    if events or any(isinstance(o, Event | WorkerLog) for o in session.new):
+        connection = session.connection()
+        if connection.dialect.name == "postgresql" and not has_transaction_id:
+            connection.exec_driver_sql(_TAKE_TRANSACTION_ID)
+        precompiled.execute_many_sync(connection, _INSERT_EVENTS, events)
+    session.commit()
 
 
 def unit_of_work(session: AsyncSession) -> UnitOfWork:

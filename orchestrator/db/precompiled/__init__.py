@@ -22,6 +22,7 @@ from orchestrator.db.precompiled.run import (
     StatementSession,
     execute,
     execute_many,
+    execute_many_sync,
     fetch,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "StatementSession",
     "execute",
     "execute_many",
+    "execute_many_sync",
     "fetch",
     "record_type",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import Executable
 
@@ -126,6 +126,18 @@ async def execute_many(session: AsyncSession, statement: Statement, rows: Sequen
         return int(result.rowcount)
     sql, arguments = many_arguments(statement.for_sqlite(_dialect(session)), rows)
     return (await sqlite.run_async(sql, arguments, many=True)).rowcount
+
+
+def execute_many_sync(connection: Connection, statement: Statement, rows: Sequence[Params]) -> None:
+    """`execute_many` in synchronous code (a unit of work's commit), on the transaction's connection."""
+    if not rows:
+        return
+    driver = connection.connection.driver_connection
+    if connection.dialect.name != "sqlite" or not isinstance(driver, InlineConnection):
+        connection.execute(statement.core_statement, [dict(row) for row in rows])
+        return
+    sql, arguments = many_arguments(statement.for_sqlite(connection.dialect), rows)
+    SQLiteDriver(driver, connection).run(sql, arguments, many=True)
 
 
 def _may_run(session: AsyncSession, statement: Statement) -> None:
