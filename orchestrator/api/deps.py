@@ -20,6 +20,7 @@ from orchestrator.core.config import Settings
 from orchestrator.core.errors import Forbidden, Unauthorized
 from orchestrator.core.states import WORKER_LIVE
 from orchestrator.db.session import Database
+from orchestrator.db.unit_of_work import UnitOfWork, unit_of_work
 from orchestrator.jobs import repository as jobs_repo
 from orchestrator.workers import repository as workers_repo
 
@@ -62,6 +63,16 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 AgentsDep = Annotated[AgentRegistry, Depends(get_agents)]
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+async def get_unit_of_work(session: SessionDep) -> UnitOfWork:
+    """The request's session (one per request: authentication reads through it too), typed as the
+    unit of work it is for a method that writes: committed, its events written and its topics
+    announced, when the endpoint returns, before the response is sent."""
+    return unit_of_work(session)
+
+
+UnitOfWorkDep = Annotated[UnitOfWork, Depends(get_unit_of_work)]
 
 
 async def authenticate(

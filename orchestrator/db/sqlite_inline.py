@@ -138,7 +138,7 @@ class InlineConnection:
 
     @property
     def connection(self) -> sqlite3.Connection:
-        """The sqlite3 connection itself (orchestrator.db.fast runs statements on it)."""
+        """The sqlite3 connection itself (orchestrator.db.precompiled runs statements on it)."""
         return self._conn
 
     async def run_inline(self, call: Callable[[], T]) -> T:

@@ -25,9 +25,9 @@ from orchestrator.core.states import (
     JobStatus,
     WorkerStatus,
 )
-from orchestrator.db import fast
-from orchestrator.db.events import record_event
+from orchestrator.db import precompiled
 from orchestrator.db.models import Job, Worker, utcnow
+from orchestrator.db.unit_of_work import unit_of_work
 
 Entity = TypeVar("Entity", Job, Worker)
 
@@ -108,8 +108,7 @@ async def _transition(
         raise InvalidTransition(name, entity_id, now_status, target.value)
 
     job_id = entity.job_id if isinstance(entity, Worker) else entity_id
-    record_event(
-        session,
+    unit_of_work(session).record_event(
         job_id=job_id,
         worker_id=None if is_job else entity_id,
         kind=f"{name}.status",
@@ -140,7 +139,7 @@ class KnownRow(Protocol):
 
 class Change:
     """One status change of a batch: `known` is the row as read in this same transaction (an ORM
-    object, or a `fast.Record` with `model` saying which table it is a row of)."""
+    object, or a `precompiled.Record` with `model` saying which table it is a row of)."""
 
     __slots__ = ("data", "known", "model", "reason", "target", "values")
 
@@ -176,6 +175,7 @@ async def transition_many(session: AsyncSession, changes: list[Change], *, actor
     """
     if not changes:
         return
+    work = unit_of_work(session)  # a read session or a stray one fails here, before any write
     now = utcnow()
     shapes: dict[tuple[type[Job] | type[Worker], tuple[str, ...]], list[dict[str, Any]]] = {}
     applied: list[tuple[Change, dict[str, Any]]] = []
@@ -205,14 +205,13 @@ async def transition_many(session: AsyncSession, changes: list[Change], *, actor
         applied.append((change, values))
     exact = session.bind.dialect.supports_sane_multi_rowcount if session.bind else False
     for (model, columns), rows in shapes.items():
-        changed = await fast.execute_many(session, _guarded_update(model, columns), rows)
+        changed = await precompiled.execute_many(session, _guarded_update(model, columns), rows)
         if exact and changed != len(rows):
             raise StaleBatch(f"{len(rows) - changed} of {len(rows)} rows changed under a batch")
     for change, values in applied:
         entity = change.known
         is_worker = change.model is Worker
-        record_event(
-            session,
+        work.record_event(
             job_id=cast(Worker, entity).job_id if is_worker else entity.id,  # a worker's row has it
             worker_id=entity.id if is_worker else None,
             kind="worker.status" if is_worker else "job.status",
@@ -223,7 +222,7 @@ async def transition_many(session: AsyncSession, changes: list[Change], *, actor
             data=change.data,
             created_at=now,
         )
-        if isinstance(entity, fast.Record):
+        if isinstance(entity, precompiled.Record):
             for key, value in values.items():
                 if key in entity._fields:
                     setattr(entity, key, value)
@@ -233,10 +232,10 @@ async def transition_many(session: AsyncSession, changes: list[Change], *, actor
 
 
 @functools.cache
-def _guarded_update(model: type[Job] | type[Worker], columns: tuple[str, ...]) -> fast.FastStatement:
+def _guarded_update(model: type[Job] | type[Worker], columns: tuple[str, ...]) -> precompiled.Statement:
     """The UPDATE for one shape of change, built once (a pass runs several)."""
     table = cast(Table, model.__table__)
-    return fast.FastStatement(
+    return precompiled.Statement(
         update(table)
         .where(table.c.id == bindparam("b_id"), table.c.status == bindparam("b_status"))
         .values({column: bindparam(column) for column in columns})
@@ -244,13 +243,14 @@ def _guarded_update(model: type[Job] | type[Worker], columns: tuple[str, ...]) -
 
 
 @functools.cache
-def _statuses_of(model: type[Job] | type[Worker]) -> fast.FastStatement:
+def _statuses_of(model: type[Job] | type[Worker]) -> precompiled.Statement:
     ids: BindParameter[list[str]] = bindparam("ids", expanding=True)
-    return fast.FastStatement(select(model.id, model.status).where(model.id.in_(ids)), lock=True)
+    return precompiled.Statement(select(model.id, model.status).where(model.id.in_(ids)), lock=True)
 
 
 async def lock_statuses(session: AsyncSession, model: type[Entity], ids: list[str]) -> dict[str, str]:
     """Current status of each row, locked until the transaction ends (db/locking.py)."""
     if not ids:
         return {}
-    return {row_id: status for row_id, status in await fast.fetch(session, _statuses_of(model), {"ids": ids})}
+    rows = await precompiled.fetch(session, _statuses_of(model), {"ids": ids})
+    return {row_id: status for row_id, status in rows}

@@ -26,7 +26,7 @@ from sqlalchemy.sql.elements import BindParameter
 
 from orchestrator.core.ids import new_worker_id
 from orchestrator.core.states import WORKER_LIVE, JobStatus, WorkerStatus
-from orchestrator.db import fast
+from orchestrator.db import precompiled as fast
 from orchestrator.db.events import record_event
 from orchestrator.db.locking import for_update, is_postgres
 from orchestrator.db.models import Allocation, EngineRecord, Job, Worker, utcnow

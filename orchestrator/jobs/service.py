@@ -24,13 +24,13 @@ from orchestrator.core.errors import (
 )
 from orchestrator.core.ids import new_job_id, new_workspace_id
 from orchestrator.core.states import JOB_FINAL, WORKER_LIVE, JobStatus
-from orchestrator.db import fast
-from orchestrator.db.events import record_event
+from orchestrator.db import precompiled
 from orchestrator.db.locking import is_postgres
 from orchestrator.db.lookups import get_visible_job as get_visible_job
 from orchestrator.db.models import Allocation, Event, Job, Worker, Workspace, utcnow
-from orchestrator.db.notify import CHANNEL, notify
+from orchestrator.db.topics import CHANNEL, Topic
 from orchestrator.db.transitions import transition_job
+from orchestrator.db.unit_of_work import UnitOfWork, unit_of_work
 from orchestrator.jobs import budget
 from orchestrator.jobs import repository as repo
 from orchestrator.jobs.schemas import JobSubmit, JobUsage, WorkerUsageOut
@@ -40,7 +40,7 @@ from orchestrator.workers.service import request_stop
 from orchestrator.workspaces import refs
 from orchestrator.workspaces.git import resolve_repository
 
-JOBS_TOPIC = "jobs"
+JOBS_TOPIC = Topic.JOBS  # the name the engine imports until its rewrite is merged
 
 _JOB_COLUMNS = (
     "id",
@@ -83,10 +83,10 @@ _WORKSPACE_ROW = insert(Workspace).values(
     root_job_id=bindparam("w_root_job_id", type_=Workspace.__table__.c.root_job_id.type),
     created_at=bindparam("w_created_at", type_=Workspace.__table__.c.created_at.type),
 )
-_INSERT_JOB = fast.FastStatement(_JOB_ROW)
-_INSERT_ALLOCATION = fast.FastStatement(_ALLOCATION_ROW)
-_INSERT_WORKSPACE = fast.FastStatement(_WORKSPACE_ROW)
-# PostgreSQL, by whether the workspace is new: the rows and db/notify.py's pg_notify in one
+_INSERT_JOB = precompiled.Statement(_JOB_ROW)
+_INSERT_ALLOCATION = precompiled.Statement(_ALLOCATION_ROW)
+_INSERT_WORKSPACE = precompiled.Statement(_WORKSPACE_ROW)
+# PostgreSQL, by whether the workspace is new: the rows and UnitOfWork.publish's pg_notify in one
 # statement (the allocation's foreign key to the job is checked at the statement's end).
 _SUBMIT_PG = {
     new_workspace: select(func.pg_notify(bindparam("channel"), bindparam("topic"))).add_cte(
@@ -104,7 +104,7 @@ LimitsValidator = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 async def submit(
-    session: AsyncSession,
+    session: UnitOfWork,
     settings: Settings,
     actor: Actor,
     body: JobSubmit,
@@ -199,7 +199,7 @@ async def submit(
         created_at=now,
         updated_at=now,
     )
-    # The rows go out as precompiled INSERTs (db/fast.py), not through the ORM's unit of work:
+    # The rows go out as precompiled INSERTs (db/precompiled), not through the ORM's unit of work:
     # submit is the API's hottest write, and a flush costs more CPU than the statements. The Job
     # object is the response's source only; it is not added to the session.
     rows: dict[str, Any] = {name: getattr(job, name) for name in _JOB_COLUMNS}
@@ -208,17 +208,16 @@ async def submit(
     if is_postgres(session):
         # One round trip for the rows and the wake-up: a data-modifying WITH runs every INSERT.
         # Its first insert gives the transaction its id before the event rows take sequence
-        # values at commit (db/session.py), so that statement is not needed either.
-        await session.execute(_SUBMIT_PG[new_workspace], rows | {"channel": CHANNEL, "topic": JOBS_TOPIC})
-        session.sync_session.info["has_xid"] = True
-        session.sync_session.info.setdefault("notify", set()).add(JOBS_TOPIC)
+        # values at commit (UnitOfWork.commit), so that statement is not needed either.
+        notice = {"channel": CHANNEL, "topic": Topic.JOBS.value}
+        await session.execute(_SUBMIT_PG[new_workspace], rows | notice)
+        session.published_by_statement(Topic.JOBS)
     else:
         if new_workspace:
-            await fast.execute(session, _INSERT_WORKSPACE, rows)
-        await fast.execute(session, _INSERT_JOB, rows)
-        await fast.execute(session, _INSERT_ALLOCATION, rows)
-    record_event(
-        session,
+            await precompiled.execute(session, _INSERT_WORKSPACE, rows)
+        await precompiled.execute(session, _INSERT_JOB, rows)
+        await precompiled.execute(session, _INSERT_ALLOCATION, rows)
+    session.record_event(
         job_id=job_id,
         kind="job.status",
         actor=actor.name,
@@ -228,7 +227,7 @@ async def submit(
         created_at=now,
     )
     if not is_postgres(session):
-        await notify(session, JOBS_TOPIC)
+        await session.publish(Topic.JOBS)
     return job
 
 
@@ -300,7 +299,7 @@ def _visible(actor: Actor, where: repo.JobFilter) -> repo.JobFilter:
     return replace(where, path_prefix=actor.subtree_path)
 
 
-async def cancel(session: AsyncSession, actor: Actor, job_id: str) -> Job:
+async def cancel(session: UnitOfWork, actor: Actor, job_id: str) -> Job:
     """Cancel a job and, depth first, every unfinished descendant; their workers are terminated."""
     job = await get_visible_job(session, actor, job_id)
     if actor.is_worker and job.id == actor.worker_job_id:
@@ -334,7 +333,7 @@ async def cancel_one(session: AsyncSession, actor: Actor, job: Job, *, reason: s
             raise
         return
     await release_unbound(session, job.id, job.depth)
-    await notify(session, JOBS_TOPIC)
+    await unit_of_work(session).publish(Topic.JOBS)
 
 
 async def events(

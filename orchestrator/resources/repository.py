@@ -9,7 +9,7 @@ from typing import cast
 from sqlalchemy import Table, bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator.db import fast
+from orchestrator.db import precompiled
 from orchestrator.db.locking import for_update, is_postgres
 from orchestrator.db.models import Allocation, ResourcePool, Worker, utcnow
 
@@ -62,8 +62,8 @@ async def get_allocation(session: AsyncSession, job_id: str, *, lock: bool = Fal
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-# The engine runs these every pass: built once, run on the driver (orchestrator.db.fast).
-_POOL_TAKE = fast.FastStatement(
+# The engine runs these every pass: built once, run on the driver (orchestrator.db.precompiled).
+_POOL_TAKE = precompiled.Statement(
     update(ResourcePool)
     .where(
         ResourcePool.depth == bindparam("b_depth"),
@@ -71,7 +71,7 @@ _POOL_TAKE = fast.FastStatement(
     )
     .values(allocated=ResourcePool.allocated + bindparam("b_count"))
 )
-_POOL_GIVE_BACK = fast.FastStatement(
+_POOL_GIVE_BACK = precompiled.Statement(
     update(ResourcePool)
     .where(ResourcePool.depth == bindparam("b_depth"), ResourcePool.allocated >= bindparam("b_count"))
     .values(allocated=ResourcePool.allocated - bindparam("b_count"))
@@ -80,19 +80,19 @@ _POOLS_FREE = select(ResourcePool.depth, ResourcePool.max_workers - ResourcePool
 _POOLS_FREE_AT = _POOLS_FREE.where(ResourcePool.depth.in_(bindparam("depths", expanding=True)))
 # (all depths or some, locked or not)
 _POOLS_FREE_STATEMENTS = {
-    (False, False): fast.FastStatement(_POOLS_FREE),
-    (False, True): fast.FastStatement(_POOLS_FREE, lock=True),
-    (True, False): fast.FastStatement(_POOLS_FREE_AT),
-    (True, True): fast.FastStatement(_POOLS_FREE_AT, lock=True),
+    (False, False): precompiled.Statement(_POOLS_FREE),
+    (False, True): precompiled.Statement(_POOLS_FREE, lock=True),
+    (True, False): precompiled.Statement(_POOLS_FREE_AT),
+    (True, True): precompiled.Statement(_POOLS_FREE_AT, lock=True),
 }
-_ALLOCATIONS_ROOM = fast.FastStatement(
+_ALLOCATIONS_ROOM = precompiled.Statement(
     select(
         Allocation.job_id, Allocation.slots - Allocation.bound, Allocation.max_slots - Allocation.slots
     ).where(Allocation.job_id.in_(bindparam("job_ids", expanding=True))),
     lock=True,
 )
 _ALLOCATIONS = cast(Table, Allocation.__table__)
-_ALLOCATIONS_RETURN = fast.FastStatement(
+_ALLOCATIONS_RETURN = precompiled.Statement(
     update(_ALLOCATIONS)
     .where(_ALLOCATIONS.c.job_id == bindparam("b_job"), _ALLOCATIONS.c.bound >= bindparam("b_n"))
     .values(
@@ -101,7 +101,7 @@ _ALLOCATIONS_RETURN = fast.FastStatement(
         updated_at=bindparam("b_now"),
     )
 )
-_ALLOCATIONS_BIND_NEW = fast.FastStatement(
+_ALLOCATIONS_BIND_NEW = precompiled.Statement(
     update(_ALLOCATIONS)
     .where(
         _ALLOCATIONS.c.job_id == bindparam("b_job"),
@@ -113,13 +113,13 @@ _ALLOCATIONS_BIND_NEW = fast.FastStatement(
         updated_at=bindparam("b_now"),
     )
 )
-_WORKERS_RELEASE = fast.FastStatement(
+_WORKERS_RELEASE = precompiled.Statement(
     update(Worker)
     .where(Worker.id.in_(bindparam("ids", expanding=True)), Worker.holds_slot.is_(True))
     .values(holds_slot=False)
     .returning(Worker.id)
 )
-_WORKERS_HOLD = fast.FastStatement(
+_WORKERS_HOLD = precompiled.Statement(
     update(Worker)
     .where(Worker.id.in_(bindparam("ids", expanding=True)), Worker.holds_slot.is_(False))
     .values(holds_slot=True)
@@ -127,11 +127,11 @@ _WORKERS_HOLD = fast.FastStatement(
 
 
 async def pool_take(session: AsyncSession, depth: int, count: int) -> bool:
-    return await fast.execute(session, _POOL_TAKE, {"b_depth": depth, "b_count": count}) == 1
+    return await precompiled.execute(session, _POOL_TAKE, {"b_depth": depth, "b_count": count}) == 1
 
 
 async def pool_give_back(session: AsyncSession, depth: int, count: int) -> None:
-    await fast.execute(session, _POOL_GIVE_BACK, {"b_depth": depth, "b_count": count})
+    await precompiled.execute(session, _POOL_GIVE_BACK, {"b_depth": depth, "b_count": count})
 
 
 async def allocation_add(session: AsyncSession, job_id: str, count: int, *, held: int) -> bool:
@@ -197,7 +197,7 @@ async def workers_release_slots(session: AsyncSession, workers: list[tuple[str, 
     if not workers:
         return 0
     ids = [worker_id for worker_id, _, _ in workers]
-    freed = {row.id for row in await fast.fetch(session, _WORKERS_RELEASE, {"ids": ids})}
+    freed = {row.id for row in await precompiled.fetch(session, _WORKERS_RELEASE, {"ids": ids})}
     per_job: dict[str, int] = {}
     per_depth: dict[int, int] = {}
     for worker_id, job_id, depth in workers:
@@ -207,7 +207,7 @@ async def workers_release_slots(session: AsyncSession, workers: list[tuple[str, 
     if not per_job:
         return 0
     now = utcnow()
-    await fast.execute_many(
+    await precompiled.execute_many(
         session,
         _ALLOCATIONS_RETURN,
         [{"b_job": job_id, "b_n": n, "b_now": now} for job_id, n in sorted(per_job.items())],
@@ -224,13 +224,13 @@ async def pools_free(
     (db/locking.py). Lock pools only after the allocations involved, the order every slot move
     follows."""
     stmt = _POOLS_FREE_STATEMENTS[depths is not None, lock]
-    rows = await fast.fetch(session, stmt, {"depths": depths} if depths is not None else None)
+    rows = await precompiled.fetch(session, stmt, {"depths": depths} if depths is not None else None)
     return {depth: int(free) for depth, free in rows}
 
 
 async def allocations_room(session: AsyncSession, job_ids: list[str]) -> dict[str, tuple[int, int]]:
     """(unbound slots, room for more slots) per job, locked like `pools_free`."""
-    rows = await fast.fetch(session, _ALLOCATIONS_ROOM, {"job_ids": job_ids})
+    rows = await precompiled.fetch(session, _ALLOCATIONS_ROOM, {"job_ids": job_ids})
     return {job_id: (int(unbound), int(room)) for job_id, unbound, room in rows}
 
 
@@ -246,11 +246,11 @@ async def bind_new_slots(
     they allow. Guarded UPDATEs in the lock order of every slot move: allocations, pool, workers."""
     now = utcnow()
     rows = [{"b_job": job_id, "b_n": n, "b_now": now} for job_id, n in sorted(per_job.items())]
-    changed = await fast.execute_many(session, _ALLOCATIONS_BIND_NEW, rows)
+    changed = await precompiled.execute_many(session, _ALLOCATIONS_BIND_NEW, rows)
     exact = session.bind is not None and session.bind.dialect.supports_sane_multi_rowcount
     if exact and changed != len(rows):
         raise SlotsMoved("an allocation changed under lock")
     if not await pool_take(session, depth, sum(per_job.values())):
         raise SlotsMoved(f"the depth-{depth} pool changed under lock")
-    if await fast.execute(session, _WORKERS_HOLD, {"ids": worker_ids}) != len(worker_ids):
+    if await precompiled.execute(session, _WORKERS_HOLD, {"ids": worker_ids}) != len(worker_ids):
         raise SlotsMoved("a worker took a slot under lock")

@@ -10,11 +10,10 @@ from orchestrator.core.errors import Forbidden, NotFound
 from orchestrator.core.states import WorkerStatus
 from orchestrator.db.lookups import get_job
 from orchestrator.db.models import Worker, WorkerLog, utcnow
-from orchestrator.db.notify import notify
+from orchestrator.db.topics import Topic
 from orchestrator.db.transitions import transition_worker
+from orchestrator.db.unit_of_work import UnitOfWork, unit_of_work
 from orchestrator.workers import repository as repo
-
-CONTROL_TOPIC = "control"
 
 
 async def get_visible_worker(session: AsyncSession, actor: Actor, worker_id: str) -> Worker:
@@ -66,33 +65,33 @@ async def request_stop(
     changed = await transition_worker(
         session, worker.id, target, actor=actor.name, reason=reason, values={"stop_requested_at": utcnow()}
     )
-    await notify(session, CONTROL_TOPIC)
+    await unit_of_work(session).publish(Topic.CONTROL)
     return changed
 
 
-async def terminate(session: AsyncSession, actor: Actor, worker_id: str) -> Worker:
+async def terminate(session: UnitOfWork, actor: Actor, worker_id: str) -> Worker:
     _forbid_worker_tokens(actor)
     worker = await get_visible_worker(session, actor, worker_id)
     return await request_stop(session, worker, actor, reason=f"terminated by {actor.name}")
 
 
-async def pause(session: AsyncSession, actor: Actor, worker_id: str) -> Worker:
+async def pause(session: UnitOfWork, actor: Actor, worker_id: str) -> Worker:
     _forbid_worker_tokens(actor)
     await get_visible_worker(session, actor, worker_id)
     worker = await transition_worker(
         session, worker_id, WorkerStatus.PAUSED, actor=actor.name, reason=f"paused by {actor.name}"
     )
-    await notify(session, CONTROL_TOPIC)
+    await session.publish(Topic.CONTROL)
     return worker
 
 
-async def resume(session: AsyncSession, actor: Actor, worker_id: str) -> Worker:
+async def resume(session: UnitOfWork, actor: Actor, worker_id: str) -> Worker:
     _forbid_worker_tokens(actor)
     await get_visible_worker(session, actor, worker_id)
     worker = await transition_worker(
         session, worker_id, WorkerStatus.RUNNING, actor=actor.name, reason=f"resumed by {actor.name}"
     )
-    await notify(session, CONTROL_TOPIC)
+    await session.publish(Topic.CONTROL)
     return worker
 
 

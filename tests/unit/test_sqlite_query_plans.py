@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestrator.core.config import Settings
 from orchestrator.core.ids import new_job_id
-from orchestrator.db import fast
+from orchestrator.db import precompiled
 from orchestrator.db.migrate import upgrade_database
 from orchestrator.db.models import Allocation, Job, utcnow
 from orchestrator.db.session import Database
@@ -27,7 +27,7 @@ BACKLOG = 2000
 
 
 async def _plan(
-    connection: AsyncConnection, statement: fast.FastStatement, params: dict[str, Any]
+    connection: AsyncConnection, statement: precompiled.Statement, params: dict[str, Any]
 ) -> list[str]:
     """The plan of the SQL the engine runs (an expanding IN list as one placeholder per value)."""
     compiled = statement.for_sqlite(connection.dialect)
@@ -117,7 +117,7 @@ def test_listing_jobs_walks_an_index_whatever_the_table(tmp_path: Path) -> None:
         ids = await _seed_backlog(database)
         statement = jobs_repo.listing().limit(50).offset(0)
         async with database.engine.connect() as connection:
-            plan = await _plan(connection, fast.FastStatement(statement), {})
+            plan = await _plan(connection, precompiled.Statement(statement), {})
         async with database.read_session() as session:
             jobs, total = await jobs_repo.list_jobs(session, jobs_repo.JobFilter(), limit=50)
         assert total == BACKLOG

@@ -10,7 +10,15 @@ from fastapi import APIRouter, Depends, Header, Query, status
 from fastapi.responses import Response
 from pydantic import AfterValidator
 
-from orchestrator.api.deps import MAX_QUERY_INT, AgentsDep, JobsRead, JobsWrite, SessionDep, SettingsDep
+from orchestrator.api.deps import (
+    MAX_QUERY_INT,
+    AgentsDep,
+    JobsRead,
+    JobsWrite,
+    SessionDep,
+    SettingsDep,
+    UnitOfWorkDep,
+)
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND, ErrorOut
 from orchestrator.api.paging import PageDep
 from orchestrator.api.routers import streams
@@ -44,7 +52,7 @@ router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=ERROR_RESPONSES,
     },
 )
 async def submit_job(
-    body: JobSubmit, actor: JobsWrite, session: SessionDep, settings: SettingsDep, agents: AgentsDep
+    body: JobSubmit, actor: JobsWrite, session: UnitOfWorkDep, settings: SettingsDep, agents: AgentsDep
 ) -> JobOut:
     job = await service.submit(session, settings, actor, body, agents.validate, agents.validate_limits)
     return JobOut.model_validate(job)
@@ -137,7 +145,7 @@ async def job_usage(job_id: str, actor: JobsRead, session: SessionDep) -> JobUsa
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses={**NOT_FOUND, **BAD_REQUEST})
-async def cancel_job(job_id: str, actor: JobsWrite, session: SessionDep) -> JobOut:
+async def cancel_job(job_id: str, actor: JobsWrite, session: UnitOfWorkDep) -> JobOut:
     return JobOut.model_validate(await service.cancel(session, actor, job_id))
 
 

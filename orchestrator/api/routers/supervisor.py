@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import Response
 
-from orchestrator.api.deps import MAX_QUERY_INT, SessionDep, SupervisorRead, SupervisorWrite
+from orchestrator.api.deps import MAX_QUERY_INT, SessionDep, SupervisorRead, SupervisorWrite, UnitOfWorkDep
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
 from orchestrator.api.paging import PageDep
 from orchestrator.api.routers import streams
@@ -57,17 +57,17 @@ async def get_worker(worker_id: str, actor: SupervisorRead, session: SessionDep)
 @router.post(
     "/workers/{worker_id}/terminate", response_model=WorkerOut, responses={**NOT_FOUND, **BAD_REQUEST}
 )
-async def terminate_worker(worker_id: str, actor: SupervisorWrite, session: SessionDep) -> WorkerOut:
+async def terminate_worker(worker_id: str, actor: SupervisorWrite, session: UnitOfWorkDep) -> WorkerOut:
     return WorkerOut.model_validate(await service.terminate(session, actor, worker_id))
 
 
 @router.post("/workers/{worker_id}/pause", response_model=WorkerOut, responses={**NOT_FOUND, **BAD_REQUEST})
-async def pause_worker(worker_id: str, actor: SupervisorWrite, session: SessionDep) -> WorkerOut:
+async def pause_worker(worker_id: str, actor: SupervisorWrite, session: UnitOfWorkDep) -> WorkerOut:
     return WorkerOut.model_validate(await service.pause(session, actor, worker_id))
 
 
 @router.post("/workers/{worker_id}/resume", response_model=WorkerOut, responses={**NOT_FOUND, **BAD_REQUEST})
-async def resume_worker(worker_id: str, actor: SupervisorWrite, session: SessionDep) -> WorkerOut:
+async def resume_worker(worker_id: str, actor: SupervisorWrite, session: UnitOfWorkDep) -> WorkerOut:
     return WorkerOut.model_validate(await service.resume(session, actor, worker_id))
 
 
