@@ -40,6 +40,7 @@ from orchestrator.core.states import (
     WorkerStatus,
 )
 from orchestrator.db import notify as notifications
+from orchestrator.db.availability import database_unavailable
 from orchestrator.db.events import record_event
 from orchestrator.db.models import Job, Worker, WorkerLog, utcnow
 from orchestrator.db.session import Database
@@ -136,6 +137,7 @@ class Engine:
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.last_reclaim = 0.0
+        self.judge_peers_after = 0.0  # no peer is declared dead before this (monotonic) time
         self.lease = timedelta(seconds=settings.orchestrator_engine_lease_seconds)
         self.runs_dir = settings.data_dir / "runs"
         self.workspaces_dir = settings.data_dir / "workspaces"
@@ -215,8 +217,11 @@ class Engine:
                 await body()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("engine %s: %s loop failed; retrying", self.id, name)
+            except Exception as exc:
+                if database_unavailable(exc):  # an outage to wait out: one line, not a traceback
+                    log.warning("engine %s: %s loop: database unavailable; retrying", self.id, name)
+                else:
+                    log.exception("engine %s: %s loop failed; retrying", self.id, name)
                 await asyncio.sleep(0.5)
 
     async def _main_loop(self) -> None:
@@ -1213,11 +1218,21 @@ class Engine:
 
     async def _reclaim(self, *, force_same_host: bool = False) -> None:
         """Take over jobs of engines that stopped heartbeating (or, on this host, whose process is gone)."""
-        self.last_reclaim = time.monotonic()
+        since, self.last_reclaim = self.last_reclaim, time.monotonic()
+        if since and self.last_reclaim - since > max(
+            self.lease.total_seconds() / 3, 2 * RECLAIM_INTERVAL_SECONDS
+        ):
+            # No pass for longer than a heartbeat interval: the database was unreachable (or this
+            # process stalled), and peers' heartbeats failed meanwhile too. Give them one lease to
+            # heartbeat again before calling any dead, else each engine takes over the others'
+            # live workers when a restarted database comes back.
+            self.judge_peers_after = self.last_reclaim + self.lease.total_seconds()
         now = utcnow()
         async with self.db.session() as session:
             engines = await queries.list_engines(session)
             live = {e.id for e in engines if e.heartbeat_at >= now - self.lease}
+            if self.last_reclaim < self.judge_peers_after:
+                live = {e.id for e in engines}
             for record in engines:
                 if (
                     record.id != self.id
