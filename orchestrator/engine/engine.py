@@ -292,6 +292,7 @@ class Engine:
         commit per pass cost more than the rest of recording them."""
         batch, self.exited = self.exited, []
         starts, self.unrecorded = self.unrecorded, []
+        statuses = [(row, row.status) for worker, job, _, _ in starts for row in (worker, job)]
         try:
             if starts and any(p.extra.get("repository") for p in batch):
                 # A worktree is committed before its exit is recorded, from the branch its
@@ -301,7 +302,10 @@ class Engine:
             outcomes = await self._collect_exits(batch)
             ready = await self._schedule(starts, outcomes)
         except BaseException:
-            # Not recorded: the next pass tries again.
+            # Not recorded: the next pass tries again, from the statuses as read (a transaction that
+            # rolled back, e.g. the database went away, changed them in memory only).
+            for row, status in statuses:
+                row.status = status
             self.exited = batch + self.exited
             self.unrecorded = starts + self.unrecorded
             raise
@@ -1249,7 +1253,10 @@ class Engine:
         if not orphans:
             return
         log.warning(
-            "engine %s taking over %d job(s) of dead engine(s) %s", self.id, len(orphans), sorted(dead)
+            "engine %s taking over %d job(s) of dead engine(s) %s",
+            self.id,
+            len(orphans),
+            sorted({str(job.engine_id) for job in orphans}),
         )
         reconciler = Reconciler(self.executor)
         for job in orphans:

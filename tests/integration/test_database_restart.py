@@ -100,6 +100,9 @@ def test_postgres_restart_mid_run(on_cluster: ServerFactory, cluster: PgCluster)
             unavailable(client.get(f"/api/jobs/{running[0]['id']}"))
             unavailable(client.post("/api/jobs/submit", json={"task_description": "during the outage"}))
             unavailable(client.get("/api/supervisor/workers"))
+            ready = client.get("/ready")
+            assert ready.status_code == 503, ready.text
+            assert ready.json()["reason"].startswith("database unreachable"), ready.text
         time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_since)))
         for engine in engines:
             assert engine.poll() is None, "an engine died while the database was down"
