@@ -95,6 +95,7 @@ def test_two_engines_two_apis_each_job_once_within_quota(servers: ServerFactory)
     assert sampler.exceeded() == []
 
     result = audit(url)
+    print(f"jobs per engine: {result.jobs_per_engine}; peaks {dict(sampler.peak_holding)}")
     assert result.exactly_once() == [], result
     assert len(result.jobs_per_engine) == 2, f"both engines must have run jobs: {result.jobs_per_engine}"
 
