@@ -11,8 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from orchestrator.core.errors import DomainError, FieldInvalid, Forbidden, Unauthorized
+from orchestrator.db.availability import database_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,14 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-    log.error("database error: %s", exc)
-    return JSONResponse({"detail": "Database unavailable; try again shortly"}, status_code=503)
+    """Unreachable, restarting, full, or every pooled connection busy: an outage the client can
+    wait out (Retry-After), never a 500."""
+    log.error("database unavailable: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return JSONResponse(
+        {"detail": "database unavailable: it cannot be reached or is restarting; try again shortly"},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
 
 
 def _conflict() -> JSONResponse:
@@ -80,6 +88,8 @@ TRANSACTION_CONFLICTS = frozenset({"40P01", "40001"})
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if database_unavailable(exc):  # a connection the server dropped, or its shutdown/start-up
+        return await _database_unavailable(request, exc)
     if getattr(getattr(exc, "orig", None), "sqlstate", None) in TRANSACTION_CONFLICTS:
         log.warning("transaction conflict: %s", exc)
         return _conflict()
@@ -95,6 +105,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(IntegrityError, _integrity)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from orchestrator.core.config import Settings
+from orchestrator.db.availability import translate_connect_errors
 from orchestrator.db.sqlite_inline import inline_connector
 from orchestrator.db.unit_of_work import ReadOnlySessionError, ReadSession, UnitOfWork
 
@@ -45,7 +46,9 @@ def make_engine(settings: Settings) -> AsyncEngine:
         return engine
     # pool_pre_ping costs a round trip per checkout, but without it the first request on each
     # connection a restarted server dropped fails: a restarted database must lose no request.
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    translate_connect_errors(engine)  # a server that is down: OperationalError, not a bare OSError
+    return engine
 
 
 def _tune_sqlite(engine: AsyncEngine) -> None:

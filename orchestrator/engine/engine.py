@@ -40,6 +40,7 @@ from orchestrator.core.states import (
     WorkerStatus,
 )
 from orchestrator.db import notify as notifications
+from orchestrator.db.availability import database_unavailable
 from orchestrator.db.events import record_event
 from orchestrator.db.models import Job, Worker, WorkerLog, utcnow
 from orchestrator.db.session import Database
@@ -137,6 +138,7 @@ class Engine:
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.last_reclaim = 0.0
+        self.judge_peers_after = 0.0  # no peer is declared dead before this (monotonic) time
         self.lease = timedelta(seconds=settings.orchestrator_engine_lease_seconds)
         self.runs_dir = settings.data_dir / "runs"
         self.workspaces_dir = settings.data_dir / "workspaces"
@@ -216,8 +218,11 @@ class Engine:
                 await body()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("engine %s: %s loop failed; retrying", self.id, name)
+            except Exception as exc:
+                if database_unavailable(exc):  # an outage to wait out: one line, not a traceback
+                    log.warning("engine %s: %s loop: database unavailable; retrying", self.id, name)
+                else:
+                    log.exception("engine %s: %s loop failed; retrying", self.id, name)
                 await asyncio.sleep(0.5)
 
     async def _main_loop(self) -> None:
@@ -288,6 +293,7 @@ class Engine:
         commit per pass cost more than the rest of recording them."""
         batch, self.exited = self.exited, []
         starts, self.unrecorded = self.unrecorded, []
+        statuses = [(row, row.status) for worker, job, _, _ in starts for row in (worker, job)]
         try:
             if starts and any(p.extra.get("repository") for p in batch):
                 # A worktree is committed before its exit is recorded, from the branch its
@@ -297,7 +303,10 @@ class Engine:
             outcomes = await self._collect_exits(batch)
             ready = await self._schedule(starts, outcomes)
         except BaseException:
-            # Not recorded: the next pass tries again.
+            # Not recorded: the next pass tries again, from the statuses as read (a transaction that
+            # rolled back, e.g. the database went away, changed them in memory only).
+            for row, status in statuses:
+                row.status = status
             self.exited = batch + self.exited
             self.unrecorded = starts + self.unrecorded
             raise
@@ -1217,11 +1226,21 @@ class Engine:
 
     async def _reclaim(self, *, force_same_host: bool = False) -> None:
         """Take over jobs of engines that stopped heartbeating (or, on this host, whose process is gone)."""
-        self.last_reclaim = time.monotonic()
+        since, self.last_reclaim = self.last_reclaim, time.monotonic()
+        if since and self.last_reclaim - since > max(
+            self.lease.total_seconds() / 3, 2 * RECLAIM_INTERVAL_SECONDS
+        ):
+            # No pass for longer than a heartbeat interval: the database was unreachable (or this
+            # process stalled), and peers' heartbeats failed meanwhile too. Give them one lease to
+            # heartbeat again before calling any dead, else each engine takes over the others'
+            # live workers when a restarted database comes back.
+            self.judge_peers_after = self.last_reclaim + self.lease.total_seconds()
         now = utcnow()
         async with self.db.session() as session:
             engines = await queries.list_engines(session)
             live = {e.id for e in engines if e.heartbeat_at >= now - self.lease}
+            if self.last_reclaim < self.judge_peers_after:
+                live = {e.id for e in engines}
             for record in engines:
                 if (
                     record.id != self.id
@@ -1238,7 +1257,10 @@ class Engine:
         if not orphans:
             return
         log.warning(
-            "engine %s taking over %d job(s) of dead engine(s) %s", self.id, len(orphans), sorted(dead)
+            "engine %s taking over %d job(s) of dead engine(s) %s",
+            self.id,
+            len(orphans),
+            sorted({str(job.engine_id) for job in orphans}),
         )
         reconciler = Reconciler(self.executor)
         for job in orphans:
