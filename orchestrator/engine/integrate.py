@@ -25,14 +25,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.states import JobStatus, WorkerStatus
-from orchestrator.db import notify as notifications
-from orchestrator.db.events import record_event
 from orchestrator.db.models import Integration, Job, Worker, utcnow
+from orchestrator.db.topics import Topic
 from orchestrator.engine import integration_queries as queries
 from orchestrator.engine.integration_queries import DONE, FAILED
 from orchestrator.engine.repository_lock import repository_lock
 from orchestrator.engine.resolver import Plan, Source, resolve
-from orchestrator.jobs.service import JOBS_TOPIC
 from orchestrator.workspaces import merge
 from orchestrator.workspaces.git import GitError
 
@@ -202,8 +200,7 @@ class Integrator:
                 conflicts=merges.conflicts,
                 failure=merges.failure,
             )
-            record_event(
-                session,
+            session.record_event(
                 job_id=job_id,
                 kind="integration",
                 actor=self.engine.actor,
@@ -215,7 +212,7 @@ class Integrator:
                     "conflicts": merges.conflicts,
                 },
             )
-            await notifications.notify(session, JOBS_TOPIC)
+            await session.publish(Topic.JOBS)
 
     async def _give_up_after_attempts(self, job_id: str, exc: Exception) -> None:
         """An integration that keeps failing (the repository gone, a broken ref) ends the job

@@ -13,14 +13,12 @@ from typing import TYPE_CHECKING, Any, cast
 from orchestrator.agents.base import Agent, WorkerContext
 from orchestrator.core.ids import new_worker_id
 from orchestrator.core.states import WORKER_FINAL, WorkerStatus
-from orchestrator.db import notify as notifications
-from orchestrator.db.events import record_event
 from orchestrator.db.models import Job, Worker, utcnow
+from orchestrator.db.topics import Topic
 from orchestrator.db.transitions import transition_worker
 from orchestrator.engine import integration_queries as queries
 from orchestrator.engine.queries import JobRow, WorkerRow
 from orchestrator.executors.local import WorkerProcess, make_dirs
-from orchestrator.jobs.service import JOBS_TOPIC
 from orchestrator.workspaces import merge
 
 if TYPE_CHECKING:
@@ -119,8 +117,7 @@ async def _create(
             return None
         worker = _resolver_row(engine, job, temp, await queries.next_worker_index(session, job_id), record)
         session.add(worker)
-        record_event(
-            session,
+        session.record_event(
             job_id=job_id,
             worker_id=worker.id,
             kind="integration.conflict",
@@ -129,7 +126,7 @@ async def _create(
             f"resolver {worker.id} started",
             data=record,
         )
-        await notifications.notify(session, JOBS_TOPIC)
+        await session.publish(Topic.JOBS)
         run_dir = engine.runs_dir / worker.id
         context = engine._worker_context(
             cast(WorkerRow, worker), cast(JobRow, job), temp, run_dir / "home", run_dir
