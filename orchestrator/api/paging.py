@@ -4,7 +4,7 @@ defaults and 422 messages on jobs, workers and workspaces."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypedDict
 
 from fastapi import Depends, Query
 
@@ -14,10 +14,19 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 
 
+class Window(TypedDict):
+    limit: int
+    offset: int
+
+
 @dataclass(frozen=True)
 class Page:
     limit: int
     offset: int
+
+    def window(self) -> Window:
+        """`limit=` and `offset=`: what a list service is asked for, and what its list body echoes."""
+        return Window(limit=self.limit, offset=self.offset)
 
 
 def page(

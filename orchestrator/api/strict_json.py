@@ -23,8 +23,10 @@ import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.routing import APIRoute
+
+from orchestrator.api.errors import ERROR_RESPONSES
 
 MAX_DEPTH = 64
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -165,3 +167,8 @@ class StrictJsonRoute(APIRoute):
             return await handler(StrictJsonRequest(request.scope, request.receive))
 
         return strict_handler
+
+
+def json_api_router(prefix: str, tag: str) -> APIRouter:
+    """A router of the JSON API: its error answers documented, its request bodies read strictly."""
+    return APIRouter(prefix=prefix, tags=[tag], responses=ERROR_RESPONSES, route_class=StrictJsonRoute)

@@ -48,6 +48,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON res
 # A list command's page, with the bounds the API's list endpoints apply (api/paging.py).
 LimitOption = Annotated[int, typer.Option(min=1, max=1000, help="At most this many (newest first).")]
 OffsetOption = Annotated[int, typer.Option(min=0)]
+JobArg = Annotated[str, typer.Argument(help="Job id (j_...).", show_default=False)]
+WorkerArg = Annotated[str, typer.Argument(help="Worker id (w_...).", show_default=False)]
 
 
 def config_path() -> Path:

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from orchestrator.cli.client import (
     ApiClient,
+    JobArg,
     JsonOption,
     LimitOption,
     OffsetOption,
@@ -19,21 +20,22 @@ from orchestrator.cli.client import (
     UrlOption,
     client,
 )
+from orchestrator.cli.common import fetch_and_show, list_page, plain_table, workers_table
 from orchestrator.cli.output import (
     CliError,
     console,
     elapsed,
     format_duration,
     format_time,
+    id_status,
     print_json,
-    result_summary,
     shorten,
     status_text,
 )
 from orchestrator.core.states import JobStatus
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
+    from rich.table import Table
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -171,35 +173,21 @@ def list_jobs(
     as_json: JsonOption = False,
 ) -> None:
     """List jobs, newest first."""
-    with client(url, token) as api:
-        data = api.get(
-            "/api/jobs",
-            status=status.value if status else None,
-            depth=depth,
-            parent_job_id=parent,
-            limit=limit,
-            offset=offset,
-        )
-    if as_json:
-        print_json(data)
-        return
-    from rich.table import Table
+    query = {"status": status.value if status else None, "depth": depth, "parent_job_id": parent}
+    list_page(url, token, as_json, "/api/jobs", "jobs", _jobs_table, **query, limit=limit, offset=offset)
 
-    out = console()
-    if not data["jobs"]:
-        out.print("No jobs match.", style="dim")
-        return
+
+def _jobs_table(jobs: list[dict[str, Any]]) -> Table:
     # Columns that would be the same on every row are left out, so the task keeps some room.
-    with_parent = any(job.get("parent_job_id") for job in data["jobs"])
-    with_agent = len({job.get("agent") for job in data["jobs"]}) > 1
-    table = Table(box=None, header_style="bold", pad_edge=False)
+    with_parent = any(job.get("parent_job_id") for job in jobs)
+    with_agent = len({job.get("agent") for job in jobs}) > 1
     columns = ["JOB", "STATUS", "DEPTH", "WORKERS"]
     columns += ["PARENT"] if with_parent else []
     columns += ["AGENT"] if with_agent else []
-    columns += ["CREATED", "ELAPSED", "TASK"]
-    for column in columns:
-        table.add_column(column, no_wrap=column != "TASK", min_width=12 if column == "TASK" else None)
-    for job in data["jobs"]:
+    columns += ["CREATED", "ELAPSED"]
+    table = plain_table(*columns)
+    table.add_column("TASK", min_width=12)
+    for job in jobs:
         row: list[str | Text] = [
             job["id"],
             status_text(job["status"]),
@@ -214,14 +202,11 @@ def list_jobs(
             shorten(job.get("task_description"), 60),
         ]
         table.add_row(*row)
-    out.print(table)
-    shown = len(data["jobs"])
-    if data.get("total", shown) > data.get("offset", 0) + shown:
-        out.print(f"{shown} of {data['total']} shown; use --limit/--offset for more.", style="dim")
+    return table
 
 
 def show_job(
-    job_id: Annotated[str, typer.Argument(help="Job id (j_...).", show_default=False)],
+    job_id: JobArg,
     url: UrlOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
@@ -239,7 +224,7 @@ def show_job(
         return
     root = snap.root
     out = console()
-    header = Text.assemble((root["id"], "bold"), " ", status_text(root["status"]))
+    header = id_status(root)
     header.append(f"  depth {root['depth']}  agent {root.get('agent')}  workers {root['worker_count']}")
     out.print(header)
     out.print(Text(f"task: {root['task_description']}"), soft_wrap=True)
@@ -262,48 +247,30 @@ def show_job(
     out.print(summary_line(snap))
     if workers:
         out.print()
-        out.print(_workers_table(workers))
+        out.print(workers_table(workers, WORKER_COLUMNS, 60))
 
 
-def _workers_table(workers: list[dict[str, Any]]) -> RenderableType:
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
-    for column in ("WORKER", "JOB", "#", "STATUS", "EXIT", "ELAPSED", "BRANCH", "COMMIT", "RESULT"):
-        table.add_column(column, no_wrap=column not in ("RESULT", "BRANCH"))
-    for worker in workers:
-        reason = worker.get("status_reason") if worker.get("status") in ("FAILED", "TERMINATED") else None
-        table.add_row(
-            worker["id"],
-            worker["job_id"],
-            str(worker.get("worker_index", "")),
-            status_text(worker["status"]),
-            "-" if worker.get("exit_code") is None else str(worker["exit_code"]),
-            format_duration(elapsed(worker)) if worker.get("started_at") else "-",
-            worker.get("branch") or "-",
-            (worker.get("commit") or "-")[:10],
-            shorten(reason, 60) if reason else result_summary(worker.get("result")) or "-",
-        )
-    return table
+WORKER_COLUMNS = ("WORKER", "JOB", "#", "STATUS", "EXIT", "ELAPSED", "BRANCH", "COMMIT", "RESULT")
 
 
 def cancel(
-    job_id: Annotated[str, typer.Argument(help="Job id (j_...).", show_default=False)],
+    job_id: JobArg,
     url: UrlOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Cancel a job: its workers are terminated and its descendants canceled."""
-    with client(url, token) as api:
-        job = api.post(f"/api/jobs/{job_id}/cancel")
-    if as_json:
-        print_json(job)
-        return
-    console().print(Text.assemble((job["id"], "bold"), " ", status_text(job["status"])))
+    fetch_and_show(
+        url,
+        token,
+        as_json,
+        lambda api: api.post(f"/api/jobs/{job_id}/cancel"),
+        lambda job: console().print(id_status(job)),
+    )
 
 
 def events(
-    job_id: Annotated[str, typer.Argument(help="Job id (j_...).", show_default=False)],
+    job_id: JobArg,
     after: Annotated[int, typer.Option("--after", min=0, help="Only events with a larger id.")] = 0,
     url: UrlOption = None,
     token: TokenOption = None,
@@ -326,11 +293,7 @@ def events(
     if not collected:
         out.print("No events.", style="dim")
         return
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("ID", "TIME", "KIND", "SUBJECT", "CHANGE", "ACTOR", "REASON"):
-        table.add_column(column, no_wrap=column not in ("REASON",))
+    table = plain_table("ID", "TIME", "KIND", "SUBJECT", "CHANGE", "ACTOR", "REASON", wrap=("REASON",))
     for event in collected:
         change = Text()
         if event.get("from_status") or event.get("to_status"):

@@ -85,6 +85,11 @@ def status_text(status: str | None) -> Text:
     return Text(value, style=STATUS_STYLES.get(value, ""))
 
 
+def id_status(item: dict[str, Any]) -> Text:
+    """A job's or worker's id in bold, then its status in its colour."""
+    return Text.assemble((item["id"], "bold"), " ", status_text(item["status"]))
+
+
 def parse_time(value: str | None) -> datetime | None:
     if not value:
         return None

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.text import Text
 
-from orchestrator.cli.client import JsonOption, TokenOption, UrlOption, client
-from orchestrator.cli.output import console, print_json
+from orchestrator.cli.client import JsonOption, TokenOption, UrlOption
+from orchestrator.cli.common import fetch_and_show, plain_table
+from orchestrator.cli.output import console
 
 
 def quotas(url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
     """Show how many workers may run at each depth."""
-    with client(url, token) as api:
-        data = api.get("/api/resources/quotas")
-    if as_json:
-        print_json(data)
-        return
-    from rich.table import Table
+    fetch_and_show(url, token, as_json, lambda api: api.get("/api/resources/quotas"), _print_quotas)
 
-    table = Table(box=None, header_style="bold", pad_edge=False)
+
+def _print_quotas(data: dict[str, Any]) -> None:
+    table = plain_table()
     table.add_column("DEPTH", justify="right")
     table.add_column("MAX WORKERS", justify="right")
     for quota in data["quotas"]:
@@ -28,20 +28,17 @@ def quotas(url: UrlOption = None, token: TokenOption = None, as_json: JsonOption
 
 def usage(url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
     """Show slots allocated and available per depth, as bars."""
-    with client(url, token) as api:
-        data = api.get("/api/resources/usage")
-    if as_json:
-        print_json(data)
-        return
-    from rich.progress_bar import ProgressBar
-    from rich.table import Table
+    fetch_and_show(url, token, as_json, lambda api: api.get("/api/resources/usage"), _print_usage)
 
-    table = Table(box=None, header_style="bold", pad_edge=False)
+
+def _print_usage(data: dict[str, Any]) -> None:
+    from rich.progress_bar import ProgressBar
+
+    table = plain_table()
     table.add_column("DEPTH", justify="right")
     table.add_column("USAGE", width=32)
-    table.add_column("ALLOCATED", justify="right")
-    table.add_column("AVAILABLE", justify="right")
-    table.add_column("MAX", justify="right")
+    for column in ("ALLOCATED", "AVAILABLE", "MAX"):
+        table.add_column(column, justify="right")
     total_allocated = total_max = 0
     for row in data["usage"]:
         allocated = int(row["allocated"])

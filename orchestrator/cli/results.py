@@ -11,10 +11,9 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from orchestrator.cli.client import ApiClient, JsonOption, TokenOption, UrlOption, client
-from orchestrator.cli.output import CliError, console, print_json
-
-JobArg = Annotated[str, typer.Argument(help="Job id (j_...).", show_default=False)]
+from orchestrator.cli.client import ApiClient, JobArg, JsonOption, TokenOption, UrlOption, client
+from orchestrator.cli.common import fetch_and_show
+from orchestrator.cli.output import CliError, console
 
 
 def print_result_summary(data: dict[str, Any]) -> None:
@@ -46,12 +45,9 @@ def result(
     job_id: JobArg, url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
 ) -> None:
     """Show a job's result branch: what was merged, conflicts, and the diff stat."""
-    with client(url, token) as api:
-        data = api.get(f"/api/jobs/{job_id}/result")
-    if as_json:
-        print_json(data)
-        return
-    print_result_summary(data)
+    fetch_and_show(
+        url, token, as_json, lambda api: api.get(f"/api/jobs/{job_id}/result"), print_result_summary
+    )
 
 
 def show_final_result(api: ApiClient, job: dict[str, Any]) -> None:
@@ -183,12 +179,13 @@ def merge_subjob(
     """(For a worker, with its token) merge a finished sub-job's result into your worktree."""
     from orchestrator.mcp.server import merge_summary
 
-    with client(url, token) as api:
-        body = api.post(f"/api/jobs/{job_id}/merge")
-    if as_json:
-        print_json(body)
-    else:
-        console().print(merge_summary(body), markup=False, highlight=False)
+    body = fetch_and_show(
+        url,
+        token,
+        as_json,
+        lambda api: api.post(f"/api/jobs/{job_id}/merge"),
+        lambda body: console().print(merge_summary(body), markup=False, highlight=False),
+    )
     if body["status"] == "conflict":
         raise typer.Exit(1)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.text import Text
@@ -16,22 +17,26 @@ from orchestrator.cli.client import (
     OffsetOption,
     TokenOption,
     UrlOption,
+    WorkerArg,
     client,
 )
+from orchestrator.cli.common import fetch_and_show, list_page, workers_table
 from orchestrator.cli.output import (
     CliError,
     console,
     elapsed,
     format_duration,
     format_time,
+    id_status,
     print_json,
-    result_summary,
-    shorten,
-    status_text,
 )
 from orchestrator.core.states import WorkerStatus
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
 FOLLOW_INTERVAL = 0.5
+WORKER_COLUMNS = ("WORKER", "JOB", "#", "DEPTH", "STATUS", "EXIT", "PID", "ELAPSED", "BRANCH", "RESULT")
 
 
 def list_workers(
@@ -49,49 +54,17 @@ def list_workers(
     as_json: JsonOption = False,
 ) -> None:
     """List workers, newest first."""
-    with client(url, token) as api:
-        data = api.get(
-            "/api/supervisor/workers",
-            status=status.value if status else None,
-            job_id=job,
-            workspace_id=workspace,
-            limit=limit,
-            offset=offset,
-        )
-    if as_json:
-        print_json(data)
-        return
-    out = console()
-    if not data["workers"]:
-        out.print("No workers match.", style="dim")
-        return
-    from rich.table import Table
+    query = {"status": status.value if status else None, "job_id": job, "workspace_id": workspace}
+    path = "/api/supervisor/workers"
+    list_page(url, token, as_json, path, "workers", _workers_table, **query, limit=limit, offset=offset)
 
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("WORKER", "JOB", "#", "DEPTH", "STATUS", "EXIT", "PID", "ELAPSED", "BRANCH", "RESULT"):
-        table.add_column(column, no_wrap=column not in ("RESULT", "BRANCH"))
-    for worker in data["workers"]:
-        reason = worker.get("status_reason") if worker.get("status") in ("FAILED", "TERMINATED") else None
-        table.add_row(
-            worker["id"],
-            worker["job_id"],
-            str(worker.get("worker_index", "")),
-            str(worker.get("depth", "")),
-            status_text(worker["status"]),
-            "-" if worker.get("exit_code") is None else str(worker["exit_code"]),
-            str(worker.get("pid") or "-"),
-            format_duration(elapsed(worker)) if worker.get("started_at") else "-",
-            worker.get("branch") or "-",
-            shorten(reason, 50) if reason else result_summary(worker.get("result"), 50) or "-",
-        )
-    out.print(table)
-    shown = len(data["workers"])
-    if data.get("total", shown) > data.get("offset", 0) + shown:
-        out.print(f"{shown} of {data['total']} shown; use --limit/--offset for more.", style="dim")
+
+def _workers_table(workers: list[dict[str, Any]]) -> Table:
+    return workers_table(workers, WORKER_COLUMNS, 50)
 
 
 def logs(
-    worker_id: Annotated[str, typer.Argument(help="Worker id (w_...).", show_default=False)],
+    worker_id: WorkerArg,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing until the worker ends.")
     ] = False,
@@ -158,51 +131,47 @@ def _json_line(worker_id: str, line: dict[str, Any]) -> str:
 
 
 def _control(action: str, worker_id: str, url: str | None, token: str | None, as_json: bool) -> None:
-    with client(url, token) as api:
-        worker = api.post(f"/api/supervisor/workers/{worker_id}/{action}")
-    if as_json:
-        print_json(worker)
-        return
-    if not isinstance(worker, dict) or "status" not in worker:
-        raise CliError(f"unexpected answer to {action}: {worker!r}")
-    console().print(Text.assemble((worker["id"], "bold"), " ", status_text(worker["status"])))
+    def show(worker: Any) -> None:
+        if not isinstance(worker, dict) or "status" not in worker:
+            raise CliError(f"unexpected answer to {action}: {worker!r}")
+        console().print(id_status(worker))
+
+    fetch_and_show(
+        url, token, as_json, lambda api: api.post(f"/api/supervisor/workers/{worker_id}/{action}"), show
+    )
 
 
-WorkerArg = Annotated[str, typer.Argument(help="Worker id (w_...).", show_default=False)]
+def _control_command(action: str, doc: str) -> Callable[..., None]:
+    """pause / resume / terminate: one command each, the same but for the action."""
+
+    def command(
+        worker_id: WorkerArg, url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
+    ) -> None:
+        _control(action, worker_id, url, token, as_json)
+
+    command.__doc__ = doc
+    return command
 
 
-def pause(
-    worker_id: WorkerArg, url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
-) -> None:
-    """Pause a running worker (SIGSTOP to its process group); it keeps its slot."""
-    _control("pause", worker_id, url, token, as_json)
-
-
-def resume(
-    worker_id: WorkerArg, url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
-) -> None:
-    """Resume a paused worker (SIGCONT)."""
-    _control("resume", worker_id, url, token, as_json)
-
-
-def terminate(
-    worker_id: WorkerArg, url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
-) -> None:
-    """Terminate a worker (SIGTERM, then SIGKILL after the grace period); its job will fail."""
-    _control("terminate", worker_id, url, token, as_json)
+pause = _control_command("pause", "Pause a running worker (SIGSTOP to its process group); it keeps its slot.")
+resume = _control_command("resume", "Resume a paused worker (SIGCONT).")
+terminate = _control_command(
+    "terminate", "Terminate a worker (SIGTERM, then SIGKILL after the grace period); its job will fail."
+)
 
 
 def show_worker(
     worker_id: WorkerArg, url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False
 ) -> None:
     """Show one worker in full: process, branch, commit, diff stat and result."""
-    with client(url, token) as api:
-        worker = api.get(f"/api/supervisor/workers/{worker_id}")
-    if as_json:
-        print_json(worker)
-        return
+    fetch_and_show(
+        url, token, as_json, lambda api: api.get(f"/api/supervisor/workers/{worker_id}"), _print_worker
+    )
+
+
+def _print_worker(worker: dict[str, Any]) -> None:
     out = console()
-    out.print(Text.assemble((worker["id"], "bold"), " ", status_text(worker["status"])))
+    out.print(id_status(worker))
     for key in (
         "job_id",
         "worker_index",

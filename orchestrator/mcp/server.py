@@ -132,33 +132,39 @@ def _detail(response: httpx.Response) -> str:
     return str(detail)
 
 
+# What a refusal's detail mentions, or else its HTTP status, says what happened and what to do.
+_REFUSALS_BY_WORD = (
+    (
+        ("budget", "max_cost_usd"),
+        "Budget exhausted",
+        "Do the remaining work yourself, or ask for less (a smaller max_cost_usd).",
+    ),
+    (
+        ("quota", "worker_count"),
+        "Quota exhausted",
+        "Use fewer workers (a smaller worker_count), or wait for running sub-jobs to finish.",
+    ),
+    (
+        ("depth",),
+        "Depth limit reached",
+        "Sub-jobs cannot delegate further at this depth: do the work yourself.",
+    ),
+)
+_REFUSALS_BY_STATUS = {
+    401: ("Token refused", "Your delegated token works only while your worker runs."),
+    403: ("Not allowed", "You may act only on your own job's sub-jobs."),
+    404: ("Not found", "Check the id (list_subjobs shows your sub-jobs)."),
+    422: ("Invalid arguments", "Fix the arguments and call the tool again."),
+}
+
+
 def explain(status: int, detail: str) -> str:
     """A refusal in words an agent can act on."""
     lowered = detail.lower()
-    if "budget" in lowered or "max_cost_usd" in lowered:
-        kind = "Budget exhausted"
-        advice = "Do the remaining work yourself, or ask for less (a smaller max_cost_usd)."
-    elif "quota" in lowered or "worker_count" in lowered:
-        kind = "Quota exhausted"
-        advice = "Use fewer workers (a smaller worker_count), or wait for running sub-jobs to finish."
-    elif "depth" in lowered:
-        kind = "Depth limit reached"
-        advice = "Sub-jobs cannot delegate further at this depth: do the work yourself."
-    elif status == 401:
-        kind = "Token refused"
-        advice = "Your delegated token works only while your worker runs."
-    elif status == 403:
-        kind = "Not allowed"
-        advice = "You may act only on your own job's sub-jobs."
-    elif status == 404:
-        kind = "Not found"
-        advice = "Check the id (list_subjobs shows your sub-jobs)."
-    elif status == 422:
-        kind = "Invalid arguments"
-        advice = "Fix the arguments and call the tool again."
-    else:
-        kind = f"Refused (HTTP {status})"
-        advice = ""
+    kind, advice = next(
+        ((kind, advice) for words, kind, advice in _REFUSALS_BY_WORD if any(w in lowered for w in words)),
+        _REFUSALS_BY_STATUS.get(status, (f"Refused (HTTP {status})", "")),
+    )
     return f"{kind}: {detail}" + (f" {advice}" if advice else "")
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,6 +21,8 @@ from orchestrator.workspaces.schemas import MergedBranch, MergeIntoWorkerOut, Re
 
 DIFF_DEFAULT_BYTES = 1_000_000
 DIFF_MAX_BYTES = 20_000_000
+
+T = TypeVar("T")
 
 
 async def integration_of(session: AsyncSession, actor: Actor, job_id: str) -> Integration:
@@ -39,14 +44,7 @@ async def result(session: AsyncSession, actor: Actor, job_id: str) -> ResultOut:
     assert row.commit is not None
     summary = merge.Summary("", 0, 0, 0)
     if row.base_commit is not None:
-        try:
-            summary = await asyncio.to_thread(
-                merge.summarize, Path(row.repository), row.base_commit, row.commit
-            )
-        except (GitError, OSError) as exc:
-            raise NotFound(
-                f"Job {job_id}'s result can no longer be read from {row.repository}: {exc}"
-            ) from exc
+        summary = await _read_result(job_id, row, merge.summarize, row.base_commit, row.commit)
     return ResultOut(
         job_id=job_id,
         status=row.status,
@@ -57,12 +55,18 @@ async def result(session: AsyncSession, actor: Actor, job_id: str) -> ResultOut:
         base_commit=row.base_commit,
         merged=[MergedBranch.model_validate(m) for m in row.merged or []],
         conflicts=list(row.conflicts or []),
-        diff_stat=summary.diff_stat,
-        files_changed=summary.files_changed,
-        insertions=summary.insertions,
-        deletions=summary.deletions,
         attempts=row.attempts,
+        **asdict(summary),
     )
+
+
+async def _read_result(job_id: str, row: Integration, read: Callable[..., T], *args: Any) -> T:
+    """`read(repository, *args)` off the event loop: a result whose repository has gone or lost
+    its commits is a 404 that says so, not a 500."""
+    try:
+        return await asyncio.to_thread(read, Path(row.repository), *args)
+    except (GitError, OSError) as exc:
+        raise NotFound(f"Job {job_id}'s result can no longer be read from {row.repository}: {exc}") from exc
 
 
 async def diff(
@@ -73,12 +77,9 @@ async def diff(
     assert row.commit is not None
     if path is not None and (not path or "\0" in path or path.startswith("/")):
         raise BadRequest("path must be a file path relative to the repository")
-    try:
-        text, cut = await asyncio.to_thread(
-            merge.diff, Path(row.repository), row.base_commit or row.commit, row.commit, path, limit
-        )
-    except (GitError, OSError) as exc:
-        raise NotFound(f"Job {job_id}'s result can no longer be read from {row.repository}: {exc}") from exc
+    text, cut = await _read_result(
+        job_id, row, merge.diff, row.base_commit or row.commit, row.commit, path, limit
+    )
     return text, cut, row
 
 
@@ -116,12 +117,4 @@ async def merge_into_worker(session: AsyncSession, actor: Actor, child_id: str) 
         )
     except (GitError, OSError) as exc:
         raise Conflict(f"Cannot merge {row.branch} into this worktree: {exc}") from exc
-    return MergeIntoWorkerOut(
-        job_id=child_id,
-        branch=row.branch,
-        commit=row.commit,
-        status=done.status,
-        merge_commit=done.merge_commit,
-        files=done.files,
-        diff_stat=done.diff_stat,
-    )
+    return MergeIntoWorkerOut(job_id=child_id, branch=row.branch, commit=row.commit, **asdict(done))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.cli import common as common_cli
 from orchestrator.cli import jobs as jobs_cli
 from orchestrator.cli.gc import parse_age
 from orchestrator.cli.main import main
@@ -36,7 +37,7 @@ def _boom(*_args: object, **_kwargs: object) -> None:
 def test_unexpected_errors_are_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(jobs_cli, "client", _boom)
+    monkeypatch.setattr(common_cli, "client", _boom)  # every command's one request
     monkeypatch.delenv("ORCHESTRATOR_DEBUG", raising=False)
     assert main(["jobs"]) == 1
     err = capsys.readouterr().err
@@ -49,7 +50,7 @@ def test_unexpected_errors_are_one_line(
 def test_debug_shows_the_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(jobs_cli, "client", _boom)
+    monkeypatch.setattr(common_cli, "client", _boom)  # every command's one request
     monkeypatch.setenv("ORCHESTRATOR_DEBUG", "1")
     assert main(["jobs"]) == 1
     assert "Traceback" in capsys.readouterr().err

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from dataclasses import asdict
 
 from orchestrator.api.deps import ResourcesRead, ResourcesWrite, SessionDep, SettingsDep
-from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
-from orchestrator.api.strict_json import StrictJsonRoute
+from orchestrator.api.errors import BAD_REQUEST, NOT_FOUND
+from orchestrator.api.strict_json import json_api_router
 from orchestrator.resources import service
 from orchestrator.resources.schemas import (
     AllocateRequest,
@@ -17,9 +17,7 @@ from orchestrator.resources.schemas import (
     UsageReport,
 )
 
-router = APIRouter(
-    prefix="/api/resources", tags=["resources"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute
-)
+router = json_api_router("/api/resources", "resources")
 
 
 @router.get("/quotas", response_model=QuotaList)
@@ -30,27 +28,13 @@ async def get_quotas(actor: ResourcesRead, session: SessionDep, settings: Settin
 @router.post("/allocate", response_model=AllocateResponse, responses={**NOT_FOUND, **BAD_REQUEST})
 async def allocate(body: AllocateRequest, actor: ResourcesWrite, session: SessionDep) -> AllocateResponse:
     done = await service.allocate(session, actor, body.job_id, body.depth, body.worker_count)
-    return AllocateResponse(
-        job_id=body.job_id,
-        depth=body.depth,
-        requested=body.worker_count,
-        granted=done.granted,
-        newly_allocated=done.newly_allocated,
-        bound_to_workers=done.bound_to_workers,
-        held=done.held,
-    )
+    return AllocateResponse(job_id=body.job_id, depth=body.depth, requested=body.worker_count, **asdict(done))
 
 
 @router.post("/release", response_model=ReleaseResponse, responses={**NOT_FOUND, **BAD_REQUEST})
 async def release(body: ReleaseRequest, actor: ResourcesWrite, session: SessionDep) -> ReleaseResponse:
     done = await service.release(session, actor, body.job_id, body.depth)
-    return ReleaseResponse(
-        job_id=body.job_id,
-        depth=body.depth,
-        released=done.released,
-        still_bound=done.still_bound,
-        reason=done.reason,
-    )
+    return ReleaseResponse(job_id=body.job_id, depth=body.depth, **asdict(done))
 
 
 @router.get("/usage", response_model=UsageReport)

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import Header, Query
 from fastapi.responses import Response
 
 from orchestrator.api.deps import MAX_QUERY_INT, SessionDep, SupervisorRead, SupervisorWrite, UnitOfWorkDep
-from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
+from orchestrator.api.errors import BAD_REQUEST, NOT_FOUND
 from orchestrator.api.paging import PageDep
 from orchestrator.api.routers import streams
 from orchestrator.api.sse import FeedsDep
-from orchestrator.api.strict_json import StrictJsonRoute
+from orchestrator.api.strict_json import json_api_router
 from orchestrator.core.states import WORKER_FINAL, WorkerStatus
 from orchestrator.workers import service
 from orchestrator.workers.schemas import LogLine, SystemMetrics, WorkerList, WorkerLogs, WorkerOut
 
-router = APIRouter(
-    prefix="/api/supervisor", tags=["supervisor"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute
-)
+router = json_api_router("/api/supervisor", "supervisor")
 
 
 @router.get("/workers", response_model=WorkerList)
@@ -33,20 +31,9 @@ async def list_workers(
     page: PageDep,
 ) -> WorkerList:
     workers, total = await service.list_workers(
-        session,
-        actor,
-        workspace_id=workspace_id,
-        status=status,
-        job_id=job_id,
-        limit=page.limit,
-        offset=page.offset,
+        session, actor, workspace_id=workspace_id, status=status, job_id=job_id, **page.window()
     )
-    return WorkerList(
-        workers=[WorkerOut.model_validate(w) for w in workers],
-        total=total,
-        limit=page.limit,
-        offset=page.offset,
-    )
+    return WorkerList(workers=[WorkerOut.model_validate(w) for w in workers], total=total, **page.window())
 
 
 @router.get("/workers/{worker_id}", response_model=WorkerOut, responses=NOT_FOUND)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-
 from orchestrator.api.deps import JobsRead, SessionDep
-from orchestrator.api.errors import ERROR_RESPONSES
 from orchestrator.api.paging import PageDep
-from orchestrator.api.strict_json import StrictJsonRoute
+from orchestrator.api.strict_json import json_api_router
 from orchestrator.workspaces import service
 from orchestrator.workspaces.schemas import WorkspaceList
 
-router = APIRouter(
-    prefix="/api/workspaces", tags=["workspaces"], responses=ERROR_RESPONSES, route_class=StrictJsonRoute
-)
+router = json_api_router("/api/workspaces", "workspaces")
 
 
 @router.get("", response_model=WorkspaceList)
@@ -22,5 +17,5 @@ async def list_workspaces(
     session: SessionDep,
     page: PageDep,
 ) -> WorkspaceList:
-    workspaces, total = await service.list_workspaces(session, actor, limit=page.limit, offset=page.offset)
-    return WorkspaceList(workspaces=workspaces, total=total, limit=page.limit, offset=page.offset)
+    workspaces, total = await service.list_workspaces(session, actor, **page.window())
+    return WorkspaceList(workspaces=workspaces, total=total, **page.window())
