@@ -60,6 +60,29 @@ class Cgroups:
         for group in groups.values():
             with contextlib.suppress(FileExistsError):
                 os.mkdir(group)
+        self.set_limits(worker_id, limits)
+        return [group / "cgroup.procs" for group in groups.values()]
+
+    def rename(self, old: str, new: str) -> None:
+        """Give a group (in every hierarchy) another name, with its processes in it: cgroup v1
+        only (v2 refuses). An empty group of a worker that ran before under that name is
+        removed first; on failure the groups renamed so far are put back."""
+        done: list[str] = []
+        try:
+            for controller, base in self.bases.items():
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(base / new)
+                os.rename(base / old, base / new)
+                done.append(controller)
+        except OSError:
+            for controller in done:
+                with contextlib.suppress(OSError):
+                    os.rename(self.bases[controller] / new, self.bases[controller] / old)
+            raise
+
+    def set_limits(self, worker_id: str, limits: Limits) -> None:
+        """Write the worker's limits into its (existing) groups."""
+        groups = self.groups(worker_id)
         memory = str(limits.memory_mb * MIB)
         if self.version == "v2":
             group = groups[""]
@@ -76,7 +99,6 @@ class Cgroups:
                 _write(
                     groups["cpu"] / "cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100)), optional=True
                 )
-        return [group / "cgroup.procs" for group in groups.values()]
 
     def limit_hit(self, worker_id: str) -> tuple[bool, bool]:
         """(killed by the memory limit, stopped by the process limit) for the worker's groups."""
