@@ -26,16 +26,16 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from orchestrator.executors.cgroups import Cgroups, Limits
+from orchestrator.executors.cgroups import POOL_PREFIX, Cgroups, Limits
 
 log = logging.getLogger(__name__)
 
-# Waits for one line (the shell's `read` takes a pipe byte by byte, so what follows the line is
-# left for the agent's stdin) and evaluates it; a closed pipe ends it.
+# Waits for one line (`launch_line`) and evaluates it; a closed pipe ends it.
 PARK_SCRIPT = 'cd / || exit 1; IFS= read -r c || exit 0; eval "$c"'
 PARKED_NAME = "orchestrator-parked"  # $0 of a parked shell, until it becomes a wrapper
-GROUP_PREFIX = "pool-"
+GROUP_PREFIX = POOL_PREFIX
 DEFAULT_SIZE = 4
 
 
@@ -46,15 +46,21 @@ class Parked:
     control: int  # the write end of its stdin
 
 
-def launch_line(argv: list[str], env: dict[str, str]) -> str | None:
-    """The line that turns a parked shell into `argv` with exactly `env` (beside the PATH and
-    LANG it was started with, which `env` sets again), or None if it cannot be said on one line
-    (a newline in an argument, a name the shell cannot export): such a worker starts the usual way."""
-    names_ok = all(name.isidentifier() and name.isascii() for name in env)
-    if not names_ok or any("\n" in item for item in (*argv, *env.values())):
+def launch_script(argv: list[str], env: dict[str, str]) -> str | None:
+    """A script that turns a parked shell into `argv` with exactly `env` (beside the PATH and
+    LANG it was started with, which `env` sets again), or None if the shell cannot say it (a
+    variable name it cannot export): such a worker starts the usual way."""
+    if not all(name.isidentifier() and name.isascii() for name in env):
         return None
-    exports = "".join(f"export {name}={shlex.quote(value)}; " for name, value in env.items())
+    exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
     return f"{exports}exec {shlex.join(argv)}\n"
+
+
+def launch_line(script: Path) -> str:
+    """The line sent down a parked shell's pipe: source the launch script. The shell reads a
+    pipe one byte at a time (so what follows the line stays for the agent's stdin): a short line
+    and a script read from a file in blocks, rather than the whole command on the pipe."""
+    return f". {shlex.quote(str(script))}\n"
 
 
 class WrapperPool:

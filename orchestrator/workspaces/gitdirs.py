@@ -19,8 +19,10 @@ from pathlib import Path
 
 from orchestrator.workspaces.git import GitError, commit_all, run_git, worktree_git_dirs
 
-RECORD_FILE = "git-dirs.json"
-INDEX_FILE = "engine-index"
+# In a directory of the run dir: the engine binds the run dir's top-level files (an agent's MCP
+# config) read-only into the sandbox; these are the server's alone.
+RECORD_FILE = "engine/git-dirs.json"
+INDEX_FILE = "engine/index"
 
 
 def record(worktree: Path, run_dir: Path) -> tuple[Path, Path] | None:
@@ -35,6 +37,7 @@ def record(worktree: Path, run_dir: Path) -> tuple[Path, Path] | None:
         return None
     own, common = dirs
     path = run_dir / RECORD_FILE
+    path.parent.mkdir(mode=0o700, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -77,6 +80,7 @@ def commit_recorded(
         raise GitError(f"worktree {worktree}: its recorded repository {common} is gone or replaced")
     ref = f"refs/heads/{branch}"
     index = run_dir / INDEX_FILE
+    index.parent.mkdir(mode=0o700, exist_ok=True)
     index.unlink(missing_ok=True)
     shared = {"GIT_DIR": str(common)}
     view = {**shared, "GIT_WORK_TREE": str(worktree), "GIT_INDEX_FILE": str(index)}
