@@ -1,8 +1,9 @@
 """Worker start overhead with and without the sandbox, side by side in one run.
 
 Each run starts one worker through the executor (wrapper, cgroups, bwrap, setpriv, seccomp)
-whose agent is `date +%s.%N`: "start" is the time from the executor's start call to the moment
-the agent runs (the clock it prints), "run" the time to its exit (with the sandbox's teardown).
+whose agent is `date +%s.%N`: "call" is how long the executor's start call blocks its caller
+(an engine launcher thread), "start" the time from that call to the moment the agent runs (the
+clock it prints), "run" the time to its exit (with the sandbox's teardown).
 Runs alternate between the modes so all see the same machine load: no sandbox; the sandbox
 with a parked wrapper (executors/pool.py; the pool is refilled between starts); the sandbox
 without the pool (the wrapper joins its cgroups on the start path). Also `bwrap … true` and
@@ -59,6 +60,7 @@ def main() -> None:
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             wall, started = time.time(), time.perf_counter()
             proc = executor.start(f"bench{i}-{n}", spec, workdir, run_dir, sandbox=box, limits=limits)
+            times[f"call, {name}"].append(time.perf_counter() - started)
             executor.wait(proc, 30)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -78,7 +80,7 @@ def main() -> None:
         values.sort()
         p50, p90 = statistics.median(values), values[int(len(values) * 0.9) - 1]
         print(f"{name:>18}: p50 {p50 * 1000:6.1f} ms  p90 {p90 * 1000:6.1f} ms  ({len(values)} runs)")
-    for what in ("start", "run", "cpu"):
+    for what in ("call", "start", "run", "cpu"):
         for mode in ("sandbox", "sandbox, no pool"):
             overhead = statistics.median(times[f"{what}, {mode}"]) - statistics.median(
                 times[f"{what}, no sandbox"]

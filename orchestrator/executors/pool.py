@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 PARK_SCRIPT = 'cd / || exit 1; IFS= read -r c || exit 0; eval "$c"'
 PARKED_NAME = "orchestrator-parked"  # $0 of a parked shell, until it becomes a wrapper
 GROUP_PREFIX = POOL_PREFIX
-DEFAULT_SIZE = 4
+DEFAULT_SIZE = 8
 
 
 @dataclass
