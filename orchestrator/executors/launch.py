@@ -11,8 +11,8 @@ from typing import Any
 
 from orchestrator.agents.base import LaunchSpec
 from orchestrator.executors.cgroups import Limits
-from orchestrator.executors.pool import Parked, WrapperPool, launch_line, launch_script
-from orchestrator.executors.processes import STDIN_FILE, WRAPPER_NAME, make_dirs
+from orchestrator.executors.pool import Parked, WrapperPool, launch_script
+from orchestrator.executors.processes import STDIN_FILE, WRAPPER_NAME
 
 # $1 = run dir, $2 = a file for the agent's stdin ("-": the wrapper's own stdin, a pipe the engine
 # fills), $3 = the working directory, $4 = the cgroup.procs files to join ("" for none), $5 = the
@@ -38,10 +38,6 @@ WRAPPER_SCRIPT = (
 # Stdin up to this size goes through a pipe (it fits the pipe buffer, so writing never blocks);
 # larger stdin is written to a file first.
 PIPE_STDIN_BYTES = 64 * 1024
-# What a parked wrapper sources to become the worker's (executors/pool.py): in a directory of the
-# run dir, as the engine binds the run dir's top-level files (an agent's MCP config) read-only
-# into the sandbox.
-LAUNCH_FILE = "engine/launch"
 # The server's own secrets: never in a worker's environment, even if an agent profile names them.
 SERVER_ONLY_ENV = ("SECRET_KEY", "DATABASE_URL", "ORCHESTRATOR_DATA_DIR")
 
@@ -80,29 +76,28 @@ def start_parked(
     data: bytes,
 ) -> int | None:
     """Make a parked wrapper this worker's (its PID), or None to spawn one. The launch script
-    goes in the run dir (private, like the stdin file); its line and a small stdin go down the
-    parked shell's pipe together, the agent reading what follows the line. Both fit the pipe
-    buffer, so the write never blocks."""
+    goes down the parked shell's descriptor 3 and a small stdin down its stdin, both pipes whose
+    buffer they fit, so the writes never block; nothing of it is written to disk."""
     stdin_arg = "-"
-    line = launch_line(run_dir / LAUNCH_FILE)
-    if len(line.encode()) + len(data) > PIPE_STDIN_BYTES:
+    if len(data) > PIPE_STDIN_BYTES:
         stdin_arg, data = write_stdin(run_dir, data), b""
     script = launch_script(wrapper_argv(run_dir, stdin_arg, workdir, "", seccomp_file) + agent_argv, env)
-    if script is None:
+    if script is None or len(script.encode()) > PIPE_STDIN_BYTES:
         return None
     parked: Parked | None = pool.take(worker_id, limits)
     if parked is None:
         return None
-    make_dirs((run_dir / LAUNCH_FILE).parent)
-    fd = os.open(run_dir / LAUNCH_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(script)
     try:
-        os.write(parked.control, line.encode() + data)
+        if data:
+            os.write(parked.stdin, data)
+        os.close(parked.stdin)
+        parked.stdin = -1
+        os.write(parked.control, script.encode())
+        os.close(parked.control)
+        parked.control = -1
     except OSError:  # it died after it was taken: its groups go, the worker starts the usual way
         pool.discard(parked)
         return None
-    os.close(parked.control)
     return parked.pid
 
 

@@ -6,8 +6,9 @@ worker's start overhead, spent on the start path. A parked wrapper is a `/bin/sh
 moved into a fresh group ahead of time, by a background thread, that waits on a pipe. Starting
 a worker then renames that group after the worker (cgroup v1 renames a group with processes in
 it; v2 refuses, so there the wrapper joins its group itself), writes the worker's limits and
-sends the shell one line that makes it the worker's wrapper: an `exec`, so the PID, the session
-and the process group the engine records are the parked shell's.
+sends the shell the script that makes it the worker's wrapper (on a pipe, never on disk: it
+holds the worker's token): an `exec`, so the PID, the session and the process group the engine
+records are the parked shell's.
 
 The parked shell is the leader of its own session, like every wrapper, and runs as the server's
 user outside any sandbox: no agent can see it (agents live in their own PID namespaces). When
@@ -26,14 +27,14 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from orchestrator.executors.cgroups import POOL_PREFIX, Cgroups, Limits
 
 log = logging.getLogger(__name__)
 
-# Waits for one line (`launch_line`) and evaluates it; a closed pipe ends it.
-PARK_SCRIPT = 'cd / || exit 1; IFS= read -r c || exit 0; eval "$c"'
+# Sources what the engine writes on descriptor 3 (a pipe) once it closes it: the launch script.
+# An empty script (the engine ended and the pipe closed unwritten) ends the shell.
+PARK_SCRIPT = "cd / || exit 1; . /dev/fd/3"
 PARKED_NAME = "orchestrator-parked"  # $0 of a parked shell, until it becomes a wrapper
 GROUP_PREFIX = POOL_PREFIX
 DEFAULT_SIZE = 8
@@ -43,24 +44,18 @@ DEFAULT_SIZE = 8
 class Parked:
     pid: int
     group: str  # its groups' name until it is given to a worker
-    control: int  # the write end of its stdin
+    control: int  # the write end of its descriptor 3: the launch script (-1 once closed)
+    stdin: int  # the write end of its stdin: the agent's (-1 once closed)
 
 
 def launch_script(argv: list[str], env: dict[str, str]) -> str | None:
     """A script that turns a parked shell into `argv` with exactly `env` (beside the PATH and
-    LANG it was started with, which `env` sets again), or None if the shell cannot say it (a
-    variable name it cannot export): such a worker starts the usual way."""
+    LANG it was started with, which `env` sets again) and without descriptor 3, or None if the
+    shell cannot say it (a variable name it cannot export): such a worker starts the usual way."""
     if not all(name.isidentifier() and name.isascii() for name in env):
         return None
     exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
-    return f"{exports}exec {shlex.join(argv)}\n"
-
-
-def launch_line(script: Path) -> str:
-    """The line sent down a parked shell's pipe: source the launch script. The shell reads a
-    pipe one byte at a time (so what follows the line stays for the agent's stdin): a short line
-    and a script read from a file in blocks, rather than the whole command on the pipe."""
-    return f". {shlex.quote(str(script))}\n"
+    return f"{exports}exec {shlex.join(argv)} 3<&-\n"
 
 
 class WrapperPool:
@@ -128,8 +123,11 @@ class WrapperPool:
 
     def discard(self, parked: Parked) -> None:
         """End a parked shell that will not become a worker, and remove its groups."""
-        with contextlib.suppress(OSError):
-            os.close(parked.control)
+        for fd in (parked.control, parked.stdin):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        parked.control = parked.stdin = -1
         with contextlib.suppress(ProcessLookupError):
             os.kill(parked.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
@@ -175,24 +173,27 @@ class WrapperPool:
         group = GROUP_PREFIX + uuid.uuid4().hex[:16]
         for path in self.groups.groups(group).values():
             os.mkdir(path)
-        read_end, write_end = os.pipe()
+        stdin, control = os.pipe(), os.pipe()
         actions: list[tuple[object, ...]] = [
-            (os.POSIX_SPAWN_DUP2, read_end, 0),
+            (os.POSIX_SPAWN_DUP2, stdin[0], 0),
             (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
             (os.POSIX_SPAWN_DUP2, 1, 2),
+            (os.POSIX_SPAWN_DUP2, control[0], 3),
         ]
-        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in self._inheritable()]
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in self._inheritable() if fd != 3]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8")}
         argv = ["/bin/sh", "-c", PARK_SCRIPT, PARKED_NAME]
         try:
             pid = os.posix_spawn("/bin/sh", argv, env, file_actions=actions, setsid=True)
         except OSError:
-            os.close(write_end)
+            os.close(stdin[1])
+            os.close(control[1])
             self.groups.remove(group)
             raise
         finally:
-            os.close(read_end)
-        parked = Parked(pid, group, write_end)
+            os.close(stdin[0])
+            os.close(control[0])
+        parked = Parked(pid, group, control[1], stdin[1])
         try:
             for procs in self.groups.procs_files(group):
                 fd = os.open(procs, os.O_WRONLY)

@@ -62,13 +62,14 @@ def test_a_parked_wrapper_becomes_the_worker_in_its_own_groups(tmp_path: Path) -
     idle = {parked.pid for parked in ex.pool._idle}
     work, run, box = dirs(tmp_path, "a", ex)
     task = "the task\n" * 100
-    script = "cat > task.txt; echo started; sleep 600"
+    script = "cat > task.txt; [ -e /proc/self/fd/3 ] && echo fd 3 leaked; echo started; sleep 600"
     spec = LaunchSpec(argv=["/bin/sh", "-c", script], stdin_text=task, env={"ORCHESTRATOR_X": "a 'b' $c"})
     proc = ex.start("w_pooltest_a", spec, work, run, sandbox=box, limits=Limits(96, 40))
     try:
         assert proc.pid in idle  # a parked shell, not a new spawn
         wait_until(lambda: (run / "output.log").exists() and "started" in (run / "output.log").read_text())
-        assert (work / "task.txt").read_text() == task  # the stdin that followed the launch line
+        assert (work / "task.txt").read_text() == task  # its own stdin pipe
+        assert "leaked" not in (run / "output.log").read_text()  # the launch script's pipe is closed
         own = Path(f"/proc/{proc.pid}/cgroup").read_text()
         assert "pids:/orchestrator-workers/w_pooltest_a\n" in own, own
         assert f"/{cgroups.PARENT_NAME}/w_pooltest_a\n" in own.split("memory:", 1)[1], own
