@@ -41,7 +41,7 @@ def main() -> None:
     unpooled = LocalExecutor(host, groups, pool_size=0)
     modes = [("no sandbox", plain), ("sandbox", boxed), ("sandbox, no pool", unpooled)]
     times: dict[str, list[float]] = {
-        f"{what}, {mode}": [] for what in ("start", "run", "cpu") for mode, _ in modes
+        f"{what}, {mode}": [] for what in ("call", "start", "run", "cpu") for mode, _ in modes
     }
     times.update({"true": [], "bwrap true": []})
     spec = LaunchSpec(argv=["/bin/date", "+%s.%N"])
