@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,30 @@ def test_parked_shells_end_with_their_pool_and_leave_no_group(tmp_path: Path) ->
     for group in parked.values():
         assert group.startswith(GROUP_PREFIX)
         assert not any((base / group).exists() for base in GROUPS.bases.values())
+
+
+OWNER = r"""
+import sys, time
+from orchestrator.executors import cgroups
+from orchestrator.executors.local import LocalExecutor
+ex = LocalExecutor(None, cgroups.detect(), pool_size=2)
+assert ex.pool is not None and ex.pool.fill(60)
+print(" ".join(f"{p.pid}:{p.group}" for p in ex.pool._idle), flush=True)
+time.sleep(600)
+"""
+
+
+def test_parked_shells_end_when_their_server_is_killed(tmp_path: Path) -> None:
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    parked = dict(item.split(":") for item in owner.stdout.readline().split())
+    pids = {int(pid) for pid in parked}
+    assert len(pids) == 2 and pids <= parked_pids()
+    owner.kill()  # SIGKILL: no finaliser runs; the pipes close with the process
+    owner.wait()
+    owner.stdout.close()
+    wait_until(lambda: not (pids & parked_pids()), what="parked shells gone")
+    # Their groups are empty now, so the stale-group sweep (start-up, gc) can remove them (only
+    # these: the sweep itself would also take other servers' fresh groups on this shared host).
+    for group in parked.values():
+        assert GROUPS.remove(group), group
