@@ -158,4 +158,4 @@ def test_parked_shells_end_when_their_server_is_killed(tmp_path: Path) -> None:
     # Their groups are empty now, so the stale-group sweep (start-up, gc) can remove them (only
     # these: the sweep itself would also take other servers' fresh groups on this shared host).
     for group in parked.values():
-        assert GROUPS.remove(group), group
+        wait_until(lambda group=group: GROUPS.remove(group), what=f"group {group} empty")
