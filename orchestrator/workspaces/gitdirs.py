@@ -28,22 +28,29 @@ INDEX_FILE = "engine/index"
 def record(worktree: Path, run_dir: Path) -> tuple[Path, Path] | None:
     """(own git dir, common git dir) of the worker's worktree: the recorded ones if a start
     recorded them, else read from its `.git` file now and recorded (call it before the agent
-    first runs, right after the engine made the worktree). None if it is not a linked worktree."""
-    found = recorded(run_dir)
-    if found is not None:
-        return found
-    dirs = worktree_git_dirs(worktree)
-    if dirs is None:
-        return None
-    own, common = dirs
+    first runs, right after the engine made the worktree). None if it is not a linked worktree,
+    which is recorded too: a scratch directory the agent later gives a `.git` file (pointing at
+    a directory it made, whose `commondir` names any directory of the host) is never taken for
+    a worktree when the worker is started again."""
     path = run_dir / RECORD_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        data = None
+    if isinstance(data, dict):
+        return recorded(run_dir)
+    dirs = worktree_git_dirs(worktree)
+    own, common = dirs if dirs is not None else (None, None)
     path.parent.mkdir(mode=0o700, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        json.dump({"worktree": str(worktree), "git_dir": str(own), "common_dir": str(common)}, handle)
+        json.dump(
+            {"worktree": str(worktree), "git_dir": own and str(own), "common_dir": common and str(common)},
+            handle,
+        )
     os.replace(temporary, path)
-    return own, common
+    return dirs
 
 
 def recorded(run_dir: Path) -> tuple[Path, Path] | None:
@@ -60,7 +67,7 @@ def commit_worker(
     """Commit what a worker left in its worktree onto its branch; returns (the branch's commit,
     diff stat vs base). Through the recorded git dirs; a worker started before they were
     recorded falls back to the worktree's own view (`git.commit_all`)."""
-    if recorded(run_dir) is None:
+    if not (run_dir / RECORD_FILE).exists():
         return commit_all(worktree, message, base_commit, branch)
     return commit_recorded(worktree, run_dir, message, base_commit, branch)
 
