@@ -1,9 +1,12 @@
 """Worker start overhead with and without the sandbox, side by side in one run.
 
 Each run starts one worker through the executor (wrapper, cgroups, bwrap, setpriv, seccomp)
-whose agent is `date +%s.%N`: "start" is the time from the executor's start call to the moment
-the agent runs (the clock it prints), "run" the time to its exit (with the sandbox's teardown).
-Runs alternate between the two modes so both see the same machine load. Also `bwrap … true` and
+whose agent is `date +%s.%N`: "call" is how long the executor's start call blocks its caller
+(an engine launcher thread), "start" the time from that call to the moment the agent runs (the
+clock it prints), "run" the time to its exit (with the sandbox's teardown).
+Runs alternate between the modes so all see the same machine load: no sandbox; the sandbox
+with a parked wrapper (executors/pool.py; the pool is refilled between starts); the sandbox
+without the pool (the wrapper joins its cgroups on the start path). Also `bwrap … true` and
 plain `true` spawned directly, the sandbox's own cost.
 
     .venv/bin/python bench/sandbox.py --runs 100
@@ -35,38 +38,37 @@ def main() -> None:
         raise SystemExit(f"sandbox unavailable: {host.problem}")
     groups = cgroups.detect()
     boxed, plain = LocalExecutor(host, groups), LocalExecutor()
+    unpooled = LocalExecutor(host, groups, pool_size=0)
+    modes = [("no sandbox", plain), ("sandbox", boxed), ("sandbox, no pool", unpooled)]
     times: dict[str, list[float]] = {
-        "start, no sandbox": [],
-        "start, sandbox": [],
-        "run, no sandbox": [],
-        "run, sandbox": [],
-        "cpu, no sandbox": [],
-        "cpu, sandbox": [],
-        "true": [],
-        "bwrap true": [],
+        f"{what}, {mode}": [] for what in ("call", "start", "run", "cpu") for mode, _ in modes
     }
+    times.update({"true": [], "bwrap true": []})
     spec = LaunchSpec(argv=["/bin/date", "+%s.%N"])
     for i in range(args.runs):
-        for name, executor in (("no sandbox", plain), ("sandbox", boxed)):
-            workdir, run_dir = root / f"w{i}-{name[:2]}", root / f"r{i}-{name[:2]}"
+        for n, (name, executor) in enumerate(modes):
+            workdir, run_dir = root / f"w{i}-{n}", root / f"r{i}-{n}"
             home = run_dir / "home"
             home.mkdir(parents=True)
             workdir.mkdir()
             box = sandbox.SandboxSpec(workdir, home)
-            if executor is boxed:
+            if executor is not plain:
                 sandbox.give_to_agent(host, workdir, home)
-            limits = Limits(128, 64) if executor is boxed else None
+            if executor.pool is not None:
+                executor.pool.fill(30)  # steady state: a start finds a parked wrapper (a burst may not)
+            limits = Limits(128, 64) if executor is not plain else None
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             wall, started = time.time(), time.perf_counter()
-            proc = executor.start(f"bench{i}", spec, workdir, run_dir, sandbox=box, limits=limits)
+            proc = executor.start(f"bench{i}-{n}", spec, workdir, run_dir, sandbox=box, limits=limits)
+            times[f"call, {name}"].append(time.perf_counter() - started)
             executor.wait(proc, 30)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             times[f"cpu, {name}"].append(cpu)  # of the worker's processes: independent of load
             times[f"run, {name}"].append(time.perf_counter() - started)
             times[f"start, {name}"].append(float((run_dir / "output.log").read_text()) - wall)
-            if executor is boxed:
-                executor.ending(f"bench{i}")
+            if executor is not plain:
+                executor.ending(f"bench{i}-{n}")
         started = time.perf_counter()
         subprocess.run(["/bin/true"], check=True)
         times["true"].append(time.perf_counter() - started)
@@ -78,10 +80,13 @@ def main() -> None:
         values.sort()
         p50, p90 = statistics.median(values), values[int(len(values) * 0.9) - 1]
         print(f"{name:>18}: p50 {p50 * 1000:6.1f} ms  p90 {p90 * 1000:6.1f} ms  ({len(values)} runs)")
-    for what in ("start", "run", "cpu"):
-        boxed_p50 = statistics.median(times[f"{what}, sandbox"])
-        overhead = boxed_p50 - statistics.median(times[f"{what}, no sandbox"])
-        print(f"sandbox {what} overhead (p50): {overhead * 1000:+.1f} ms")
+    for what in ("call", "start", "run", "cpu"):
+        for mode in ("sandbox", "sandbox, no pool"):
+            overhead = statistics.median(times[f"{what}, {mode}"]) - statistics.median(
+                times[f"{what}, no sandbox"]
+            )
+            print(f"{mode} {what} overhead (p50): {overhead * 1000:+.1f} ms")
+    boxed.close()
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ from orchestrator.jobs.service import JOBS_TOPIC
 from orchestrator.resources import repository as slots_repo
 from orchestrator.resources.service import bind_unbound_slot, release_unbound
 from orchestrator.workers import repository as workers_repo
-from orchestrator.workspaces import git, refs
+from orchestrator.workspaces import git, gitdirs, refs
 from orchestrator.workspaces import setup as worktree_setup
 
 log = logging.getLogger("orchestrator.engine")
@@ -541,7 +541,7 @@ class Engine:
             # makes it 0666), bound in at its own path; a path socket is reachable whatever the
             # network namespace, so also with network "none".
             box.rw_extra.append(context.api_socket)
-        dirs = git.worktree_git_dirs(context.workdir)
+        dirs = gitdirs.record(context.workdir, context.run_dir)  # the .git file is the agent's later
         if dirs is not None and self.executor.sandbox is not None:
             # Git in the sandbox: the repository's common dir read-only (refs, objects and config
             # of every other branch stay as they are), the worktree's own dir (HEAD, index)
@@ -761,7 +761,12 @@ class Engine:
                 # agent may have pointed HEAD at another branch or staged objects only its
                 # private object store holds.
                 await asyncio.to_thread(
-                    git.commit_all, worktree, "orchestrator: checkpoint before delegating", None, own
+                    gitdirs.commit_worker,
+                    worktree,
+                    self.runs_dir / by_worker,
+                    "orchestrator: checkpoint before delegating",
+                    None,
+                    own,
                 )
             resolved = await asyncio.to_thread(refs.resolve, repository, resolved.full_name)
         return resolved.commit
@@ -976,8 +981,9 @@ class Engine:
             try:
                 async with self._repo_lock(job_repo or ""):
                     commit, stat = await asyncio.to_thread(
-                        git.commit_all,
+                        gitdirs.commit_worker,
                         Path(worker.workdir),
+                        proc.run_dir,
                         f"orchestrator: work of {worker.id} (job {worker.job_id})",
                         (worker.result or {}).get("base_commit"),
                         worker.branch,

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path("/sys/fs/cgroup")
 PARENT_NAME = "orchestrator-workers"
+POOL_PREFIX = "pool-"  # the groups of parked wrappers (executors/pool.py), not yet a worker's
 MIB = 1024 * 1024
 
 
@@ -60,6 +63,29 @@ class Cgroups:
         for group in groups.values():
             with contextlib.suppress(FileExistsError):
                 os.mkdir(group)
+        self.set_limits(worker_id, limits)
+        return [group / "cgroup.procs" for group in groups.values()]
+
+    def rename(self, old: str, new: str) -> None:
+        """Give a group (in every hierarchy) another name, with its processes in it: cgroup v1
+        only (v2 refuses). An empty group of a worker that ran before under that name is
+        removed first; on failure the groups renamed so far are put back."""
+        done: list[str] = []
+        try:
+            for controller, base in self.bases.items():
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(base / new)
+                os.rename(base / old, base / new)
+                done.append(controller)
+        except OSError:
+            for controller in done:
+                with contextlib.suppress(OSError):
+                    os.rename(self.bases[controller] / new, self.bases[controller] / old)
+            raise
+
+    def set_limits(self, worker_id: str, limits: Limits) -> None:
+        """Write the worker's limits into its (existing) groups."""
+        groups = self.groups(worker_id)
         memory = str(limits.memory_mb * MIB)
         if self.version == "v2":
             group = groups[""]
@@ -76,7 +102,6 @@ class Cgroups:
                 _write(
                     groups["cpu"] / "cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100)), optional=True
                 )
-        return [group / "cgroup.procs" for group in groups.values()]
 
     def limit_hit(self, worker_id: str) -> tuple[bool, bool]:
         """(killed by the memory limit, stopped by the process limit) for the worker's groups."""
@@ -241,3 +266,54 @@ def _detect_v2(root: Path, own_path: str) -> Cgroups:
     for group in (parent, base):
         _write(group / "cgroup.subtree_control", wanted)
     return Cgroups("v2", {"": base})
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What memory-aware admission sees on this host: available memory, what running workers'
+    limits reserve (their cgroups, whichever engine on the host started them) and the headroom."""
+
+    host: str
+    available_mb: int | None
+    reserved_mb: int | None
+    workers: int | None
+    headroom_mb: int
+
+    @property
+    def free_mb(self) -> int | None:
+        """MiB a new worker's limit may still take (what admission compares against)."""
+        if self.available_mb is None:
+            return None
+        return self.available_mb - (self.reserved_mb or 0) - self.headroom_mb
+
+
+def reserved(groups: Cgroups) -> tuple[int, int]:
+    """(MiB of memory limits, number) of the worker groups on this host that hold processes:
+    an ended worker's empty group and the parked wrappers' groups reserve nothing."""
+    total = count = 0
+    pids_controller = "" if groups.version == "v2" else "pids"
+    for name in groups.existing():
+        if name.startswith(POOL_PREFIX):
+            continue
+        group = groups.groups(name)
+        with contextlib.suppress(OSError, KeyError):
+            if not _int(group[pids_controller] / "pids.current", 1):
+                continue
+            memory, _ = groups.limit_of(name)
+            if memory is not None and memory < UNLIMITED_MB:
+                total, count = total + memory, count + 1
+    return total, count
+
+
+UNLIMITED_MB = 1 << 40  # a v1 group without a limit reads 2^63 bytes
+
+
+@functools.cache
+def this_host() -> Cgroups:
+    """The groups as this process finds them, detected once (API processes that report capacity)."""
+    return detect()
+
+
+def capacity(meminfo: Path, headroom_mb: int, groups: Cgroups | None) -> Capacity:
+    used, count = reserved(groups) if groups is not None and groups.usable else (None, None)
+    return Capacity(socket.gethostname(), host_available_mb(meminfo), used, count, headroom_mb)

@@ -18,160 +18,87 @@ import select
 import signal
 import socket
 import time
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from orchestrator.agents.base import LaunchSpec
 from orchestrator.core.config import Settings
 from orchestrator.executors import cgroups
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import Cgroups, Limits
+from orchestrator.executors.launch import (
+    PIPE_STDIN_BYTES,
+    SERVER_ONLY_ENV,
+    WRAPPER_SCRIPT,
+    environment,
+    spawn_wrapper,
+    start_parked,
+)
+from orchestrator.executors.pool import DEFAULT_SIZE, WrapperPool
+from orchestrator.executors.processes import (
+    EXIT_FILE,
+    OUTPUT_FILE,
+    PID_FILE,
+    STDIN_FILE,
+    WRAPPER_NAME,
+    WorkerProcess,
+    inheritable_descriptors,
+    is_same_process,
+    make_dirs,
+    pid_alive,
+    process_start_time,
+    raise_fd_limit,
+    read_exit_code,
+    signal_agents,
+)
+
+__all__ = [
+    "EXIT_FILE",
+    "OUTPUT_FILE",
+    "PID_FILE",
+    "PIPE_STDIN_BYTES",
+    "SERVER_ONLY_ENV",
+    "STDIN_FILE",
+    "WRAPPER_NAME",
+    "WRAPPER_SCRIPT",
+    "LocalExecutor",
+    "WorkerProcess",
+    "inheritable_descriptors",
+    "is_same_process",
+    "make_dirs",
+    "pid_alive",
+    "process_start_time",
+    "read_exit_code",
+]
 
 log = logging.getLogger(__name__)
 
-# $1 = run dir, $2 = a file for the agent's stdin ("-": the wrapper's own stdin, a pipe the engine
-# fills), $3 = the working directory, $4 = the cgroup.procs files to join ("" for none), $5 = the
-# seccomp filter to open on descriptor 9 for bwrap ("" for none); then the agent's argv (under
-# bwrap when sandboxed). The wrapper joins the worker's cgroups first, so every descendant is
-# counted against its limits, enters the working directory itself (posix_spawn has no chdir
-# here) and records its PID (an engine that dies before writing the PID to the database still
-# finds the worker), then runs the agent, then writes its exit status. A handled TERM/INT/HUP
-# trap keeps the wrapper alive to record that status (handled traps reset to default in the
-# agent, so it still dies). The exit file is read only once the wrapper is gone; a wrapper killed
-# mid-write leaves it empty, which reads as "no exit status". Its own files are private (umask
-# 077); the agent gets umask 022 back. Only shell built-ins besides the agent: no extra process,
-# and no file the engine must create.
-WRAPPER_SCRIPT = (
-    'umask 077; d="$1"; i="$2"; g="$4"; s="$5"; '
-    'for f in $g; do printf "%s\\n" "$$" >"$f" || { printf "126\\n" >"$d/exit"; exit 126; }; done; '
-    'cd "$3" || { printf "127\\n" >"$d/exit"; exit 127; }; shift 5; '
-    'trap ":" TERM INT HUP; printf "%s\\n" "$$" >"$d/pid"; : >>"$d/output.log"; '
-    'if [ -n "$s" ]; then exec 9<"$s" || { printf "126\\n" >"$d/exit"; exit 126; }; fi; umask 022; '
-    'if [ "$i" = - ]; then "$@" >>"$d/output.log" 2>&1; else "$@" <"$i" >>"$d/output.log" 2>&1; fi; '
-    'r=$?; umask 077; printf "%s\\n" "$r" >"$d/exit"'
-)
-# Stdin up to this size goes through a pipe (it fits the pipe buffer, so writing never blocks);
-# larger stdin is written to a file first.
-PIPE_STDIN_BYTES = 64 * 1024
 INHERITABLE_REFRESH_SECONDS = 1.0
-
-OUTPUT_FILE = "output.log"
-EXIT_FILE = "exit"
-PID_FILE = "pid"
-WRAPPER_NAME = "orchestrator-worker"  # $0 of every wrapper: how a worker process is recognised
-STDIN_FILE = "stdin"
-# The server's own secrets: never in a worker's environment, even if an agent profile names them.
-SERVER_ONLY_ENV = ("SECRET_KEY", "DATABASE_URL", "ORCHESTRATOR_DATA_DIR")
-
-
-def process_start_time(pid: int) -> int | None:
-    """Kernel start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat)."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)  # read once per worker start: no file object
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    try:
-        raw = os.read(fd, 4096).decode(errors="replace")
-    except ProcessLookupError:  # the process was reaped between open and read
-        return None
-    finally:
-        os.close(fd)
-    # The command name may contain spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[19])
-
-
-def make_dirs(*paths: Path) -> None:
-    """Create directories with one mkdir each where possible. Every mkdir, even one that finds
-    the directory there, locks the parent directory, and a worker's directories share parents
-    with all the others' (Path.mkdir(parents=True) made five calls for three directories)."""
-    for path in paths:
-        if path.is_dir():
-            continue
-        try:
-            os.mkdir(path)
-        except FileNotFoundError:
-            path.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            if not path.is_dir():
-                raise
-
-
-def inheritable_descriptors() -> list[int]:
-    """Descriptors above 2 a child would inherit (a listening socket passed down by a process
-    manager, say): a worker that outlives the server must not keep them open."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2:
-            with contextlib.suppress(OSError):  # closed meanwhile, such as listdir's own
-                if os.get_inheritable(fd):
-                    found.append(fd)
-    return found
-
-
-def is_same_process(pid: int, start_time: int) -> bool:
-    current = process_start_time(pid)
-    if current is None:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return current == start_time and state != "Z"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists (it may belong to another user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_exit_code(run_dir: Path) -> int | None:
-    try:
-        return int((run_dir / EXIT_FILE).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-@dataclass
-class WorkerProcess:
-    worker_id: str
-    pid: int
-    start_time: int
-    run_dir: Path
-    own_child: bool = False  # started by this process (not adopted): ours to reap
-    reaped: int | None = None
-    pidfd: int | None = None
-    stop_signal_sent_at: float | None = None
-    kill_sent: bool = False
-    applied_paused: bool = False
-    exited: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
-    host: str | None = None  # where it runs, if not the executor's own host (a Ray node id)
-
-    @property
-    def output_path(self) -> Path:
-        return self.run_dir / OUTPUT_FILE
 
 
 class LocalExecutor:
     """Starts, signals and watches worker processes on this host."""
 
-    def __init__(self, sandbox: sandboxing.SandboxHost | None = None, groups: Cgroups | None = None) -> None:
+    def __init__(
+        self,
+        sandbox: sandboxing.SandboxHost | None = None,
+        groups: Cgroups | None = None,
+        *,
+        pool_size: int = DEFAULT_SIZE,
+    ) -> None:
         """`sandbox` None runs workers unconfined (ORCHESTRATOR_SANDBOX=off, or a bare executor
-        in unit tests); a host whose sandbox cannot work refuses to start workers, with why."""
+        in unit tests); a host whose sandbox cannot work refuses to start workers, with why.
+        `pool_size` parked wrappers (executors/pool.py) take the cgroup move off the start path
+        where the host allows it; 0 turns them off."""
         self.host = socket.gethostname()
         self.sandbox = sandbox
         self.cgroups = groups
-        _raise_fd_limit()
+        self.pool: WrapperPool | None = None
+        if pool_size > 0 and groups is not None and WrapperPool.supported(groups):
+            self.pool = WrapperPool(groups, inheritable_descriptors, pool_size)
+            weakref.finalize(self, self.pool.close)  # parked shells end with their executor
+        raise_fd_limit()
         self._inheritable_fds = inheritable_descriptors()
         self._inheritable_read_at = time.monotonic()
 
@@ -277,64 +204,44 @@ class LocalExecutor:
         limits: Limits | None = None,
     ) -> WorkerProcess:
         """Start the worker. Blocking calls (the engine runs several at once in threads), none of
-        which holds the GIL for long: posix_spawn (vfork + exec in the C library) instead of
-        subprocess.Popen, whose Python set-up cost more than the spawn itself. Files the wrapper can
-        create itself (output.log, pid, exit) are not created here. The child gets only stdin,
-        stdout and stderr: Python opens descriptors close-on-exec, and those marked inheritable
-        are closed in the child."""
+        which holds the GIL for long. A parked wrapper already in its cgroups is used when there
+        is one; otherwise the wrapper is spawned now and joins its groups itself. Files the
+        wrapper can create itself (output.log, pid, exit) are not created here."""
         if not workdir.is_dir():
             raise FileNotFoundError(f"working directory {workdir} does not exist")
-        agent_argv = list(spec.argv)
-        seccomp_file = ""
-        if self.sandbox is not None:
-            if not self.sandbox.usable:
-                raise RuntimeError(f"the worker sandbox cannot work on this host: {self.sandbox.problem}")
-            box = sandbox or sandboxing.SandboxSpec(workdir, workdir)
-            agent_argv = sandboxing.command(self.sandbox, box, agent_argv)
-            seccomp_file = str(self.sandbox.seccomp or "")
-        procs_files = ""
-        if self.cgroups is not None and limits is not None:
-            if not self.cgroups.usable:
-                raise RuntimeError(f"worker limits cannot be set on this host: {self.cgroups.problem}")
-            procs_files = " ".join(str(p) for p in self.cgroups.create(worker_id, limits))
+        agent_argv, seccomp_file = self._confine(spec, workdir, sandbox)
+        if self.cgroups is not None and limits is not None and not self.cgroups.usable:
+            raise RuntimeError(f"worker limits cannot be set on this host: {self.cgroups.problem}")
         make_dirs(run_dir)
+        env = environment(spec)
         data = (spec.stdin_text or "").encode()
-        stdin_arg = "-"
-        pipe: tuple[int, int] | None = None
-        actions: list[tuple[Any, ...]] = []
-        if data and len(data) <= PIPE_STDIN_BYTES:
-            pipe = os.pipe()
-            actions.append((os.POSIX_SPAWN_DUP2, pipe[0], 0))
-        else:
-            actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
-            if data:
-                stdin_arg = str(run_dir / STDIN_FILE)
-                # The task or options: readable by the worker's user only.
-                fd = os.open(stdin_arg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-        actions += [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0), (os.POSIX_SPAWN_DUP2, 1, 2)]
-        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in self._inheritable()]
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8")}
-        env.update(spec.env)
-        for name in SERVER_ONLY_ENV:
-            env.pop(name, None)  # whatever a profile says: the server's secrets never reach a worker
-        argv = ["/bin/sh", "-c", WRAPPER_SCRIPT, WRAPPER_NAME, str(run_dir), stdin_arg, str(workdir)]
-        argv += [procs_files, seccomp_file]
-        try:
-            pid = os.posix_spawn("/bin/sh", argv + agent_argv, env, file_actions=actions, setsid=True)
-        finally:
-            if pipe is not None:
-                os.close(pipe[0])
-        if pipe is not None:
-            # Fits the pipe buffer: never blocks, even if the agent never reads its stdin.
-            with contextlib.suppress(BrokenPipeError):
-                os.write(pipe[1], data)
-            os.close(pipe[1])
+        pid = None
+        if self.pool is not None and limits is not None:
+            pid = start_parked(
+                self.pool, worker_id, limits, run_dir, workdir, seccomp_file, agent_argv, env, data
+            )
+        if pid is None:
+            procs_files = ""
+            if self.cgroups is not None and limits is not None:
+                procs_files = " ".join(str(p) for p in self.cgroups.create(worker_id, limits))
+            pid = spawn_wrapper(
+                run_dir, workdir, procs_files, seccomp_file, agent_argv, env, data, self._inheritable()
+            )
         # Reading the start time waits until the child's exec has finished; a caller starting many
         # workers reads it afterwards (`read_start_time`) instead of waiting for each exec in turn.
         start_time = (process_start_time(pid) or 0) if read_start_time else 0
         return WorkerProcess(worker_id, pid, start_time, run_dir, own_child=True)
+
+    def _confine(
+        self, spec: LaunchSpec, workdir: Path, sandbox: sandboxing.SandboxSpec | None
+    ) -> tuple[list[str], str]:
+        """The agent's argv (under bwrap when sandboxed) and the seccomp filter file ("" for none)."""
+        if self.sandbox is None:
+            return list(spec.argv), ""
+        if not self.sandbox.usable:
+            raise RuntimeError(f"the worker sandbox cannot work on this host: {self.sandbox.problem}")
+        box = sandbox or sandboxing.SandboxSpec(workdir, workdir)
+        return sandboxing.command(self.sandbox, box, list(spec.argv)), str(self.sandbox.seccomp or "")
 
     @staticmethod
     def read_start_time(proc: WorkerProcess) -> None:
@@ -401,30 +308,11 @@ class LocalExecutor:
             # namespace ends): the agent would get no grace period. So a polite signal goes to
             # the group's processes except bwrap's own two (the monitor and the namespace's
             # init); the agent ends, then bwrap with it. KILL, STOP and CONT go to the group.
-            return self._signal_agents(proc.pid, sig)
+            return signal_agents(proc.pid, self.sandbox.bwrap or "/usr/bin/bwrap", sig)
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             return False
-        return True
-
-    def _signal_agents(self, group: int, sig: signal.Signals) -> bool:
-        assert self.sandbox is not None
-        bwrap = os.path.realpath(self.sandbox.bwrap or "/usr/bin/bwrap")
-        for name in os.listdir("/proc"):
-            if not name.isdigit() or int(name) == group:
-                continue
-            pid = int(name)
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as handle:
-                    fields = handle.read().rsplit(b")", 1)[1].split()
-                if int(fields[2]) != group or os.readlink(f"/proc/{pid}/exe") == bwrap:
-                    continue  # field 5: the process group
-                os.kill(pid, sig)
-            except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
-                continue
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(group, sig)  # the wrapper: its trap keeps it alive to record the exit status
         return True
 
     def watch(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
@@ -458,11 +346,7 @@ class LocalExecutor:
                 os.close(proc.pidfd)
             proc.pidfd = None
 
-
-def _raise_fd_limit() -> None:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    def close(self) -> None:
+        """End the parked wrappers (an engine that stops; they also end when this process does)."""
+        if self.pool is not None:
+            self.pool.close()

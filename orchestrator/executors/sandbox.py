@@ -17,6 +17,7 @@ that is visible (say /etc/shadow) keeps its host permissions.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -151,20 +152,8 @@ def command(host: SandboxHost, spec: SandboxSpec, argv: list[str]) -> list[str]:
         args += ["--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
     if not spec.network:
         args.append("--unshare-net")
-    for path in SYSTEM_DIRS:
-        if os.path.islink(path):
-            args += ["--symlink", os.readlink(path), path]
-        elif os.path.isdir(path):
-            args += ["--ro-bind", path, path]
-    for path in MASKED_ETC:
-        if os.path.isdir(path):
-            args += ["--tmpfs", path, "--remount-ro", path]
-        elif os.path.exists(path):
-            args += ["--ro-bind", "/dev/null", path]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run"]
-    args += ["--perms", "1777", "--tmpfs", "/tmp", "--perms", "1777", "--tmpfs", "/var/tmp"]
-    # Read-only mounts: nothing can be made inside them (the tmpfs ones are fine).
-    bound = [p for p in SYSTEM_DIRS if os.path.isdir(p) and not os.path.islink(p)] + ["/proc", "/dev"]
+    system, bound = _system_view()
+    args += system
     ro = [p for p in _outermost([*host.ro_paths, *spec.ro_binds]) if os.path.exists(p)]
     rw = [str(spec.workdir), str(spec.home), *spec.rw_binds, *spec.rw_extra]
     # bwrap makes a bind target's missing parents 0700 (the agent could not reach its own
@@ -173,12 +162,12 @@ def command(host: SandboxHost, spec: SandboxSpec, argv: list[str]) -> list[str]:
     # entry by listing it (an editable install puts the checkout's directory on sys.path, and
     # only the package and the virtualenv are bound in it, so the listing shows nothing more).
     made: set[str] = set()
-    listable = {str(parent) for path in host.ro_paths for parent in Path(path).parents}
+    listable = _parents(host.ro_paths)
     targets = [*(target for _, target, _ in spec.mounts), *(target for _, target in spec.ro_files)]
     for path in [*ro, *rw, *targets]:
         for parent in reversed(Path(path).parents[:-1] if len(Path(path).parents) > 1 else []):
             name = str(parent)
-            if name in made or any(name == b or name.startswith(b + "/") for b in bound):
+            if name in made or (name + "/").startswith(bound):
                 continue
             made.add(name)
             args += ["--perms", "0755" if name in listable else "0711", "--dir", name]
@@ -195,6 +184,35 @@ def command(host: SandboxHost, spec: SandboxSpec, argv: list[str]) -> list[str]:
         args += ["--seccomp", "9"]
     args += ["--chdir", str(spec.workdir), "--"]
     return args + inner + list(argv)
+
+
+@functools.cache
+def _system_view() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The system part of every sandbox's command line (the read-only system directories, the
+    masked secrets of /etc, /proc, /dev and the tmpfs ones), and the read-only mount points
+    nothing can be made under (as prefixes, with a trailing slash, and as themselves). Found once
+    per process: it is the host's layout, the same for every worker, and a start reads it often."""
+    args: list[str] = []
+    for path in SYSTEM_DIRS:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for path in MASKED_ETC:
+        if os.path.isdir(path):
+            args += ["--tmpfs", path, "--remount-ro", path]
+        elif os.path.exists(path):
+            args += ["--ro-bind", "/dev/null", path]
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run"]
+    args += ["--perms", "1777", "--tmpfs", "/tmp", "--perms", "1777", "--tmpfs", "/var/tmp"]
+    # Read-only mounts: nothing can be made inside them (the tmpfs ones are fine).
+    bound = [p for p in SYSTEM_DIRS if os.path.isdir(p) and not os.path.islink(p)] + ["/proc", "/dev"]
+    return tuple(args), tuple(b + "/" for b in bound)
+
+
+@functools.cache
+def _parents(paths: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(str(parent) for path in paths for parent in Path(path).parents)
 
 
 def give_to_agent(host: SandboxHost, *paths: Path) -> None:

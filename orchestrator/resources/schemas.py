@@ -63,5 +63,23 @@ class DepthUsage(BaseModel):
     max_workers: int
 
 
+class HostCapacity(BaseModel):
+    """Memory-aware admission on the host that answered (extension)."""
+
+    host: str
+    memory_available_mb: int | None = Field(description="MemAvailable of the host")
+    memory_reserved_mb: int | None = Field(
+        description="Memory limits of the running workers' cgroups on this host (null: no cgroups)"
+    )
+    workers_reserving: int | None = Field(description="Running workers whose limits are counted")
+    memory_headroom_mb: int = Field(description="ORCHESTRATOR_MEMORY_HEADROOM_MB, kept free")
+    memory_free_for_workers_mb: int | None = Field(
+        description="What a new worker's memory limit may take now: available - reserved - headroom"
+    )
+
+
 class UsageReport(BaseModel):
     usage: list[DepthUsage]
+    capacity: HostCapacity | None = Field(
+        default=None, description="This host's memory admission (extension)"
+    )

@@ -55,13 +55,16 @@ def git_env() -> dict[str, str]:
     return env
 
 
-def run_git(*args: str, cwd: Path, timeout: float = 120.0, umask: int = GIT_UMASK) -> str:
-    """Run `git <args>` in `cwd`; its stdout, stripped. Raises GitError on a non-zero exit."""
+def run_git(
+    *args: str, cwd: Path, timeout: float = 120.0, umask: int = GIT_UMASK, env: dict[str, str] | None = None
+) -> str:
+    """Run `git <args>` in `cwd`; its stdout, stripped. Raises GitError on a non-zero exit.
+    `env`: GIT_* variables the caller sets on purpose (the recorded git dirs of a worktree)."""
     try:
         done = subprocess.run(
             ["git", *SAFE_CONFIG, *args],
             cwd=cwd,
-            env=git_env(),
+            env={**git_env(), **(env or {})},
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.api.deps import SettingsDep
 from orchestrator.api.observability import request_metrics
+from orchestrator.api.routers.resources import host_capacity
 from orchestrator.core.config import Settings
 from orchestrator.core.states import JobStatus, WorkerStatus
 from orchestrator.db.models import EngineRecord, Job, ResourcePool, Worker, utcnow
@@ -204,6 +205,35 @@ async def _live_engines(session: AsyncSession, settings: Settings) -> Metric:
     return engines
 
 
+async def host_capacity_metrics(settings: Settings) -> list[Metric]:
+    """Memory-aware admission on this host, from the kernel: what a worker may still reserve."""
+    found = await host_capacity(settings)
+    families: list[Metric] = []
+    for name, documentation, value in (
+        ("available", "MemAvailable of the host, MiB", found.memory_available_mb),
+        (
+            "reserved",
+            "Memory limits of the running workers' cgroups on the host, MiB",
+            found.memory_reserved_mb,
+        ),
+        (
+            "headroom",
+            "Memory kept free by admission (ORCHESTRATOR_MEMORY_HEADROOM_MB), MiB",
+            found.memory_headroom_mb,
+        ),
+        (
+            "free_for_workers",
+            "Memory a new worker's limit may take now, MiB",
+            found.memory_free_for_workers_mb,
+        ),
+    ):
+        if value is not None:
+            gauge = GaugeMetricFamily(f"orchestrator_host_memory_{name}_mb", documentation, labels=["host"])
+            gauge.add_metric([found.host], value)
+            families.append(gauge)
+    return families
+
+
 class _Fixed:
     """A collector that yields metric families computed beforehand (collect() is synchronous)."""
 
@@ -229,6 +259,7 @@ async def metrics(request: Request, settings: SettingsDep) -> Response:
     )
     scrape.add_metric([], time.perf_counter() - started)
     families.append(scrape)
+    families += await host_capacity_metrics(settings)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Fixed(families))
     MultiProcessCollector(registry, path=str(request_metrics(settings.data_dir).directory))  # type: ignore[no-untyped-call]

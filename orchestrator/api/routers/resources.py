@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict
 
 from orchestrator.api.deps import ResourcesRead, ResourcesWrite, SessionDep, SettingsDep
 from orchestrator.api.errors import BAD_REQUEST, NOT_FOUND
 from orchestrator.api.strict_json import json_api_router
+from orchestrator.core.config import Settings
+from orchestrator.executors import cgroups
 from orchestrator.resources import service
 from orchestrator.resources.schemas import (
     AllocateRequest,
     AllocateResponse,
+    HostCapacity,
     QuotaList,
     ReleaseRequest,
     ReleaseResponse,
@@ -39,4 +43,23 @@ async def release(body: ReleaseRequest, actor: ResourcesWrite, session: SessionD
 
 @router.get("/usage", response_model=UsageReport)
 async def get_usage(actor: ResourcesRead, session: SessionDep, settings: SettingsDep) -> UsageReport:
-    return UsageReport(usage=await service.usage(session, settings))
+    usage = await service.usage(session, settings)
+    return UsageReport(usage=usage, capacity=await host_capacity(settings))
+
+
+async def host_capacity(settings: Settings) -> HostCapacity:
+    """This host's memory admission figures, read from the kernel (the same on every API process)."""
+    found = await asyncio.to_thread(
+        cgroups.capacity,
+        settings.orchestrator_meminfo_path,
+        settings.orchestrator_memory_headroom_mb,
+        await asyncio.to_thread(cgroups.this_host),
+    )
+    return HostCapacity(
+        host=found.host,
+        memory_available_mb=found.available_mb,
+        memory_reserved_mb=found.reserved_mb,
+        workers_reserving=found.workers,
+        memory_headroom_mb=found.headroom_mb,
+        memory_free_for_workers_mb=found.free_mb,
+    )

@@ -1,0 +1,150 @@
+"""How a worker's wrapper is launched: the wrapper script, its environment, and the two ways to
+start it (spawned now, or a parked one from the pool). Shared by executors that run workers as
+processes on a host."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from orchestrator.agents.base import LaunchSpec
+from orchestrator.executors.cgroups import Limits
+from orchestrator.executors.pool import Parked, WrapperPool, launch_script
+from orchestrator.executors.processes import STDIN_FILE, WRAPPER_NAME
+
+# $1 = run dir, $2 = a file for the agent's stdin ("-": the wrapper's own stdin, a pipe the engine
+# fills), $3 = the working directory, $4 = the cgroup.procs files to join ("" for none), $5 = the
+# seccomp filter to open on descriptor 9 for bwrap ("" for none); then the agent's argv (under
+# bwrap when sandboxed). The wrapper joins the worker's cgroups first, so every descendant is
+# counted against its limits, enters the working directory itself (posix_spawn has no chdir
+# here) and records its PID (an engine that dies before writing the PID to the database still
+# finds the worker), then runs the agent, then writes its exit status. A handled TERM/INT/HUP
+# trap keeps the wrapper alive to record that status (handled traps reset to default in the
+# agent, so it still dies). The exit file is read only once the wrapper is gone; a wrapper killed
+# mid-write leaves it empty, which reads as "no exit status". Its own files are private (umask
+# 077); the agent gets umask 022 back. Only shell built-ins besides the agent: no extra process,
+# and no file the engine must create.
+WRAPPER_SCRIPT = (
+    'umask 077; d="$1"; i="$2"; g="$4"; s="$5"; '
+    'for f in $g; do printf "%s\\n" "$$" >"$f" || { printf "126\\n" >"$d/exit"; exit 126; }; done; '
+    'cd "$3" || { printf "127\\n" >"$d/exit"; exit 127; }; shift 5; '
+    'trap ":" TERM INT HUP; printf "%s\\n" "$$" >"$d/pid"; : >>"$d/output.log"; '
+    'if [ -n "$s" ]; then exec 9<"$s" || { printf "126\\n" >"$d/exit"; exit 126; }; fi; umask 022; '
+    'if [ "$i" = - ]; then "$@" >>"$d/output.log" 2>&1; else "$@" <"$i" >>"$d/output.log" 2>&1; fi; '
+    'r=$?; umask 077; printf "%s\\n" "$r" >"$d/exit"'
+)
+# Stdin up to this size goes through a pipe (it fits the pipe buffer, so writing never blocks);
+# larger stdin is written to a file first.
+PIPE_STDIN_BYTES = 64 * 1024
+# The server's own secrets: never in a worker's environment, even if an agent profile names them.
+SERVER_ONLY_ENV = ("SECRET_KEY", "DATABASE_URL", "ORCHESTRATOR_DATA_DIR")
+
+
+def environment(spec: LaunchSpec) -> dict[str, str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8")}
+    env.update(spec.env)
+    for name in SERVER_ONLY_ENV:
+        env.pop(name, None)  # whatever a profile says: the server's secrets never reach a worker
+    return env
+
+
+def wrapper_argv(run_dir: Path, stdin_arg: str, workdir: Path, procs_files: str, seccomp: str) -> list[str]:
+    return [
+        "/bin/sh",
+        "-c",
+        WRAPPER_SCRIPT,
+        WRAPPER_NAME,
+        str(run_dir),
+        stdin_arg,
+        str(workdir),
+        procs_files,
+        seccomp,
+    ]
+
+
+def start_parked(
+    pool: WrapperPool,
+    worker_id: str,
+    limits: Limits,
+    run_dir: Path,
+    workdir: Path,
+    seccomp_file: str,
+    agent_argv: list[str],
+    env: dict[str, str],
+    data: bytes,
+) -> int | None:
+    """Make a parked wrapper this worker's (its PID), or None to spawn one. The launch script
+    goes down the parked shell's descriptor 3 and a small stdin down its stdin, both pipes whose
+    buffer they fit, so the writes never block; nothing of it is written to disk."""
+    stdin_arg = "-"
+    if len(data) > PIPE_STDIN_BYTES:
+        stdin_arg, data = write_stdin(run_dir, data), b""
+    script = launch_script(wrapper_argv(run_dir, stdin_arg, workdir, "", seccomp_file) + agent_argv, env)
+    if script is None or len(script.encode()) > PIPE_STDIN_BYTES:
+        return None
+    parked: Parked | None = pool.take(worker_id, limits)
+    if parked is None:
+        return None
+    try:
+        if data:
+            os.write(parked.stdin, data)
+        os.close(parked.stdin)
+        parked.stdin = -1
+        os.write(parked.control, script.encode())
+        os.close(parked.control)
+        parked.control = -1
+    except OSError:  # it died after it was taken: its groups go, the worker starts the usual way
+        pool.discard(parked)
+        return None
+    return parked.pid
+
+
+def spawn_wrapper(
+    run_dir: Path,
+    workdir: Path,
+    procs_files: str,
+    seccomp_file: str,
+    agent_argv: list[str],
+    env: dict[str, str],
+    data: bytes,
+    inheritable: list[int],
+) -> int:
+    """Spawn a wrapper: posix_spawn (vfork + exec in the C library) instead of
+    subprocess.Popen, whose Python set-up cost more than the spawn itself. The child gets
+    only stdin, stdout and stderr: Python opens descriptors close-on-exec, and those marked
+    inheritable are closed in the child."""
+    stdin_arg = "-"
+    pipe: tuple[int, int] | None = None
+    actions: list[tuple[Any, ...]] = []
+    if data and len(data) <= PIPE_STDIN_BYTES:
+        pipe = os.pipe()
+        actions.append((os.POSIX_SPAWN_DUP2, pipe[0], 0))
+    else:
+        actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
+        if data:
+            stdin_arg = write_stdin(run_dir, data)
+    actions += [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0), (os.POSIX_SPAWN_DUP2, 1, 2)]
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable]
+    argv = wrapper_argv(run_dir, stdin_arg, workdir, procs_files, seccomp_file)
+    try:
+        pid = os.posix_spawn("/bin/sh", argv + agent_argv, env, file_actions=actions, setsid=True)
+    finally:
+        if pipe is not None:
+            os.close(pipe[0])
+    if pipe is not None:
+        # Fits the pipe buffer: never blocks, even if the agent never reads its stdin.
+        with contextlib.suppress(BrokenPipeError):
+            os.write(pipe[1], data)
+        os.close(pipe[1])
+    return pid
+
+
+def write_stdin(run_dir: Path, data: bytes) -> str:
+    """The task or options in a file readable by the worker's user only (too big for a pipe)."""
+    path = str(run_dir / STDIN_FILE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return path
