@@ -9,8 +9,10 @@ but unreferenced objects and at most a directory and a worktree entry that `prep
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,7 +234,10 @@ def merge_into_worktree(
 ) -> IntoWorktree:
     """Merge `commit` into a worker's own worktree (on its branch). The worktree is the agent's:
     its `.git` file is not trusted to say which repository it is; git is pointed at the
-    repository's own record of that worktree, which must name `workdir` and be on `branch`."""
+    repository's own record of that worktree, which must name `workdir` and be on `branch`. That
+    record's directory is writable by the agent too (HEAD, index): git runs on a private copy of
+    it whose `commondir` the server writes, so a rewritten `commondir` or a planted link cannot
+    aim git's writes elsewhere; the index and a conflict's merge state are put back after."""
     common = Path(out("rev-parse", "--git-common-dir", cwd=repository))
     if not common.is_absolute():
         common = (repository / common).resolve()
@@ -240,15 +245,32 @@ def merge_into_worktree(
     recorded = (admin / "gitdir").read_text().strip() if (admin / "gitdir").is_file() else ""
     if Path(recorded).resolve() != (workdir / ".git").resolve():
         raise GitError(f"{workdir} is not a worktree of {repository}")
+    with tempfile.TemporaryDirectory(prefix="merge-admin-") as private:
+        copy = Path(private)
+        _copy_file(admin / "HEAD", copy / "HEAD")
+        (copy / "commondir").write_text(f"{common}\n")
+        (copy / "gitdir").write_text(f"{workdir / '.git'}\n")
+        done = _merge_in(copy, workdir, branch, commit, message)
+        for name in ("index", *(MERGE_STATE if done.status == "conflict" else ())):
+            _copy_file(copy / name, admin / name)
+    return done
+
+
+MERGE_STATE = ("MERGE_HEAD", "MERGE_MSG", "MERGE_MODE", "AUTO_MERGE", "ORIG_HEAD")
+
+
+def _merge_in(admin: Path, workdir: Path, branch: str, commit: str, message: str) -> IntoWorktree:
     base = ("--git-dir", str(admin), "--work-tree", str(workdir))
     if out(*base, "symbolic-ref", "-q", "HEAD", cwd=workdir) != f"refs/heads/{branch}":
         raise GitError(f"the worktree is not on its branch {branch}")
+    # The index from the branch, not the agent's (the engine's checkpoints commit with an index
+    # of their own): what differs in the worktree is the agent's uncommitted work.
+    out(*base, "read-tree", "HEAD", cwd=workdir)
     if run(*base, "merge-base", "--is-ancestor", commit, "HEAD", cwd=workdir, check=False).returncode == 0:
         return IntoWorktree("already merged", None, [], "")
     before = out(*base, "rev-parse", "HEAD", cwd=workdir)
-    done = run(
-        *base, "merge", "--no-ff", "--no-verify", "--no-edit", "-m", message, commit, cwd=workdir, check=False
-    )
+    merging = ("merge", "--no-ff", "--no-verify", "--no-edit", "-m", message, commit)
+    done = run(*base, *merging, cwd=workdir, check=False)
     if done.returncode == 0:
         after = out(*base, "rev-parse", "HEAD", cwd=workdir)
         stat = out(*base, "diff", "--stat", f"{before}..{after}", cwd=workdir)
@@ -258,3 +280,20 @@ def merge_into_worktree(
     if not files:
         raise GitError(f"git merge failed: {done.stderr.strip() or done.stdout.strip()}")
     return IntoWorktree("conflict", None, files, "")
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    """Copy a regular file without following a link at either end (the agent may have planted
+    one on either side): read with O_NOFOLLOW, written beside the target and renamed over it."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise GitError(f"cannot read {source.name} of the worktree's git dir: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read()
+    partial = target.with_name(f".{target.name}.orchestrator-tmp")
+    partial.unlink(missing_ok=True)
+    partial.write_bytes(data)
+    os.replace(partial, target)

@@ -96,3 +96,77 @@ def test_worker_merges_its_sub_job_and_nobody_elses(servers: ServerFactory) -> N
         result = f"orchestrator/{job['id']}/result"
         assert git(repo, "show", f"{result}:child.txt") == "from the child"
         assert git(repo, "show", f"{result}:parent.txt") == "from the parent"
+
+
+TAMPERER = r"""
+import json, os, pathlib, subprocess, time, urllib.request, urllib.error
+URL, TOKEN, JOB = os.environ["ORCHESTRATOR_URL"], os.environ["ORCHESTRATOR_TOKEN"], os.environ["ORCHESTRATOR_JOB_ID"]
+def call(method, path, body=None):
+    req = urllib.request.Request(URL + path, method=method, data=json.dumps(body).encode() if body is not None else None)
+    req.add_header("Authorization", "Bearer " + TOKEN)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+_, child = call("POST", "/api/jobs/submit", {"task_description": "child", "depth": 1, "parent_job_id": JOB,
+    "agent": "simulated", "agent_options": {"duration_seconds": 0, "files": {"child.txt": "from the child\n"}}})
+while call("GET", "/api/jobs/" + child["id"])[1]["status"] not in ("COMPLETED", "FAILED", "CANCELED"):
+    time.sleep(0.1)
+# The worktree's admin dir (HEAD, index) is the agent's to write: aim it at another repository.
+admin = pathlib.Path(subprocess.run(["git", "rev-parse", "--absolute-git-dir"], capture_output=True, text=True).stdout.strip())
+victim = os.environ["VICTIM"]
+results = {}
+(admin / "commondir").write_text(victim + "/.git\n")
+results["commondir"] = call("POST", f"/api/jobs/{child['id']}/merge")
+(admin / "commondir").write_text("../..\n")
+(admin / "MERGE_MSG").unlink(missing_ok=True)
+(admin / "MERGE_MSG").symlink_to(victim + "/target.txt")
+results["link"] = call("POST", f"/api/jobs/{child['id']}/merge")
+print("RESULTS " + json.dumps(results), flush=True)
+"""
+
+
+def test_a_worker_that_rewires_its_git_dir_cannot_make_the_merge_write_elsewhere(
+    servers: ServerFactory,
+) -> None:
+    """The parent's worktree admin dir is writable in its sandbox: a `commondir` aimed at another
+    repository and a MERGE_MSG linked to another file must not make the server's git write there."""
+    repo = make_repo(servers.root)
+    victim = servers.root / "victim"
+    victim.mkdir()
+    git(victim, "init", "-q", "-b", "main")
+    (victim / "target.txt").write_text("untouched\n")
+    git(victim, "add", "-A")
+    git(victim, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "victim")
+    victim_refs = git(victim, "for-each-ref")
+    scripts = servers.root / "agent-scripts"
+    scripts.mkdir(exist_ok=True)
+    (scripts / "tamperer.py").write_text(TAMPERER)
+    agents = servers.root / "tamper-agents.toml"
+    agents.write_text(
+        f'[agents.tamperer]\ncommand = ["{sys.executable}", "{scripts / "tamperer.py"}"]\n'
+        f'env = {{ VICTIM = "{victim}" }}\nro_binds = ["{scripts}"]\n'
+    )
+    server = servers.start(ORCHESTRATOR_AGENTS_FILE=str(agents))
+    with server.client() as client:
+        job = submit(client, agent="tamperer", repository=str(repo))
+        wait_final(client, job["id"], timeout=90)
+        [worker] = workers_of(client, job["id"])
+        lines = log_lines(client, worker["id"])
+        line = next((x for x in lines if x.startswith("RESULTS ")), None)
+        assert line is not None, lines[-10:]
+        results = json.loads(line.removeprefix("RESULTS "))
+    # Aimed elsewhere, the merge still went to the worker's own repository (its branch), or was
+    # refused with a clear 409: never into the victim.
+    status, body = results["commondir"]
+    assert status in (200, 409), results
+    assert status == 409 or body["status"] == "merged", results
+    status, body = results["link"]
+    assert status in (200, 409), results
+    if status == 409:
+        assert "symbolic link" in body["detail"], body
+    assert (victim / "target.txt").read_text() == "untouched\n"
+    assert git(victim, "for-each-ref") == victim_refs
+    assert git(victim, "status", "--porcelain") == ""
