@@ -219,7 +219,8 @@ class Engine:
 
     async def _sqlite_watch_loop(self) -> None:
         """SQLite has no NOTIFY: wake when another connection commits (`PRAGMA data_version`
-        changes), which costs a shared-memory read every 50 ms instead of a full pass."""
+        changes), which costs a shared-memory read every SQLITE_WATCH_SECONDS instead of a
+        full pass."""
         import sqlite3
 
         path = self.db.engine.url.database

@@ -96,8 +96,8 @@ class Launcher:
         """Start the pass's workers: each is prepared in the event loop (a worktree, if any, in a
         thread), then the blocking part (directories, files, the spawn) runs in the launcher
         threads, a chunk of workers per call: per-worker thread hand-offs cost more than the
-        spawns on 2 cores, but a slow disk makes each directory cost up to a millisecond, so a
-        big pass is still split across the threads."""
+        spawns on a small host, but a slow disk makes each directory costly, so a big pass is
+        still split across the threads."""
         prepared: list[_Prepared] = []
         launched: list[Launched] = []
         for worker, job in ready:

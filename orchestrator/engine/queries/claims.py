@@ -39,9 +39,10 @@ async def claim_pending(session: AsyncSession, engine_id: str, room: dict[int, i
     engine, and the engine's own backlog (every pass reads it) stays small.
 
     On SQLite the allocated jobs are read first, on their own: inside the claim its planner (it
-    has no statistics) walked every PENDING job to test each against them, 4.6 ms a pass with
-    10,000 queued, where their own read and a lookup by key cost microseconds. PostgreSQL plans
-    the one statement well from its statistics, and a second statement is a round trip."""
+    has no statistics) walked every PENDING job to test each against them, a cost that grows
+    with the queue, where their own read and a lookup by key do not (docs/BENCHMARKS.md).
+    PostgreSQL plans the one statement well from its statistics, and a second statement is a
+    round trip."""
     postgres = is_postgres(session)
     depths = tuple(depth for depth, count in sorted(room.items()) if count > 0)
     params: dict[str, object] = {f"n{depth}": room[depth] for depth in depths}
@@ -88,8 +89,8 @@ def _claim_candidates(depths: tuple[int, ...], *, allocated: bool, postgres: boo
 
 _JOBS = cast(Table, Job.__table__)
 # "Still unowned" as coalesce(engine_id, '') = '' rather than engine_id IS NULL: for the latter
-# SQLite's planner (no statistics) walks ix_jobs_engine_status over every unowned job (1.9 ms
-# with 10,000 queued) instead of looking the few ids up by key. Engine ids are never empty.
+# SQLite's planner (no statistics) walks ix_jobs_engine_status over every unowned job instead
+# of looking the few ids up by key. Engine ids are never empty.
 _CLAIM = fast.FastStatement(
     update(_JOBS)
     .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)), func.coalesce(_JOBS.c.engine_id, "") == "")
