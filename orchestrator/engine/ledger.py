@@ -247,8 +247,7 @@ class Ledger:
                 return None
             outcome = Outcome(False, f"{outcome.reason} (gave up after rate-limit resumes)")
         if outcome is not None and outcome.ok:
-            agent = self.ctx.agents.agents.get(current.agent)
-            account = agent.account_key() if agent is not None else None
+            account = self.ctx.account_of(current.agent)
             if account is not None:
                 await self.governor.note_ok(session, account)
         return ending_of(outcome, ending.exit_code)
@@ -268,8 +267,7 @@ class Ledger:
         self, session: AsyncSession, worker: WorkerRow, values: dict[str, Any], outcome: Outcome
     ) -> bool:
         """A rate-limited run: keep the worker RUNNING (and its slot) and resume it after a backoff."""
-        agent = self.ctx.agents.agents.get(worker.agent)
-        account = agent.account_key() if agent is not None else None
+        account = self.ctx.account_of(worker.agent)
         if account is None or worker.status != WorkerStatus.RUNNING:
             return False
         delay = await self.governor.park(session, worker, values, outcome, account, self.ctx.actor)

@@ -99,8 +99,7 @@ class Scheduler:
         """Agents whose provider account is in a rate-limit backoff: their new workers wait."""
         accounts: dict[str, str] = {}
         for name in names:
-            agent = self.ctx.agents.agents.get(name)
-            key = agent.account_key() if agent is not None else None
+            key = self.ctx.account_of(name)
             if key is not None:
                 accounts[name] = key
         blocked = await self.governor.blocked(session, set(accounts.values()))

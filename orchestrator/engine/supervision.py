@@ -70,6 +70,11 @@ class EngineContext:
     runs_dir: Path  # a worker's run dir: its wrapper's files, its HOME
     workspaces_dir: Path  # a worker's worktree (or empty work dir)
 
+    def account_of(self, agent_name: str) -> str | None:
+        """The provider account an agent profile's workers share (rate limits), if any."""
+        agent = self.agents.agents.get(agent_name)
+        return agent.account_key() if agent is not None else None
+
 
 @dataclass
 class AgentRun:
