@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import contextlib
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.auth import Actor
 from orchestrator.core.errors import InvalidTransition
 from orchestrator.core.states import JOB_FINAL, WORKER_LIVE, JobStatus
-from orchestrator.db.models import Job
+from orchestrator.engine.queries import limits as limit_queries
 from orchestrator.jobs import repository as jobs_repo
 from orchestrator.jobs.budget import subtree_usage
 from orchestrator.jobs.service import cancel_one
 from orchestrator.workers import repository as workers_repo
 from orchestrator.workers.service import request_stop
-
-ACTIVE = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
 
 
 async def enforce(
@@ -34,13 +31,8 @@ async def enforce(
     `finishing`: workers that already reported their final result and are exiting by themselves;
     they end as their result says (their spend is what made the tree go over, not more work).
     """
-    stmt = (
-        select(Job)
-        .where(Job.engine_id == engine_id, Job.status.in_(ACTIVE), Job.max_cost_usd.is_not(None))
-        .execution_options(populate_existing=True)
-    )
     stopped = 0
-    for job in list((await session.execute(stmt)).scalars()):
+    for job in await limit_queries.jobs_with_budget(session, engine_id):
         assert job.max_cost_usd is not None
         spent = (await subtree_usage(session, job.path)).cost_usd
         if spent < job.max_cost_usd:

@@ -17,17 +17,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.agents.base import Outcome
 from orchestrator.core.config import Settings
-from orchestrator.db.events import record_event
-from orchestrator.db.locking import is_postgres
-from orchestrator.db.models import RateLimit, Worker, utcnow
-from orchestrator.engine.queries import WorkerRow
+from orchestrator.db.models import utcnow
+from orchestrator.db.unit_of_work import unit_of_work
+from orchestrator.engine.queries import limits as limit_queries
+from orchestrator.engine.queries import workers as worker_queries
+from orchestrator.engine.queries.rows import WorkerRow
 
 REFRESH_SECONDS = 1.0
 
@@ -60,7 +58,7 @@ class Governor:
         self, session: AsyncSession, account: str, retry_after: float | None, reason: str
     ) -> datetime:
         now = utcnow()
-        row = await session.get(RateLimit, account, populate_existing=True)
+        row = await limit_queries.rate_limit(session, account)
         failures = 1 if row is None or row.until < now - timedelta(seconds=self.cap) else row.failures + 1
         until = now + timedelta(seconds=self.backoff_seconds(failures, retry_after))
         if row is not None and row.until > until:
@@ -72,19 +70,14 @@ class Governor:
             "reason": reason,
             "updated_at": now,
         }
-        insert = pg_insert(RateLimit) if is_postgres(session) else sqlite_insert(RateLimit)
-        stmt = insert.values(**values).on_conflict_do_update(
-            index_elements=[RateLimit.account],
-            set_={k: v for k, v in values.items() if k != "account"},
-        )
-        await session.execute(stmt)
+        await limit_queries.save_rate_limit(session, values)
         self.until[account] = until
         return until
 
     async def note_ok(self, session: AsyncSession, account: str) -> None:
         if account in self.until:
             self.until.pop(account, None)
-            await session.execute(delete(RateLimit).where(RateLimit.account == account))
+            await limit_queries.clear_rate_limit(session, account)
 
     async def blocked(self, session: AsyncSession, accounts: set[str]) -> set[str]:
         """Accounts (of those given) in backoff now, as any engine recorded it."""
@@ -92,8 +85,7 @@ class Governor:
             return set()
         if time.monotonic() - self.last_refresh >= REFRESH_SECONDS:
             self.last_refresh = time.monotonic()
-            rows = (await session.execute(select(RateLimit.account, RateLimit.until))).all()
-            self.until = {account: until for account, until in rows}
+            self.until = await limit_queries.rate_limits(session)
         now = utcnow()
         return {a for a in accounts if a in self.until and self.until[a] > now}
 
@@ -130,9 +122,8 @@ class Governor:
             status_reason=f"waiting: {outcome.reason}; resuming at {until.isoformat(timespec='seconds')}",
             updated_at=utcnow(),
         )
-        await session.execute(update(Worker).where(Worker.id == worker.id).values(**changes))
-        record_event(
-            session,
+        await worker_queries.update_worker(session, worker.id, changes)
+        unit_of_work(session).record_event(
             job_id=worker.job_id,
             worker_id=worker.id,
             kind="worker.waiting",

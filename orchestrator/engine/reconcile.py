@@ -12,38 +12,13 @@ supervised process whose worker has ended (with a SIGCONT, so a stopped one dies
 from __future__ import annotations
 
 import logging
-import os
 import signal
 
 from orchestrator.core.states import WorkerStatus
 from orchestrator.executors.local import LocalExecutor, WorkerProcess
+from orchestrator.executors.processes import stopped_process_groups
 
 log = logging.getLogger("orchestrator.engine")
-
-STOPPED_STATES = frozenset("Tt")  # stopped by a signal / by a tracer
-
-
-def stopped_process_groups() -> set[int]:
-    """The process groups with at least one stopped member: one pass over /proc for all adopted
-    workers (a worker's agent may have children; the engine signals the whole group)."""
-    groups: set[int] = set()
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return groups
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                raw = handle.read().decode(errors="replace")
-        except OSError:  # ended meanwhile, or not ours to read
-            continue
-        # The command name may contain spaces and parentheses: split after the last ')'.
-        fields = raw[raw.rindex(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] in STOPPED_STATES:
-            groups.add(int(fields[2]))
-    return groups
 
 
 class Reconciler:

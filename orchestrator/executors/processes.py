@@ -138,3 +138,29 @@ def raise_fd_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+STOPPED_STATES = frozenset("Tt")  # stopped by a signal / by a tracer
+
+
+def stopped_process_groups() -> set[int]:
+    """The process groups with at least one stopped member: one pass over /proc for all adopted
+    workers (a worker's agent may have children; the engine signals the whole group)."""
+    groups: set[int] = set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return groups
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                raw = handle.read().decode(errors="replace")
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        # The command name may contain spaces and parentheses: split after the last ')'.
+        fields = raw[raw.rindex(")") + 2 :].split()
+        if len(fields) > 2 and fields[0] in STOPPED_STATES:
+            groups.add(int(fields[2]))
+    return groups

@@ -37,6 +37,7 @@ from orchestrator.executors.local import (
     make_dirs,
     read_exit_code,
 )
+from orchestrator.executors.processes import stopped_process_groups
 
 NODE_DIR_ENV = "ORCHESTRATOR_NODE_DIR"  # where a node keeps its workers' run dirs and worktrees
 MAX_CHUNK = 1 << 20
@@ -225,8 +226,6 @@ class WorkerNode:
 
     def stopped(self) -> bool:
         """Whether the worker's process group has a stopped member (a pause that took)."""
-        from orchestrator.engine.reconcile import stopped_process_groups
-
         assert self.proc is not None
         return self.proc.pid in stopped_process_groups()
 

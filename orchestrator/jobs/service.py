@@ -40,8 +40,6 @@ from orchestrator.workers.service import request_stop
 from orchestrator.workspaces import refs
 from orchestrator.workspaces.git import resolve_repository
 
-JOBS_TOPIC = Topic.JOBS  # the name the engine imports until its rewrite is merged
-
 _JOB_COLUMNS = (
     "id",
     "status",

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Iterator
 
 from orchestrator.core.config import Settings
-from orchestrator.db import notify
+from orchestrator.db import topics
 from orchestrator.db.session import Database
 from orchestrator.streams.horizon import MAX_HORIZON_WAIT_SECONDS, ChangeMark
 
@@ -75,13 +75,13 @@ class WakeHub:
     def start(self) -> None:
         """Hear this process's commits (the app's start-up)."""
         if not self._listening:
-            notify.add_listener(self.publish)
+            topics.add_listener(self.publish)
             self._listening = True
 
     async def stop(self) -> None:
         """Stop hearing commits and reading the mark (the app's shutdown, before the database goes)."""
         if self._listening:
-            notify.remove_listener(self.publish)
+            topics.remove_listener(self.publish)
             self._listening = False
         watcher, self._watcher = self._watcher, None
         if watcher is not None and watcher.get_loop() is asyncio.get_running_loop():

@@ -15,13 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.config import Settings
 from orchestrator.core.ids import new_job_id
-from orchestrator.db import events as event_functions
-from orchestrator.db import notify as notify_functions
 from orchestrator.db import precompiled, topics
 from orchestrator.db.models import Event, Job
 from orchestrator.db.session import Database, ReadOnlySessionError
 from orchestrator.db.topics import Topic
-from orchestrator.db.unit_of_work import UnitOfWork
+from orchestrator.db.unit_of_work import UnitOfWork, unit_of_work
 
 WAIT = 60.0  # seconds: generous, the machine is shared
 
@@ -164,7 +162,6 @@ def test_a_read_session_refuses_every_write(settings: Settings, announced: list[
             lambda session: session.scalar(insert_event.returning(Event.id)),
             lambda session: precompiled.execute(session, rename),
             lambda session: precompiled.execute_many(session, rename, [{}]),
-            lambda session: notify_functions.notify(session, Topic.JOBS),
         ]
         for attempt in attempts:
             with pytest.raises(ReadOnlySessionError):
@@ -172,7 +169,8 @@ def test_a_read_session_refuses_every_write(settings: Settings, announced: list[
                     await attempt(session)
         with pytest.raises(ReadOnlySessionError):
             async with database.read_session() as session:
-                event_functions.record_event(session, job_id=job_id, kind="k", actor="t")
+                session.add(Event(job_id=job_id, kind="k", actor="t"))
+                await session.commit()
         with pytest.raises(ReadOnlySessionError):
             async with database.read_session() as session:
                 session.add(Event(job_id=job_id, kind="k", actor="t"))
@@ -190,23 +188,19 @@ def test_a_read_session_refuses_every_write(settings: Settings, announced: list[
     run(settings, body)
 
 
-def test_the_engine_s_module_functions_delegate_to_the_unit_of_work(
-    settings: Settings, announced: list[set[str]]
-) -> None:
-    """`record_event(session, ...)` and `notify(session, topic)` (the engine's calls until its
-    rewrite) are the unit of work's methods; on a session that is not one they fail at once."""
+def test_a_unit_of_work_is_asked_for_by_type(settings: Settings, announced: list[set[str]]) -> None:
+    """Code that holds its session as a plain AsyncSession reaches the unit of work's methods
+    through `unit_of_work(session)`, which refuses a session that is not one."""
     job_id = new_job_id()
 
     async def body(database: Database) -> None:
         async with database.session() as session:
-            event_functions.record_event(session, job_id=job_id, kind="job.status", actor="t", reason="r")
-            await notify_functions.notify(session, "jobs")
-            with pytest.raises(ValueError):
-                await notify_functions.notify(session, "no-such-topic")
+            unit_of_work(session).record_event(job_id=job_id, kind="job.status", actor="t", reason="r")
+            await unit_of_work(session).publish(Topic.JOBS)
         assert await events_of(database, job_id) == [("job.status", "r")]
         assert announced == [{"jobs"}]
         async with AsyncSession(database.engine) as plain:
             with pytest.raises(TypeError, match="not a unit of work"):
-                event_functions.record_event(plain, job_id=job_id, kind="k", actor="t")
+                unit_of_work(plain).record_event(job_id=job_id, kind="k", actor="t")
 
     run(settings, body)

@@ -21,25 +21,12 @@ MAX_FUNCTION_LINES = 60
 
 DOMAIN = ("jobs", "workers", "resources", "workspaces")
 
-# Modules over MAX_MODULE_LINES while they are being split in parallel work (issue 14);
-# emptied at the merge. Paths relative to orchestrator/.
-MODULE_EXCEPTIONS: frozenset[str] = frozenset(
-    {
-        "engine/engine.py",  # being split into one module per phase
-        "engine/queries.py",  # follows the engine split
-        "executors/local.py",  # being changed by the executors work
-    }
-)
+# Modules over MAX_MODULE_LINES (paths relative to orchestrator/): none.
+MODULE_EXCEPTIONS: frozenset[str] = frozenset()
 
 # Functions over MAX_FUNCTION_LINES, as "path:qualified name".
 FUNCTION_EXCEPTIONS: frozenset[str] = frozenset(
     {
-        # Being split in parallel work (issue 14); emptied at the merge.
-        "engine/engine.py:Engine._start_process",
-        "engine/engine.py:Engine._resume_parked",
-        "engine/engine.py:Engine._recover_worker",
-        "executors/local.py:LocalExecutor.start",
-        "executors/sandbox.py:command",
         # The unit-of-work rewrite owns these (db/ and the services' commit code).
         "db/transitions.py:_transition",
         "db/transitions.py:transition_many",

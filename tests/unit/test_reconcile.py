@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.agents.base import LaunchSpec
-from orchestrator.engine.reconcile import Reconciler, stopped_process_groups
+from orchestrator.engine.reconcile import Reconciler
 from orchestrator.executors.local import LocalExecutor, WorkerProcess
+from orchestrator.executors.processes import stopped_process_groups
 from tests.support.wait import wait_until
 
 

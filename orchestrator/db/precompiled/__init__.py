@@ -26,11 +26,7 @@ from orchestrator.db.precompiled.run import (
     fetch,
 )
 
-# The name engine/queries.py uses until the engine's rewrite is merged.
-FastStatement = Statement
-
 __all__ = [
-    "FastStatement",
     "ReadOnlySessionError",
     "Record",
     "Statement",

@@ -14,9 +14,9 @@ from sqlalchemy import text, update
 
 from orchestrator.bootstrap import prepare_database
 from orchestrator.core.config import Settings
-from orchestrator.db import notify
 from orchestrator.db.models import ResourcePool
 from orchestrator.db.session import Database
+from orchestrator.db.topics import Topic
 from orchestrator.streams.horizon import UNBOUNDED, Horizon
 from orchestrator.streams.wakeups import Subscription, WakeHub
 from tests.support import servers
@@ -66,7 +66,7 @@ async def scheduled_wakeups_ran() -> None:
 
 async def commit_announcing(db: Database, topic: str) -> None:
     async with db.session() as session:
-        await notify.notify(session, topic)
+        await session.publish(Topic(topic))
 
 
 @pytest.mark.parametrize(("topic", "other"), [("logs", "control"), ("control", "logs")])

@@ -1,0 +1,87 @@
+"""Control alone: the processes of supervised workers follow the statuses the database holds
+(pause, resume, terminate), and workers that must end are stopped in the database (timeout, a
+job ended under them)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from orchestrator.core.states import JobStatus, WorkerStatus
+from orchestrator.db.transitions import transition_job, transition_worker
+from orchestrator.engine.queries import workers as worker_queries
+from tests.unit.engine.conftest import Harness, schedule_and_launch, wait_for
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, T, Z, ...); '' once it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return raw[raw.rindex(")") + 2 :].split()[0]
+
+
+async def _set_status(harness: Harness, worker_id: str, status: WorkerStatus) -> None:
+    async def change(session: object) -> None:
+        await transition_worker(session, worker_id, status, actor="user:unit", reason="unit")  # type: ignore[arg-type]
+
+    await harness.in_session(change)
+
+
+async def _apply(harness: Harness) -> None:
+    """One control step on what the database holds now (as a pass reads it)."""
+    live = list(harness.engine.sup.live)
+    read = await harness.in_session(lambda s: worker_queries.worker_statuses(s, live))
+    await harness.engine.control.apply(read)
+
+
+async def test_pause_resume_and_terminate_reach_the_process(harness: Harness) -> None:
+    await harness.submit(agent="sleep")
+    (item,) = await schedule_and_launch(harness)
+    assert item.spawned is not None
+    proc, worker_id = item.spawned.proc, item.worker.id
+    await wait_for(lambda: process_state(proc.pid) in ("S", "R"), "the worker to run")
+
+    await _set_status(harness, worker_id, WorkerStatus.PAUSED)
+    await _apply(harness)
+    await wait_for(lambda: process_state(proc.pid) == "T", "the worker to be stopped (SIGSTOP)")
+    assert proc.applied_paused
+
+    await _set_status(harness, worker_id, WorkerStatus.RUNNING)
+    await _apply(harness)
+    await wait_for(lambda: process_state(proc.pid) in ("S", "R"), "the worker to run again (SIGCONT)")
+    assert not proc.applied_paused
+
+    await _set_status(harness, worker_id, WorkerStatus.TERMINATED)
+    await _apply(harness)
+    assert proc.stop_signal_sent_at is not None
+    await wait_for(lambda: proc.exited, "the worker to end (SIGTERM)")
+    assert harness.engine.sup.exited == [proc]
+
+
+async def test_a_worker_past_its_timeout_is_failed_once(harness: Harness) -> None:
+    job_id = await harness.submit(agent="sleep", timeout_seconds=0.2)
+    (item,) = await schedule_and_launch(harness)
+    record = harness.engine.sup.live[item.worker.id]
+    assert record.deadline is not None
+    await wait_for(lambda: time.monotonic() >= (record.deadline or 0), "the deadline to pass")
+    await _apply(harness)
+    (worker,) = await harness.workers(job_id)
+    assert (worker.status, worker.status_reason) == (WorkerStatus.FAILED, "timeout")
+    assert harness.engine.sup.live[item.worker.id].deadline is None  # applied: not again
+    await wait_for(lambda: item.spawned is not None and item.spawned.proc.exited, "the worker to end")
+
+
+async def test_a_worker_whose_job_ended_under_it_is_terminated(harness: Harness) -> None:
+    job_id = await harness.submit(agent="sleep")
+    (item,) = await schedule_and_launch(harness)
+
+    async def cancel(session: object) -> None:
+        await transition_job(session, job_id, JobStatus.CANCELED, actor="user:unit", reason="unit")  # type: ignore[arg-type]
+
+    await harness.in_session(cancel)
+    await _apply(harness)
+    (worker,) = await harness.workers(job_id)
+    assert (worker.status, worker.status_reason) == (WorkerStatus.TERMINATED, "its job is CANCELED")
+    await wait_for(lambda: item.spawned is not None and item.spawned.proc.exited, "the worker to end")
