@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     orchestrator_engine: bool = True
     orchestrator_public_url: str | None = None
     orchestrator_agents_file: Path | None = None
+    # Workers on remote nodes (workspaces/remote.py): the bare git repository the nodes clone
+    # from and push to, unless the repository's own `git_remote` (server TOML) names another.
+    orchestrator_git_remote: str | None = None
     orchestrator_default_agent: str = "simulated"
     orchestrator_engine_lease_seconds: float = Field(default=15.0, gt=0)
     orchestrator_poll_seconds: float = Field(default=1.0, gt=0)

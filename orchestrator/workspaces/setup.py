@@ -6,6 +6,7 @@ In the server's TOML file (ORCHESTRATOR_AGENTS_FILE, next to the agent profiles)
     copy = [".env", "config/local.json"]    # from the main checkout into each new worktree
     setup = "npm ci"                        # or a list: ["npm", "ci"]; run before the agent
     setup_timeout_seconds = 600
+    git_remote = "ssh://git@gitserver/project.git"  # workers on remote nodes (workspaces/remote.py)
 
 Files are copied by the engine when it creates the worktree (a missing one fails the start with
 its name). The set-up command runs in the worker's own process, so inside its sandbox, in the
@@ -42,6 +43,7 @@ class RepositorySetup:
     setup: tuple[str, ...] = ()  # argv; a string is run with `sh -c`
     timeout_seconds: float = 600.0
     label: str = ""
+    git_remote: str | None = None  # checked where it is used (workspaces/remote.py)
 
 
 @dataclass
@@ -79,7 +81,14 @@ def load(path: Path) -> dict[Path, RepositorySetup]:
         else:
             raise ValueError(f"repositories.{key!r}: setup must be a command string or a list of strings")
         timeout = float(spec.get("setup_timeout_seconds", 600))
-        found[Path(key).expanduser().resolve()] = RepositorySetup(tuple(copy), command, timeout, label)
+        remote = spec.get("git_remote")
+        if remote is not None and (not isinstance(remote, str) or not remote):
+            raise ValueError(
+                f"repositories.{key!r}: git_remote must be a non-empty string (a git URL or path)"
+            )
+        found[Path(key).expanduser().resolve()] = RepositorySetup(
+            tuple(copy), command, timeout, label, remote
+        )
     return found
 
 
