@@ -57,6 +57,7 @@ from orchestrator.engine.integrate import Integrator
 from orchestrator.engine.logs import LogCursor
 from orchestrator.engine.queries import JobRow, WorkerRow
 from orchestrator.engine.reconcile import Reconciler
+from orchestrator.engine.remote_workspace import add_worktree, commit_work, is_remote
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import Limits, host_available_mb
 from orchestrator.executors.factory import make_executor
@@ -479,12 +480,15 @@ class Engine:
             async with self._repo_lock(job.repository):
                 repository = await self._checked_repository(job.repository)
                 base = await self._start_point(repository, job)
-                await asyncio.to_thread(git.add_worktree, repository, workdir, branch, base)
+                await asyncio.to_thread(
+                    add_worktree, self.executor, self.settings, repository, workdir, branch, base
+                )
             values.update(branch=branch, result={"base_commit": base})
         context = self._worker_context(worker, job, workdir, run_dir / "home", run_dir)
 
         def start() -> WorkerProcess:
-            make_dirs(run_dir, context.home, workdir)  # before the agent writes its files there
+            # Before the agent writes its files there; a remote node makes its own worktree.
+            make_dirs(run_dir, context.home, *([] if is_remote(self.executor) else [workdir]))
             spec = worktree_setup.prepare(
                 self.settings.orchestrator_agents_file,
                 job.repository,
@@ -967,7 +971,10 @@ class Engine:
             try:
                 async with self._repo_lock(job_repo or ""):
                     commit, stat = await asyncio.to_thread(
-                        git.commit_all,
+                        commit_work,
+                        self.executor,
+                        self.settings,
+                        job_repo,
                         Path(worker.workdir),
                         f"orchestrator: work of {worker.id} (job {worker.job_id})",
                         (worker.result or {}).get("base_commit"),

@@ -38,6 +38,7 @@ from orchestrator.executors.local import (
     WorkerProcess,
 )
 from orchestrator.executors.ray_node import StartRequest, WorkerNode, files_to_ship
+from orchestrator.workspaces.remote import RemoteCheckout
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ CONNECT_PROBE_SECONDS = 5.0
 RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
 RECONNECT_FOREVER_SECONDS = 10 * 365 * 24 * 3600
 PROBE_SECONDS = 2.0  # how often a connected executor checks that the cluster still answers
+PUSH_TIMEOUT = 1800.0  # a worker's end waits this long for its node to push its branch
 
 
 def actor_name(worker_id: str) -> str:
@@ -82,6 +84,8 @@ class RayExecutor(LocalExecutor):
         self.actors: dict[str, Any] = {}
         self.watched: dict[str, Watched] = {}
         self.lost: dict[str, str] = {}
+        self.checkouts: dict[str, RemoteCheckout] = {}  # set before a repository worker's start
+        self.push_errors: dict[str, str] = {}  # why a node could not push a worker's branch
         self.lock = threading.Lock()
         self.connected = threading.Event()
         self.last_probe = 0.0
@@ -202,8 +206,11 @@ class RayExecutor(LocalExecutor):
     ) -> WorkerProcess:
         """Create (or find, by name) the worker's actor and start the worker there once."""
         self._require_cluster()
-        if (workdir / ".git").exists():
-            raise RuntimeError("repository jobs on Ray need remote workspaces, which are not wired in yet")
+        checkout = self.checkouts.pop(worker_id, None)
+        if checkout is None and (workdir / ".git").exists():
+            raise RuntimeError(
+                "a worktree on the server's disk cannot reach a Ray node: it needs a git remote"
+            )
         request = StartRequest(
             worker_id,
             spec,
@@ -214,6 +221,7 @@ class RayExecutor(LocalExecutor):
             sandboxed=self.sandbox is not None,
             sandbox_uid=self.sandbox_uid,
             files=files_to_ship(run_dir),
+            checkout=checkout,
         )
         options: dict[str, Any] = {
             "name": actor_name(worker_id),
@@ -283,22 +291,33 @@ class RayExecutor(LocalExecutor):
         except self.ray.exceptions.RayError:
             return False
 
+    def expect_checkout(self, worker_id: str, checkout: RemoteCheckout) -> None:
+        """The worktree the worker's node makes at its start (the server published the base)."""
+        self.checkouts[worker_id] = checkout
+
     def ending(self, worker_id: str) -> str | None:
-        """Why it ended, if lost or at a limit; then its process group and its actor go."""
+        """Why it ended, if lost or at a limit; then its process group goes, its node pushes its
+        branch (a repository job: its work comes back also when it was terminated or lost on a
+        node that lives on), and its actor goes."""
         lost = self.lost.pop(worker_id, None)
         actor = self._actor(worker_id)
         self.actors.pop(worker_id, None)
         if actor is None:
             return lost
-        reason = None
-        with contextlib.suppress(Exception):
-            if lost is None:
-                reason = self.ray.get(actor.finish.remote(), timeout=CALL_TIMEOUT)
-            else:
-                self.ray.get(actor.kill_group.remote(), timeout=CALL_TIMEOUT)
+        ended: dict[str, Any] = {}
+        with contextlib.suppress(Exception):  # a dead actor: nothing to push, nothing to say
+            method = actor.finish if lost is None else actor.kill_group
+            ended = self.ray.get(method.remote(), timeout=PUSH_TIMEOUT)
+        if ended.get("push_error"):
+            self.push_errors[worker_id] = str(ended["push_error"])
         with contextlib.suppress(Exception):
             self.ray.kill(actor, no_restart=True)
-        return lost or reason
+        limit = ended.get("limit")
+        return lost or (str(limit) if limit else None)
+
+    def push_error(self, worker_id: str) -> str | None:
+        """Why the worker's node could not push its branch, if it could not (asked once)."""
+        return self.push_errors.pop(worker_id, None)
 
     def watch(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
         with self.lock:

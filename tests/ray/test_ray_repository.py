@@ -1,0 +1,106 @@
+"""A `repository` job on the Ray cluster: each worker's worktree is cloned on its node from a git
+remote (a bare repository in its own directory), never made on the server's disk, and its branch
+comes back through the remote when it ends (also when terminated): the branch, commit and diff
+stat in the API and the job's result branch are as on one machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
+from tests.integration.test_engine_workspaces_tokens import git, make_repo
+from tests.integration.test_results import result_branch
+from tests.ray.conftest import RayCluster
+from tests.ray.test_ray_executor import LONG, node_ids, running
+from tests.support.servers import Server, ServerFactory
+from tests.support.wait import wait_until
+
+# The sleeper stages its file with git inside its sandbox (the private git view on the node), and
+# leaves it uncommitted: the node's final commit must carry it back after a terminate.
+PROFILES = """
+[agents.writer]
+type = "command"
+command = ["sh", "-c", "echo \\"worker $WORKER_INDEX\\" > file-$WORKER_INDEX.txt"]
+
+[agents.sleeper]
+type = "command"
+command = ["sh", "-c", "echo partial > partial.txt && git add partial.txt && echo ready && exec sleep 600"]
+"""
+
+
+def start(servers: ServerFactory, cluster: RayCluster) -> tuple[Server, Path, Path]:
+    """A server on the cluster, its repository (under the allowed roots) and the bare remote."""
+    roots = servers.root / "repos"
+    roots.mkdir(exist_ok=True)
+    repo = make_repo(roots)
+    bare = servers.root / "remote" / "project.git"
+    bare.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
+    agents = servers.root / "agents.toml"
+    agents.write_text(PROFILES)
+    server = servers.start(
+        ORCHESTRATOR_AGENTS_FILE=str(agents),
+        ORCHESTRATOR_QUOTAS="6",
+        ORCHESTRATOR_REPO_ROOTS=str(roots),
+        ORCHESTRATOR_GIT_REMOTE=str(bare),
+        **cluster.env(),
+    )
+    return server, repo, bare
+
+
+def node_worktrees(worker_id: str) -> list[Path]:
+    """The worker's node repository on whichever node ran it (the nodes' directory)."""
+    return list(Path(os.environ["ORCHESTRATOR_NODE_DIR"]).glob(f"*/workspaces/{worker_id}.git"))
+
+
+def test_each_workers_branch_comes_back_from_its_node(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    server, repo, bare = start(servers, ray_cluster)
+    base = git(repo, "rev-parse", "HEAD")
+    with server.client() as client:
+        job = submit(client, agent="writer", worker_count=2, repository=str(repo))
+        done = wait_final(client, job["id"], timeout=LONG * 2)
+        workers = sorted(workers_of(client, job["id"]), key=lambda w: w["worker_index"])
+        assert done["status"] == "COMPLETED", (done, workers)
+        for worker in workers:
+            index, branch = worker["worker_index"], f"orchestrator/{job['id']}/{worker['id']}"
+            assert worker["host"] in node_ids(ray_cluster), worker
+            assert worker["branch"] == branch and worker["commit"] not in (None, base), worker
+            assert git(repo, "rev-parse", branch) == worker["commit"]
+            assert git(repo, "rev-parse", f"{branch}^") == base
+            assert git(repo, "show", f"{branch}:file-{index}.txt") == f"worker {index}"
+            assert worker["diff_stat"] == "1 file changed, 1 insertion(+)", worker
+            # It came through the remote, from a worktree on its node, never on the server's disk.
+            assert git(bare, "rev-parse", f"refs/heads/{branch}") == worker["commit"]
+            assert not (servers.root / "data" / "workspaces" / worker["id"]).exists()
+            assert len(node_worktrees(worker["id"])) == 1, worker
+            assert not worker["result"] or "commit_error" not in worker["result"], worker
+        # The result integration merged both workers' branches.
+        files = git(repo, "ls-tree", "-r", "--name-only", result_branch(job)).splitlines()
+        assert sorted(files) == ["README.md", "file-0.txt", "file-1.txt"]
+        assert git(repo, "status", "--porcelain") == "", "the main checkout must not be touched"
+        assert "workspaces" not in git(repo, "worktree", "list")
+
+
+def test_a_terminated_workers_uncommitted_work_comes_back(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    server, repo, _ = start(servers, ray_cluster)
+    with server.client() as client:
+        job = submit(client, agent="sleeper", repository=str(repo))
+        worker = wait_until(lambda: running(client, [job["id"]]), timeout=LONG, what="worker running")[0]
+        wait_until(lambda: "ready" in log_lines(client, worker["id"]), timeout=LONG, what="its work staged")
+        assert client.post(f"/api/supervisor/workers/{worker['id']}/terminate").status_code == 200
+        wait_final(client, job["id"], timeout=LONG)
+        final = wait_until(
+            lambda: (w := client.get(f"/api/supervisor/workers/{worker['id']}").json())["commit"] and w,
+            timeout=LONG,
+            what="the terminated worker's commit",
+        )
+        assert final["status"] == "TERMINATED", final
+        assert git(repo, "show", f"{final['branch']}:partial.txt") == "partial"
+        assert final["diff_stat"] == "1 file changed, 1 insertion(+)", final
+        assert not (servers.root / "data" / "workspaces" / worker["id"]).exists()
