@@ -279,7 +279,10 @@ class WorkerNode:
             try:
                 commit = remote.push_branch(self.checkout, self.workdir)
             except (GitError, OSError) as exc:
+                # Its worktree stays on the node: the work is not lost, only not back yet.
                 return {"commit": None, "push_error": f"on node {self.node_id}: {exc}"[:500]}
+            if commit is not None:
+                remote.remove_checkout(self.workdir)  # the remote holds the work now
         return {"commit": commit, "push_error": None}
 
     def _wait_group_gone(self) -> None:

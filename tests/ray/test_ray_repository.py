@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
 from tests.integration.test_engine_workspaces_tokens import git, make_repo
@@ -22,7 +23,7 @@ from tests.support.wait import wait_until
 PROFILES = """
 [agents.writer]
 type = "command"
-command = ["sh", "-c", "echo \\"worker $WORKER_INDEX\\" > file-$WORKER_INDEX.txt"]
+command = ["sh", "-c", "echo \\"worker $WORKER_INDEX\\" > file-$WORKER_INDEX.txt && pwd"]
 
 [agents.sleeper]
 type = "command"
@@ -50,9 +51,9 @@ def start(servers: ServerFactory, cluster: RayCluster) -> tuple[Server, Path, Pa
     return server, repo, bare
 
 
-def node_worktrees(worker_id: str) -> list[Path]:
-    """The worker's node repository on whichever node ran it (the nodes' directory)."""
-    return list(Path(os.environ["ORCHESTRATOR_NODE_DIR"]).glob(f"*/workspaces/{worker_id}.git"))
+def node_path(worker: dict[str, Any]) -> Path:
+    """Where its node kept the worker's worktree (the nodes' directory, then the node's id)."""
+    return Path(os.environ["ORCHESTRATOR_NODE_DIR"]).resolve() / worker["host"] / "workspaces" / worker["id"]
 
 
 def test_each_workers_branch_comes_back_from_its_node(
@@ -76,7 +77,12 @@ def test_each_workers_branch_comes_back_from_its_node(
             # It came through the remote, from a worktree on its node, never on the server's disk.
             assert git(bare, "rev-parse", f"refs/heads/{branch}") == worker["commit"]
             assert not (servers.root / "data" / "workspaces" / worker["id"]).exists()
-            assert len(node_worktrees(worker["id"])) == 1, worker
+            # The agent ran in the worktree its node cloned (its `pwd`), gone from the node once pushed.
+            assert log_lines(client, worker["id"]) == [str(node_path(worker))]
+            assert (
+                not node_path(worker).exists()
+                and not node_path(worker).with_name(worker["id"] + ".git").exists()
+            )
             assert not worker["result"] or "commit_error" not in worker["result"], worker
         # The result integration merged both workers' branches.
         files = git(repo, "ls-tree", "-r", "--name-only", result_branch(job)).splitlines()
