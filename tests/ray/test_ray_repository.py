@@ -25,6 +25,10 @@ PROFILES = """
 type = "command"
 command = ["sh", "-c", "echo \\"worker $WORKER_INDEX\\" > file-$WORKER_INDEX.txt && pwd"]
 
+[agents.hostile]
+type = "command"
+command = ["sh", "-c", "echo mine > mine.txt && printf 'gitdir: /nonexistent\\n' > .git && mkdir -p hooks && echo evil > hooks/pre-push"]
+
 [agents.sleeper]
 type = "command"
 command = ["sh", "-c", "echo partial > partial.txt && git add partial.txt && echo ready && exec sleep 600"]
@@ -109,4 +113,38 @@ def test_a_terminated_workers_uncommitted_work_comes_back(
         assert final["status"] == "TERMINATED", final
         assert git(repo, "show", f"{final['branch']}:partial.txt") == "partial"
         assert final["diff_stat"] == "1 file changed, 1 insertion(+)", final
+        assert not (servers.root / "data" / "workspaces" / worker["id"]).exists()
+
+
+def test_a_worker_that_rewrites_its_git_file_still_brings_its_work_back(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    """The agent points its worktree's `.git` at nothing: the node's final commit reads only the
+    files (git pointed at the node repository explicitly), so the work comes back all the same."""
+    server, repo, _ = start(servers, ray_cluster)
+    with server.client() as client:
+        job = submit(client, agent="hostile", repository=str(repo))
+        assert wait_final(client, job["id"], timeout=LONG)["status"] == "COMPLETED"
+        (worker,) = workers_of(client, job["id"])
+        files = git(repo, "ls-tree", "-r", "--name-only", worker["commit"]).splitlines()
+        assert sorted(files) == ["README.md", "hooks/pre-push", "mine.txt"], worker
+
+
+def test_a_repository_job_without_a_git_remote_fails_with_a_clear_reason(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    roots = servers.root / "repos"
+    roots.mkdir(exist_ok=True)
+    repo = make_repo(roots)
+    agents = servers.root / "agents.toml"
+    agents.write_text(PROFILES)
+    env = {"ORCHESTRATOR_AGENTS_FILE": str(agents), "ORCHESTRATOR_REPO_ROOTS": str(roots)}
+    server = servers.start(**env, **ray_cluster.env())
+    with server.client() as client:
+        job = submit(client, agent="writer", repository=str(repo))
+        assert wait_final(client, job["id"], timeout=LONG)["status"] == "FAILED"
+        (worker,) = workers_of(client, job["id"])
+        assert worker["status"] == "FAILED", worker
+        assert "ORCHESTRATOR_GIT_REMOTE" in worker["status_reason"], worker
+        assert worker["status_reason"].startswith("could not start: "), worker
         assert not (servers.root / "data" / "workspaces" / worker["id"]).exists()
