@@ -57,7 +57,7 @@ from orchestrator.engine.integrate import Integrator
 from orchestrator.engine.logs import LogCursor
 from orchestrator.engine.queries import JobRow, WorkerRow
 from orchestrator.engine.reconcile import Reconciler
-from orchestrator.engine.remote_workspace import add_worktree, commit_work, is_remote
+from orchestrator.engine.remote_workspace import add_worktree, commit_work, is_remote, resume_worktree
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import Limits, host_available_mb
 from orchestrator.executors.factory import make_executor
@@ -683,6 +683,9 @@ class Engine:
                     )
                     spec = agent.launch(context)
                     (run_dir / "exit").unlink(missing_ok=True)
+                    await asyncio.to_thread(
+                        resume_worktree, self.executor, self.settings, job.repository, workdir, worker.branch
+                    )
                     proc = self._start_process(worker.id, agent, spec, context, job.limits)
                 except Exception as exc:
                     log.warning("worker %s could not be resumed: %s", worker.id, exc)

@@ -6,7 +6,7 @@ makes the worker's branch at the base and publishes the base to the git remote t
 the node clones it, and pushes the branch back when the worker ends. At the engine's final
 commit the server fetches that branch (checked to descend from its start) into the repository,
 so the branch, commit and diff stat in the API and the result integration are as on one machine.
-Both calls run under the engine's per-repository lock, in a thread.
+The engine calls these in a thread (the start and the fetch under its per-repository lock).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from orchestrator.core.config import Settings
 from orchestrator.executors.local import LocalExecutor
 from orchestrator.executors.ray_executor import RayExecutor
 from orchestrator.workspaces import git, remote
-from orchestrator.workspaces.remote import RemoteError
+from orchestrator.workspaces.remote import RemoteCheckout, RemoteError
 
 
 def is_remote(executor: LocalExecutor) -> bool:
@@ -33,14 +33,34 @@ def add_worktree(
     if not isinstance(executor, RayExecutor):
         git.add_worktree(repository, workdir, branch, base)
         return
+    url = _remote(settings, repository)
+    checkout = remote.start_checkout(repository, url, branch, base)
+    executor.expect_checkout(workdir.name, checkout)
+
+
+def resume_worktree(
+    executor: LocalExecutor, settings: Settings, repository: str | None, workdir: Path, branch: str | None
+) -> None:
+    """A parked worker resumed in place (remote executor): its node clones the branch as it came
+    back at its last end (published as the start), the work so far included. Local: nothing."""
+    if not isinstance(executor, RayExecutor) or not repository or not branch or (workdir / ".git").exists():
+        return
+    url = _remote(settings, repository)
+    tip = git.run_git(
+        "rev-parse", "--verify", "--end-of-options", f"refs/heads/{branch}^{{commit}}", cwd=Path(repository)
+    )
+    remote.publish_base(Path(repository), url, tip)
+    executor.expect_checkout(workdir.name, RemoteCheckout(url, tip, branch))
+
+
+def _remote(settings: Settings, repository: str | Path) -> str:
     url = remote.git_remote_for(settings, repository)
     if url is None:
         raise RemoteError(
             f"repository {repository}: workers on remote nodes need a git remote the nodes can reach "
             "(ORCHESTRATOR_GIT_REMOTE, or git_remote in the repository's table of the agents file)"
         )
-    checkout = remote.start_checkout(repository, url, branch, base)
-    executor.expect_checkout(workdir.name, checkout)
+    return url
 
 
 def commit_work(
@@ -58,9 +78,7 @@ def commit_work(
     if not isinstance(executor, RayExecutor) or (worktree / ".git").exists() or not repository:
         return git.commit_all(worktree, message, base_commit, branch)
     pushed_error = executor.push_error(worktree.name)
-    url = remote.git_remote_for(settings, repository)
-    if url is None:
-        raise RemoteError(f"repository {repository}: no git remote to fetch branch {branch} from")
+    url = _remote(settings, repository)
     commit = remote.fetch_branch(Path(repository), url, branch, base_commit=base_commit)
     if commit is None:
         raise RemoteError(

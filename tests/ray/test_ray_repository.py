@@ -5,7 +5,6 @@ stat in the API and the job's result branch are as on one machine."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -55,9 +54,9 @@ def start(servers: ServerFactory, cluster: RayCluster) -> tuple[Server, Path, Pa
     return server, repo, bare
 
 
-def node_path(worker: dict[str, Any]) -> Path:
+def node_path(cluster: RayCluster, worker: dict[str, Any]) -> Path:
     """Where its node kept the worker's worktree (the nodes' directory, then the node's id)."""
-    return Path(os.environ["ORCHESTRATOR_NODE_DIR"]).resolve() / worker["host"] / "workspaces" / worker["id"]
+    return cluster.node_dir.resolve() / worker["host"] / "workspaces" / worker["id"]
 
 
 def test_each_workers_branch_comes_back_from_its_node(
@@ -82,10 +81,10 @@ def test_each_workers_branch_comes_back_from_its_node(
             assert git(bare, "rev-parse", f"refs/heads/{branch}") == worker["commit"]
             assert not (servers.root / "data" / "workspaces" / worker["id"]).exists()
             # The agent ran in the worktree its node cloned (its `pwd`), gone from the node once pushed.
-            assert log_lines(client, worker["id"]) == [str(node_path(worker))]
+            assert log_lines(client, worker["id"]) == [str(node_path(ray_cluster, worker))]
             assert (
-                not node_path(worker).exists()
-                and not node_path(worker).with_name(worker["id"] + ".git").exists()
+                not node_path(ray_cluster, worker).exists()
+                and not node_path(ray_cluster, worker).with_name(worker["id"] + ".git").exists()
             )
             assert not worker["result"] or "commit_error" not in worker["result"], worker
         # The result integration merged both workers' branches.
