@@ -208,9 +208,7 @@ class RayExecutor(LocalExecutor):
         self._require_cluster()
         checkout = self.checkouts.pop(worker_id, None)
         if checkout is None and (workdir / ".git").exists():
-            raise RuntimeError(
-                "a worktree on the server's disk cannot reach a Ray node: it needs a git remote"
-            )
+            raise RuntimeError("a worktree on the server's disk cannot reach a Ray node")
         request = StartRequest(
             worker_id,
             spec,
@@ -297,8 +295,7 @@ class RayExecutor(LocalExecutor):
 
     def ending(self, worker_id: str) -> str | None:
         """Why it ended, if lost or at a limit; then its process group goes, its node pushes its
-        branch (a repository job: its work comes back also when it was terminated or lost on a
-        node that lives on), and its actor goes."""
+        branch (a repository job; also when terminated, or lost on a node that lives on)."""
         lost = self.lost.pop(worker_id, None)
         actor = self._actor(worker_id)
         self.actors.pop(worker_id, None)
@@ -312,8 +309,7 @@ class RayExecutor(LocalExecutor):
             self.push_errors[worker_id] = str(ended["push_error"])
         with contextlib.suppress(Exception):
             self.ray.kill(actor, no_restart=True)
-        limit = ended.get("limit")
-        return lost or (str(limit) if limit else None)
+        return lost or (str(ended["limit"]) if ended.get("limit") else None)
 
     def push_error(self, worker_id: str) -> str | None:
         """Why the worker's node could not push its branch, if it could not (asked once)."""
