@@ -18,6 +18,7 @@ from orchestrator.core.auth import create_access_token
 from orchestrator.db.models import utcnow
 from orchestrator.engine.queries import workers as worker_queries
 from orchestrator.engine.queries.rows import JobRow, WorkerRow
+from orchestrator.engine.remote_workspace import add_worktree, is_remote
 from orchestrator.engine.supervision import (
     LAUNCH_CHUNK,
     LAUNCH_THREADS,
@@ -151,11 +152,14 @@ class Launcher:
             async with self.sup.repo_lock(job.repository):
                 repository = await self._checked_repository(job.repository)
                 base = await self._start_point(repository, job)
-                await asyncio.to_thread(git.add_worktree, repository, workdir, branch, base)
+                await asyncio.to_thread(
+                    add_worktree, self.ctx.executor, self.ctx.settings, repository, workdir, branch, base
+                )
         context = self.worker_context(worker, job, workdir, run_dir / "home", run_dir)
 
         def start() -> Spawned:
-            make_dirs(run_dir, context.home, workdir)  # before the agent writes its files there
+            # Before the agent writes its files there; a remote node makes its own worktree.
+            make_dirs(run_dir, context.home, *([] if is_remote(self.ctx.executor) else [workdir]))
             spec = worktree_setup.prepare(
                 self.ctx.settings.orchestrator_agents_file,
                 job.repository,

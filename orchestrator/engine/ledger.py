@@ -28,11 +28,12 @@ from orchestrator.engine.launcher import Launched
 from orchestrator.engine.queries import settle as settle_queries
 from orchestrator.engine.queries import workers as worker_queries
 from orchestrator.engine.queries.rows import JobRow, SettlingJob, WorkerEnding, WorkerRow
+from orchestrator.engine.remote_workspace import commit_work
 from orchestrator.engine.supervision import EngineContext, Supervised, Supervisor
 from orchestrator.executors.local import WorkerProcess, read_exit_code
 from orchestrator.resources import repository as slots_repo
 from orchestrator.resources.service import release_unbound
-from orchestrator.workspaces import git, gitdirs
+from orchestrator.workspaces import git
 from orchestrator.workspaces import setup as worktree_setup
 
 # Settling asks the integrator how jobs with a repository end (engine/integrate.py): None while
@@ -193,7 +194,10 @@ class Ledger:
         try:
             async with self.sup.repo_lock(job_repo or ""):
                 commit, stat = await asyncio.to_thread(
-                    gitdirs.commit_worker,
+                    commit_work,
+                    self.ctx.executor,
+                    self.ctx.settings,
+                    job_repo,
                     Path(worker.workdir),
                     proc.run_dir,
                     f"orchestrator: work of {worker.id} (job {worker.job_id})",

@@ -4,6 +4,7 @@ with the agent's session resumed."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,6 +17,7 @@ from orchestrator.engine.governor import Governor, Parked
 from orchestrator.engine.launcher import Launcher
 from orchestrator.engine.ledger import Ledger
 from orchestrator.engine.queries import workers as worker_queries
+from orchestrator.engine.remote_workspace import resume_worktree
 from orchestrator.engine.supervision import EngineContext, Supervisor, log
 from orchestrator.resources import repository as slots_repo
 
@@ -69,6 +71,9 @@ class Resumer:
             )
             spec = agent.launch(context)
             (run_dir / "exit").unlink(missing_ok=True)
+            await asyncio.to_thread(
+                resume_worktree, self.ctx.executor, self.ctx.settings, job.repository, workdir, worker.branch
+            )
             spawned = self.launcher.start_process(worker.id, agent, spec, context, job.limits)
         except Exception as exc:
             log.warning("worker %s could not be resumed: %s", worker.id, exc)

@@ -164,3 +164,11 @@ def stopped_process_groups() -> set[int]:
         if len(fields) > 2 and fields[0] in STOPPED_STATES:
             groups.add(int(fields[2]))
     return groups
+
+
+def file_size(path: Path) -> int:
+    """The size of a file a worker's wrapper writes; 0 before it exists."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +36,10 @@ from orchestrator.executors.local import (
     LocalExecutor,
     WorkerProcess,
 )
+from orchestrator.executors.processes import file_size
+from orchestrator.executors.ray_cluster import probe
 from orchestrator.executors.ray_node import StartRequest, WorkerNode, files_to_ship
+from orchestrator.workspaces.remote import RemoteCheckout
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,10 @@ POLL_SECONDS = 0.25
 CALL_TIMEOUT = 30.0
 PLACE_TIMEOUT = 120.0  # how long a start waits for a node with room
 CONNECT_RETRY_SECONDS = 2.0
-CONNECT_PROBE_SECONDS = 5.0
 RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
 RECONNECT_FOREVER_SECONDS = 10 * 365 * 24 * 3600
 PROBE_SECONDS = 2.0  # how often a connected executor checks that the cluster still answers
+PUSH_TIMEOUT = 1800.0  # a worker's end waits this long for its node to push its branch
 
 
 def actor_name(worker_id: str) -> str:
@@ -82,6 +84,8 @@ class RayExecutor(LocalExecutor):
         self.actors: dict[str, Any] = {}
         self.watched: dict[str, Watched] = {}
         self.lost: dict[str, str] = {}
+        self.checkouts: dict[str, RemoteCheckout] = {}  # set before a repository worker's start
+        self.push_errors: dict[str, str] = {}  # why a node could not push a worker's branch
         self.lock = threading.Lock()
         self.connected = threading.Event()
         self.last_probe = 0.0
@@ -101,7 +105,7 @@ class RayExecutor(LocalExecutor):
     def _connect(self) -> None:
         ray = self.ray
         if not ray.is_initialized():
-            _probe(self.address)
+            probe(self.address)
             ray.init(
                 address=self.address or "auto",
                 namespace=NAMESPACE,
@@ -140,7 +144,7 @@ class RayExecutor(LocalExecutor):
             return
         self.last_probe = now
         try:
-            _probe(self.address)
+            probe(self.address)
         except OSError as exc:
             if self.problem is None:
                 log.warning("the Ray cluster at %s is unreachable: %s", self.address, exc)
@@ -202,8 +206,9 @@ class RayExecutor(LocalExecutor):
     ) -> WorkerProcess:
         """Create (or find, by name) the worker's actor and start the worker there once."""
         self._require_cluster()
-        if (workdir / ".git").exists():
-            raise RuntimeError("repository jobs on Ray need remote workspaces, which are not wired in yet")
+        checkout = self.checkouts.pop(worker_id, None)
+        if checkout is None and (workdir / ".git").exists():
+            raise RuntimeError("a worktree on the server's disk cannot reach a Ray node")
         request = StartRequest(
             worker_id,
             spec,
@@ -214,6 +219,7 @@ class RayExecutor(LocalExecutor):
             sandboxed=self.sandbox is not None,
             sandbox_uid=self.sandbox_uid,
             files=files_to_ship(run_dir),
+            checkout=checkout,
         )
         options: dict[str, Any] = {
             "name": actor_name(worker_id),
@@ -283,22 +289,31 @@ class RayExecutor(LocalExecutor):
         except self.ray.exceptions.RayError:
             return False
 
+    def expect_checkout(self, worker_id: str, checkout: RemoteCheckout) -> None:
+        """The worktree the worker's node makes at its start (the server published the base)."""
+        self.checkouts[worker_id] = checkout
+
     def ending(self, worker_id: str) -> str | None:
-        """Why it ended, if lost or at a limit; then its process group and its actor go."""
+        """Why it ended, if lost or at a limit; then its process group goes, its node pushes its
+        branch (a repository job; also when terminated, or lost on a node that lives on)."""
         lost = self.lost.pop(worker_id, None)
         actor = self._actor(worker_id)
         self.actors.pop(worker_id, None)
         if actor is None:
             return lost
-        reason = None
-        with contextlib.suppress(Exception):
-            if lost is None:
-                reason = self.ray.get(actor.finish.remote(), timeout=CALL_TIMEOUT)
-            else:
-                self.ray.get(actor.kill_group.remote(), timeout=CALL_TIMEOUT)
+        ended: dict[str, Any] = {}
+        with contextlib.suppress(Exception):  # a dead actor: nothing to push, nothing to say
+            method = actor.finish if lost is None else actor.kill_group
+            ended = self.ray.get(method.remote(), timeout=PUSH_TIMEOUT)
+        if ended.get("push_error"):
+            self.push_errors[worker_id] = str(ended["push_error"])
         with contextlib.suppress(Exception):
             self.ray.kill(actor, no_restart=True)
-        return lost or reason
+        return lost or (str(ended["limit"]) if ended.get("limit") else None)
+
+    def push_error(self, worker_id: str) -> str | None:
+        """Why the worker's node could not push its branch, if it could not (asked once)."""
+        return self.push_errors.pop(worker_id, None)
 
     def watch(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
         with self.lock:
@@ -321,7 +336,7 @@ class RayExecutor(LocalExecutor):
             if actor is None:
                 self._end(item, "lost: its Ray actor is gone")
                 continue
-            refs[actor.poll.remote(_size(item.proc.output_path))] = item
+            refs[actor.poll.remote(file_size(item.proc.output_path))] = item
         if not refs:
             return
         ready, pending = self.ray.wait(list(refs), num_returns=len(refs), timeout=CALL_TIMEOUT)
@@ -378,20 +393,3 @@ class RayExecutor(LocalExecutor):
 
     def close(self) -> None:
         self.stopping.set()
-
-
-def _probe(address: str | None) -> None:
-    """Fail fast if nothing listens at the cluster's address: `ray.init` would keep retrying
-    (and hold this thread) for as long as the cluster is away."""
-    if not address or address == "auto" or "://" in address:
-        return
-    host, _, port = address.rpartition(":")
-    with socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_PROBE_SECONDS):
-        pass
-
-
-def _size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0

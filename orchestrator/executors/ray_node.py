@@ -19,6 +19,8 @@ import dataclasses
 import os
 import re
 import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,13 @@ from orchestrator.executors.local import (
     read_exit_code,
 )
 from orchestrator.executors.processes import stopped_process_groups
+from orchestrator.workspaces import remote
+from orchestrator.workspaces.git import GitError, worktree_git_dirs
+from orchestrator.workspaces.remote import RemoteCheckout
 
 NODE_DIR_ENV = "ORCHESTRATOR_NODE_DIR"  # where a node keeps its workers' run dirs and worktrees
 MAX_CHUNK = 1 << 20
+GROUP_GONE_SECONDS = 30.0  # how long the final push waits for a killed process group to go
 MAX_SHIPPED_BYTES = 8 * MIB  # run-dir files the agent profile wrote, sent along with the start
 WRAPPER_FILES = frozenset({OUTPUT_FILE, EXIT_FILE, PID_FILE, STDIN_FILE, EXIT_FILE + ".tmp"})
 FENCE_SCRIPT = (
@@ -64,6 +70,7 @@ class StartRequest:
     sandboxed: bool
     sandbox_uid: int | None
     files: dict[str, bytes] = field(default_factory=dict)  # run-dir files the agent profile wrote
+    checkout: RemoteCheckout | None = None  # a repository job: the worktree comes from a git remote
 
 
 def files_to_ship(run_dir: Path) -> dict[str, bytes]:
@@ -128,6 +135,9 @@ class WorkerNode:
         self.proc: WorkerProcess | None = None
         self.fence: int | None = None
         self.ended = False
+        self.checkout: RemoteCheckout | None = None
+        self.workdir: Path | None = None
+        self.push_lock = threading.Lock()
 
     def _make_executor(self, request: StartRequest, base: Path) -> LocalExecutor:
         groups = cgroups.detect()
@@ -147,7 +157,12 @@ class WorkerNode:
         run_dir = base / "runs" / request.worker_id
         workdir = base / "workspaces" / request.worker_id
         remap = PathMap([(request.run_dir, str(run_dir)), (request.workdir, str(workdir))])
-        make_dirs(base, base / "runs", base / "workspaces", run_dir, workdir)
+        make_dirs(base, base / "runs", base / "workspaces", run_dir)
+        self.checkout, self.workdir = request.checkout, workdir
+        if request.checkout is not None:
+            remote.clone_worktree(request.checkout, workdir)
+        else:
+            make_dirs(workdir)
         for name, data in request.files.items():
             target = run_dir / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +176,7 @@ class WorkerNode:
         box = _mapped_sandbox(request.sandbox, remap) if request.sandbox is not None else None
         if box is not None:
             make_dirs(box.home)
+            _git_view(executor, box, spec.env, run_dir)
             if executor.sandbox is not None and executor.sandbox.uid is not None:
                 sandboxing.give_to_agent(
                     executor.sandbox, box.home, box.workdir, *(Path(s) for s, _ in box.ro_files)
@@ -229,19 +245,77 @@ class WorkerNode:
         assert self.proc is not None
         return self.proc.pid in stopped_process_groups()
 
-    def finish(self) -> str | None:
+    def finish(self) -> dict[str, Any]:
         """The worker has ended: kill what is left of its process group (children that outlived
-        the agent), remove its cgroups and say whether a limit ended it."""
+        the agent), push its branch (a repository job), remove its cgroups and say whether a
+        limit ended it."""
         assert self.executor is not None and self.proc is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._kill_group()
         self.ended = True
-        return self.executor.ending(self.proc.worker_id)
+        pushed = self.push()
+        return {"limit": self.executor.ending(self.proc.worker_id), **pushed}
 
-    def kill_group(self) -> None:
-        """SIGKILL the worker's whole process group (before the actor itself is killed)."""
+    def kill_group(self) -> dict[str, Any]:
+        """SIGKILL the worker's whole process group (before the actor itself is killed), then
+        push what its worktree holds: a terminated worker's work comes back too."""
+        self._kill_group()
+        return self.push()
+
+    def _kill_group(self) -> None:
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.proc.pid, signal.SIGCONT)
+
+    def push(self) -> dict[str, Any]:
+        """Commit the worktree onto the worker's branch and push it to the remote, as the node
+        user, once no process of the agent can still write to it; one push at a time."""
+        if self.checkout is None or self.workdir is None or self.proc is None:
+            return {"commit": None, "push_error": None}
+        with self.push_lock:
+            self._wait_group_gone()
+            try:
+                commit = remote.push_branch(self.checkout, self.workdir)
+            except (GitError, OSError) as exc:
+                # Its worktree stays on the node: the work is not lost, only not back yet.
+                return {"commit": None, "push_error": f"on node {self.node_id}: {exc}"[:500]}
+            if commit is not None:
+                remote.remove_checkout(self.workdir)  # the remote holds the work now
+        return {"commit": commit, "push_error": None}
+
+    def _wait_group_gone(self) -> None:
+        """SIGKILL is delivered asynchronously: wait (bounded) until the group has no member."""
+        assert self.proc is not None
+        deadline = time.monotonic() + GROUP_GONE_SECONDS
+        while time.monotonic() < deadline:
+            self._reap()  # a zombie leader still counts as a member
+            try:
+                os.killpg(self.proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.05)
+
+
+def _git_view(
+    executor: LocalExecutor, box: sandboxing.SandboxSpec, env: dict[str, str], run_dir: Path
+) -> None:
+    """The private git view the engine gives a sandboxed worker on one machine (engine
+    `_start_process`), over the node's linked worktree of its node repository: the agent's own
+    commits and refs stay in its view; the node repository is read-only to it."""
+    dirs = worktree_git_dirs(box.workdir)
+    if dirs is None or executor.sandbox is None:
+        return
+    own, common = dirs
+    objects, private = box.home / ".git-objects", run_dir / "git-common"
+    make_dirs(objects)
+    sandboxing.private_git_common(common, own, private)
+    box.mounts += [
+        (str(private), str(common), True),
+        (str(common / "objects"), str(common / "objects"), False),
+        (str(own), str(common / "worktrees" / own.name), True),
+    ]
+    env["GIT_OBJECT_DIRECTORY"] = str(objects)
+    env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(common / "objects")
+    if executor.sandbox.uid is not None:
+        sandboxing.give_to_agent(executor.sandbox, own, private)

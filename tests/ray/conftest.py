@@ -21,7 +21,8 @@ SLOTS_PER_NODE = 2
 
 class RayCluster:
     def __init__(self, root: Path, nodes: int = 2) -> None:
-        os.environ["ORCHESTRATOR_NODE_DIR"] = str(root / "nodes")  # the nodes inherit it
+        self.node_dir = root / "nodes"
+        os.environ["ORCHESTRATOR_NODE_DIR"] = str(self.node_dir)  # the nodes inherit it
         self.cluster = ray_cluster_utils.Cluster(
             initialize_head=True,
             head_node_args={

@@ -1,0 +1,90 @@
+"""A repository worker's worktree where its executor runs it: on the server's disk (a linked
+worktree of the job's repository) or on a remote node (workspaces/remote.py).
+
+A remote node does not share the server's disk, so the server makes no worktree for it: it
+makes the worker's branch at the base and publishes the base to the git remote the nodes reach;
+the node clones it, and pushes the branch back when the worker ends. At the engine's final
+commit the server fetches that branch (checked to descend from its start) into the repository,
+so the branch, commit and diff stat in the API and the result integration are as on one machine.
+The engine calls these in a thread (the start and the fetch under its per-repository lock).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.core.config import Settings
+from orchestrator.executors.local import LocalExecutor
+from orchestrator.executors.ray_executor import RayExecutor
+from orchestrator.workspaces import git, gitdirs, remote
+from orchestrator.workspaces.remote import RemoteCheckout, RemoteError
+
+
+def is_remote(executor: LocalExecutor) -> bool:
+    """Whether the executor runs workers on nodes that do not share the server's disk."""
+    return isinstance(executor, RayExecutor)
+
+
+def add_worktree(
+    executor: LocalExecutor, settings: Settings, repository: Path, workdir: Path, branch: str, base: str
+) -> None:
+    """The worker's worktree at `base` on `branch`: a local one, or (remote executor) the branch
+    made here, the base published, and the checkout handed to the executor for the node."""
+    if not isinstance(executor, RayExecutor):
+        git.add_worktree(repository, workdir, branch, base)
+        return
+    url = _remote(settings, repository)
+    checkout = remote.start_checkout(repository, url, branch, base)
+    executor.expect_checkout(workdir.name, checkout)
+
+
+def resume_worktree(
+    executor: LocalExecutor, settings: Settings, repository: str | None, workdir: Path, branch: str | None
+) -> None:
+    """A parked worker resumed in place (remote executor): its node clones the branch as it came
+    back at its last end (published as the start), the work so far included. Local: nothing."""
+    if not isinstance(executor, RayExecutor) or not repository or not branch or (workdir / ".git").exists():
+        return
+    url = _remote(settings, repository)
+    tip = git.run_git(
+        "rev-parse", "--verify", "--end-of-options", f"refs/heads/{branch}^{{commit}}", cwd=Path(repository)
+    )
+    remote.publish_base(Path(repository), url, tip)
+    executor.expect_checkout(workdir.name, RemoteCheckout(url, tip, branch))
+
+
+def _remote(settings: Settings, repository: str | Path) -> str:
+    url = remote.git_remote_for(settings, repository)
+    if url is None:
+        raise RemoteError(
+            f"repository {repository}: workers on remote nodes need a git remote the nodes can reach "
+            "(ORCHESTRATOR_GIT_REMOTE, or git_remote in the repository's table of the agents file)"
+        )
+    return url
+
+
+def commit_work(
+    executor: LocalExecutor,
+    settings: Settings,
+    repository: str | None,
+    worktree: Path,
+    run_dir: Path,
+    message: str,
+    base_commit: str | None,
+    branch: str,
+) -> tuple[str, str]:
+    """(commit, diff stat vs base) of the worker's work: its local worktree committed, or the
+    branch its node pushed fetched into the repository. Raises GitError (RemoteError) if the work
+    did not come back."""
+    if not isinstance(executor, RayExecutor) or (worktree / ".git").exists() or not repository:
+        return gitdirs.commit_worker(worktree, run_dir, message, base_commit, branch)
+    pushed_error = executor.push_error(worktree.name)
+    url = _remote(settings, repository)
+    commit = remote.fetch_branch(Path(repository), url, branch, base_commit=base_commit)
+    if commit is None:
+        raise RemoteError(
+            pushed_error
+            or f"branch {branch} did not come back from its node (not in git remote {remote.redact(url)})"
+        )
+    stat = remote.diff_stat(Path(repository), base_commit, commit) if base_commit else ""
+    return commit, stat

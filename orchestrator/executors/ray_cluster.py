@@ -1,0 +1,17 @@
+"""Reaching a Ray cluster without hanging: Ray's own connect retries for as long as the cluster
+is away, holding the thread that asked."""
+
+from __future__ import annotations
+
+import socket
+
+CONNECT_PROBE_SECONDS = 5.0
+
+
+def probe(address: str | None) -> None:
+    """Fail fast (OSError) if nothing listens at the cluster's address."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_PROBE_SECONDS):
+        pass

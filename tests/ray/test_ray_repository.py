@@ -1,0 +1,149 @@
+"""A `repository` job on the Ray cluster: each worker's worktree is cloned on its node from a git
+remote (a bare repository in its own directory), never made on the server's disk, and its branch
+comes back through the remote when it ends (also when terminated): the branch, commit and diff
+stat in the API and the job's result branch are as on one machine."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
+from tests.integration.test_engine_workspaces_tokens import git, make_repo
+from tests.integration.test_results import result_branch
+from tests.ray.conftest import RayCluster
+from tests.ray.test_ray_executor import LONG, node_ids, running
+from tests.support.servers import Server, ServerFactory
+from tests.support.wait import wait_until
+
+# The sleeper stages its file with git inside its sandbox (the private git view on the node), and
+# leaves it uncommitted: the node's final commit must carry it back after a terminate.
+PROFILES = """
+[agents.writer]
+type = "command"
+command = ["sh", "-c", "echo \\"worker $WORKER_INDEX\\" > file-$WORKER_INDEX.txt && pwd"]
+
+[agents.hostile]
+type = "command"
+command = ["sh", "-c", "echo mine > mine.txt && printf 'gitdir: /nonexistent\\n' > .git && mkdir -p hooks && echo evil > hooks/pre-push"]
+
+[agents.sleeper]
+type = "command"
+command = ["sh", "-c", "echo partial > partial.txt && git add partial.txt && echo ready && exec sleep 600"]
+"""
+
+
+def start(servers: ServerFactory, cluster: RayCluster) -> tuple[Server, Path, Path]:
+    """A server on the cluster, its repository (under the allowed roots) and the bare remote."""
+    roots = servers.root / "repos"
+    roots.mkdir(exist_ok=True)
+    repo = make_repo(roots)
+    bare = servers.root / "remote" / "project.git"
+    bare.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
+    agents = servers.root / "agents.toml"
+    agents.write_text(PROFILES)
+    server = servers.start(
+        ORCHESTRATOR_AGENTS_FILE=str(agents),
+        ORCHESTRATOR_QUOTAS="6",
+        ORCHESTRATOR_REPO_ROOTS=str(roots),
+        ORCHESTRATOR_GIT_REMOTE=str(bare),
+        **cluster.env(),
+    )
+    return server, repo, bare
+
+
+def node_path(cluster: RayCluster, worker: dict[str, Any]) -> Path:
+    """Where its node kept the worker's worktree (the nodes' directory, then the node's id)."""
+    return cluster.node_dir.resolve() / worker["host"] / "workspaces" / worker["id"]
+
+
+def test_each_workers_branch_comes_back_from_its_node(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    server, repo, bare = start(servers, ray_cluster)
+    base = git(repo, "rev-parse", "HEAD")
+    with server.client() as client:
+        job = submit(client, agent="writer", worker_count=2, repository=str(repo))
+        done = wait_final(client, job["id"], timeout=LONG * 2)
+        workers = sorted(workers_of(client, job["id"]), key=lambda w: w["worker_index"])
+        assert done["status"] == "COMPLETED", (done, workers)
+        for worker in workers:
+            index, branch = worker["worker_index"], f"orchestrator/{job['id']}/{worker['id']}"
+            assert worker["host"] in node_ids(ray_cluster), worker
+            assert worker["branch"] == branch and worker["commit"] not in (None, base), worker
+            assert git(repo, "rev-parse", branch) == worker["commit"]
+            assert git(repo, "rev-parse", f"{branch}^") == base
+            assert git(repo, "show", f"{branch}:file-{index}.txt") == f"worker {index}"
+            assert worker["diff_stat"] == "1 file changed, 1 insertion(+)", worker
+            # It came through the remote, from a worktree on its node, never on the server's disk.
+            assert git(bare, "rev-parse", f"refs/heads/{branch}") == worker["commit"]
+            assert not (servers.root / "data" / "workspaces" / worker["id"]).exists()
+            # The agent ran in the worktree its node cloned (its `pwd`), gone from the node once pushed.
+            assert log_lines(client, worker["id"]) == [str(node_path(ray_cluster, worker))]
+            assert (
+                not node_path(ray_cluster, worker).exists()
+                and not node_path(ray_cluster, worker).with_name(worker["id"] + ".git").exists()
+            )
+            assert not worker["result"] or "commit_error" not in worker["result"], worker
+        # The result integration merged both workers' branches.
+        files = git(repo, "ls-tree", "-r", "--name-only", result_branch(job)).splitlines()
+        assert sorted(files) == ["README.md", "file-0.txt", "file-1.txt"]
+        assert git(repo, "status", "--porcelain") == "", "the main checkout must not be touched"
+        assert "workspaces" not in git(repo, "worktree", "list")
+
+
+def test_a_terminated_workers_uncommitted_work_comes_back(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    server, repo, _ = start(servers, ray_cluster)
+    with server.client() as client:
+        job = submit(client, agent="sleeper", repository=str(repo))
+        worker = wait_until(lambda: running(client, [job["id"]]), timeout=LONG, what="worker running")[0]
+        wait_until(lambda: "ready" in log_lines(client, worker["id"]), timeout=LONG, what="its work staged")
+        assert client.post(f"/api/supervisor/workers/{worker['id']}/terminate").status_code == 200
+        wait_final(client, job["id"], timeout=LONG)
+        final = wait_until(
+            lambda: (w := client.get(f"/api/supervisor/workers/{worker['id']}").json())["commit"] and w,
+            timeout=LONG,
+            what="the terminated worker's commit",
+        )
+        assert final["status"] == "TERMINATED", final
+        assert git(repo, "show", f"{final['branch']}:partial.txt") == "partial"
+        assert final["diff_stat"] == "1 file changed, 1 insertion(+)", final
+        assert not (servers.root / "data" / "workspaces" / worker["id"]).exists()
+
+
+def test_a_worker_that_rewrites_its_git_file_still_brings_its_work_back(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    """The agent points its worktree's `.git` at nothing: the node's final commit reads only the
+    files (git pointed at the node repository explicitly), so the work comes back all the same."""
+    server, repo, _ = start(servers, ray_cluster)
+    with server.client() as client:
+        job = submit(client, agent="hostile", repository=str(repo))
+        assert wait_final(client, job["id"], timeout=LONG)["status"] == "COMPLETED"
+        (worker,) = workers_of(client, job["id"])
+        files = git(repo, "ls-tree", "-r", "--name-only", worker["commit"]).splitlines()
+        assert sorted(files) == ["README.md", "hooks/pre-push", "mine.txt"], worker
+
+
+def test_a_repository_job_without_a_git_remote_fails_with_a_clear_reason(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    roots = servers.root / "repos"
+    roots.mkdir(exist_ok=True)
+    repo = make_repo(roots)
+    agents = servers.root / "agents.toml"
+    agents.write_text(PROFILES)
+    env = {"ORCHESTRATOR_AGENTS_FILE": str(agents), "ORCHESTRATOR_REPO_ROOTS": str(roots)}
+    server = servers.start(**env, **ray_cluster.env())
+    with server.client() as client:
+        job = submit(client, agent="writer", repository=str(repo))
+        assert wait_final(client, job["id"], timeout=LONG)["status"] == "FAILED"
+        (worker,) = workers_of(client, job["id"])
+        assert worker["status"] == "FAILED", worker
+        assert "ORCHESTRATOR_GIT_REMOTE" in worker["status_reason"], worker
+        assert worker["status_reason"].startswith("could not start: "), worker
+        assert not (servers.root / "data" / "workspaces" / worker["id"]).exists()
