@@ -27,8 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from orchestrator.core.states import JobStatus, WorkerStatus
 from orchestrator.db.models import Integration, Job, Worker, utcnow
 from orchestrator.db.topics import Topic
-from orchestrator.engine import integration_queries as queries
-from orchestrator.engine.integration_queries import DONE, FAILED
+from orchestrator.engine.queries import integration as queries
+from orchestrator.engine.queries.integration import DONE, FAILED
 from orchestrator.engine.repository_lock import repository_lock
 from orchestrator.engine.resolver import Plan, Source, resolve
 from orchestrator.workspaces import merge

@@ -271,6 +271,7 @@ class Launcher:
             expires_delta=expires,
             worker_id=worker.id,
             job_id=job.id,
+            settings=self.ctx.settings,
         )
         return WorkerContext(
             job_id=job.id,

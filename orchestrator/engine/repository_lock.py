@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from orchestrator.db.models import utcnow
 from orchestrator.db.session import Database
-from orchestrator.engine import integration_queries as queries
+from orchestrator.engine.queries import integration as queries
 
 LOCK_POLL_SECONDS = 0.05
 

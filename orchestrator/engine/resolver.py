@@ -16,8 +16,8 @@ from orchestrator.core.states import WORKER_FINAL, WorkerStatus
 from orchestrator.db.models import Job, Worker, utcnow
 from orchestrator.db.topics import Topic
 from orchestrator.db.transitions import transition_worker
-from orchestrator.engine import integration_queries as queries
 from orchestrator.engine.queries import JobRow, WorkerRow
+from orchestrator.engine.queries import integration as queries
 from orchestrator.executors.local import WorkerProcess, make_dirs
 from orchestrator.workspaces import merge
 

@@ -1,6 +1,7 @@
 """The engine's SQL, one module per concern: `rows` (the shapes read), `engines` (liveness and
 take-over), `claims` (claiming and the scheduler's reads), `settle` (what settling reads),
-`workers` (the supervised workers' reads and writes). Nothing here imports the engine's phases.
+`workers` (the supervised workers' reads and writes), `limits` (rate limits, budgets),
+`integration` (results). Nothing here imports the engine's phases.
 
 The names are re-exported for callers outside the engine (the integrator, the governor, tests)."""
 

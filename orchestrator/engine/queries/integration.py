@@ -1,4 +1,4 @@
-"""Every statement of the integration phase (engine/integrate.py and engine/resolver.py)."""
+"""Every statement of the integration phase (engine/integrate.py, resolver.py, repository_lock.py)."""
 
 from __future__ import annotations
 
