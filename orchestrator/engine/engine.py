@@ -17,10 +17,7 @@ import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
-from orchestrator.agents.base import Agent, LaunchSpec, WorkerContext
 from orchestrator.agents.registry import AgentRegistry
 from orchestrator.core.address import ApiAddress, settings_address
 from orchestrator.core.auth import engine_actor
@@ -39,7 +36,6 @@ from orchestrator.engine.launcher import Launched, Launcher
 from orchestrator.engine.ledger import Ending, Ledger
 from orchestrator.engine.queries import engines as engine_queries
 from orchestrator.engine.queries import workers as worker_queries
-from orchestrator.engine.queries.rows import JobRow, WorkerRow
 from orchestrator.engine.recovery import Recovery
 from orchestrator.engine.resume import Resumer
 from orchestrator.engine.scheduler import Ready, Scheduler
@@ -314,26 +310,3 @@ class Engine:
         if len(ready) == START_BATCH:
             self.wake.set()  # more to do: come straight back
         return ready
-
-    # ---------------------------------------------------------------- for the integrator
-
-    def _repo_lock(self, repository: str) -> asyncio.Lock:
-        return self.sup.repo_lock(repository)
-
-    def _worker_context(
-        self, worker: WorkerRow, job: JobRow, workdir: Path, home: Path, run_dir: Path
-    ) -> WorkerContext:
-        return self.launcher.worker_context(worker, job, workdir, home, run_dir)
-
-    def _start_process(
-        self,
-        worker_id: str,
-        agent: Agent,
-        spec: LaunchSpec,
-        context: WorkerContext,
-        job_limits: dict[str, Any] | None,
-    ) -> WorkerProcess:
-        return self.launcher.start_process(worker_id, agent, spec, context, job_limits).proc
-
-    def _supervise(self, proc: WorkerProcess, job: JobRow, *, offset: int, lines: int) -> None:
-        self.sup.supervise(proc, job, offset=offset, lines=lines)

@@ -143,7 +143,7 @@ class Integrator:
             if plan is None:
                 return
         temp = self.temp_root / job_id
-        repo_lock = self.engine._repo_lock(str(plan.repository))
+        repo_lock = self.engine.sup.repo_lock(str(plan.repository))
         async with repo_lock:  # what a previous attempt (killed) may have left
             await asyncio.to_thread(merge.discard, plan.repository, temp)
         try:

@@ -229,30 +229,14 @@ class Launcher:
         return box
 
     def _git_view(self, box: sandboxing.SandboxSpec, spec: LaunchSpec, context: WorkerContext) -> None:
-        """Git in the sandbox: a private copy of the repository's common dir (refs, HEAD, config)
-        is mounted over it, so the agent's own commits and branches work on refs only it sees;
-        the shared objects are mounted read-only inside it, the worktree's own dir (HEAD, index)
-        writable, new objects go to a private store beside the shared one. The engine commits the
-        worktree's final state onto the worker's branch when it ends (the agent's own commit
-        history stays in its private view)."""
+        """Git in the sandbox (`sandbox.add_git_view`), over the git dirs recorded at the worker's
+        first start: the engine commits the worktree's final state onto the worker's branch when
+        it ends (the agent's own commit history stays in its private view)."""
         sandbox = self.ctx.executor.sandbox
         dirs = gitdirs.record(context.workdir, context.run_dir)  # the .git file is the agent's later
         if dirs is None or sandbox is None:
             return
-        own, common = dirs
-        objects = context.home / ".git-objects"
-        private = context.run_dir / "git-common"
-        make_dirs(objects)
-        sandboxing.private_git_common(common, own, private)
-        box.mounts += [
-            (str(private), str(common), True),
-            (str(common / "objects"), str(common / "objects"), False),
-            (str(own), str(common / "worktrees" / own.name), True),
-        ]
-        spec.env["GIT_OBJECT_DIRECTORY"] = str(objects)
-        spec.env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(common / "objects")
-        if sandbox.uid is not None:
-            sandboxing.give_to_agent(sandbox, own, private)
+        sandboxing.add_git_view(sandbox, box, spec.env, dirs, context.run_dir)
 
     def worker_context(
         self,

@@ -83,7 +83,7 @@ async def resolve(
         return record
     async with engine.db.session() as session:
         await queries.record_pid(session, resolver.worker_id, proc.pid, proc.start_time)
-    engine._supervise(proc, cast(JobRow, resolver.job), offset=0, lines=0)
+    engine.sup.supervise(proc, cast(JobRow, resolver.job), offset=0, lines=0)
     status = await _wait_final(engine, resolver.worker_id)
     if status != WorkerStatus.COMPLETED:
         record["reason"] = f"resolver {resolver.worker_id} {status}"
@@ -128,7 +128,7 @@ async def _create(
         )
         await session.publish(Topic.JOBS)
         run_dir = engine.runs_dir / worker.id
-        context = engine._worker_context(
+        context = engine.launcher.worker_context(
             cast(WorkerRow, worker), cast(JobRow, job), temp, run_dir / "home", run_dir
         )
         task = resolver_task(job.id, job.task_description, plan.branch, source, conflict.files)
@@ -168,7 +168,9 @@ def _start(engine: Engine, resolver: Resolver, conflict: merge.Conflicted) -> Wo
     spec = resolver.agent.launch(ctx)
     spec.env["ORCHESTRATOR_ROLE"] = "resolver"
     spec.env["ORCHESTRATOR_CONFLICT_FILES"] = json.dumps(conflict.files)
-    return engine._start_process(resolver.worker_id, resolver.agent, spec, ctx, resolver.job.limits)
+    return engine.launcher.start_process(
+        resolver.worker_id, resolver.agent, spec, ctx, resolver.job.limits
+    ).proc
 
 
 async def _wait_final(engine: Engine, worker_id: str) -> str:

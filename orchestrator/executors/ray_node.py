@@ -306,16 +306,4 @@ def _git_view(
     dirs = worktree_git_dirs(box.workdir)
     if dirs is None or executor.sandbox is None:
         return
-    own, common = dirs
-    objects, private = box.home / ".git-objects", run_dir / "git-common"
-    make_dirs(objects)
-    sandboxing.private_git_common(common, own, private)
-    box.mounts += [
-        (str(private), str(common), True),
-        (str(common / "objects"), str(common / "objects"), False),
-        (str(own), str(common / "worktrees" / own.name), True),
-    ]
-    env["GIT_OBJECT_DIRECTORY"] = str(objects)
-    env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(common / "objects")
-    if executor.sandbox.uid is not None:
-        sandboxing.give_to_agent(executor.sandbox, own, private)
+    sandboxing.add_git_view(executor.sandbox, box, env, dirs, run_dir)

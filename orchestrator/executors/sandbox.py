@@ -266,3 +266,26 @@ def private_git_common(common: Path, own: Path, dest: Path) -> None:
             mode = os.lstat(path).st_mode
             if not stat.S_ISLNK(mode):
                 os.chmod(path, stat.S_IMODE(mode) & ~0o077)
+
+
+def add_git_view(
+    host: SandboxHost, box: SandboxSpec, env: dict[str, str], dirs: tuple[Path, Path], run_dir: Path
+) -> None:
+    """Git in the sandbox, for a worktree whose (own, common) git dirs are `dirs`: a private copy
+    of the common dir (refs, HEAD, config) is mounted over it, so the agent's own commits and
+    branches work on refs only it sees; the shared objects are mounted read-only inside it, the
+    worktree's own dir (HEAD, index) writable, and new objects go to a private store in its HOME.
+    Its work reaches its branch through the engine's (or the node's) commit at its end."""
+    own, common = dirs
+    objects, private = box.home / ".git-objects", run_dir / "git-common"
+    objects.mkdir(parents=True, exist_ok=True)
+    private_git_common(common, own, private)
+    box.mounts += [
+        (str(private), str(common), True),
+        (str(common / "objects"), str(common / "objects"), False),
+        (str(own), str(common / "worktrees" / own.name), True),
+    ]
+    env["GIT_OBJECT_DIRECTORY"] = str(objects)
+    env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(common / "objects")
+    if host.uid is not None:
+        give_to_agent(host, own, private)
