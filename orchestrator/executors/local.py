@@ -42,6 +42,7 @@ from orchestrator.executors.processes import (
     PID_FILE,
     STDIN_FILE,
     WRAPPER_NAME,
+    InheritableDescriptors,
     WorkerProcess,
     inheritable_descriptors,
     is_same_process,
@@ -94,13 +95,12 @@ class LocalExecutor:
         self.host = socket.gethostname()
         self.sandbox = sandbox
         self.cgroups = groups
+        raise_fd_limit()
+        self._inheritable = InheritableDescriptors(INHERITABLE_REFRESH_SECONDS)
         self.pool: WrapperPool | None = None
         if pool_size > 0 and groups is not None and WrapperPool.supported(groups):
-            self.pool = WrapperPool(groups, inheritable_descriptors, pool_size)
+            self.pool = WrapperPool(groups, self._inheritable, pool_size)
             weakref.finalize(self, self.pool.close)  # parked shells end with their executor
-        raise_fd_limit()
-        self._inheritable_fds = inheritable_descriptors()
-        self._inheritable_read_at = time.monotonic()
 
     @classmethod
     def for_settings(cls, settings: Settings) -> LocalExecutor:
@@ -182,15 +182,6 @@ class LocalExecutor:
         if pids:
             return f"process limit: it reached its limit of {max_pids} processes (fork bomb contained)"
         return None
-
-    def _inheritable(self) -> list[int]:
-        """Inheritable descriptors, read again at most once a second: listing /proc/self/fd while
-        other threads spawn costs more than a spawn, and such descriptors are made on purpose and
-        rarely (closing one that was closed since is harmless in the child)."""
-        now = time.monotonic()
-        if now - self._inheritable_read_at > INHERITABLE_REFRESH_SECONDS:
-            self._inheritable_fds, self._inheritable_read_at = inheritable_descriptors(), now
-        return self._inheritable_fds
 
     def start(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,25 @@ def inheritable_descriptors() -> list[int]:
                 if os.get_inheritable(fd):
                     found.append(fd)
     return found
+
+
+class InheritableDescriptors:
+    """`inheritable_descriptors()`, read again at most once every `refresh` seconds, for every
+    spawn of one executor (its wrappers and its pool's parked shells): listing /proc/self/fd
+    while other threads spawn costs more than a spawn, and such descriptors are made on purpose
+    and rarely (closing one that was closed since is harmless in the child). It holds no
+    reference to its executor, so a pool's thread sharing it keeps no executor alive."""
+
+    def __init__(self, refresh: float) -> None:
+        self.refresh = refresh
+        self._fds = inheritable_descriptors()
+        self._read_at = time.monotonic()
+
+    def __call__(self) -> list[int]:
+        now = time.monotonic()
+        if now - self._read_at > self.refresh:
+            self._fds, self._read_at = inheritable_descriptors(), now
+        return self._fds
 
 
 def is_same_process(pid: int, start_time: int) -> bool:

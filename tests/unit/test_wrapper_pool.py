@@ -159,3 +159,22 @@ def test_parked_shells_end_when_their_server_is_killed(tmp_path: Path) -> None:
     # these: the sweep itself would also take other servers' fresh groups on this shared host).
     for group in parked.values():
         wait_until(lambda group=group: GROUPS.remove(group), what=f"group {group} empty")
+
+
+def test_a_parked_shell_inherits_no_descriptor_marked_inheritable(tmp_path: Path) -> None:
+    """Parked shells close what the executor's (cached) list of inheritable descriptors names,
+    like every wrapper: a worker outliving the server must not hold them open."""
+    marker = tmp_path / "inheritable-marker"
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT)
+    os.set_inheritable(fd, True)
+    try:
+        ex = executor(tmp_path)
+        assert ex.pool is not None
+        idle = [parked.pid for parked in ex.pool._idle]
+        assert idle
+        for pid in idle:
+            targets = {os.readlink(f"/proc/{pid}/fd/{name}") for name in os.listdir(f"/proc/{pid}/fd")}
+            assert str(marker) not in targets, (pid, targets)
+        ex.close()
+    finally:
+        os.close(fd)
