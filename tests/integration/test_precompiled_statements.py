@@ -348,7 +348,9 @@ def _case(how: str, params: Any) -> Callable[[Any, bool], list[Trial]]:
     return lambda statement, _postgres: [(statement, how, params)]
 
 
-Q, R, J = "orchestrator.engine.queries.", "orchestrator.resources.repository.", "orchestrator.jobs.service."
+R, J = "orchestrator.resources.repository.", "orchestrator.jobs.service."
+CLAIMS, SETTLE = "orchestrator.engine.queries.claims.", "orchestrator.engine.queries.settle."
+WORKERS = "orchestrator.engine.queries.workers."
 CASES: dict[str, Callable[[Any, bool], list[Trial]]] = {
     "orchestrator.db.unit_of_work._INSERT_EVENTS": _case(MANY, [_event(), _event() | {"kind": "agent.x"}]),
     "orchestrator.db.transitions._guarded_update()": lambda build, _: [
@@ -358,17 +360,17 @@ CASES: dict[str, Callable[[Any, bool], list[Trial]]] = {
         (build(Job), FETCH, {"ids": ["c_run", "c_pend0"]}),
         (build(Worker), FETCH, {"ids": ["c_run_w0", "c_run_w1"]}),
     ],
-    Q + "_CHILDREN": _case(FETCH, {"ids": ["c_run"]}),
-    Q + "_CLAIM": _case(FETCH, {"ids": ["c_pend0", "c_pend1", "c_run"], "b_engine": ENGINE}),
-    Q + "_ENDINGS_OF_JOBS": _case(FETCH, {"ids": ["c_run", "c_done"]}),
-    Q + "_FAST_UNBOUND_JOB_IDS": _case(FETCH, {}),
-    Q + "_INSERT_WORKERS": _case(MANY, [_new_worker()]),
-    Q + "_JOBS_WITHOUT_LIVE_WORKERS": _case(FETCH, {"engine_id": ENGINE}),
-    Q + "_OWNED_PENDING": _case(FETCH, {"engine_id": ENGINE}),
-    Q + "_UNBOUND": _case(FETCH, {"ids": ["c_run", "c_pend0"]}),
-    Q + "_WORKER_STATUSES": _case(FETCH, {"ids": ["c_run_w0", "c_run_w1", "c_done_w0"]}),
-    Q + "_claim_candidates()": lambda build, postgres: _claims(build, postgres),
-    Q + "_idle_workers_statement()": lambda build, _: [
+    SETTLE + "_CHILDREN": _case(FETCH, {"ids": ["c_run"]}),
+    CLAIMS + "_CLAIM": _case(FETCH, {"ids": ["c_pend0", "c_pend1", "c_run"], "b_engine": ENGINE}),
+    SETTLE + "_ENDINGS_OF_JOBS": _case(FETCH, {"ids": ["c_run", "c_done"]}),
+    CLAIMS + "_FAST_UNBOUND_JOB_IDS": _case(FETCH, {}),
+    CLAIMS + "_INSERT_WORKERS": _case(MANY, [_new_worker()]),
+    SETTLE + "_JOBS_WITHOUT_LIVE_WORKERS": _case(FETCH, {"engine_id": ENGINE}),
+    CLAIMS + "_OWNED_PENDING": _case(FETCH, {"engine_id": ENGINE}),
+    SETTLE + "_UNBOUND": _case(FETCH, {"ids": ["c_run", "c_pend0"]}),
+    WORKERS + "_WORKER_STATUSES": _case(FETCH, {"ids": ["c_run_w0", "c_run_w1", "c_done_w0"]}),
+    CLAIMS + "_claim_candidates()": lambda build, postgres: _claims(build, postgres),
+    CLAIMS + "_idle_workers_statement()": lambda build, _: [
         (build((0,)), FETCH, {"n0": 5, "engine_id": ENGINE, "limit": 10}),
         (build(()), FETCH, {"engine_id": ENGINE, "limit": 10}),  # no free slot: bound ones only
     ],
