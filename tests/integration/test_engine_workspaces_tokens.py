@@ -11,21 +11,14 @@ from typing import Any
 import httpx
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
+from tests.support.agent_scripts import API_CALL
 from tests.support.servers import ServerFactory
 from tests.support.wait import wait_until
 
-PROBE = r"""
+PROBE = (
+    API_CALL
+    + r"""
 import json, os, sys, urllib.request, urllib.error
-URL, TOKEN, JOB = os.environ["ORCHESTRATOR_URL"], os.environ["ORCHESTRATOR_TOKEN"], os.environ["ORCHESTRATOR_JOB_ID"]
-def call(method, path, body=None):
-    req = urllib.request.Request(URL + path, method=method, data=json.dumps(body).encode() if body is not None else None)
-    req.add_header("Authorization", "Bearer " + TOKEN)
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 other = os.environ["OTHER_JOB"] if "OTHER_JOB" in os.environ else sys.stdin.read().strip()
 results = {}
 results["own_job"] = call("GET", "/api/jobs/" + JOB)[0]
@@ -44,6 +37,7 @@ results["cancel_own_job"] = call("POST", "/api/jobs/" + JOB + "/cancel")[0]
 results["own_logs"] = call("GET", "/api/supervisor/workers/" + os.environ["ORCHESTRATOR_WORKER_ID"] + "/logs")[0]
 print("RESULTS " + json.dumps(results), flush=True)
 """
+)
 
 WRITER = r"""
 import json, os, pathlib, time, urllib.request

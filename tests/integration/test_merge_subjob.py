@@ -10,22 +10,15 @@ from typing import Any
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
 from tests.integration.test_engine_workspaces_tokens import git, make_repo
+from tests.support.agent_scripts import API_CALL
 from tests.support.servers import ServerFactory
 
 ORCHESTRATOR = Path(sys.executable).with_name("orchestrator")
 
-PARENT = r"""
+PARENT = (
+    API_CALL
+    + r"""
 import json, os, pathlib, subprocess, sys, time, urllib.request, urllib.error
-URL, TOKEN, JOB = os.environ["ORCHESTRATOR_URL"], os.environ["ORCHESTRATOR_TOKEN"], os.environ["ORCHESTRATOR_JOB_ID"]
-def call(method, path, body=None):
-    req = urllib.request.Request(URL + path, method=method, data=json.dumps(body).encode() if body is not None else None)
-    req.add_header("Authorization", "Bearer " + TOKEN)
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 pathlib.Path("parent.txt").write_text("from the parent\n")
 _, child = call("POST", "/api/jobs/submit", {"task_description": "child", "depth": 1, "parent_job_id": JOB,
     "agent": "simulated", "agent_options": {"duration_seconds": 0, "files": {"child.txt": "from the child\n"}}})
@@ -41,6 +34,7 @@ results["other_child"] = call("POST", f"/api/jobs/{other}/merge")[0]
 results["own_job"] = call("POST", f"/api/jobs/{JOB}/merge")[0]
 print("RESULTS " + json.dumps(results), flush=True)
 """
+)
 
 
 def profiles(root: Path) -> str:
@@ -98,18 +92,10 @@ def test_worker_merges_its_sub_job_and_nobody_elses(servers: ServerFactory) -> N
         assert git(repo, "show", f"{result}:parent.txt") == "from the parent"
 
 
-TAMPERER = r"""
+TAMPERER = (
+    API_CALL
+    + r"""
 import json, os, pathlib, subprocess, time, urllib.request, urllib.error
-URL, TOKEN, JOB = os.environ["ORCHESTRATOR_URL"], os.environ["ORCHESTRATOR_TOKEN"], os.environ["ORCHESTRATOR_JOB_ID"]
-def call(method, path, body=None):
-    req = urllib.request.Request(URL + path, method=method, data=json.dumps(body).encode() if body is not None else None)
-    req.add_header("Authorization", "Bearer " + TOKEN)
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 _, child = call("POST", "/api/jobs/submit", {"task_description": "child", "depth": 1, "parent_job_id": JOB,
     "agent": "simulated", "agent_options": {"duration_seconds": 0, "files": {"child.txt": "from the child\n"}}})
 while call("GET", "/api/jobs/" + child["id"])[1]["status"] not in ("COMPLETED", "FAILED", "CANCELED"):
@@ -126,6 +112,7 @@ results["commondir"] = call("POST", f"/api/jobs/{child['id']}/merge")
 results["link"] = call("POST", f"/api/jobs/{child['id']}/merge")
 print("RESULTS " + json.dumps(results), flush=True)
 """
+)
 
 
 def test_a_worker_that_rewires_its_git_dir_cannot_make_the_merge_write_elsewhere(

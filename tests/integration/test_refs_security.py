@@ -15,23 +15,16 @@ import pytest
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
 from tests.integration.test_engine_workspaces_tokens import git, make_repo
+from tests.support.agent_scripts import API_CALL
 from tests.support.servers import Server, ServerFactory
 from tests.support.wait import wait_until
 
 # Worker A: tries every spelling of worker B's branch as a child's base_ref, then its own branch,
 # main and a commit id. B's ids are in the file VICTIM names (written once B runs).
-ATTACKER = r"""
+ATTACKER = (
+    API_CALL
+    + r"""
 import json, os, subprocess, urllib.request, urllib.error
-URL, TOKEN, JOB = os.environ["ORCHESTRATOR_URL"], os.environ["ORCHESTRATOR_TOKEN"], os.environ["ORCHESTRATOR_JOB_ID"]
-def call(method, path, body=None):
-    req = urllib.request.Request(URL + path, method=method, data=json.dumps(body).encode() if body is not None else None)
-    req.add_header("Authorization", "Bearer " + TOKEN)
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 def child(ref):
     return call("POST", "/api/jobs/submit", {"task_description": "read", "depth": 1, "parent_job_id": JOB,
                                              "agent": "reader", "base_ref": ref})
@@ -52,6 +45,7 @@ for name, ref in [("own", own), ("main", "main"), ("commit", git("rev-parse", "m
     children[name] = body.get("id")
 print("RESULTS " + json.dumps({"results": results, "children": children}), flush=True)
 """
+)
 
 READER = r"""
 import pathlib
@@ -130,18 +124,10 @@ def test_worker_cannot_start_a_child_from_another_trees_branch(servers: ServerFa
         client.post(f"/api/jobs/{victim_job['id']}/cancel")
 
 
-RETARGETER = r"""
+RETARGETER = (
+    API_CALL
+    + r"""
 import json, os, subprocess, time, urllib.request, urllib.error
-URL, TOKEN, JOB = os.environ["ORCHESTRATOR_URL"], os.environ["ORCHESTRATOR_TOKEN"], os.environ["ORCHESTRATOR_JOB_ID"]
-def call(method, path, body=None):
-    req = urllib.request.Request(URL + path, method=method, data=json.dumps(body).encode() if body is not None else None)
-    req.add_header("Authorization", "Bearer " + TOKEN)
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 git = lambda *a: subprocess.run(["git", *a], check=True, capture_output=True, text=True).stdout.strip()
 victim = "orchestrator/" + open(os.environ["VICTIM"]).read().strip()
 # The only depth-1 slot is taken by a sleeper, so the next child waits while its ref is changed.
@@ -158,6 +144,7 @@ while call("GET", "/api/jobs/" + child["id"])[1]["status"] not in ("COMPLETED", 
     time.sleep(0.1)
 print("CHILD " + json.dumps({"code": code, "id": child["id"]}), flush=True)
 """
+)
 
 
 def test_a_ref_retargeted_after_the_submit_is_checked_again_at_the_start(servers: ServerFactory) -> None:
