@@ -304,6 +304,11 @@ class LocalExecutor:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             return False
+        if sig in (signal.SIGSTOP, signal.SIGCONT) and self.cgroups is not None and self.cgroups.usable:
+            # A process that left the group (setsid, a double fork) would run on while the worker
+            # is paused: its cgroup holds it all the same (SIGKILL needs no help: the sandbox's
+            # PID namespace dies with bwrap).
+            self.cgroups.signal_members(proc.worker_id, sig)
         return True
 
     def watch(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
