@@ -209,7 +209,10 @@ def agents(root: Path) -> str:
 def report_of(client: httpx.Client, worker_id: str) -> dict[str, Any]:
     lines = log_lines(client, worker_id)
     line = next((line for line in lines if line.startswith("REPORT ")), None)
-    assert line is not None, (client.get(f"/api/supervisor/workers/{worker_id}").json()["status_reason"], lines)
+    assert line is not None, (
+        client.get(f"/api/supervisor/workers/{worker_id}").json()["status_reason"],
+        lines,
+    )
     result: dict[str, Any] = json.loads(line.removeprefix("REPORT "))
     return result
 
@@ -261,7 +264,11 @@ def worker_cgroup_procs(wrapper_pid: int) -> Path:
         _, controllers, path = line.split(":", 2)
         if "pids" in controllers.split(","):
             return Path("/sys/fs/cgroup/pids") / path.lstrip("/") / "cgroup.procs"
-    (v2,) = (line for line in Path(f"/proc/{wrapper_pid}/cgroup").read_text().splitlines() if line.startswith("0::"))
+    (v2,) = (
+        line
+        for line in Path(f"/proc/{wrapper_pid}/cgroup").read_text().splitlines()
+        if line.startswith("0::")
+    )
     return Path("/sys/fs/cgroup") / v2[3:].lstrip("/") / "cgroup.procs"
 
 

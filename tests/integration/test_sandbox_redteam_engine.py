@@ -169,7 +169,10 @@ def agents(root: Path) -> str:
 def report_of(client: httpx.Client, worker_id: str) -> dict[str, Any]:
     lines = log_lines(client, worker_id)
     line = next((line for line in lines if line.startswith("REPORT ")), None)
-    assert line is not None, (client.get(f"/api/supervisor/workers/{worker_id}").json()["status_reason"], lines)
+    assert line is not None, (
+        client.get(f"/api/supervisor/workers/{worker_id}").json()["status_reason"],
+        lines,
+    )
     result: dict[str, Any] = json.loads(line.removeprefix("REPORT "))
     return result
 
@@ -218,12 +221,20 @@ def test_worktree_traps_are_committed_as_links_never_followed(servers: ServerFac
         assert done["status"] == "COMPLETED", (done, worker["status_reason"], report)
         assert {"a-fifo", "a-socket", "secret-link", "loop", "nested"} <= set(report["made"])
         # Hard links across the sandbox's mounts are refused (EXDEV): no host inode in the worktree.
-        assert report["passwd-hardlink"] in ("EXDEV", "EPERM") and report["python-hardlink"] in ("EXDEV", "EPERM")
+        assert report["passwd-hardlink"] in ("EXDEV", "EPERM") and report["python-hardlink"] in (
+            "EXDEV",
+            "EPERM",
+        )
         branch = worker["branch"]
         tree = git(repo, "ls-tree", "-r", "-z", "--full-tree", branch).split("\0")
         entries = {item.split("\t", 1)[1]: item.split()[0] for item in tree if item}
         # Symlinks are committed as symlinks: their target's path, never the host file's content.
-        for link, target in (("secret-link", secret), ("secret-dir-link", secret_dir), ("root-link", "/"), ("loop", ".")):
+        for link, target in (
+            ("secret-link", secret),
+            ("secret-dir-link", secret_dir),
+            ("root-link", "/"),
+            ("loop", "."),
+        ):
             assert entries.get(link) == "120000", (link, entries, worker)
             assert git(repo, "cat-file", "-p", f"{branch}:{link}") == str(target)
         assert "a-fifo" not in entries and "a-socket" not in entries
