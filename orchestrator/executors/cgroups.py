@@ -155,6 +155,17 @@ class Cgroups:
                         os.close(fd)
         return len(done)
 
+    def all_stopped(self, worker_id: str) -> bool:
+        """Whether every process in the worker's group is stopped (or has ended)."""
+        for pid in self.processes(worker_id):
+            try:
+                state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue  # ended meanwhile
+            if state not in (b"T", b"t", b"Z", b"X"):
+                return False
+        return True
+
     def remove(self, worker_id: str) -> bool:
         """Remove the worker's groups (they must be empty); True if none is left."""
         gone = True
