@@ -12,6 +12,7 @@ Facts behind every flag and variable: docs/agent-cli-harness.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -114,7 +115,12 @@ def mcp_config(ctx: WorkerContext, transport: str = "http") -> dict[str, Any]:
 
 
 def write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write a config file the agent reads, 0600. Its directory may be the agent's (HOME, kept
+    across a resumed run): whatever the agent left at the name (a link to a host file, which a
+    plain open as root would write through) is removed first, and the file is made new."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
 

@@ -140,6 +140,8 @@ class CodexAgent(CliAgent):
             argv += ["-m", options.model]
         config = _codex_config(ctx, options, provider.get("OPENAI_BASE_URL"))
         codex_home = ctx.home / ".codex"
+        if codex_home.is_symlink():  # left by the agent's last run: never written through
+            codex_home.unlink()
         codex_home.mkdir(parents=True, exist_ok=True)
         write_private(
             codex_home / "config.toml", "".join(f"{key} = {toml_value(v)}\n" for key, v in config.items())

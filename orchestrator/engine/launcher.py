@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -300,8 +301,9 @@ class Launcher:
             if (worktree / ".git").exists():
                 # On the worker's own branch (HEAD put back on it, the index rebuilt): a sandboxed
                 # agent may have pointed HEAD at another branch or staged objects only its
-                # private object store holds.
-                await asyncio.to_thread(
+                # private object store holds. Its processes are stopped meanwhile (`hold`).
+                await self._with_worker_held(
+                    by_worker,
                     gitdirs.commit_worker,
                     worktree,
                     self.ctx.runs_dir / by_worker,
@@ -311,6 +313,20 @@ class Launcher:
                 )
             resolved = await asyncio.to_thread(refs.resolve, repository, resolved.full_name)
         return resolved.commit
+
+    async def _with_worker_held(self, worker_id: str, call: Callable[..., Any], *args: Any) -> Any:
+        """`call(*args)` in a thread with the worker's processes stopped, if this engine runs it
+        on this host (executor `hold`); a pause or terminate recorded meanwhile is left as is."""
+        record = self.sup.live.get(worker_id)
+        hold = getattr(self.ctx.executor, "hold", None)
+        held = False
+        if record is not None and hold is not None and not record.proc.applied_paused:
+            held = await asyncio.to_thread(hold, record.proc)
+        try:
+            return await asyncio.to_thread(call, *args)
+        finally:
+            if held and record is not None and not record.proc.applied_paused:
+                await asyncio.to_thread(self.ctx.executor.send, record.proc, signal.SIGCONT)
 
     async def _job_path(self, job_id: str) -> str | None:
         async with self.ctx.db.session() as session:

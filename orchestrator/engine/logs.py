@@ -40,7 +40,9 @@ class LogCursor:
             body, consumed = chunk, len(chunk)
         else:
             body, consumed = chunk[: end + 1], end + 1
-        text = body.decode("utf-8", errors="replace")
+        # NUL becomes U+FFFD like invalid UTF-8: PostgreSQL's text refuses it, and one NUL in a
+        # hostile agent's output would otherwise fail every insert of its log from then on.
+        text = body.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
         lines: list[str] = []
         for line in text.splitlines():
             while len(line) > MAX_LINE_CHARS:

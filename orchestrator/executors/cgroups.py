@@ -123,6 +123,49 @@ class Cgroups:
         pids_file = groups["" if self.version == "v2" else "pids"] / "pids.max"
         return _int(mem_file, MIB), _int(pids_file, 1)
 
+    def processes(self, worker_id: str) -> list[int]:
+        """Host PIDs of every process in the worker's (pids) group: those that left its session
+        and process group too (setsid, a double fork), which a signal to the group misses."""
+        group = self.groups(worker_id)["" if self.version == "v2" else "pids"]
+        try:
+            return [int(pid) for pid in (group / "cgroup.procs").read_text().split()]
+        except (FileNotFoundError, ValueError):
+            return []
+
+    def signal_members(self, worker_id: str, sig: int) -> int:
+        """Send `sig` to every process in the worker's group, again until a pass finds none it
+        has not signalled (a member that forked just before it was stopped). A PID is signalled
+        through a pidfd opened while the process is still in the group, so a PID reused by an
+        unrelated process meanwhile is never signalled. Returns how many were signalled."""
+        import signal as signals
+
+        done: set[int] = set()
+        for _ in range(64):
+            fresh = [pid for pid in self.processes(worker_id) if pid not in done]
+            if not fresh:
+                break
+            for pid in fresh:
+                done.add(pid)
+                with contextlib.suppress(OSError):
+                    fd = os.pidfd_open(pid)
+                    try:
+                        if _in_group(pid, worker_id):
+                            signals.pidfd_send_signal(fd, sig)
+                    finally:
+                        os.close(fd)
+        return len(done)
+
+    def all_stopped(self, worker_id: str) -> bool:
+        """Whether every process in the worker's group is stopped (or has ended)."""
+        for pid in self.processes(worker_id):
+            try:
+                state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue  # ended meanwhile
+            if state not in (b"T", b"t", b"Z", b"X"):
+                return False
+        return True
+
     def remove(self, worker_id: str) -> bool:
         """Remove the worker's groups (they must be empty); True if none is left."""
         gone = True
@@ -163,6 +206,15 @@ class Cgroups:
             with contextlib.suppress(FileNotFoundError):
                 found.update(entry.name for entry in os.scandir(base) if entry.is_dir())
         return found
+
+
+def _in_group(pid: int, worker_id: str) -> bool:
+    """Whether the process holding `pid` is in a group named after the worker."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
+    return any(line.rsplit("/", 1)[-1] == worker_id for line in text.splitlines())
 
 
 def _write(path: Path, value: str, *, optional: bool = False) -> None:

@@ -76,6 +76,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INHERITABLE_REFRESH_SECONDS = 1.0
+HOLD_SECONDS = 10.0  # a process in uninterruptible sleep stops only when its system call ends
 
 
 class LocalExecutor:
@@ -304,6 +305,23 @@ class LocalExecutor:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             return False
+        if sig in (signal.SIGSTOP, signal.SIGCONT) and self.cgroups is not None and self.cgroups.usable:
+            # A process that left the group (setsid, a double fork) would run on while the worker
+            # is paused: its cgroup holds it all the same (SIGKILL needs no help: the sandbox's
+            # PID namespace dies with bwrap).
+            self.cgroups.signal_members(proc.worker_id, sig)
+        return True
+
+    def hold(self, proc: WorkerProcess) -> bool:
+        """Stop every process of a running worker and wait (at most HOLD_SECONDS) until each is
+        stopped: the engine reads its live worktree as root (a checkpoint before a delegation),
+        and an agent swapping a file for a link to a host file between git's lstat and its open
+        would have that file read into the commit. True if the caller must send SIGCONT after."""
+        if self.cgroups is None or not self.cgroups.usable or not self.send(proc, signal.SIGSTOP):
+            return False
+        deadline = time.monotonic() + HOLD_SECONDS
+        while not self.cgroups.all_stopped(proc.worker_id) and time.monotonic() < deadline:
+            time.sleep(0.005)
         return True
 
     def watch(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:

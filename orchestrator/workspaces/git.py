@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from stat import S_ISREG
 
 from orchestrator.core.config import Settings
 from orchestrator.core.errors import BadRequest
@@ -41,6 +42,11 @@ SAFE_CONFIG = (
 
 
 GIT_UMASK = 0o022
+# What the engine's commit of a worktree stages: everything, past the paths git cannot take (a
+# nested repository without a commit, as `git init` or a project generator leaves one, fails a
+# plain `add -A` whole, and the worker's work would be lost). Exit 1: some paths were skipped.
+ADD_ALL = ("add", "-A", "--ignore-errors", "--", ".")
+ADD_ALL_OK = (0, 1)
 
 
 class GitError(RuntimeError):
@@ -56,9 +62,14 @@ def git_env() -> dict[str, str]:
 
 
 def run_git(
-    *args: str, cwd: Path, timeout: float = 120.0, umask: int = GIT_UMASK, env: dict[str, str] | None = None
+    *args: str,
+    cwd: Path,
+    timeout: float = 120.0,
+    umask: int = GIT_UMASK,
+    env: dict[str, str] | None = None,
+    ok: tuple[int, ...] = (0,),
 ) -> str:
-    """Run `git <args>` in `cwd`; its stdout, stripped. Raises GitError on a non-zero exit.
+    """Run `git <args>` in `cwd`; its stdout, stripped. Raises GitError on an exit not in `ok`.
     `env`: GIT_* variables the caller sets on purpose (the recorded git dirs of a worktree)."""
     try:
         done = subprocess.run(
@@ -78,7 +89,7 @@ def run_git(
         )
     except subprocess.TimeoutExpired as exc:
         raise GitError(f"git {args[0] if args else ''} timed out after {timeout:g}s") from exc
-    if done.returncode != 0:
+    if done.returncode not in ok:
         raise GitError(f"git {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout.strip()
 
@@ -170,9 +181,26 @@ def commit_all(
     if branch is not None:
         run_git("symbolic-ref", "HEAD", f"refs/heads/{branch}", cwd=worktree)
         run_git("read-tree", "HEAD", cwd=worktree)
-    run_git("add", "-A", cwd=worktree)
+    run_git(*ADD_ALL, cwd=worktree, ok=ADD_ALL_OK)
     if run_git("status", "--porcelain", cwd=worktree):
         run_git("commit", "-q", "--no-verify", "-m", message, cwd=worktree)
     head = run_git("rev-parse", "--verify", "HEAD^{commit}", cwd=worktree)
     stat = run_git("diff", "--shortstat", f"{base_commit}..HEAD", "--", cwd=worktree) if base_commit else ""
     return head, stat
+
+
+def read_agent_file(path: Path, limit: int) -> str | None:
+    """The first `limit` bytes of a file an agent could have written, if it is a regular file
+    (not a link, fifo or device), as text; None otherwise. Never blocks, never follows a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, limit).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from orchestrator.workspaces.git import GitError, commit_all, run_git, worktree_git_dirs
+from orchestrator.workspaces.git import ADD_ALL, ADD_ALL_OK, GitError, commit_all, run_git, worktree_git_dirs
 
 # In a directory of the run dir: the engine binds the run dir's top-level files (an agent's MCP
 # config) read-only into the sandbox; these are the server's alone.
@@ -94,7 +94,7 @@ def commit_recorded(
     parent = run_git("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}", cwd=common, env=shared)
     try:
         run_git("read-tree", parent, cwd=worktree, env=view)
-        run_git("add", "-A", "--", ".", cwd=worktree, env=view)
+        run_git(*ADD_ALL, cwd=worktree, env=view, ok=ADD_ALL_OK)
         tree = run_git("write-tree", cwd=worktree, env=view)
     finally:
         index.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.workspaces.git import GIT_UMASK, SAFE_CONFIG, GitError, git_env
+from orchestrator.workspaces.git import GIT_UMASK, SAFE_CONFIG, GitError, git_env, read_agent_file
 
 # The one git runner's settings (no hooks: a worker, hostile code, can write into the repository's
 # hooks directory; no GIT_* from the environment; worktrees a sandboxed agent's uid owns), plus
@@ -242,7 +242,8 @@ def merge_into_worktree(
     if not common.is_absolute():
         common = (repository / common).resolve()
     admin = common / "worktrees" / workdir.name
-    recorded = (admin / "gitdir").read_text().strip() if (admin / "gitdir").is_file() else ""
+    # The agent's to write (a link, a fifo swapped in after a check): read without following or blocking.
+    recorded = (read_agent_file(admin / "gitdir", 4096) or "").strip()
     if Path(recorded).resolve() != (workdir / ".git").resolve():
         raise GitError(f"{workdir} is not a worktree of {repository}")
     with tempfile.TemporaryDirectory(prefix="merge-admin-") as private:
@@ -295,5 +296,12 @@ def _copy_file(source: Path, target: Path) -> None:
         data = handle.read()
     partial = target.with_name(f".{target.name}.orchestrator-tmp")
     partial.unlink(missing_ok=True)
-    partial.write_bytes(data)
+    # Created, never opened: the agent runs while it merges and may plant a link at this name
+    # again between the unlink and the open (a plain open would follow it and write as root).
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    except FileExistsError as exc:
+        raise GitError(f"{partial.name} in the worktree's git dir was made again while merging") from exc
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
     os.replace(partial, target)

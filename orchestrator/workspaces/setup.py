@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from orchestrator.agents.base import LaunchSpec
+from orchestrator.workspaces.git import read_agent_file
 
 FAILURE_FILE = ".orchestrator-setup-failed"
 
@@ -120,6 +121,7 @@ def prepare(
         source, target = Path(repository) / name, workdir / name
         if not source.exists():
             raise FileNotFoundError(f"worktree set-up: {name} (to copy) does not exist in {repository}")
+        _refuse_links(workdir, source, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
             shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
@@ -139,12 +141,41 @@ def prepare(
     return LaunchSpec(argv=argv, env=spec.env, stdin_text=spec.stdin_text)
 
 
+def _refuse_links(workdir: Path, source: Path, name: str) -> None:
+    """Refuse a copy that would go through a symbolic link in the new worktree. It is checked out
+    from the branch it starts from, which an agent wrote (a child job starts from its parent's
+    branch): a committed `.env -> /etc/passwd`, or a directory link, would have the engine write
+    the repository's file over a host file, as the server's user. No agent runs in the worktree
+    yet, so nothing can change between this check and the copy."""
+    names = [PurePosixPath(name)]
+    if source.is_dir():
+        names += [
+            PurePosixPath(name) / Path(top, entry).relative_to(source)
+            for top, dirs, files in os.walk(source)
+            for entry in (*dirs, *files)
+        ]
+    for relative in names:
+        current = workdir
+        for part in relative.parts:
+            current = current / part
+            if current.is_symlink():
+                raise FileExistsError(
+                    f"worktree set-up: {name} is not copied: {current.relative_to(workdir)} is a "
+                    "symbolic link in the worktree (committed on the branch it starts from)"
+                )
+
+
 def failure(run_dir: Path) -> str | None:
-    """Why the worker's set-up failed, if it did (read by the engine when the worker ends)."""
-    try:
-        return _failure_path(run_dir).read_text().strip() or None
-    except OSError:
-        return None
+    """Why the worker's set-up failed, if it did (read by the engine when the worker ends). The
+    file is in the agent's HOME, so it may be anything the agent made it: only a regular file is
+    read (a link to a host file would put that file into the worker's status reason, readable
+    through the API; a fifo would block the engine; /dev/zero would never end), and only its
+    first MAX_FAILURE_BYTES."""
+    text = read_agent_file(_failure_path(run_dir), MAX_FAILURE_BYTES)
+    return (text or "").strip() or None
+
+
+MAX_FAILURE_BYTES = 4096
 
 
 def main(argv: list[str]) -> int:
