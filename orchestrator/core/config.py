@@ -64,8 +64,10 @@ class Settings(BaseSettings):
     # The worker sandbox (docs/SANDBOX.md): "on" (default; workers fail with the reason if it
     # cannot work here) or "off" (unconfined workers: a warning at start-up, shown in /ready).
     orchestrator_sandbox: Literal["on", "off"] = "on"
-    # The host uid agents run as when the server runs as root.
+    # When the server runs as root, each live worker's agent runs as a host uid of its own, leased
+    # per host from ORCHESTRATOR_SANDBOX_UID … + ORCHESTRATOR_SANDBOX_UID_COUNT - 1.
     orchestrator_sandbox_uid: int = Field(default=61000, ge=1, le=2**31 - 2)
+    orchestrator_sandbox_uid_count: int = Field(default=4096, ge=1, le=2**24)
     # Memory-aware admission: memory kept free beyond the running workers' limits.
     orchestrator_memory_headroom_mb: int = Field(default=512, ge=0)
     # Where available memory is read (`MemAvailable:`): /proc/meminfo, or a file an operator
