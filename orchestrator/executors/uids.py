@@ -31,7 +31,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-LEASE_DIR = Path("/run/orchestrator/uids")  # host-wide: every engine, node and test server
+# Host-wide (every engine, Ray node and test server on the host), and on disk, not under /run: the
+# records of what to sweep must outlive a reboot, or a uid's leftovers would be its next holder's.
+LEASE_DIR = Path("/var/lib/orchestrator/uids")
 LEASE_FD = 8  # the wrapper's descriptor holding its uid's lease (closed for the agent)
 MAX_RECORD_BYTES = 64 * 1024
 
@@ -84,25 +86,29 @@ class UidRange:
 
 def try_lease(directory: Path, uid: int) -> Lease | None:
     """The lease of `uid` if nobody holds it (after sweeping what its last holder left)."""
-    opened = os.open(directory / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    path = directory / str(uid)
+    opened = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:  # above the descriptors a spawn sets up (0-3, LEASE_FD): none of them can overwrite it
         fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, LEASE_FD + 2)
     finally:
         os.close(opened)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+            raise BlockingIOError  # removed (`forget`) since it was opened: a new file is the lease
+    except (BlockingIOError, FileNotFoundError):
         os.close(fd)
         return None
     try:
         record = os.pread(fd, MAX_RECORD_BYTES, 0)
         if record:
-            for path in json.loads(record).get("rw_binds", []):
-                sweep(Path(path), uid)
+            for bind in json.loads(record)["rw_binds"]:
+                sweep(Path(bind), uid)
             os.ftruncate(fd, 0)
-    except BaseException:
-        os.close(fd)  # not swept: the uid stays unused until a later lease sweeps it
-        raise
+    except Exception as exc:  # not swept: the uid stays unused, the next one is tried
+        log.warning("uid %d is not leased: its leftovers could not be swept: %r", uid, exc)
+        os.close(fd)
+        return None
     return Lease(uid, fd)
 
 
@@ -119,6 +125,24 @@ def held(directory: Path, uid: int) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def forget(directory: Path, uids: Iterable[int]) -> None:
+    """Remove the lease files of uids nobody holds (tests and benchmarks with ranges of their
+    own; a file that is held stays: a new one in its place would be a second lease)."""
+    for uid in uids:
+        path = directory / str(uid)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()  # still locked by us: nobody can lease it meanwhile
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def sweep(top: Path, uid: int) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from orchestrator.executors import uids
 from tests.integration.test_engine_lifecycle import log_lines, submit, workers_of
@@ -103,10 +105,12 @@ def shared_dir(root: Path) -> Path:
     return shared
 
 
-def uid_range() -> dict[str, str]:
+@pytest.fixture
+def uid_range() -> Iterator[dict[str, str]]:
     """A range of this test's own: other servers on the host lease from theirs."""
     base = random.randrange(100_000, 2**31 - 10_000, 1000)
-    return {"ORCHESTRATOR_SANDBOX_UID": str(base), "ORCHESTRATOR_SANDBOX_UID_COUNT": "3"}
+    yield {"ORCHESTRATOR_SANDBOX_UID": str(base), "ORCHESTRATOR_SANDBOX_UID_COUNT": "3"}
+    uids.forget(uids.LEASE_DIR, range(base, base + 3))
 
 
 def running(client: httpx.Client, job_id: str) -> dict[str, Any]:
@@ -130,9 +134,11 @@ def recorded(data: Path, worker_id: str) -> int:
     return int((data / "runs" / worker_id / "engine" / "uid").read_text())
 
 
-def test_workers_run_as_different_uids_and_cannot_use_what_another_left(servers: ServerFactory) -> None:
+def test_workers_run_as_different_uids_and_cannot_use_what_another_left(
+    servers: ServerFactory, uid_range: dict[str, str]
+) -> None:
     shared = shared_dir(servers.root)
-    env = uid_range()
+    env = uid_range
     base = int(env["ORCHESTRATOR_SANDBOX_UID"])
     server = servers.start(ORCHESTRATOR_AGENTS_FILE=agents(servers.root, shared), **env)
     data = servers.root / "data"
@@ -163,8 +169,10 @@ def test_workers_run_as_different_uids_and_cannot_use_what_another_left(servers:
             wait_until(lambda u=uid: not uids.held(lease_dir, u), timeout=30, what=f"uid {uid} released")
 
 
-def test_readopted_worker_keeps_its_uid_through_a_kill9(servers: ServerFactory) -> None:
-    env = uid_range()
+def test_readopted_worker_keeps_its_uid_through_a_kill9(
+    servers: ServerFactory, uid_range: dict[str, str]
+) -> None:
+    env = uid_range
     toml = agents(servers.root, shared_dir(servers.root))
     first = servers.start(ORCHESTRATOR_AGENTS_FILE=toml, **env)
     data = servers.root / "data"
@@ -189,4 +197,9 @@ def test_readopted_worker_keeps_its_uid_through_a_kill9(servers: ServerFactory) 
         for each in (worker, *others):
             client.post(f"/api/supervisor/workers/{each['id']}/terminate")
         wait_until(lambda: not session_processes(worker["pid"]), timeout=30, what="no process left")
-        wait_until(lambda: not uids.held(uids.LEASE_DIR, uid), timeout=30, what="uid released")
+        for each_uid in (uid, *other_uids):
+            wait_until(
+                lambda u=each_uid: not uids.held(uids.LEASE_DIR, u),
+                timeout=30,
+                what=f"uid {each_uid} released",
+            )

@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,13 @@ needs_root_sandbox = pytest.mark.skipif(
 
 def base_uid() -> int:
     return random.randrange(100_000, 2**31 - 10_000, 1000)  # a range of this test's own
+
+
+@pytest.fixture
+def base() -> Iterator[int]:
+    first = base_uid()
+    yield first
+    uids.forget(uids.LEASE_DIR, range(first, first + 3))
 
 
 def test_sweep_hands_leftovers_to_root_without_following_symlinks(tmp_path: Path) -> None:
@@ -121,17 +129,18 @@ def executor(tmp_path: Path, base: int, count: int, pool_size: int = 0) -> Local
 
 
 @needs_root_sandbox
-def test_a_uid_is_leased_once_released_with_its_wrapper_and_swept_before_reuse(tmp_path: Path) -> None:
+def test_a_uid_is_leased_once_released_with_its_wrapper_and_swept_before_reuse(
+    tmp_path: Path, base: int
+) -> None:
     tmp_path.chmod(0o755)
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o1777)
     shared.chmod(0o1777)
-    base = base_uid()
     first, second = executor(tmp_path, base, 1), executor(tmp_path, base, 1)  # two engines, one uid
     proc_a, run_a = start(first, tmp_path, "a", shared)
     log_a = (run_a / "output.log").read_text()
     assert f"uid {base}\n" in log_a and (run_a / "engine" / "uid").read_text() == f"{base}\n"
-    assert "/run/orchestrator" not in log_a  # the agent has no descriptor of its lease
+    assert str(uids.LEASE_DIR) not in log_a  # the agent has no descriptor of its lease
     assert (shared / "private").stat().st_uid == base
     assert stat.S_IMODE((shared / "private").stat().st_mode) == 0o600  # the agent's umask is 077
     with pytest.raises(uids.NoFreeUid):
@@ -156,14 +165,13 @@ def test_a_uid_is_leased_once_released_with_its_wrapper_and_swept_before_reuse(t
 
 
 @needs_root_sandbox
-def test_parked_wrappers_hold_their_uids_until_they_end(tmp_path: Path) -> None:
+def test_parked_wrappers_hold_their_uids_until_they_end(tmp_path: Path, base: int) -> None:
     if GROUPS.version != "v1":
         pytest.skip("parked wrappers are for cgroup v1 hosts")
     tmp_path.chmod(0o755)
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o1777)
     shared.chmod(0o1777)
-    base = base_uid()
     ex = executor(tmp_path, base, 3, pool_size=2)
     assert ex.pool is not None and ex.pool.fill(60)
     parked = {p.lease.uid for p in ex.pool._idle if p.lease is not None}
