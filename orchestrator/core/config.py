@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,17 @@ class Settings(BaseSettings):
     # at RAY_ADDRESS; needs the `ray` extra).
     orchestrator_executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _check_uid_range(self) -> Settings:
+        last = self.orchestrator_sandbox_uid + self.orchestrator_sandbox_uid_count - 1
+        if last > 2**31 - 2:
+            raise ValueError(
+                "ORCHESTRATOR_SANDBOX_UID + ORCHESTRATOR_SANDBOX_UID_COUNT - 1 must be below 2**31 - 1"
+            )
+        if self.orchestrator_sandbox_uid <= 65534 <= last:
+            raise ValueError("the sandbox uid range must not hold 65534 (nobody, shared by other services)")
+        return self
 
     @field_validator("orchestrator_quotas")
     @classmethod
