@@ -18,6 +18,7 @@ worker left behind is readable (with the agent's umask 077) or writable by a lat
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -25,7 +26,7 @@ import os
 import random
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 LEASE_DIR = Path("/var/lib/orchestrator/uids")
 LEASE_FD = 8  # the wrapper's descriptor holding its uid's lease (closed for the agent)
 MAX_RECORD_BYTES = 64 * 1024
+MAX_DEPTH = 64  # directory levels a sweep descends (one descriptor each)
+GONE = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)  # an entry replaced or removed while it is swept
 
 
 class NoFreeUid(RuntimeError):
@@ -150,49 +153,60 @@ def sweep(top: Path, uid: int) -> None:
     take group/other write (and set-id) bits off it. Through directory descriptors opened with
     O_NOFOLLOW: a worker that swaps a directory for a symlink meanwhile cannot point this at a
     host file. A directory others cannot traverse once swept is not descended: nothing in it is
-    reachable by a worker any more."""
+    reachable by a worker any more. Depth first, one descriptor per level; a directory of the
+    uid's deeper than MAX_DEPTH is sealed (root's, 0700) instead. An error other than an entry
+    that went away raises: the caller does not lease a uid whose leftovers may be left."""
     try:
         fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        log.warning("could not sweep %s for uid %d: %s", top, uid, exc)
-        return
-    stack = [fd]
-    while stack:
-        dir_fd = stack.pop()
-        try:
-            names = os.listdir(dir_fd)
-            for name in names:
-                child = _sweep_entry(dir_fd, name, uid)
-                if child is not None:
-                    stack.append(child)
-        except OSError as exc:
-            log.warning("sweep of %s for uid %d: %s", top, uid, exc)
-        finally:
+    except FileNotFoundError:
+        return  # the operator removed it: nothing left there
+    stack: list[tuple[int, Iterator[str]]] = []
+    try:
+        stack.append((fd, iter(os.listdir(fd))))
+        while stack:
+            dir_fd, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(stack.pop()[0])
+                continue
+            child = _sweep_entry(dir_fd, name, uid, seal=len(stack) >= MAX_DEPTH)
+            if child is not None:
+                try:
+                    stack.append((child, iter(os.listdir(child))))
+                except OSError:
+                    os.close(child)
+                    raise
+    except BaseException:
+        for dir_fd, _ in stack:
             os.close(dir_fd)
+        if not stack:
+            os.close(fd)
+        raise
 
 
-def _sweep_entry(dir_fd: int, name: str, uid: int) -> int | None:
+def _sweep_entry(dir_fd: int, name: str, uid: int, *, seal: bool) -> int | None:
     """Sweep one entry; a directory to descend is returned open."""
     try:
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
-        if info.st_uid == uid:  # a symlink, socket or FIFO: no content to protect, only its owner
-            os.chown(name, 0, 0, dir_fd=dir_fd, follow_symlinks=False)
-        return None
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-    if stat.S_ISDIR(info.st_mode):
-        flags |= os.O_DIRECTORY
-    try:
-        fd = os.open(name, flags, dir_fd=dir_fd)
-    except OSError:
-        return None  # replaced meanwhile (a symlink now: O_NOFOLLOW refused it)
+        if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
+            if info.st_uid == uid:  # a symlink, socket or FIFO: no content, only its owner
+                os.chown(name, 0, 0, dir_fd=dir_fd, follow_symlinks=False)
+            return None
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+        fd = os.open(name, flags | (os.O_DIRECTORY if stat.S_ISDIR(info.st_mode) else 0), dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in GONE:
+            return None  # replaced or removed meanwhile (a symlink now: O_NOFOLLOW refused it)
+        raise
     info = os.fstat(fd)
+    is_dir = stat.S_ISDIR(info.st_mode)
+    mode = stat.S_IMODE(info.st_mode) & 0o1755
     if info.st_uid == uid:
         os.fchown(fd, 0, 0)
-        os.fchmod(fd, stat.S_IMODE(info.st_mode) & 0o1755)
-    if stat.S_ISDIR(info.st_mode) and info.st_mode & 0o001:
+        os.fchmod(fd, 0o700 if is_dir and seal else mode)
+    if is_dir and mode & 0o001 and not seal:
         return fd
+    if is_dir and seal and info.st_uid != uid and mode & 0o001:
+        log.warning("sweep for uid %d: not descending below depth %d", uid, MAX_DEPTH)
     os.close(fd)
     return None

@@ -84,6 +84,34 @@ def test_sweep_hands_leftovers_to_root_without_following_symlinks(tmp_path: Path
     assert top.stat().st_uid == uid
 
 
+def test_sweep_seals_what_lies_too_deep_and_skips_what_went_away(tmp_path: Path) -> None:
+    uid = base_uid()
+    top = tmp_path / "shared"
+    top.mkdir()
+    chain = [top / "/".join(["d"] * level) for level in range(1, uids.MAX_DEPTH + 6)]
+    chain[-1].mkdir(parents=True)
+    (chain[-1] / "bottom").write_text("left")
+    for path in [*chain, chain[-1] / "bottom"]:
+        os.chown(path, uid, uid)
+        path.chmod(0o777)
+    wide = top / "wide"  # many directories side by side: one descriptor at a time
+    wide.mkdir()
+    for n in range(300):
+        (wide / str(n)).mkdir()
+        os.chown(wide / str(n), uid, uid)
+        (wide / str(n)).chmod(0o755)
+
+    uids.sweep(top, uid)
+    uids.sweep(tmp_path / "gone", uid)  # an rw_bind the operator removed: nothing to do
+
+    depths = [(path.stat().st_uid, stat.S_IMODE(path.stat().st_mode)) for path in chain]
+    assert depths[: uids.MAX_DEPTH - 1] == [(0, 0o755)] * (uids.MAX_DEPTH - 1)
+    assert depths[uids.MAX_DEPTH - 1] == (0, 0o700)  # sealed: nothing below is reachable
+    assert all(owner == uid for owner, _ in depths[uids.MAX_DEPTH :])
+    assert {(wide / str(n)).stat().st_uid for n in range(300)} == {0}
+    assert len(os.listdir("/proc/self/fd")) < 50
+
+
 SCRIPT = r"""
 shared="$1"
 echo "uid $(id -u)"
