@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,10 @@ class Settings(BaseSettings):
     # The worker sandbox (docs/SANDBOX.md): "on" (default; workers fail with the reason if it
     # cannot work here) or "off" (unconfined workers: a warning at start-up, shown in /ready).
     orchestrator_sandbox: Literal["on", "off"] = "on"
-    # The host uid agents run as when the server runs as root.
+    # When the server runs as root, each live worker's agent runs as a host uid of its own, leased
+    # per host from ORCHESTRATOR_SANDBOX_UID … + ORCHESTRATOR_SANDBOX_UID_COUNT - 1.
     orchestrator_sandbox_uid: int = Field(default=61000, ge=1, le=2**31 - 2)
+    orchestrator_sandbox_uid_count: int = Field(default=4096, ge=1, le=2**24)
     # Memory-aware admission: memory kept free beyond the running workers' limits.
     orchestrator_memory_headroom_mb: int = Field(default=512, ge=0)
     # Where available memory is read (`MemAvailable:`): /proc/meminfo, or a file an operator
@@ -75,6 +77,17 @@ class Settings(BaseSettings):
     # at RAY_ADDRESS; needs the `ray` extra).
     orchestrator_executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _check_uid_range(self) -> Settings:
+        last = self.orchestrator_sandbox_uid + self.orchestrator_sandbox_uid_count - 1
+        if last > 2**31 - 2:
+            raise ValueError(
+                "ORCHESTRATOR_SANDBOX_UID + ORCHESTRATOR_SANDBOX_UID_COUNT - 1 must be below 2**31 - 1"
+            )
+        if self.orchestrator_sandbox_uid <= 65534 <= last:
+            raise ValueError("the sandbox uid range must not hold 65534 (nobody, shared by other services)")
+        return self
 
     @field_validator("orchestrator_quotas")
     @classmethod

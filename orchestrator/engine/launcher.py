@@ -187,9 +187,7 @@ class Launcher:
         programs the agent needs."""
         box = self._sandbox_spec(agent, context, job_limits)
         self._git_view(box, spec, context)
-        executor = self.ctx.executor
-        if executor.sandbox is not None and executor.sandbox.usable:
-            sandboxing.give_to_agent(executor.sandbox, context.home, context.workdir)
+        executor = self.ctx.executor  # it hands the worktree, HOME and git view to the worker's uid
         limits = worker_limits(agent, job_limits)
         proc = executor.start(
             worker_id,
@@ -213,15 +211,12 @@ class Launcher:
             ro_binds=[*agent.sandbox_paths(), *profile.ro_binds],
             rw_binds=list(profile.rw_binds),
         )
-        sandbox = self.ctx.executor.sandbox
         # Files the agent profile wrote into the run dir for the agent (an MCP config, say):
         # read-only in the sandbox, at the paths its command line names. The wrapper's own files
         # (output, exit status, PID) stay out of reach.
         for entry in os.scandir(context.run_dir):
             if entry.is_file(follow_symlinks=False) and entry.name not in WRAPPER_FILES:
-                box.ro_files.append((entry.path, entry.path))
-                if sandbox is not None and sandbox.uid is not None:
-                    os.chown(entry.path, sandbox.uid, sandbox.uid)
+                box.ro_files.append((entry.path, entry.path))  # given to the worker's uid at its start
         if context.api_socket and os.path.exists(context.api_socket):
             # `uvicorn --uds`: the worker reaches the API through the server's unix socket (uvicorn
             # makes it 0666), bound in at its own path; a path socket is reachable whatever the

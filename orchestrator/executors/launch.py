@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from orchestrator.agents.base import LaunchSpec
 from orchestrator.executors.cgroups import Limits
 from orchestrator.executors.pool import Parked, WrapperPool, launch_script
-from orchestrator.executors.processes import STDIN_FILE, WRAPPER_NAME
+from orchestrator.executors.processes import STDIN_FILE, WRAPPER_NAME, record_uid
+from orchestrator.executors.sandbox import SandboxHost, SandboxSpec, command, give_to_agent
+from orchestrator.executors.uids import LEASE_FD, Lease
+
+# What a start needs once it knows the worker's uid lease (None: no uid range, or unsandboxed):
+# the agent's argv, the seccomp filter file ("" for none) and the working directory.
+Prepare = Callable[[Lease | None], tuple[list[str], str, Path]]
 
 # $1 = run dir, $2 = a file for the agent's stdin ("-": the wrapper's own stdin, a pipe the engine
 # fills), $3 = the working directory, $4 = the cgroup.procs files to join ("" for none), $5 = the
@@ -24,22 +31,44 @@ from orchestrator.executors.processes import STDIN_FILE, WRAPPER_NAME
 # trap keeps the wrapper alive to record that status (handled traps reset to default in the
 # agent, so it still dies). The exit file is read only once the wrapper is gone; a wrapper killed
 # mid-write leaves it empty, which reads as "no exit status". Its own files are private (umask
-# 077); the agent gets umask 022 back. Only shell built-ins besides the agent: no extra process,
-# and no file the engine must create.
+# 077), and the agent's too: it shares a profile's rw_binds with workers of other uids, whose
+# files must not be readable by default. Descriptor 8 (uids.LEASE_FD) holds the lease of the
+# worker's uid for the wrapper's lifetime; the agent does not get it (it could unlock it). Only
+# shell built-ins besides the agent: no extra process, and no file the engine must create.
 WRAPPER_SCRIPT = (
     'umask 077; d="$1"; i="$2"; g="$4"; s="$5"; '
     'for f in $g; do printf "%s\\n" "$$" >"$f" || { printf "126\\n" >"$d/exit"; exit 126; }; done; '
     'cd "$3" || { printf "127\\n" >"$d/exit"; exit 127; }; shift 5; '
     'trap ":" TERM INT HUP; printf "%s\\n" "$$" >"$d/pid"; : >>"$d/output.log"; '
-    'if [ -n "$s" ]; then exec 9<"$s" || { printf "126\\n" >"$d/exit"; exit 126; }; fi; umask 022; '
-    'if [ "$i" = - ]; then "$@" >>"$d/output.log" 2>&1; else "$@" <"$i" >>"$d/output.log" 2>&1; fi; '
-    'r=$?; umask 077; printf "%s\\n" "$r" >"$d/exit"'
+    'if [ -n "$s" ]; then exec 9<"$s" || { printf "126\\n" >"$d/exit"; exit 126; }; fi; '
+    'if [ "$i" = - ]; then "$@" 8<&- >>"$d/output.log" 2>&1; '
+    'else "$@" 8<&- <"$i" >>"$d/output.log" 2>&1; fi; '
+    'r=$?; printf "%s\\n" "$r" >"$d/exit"'
 )
 # Stdin up to this size goes through a pipe (it fits the pipe buffer, so writing never blocks);
 # larger stdin is written to a file first.
 PIPE_STDIN_BYTES = 64 * 1024
 # The server's own secrets: never in a worker's environment, even if an agent profile names them.
 SERVER_ONLY_ENV = ("SECRET_KEY", "DATABASE_URL", "ORCHESTRATOR_DATA_DIR")
+
+
+def confine(
+    host: SandboxHost | None, spec: LaunchSpec, box: SandboxSpec, lease: Lease | None, run_dir: Path
+) -> tuple[list[str], str]:
+    """The agent's argv (under bwrap when sandboxed) and the seccomp filter file ("" for none).
+    With a uid lease: the worker's files are handed to its uid, the uid is recorded (re-adoption
+    reads it) and the profile's shared rw_binds noted in the lease, for the uid's next holder to
+    sweep (executors/uids.py)."""
+    if host is None:
+        return list(spec.argv), ""
+    uid = None
+    if lease is not None:
+        uid = lease.uid
+        lease.assign(box.rw_binds)
+        files = [Path(source) for source, _ in box.ro_files]
+        give_to_agent(host, box.workdir, box.home, *map(Path, box.owned), *files, uid=uid)
+        record_uid(run_dir, uid)
+    return command(host, box, list(spec.argv), uid=uid), str(host.seccomp or "")
 
 
 def environment(spec: LaunchSpec) -> dict[str, str]:
@@ -69,25 +98,28 @@ def start_parked(
     worker_id: str,
     limits: Limits,
     run_dir: Path,
-    workdir: Path,
-    seccomp_file: str,
-    agent_argv: list[str],
+    prepare: Prepare,
     env: dict[str, str],
     data: bytes,
-) -> int | None:
-    """Make a parked wrapper this worker's (its PID), or None to spawn one. The launch script
-    goes down the parked shell's descriptor 3 and a small stdin down its stdin, both pipes whose
-    buffer they fit, so the writes never block; nothing of it is written to disk."""
-    stdin_arg = "-"
-    if len(data) > PIPE_STDIN_BYTES:
-        stdin_arg, data = write_stdin(run_dir, data), b""
-    script = launch_script(wrapper_argv(run_dir, stdin_arg, workdir, "", seccomp_file) + agent_argv, env)
-    if script is None or len(script.encode()) > PIPE_STDIN_BYTES:
-        return None
+) -> tuple[int, Lease | None] | None:
+    """Make a parked wrapper this worker's: its PID and the uid lease it holds; None to spawn
+    one. `prepare` hands the worker's files to the parked shell's uid and gives the agent's argv.
+    The launch script goes down the parked shell's descriptor 3 and a small stdin down its stdin,
+    both pipes whose buffer they fit, so the writes never block; nothing of it is written to disk."""
+    if launch_script([], env) is None:
+        return None  # a variable name the shell cannot export
     parked: Parked | None = pool.take(worker_id, limits)
     if parked is None:
         return None
     try:
+        stdin_arg = "-"
+        if len(data) > PIPE_STDIN_BYTES:
+            stdin_arg, data = write_stdin(run_dir, data), b""
+        agent_argv, seccomp_file, workdir = prepare(parked.lease)
+        script = launch_script(wrapper_argv(run_dir, stdin_arg, workdir, "", seccomp_file) + agent_argv, env)
+        if script is None or len(script.encode()) > PIPE_STDIN_BYTES:
+            pool.discard(parked)
+            return None
         if data:
             os.write(parked.stdin, data)
         os.close(parked.stdin)
@@ -98,7 +130,11 @@ def start_parked(
     except OSError:  # it died after it was taken: its groups go, the worker starts the usual way
         pool.discard(parked)
         return None
-    return parked.pid
+    except BaseException:
+        pool.discard(parked)
+        raise
+    lease, parked.lease = parked.lease, None
+    return parked.pid, lease
 
 
 def spawn_wrapper(
@@ -110,11 +146,13 @@ def spawn_wrapper(
     env: dict[str, str],
     data: bytes,
     inheritable: list[int],
+    lease_fd: int = -1,
 ) -> int:
     """Spawn a wrapper: posix_spawn (vfork + exec in the C library) instead of
     subprocess.Popen, whose Python set-up cost more than the spawn itself. The child gets
     only stdin, stdout and stderr: Python opens descriptors close-on-exec, and those marked
-    inheritable are closed in the child."""
+    inheritable are closed in the child; `lease_fd`, the worker's uid lease, becomes its
+    descriptor LEASE_FD."""
     stdin_arg = "-"
     pipe: tuple[int, int] | None = None
     actions: list[tuple[Any, ...]] = []
@@ -126,7 +164,9 @@ def spawn_wrapper(
         if data:
             stdin_arg = write_stdin(run_dir, data)
     actions += [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0), (os.POSIX_SPAWN_DUP2, 1, 2)]
-    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable]
+    if lease_fd >= 0:  # before the closes: a stale entry of the cached list may reuse its number
+        actions.append((os.POSIX_SPAWN_DUP2, lease_fd, LEASE_FD))
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable if lease_fd < 0 or fd != LEASE_FD]
     argv = wrapper_argv(run_dir, stdin_arg, workdir, procs_files, seccomp_file)
     try:
         pid = os.posix_spawn("/bin/sh", argv + agent_argv, env, file_actions=actions, setsid=True)

@@ -31,6 +31,8 @@ from orchestrator.executors.launch import (
     PIPE_STDIN_BYTES,
     SERVER_ONLY_ENV,
     WRAPPER_SCRIPT,
+    Prepare,
+    confine,
     environment,
     spawn_wrapper,
     start_parked,
@@ -51,8 +53,10 @@ from orchestrator.executors.processes import (
     process_start_time,
     raise_fd_limit,
     read_exit_code,
+    recorded_uid,
     signal_agents,
 )
+from orchestrator.executors.uids import Lease, NoFreeUid, UidRange
 
 __all__ = [
     "EXIT_FILE",
@@ -77,6 +81,7 @@ log = logging.getLogger(__name__)
 
 INHERITABLE_REFRESH_SECONDS = 1.0
 HOLD_SECONDS = 10.0  # a process in uninterruptible sleep stops only when its system call ends
+PARK_WAIT_SECONDS = 30.0  # a shell being parked: its cgroup move waits on the kernel, slow under load
 
 
 class LocalExecutor:
@@ -98,9 +103,13 @@ class LocalExecutor:
         self.cgroups = groups
         raise_fd_limit()
         self._inheritable = InheritableDescriptors(INHERITABLE_REFRESH_SECONDS)
+        # A root server's sandboxed workers each run as a uid of their own (executors/uids.py).
+        self.uids: UidRange | None = None
+        if sandbox is not None and sandbox.usable and sandbox.uid is not None:
+            self.uids = UidRange(sandbox.uid, sandbox.uid_count)
         self.pool: WrapperPool | None = None
         if pool_size > 0 and groups is not None and WrapperPool.supported(groups):
-            self.pool = WrapperPool(groups, self._inheritable, pool_size)
+            self.pool = WrapperPool(groups, self._inheritable, pool_size, self.uids)
             weakref.finalize(self, self.pool.close)  # parked shells end with their executor
 
     @classmethod
@@ -114,7 +123,11 @@ class LocalExecutor:
                 "ORCHESTRATOR_SANDBOX=off: workers run UNSANDBOXED, with the server's view of the machine"
             )
             return cls(None, groups if groups.usable else None)
-        host = sandboxing.detect(settings.data_dir, uid=settings.orchestrator_sandbox_uid)
+        host = sandboxing.detect(
+            settings.data_dir,
+            uid=settings.orchestrator_sandbox_uid,
+            uid_count=settings.orchestrator_sandbox_uid_count,
+        )
         if not host.usable:
             log.error(
                 "the worker sandbox cannot work on this host, workers will fail to start: %s", host.problem
@@ -131,6 +144,8 @@ class LocalExecutor:
         if not self.sandbox.usable:
             return {"status": "unavailable", "reason": self.sandbox.problem}
         state: dict[str, object] = {"status": "on", "uid": self.sandbox.uid}
+        if self.sandbox.uid is not None:  # one per live worker, from this range
+            state["uid_count"] = self.sandbox.uid_count
         if self.cgroups is not None:
             state["cgroups"] = self.cgroups.version
         return state
@@ -196,44 +211,72 @@ class LocalExecutor:
         limits: Limits | None = None,
     ) -> WorkerProcess:
         """Start the worker. Blocking calls (the engine runs several at once in threads), none of
-        which holds the GIL for long. A parked wrapper already in its cgroups is used when there
-        is one; otherwise the wrapper is spawned now and joins its groups itself. Files the
-        wrapper can create itself (output.log, pid, exit) are not created here."""
+        which holds the GIL for long. A parked wrapper already in its cgroups, holding a uid
+        lease, is used when there is one; otherwise a uid is leased and the wrapper is spawned
+        now and joins its groups itself. Files the wrapper can create itself (output.log, pid,
+        exit) are not created here."""
         if not workdir.is_dir():
             raise FileNotFoundError(f"working directory {workdir} does not exist")
-        agent_argv, seccomp_file = self._confine(spec, workdir, sandbox)
+        if self.sandbox is not None and not self.sandbox.usable:
+            raise RuntimeError(f"the worker sandbox cannot work on this host: {self.sandbox.problem}")
         if self.cgroups is not None and limits is not None and not self.cgroups.usable:
             raise RuntimeError(f"worker limits cannot be set on this host: {self.cgroups.problem}")
         make_dirs(run_dir)
         env = environment(spec)
         data = (spec.stdin_text or "").encode()
-        pid = None
+        box = sandbox or sandboxing.SandboxSpec(workdir, workdir)
+
+        def prepare(lease: Lease | None) -> tuple[list[str], str, Path]:
+            return (*confine(self.sandbox, spec, box, lease, run_dir), workdir)
+
+        started = None
         if self.pool is not None and limits is not None:
-            pid = start_parked(
-                self.pool, worker_id, limits, run_dir, workdir, seccomp_file, agent_argv, env, data
-            )
-        if pid is None:
-            procs_files = ""
-            if self.cgroups is not None and limits is not None:
-                procs_files = " ".join(str(p) for p in self.cgroups.create(worker_id, limits))
-            pid = spawn_wrapper(
-                run_dir, workdir, procs_files, seccomp_file, agent_argv, env, data, self._inheritable()
-            )
+            started = start_parked(self.pool, worker_id, limits, run_dir, prepare, env, data)
+        if started is None:
+            started = self._spawn(worker_id, limits, run_dir, prepare, env, data)
+        pid, lease = started
+        if lease is not None:
+            lease.close()
         # Reading the start time waits until the child's exec has finished; a caller starting many
         # workers reads it afterwards (`read_start_time`) instead of waiting for each exec in turn.
         start_time = (process_start_time(pid) or 0) if read_start_time else 0
-        return WorkerProcess(worker_id, pid, start_time, run_dir, own_child=True)
+        proc = WorkerProcess(worker_id, pid, start_time, run_dir, own_child=True)
+        proc.uid = lease.uid if lease is not None else None
+        return proc
 
-    def _confine(
-        self, spec: LaunchSpec, workdir: Path, sandbox: sandboxing.SandboxSpec | None
-    ) -> tuple[list[str], str]:
-        """The agent's argv (under bwrap when sandboxed) and the seccomp filter file ("" for none)."""
-        if self.sandbox is None:
-            return list(spec.argv), ""
-        if not self.sandbox.usable:
-            raise RuntimeError(f"the worker sandbox cannot work on this host: {self.sandbox.problem}")
-        box = sandbox or sandboxing.SandboxSpec(workdir, workdir)
-        return sandboxing.command(self.sandbox, box, list(spec.argv)), str(self.sandbox.seccomp or "")
+    def _spawn(
+        self,
+        worker_id: str,
+        limits: Limits | None,
+        run_dir: Path,
+        prepare: Prepare,
+        env: dict[str, str],
+        data: bytes,
+    ) -> tuple[int, Lease | None]:
+        """Lease a uid and spawn a wrapper that joins its groups itself. No free uid while the
+        pool is parking a shell (which took it): that shell is the worker's."""
+        try:
+            lease = self.uids.lease() if self.uids is not None else None
+        except NoFreeUid:
+            if self.pool is None or limits is None or not self.pool.wait_parked(PARK_WAIT_SECONDS):
+                raise
+            started = start_parked(self.pool, worker_id, limits, run_dir, prepare, env, data)
+            if started is None:
+                raise
+            return started
+        try:
+            agent_argv, seccomp_file, workdir = prepare(lease)
+            procs_files = ""
+            if self.cgroups is not None and limits is not None:
+                procs_files = " ".join(str(p) for p in self.cgroups.create(worker_id, limits))
+            fds, lease_fd = self._inheritable(), lease.fd if lease is not None else -1
+            pid = spawn_wrapper(
+                run_dir, workdir, procs_files, seccomp_file, agent_argv, env, data, fds, lease_fd
+            )
+        finally:
+            if lease is not None:
+                lease.close()  # the wrapper holds the lease now (or nobody: it did not start)
+        return pid, lease
 
     @staticmethod
     def read_start_time(proc: WorkerProcess) -> None:
@@ -244,7 +287,7 @@ class LocalExecutor:
 
     def wait(self, proc: WorkerProcess, timeout: float) -> int:
         """Wait for a worker this executor started to end, and reap it: its wrapper's exit status."""
-        status = self._reap(proc)
+        status = proc.reap()
         if status is not None:
             return status
         pidfd = os.pidfd_open(proc.pid)
@@ -252,25 +295,10 @@ class LocalExecutor:
             readable, _, _ = select.select([pidfd], [], [], timeout)  # readable once it has ended
         finally:
             os.close(pidfd)
-        status = self._reap(proc)
+        status = proc.reap()
         if not readable or status is None:
             raise TimeoutError(f"worker {proc.worker_id} (pid {proc.pid}) still runs after {timeout}s")
         return status
-
-    @staticmethod
-    def _reap(proc: WorkerProcess) -> int | None:
-        """The exit status if our child has ended (reaped now or before), else None."""
-        if proc.reaped is not None:
-            return proc.reaped
-        try:
-            pid, status = os.waitpid(proc.pid, os.WNOHANG)
-        except ChildProcessError:
-            proc.reaped = -1  # reaped elsewhere; the wrapper's exit file still tells how it ended
-            return proc.reaped
-        if pid == 0:
-            return None
-        proc.reaped = os.waitstatus_to_exitcode(status)
-        return proc.reaped
 
     def find_started(self, run_dir: Path) -> tuple[int, int] | None:
         """(PID, start time) of a wrapper that recorded its PID in `run_dir` and still runs: the
@@ -289,7 +317,9 @@ class LocalExecutor:
         """Take over a worker started by an engine that died; None if it is gone."""
         if not is_same_process(pid, start_time):
             return None
-        return WorkerProcess(worker_id, pid, start_time, run_dir)
+        proc = WorkerProcess(worker_id, pid, start_time, run_dir)
+        proc.uid = recorded_uid(run_dir)  # its wrapper still holds the uid's lease
+        return proc
 
     def send(self, proc: WorkerProcess, sig: signal.Signals) -> bool:
         """Signal the worker's whole process group, if it is still the process we started."""
@@ -344,7 +374,7 @@ class LocalExecutor:
         proc.exited = True
         self.unwatch(proc)
         if proc.own_child:
-            self._reap(proc)  # the pidfd said it ended: no zombie left behind
+            proc.reap()  # the pidfd said it ended: no zombie left behind
         on_exit(proc)
 
     def unwatch(self, proc: WorkerProcess) -> None:

@@ -11,9 +11,12 @@ holds the worker's token): an `exec`, so the PID, the session and the process gr
 records are the parked shell's.
 
 The parked shell is the leader of its own session, like every wrapper, and runs as the server's
-user outside any sandbox: no agent can see it (agents live in their own PID namespaces). When
-its pipe closes (the engine ended, even by kill -9) it exits, and its empty group is removed
-like any stale worker group (`Cgroups.remove_stale`).
+user outside any sandbox: no agent can see it (agents live in their own PID namespaces). A
+sandboxed pool leases each parked shell its worker's uid when it parks it (executors/uids.py:
+the lease is a lock on an open file only the shell keeps, on descriptor LEASE_FD), so the
+lease, and the sweep of what the uid's last holder left, are off the start path too. When its
+pipe closes (the engine ended, even by kill -9) it exits, its uid is free again, and its empty
+group is removed like any stale worker group (`Cgroups.remove_stale`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator.executors.cgroups import POOL_PREFIX, Cgroups, Limits
+from orchestrator.executors.uids import LEASE_FD, Lease, NoFreeUid, UidRange
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class Parked:
     group: str  # its groups' name until it is given to a worker
     control: int  # the write end of its descriptor 3: the launch script (-1 once closed)
     stdin: int  # the write end of its stdin: the agent's (-1 once closed)
+    lease: Lease | None = None  # its worker's uid (the shell holds the lock; this copy is closed once used)
 
 
 def launch_script(argv: list[str], env: dict[str, str]) -> str | None:
@@ -63,9 +68,14 @@ class WrapperPool:
     """A few parked wrappers, refilled in a background thread after each one is taken."""
 
     def __init__(
-        self, groups: Cgroups, inheritable: Callable[[], list[int]], size: int = DEFAULT_SIZE
+        self,
+        groups: Cgroups,
+        inheritable: Callable[[], list[int]],
+        size: int = DEFAULT_SIZE,
+        uids: UidRange | None = None,
     ) -> None:
         self.groups = groups
+        self.uids = uids
         self.size = size
         self._inheritable = inheritable
         self._idle: list[Parked] = []
@@ -73,6 +83,7 @@ class WrapperPool:
         self._wanted = threading.Event()
         self._filled = threading.Condition(self._lock)
         self._closed = False
+        self._parking = False
         self._thread: threading.Thread | None = None
 
     @staticmethod
@@ -106,6 +117,13 @@ class WrapperPool:
                 raise
             return parked
 
+    def wait_parked(self, timeout: float) -> bool:
+        """Whether a parked wrapper is ready, once the one being parked (if any) is: a start that
+        found no free uid may have lost it to the shell the pool was parking meanwhile."""
+        with self._filled:
+            self._filled.wait_for(lambda: bool(self._idle) or not self._parking or self._closed, timeout)
+            return bool(self._idle)
+
     def fill(self, timeout: float) -> bool:
         """Wait until the pool is full (benchmarks and tests); False if it did not fill in time."""
         self._start_filling()
@@ -137,6 +155,8 @@ class WrapperPool:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         parked.control = parked.stdin = -1
+        if parked.lease is not None:
+            parked.lease.close()  # with the shell gone, the uid is free
         with contextlib.suppress(ProcessLookupError):
             os.kill(parked.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
@@ -162,16 +182,21 @@ class WrapperPool:
                         return
                     if len(self._idle) >= self.size:
                         break
+                    self._parking = True  # before its uid lease: see wait_parked
                 try:
                     parked = self._park()
-                except OSError as exc:
+                except (OSError, NoFreeUid) as exc:
+                    with self._lock:
+                        self._parking = False
+                        self._filled.notify_all()
                     log.warning("could not park a worker wrapper (workers start without one): %s", exc)
                     break
                 with self._lock:
+                    self._parking = False
                     keep = not self._closed
                     if keep:
                         self._idle.append(parked)
-                        self._filled.notify_all()
+                    self._filled.notify_all()
                 if not keep:
                     self.discard(parked)
                     return
@@ -179,6 +204,15 @@ class WrapperPool:
     def _park(self) -> Parked:
         """Spawn one parked shell (its own session, stdout and stderr on /dev/null, stdin a pipe
         only the engine writes) and move it into a fresh pair of groups."""
+        lease = self.uids.lease() if self.uids is not None else None
+        try:
+            return self._spawn_parked(lease)
+        except BaseException:
+            if lease is not None:
+                lease.close()
+            raise
+
+    def _spawn_parked(self, lease: Lease | None) -> Parked:
         group = GROUP_PREFIX + uuid.uuid4().hex[:16]
         for path in self.groups.groups(group).values():
             os.mkdir(path)
@@ -189,7 +223,11 @@ class WrapperPool:
             (os.POSIX_SPAWN_DUP2, 1, 2),
             (os.POSIX_SPAWN_DUP2, control[0], 3),
         ]
-        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in self._inheritable() if fd != 3]
+        kept = {3}
+        if lease is not None:  # before the closes: a stale entry of the cached list may reuse its number
+            actions.append((os.POSIX_SPAWN_DUP2, lease.fd, LEASE_FD))
+            kept.add(LEASE_FD)
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in self._inheritable() if fd not in kept]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8")}
         argv = ["/bin/sh", "-c", PARK_SCRIPT, PARKED_NAME]
         try:
@@ -202,7 +240,7 @@ class WrapperPool:
         finally:
             os.close(stdin[0])
             os.close(control[0])
-        parked = Parked(pid, group, control[1], stdin[1])
+        parked = Parked(pid, group, control[1], stdin[1], lease)
         try:
             for procs in self.groups.procs_files(group):
                 fd = os.open(procs, os.O_WRONLY)

@@ -15,6 +15,7 @@ EXIT_FILE = "exit"
 PID_FILE = "pid"
 WRAPPER_NAME = "orchestrator-worker"  # $0 of every wrapper: how a worker process is recognised
 STDIN_FILE = "stdin"
+UID_FILE = "engine/uid"  # the worker's leased uid, where its agent cannot write (re-adoption reads it)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -104,6 +105,24 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def record_uid(run_dir: Path, uid: int) -> None:
+    """Record the worker's uid in its run dir's engine/ directory (never bound into a sandbox)."""
+    path = run_dir / UID_FILE
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, f"{uid}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def recorded_uid(run_dir: Path) -> int | None:
+    try:
+        return int((run_dir / UID_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def read_exit_code(run_dir: Path) -> int | None:
     try:
         return int((run_dir / EXIT_FILE).read_text().strip())
@@ -126,10 +145,25 @@ class WorkerProcess:
     exited: bool = False
     extra: dict[str, object] = field(default_factory=dict)
     host: str | None = None  # where it runs, if not the executor's own host (a Ray node id)
+    uid: int | None = None  # the host uid its agent runs as (leased for the wrapper's lifetime)
 
     @property
     def output_path(self) -> Path:
         return self.run_dir / OUTPUT_FILE
+
+    def reap(self) -> int | None:
+        """The exit status if our child has ended (reaped now or before), else None."""
+        if self.reaped is not None:
+            return self.reaped
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            self.reaped = -1  # reaped elsewhere; the wrapper's exit file still tells how it ended
+            return self.reaped
+        if pid == 0:
+            return None
+        self.reaped = os.waitstatus_to_exitcode(status)
+        return self.reaped
 
 
 def signal_agents(group: int, bwrap: str, sig: signal.Signals) -> bool:

@@ -97,7 +97,11 @@ class RayExecutor(LocalExecutor):
     def for_settings(cls, settings: Settings) -> RayExecutor:
         sandbox = None
         if settings.orchestrator_sandbox != "off":
-            sandbox = sandboxing.detect(settings.data_dir, uid=settings.orchestrator_sandbox_uid)
+            sandbox = sandboxing.detect(
+                settings.data_dir,
+                uid=settings.orchestrator_sandbox_uid,
+                uid_count=settings.orchestrator_sandbox_uid_count,
+            )
         return cls(settings.ray_address, sandbox, settings.orchestrator_sandbox_uid)
 
     # ------------------------------------------------------------ the cluster
@@ -218,6 +222,7 @@ class RayExecutor(LocalExecutor):
             limits,
             sandboxed=self.sandbox is not None,
             sandbox_uid=self.sandbox_uid,
+            sandbox_uid_count=self.sandbox.uid_count if self.sandbox is not None else 1,
             files=files_to_ship(run_dir),
             checkout=checkout,
         )

@@ -71,6 +71,7 @@ class StartRequest:
     sandbox_uid: int | None
     files: dict[str, bytes] = field(default_factory=dict)  # run-dir files the agent profile wrote
     checkout: RemoteCheckout | None = None  # a repository job: the worktree comes from a git remote
+    sandbox_uid_count: int = sandboxing.DEFAULT_UID_COUNT  # the node leases a uid per worker from the range
 
 
 def files_to_ship(run_dir: Path) -> dict[str, bytes]:
@@ -120,6 +121,7 @@ def _mapped_sandbox(box: sandboxing.SandboxSpec, remap: PathMap) -> sandboxing.S
         # A path the node does not have (the engine's API socket) cannot be bound.
         rw_extra=[remap(p) for p in box.rw_extra if os.path.exists(remap(p))],
         mounts=[(remap(s), remap(t), w) for s, t, w in box.mounts],
+        owned=[remap(p) for p in box.owned],
     )
 
 
@@ -141,12 +143,13 @@ class WorkerNode:
 
     def _make_executor(self, request: StartRequest, base: Path) -> LocalExecutor:
         groups = cgroups.detect()
+        # One worker per actor: no parked wrappers (each would hold a uid lease for nothing).
         if not request.sandboxed:
-            return LocalExecutor(None, groups if groups.usable else None)
-        host = sandboxing.detect(base, uid=request.sandbox_uid)
+            return LocalExecutor(None, groups if groups.usable else None, pool_size=0)
+        host = sandboxing.detect(base, uid=request.sandbox_uid, uid_count=request.sandbox_uid_count)
         if host.usable and not groups.usable:
             host = dataclasses.replace(host, problem=f"no worker limits: {groups.problem}")
-        return LocalExecutor(host, groups)
+        return LocalExecutor(host, groups, pool_size=0)
 
     def start(self, request: StartRequest) -> dict[str, Any]:
         """Start the worker once: a second call (an engine that restarted before recording the
@@ -176,11 +179,7 @@ class WorkerNode:
         box = _mapped_sandbox(request.sandbox, remap) if request.sandbox is not None else None
         if box is not None:
             make_dirs(box.home)
-            _git_view(executor, box, spec.env, run_dir)
-            if executor.sandbox is not None and executor.sandbox.uid is not None:
-                sandboxing.give_to_agent(
-                    executor.sandbox, box.home, box.workdir, *(Path(s) for s, _ in box.ro_files)
-                )
+            _git_view(executor, box, spec.env, run_dir)  # the executor hands it to the worker's uid
         self.proc = executor.start(
             request.worker_id, spec, workdir, run_dir, sandbox=box, limits=request.limits
         )
@@ -211,7 +210,7 @@ class WorkerNode:
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(self.fence, os.WNOHANG)[0]:
                     self.fence = None
-        return LocalExecutor._reap(self.proc)
+        return self.proc.reap()
 
     def node_gone(self) -> bool:
         """Whether this node's raylet is gone (the node is dying: its workers with it)."""

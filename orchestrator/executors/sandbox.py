@@ -10,8 +10,9 @@ read-only, the worker's worktree, HOME and a private /tmp writable, and nothing 
 dir (secret key, database, every run and worktree), other repositories and the server's working
 directory are simply not there. Own user, PID, IPC, UTS and cgroup namespaces; no capabilities;
 no further user namespaces; no new privileges; a seccomp filter (executors/seccomp.py). When
-the server runs as root, the agent runs as an unprivileged host uid (`setpriv`), so even a file
-that is visible (say /etc/shadow) keeps its host permissions.
+the server runs as root, the agent runs as an unprivileged host uid of its own (`setpriv`; one
+per live worker, leased in executors/uids.py), so even a file that is visible (say /etc/shadow)
+keeps its host permissions, and nothing one worker leaves is another's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.executors.uids import LEASE_DIR
+
 log = logging.getLogger(__name__)
 
 # Read-only system directories, bound when they exist. /bin, /lib… are symlinks into /usr on
@@ -34,7 +37,8 @@ log = logging.getLogger(__name__)
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/sys")
 # Files under /etc that hold secrets of the host, masked even though the uid could not read most.
 MASKED_ETC = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", "/etc/ssh")
-DEFAULT_UID = 61000  # an unprivileged host uid for agents when the server is root
+DEFAULT_UID = 61000  # the first of the unprivileged host uids for agents when the server is root
+DEFAULT_UID_COUNT = 4096
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,11 @@ class SandboxHost:
 
     bwrap: str | None
     setpriv: str | None
-    uid: int | None  # the host uid agents run as (only when the server is root)
+    uid: int | None  # the first host uid agents run as (only when the server is root)
     seccomp: Path | None  # the compiled filter (a file bwrap reads on fd 9)
     problem: str | None  # why sandboxed workers cannot start here, or None
     ro_paths: tuple[str, ...] = ()  # the interpreter and package the built-in agents need
+    uid_count: int = DEFAULT_UID_COUNT  # a worker leases one of uid … uid + uid_count - 1 (uids.py)
 
     @property
     def usable(self) -> bool:
@@ -68,6 +73,8 @@ class SandboxSpec:
     # (host source, target inside, writable), mounted in this order after every other bind: the
     # git view stacks a private common dir, the shared objects and the worktree's own git dir.
     mounts: list[tuple[str, str, bool]] = field(default_factory=list)
+    # Paths handed to the worker's uid at its start besides the worktree and HOME (its git view).
+    owned: list[str] = field(default_factory=list)
 
 
 def _outermost(paths: list[str]) -> list[str]:
@@ -87,7 +94,9 @@ def python_paths() -> tuple[str, ...]:
     return tuple(sorted(p for p in paths if p and not p.startswith("/usr/")))
 
 
-def detect(data_dir: Path, *, uid: int | None = DEFAULT_UID) -> SandboxHost:
+def detect(
+    data_dir: Path, *, uid: int | None = DEFAULT_UID, uid_count: int = DEFAULT_UID_COUNT
+) -> SandboxHost:
     """Find bwrap, compile the seccomp filter and run one real sandboxed command: a host where
     that fails says why, and workers fail with that reason instead of running unconfined."""
     from orchestrator.executors import seccomp
@@ -105,7 +114,12 @@ def detect(data_dir: Path, *, uid: int | None = DEFAULT_UID) -> SandboxHost:
         seccomp.write_filter(filter_path)
     except (OSError, seccomp.UnsupportedArchitecture) as exc:
         return SandboxHost(bwrap, setpriv, run_as, None, f"no seccomp filter: {exc}", ro_paths)
-    host = SandboxHost(bwrap, setpriv, run_as, filter_path, None, ro_paths)
+    if run_as is not None:
+        try:  # where the uid leases live (executors/uids.py): without it no worker can start
+            LEASE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            return SandboxHost(bwrap, setpriv, run_as, None, f"no uid lease directory: {exc}", ro_paths)
+    host = SandboxHost(bwrap, setpriv, run_as, filter_path, None, ro_paths, uid_count)
     probe_dir = data_dir / "sandbox-probe"
     probe_dir.mkdir(parents=True, exist_ok=True)
     if run_as is not None:
@@ -125,19 +139,20 @@ def detect(data_dir: Path, *, uid: int | None = DEFAULT_UID) -> SandboxHost:
     return host
 
 
-def command(host: SandboxHost, spec: SandboxSpec, argv: list[str]) -> list[str]:
-    """The command line that runs `argv` in the sandbox (the seccomp filter is read on fd 9)."""
+def command(host: SandboxHost, spec: SandboxSpec, argv: list[str], *, uid: int | None = None) -> list[str]:
+    """The command line that runs `argv` in the sandbox (the seccomp filter is read on fd 9), as
+    `uid` (the worker's leased uid; the range's first by default, for probes and benchmarks)."""
     assert host.bwrap is not None
+    uid = host.uid if uid is None or host.uid is None else uid
     args = [host.bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     args += ["--die-with-parent", "--hostname", "worker"]
     inner: list[str] = []
-    if host.uid is not None:
+    if uid is not None:
         # A root server: bwrap builds the view with root's rights (it can bind a directory only
         # root may enter, such as a pyenv under /root), keeps only the three capabilities the
         # inner setpriv needs to become the agent's uid (and DAC_READ_SEARCH, below), and
-        # setpriv then drops every capability (a uid change from root clears them), the
-        # bounding set and the group list. The agent
-        # ends as a plain host uid: no user namespace maps it to root outside.
+        # setpriv then drops every capability (a uid change from root clears them), the bounding
+        # set and the group list. The agent ends as a plain host uid: no user namespace maps it.
         assert host.setpriv is not None
         args += ["--cap-drop", "ALL"]
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
@@ -145,7 +160,7 @@ def command(host: SandboxHost, spec: SandboxSpec, argv: list[str]) -> list[str]:
         # worktree and HOME are the agent's uid's, 0700 under the server's umask 077, so it needs
         # DAC_READ_SEARCH to cross them. setpriv's uid change drops it with every other one.
         args += ["--cap-add", "CAP_DAC_READ_SEARCH"]
-        inner = [host.setpriv, f"--reuid={host.uid}", f"--regid={host.uid}", "--clear-groups"]
+        inner = [host.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
         inner += ["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
     else:
         # Not root: bwrap itself needs a user namespace; the agent keeps the server's uid.
@@ -215,12 +230,13 @@ def _parents(paths: tuple[str, ...]) -> frozenset[str]:
     return frozenset(str(parent) for path in paths for parent in Path(path).parents)
 
 
-def give_to_agent(host: SandboxHost, *paths: Path) -> None:
-    """Hand the worker's writable directories to the agent's uid (the server creates them)."""
+def give_to_agent(host: SandboxHost, *paths: Path, uid: int | None = None) -> None:
+    """Hand the worker's writable directories to its uid (the server creates them): `uid`, the
+    worker's lease, or the range's first (probes, benchmarks)."""
     if host.uid is None:
         return
     for path in paths:
-        _chown_tree(path, host.uid)
+        _chown_tree(path, host.uid if uid is None else uid)
 
 
 def _chown_tree(root: Path, uid: int) -> None:
@@ -287,5 +303,4 @@ def add_git_view(
     ]
     env["GIT_OBJECT_DIRECTORY"] = str(objects)
     env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(common / "objects")
-    if host.uid is not None:
-        give_to_agent(host, own, private)
+    box.owned += [str(own), str(private)]  # handed to the worker's uid when it starts

@@ -98,6 +98,16 @@ def test_invalid_quotas_are_refused(raw: str) -> None:
         Settings(orchestrator_quotas=raw)
 
 
+@pytest.mark.parametrize(
+    ("base", "count", "message"),
+    [(61000, 0, "greater than or equal to 1"), (65000, 1000, "65534"), (2**31 - 3, 4, "below 2\\*\\*31")],
+)
+def test_sandbox_uid_range_is_checked(base: int, count: int, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(orchestrator_sandbox_uid=base, orchestrator_sandbox_uid_count=count)
+    assert Settings().orchestrator_sandbox_uid_count == 4096
+
+
 PRINT_KEY = "from orchestrator.core.config import get_settings; print(get_settings().signing_key())"
 
 
