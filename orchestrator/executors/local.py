@@ -24,7 +24,7 @@ from pathlib import Path
 
 from orchestrator.agents.base import LaunchSpec
 from orchestrator.core.config import Settings
-from orchestrator.executors import cgroups
+from orchestrator.executors import cgroups, netguard
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import Cgroups, Limits
 from orchestrator.executors.launch import (
@@ -94,6 +94,7 @@ class LocalExecutor:
         where the host allows it; 0 turns them off."""
         self.host = socket.gethostname()
         self.sandbox = sandbox
+        self.network_guard = "none"  # "on" / "off" once for_settings has set it up (or not)
         self.cgroups = groups
         raise_fd_limit()
         self._inheritable = InheritableDescriptors(INHERITABLE_REFRESH_SECONDS)
@@ -114,6 +115,9 @@ class LocalExecutor:
             )
             return cls(None, groups if groups.usable else None)
         host = sandboxing.detect(settings.data_dir, uid=settings.orchestrator_sandbox_uid)
+        guard = settings.orchestrator_sandbox_network_guard
+        if host.usable:
+            host = netguard.guard_host(settings, host)
         if not host.usable:
             log.error(
                 "the worker sandbox cannot work on this host, workers will fail to start: %s", host.problem
@@ -121,7 +125,19 @@ class LocalExecutor:
         elif not groups.usable:
             host = dataclasses.replace(host, problem=f"no worker limits: {groups.problem}")
             log.error("the worker sandbox cannot work on this host: %s", host.problem)
-        return cls(host, groups)
+        executor = cls(host, groups)
+        executor.network_guard = guard
+        return executor
+
+    def allow_api(self, url: str) -> None:
+        """Let sandboxed agents reach the API at `url` through the network guard (the engine
+        calls it once it knows where the server listens)."""
+        port = netguard.api_port(url)
+        # Also with the guard off here: another server's guard may cover the same agent uids.
+        if self.sandbox is not None and self.sandbox.usable and self.sandbox.uid is not None and port:
+            problem = netguard.KEEPER.allow(port)
+            if problem is not None and self.network_guard == "on":
+                log.error("sandboxed workers cannot reach the API on port %s: %s", port, problem)
 
     def sandbox_state(self) -> dict[str, object]:
         """What /ready and the dashboard show about confinement."""
@@ -130,6 +146,7 @@ class LocalExecutor:
         if not self.sandbox.usable:
             return {"status": "unavailable", "reason": self.sandbox.problem}
         state: dict[str, object] = {"status": "on", "uid": self.sandbox.uid}
+        state["network_guard"] = self.network_guard
         if self.cgroups is not None:
             state["cgroups"] = self.cgroups.version
         return state

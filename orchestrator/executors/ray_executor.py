@@ -29,6 +29,7 @@ from typing import Any
 
 from orchestrator.agents.base import LaunchSpec
 from orchestrator.core.config import Settings
+from orchestrator.executors import netguard
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import MIB, Limits
 from orchestrator.executors.local import (
@@ -98,7 +99,11 @@ class RayExecutor(LocalExecutor):
         sandbox = None
         if settings.orchestrator_sandbox != "off":
             sandbox = sandboxing.detect(settings.data_dir, uid=settings.orchestrator_sandbox_uid)
-        return cls(settings.ray_address, sandbox, settings.orchestrator_sandbox_uid)
+            if sandbox.usable:  # this host's guard (nodes on other hosts: docs/SANDBOX.md)
+                sandbox = netguard.guard_host(settings, sandbox)
+        executor = cls(settings.ray_address, sandbox, settings.orchestrator_sandbox_uid)
+        executor.network_guard = settings.orchestrator_sandbox_network_guard
+        return executor
 
     # ------------------------------------------------------------ the cluster
 
