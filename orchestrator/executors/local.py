@@ -130,14 +130,15 @@ class LocalExecutor:
         return executor
 
     def allow_api(self, url: str) -> None:
-        """Let sandboxed agents reach the API at `url` through the network guard (the engine
-        calls it once it knows where the server listens)."""
-        port = netguard.api_port(url)
+        """Let sandboxed agents reach the API at `url`, and the model APIs their environment
+        names on this host, through the network guard (the engine calls it once it knows where
+        the server listens)."""
+        ports = {port for port in [netguard.api_port(url)] if port} | netguard.model_ports(os.environ)
         # Also with the guard off here: another server's guard may cover the same agent uids.
-        if self.sandbox is not None and self.sandbox.usable and self.sandbox.uid is not None and port:
-            problem = netguard.KEEPER.allow(port)
+        if self.sandbox is not None and self.sandbox.usable and self.sandbox.uid is not None:
+            problem = netguard.KEEPER.allow(ports)
             if problem is not None and self.network_guard == "on":
-                log.error("sandboxed workers cannot reach the API on port %s: %s", port, problem)
+                log.error("sandboxed workers cannot reach ports %s here: %s", sorted(ports), problem)
 
     def sandbox_state(self) -> dict[str, object]:
         """What /ready and the dashboard show about confinement."""

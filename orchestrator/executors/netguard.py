@@ -182,18 +182,24 @@ def ruleset(p: Policy) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _nft(script: str) -> str | None:
-    """Run an nft script in one transaction; the error, or None."""
+def _nft(script: str, attempts: int = 3) -> str | None:
+    """Run an nft script in one transaction; the error, or None. Tried again on failure: a
+    transaction of another server at the same moment can make one fail ("busy")."""
     nft = shutil.which("nft")
     if nft is None:
         return "nft (the nftables package) is not on PATH"
-    try:
-        done = subprocess.run(
-            [nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"nft could not run: {exc}"
-    return None if done.returncode == 0 else (done.stderr.strip() or f"nft exited {done.returncode}")[:300]
+    problem: str | None = None
+    for _ in range(attempts):
+        try:
+            done = subprocess.run(
+                [nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=30, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"nft could not run: {exc}"
+        if done.returncode == 0:
+            return None
+        problem = (done.stderr.strip() or f"nft exited {done.returncode}")[:300]
+    return problem
 
 
 def install(p: Policy) -> str | None:
@@ -214,13 +220,13 @@ class PortKeeper:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def allow(self, port: int) -> str | None:
+    def allow(self, ports: set[int]) -> str | None:
         with self._lock:
-            self.ports.add(port)
-            if self._thread is None:
+            self.ports |= ports
+            if self._thread is None and ports:
                 self._thread = threading.Thread(target=self._refresh_forever, name="netguard", daemon=True)
                 self._thread.start()
-        return refresh({port})
+        return refresh(ports)
 
     def _refresh_forever(self) -> None:
         event = threading.Event()
@@ -252,6 +258,21 @@ def api_port(url: str) -> int | None:
     except ValueError:
         return None
     return port
+
+
+def model_ports(environ: dict[str, str] | os._Environ[str]) -> set[int]:
+    """Ports of the model APIs and proxies agents are pointed at on this host's loopback
+    (`ANTHROPIC_BASE_URL`, `OPENAI_BASE_URL`, `HTTPS_PROXY`…: a LiteLLM or Ollama on
+    localhost, a local egress proxy): the agents need them, and the guard would close them."""
+    ports: set[int] = set()
+    for name, value in environ.items():
+        if not name.upper().endswith(("_BASE_URL", "_PROXY")) or "://" not in value:
+            continue
+        host, port = urlsplit(value).hostname, api_port(value)
+        loopback = host is not None and any(ipaddress.ip_address(a).is_loopback for a in _addresses(host))
+        if loopback and port is not None:
+            ports.add(port)
+    return ports
 
 
 KEEPER = PortKeeper()

@@ -46,3 +46,15 @@ def test_the_api_port_of_the_url_workers_get() -> None:
     assert netguard.api_port("https://orchestrator.example") == 443
     assert netguard.api_port("http://localhost") == 80
     assert netguard.api_port("http://h:bad") is None
+
+
+def test_model_apis_and_proxies_on_the_loopback_stay_reachable() -> None:
+    environ = {
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:4000",
+        "OPENAI_BASE_URL": "http://localhost:11434/v1",
+        "https_proxy": "http://[::1]:3128",
+        "OTHER_BASE_URL": "https://api.example.invalid:8443",  # not this host: no rule needed
+        "DATABASE_URL": "postgresql://127.0.0.1:5432/db",  # not a model API
+        "HTTP_PROXY": "",
+    }
+    assert netguard.model_ports(environ) == {4000, 11434, 3128}
