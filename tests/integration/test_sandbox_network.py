@@ -103,6 +103,9 @@ def host_listener() -> Iterator[tuple[int, list[str]]]:
     """A TCP service of the host on every address (dual stack), answering "service" and noting
     each connection it accepted."""
     server = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    while _allowed(server.getsockname()[1]):  # a port a stopped server's API had, not expired yet
+        server.close()
+        server = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
     accepted: list[str] = []
 
     def serve() -> None:
@@ -122,6 +125,18 @@ def host_listener() -> Iterator[tuple[int, list[str]]]:
     finally:
         server.close()  # (accept() then fails: the thread ends)
         thread.join(5)
+
+
+def _allowed(port: int) -> bool:
+    try:
+        return any(_port_of(e) == port for e in nft_set("api_ports"))
+    except (OSError, subprocess.CalledProcessError):  # no guard table (yet)
+        return False
+
+
+def _port_of(element: Any) -> int | None:
+    value = element.get("elem", {}).get("val") if isinstance(element, dict) else element
+    return value if isinstance(value, int) else None
 
 
 def probe_report(client: httpx.Client, agent: str, targets: list[list[Any]]) -> tuple[dict[str, Any], str]:
