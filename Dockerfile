@@ -2,7 +2,7 @@
 FROM python:3.13-slim
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git bubblewrap util-linux \
+    && apt-get install -y --no-install-recommends git bubblewrap nftables util-linux \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

@@ -19,15 +19,15 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@ $(VENV)/.installed
 
-# The worker sandbox needs bubblewrap (docs/SANDBOX.md): installed from Debian/Ubuntu packages
+# The worker sandbox needs bubblewrap, and its network guard nftables (docs/SANDBOX.md): installed from Debian/Ubuntu packages
 # when run as root, else the server says why workers cannot start (or set ORCHESTRATOR_SANDBOX=off).
 sandbox-deps:
-	@command -v bwrap >/dev/null 2>&1 || { \
+	@{ command -v bwrap && { command -v nft || [ -x /usr/sbin/nft ]; }; } >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing bubblewrap (the worker sandbox)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	    echo "installing bubblewrap and nftables (the worker sandbox and its network guard)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap nftables >/dev/null; \
 	  else \
-	    echo "bubblewrap is not installed: install it (apt-get install bubblewrap) or workers will not start"; \
+	    echo "install bubblewrap and nftables (apt-get install bubblewrap nftables) or workers will not start"; \
 	  fi; }
 
 install: $(VENV)/.installed

@@ -25,14 +25,14 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     echo "not root: install chromium, chromium-driver, git and bubblewrap yourself; the tests that need them will fail and say why"
   fi
 fi
-# The worker sandbox (bubblewrap): every worker in the suite runs in it.
-if ! command -v bwrap >/dev/null 2>&1; then
-  echo "== installing bubblewrap (Debian package)"
+# The worker sandbox (bubblewrap) and its network guard (nftables): every worker in the suite runs in them.
+if ! command -v bwrap >/dev/null 2>&1 || ! { command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ]; }; then
+  echo "== installing bubblewrap and nftables (Debian packages)"
   if [ "$(id -u)" = "0" ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null \
-      || echo "could not install bubblewrap; every test that starts a worker will fail and say why"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap nftables >/dev/null \
+      || echo "could not install bubblewrap and nftables; every test that starts a worker will fail and say why"
   else
-    echo "not root: install bubblewrap yourself; every test that starts a worker will fail and say why"
+    echo "not root: install bubblewrap and nftables yourself; every test that starts a worker will fail and say why"
   fi
 fi
 # The real Claude Code CLI (npm registry), for the agent tests.

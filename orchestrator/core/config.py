@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # per host from ORCHESTRATOR_SANDBOX_UID … + ORCHESTRATOR_SANDBOX_UID_COUNT - 1.
     orchestrator_sandbox_uid: int = Field(default=61000, ge=1, le=2**31 - 2)
     orchestrator_sandbox_uid_count: int = Field(default=4096, ge=1, le=2**24)
+    # The sandbox's network guard (executors/netguard.py): "on" (default; sandboxed agents cannot
+    # reach this host's own services; workers fail with the reason if it cannot be set up) or
+    # "off" (an explicit choice: a warning at start-up, shown in /ready).
+    orchestrator_sandbox_network_guard: Literal["on", "off"] = "on"
     # Memory-aware admission: memory kept free beyond the running workers' limits.
     orchestrator_memory_headroom_mb: int = Field(default=512, ge=0)
     # Where available memory is read (`MemAvailable:`): /proc/meminfo, or a file an operator

@@ -110,6 +110,7 @@ class Engine:
         async with self.db.session() as session:
             await engine_queries.register_engine(session, self.id, self.executor.host, os.getpid())
         topics.add_listener(self._on_notify)
+        await asyncio.to_thread(self.executor.allow_api, self.ctx.address.url)  # executors/netguard.py
         await self.recovery.reclaim(force_same_host=True)
         if self.executor.cgroups is not None and self.executor.cgroups.usable:
             stale = await asyncio.to_thread(self.executor.cgroups.remove_stale, set(self.sup.live))

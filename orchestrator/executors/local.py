@@ -24,7 +24,7 @@ from pathlib import Path
 
 from orchestrator.agents.base import LaunchSpec
 from orchestrator.core.config import Settings
-from orchestrator.executors import cgroups
+from orchestrator.executors import cgroups, netguard
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import Cgroups, Limits
 from orchestrator.executors.launch import (
@@ -100,6 +100,7 @@ class LocalExecutor:
         where the host allows it; 0 turns them off."""
         self.host = socket.gethostname()
         self.sandbox = sandbox
+        self.network_guard = "none"  # "on" / "off" once for_settings has set it up (or not)
         self.cgroups = groups
         raise_fd_limit()
         self._inheritable = InheritableDescriptors(INHERITABLE_REFRESH_SECONDS)
@@ -123,11 +124,8 @@ class LocalExecutor:
                 "ORCHESTRATOR_SANDBOX=off: workers run UNSANDBOXED, with the server's view of the machine"
             )
             return cls(None, groups if groups.usable else None)
-        host = sandboxing.detect(
-            settings.data_dir,
-            uid=settings.orchestrator_sandbox_uid,
-            uid_count=settings.orchestrator_sandbox_uid_count,
-        )
+        host = netguard.sandbox_host(settings)
+        guard = settings.orchestrator_sandbox_network_guard
         if not host.usable:
             log.error(
                 "the worker sandbox cannot work on this host, workers will fail to start: %s", host.problem
@@ -135,7 +133,15 @@ class LocalExecutor:
         elif not groups.usable:
             host = dataclasses.replace(host, problem=f"no worker limits: {groups.problem}")
             log.error("the worker sandbox cannot work on this host: %s", host.problem)
-        return cls(host, groups)
+        executor = cls(host, groups)
+        executor.network_guard = guard
+        return executor
+
+    def allow_api(self, url: str) -> None:
+        """Let sandboxed agents reach the API at `url`, and the model APIs their environment
+        names on this host, through the network guard (the engine calls it once it knows where
+        the server listens)."""
+        netguard.allow_api(self.sandbox, self.network_guard, url)
 
     def sandbox_state(self) -> dict[str, object]:
         """What /ready and the dashboard show about confinement."""
@@ -146,6 +152,7 @@ class LocalExecutor:
         state: dict[str, object] = {"status": "on", "uid": self.sandbox.uid}
         if self.sandbox.uid is not None:  # one per live worker, from this range
             state["uid_count"] = self.sandbox.uid_count
+        state["network_guard"] = self.network_guard
         if self.cgroups is not None:
             state["cgroups"] = self.cgroups.version
         return state

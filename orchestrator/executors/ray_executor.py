@@ -29,6 +29,7 @@ from typing import Any
 
 from orchestrator.agents.base import LaunchSpec
 from orchestrator.core.config import Settings
+from orchestrator.executors import netguard
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import MIB, Limits
 from orchestrator.executors.local import (
@@ -97,12 +98,10 @@ class RayExecutor(LocalExecutor):
     def for_settings(cls, settings: Settings) -> RayExecutor:
         sandbox = None
         if settings.orchestrator_sandbox != "off":
-            sandbox = sandboxing.detect(
-                settings.data_dir,
-                uid=settings.orchestrator_sandbox_uid,
-                uid_count=settings.orchestrator_sandbox_uid_count,
-            )
-        return cls(settings.ray_address, sandbox, settings.orchestrator_sandbox_uid)
+            sandbox = netguard.sandbox_host(settings)  # this host's guard (other hosts: docs/SANDBOX.md)
+        executor = cls(settings.ray_address, sandbox, settings.orchestrator_sandbox_uid)
+        executor.network_guard = settings.orchestrator_sandbox_network_guard
+        return executor
 
     # ------------------------------------------------------------ the cluster
 
