@@ -120,14 +120,9 @@ class SubmitQueue:
             if len(batch) == 1 or not await self._write_together(batch):
                 for waiting in batch:
                     await self._write_alone(waiting)
-        except BaseException as error:  # cancelled (shutdown), or a bug: no request waits forever
+        except BaseException:  # cancelled (shutdown) mid-batch: its unanswered submits too
             for waiting in batch:
-                if waiting.answer.done():
-                    continue
-                if isinstance(error, Exception):
-                    waiting.answer.set_exception(error)
-                else:
-                    waiting.answer.cancel()
+                waiting.answer.cancel()  # a no-op for those answered
             raise
 
     async def _write_together(self, batch: list[_Waiting]) -> bool:
