@@ -4,7 +4,8 @@
 
 Drives the ASGI apps directly (httpx's ASGITransport, no sockets) and reads the process's CPU
 time (`time.process_time`), which other processes' load does not inflate the way wall-clock
-throughput is. Our `GET /health`, `POST /api/jobs/submit` (SQLite, engine off) and
+throughput is. Our `GET /health`, `POST /api/jobs/submit` (SQLite, engine off; one at a time,
+and 32 at once: concurrent submits share transactions, jobs/group_commit.py) and
 `GET /api/jobs?limit=50` (1,000 jobs) against the same bare FastAPI app as bench/api.py, in
 rounds that alternate, so both see the same machine. The client's own CPU is in every figure
 (httpx, the same for each app): compare the differences, not the ratios alone.
@@ -37,6 +38,19 @@ async def per_request_ms(client: Any, method: str, path: str, count: int, body: 
     return 1000 * (time.process_time() - started) / count
 
 
+async def concurrent_ms(client: Any, path: str, count: int, body: Any, concurrency: int = 32) -> float:
+    """CPU per request with `concurrency` requests in flight at once (submits group-commit)."""
+
+    async def one_loop(n: int) -> None:
+        for _ in range(n):
+            response = await client.post(path, json=body)
+            assert response.status_code < 300, response.text
+
+    started = time.process_time()
+    await asyncio.gather(*(one_loop(count // concurrency) for _ in range(concurrency)))
+    return 1000 * (time.process_time() - started) / (count // concurrency * concurrency)
+
+
 async def run(requests: int) -> dict[str, float]:
     import httpx
     from fastapi import FastAPI
@@ -66,7 +80,13 @@ async def run(requests: int) -> dict[str, float]:
 
     app = create_app()
     headers = {"Authorization": f"Bearer {create_access_token('bench', ALL_SCOPES)}"}
-    rounds: dict[str, list[float]] = {"bare /health": [], "/health": [], "submit": [], "list": []}
+    rounds: dict[str, list[float]] = {
+        "bare /health": [],
+        "/health": [],
+        "submit": [],
+        "submit, 32 at once": [],
+        "list": [],
+    }
     async with app.router.lifespan_context(app):
         ours = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a", headers=headers)
         base = httpx.AsyncClient(transport=httpx.ASGITransport(app=bare), base_url="http://b")
@@ -81,6 +101,9 @@ async def run(requests: int) -> dict[str, float]:
                     await per_request_ms(
                         ours, "POST", "/api/jobs/submit", per_round, {"task_description": "x"}
                     )
+                )
+                rounds["submit, 32 at once"].append(
+                    await concurrent_ms(ours, "/api/jobs/submit", per_round, {"task_description": "x"})
                 )
                 rounds["list"].append(await per_request_ms(ours, "GET", "/api/jobs?limit=50", per_round // 4))
     return {name: statistics.median(values) for name, values in rounds.items()}

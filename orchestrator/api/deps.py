@@ -15,13 +15,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityS
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.agents.registry import AgentRegistry
-from orchestrator.core.auth import Actor, Scope, verify_access_token
+from orchestrator.core.auth import Actor, Scope, TokenClaims, verify_access_token
 from orchestrator.core.config import Settings
 from orchestrator.core.errors import Forbidden, Unauthorized
 from orchestrator.core.states import WORKER_LIVE
 from orchestrator.db.session import Database
 from orchestrator.db.unit_of_work import UnitOfWork, unit_of_work
 from orchestrator.jobs import repository as jobs_repo
+from orchestrator.jobs.group_commit import SubmitQueue
 from orchestrator.workers import repository as workers_repo
 
 # Upper bound of integer query parameters: what every database column and OFFSET accepts.
@@ -81,14 +82,42 @@ async def authenticate(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Actor:
+    claims = _verified_claims(security_scopes, settings, credentials)
+    if claims.worker_id is None:
+        return Actor(name=f"user:{claims.user_id}", user_id=claims.user_id)
+    return await _worker_actor(session, claims)
+
+
+async def authenticate_sessionless(
+    security_scopes: SecurityScopes,
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Actor:
+    """`authenticate` for a route that opens no session per request (the submit: its writes
+    are group-committed, jobs/group_commit.py): a worker's token is checked in a read session
+    of its own, a user's needs none. No dependency but the token's: each costs CPU."""
+    claims = _verified_claims(security_scopes, request.app.state.settings, credentials)
+    if claims.worker_id is None:
+        return Actor(name=f"user:{claims.user_id}", user_id=claims.user_id)
+    database: Database = request.app.state.db
+    async with database.read_session() as session:
+        return await _worker_actor(session, claims)
+
+
+def _verified_claims(
+    security_scopes: SecurityScopes, settings: Settings, credentials: HTTPAuthorizationCredentials | None
+) -> TokenClaims:
     if credentials is None:
         raise Unauthorized("Not authenticated: send 'Authorization: Bearer <token>'")
     claims = verify_access_token(credentials.credentials, settings)
     missing = [scope for scope in security_scopes.scopes if scope not in claims.scopes]
     if missing:
         raise Forbidden(f"Insufficient scope: this operation requires {', '.join(missing)}")
-    if claims.worker_id is None:
-        return Actor(name=f"user:{claims.user_id}", user_id=claims.user_id)
+    return claims
+
+
+async def _worker_actor(session: AsyncSession, claims: TokenClaims) -> Actor:
+    assert claims.worker_id is not None  # a worker's token
     worker = await workers_repo.get_worker(session, claims.worker_id)
     if worker is None or worker.status not in WORKER_LIVE or worker.job_id != claims.job_id:
         raise Unauthorized(f"Token of worker {claims.worker_id} is no longer valid: the worker has ended")
@@ -104,9 +133,26 @@ async def authenticate(
     )
 
 
+async def get_submit_queue(request: Request) -> SubmitQueue:
+    """This process's queue of submits for group commit, made on first use (per Database: an
+    app's lifespan makes a new one each time it starts)."""
+    state = request.app.state
+    database: Database = state.db
+    queue: SubmitQueue | None = getattr(state, "submit_queue", None)
+    if queue is None or queue.database is not database:
+        agents: AgentRegistry = state.agents
+        queue = state.submit_queue = SubmitQueue(
+            database, state.settings, agents.validate, agents.validate_limits
+        )
+    return queue
+
+
+SubmitQueueDep = Annotated[SubmitQueue, Depends(get_submit_queue)]
 SupervisorRead = Annotated[Actor, Security(authenticate, scopes=[Scope.SUPERVISOR_READ])]
 SupervisorWrite = Annotated[Actor, Security(authenticate, scopes=[Scope.SUPERVISOR_WRITE])]
 JobsRead = Annotated[Actor, Security(authenticate, scopes=[Scope.JOBS_READ])]
 JobsWrite = Annotated[Actor, Security(authenticate, scopes=[Scope.JOBS_WRITE])]
+# jobs:write without a session of the request's own (the submit).
+JobsSubmitter = Annotated[Actor, Security(authenticate_sessionless, scopes=[Scope.JOBS_WRITE])]
 ResourcesRead = Annotated[Actor, Security(authenticate, scopes=[Scope.RESOURCES_READ])]
 ResourcesWrite = Annotated[Actor, Security(authenticate, scopes=[Scope.RESOURCES_WRITE])]

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import random
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,19 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text, update
 
+from orchestrator.agents.registry import AgentRegistry
+from orchestrator.core.auth import Actor
 from orchestrator.core.config import Settings
 from orchestrator.db.models import Allocation, Event, Job
 from orchestrator.db.session import Database, ReadOnlySessionError
+from orchestrator.jobs import service
+from orchestrator.jobs.group_commit import SubmitQueue
+from orchestrator.jobs.schemas import JobSubmit
 from tests.support.checks import no_server_errors
 from tests.support.hammer import fire
 from tests.support.servers import (
     Server,
+    ServerFactory,
     create_pg_database,
     drop_pg_database,
     server_factory,
@@ -177,6 +184,17 @@ def test_concurrent_submits_are_stored_exactly_once(tmp_path: Path) -> None:
         }
 
 
+def _in_database(database_url: str, work: Callable[[Database], Awaitable[None]]) -> None:
+    async def run() -> None:
+        database = Database(Settings(database_url=database_url))
+        try:
+            await work(database)
+        finally:
+            await database.dispose()
+
+    asyncio.run(run())
+
+
 def _count_rows(database_url: str, job_ids: list[str]) -> dict[str, int]:
     async def count() -> dict[str, int]:
         database = Database(Settings(database_url=database_url))
@@ -184,12 +202,8 @@ def _count_rows(database_url: str, job_ids: list[str]) -> dict[str, int]:
             async with database.read_session() as session:
                 return {
                     "jobs": (await session.execute(select(func.count()).select_from(Job))).scalar_one(),
-                    "allocations": (
-                        await session.execute(
-                            select(func.count(func.distinct(Allocation.job_id))).where(
-                                Allocation.job_id.in_(job_ids), Allocation.depth == 0
-                            )
-                        )
+                    "allocations": (  # one each: exactly as many rows as jobs
+                        await session.execute(select(func.count()).where(Allocation.job_id.in_(job_ids)))
                     ).scalar_one(),
                     "submitted_events": (
                         await session.execute(
@@ -299,3 +313,220 @@ def test_health_is_liveness_and_ready_checks_the_database(tmp_path: Path) -> Non
             servers.servers.clear()  # its log has the expected connection errors
     finally:
         drop_pg_database(url)
+
+
+POISON = "poison"  # a task the database itself refuses (a trigger): an error no check foresees
+
+
+async def poison_submits(database: Database) -> None:
+    """A trigger that makes the database refuse every job whose task is POISON, as a unique index
+    refuses a key another process took between the check and the INSERT."""
+    async with database.session() as session:
+        if database.is_postgres:
+            await session.execute(
+                text(
+                    "CREATE OR REPLACE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN "
+                    f"IF NEW.task_description = '{POISON}' THEN RAISE EXCEPTION 'poisoned' "
+                    "USING ERRCODE = 'check_violation'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+                )
+            )
+            await session.execute(text("DROP TRIGGER IF EXISTS refuse_poison ON jobs"))
+            await session.execute(
+                text(
+                    "CREATE TRIGGER refuse_poison BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION refuse_poison()"
+                )
+            )
+        else:
+            await session.execute(
+                text(
+                    "CREATE TRIGGER IF NOT EXISTS refuse_poison BEFORE INSERT ON jobs "
+                    f"WHEN NEW.task_description = '{POISON}' BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+                )
+            )
+
+
+# One process: its concurrent submits share transactions (jobs/group_commit.py).
+KEYS, TRIES_PER_KEY = 6, 4
+BUDGET_CHILDREN, BUDGET, CHILD_COST = 10, 1.0, 0.3  # 3 fit in the budget, 7 do not
+
+
+def _mixed_submits(parent: str, budgeted: str, canceled: str) -> list[tuple[str, dict[str, Any]]]:
+    """(what is expected, body) for submits that succeed and fail in every way, interleaved."""
+    calls: list[tuple[str, dict[str, Any]]] = []
+    calls += [("root", {"task_description": f"root {i}"}) for i in range(40)]
+    calls += [
+        (
+            "key",
+            {"task_description": f"key {k}", "depth": 1, "parent_job_id": parent, "delegation_key": f"k{k}"},
+        )
+        for k in range(KEYS)
+        for _ in range(TRIES_PER_KEY)
+    ]
+    calls += [
+        (
+            "budget",
+            {"task_description": "b", "depth": 1, "parent_job_id": budgeted, "max_cost_usd": CHILD_COST},
+        )
+        for _ in range(BUDGET_CHILDREN)
+    ]
+    calls += [
+        ("child", {"task_description": f"child {i}", "depth": 1, "parent_job_id": parent}) for i in range(10)
+    ]
+    calls += [("quota", {"task_description": "too many", "worker_count": 99}) for _ in range(5)]
+    calls += [
+        ("depth", {"task_description": "wrong depth", "depth": 2, "parent_job_id": parent}) for _ in range(5)
+    ]
+    calls += [
+        ("missing", {"task_description": "orphan", "depth": 1, "parent_job_id": "j_missing"})
+        for _ in range(5)
+    ]
+    calls += [
+        ("final", {"task_description": "late", "depth": 1, "parent_job_id": canceled}) for _ in range(5)
+    ]
+    random.Random(19).shuffle(calls)
+    return calls
+
+
+EXPECTED_STATUS = {
+    "root": 201,
+    "child": 201,
+    "quota": 422,
+    "depth": 400,
+    "missing": 404,
+    "final": 400,
+    "poison": 409,  # the database refused it (IntegrityError): it fails alone
+}
+
+
+def test_concurrent_submits_of_one_process_each_get_their_own_answer(servers: ServerFactory) -> None:
+    """Submits that pass and fail in every way, racing into one process from several OS
+    processes: each gets its own answer (a refused one fails alone), every accepted one is stored
+    once with its allocation and event, a delegation key is taken exactly once, and a budget
+    admits exactly the children it can cover."""
+    api = servers.start(ORCHESTRATOR_ENGINE="false")
+    with api.client() as client:
+        parent = _submit(client, "parent")["id"]
+        budgeted = _submit(client, "budgeted", max_cost_usd=BUDGET)["id"]
+        canceled = _submit(client, "canceled")["id"]
+        assert client.post(f"/api/jobs/{canceled}/cancel").status_code == 200
+    _in_database(servers.database_url(), poison_submits)
+    calls = _mixed_submits(parent, budgeted, canceled)
+    senders = 3
+    batches = [
+        (api.url, token(), [{"path": "/api/jobs/submit", "body": body} for _, body in calls[i::senders]], 12)
+        for i in range(senders)
+    ]
+    with multiprocessing.get_context("spawn").Pool(senders) as pool:
+        answers = pool.map(fire, batches)
+    results = [
+        (kind, sent, status, body)
+        for i in range(senders)
+        for (kind, sent), (status, body) in zip(calls[i::senders], answers[i], strict=True)
+    ]
+    for kind, _, status, body in results:
+        if kind in EXPECTED_STATUS:
+            assert status == EXPECTED_STATUS[kind], (kind, status, body)
+    for k in range(KEYS):
+        tries = sorted(
+            s for kind, sent, s, _ in results if kind == "key" and sent["delegation_key"] == f"k{k}"
+        )
+        assert tries == [201] + [409] * (TRIES_PER_KEY - 1), (k, tries)
+    budget_statuses = Counter(status for kind, _, status, _ in results if kind == "budget")
+    fitting = int(BUDGET / CHILD_COST)
+    assert budget_statuses == {201: fitting, 400: BUDGET_CHILDREN - fitting}, budget_statuses
+
+    accepted = {body["id"]: body for _, _, status, body in results if status == 201}
+    assert len(accepted) == sum(1 for _, _, status, _ in results if status == 201)  # no id answered twice
+    with api.client() as client:
+        listed = client.get("/api/jobs", params={"limit": 1000}).json()
+        keyed = client.get("/api/jobs", params={"parent_job_id": parent, "limit": 1000}).json()["jobs"]
+    stored = {j["id"]: j for j in listed["jobs"]}
+    assert set(stored) == set(accepted) | {parent, budgeted, canceled}  # nothing lost, nothing extra
+    assert all(stored[i]["task_description"] == a["task_description"] for i, a in accepted.items())
+    keys = [j["delegation_key"] for j in keyed if j["delegation_key"] is not None]
+    assert sorted(keys) == [f"k{k}" for k in range(KEYS)]  # each key taken once
+    rows = _count_rows(servers.database_url(), list(accepted))
+    assert rows == {"allocations": len(accepted), "submitted_events": len(accepted), "jobs": len(stored)}
+
+
+async def test_one_transaction_carries_concurrent_submits_each_with_its_own_answer(
+    settings: Settings,
+) -> None:
+    """The submits that queue while none is being written go out in one transaction (on
+    PostgreSQL one per parent): refused ones refused alone, keys and budgets exact within it.
+    A submit the database refuses (the trigger) rolls its transaction back, and the others are
+    then written one by one, each answered once. In-process, so the grouping is certain: every
+    submit queues before the writing task first runs."""
+    database = Database(settings)
+    agents = AgentRegistry.from_settings(settings)
+    queue = SubmitQueue(database, settings, agents.validate, agents.validate_limits)
+    user = Actor(name="user:grouped", user_id="grouped")
+
+    def submit(**body: Any) -> Any:
+        return service.submit_grouped(queue, user, JobSubmit(**body))
+
+    try:
+        parent, budgeted = await asyncio.gather(
+            submit(task_description="p"), submit(task_description="b", max_cost_usd=1.0)
+        )
+        kinds = ["root"] * 8 + ["key"] * 4 + ["budget"] * 5 + ["missing"] * 2 + ["depth"] * 2
+        random.Random(7).shuffle(kinds)
+        bodies = {
+            "root": {"task_description": "grouped root"},
+            "key": {
+                "task_description": "keyed",
+                "depth": 1,
+                "parent_job_id": parent.id,
+                "delegation_key": "once",
+            },
+            "budget": {
+                "task_description": "costly",
+                "depth": 1,
+                "parent_job_id": budgeted.id,
+                "max_cost_usd": 0.3,
+            },
+            "missing": {"task_description": "orphan", "depth": 1, "parent_job_id": "j_nosuchparent"},
+            "depth": {"task_description": "deep", "depth": 2, "parent_job_id": parent.id},
+        }
+        before = queue.transactions
+        answers = await asyncio.gather(*(submit(**bodies[kind]) for kind in kinds), return_exceptions=True)
+        # SQLite: one transaction. PostgreSQL: one per parent (the roots ride with the first).
+        assert queue.transactions - before == (3 if database.is_postgres else 1)
+        outcome = Counter((kind, type(answer).__name__) for kind, answer in zip(kinds, answers, strict=True))
+        assert outcome == {
+            ("root", "Row"): 8,
+            ("key", "Row"): 1,
+            ("key", "Conflict"): 3,
+            ("budget", "Row"): 3,
+            ("budget", "BadRequest"): 2,
+            ("missing", "NotFound"): 2,
+            ("depth", "BadRequest"): 2,
+        }, outcome
+
+        await poison_submits(database)
+        kinds = ["root"] * 6 + ["poison"] * 2
+        random.Random(8).shuffle(kinds)
+        before = queue.transactions
+        answers = await asyncio.gather(
+            *(submit(task_description=POISON if kind == "poison" else "after") for kind in kinds),
+            return_exceptions=True,
+        )
+        outcome = Counter((kind, type(answer).__name__) for kind, answer in zip(kinds, answers, strict=True))
+        assert outcome == {("root", "Row"): 6, ("poison", "IntegrityError"): 2}, outcome
+        assert queue.transactions - before == 6  # rolled back together, then each written alone
+
+        written = [a.id for a in answers if not isinstance(a, BaseException)]
+        async with database.read_session() as session:
+            stored = (
+                (await session.execute(select(Job.id).where(Job.created_by == "grouped"))).scalars().all()
+            )
+            events = (
+                await session.execute(select(func.count()).where(Event.job_id.in_(stored)))
+            ).scalar_one()
+            allocations = (
+                await session.execute(select(func.count()).where(Allocation.job_id.in_(stored)))
+            ).scalar_one()
+        assert set(written) <= set(stored) and len(stored) == 2 + 8 + 1 + 3 + 6  # each stored once
+        assert events == allocations == len(stored)
+    finally:
+        await database.dispose()

@@ -25,7 +25,7 @@ from orchestrator.core.config import Settings
 from orchestrator.db import precompiled
 from orchestrator.db.models import Allocation, Base, Job, ResourcePool, UTCDateTime, Worker
 from orchestrator.db.session import Database
-from orchestrator.jobs import service as jobs_service
+from orchestrator.jobs import submit_rows
 
 JOBS = cast(Table, Job.__table__)
 WORKERS = cast(Table, Worker.__table__)
@@ -328,7 +328,7 @@ def _new_worker() -> dict[str, Any]:
 
 
 def _submitted() -> dict[str, Any]:
-    row = {name: value for name, value in job_row("c_submit").items() if name in jobs_service._JOB_COLUMNS}
+    row = {name: value for name, value in job_row("c_submit").items() if name in submit_rows.JOB_COLUMNS}
     row |= {"status": "PENDING", "created_at": NOW, "updated_at": NOW, "workspace_id": "c_ws_new"}
     row |= {"a_depth": 0, "a_max_slots": 3, "a_updated_at": NOW}
     return row | {"w_id": "c_ws_new", "w_repository": None, "w_root_job_id": "c_submit", "w_created_at": NOW}
@@ -348,7 +348,7 @@ def _case(how: str, params: Any) -> Callable[[Any, bool], list[Trial]]:
     return lambda statement, _postgres: [(statement, how, params)]
 
 
-R, J = "orchestrator.resources.repository.", "orchestrator.jobs.service."
+R, J = "orchestrator.resources.repository.", "orchestrator.jobs.submit_rows."
 CLAIMS, SETTLE = "orchestrator.engine.queries.claims.", "orchestrator.engine.queries.settle."
 WORKERS = "orchestrator.engine.queries.workers."
 CASES: dict[str, Callable[[Any, bool], list[Trial]]] = {
@@ -399,10 +399,10 @@ def test_every_precompiled_statement_has_a_conformance_case() -> None:
 
 
 def test_the_submit_insert_names_every_column_a_new_job_sets() -> None:
-    """jobs/service.py writes a submitted job with a precompiled INSERT of `_JOB_COLUMNS`: a
+    """jobs/submit_rows.py writes a submitted job with a precompiled INSERT of `JOB_COLUMNS`: a
     column of `jobs` missing there would be left NULL (or its server default) on every submit."""
     left_null_on_submit = {"engine_id", "status_reason", "started_at", "finished_at"}
-    assert set(jobs_service._JOB_COLUMNS) == set(JOBS.columns.keys()) - left_null_on_submit
+    assert set(submit_rows.JOB_COLUMNS) == set(JOBS.columns.keys()) - left_null_on_submit
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,178 @@
+"""Group commit of submits: the submits a process receives while its previous transaction is
+being written go out together, in one transaction, written by one task.
+
+A transaction of its own per submit costs more than the submit's rows: a session, BEGIN, the
+event INSERT, COMMIT, and on PostgreSQL a round trip for each (issue 19). One transaction for
+the submits that queued meanwhile writes their rows with one statement per table and commits
+once; under load the batches grow by themselves, and a lone submit is written at once.
+
+Each submit still gets its own answer:
+
+* a submit refused by a check (a DomainError: parent not found, key taken, budget exhausted...)
+  is refused before it adds anything (jobs/submit.py), so the others go on in the transaction;
+* any other error while writing (a unique index refusing a key that another process took, a
+  deadlock, a lost connection) rolls the shared transaction back, and each of its submits is
+  then written again in a transaction of its own, as if they had never been grouped: a submit
+  that fails then fails alone, the others are written;
+* a failed COMMIT is every submit's answer: it may have been committed (a lost connection), so
+  none is written again (the client's retry finds it by its delegation_key).
+
+Quotas and keys stay exact: the submits of a transaction run one after another, and one that
+reads rows (a child's parent, keys and budget; a repository's workspace) sees every earlier one
+of the transaction (jobs/submit_rows.py). On PostgreSQL a transaction holds the children of at
+most one parent (the rest wait for the next): a child locks its tree and its budgeted ancestors,
+and two transactions each holding one tree and waiting for the other's would deadlock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from orchestrator.core.config import Settings
+from orchestrator.core.errors import DomainError
+from orchestrator.db.precompiled import Record
+from orchestrator.db.session import Database
+from orchestrator.jobs.submit import AgentValidator, Draft, LimitsValidator, write
+from orchestrator.jobs.submit_rows import PendingRows
+
+log = logging.getLogger(__name__)
+
+# Submits in one transaction at most: a batch runs in the event loop (SQLite runs inline), so
+# it bounds the time other requests of the process wait for it.
+MAX_BATCH = 64
+
+
+@dataclass
+class _Waiting:
+    draft: Draft
+    answer: asyncio.Future[Record] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class SubmitQueue:
+    """The submits of one process's `Database` waiting for their transaction, and the task that
+    writes them (started when one arrives, gone when none waits). It holds the app's settings
+    and agent checks too, so a submit request needs nothing else (each dependency FastAPI
+    solves costs CPU on the API's hottest route)."""
+
+    def __init__(
+        self,
+        database: Database,
+        settings: Settings,
+        validate_agent: AgentValidator,
+        validate_limits: LimitsValidator | None = None,
+    ) -> None:
+        self.database = database
+        self.settings = settings
+        self.validate_agent = validate_agent
+        self.validate_limits = validate_limits
+        self._waiting: deque[_Waiting] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        self.transactions = 0  # written, for tests and benchmarks: how much grouping happened
+
+    async def submit(self, draft: Draft) -> Record:
+        """Write `draft` and return its job once committed; raise what it was refused with."""
+        waiting = _Waiting(draft)
+        self._waiting.append(waiting)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_waiting(), name="submit-writer")
+        # A request cancelled here cancels its answer: not written yet, it is dropped.
+        return await waiting.answer
+
+    async def _write_waiting(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._take()
+                if batch:
+                    await self._write(batch)
+        except BaseException:  # cancelled (shutdown): the submits still waiting are not written
+            for waiting in self._waiting:
+                waiting.answer.cancel()
+            self._waiting.clear()
+            raise
+        finally:
+            self._writer = None
+
+    def _take(self) -> list[_Waiting]:
+        """The next batch, in order of arrival; on PostgreSQL children of one parent only."""
+        batch: list[_Waiting] = []
+        later: list[_Waiting] = []
+        parent: str | None = None
+        one_tree = self.database.is_postgres
+        while self._waiting and len(batch) < MAX_BATCH:
+            waiting = self._waiting.popleft()
+            if waiting.answer.done():  # its request was cancelled
+                continue
+            child_of = waiting.draft.body.parent_job_id
+            if one_tree and child_of is not None:
+                if parent is not None and child_of != parent:
+                    later.append(waiting)
+                    continue
+                parent = child_of
+            batch.append(waiting)
+        self._waiting.extendleft(reversed(later))
+        return batch
+
+    async def _write(self, batch: list[_Waiting]) -> None:
+        try:
+            if len(batch) == 1 or not await self._write_together(batch):
+                for waiting in batch:
+                    await self._write_alone(waiting)
+        except BaseException:  # cancelled (shutdown) mid-batch: its unanswered submits too
+            for waiting in batch:
+                waiting.answer.cancel()  # a no-op for those answered
+            raise
+
+    async def _write_together(self, batch: list[_Waiting]) -> bool:
+        """Write the batch in one transaction and answer each; False if it was rolled back
+        before its COMMIT (nothing written, nobody answered)."""
+        answers: list[Record | DomainError] = []
+        writing = True
+        try:
+            async with self.database.session() as session:
+                rows = PendingRows(session)
+                for waiting in batch:
+                    try:
+                        answers.append(await write(rows, waiting.draft))
+                    except DomainError as refused:  # refused before it added anything
+                        answers.append(refused)
+                await rows.flush()
+                writing = False
+        except Exception as error:
+            if writing:
+                log.info(
+                    "a group commit of %d submits rolled back (%s): each is written alone", len(batch), error
+                )
+                return False
+            for waiting, answer in zip(batch, answers, strict=True):
+                _answer(waiting, answer if isinstance(answer, DomainError) else error)
+            return True
+        self.transactions += 1
+        for waiting, answer in zip(batch, answers, strict=True):
+            _answer(waiting, answer)
+        return True
+
+    async def _write_alone(self, waiting: _Waiting) -> None:
+        if waiting.answer.done():
+            return
+        try:
+            async with self.database.session() as session:
+                rows = PendingRows(session)
+                job = await write(rows, waiting.draft)
+                await rows.flush()
+        except Exception as error:
+            _answer(waiting, error)
+            return
+        self.transactions += 1
+        _answer(waiting, job)
+
+
+def _answer(waiting: _Waiting, answer: Record | Exception) -> None:
+    if waiting.answer.done():  # its request was cancelled meanwhile
+        return
+    if isinstance(answer, Exception):
+        waiting.answer.set_exception(answer)
+    else:
+        waiting.answer.set_result(answer)

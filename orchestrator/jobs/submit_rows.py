@@ -1,0 +1,132 @@
+"""The rows a submit writes (job, allocation, a new workspace), held until the statements that
+write them can carry every submit of a group commit at once (jobs/group_commit.py).
+
+Precompiled INSERTs (db/precompiled), not the ORM's unit of work: submit is the API's hottest
+write, and a flush costs more CPU than the statements. A submit that reads rows (a child, one
+with a repository) flushes the rows held before it first, so it sees every earlier submit of
+its transaction as it would have seen them committed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, select
+
+from orchestrator.db import precompiled
+from orchestrator.db.locking import is_postgres
+from orchestrator.db.models import Allocation, Job, Workspace
+from orchestrator.db.precompiled import Record, record_type
+from orchestrator.db.topics import CHANNEL, Topic
+from orchestrator.db.unit_of_work import UnitOfWork
+
+JOB_COLUMNS = (
+    "id",
+    "status",
+    "task_description",
+    "worker_count",
+    "depth",
+    "parent_job_id",
+    "path",
+    "priority",
+    "agent",
+    "agent_options",
+    "timeout_seconds",
+    "repository",
+    "base_ref",
+    "workspace_id",
+    "created_by",
+    "created_by_worker_id",
+    "max_cost_usd",
+    "max_turns",
+    "delegation_key",
+    "limits",
+    "created_at",
+    "updated_at",
+)
+_JOB_ROW = insert(Job).values(
+    {name: bindparam(name, type_=Job.__table__.c[name].type) for name in JOB_COLUMNS}
+)
+_ALLOCATION_ROW = insert(Allocation).values(
+    job_id=bindparam("id", type_=Allocation.__table__.c.job_id.type),
+    depth=bindparam("a_depth", type_=Allocation.__table__.c.depth.type),
+    slots=0,
+    bound=0,
+    max_slots=bindparam("a_max_slots", type_=Allocation.__table__.c.max_slots.type),
+    updated_at=bindparam("a_updated_at", type_=Allocation.__table__.c.updated_at.type),
+)
+_WORKSPACE_ROW = insert(Workspace).values(
+    id=bindparam("w_id", type_=Workspace.__table__.c.id.type),
+    repository=bindparam("w_repository", type_=Workspace.__table__.c.repository.type),
+    root_job_id=bindparam("w_root_job_id", type_=Workspace.__table__.c.root_job_id.type),
+    created_at=bindparam("w_created_at", type_=Workspace.__table__.c.created_at.type),
+)
+_INSERT_JOB = precompiled.Statement(_JOB_ROW)
+_INSERT_ALLOCATION = precompiled.Statement(_ALLOCATION_ROW)
+_INSERT_WORKSPACE = precompiled.Statement(_WORKSPACE_ROW)
+# PostgreSQL, one submit, by whether its workspace is new: the rows and UnitOfWork.publish's
+# pg_notify in one statement (the allocation's foreign key to the job is checked at the
+# statement's end).
+_SUBMIT_PG = {
+    new_workspace: select(func.pg_notify(bindparam("channel"), bindparam("topic"))).add_cte(
+        *([_WORKSPACE_ROW.cte("new_workspace")] if new_workspace else []),
+        _JOB_ROW.cte("new_job"),
+        _ALLOCATION_ROW.cte("new_allocation"),
+    )
+    for new_workspace in (False, True)
+}
+
+
+# A submitted job as written: every column of `jobs` (those a submit leaves NULL are None). The
+# response's source, without an ORM instance's cost (a tenth of a submit's CPU).
+_SubmittedJob = record_type(list(Job.__table__.columns))
+
+
+def submitted_job(values: dict[str, Any]) -> Record:
+    """The job whose `JOB_COLUMNS` are `values`, as a row with attribute access."""
+    return _SubmittedJob([values.get(name) for name in _SubmittedJob._fields])
+
+
+class PendingRows:
+    """The rows of a transaction's submits, not yet written: `flush` writes them (an
+    executemany per table; on PostgreSQL a single submit's as one statement with its NOTIFY)."""
+
+    def __init__(self, session: UnitOfWork) -> None:
+        self.session = session
+        self.rows: list[dict[str, Any]] = []
+        self.new_workspaces = 0
+
+    def add(self, job: dict[str, Any], new_workspace: bool) -> None:
+        """Hold the rows of a job (its `JOB_COLUMNS`), and of its workspace if that is new."""
+        now = job["created_at"]
+        row = job | {"a_depth": job["depth"], "a_max_slots": job["worker_count"], "a_updated_at": now}
+        if new_workspace:
+            row |= {
+                "w_id": job["workspace_id"],
+                "w_repository": job["repository"],
+                "w_root_job_id": job["id"],
+            }
+            row["w_created_at"] = now
+            self.new_workspaces += 1
+        self.rows.append(row)
+
+    async def flush(self) -> None:
+        rows, new_workspaces = self.rows, self.new_workspaces
+        if not rows:
+            return
+        self.rows, self.new_workspaces = [], 0
+        session = self.session
+        if len(rows) == 1 and is_postgres(session):
+            # One round trip for the rows and the wake-up: a data-modifying WITH runs every
+            # INSERT. Its first insert gives the transaction its id before the event rows take
+            # sequence values at commit (UnitOfWork.commit), so that statement is not needed.
+            notice = {"channel": CHANNEL, "topic": Topic.JOBS.value}
+            await session.execute(_SUBMIT_PG[new_workspaces > 0], rows[0] | notice)
+            session.published_by_statement(Topic.JOBS)
+            return
+        if new_workspaces:
+            await precompiled.execute_many(session, _INSERT_WORKSPACE, [r for r in rows if "w_id" in r])
+        await precompiled.execute_many(session, _INSERT_JOB, rows)
+        await precompiled.execute_many(session, _INSERT_ALLOCATION, rows)
+        await session.publish(Topic.JOBS)
+        session.has_transaction_id = True  # PostgreSQL: the inserts gave the transaction its id
