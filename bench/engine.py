@@ -226,17 +226,13 @@ def bench_throughput(root: Path, count: int, concurrency: int | None, sandbox: s
     }
 
 
-def baselines(root: Path, count: int, concurrency: int) -> dict[str, float]:
-    """The direct runs every engine run is compared with, measured in the same run."""
-    direct, direct_cpu = direct_baseline(count, concurrency)
-    sandboxed = sandboxed_baseline(root / "sandboxed", count, concurrency)
-    executor_only = executor_baseline(root / "executor-only", count, concurrency)
-    return {
-        "direct_s": direct,
-        "direct_cpu_s": direct_cpu,
-        "direct_sandboxed_s": sandboxed or 0.0,
-        "executor_s": executor_only,
-    }
+def fair_baseline(root: Path, count: int, concurrency: int, sandbox: str) -> float:
+    """The direct run an engine run is compared with, measured right after it (under a moving
+    load, only runs minutes apart compare): `true` for an unsandboxed engine, `bwrap … true` for
+    a sandboxed one (0.0 if the sandbox cannot work here)."""
+    if sandbox == "off":
+        return direct_baseline(count, concurrency)[0]
+    return sandboxed_baseline(root / f"sandboxed-{time.monotonic_ns()}", count, concurrency) or 0.0
 
 
 @contextlib.contextmanager
@@ -254,20 +250,17 @@ def code_from(checkout: str) -> Iterator[None]:
             os.environ["PYTHONPATH"] = saved
 
 
-def report_throughput(count: int, sandbox: str, run: dict[str, float], base: dict[str, float]) -> None:
-    """One engine run against the baseline that fits it: `true` unsandboxed, `bwrap … true`
-    sandboxed (the other printed too, for the record)."""
+def report_throughput(count: int, label: str, sandbox: str, run: dict[str, float], direct: float) -> None:
+    """One engine run against its own baseline, measured right after it."""
     engine = run["engine_s"]
-    sandboxed = base["direct_sandboxed_s"]
-    fair = base["direct_s"] if sandbox.startswith("off") else sandboxed
     print(
-        f"{count} one-worker `true` jobs at concurrency {run['concurrency']:.0f}, sandbox {sandbox}: "
-        f"engine {engine:.2f} s (first start to last end; submitting took {run['submit_phase_s']:.2f} s); "
-        f"ratio {engine / fair if fair else 0.0:.2f}x against "
-        f"{'direct `true`' if sandbox.startswith('off') else 'direct `bwrap … true`'} (target <= 3x); "
-        f"against direct `true` {engine / base['direct_s']:.2f}x, against `bwrap … true` "
-        f"{engine / sandboxed if sandboxed else 0.0:.2f}x; engine CPU {run['engine_cpu_s']:.1f} s "
-        f"(its start-up included) + its workers {run['workers_cpu_s']:.1f} s"
+        f"{count} one-worker `true` jobs at concurrency {run['concurrency']:.0f}, sandbox {sandbox}{label}: "
+        f"engine {engine:.2f} s (first start to last end; submitting took {run['submit_phase_s']:.2f} s), "
+        f"direct {'`true`' if sandbox == 'off' else '`bwrap … true`'} right after {direct:.2f} s: "
+        f"ratio {engine / direct if direct else 0.0:.2f}x (target <= 3x); engine CPU "
+        f"{run['engine_cpu_s']:.1f} s (its start-up included) + its workers {run['workers_cpu_s']:.1f} s; "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
     )
 
 
@@ -344,24 +337,15 @@ def main() -> None:
                     "(target p50 <= 30, p99 <= 150; PostgreSQL p99 <= 30)"
                 )
         if args.only in (None, "throughput"):
-            runs: dict[str, dict[str, float]] = {}
             for sandbox in modes:
-                if args.before:
-                    with code_from(args.before):
-                        runs[f"{sandbox} (before: {args.before})"] = bench_throughput(
-                            root / "before", args.jobs, args.concurrency, sandbox
-                        )
-                runs[sandbox] = bench_throughput(root, args.jobs, args.concurrency, sandbox)
-            concurrency = int(next(iter(runs.values()))["concurrency"])
-            base = baselines(root, args.jobs, concurrency)
-            print(
-                f"direct, same run: `true` {base['direct_s']:.2f} s (CPU {base['direct_cpu_s']:.1f} s), "
-                f"sandboxed `bwrap … true` {base['direct_sandboxed_s']:.2f} s, the executor alone (same "
-                f"workers, no database) {base['executor_s']:.2f} s = "
-                f"{base['executor_s'] / base['direct_s']:.2f}x direct"
-            )
-            for sandbox, run in runs.items():
-                report_throughput(args.jobs, sandbox, run, base)
+                for label, checkout in ([(" (before)", args.before)] if args.before else []) + [("", None)]:
+                    where = root / (label.strip(" ()") or "this")
+                    with code_from(checkout) if checkout else contextlib.nullcontext():
+                        run = bench_throughput(where, args.jobs, args.concurrency, sandbox)
+                    direct = fair_baseline(root, args.jobs, int(run["concurrency"]), sandbox)
+                    report_throughput(args.jobs, label, sandbox, run, direct)
+            alone = executor_baseline(root / "executor-only", args.jobs, int(run["concurrency"]))
+            print(f"the executor alone (same workers, no database, no sandbox): {alone:.2f} s")
         for sandbox in modes if args.only in (None, "sleepers") else []:
             sleepers = bench_sleepers(root, args.sleepers, sandbox)
             print(

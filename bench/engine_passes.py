@@ -34,8 +34,8 @@ from orchestrator.core.auth import Actor  # noqa: E402
 from orchestrator.core.config import Settings  # noqa: E402
 from orchestrator.db.models import Job  # noqa: E402
 from orchestrator.db.session import Database  # noqa: E402
-from orchestrator.engine import engine as engine_module  # noqa: E402
 from orchestrator.engine.engine import Engine  # noqa: E402
+from orchestrator.engine.queries import workers as worker_queries  # noqa: E402
 from orchestrator.executors.local import LocalExecutor  # noqa: E402
 from orchestrator.jobs import service as jobs_service  # noqa: E402
 from orchestrator.jobs.schemas import JobSubmit  # noqa: E402
@@ -121,7 +121,7 @@ async def scenario(root: Path, url: str, count: int, concurrency: int) -> None:
     profile.wrap(engine.ledger, "record_exits", "record exits")
     profile.wrap(engine.ledger, "settle_jobs", "settle")
     profile.wrap(engine.scheduler, "schedule", "schedule")
-    profile.wrap(engine_module.worker_queries, "worker_statuses", "control's read")
+    profile.wrap(worker_queries, "worker_statuses", "control's read")
     profile.wrap(engine.control, "apply", "control")
     profile.wrap(engine.launcher, "launch_all", "launch")
     began = time.perf_counter()
