@@ -1,10 +1,12 @@
 """Engine benchmarks, measured side by side in one run (targets live here, never in tests).
 
     .venv/bin/python bench/engine.py [--jobs 1000] [--sleepers 1000] [--latency-jobs 200]
+                                     [--sandbox on|off|both]
 
 1. submit-to-RUNNING latency (server timestamps: started_at - created_at), p50 and p99;
 2. N one-worker jobs running `true` versus starting the same N processes directly with the same
-   concurrency (the depth-0 quota), and the ratio;
+   concurrency (the depth-0 quota), and the ratio; an unsandboxed engine against `true` and a
+   sandboxed one against `bwrap … true` (`--sandbox both`, the default: both in one run);
 3. N concurrently sleeping workers: the server's CPU use (percent of one core) and memory.
 
 Data dirs go under $TMPDIR: `TMPDIR=/dev/shm` keeps them on tmpfs, which takes the filesystem out
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
 import statistics
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -103,9 +107,10 @@ def wait_all_final(client: httpx.Client, total: int, timeout: float) -> None:
     raise TimeoutError(f"jobs did not complete within {timeout}s")
 
 
-def bench_latency(root: Path, count: int) -> dict[str, float]:
-    with server_factory(root / "latency") as servers:
-        server = servers.start(ORCHESTRATOR_AGENTS_FILE=profiles(servers.root))
+def bench_latency(root: Path, count: int, sandbox: str) -> dict[str, float]:
+    with server_factory(root / f"latency-{sandbox}") as servers:
+        # The factory strips ORCHESTRATOR_* from the environment: the mode is passed explicitly.
+        server = servers.start(ORCHESTRATOR_AGENTS_FILE=profiles(servers.root), ORCHESTRATOR_SANDBOX=sandbox)
         with server.client() as client:
             latencies = []
             for _ in range(count):
@@ -182,13 +187,14 @@ def executor_baseline(root: Path, count: int, concurrency: int) -> float:
     return time.perf_counter() - started
 
 
-def bench_throughput(root: Path, count: int, concurrency: int | None = None) -> dict[str, float]:
+def bench_throughput(root: Path, count: int, concurrency: int | None, sandbox: str) -> dict[str, float]:
     """Queue N jobs with no engine running, then let one engine run them all. The engine's time is
     the span from the first worker start to the last job end (server timestamps), so HTTP submits
     and interpreter start-up are not counted on either side."""
-    with server_factory(root / "throughput") as servers:
+    with server_factory(root / f"throughput-{sandbox}") as servers:
         profile = profiles(servers.root)
         quotas = {"ORCHESTRATOR_QUOTAS": f"{concurrency},8,5,3,2,1"} if concurrency else {}
+        quotas["ORCHESTRATOR_SANDBOX"] = sandbox
         api = servers.start(ORCHESTRATOR_AGENTS_FILE=profile, ORCHESTRATOR_ENGINE="false", **quotas)
         quota = api.client().get("/api/resources/quotas").json()["quotas"][0]["max_workers"]
         started = time.perf_counter()
@@ -211,30 +217,61 @@ def bench_throughput(root: Path, count: int, concurrency: int | None = None) -> 
             engine_cpu = cpu_seconds(engine.pid)
             workers_cpu = children_cpu_seconds(engine.pid)
     assert first_start is not None and last_end is not None
-    engine_span = (last_end - first_start).total_seconds()
-    direct, direct_cpu = direct_baseline(count, quota)
-    sandboxed = sandboxed_baseline(root / "sandboxed", count, quota)
-    executor_only = executor_baseline(root / "executor-only", count, quota)
     return {
-        "jobs": count,
         "concurrency": quota,
-        "engine_s": engine_span,
+        "engine_s": (last_end - first_start).total_seconds(),
         "submit_phase_s": submitted,
-        "direct_s": direct,
-        "executor_s": executor_only,
-        "ratio": engine_span / direct,
-        "direct_sandboxed_s": sandboxed or 0.0,
-        "ratio_sandboxed": engine_span / sandboxed if sandboxed else 0.0,
         "engine_cpu_s": engine_cpu,
         "workers_cpu_s": workers_cpu,
-        "direct_cpu_s": direct_cpu,
     }
 
 
-def bench_sleepers(root: Path, count: int) -> dict[str, float]:
-    with server_factory(root / "sleepers") as servers:
+def fair_baseline(root: Path, count: int, concurrency: int, sandbox: str) -> float:
+    """The direct run an engine run is compared with, measured right after it (under a moving
+    load, only runs minutes apart compare): `true` for an unsandboxed engine, `bwrap … true` for
+    a sandboxed one (0.0 if the sandbox cannot work here)."""
+    if sandbox == "off":
+        return direct_baseline(count, concurrency)[0]
+    return sandboxed_baseline(root / f"sandboxed-{time.monotonic_ns()}", count, concurrency) or 0.0
+
+
+@contextlib.contextmanager
+def code_from(checkout: str) -> Iterator[None]:
+    """Servers started meanwhile run the code of `checkout` (PYTHONPATH comes first on sys.path,
+    before this checkout's editable install)."""
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(Path(checkout).resolve())
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def report_throughput(count: int, label: str, sandbox: str, run: dict[str, float], direct: float) -> None:
+    """One engine run against its own baseline, measured right after it."""
+    engine = run["engine_s"]
+    print(
+        f"{count} one-worker `true` jobs at concurrency {run['concurrency']:.0f}, sandbox {sandbox}{label}: "
+        f"engine {engine:.2f} s (first start to last end; submitting took {run['submit_phase_s']:.2f} s), "
+        f"direct {'`true`' if sandbox == 'off' else '`bwrap … true`'} right after {direct:.2f} s: "
+        f"ratio {engine / direct if direct else 0.0:.2f}x (target <= 3x); engine CPU "
+        f"{run['engine_cpu_s']:.1f} s (its start-up included) + its workers {run['workers_cpu_s']:.1f} s; "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+
+
+def bench_sleepers(root: Path, count: int, sandbox: str) -> dict[str, float]:
+    with server_factory(root / f"sleepers-{sandbox}") as servers:
         quotas = f"{count},8,5,3,2,1"
-        server = servers.start(ORCHESTRATOR_AGENTS_FILE=profiles(servers.root), ORCHESTRATOR_QUOTAS=quotas)
+        server = servers.start(
+            ORCHESTRATOR_AGENTS_FILE=profiles(servers.root),
+            ORCHESTRATOR_QUOTAS=quotas,
+            ORCHESTRATOR_SANDBOX=sandbox,
+        )
         assert server.process is not None
         pid = server.process.pid
         started = time.perf_counter()
@@ -269,40 +306,55 @@ def main() -> None:
         default=None,
         help="depth-0 quota for the throughput run (default: the shipped 10)",
     )
+    parser.add_argument(
+        "--sandbox",
+        choices=["on", "off", "both"],
+        default="both",
+        help="the worker sandbox of the engine runs (both: each part once without, once with it)",
+    )
+    parser.add_argument(
+        "--before",
+        default=None,
+        help="a checkout of the code to compare with (a second worktree): its engine runs too, "
+        "in the same run, interleaved (the servers get PYTHONPATH pointing at it)",
+    )
     args = parser.parse_args()
-    print(f"database: {os.environ.get('TEST_DATABASE', 'sqlite')}, cores: {os.cpu_count()}")
+    modes = ["off", "on"] if args.sandbox == "both" else [args.sandbox]
+    print(
+        f"database: {os.environ.get('TEST_DATABASE', 'sqlite')}, cores: {os.cpu_count()}, "
+        f"load average at start: {os.getloadavg()}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if args.only in (None, "latency"):
-            latency = bench_latency(root, args.latency_jobs)
-            print(
-                f"submit-to-RUNNING over {args.latency_jobs} jobs: p50 {latency['p50_ms']:.1f} ms, "
-                f"p99 {latency['p99_ms']:.1f} ms, max {latency['max_ms']:.1f} ms"
-                " (target p50 <= 30, p99 <= 150)"
-            )
+        for sandbox in modes if args.only in (None, "latency") else []:
+            for label, checkout in ([("before", args.before)] if args.before else []) + [("", None)]:
+                with code_from(checkout) if checkout else contextlib.nullcontext():
+                    latency = bench_latency(root / (label or "this"), args.latency_jobs, sandbox)
+                print(
+                    f"submit-to-RUNNING over {args.latency_jobs} jobs, sandbox {sandbox}"
+                    f"{' (before)' if label else ''}: p50 {latency['p50_ms']:.1f} ms, "
+                    f"p99 {latency['p99_ms']:.1f} ms, max {latency['max_ms']:.1f} ms "
+                    "(target p50 <= 30, p99 <= 150; PostgreSQL p99 <= 30)"
+                )
         if args.only in (None, "throughput"):
-            throughput = bench_throughput(root, args.jobs, args.concurrency)
+            for sandbox in modes:
+                for label, checkout in ([(" (before)", args.before)] if args.before else []) + [("", None)]:
+                    where = root / (label.strip(" ()") or "this")
+                    with code_from(checkout) if checkout else contextlib.nullcontext():
+                        run = bench_throughput(where, args.jobs, args.concurrency, sandbox)
+                    direct = fair_baseline(root, args.jobs, int(run["concurrency"]), sandbox)
+                    report_throughput(args.jobs, label, sandbox, run, direct)
+            alone = executor_baseline(root / "executor-only", args.jobs, int(run["concurrency"]))
+            print(f"the executor alone (same workers, no database, no sandbox): {alone:.2f} s")
+        for sandbox in modes if args.only in (None, "sleepers") else []:
+            sleepers = bench_sleepers(root, args.sleepers, sandbox)
             print(
-                f"{args.jobs} one-worker `true` jobs at concurrency {throughput['concurrency']:.0f}: "
-                f"engine {throughput['engine_s']:.2f} s (first start to last end; submitting took "
-                f"{throughput['submit_phase_s']:.2f} s), direct {throughput['direct_s']:.2f} s, "
-                f"ratio {throughput['ratio']:.2f}x; direct sandboxed (`bwrap … true`) "
-                f"{throughput['direct_sandboxed_s']:.2f} s, ratio {throughput['ratio_sandboxed']:.2f}x "
-                "(target <= 3x); "
-                f"engine CPU {throughput['engine_cpu_s']:.1f} s (its start-up included) + its "
-                f"workers {throughput['workers_cpu_s']:.1f} s; "
-                f"direct CPU {throughput['direct_cpu_s']:.1f} s; "
-                f"the executor alone (same workers, "
-                f"no database) {throughput['executor_s']:.2f} s = "
-                f"{throughput['executor_s'] / throughput['direct_s']:.2f}x direct"
-            )
-        if args.only in (None, "sleepers"):
-            sleepers = bench_sleepers(root, args.sleepers)
-            print(
-                f"{args.sleepers} sleeping workers: started in {sleepers['ramp_s']:.1f} s, server at "
-                f"{sleepers['idle_cpu_percent']:.1f}% of one core (target < 10%), "
+                f"{args.sleepers} sleeping workers, sandbox {sandbox}: "
+                f"started in {sleepers['ramp_s']:.1f} s, "
+                f"server at {sleepers['idle_cpu_percent']:.1f}% of one core (target < 10%), "
                 f"RSS {sleepers['server_rss_mib']:.0f} MiB"
             )
+    print(f"load average at end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

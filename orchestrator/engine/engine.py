@@ -39,6 +39,7 @@ from orchestrator.engine.queries import workers as worker_queries
 from orchestrator.engine.recovery import Recovery
 from orchestrator.engine.resume import Resumer
 from orchestrator.engine.scheduler import Ready, Scheduler
+from orchestrator.engine.slots import SlotMoves
 from orchestrator.engine.supervision import (
     IDLE_SLACK,
     LOG_INTERVAL_SECONDS,
@@ -298,16 +299,24 @@ class Engine:
         """Record the workers started and ended since the last pass (the slots of the ended come
         back), settle their jobs, then claim PENDING jobs, create their workers, and give IDLE
         workers slots: one transaction."""
+        # PostgreSQL: the pass's slot moves (exits' returns, new slots) netted, one statement.
+        moves = SlotMoves() if self.db.is_postgres else None
         async with self.db.session() as session:
             running = await self.ledger.record_starts(session, starts) if starts else {}
             if endings:
-                await self.ledger.record_exits(session, endings, running)
+                await self.ledger.record_exits(session, endings, running, moves)
             await self.ledger.settle_jobs(session)
             if starts or endings:
                 await unit_of_work(session).publish(Topic.JOBS)
-            ready = await self.scheduler.schedule(session)
+            ready = await self.scheduler.schedule(session, moves)
+            if moves is not None:
+                await moves.apply(session)
             # What control (after this transaction) acts on: read here, not in one more.
             self.control_statuses = await worker_queries.worker_statuses(session, list(self.sup.live))
+            if session.pending_events:
+                # Every event of the pass follows a write of it that changed rows, so the
+                # transaction has its id already: the commit need not take one (a round trip).
+                session.has_transaction_id = True
         if len(ready) == START_BATCH:
             self.wake.set()  # more to do: come straight back
         return ready

@@ -67,13 +67,19 @@ class Integrator:
 
     # ------------------------------------------------------------ settling
 
-    async def gate(self, session: AsyncSession, targets: dict[str, JobStatus]) -> dict[str, Decision]:
+    async def gate(
+        self, session: AsyncSession, targets: dict[str, JobStatus], repositories: dict[str, str] | None = None
+    ) -> dict[str, Decision]:
         """For the jobs about to end that have a repository: None while their integration is to do
         (it is queued here), else how they end. Jobs not in the answer end as decided. A job about
-        to COMPLETE gets its integration; one whose integration failed ends with its reason."""
+        to COMPLETE gets its integration; one whose integration failed ends with its reason.
+        `repositories`: the candidates' repositories as the caller read them (else read here)."""
         if not targets:
             return {}
-        repos = await queries.repositories_of(session, list(targets))
+        if repositories is None:
+            repos = await queries.repositories_of(session, list(targets))
+        else:
+            repos = {job_id: repositories[job_id] for job_id in targets if job_id in repositories}
         if not repos:
             return {}
         rows = await queries.integrations_of(session, list(repos))

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.agents.base import Outcome
 from orchestrator.core.errors import InvalidTransition
-from orchestrator.core.states import JOB_TRANSITIONS, WORKER_LIVE, WORKER_TRANSITIONS, JobStatus, WorkerStatus
+from orchestrator.core.states import JOB_TRANSITIONS, WORKER_LIVE, JobStatus, WorkerStatus
 from orchestrator.db.models import Job, Worker
 from orchestrator.db.topics import Topic
 from orchestrator.db.transitions import Change, lock_statuses, transition_many, transition_worker
@@ -25,10 +24,13 @@ from orchestrator.db.unit_of_work import unit_of_work
 from orchestrator.engine.governor import Governor
 from orchestrator.engine.ingest import Ingest
 from orchestrator.engine.launcher import Launched
+from orchestrator.engine.queries import batches
 from orchestrator.engine.queries import settle as settle_queries
 from orchestrator.engine.queries import workers as worker_queries
-from orchestrator.engine.queries.rows import JobRow, SettlingJob, WorkerEnding, WorkerRow
+from orchestrator.engine.queries.rows import SettlingJob, WorkerEnding, WorkerRow
 from orchestrator.engine.remote_workspace import commit_work
+from orchestrator.engine.slots import SlotMoves
+from orchestrator.engine.starts import first_starts, may_start, record_starts_at_once
 from orchestrator.engine.supervision import EngineContext, Supervised, Supervisor
 from orchestrator.executors.local import WorkerProcess, read_exit_code
 from orchestrator.resources import repository as slots_repo
@@ -38,7 +40,11 @@ from orchestrator.workspaces import setup as worktree_setup
 
 # Settling asks the integrator how jobs with a repository end (engine/integrate.py): None while
 # their integration is still to do.
-Gate = Callable[[AsyncSession, dict[str, JobStatus]], Awaitable[dict[str, tuple[JobStatus, str] | None]]]
+# `repositories`: the jobs' repositories if the caller read them (else the gate reads them).
+Gate = Callable[
+    [AsyncSession, dict[str, JobStatus], dict[str, str] | None],
+    Awaitable[dict[str, tuple[JobStatus, str] | None]],
+]
 
 
 @dataclass(frozen=True)
@@ -115,17 +121,17 @@ class Ledger:
         processes are supervised already (their exits may be recorded in the same transaction).
         Returns the workers now RUNNING, as written (their rows stay locked until the commit)."""
         started = [item for item in launched if item.spawned is not None]
+        for item in launched:
+            if item.spawned is None:
+                await self.fail(session, item.worker, item.error or "could not start")
+        if self.ctx.db.is_postgres:
+            return await record_starts_at_once(self.ctx, session, started)
         statuses = await lock_statuses(session, Worker, [item.worker.id for item in started])
         changes: list[Change] = []
-        for item in launched:
+        for item in started:
             worker = item.worker
-            if item.spawned is None:
-                await self.fail(session, worker, item.error or "could not start")
-                continue
             values = item.values(host=self.ctx.executor.host, engine_id=self.ctx.id)
-            if statuses.get(worker.id) == worker.status and WorkerStatus.RUNNING in WORKER_TRANSITIONS.get(
-                WorkerStatus(worker.status), frozenset()
-            ):
+            if statuses.get(worker.id) == worker.status and may_start(worker):
                 changes.append(Change(worker, WorkerStatus.RUNNING, "started", values, model=Worker))
             else:
                 # Terminated while we were starting it: record the process, then stop it.
@@ -135,12 +141,7 @@ class Ledger:
         return {change.known.id: cast(WorkerRow, change.known) for change in changes}
 
     async def _record_first_starts(self, session: AsyncSession, started: list[Launched]) -> None:
-        first: dict[str, tuple[JobRow, datetime]] = {}
-        for item in started:
-            job, at = item.job, cast(datetime, item.started_at)
-            if job.status == JobStatus.PENDING.value:
-                earliest = first.get(job.id, (job, at))[1]
-                first[job.id] = (job, min(earliest, at))
+        first = first_starts(started)
         job_statuses = await lock_statuses(session, Job, list(first))
         await transition_many(
             session,
@@ -210,15 +211,19 @@ class Ledger:
         return Ending(proc, exit_code, limit, patch, commit, stat)
 
     async def record_exits(
-        self, session: AsyncSession, endings: list[Ending], running: dict[str, WorkerRow]
+        self,
+        session: AsyncSession,
+        endings: list[Ending],
+        running: dict[str, WorkerRow],
+        moves: SlotMoves | None = None,
     ) -> None:
         """Record how a pass's workers ended and return their slots: a few statements for all.
-        `running`: workers whose start this transaction recorded, so their rows are known."""
+        `running`: workers whose start this transaction recorded, so their rows are known.
+        `moves` (PostgreSQL): the pass's slot moves, written at its end; without it, now."""
         unknown = [e.proc.worker_id for e in endings if e.proc.worker_id not in running]
-        fresh: dict[str, WorkerRow] = {
-            **running,
-            **await worker_queries.workers_by_id(session, unknown, lock=True),
-        }
+        fresh: dict[str, WorkerRow] = {**running, **await worker_queries.exiting_workers(session, unknown)}
+        at_once = moves if moves is not None else SlotMoves()
+        postgres = self.ctx.db.is_postgres
         changes: list[Change] = []
         plain: list[tuple[str, dict[str, Any]]] = []
         release: list[tuple[str, str, int]] = []
@@ -227,18 +232,29 @@ class Ledger:
             if current is None:
                 continue
             values = ending.values(current)
-            if current.status not in WORKER_LIVE:
-                plain.append((current.id, values))
-            else:
+            decided: tuple[WorkerStatus, str] | None = None
+            if current.status in WORKER_LIVE:
                 decided = await self._judge(session, current, ending, values)
                 if decided is None:
                     continue  # parked: keeps its slot; the engine resumes it after the backoff
+            if postgres and current.holds_slot:
+                # The row is locked as read: clearing holds_slot with the change that ends the
+                # worker returns its slot exactly once.
+                values["holds_slot"] = False
+                at_once.give_back(current.job_id, current.depth)
+            elif not postgres:
+                release.append((current.id, current.job_id, current.depth))
+            if decided is not None:
                 changes.append(Change(current, decided[0], decided[1], values, model=Worker))
-            release.append((current.id, current.job_id, current.depth))
+            else:
+                plain.append((current.id, values))
         await transition_many(session, changes, actor=self.ctx.actor)
         for worker_id, values in plain:
             await worker_queries.update_worker(session, worker_id, values)
-        await slots_repo.workers_release_slots(session, release)
+        if release:
+            await slots_repo.workers_release_slots(session, release)
+        if moves is None:
+            await at_once.apply(session)
 
     async def _judge(
         self, session: AsyncSession, current: WorkerRow, ending: Ending, values: dict[str, Any]
@@ -301,14 +317,21 @@ class Ledger:
 
     async def settle_jobs(self, session: AsyncSession) -> None:
         """Decide the outcome of jobs whose workers have all ended and whose children are final."""
-        candidates = await settle_queries.jobs_without_live_workers(session, self.ctx.id)
-        if not candidates:
-            return
-        ids = [job.id for job in candidates]
-        # Three reads for all candidates, not three per job.
-        children_of = await settle_queries.children_statuses(session, ids)
-        workers_of = await settle_queries.worker_endings(session, ids)
-        unbound = await settle_queries.unbound_slots(session, ids)
+        repositories: dict[str, str] | None = None
+        if self.ctx.db.is_postgres:  # one statement for the candidates and all they need
+            read = await batches.settling(session, self.ctx.id)
+            if not read.jobs:
+                return
+            candidates, children_of, workers_of = read.jobs, read.children, read.workers
+            unbound, repositories = read.unbound, read.repositories
+        else:  # four reads, each a few microseconds on the driver
+            candidates = await settle_queries.jobs_without_live_workers(session, self.ctx.id)
+            if not candidates:
+                return
+            ids = [job.id for job in candidates]
+            children_of = await settle_queries.children_statuses(session, ids)
+            workers_of = await settle_queries.worker_endings(session, ids)
+            unbound = await settle_queries.unbound_slots(session, ids)
         endings: list[Change] = []
         ending: list[SettlingJob] = []
         for job in candidates:
@@ -317,7 +340,8 @@ class Ledger:
                 endings.append(Change(job, decided[0], decided[1], model=Job))
                 ending.append(job)
         # A job with a repository COMPLETES once its result branch is written (engine/integrate.py).
-        gated = await self.gate(session, {c.known.id: JobStatus(c.target) for c in endings})
+        targets = {c.known.id: JobStatus(c.target) for c in endings}
+        gated = await self.gate(session, targets, repositories)
         for index in reversed(range(len(endings))):
             if endings[index].known.id in gated:
                 gate = gated[endings[index].known.id]

@@ -7,9 +7,10 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.engine.governor import Governor
-from orchestrator.engine.queries import claims
+from orchestrator.engine.queries import batches, claims
 from orchestrator.engine.queries import workers as worker_queries
 from orchestrator.engine.queries.rows import JobRow, WorkerRow
+from orchestrator.engine.slots import SlotMoves
 from orchestrator.engine.supervision import IDLE_SLACK, START_BATCH, EngineContext, Supervisor, worker_limits
 from orchestrator.executors.cgroups import host_available_mb
 from orchestrator.resources import repository as slots_repo
@@ -25,30 +26,54 @@ class Scheduler:
         self.governor = governor
         self.memory_waits: dict[str, str] = {}  # IDLE workers held by memory-aware admission
 
-    async def schedule(self, session: AsyncSession) -> Ready:
+    async def schedule(self, session: AsyncSession, moves: SlotMoves | None = None) -> Ready:
         """Claim PENDING jobs, create their workers, and give IDLE workers slots (in the pass's
-        transaction); returns the workers to start, at most START_BATCH."""
-        free = await slots_repo.pools_free(session, None)
+        transaction); returns the workers to start, at most START_BATCH. `moves` (PostgreSQL):
+        the pass's slot moves (the exits' returns among them), written at its end; without it,
+        the new slots are written here."""
+        postgres = self.ctx.db.is_postgres
+        if postgres:
+            free, backlog = await batches.pools_and_backlog(session, self.ctx.id)
+            for depth, count in (moves.returned_at if moves is not None else {}).items():
+                free[depth] = free.get(depth, 0) + count
+        else:
+            free = await slots_repo.pools_free(session, None)
         per_depth = {
             depth: min(count, START_BATCH) + IDLE_SLACK for depth, count in free.items() if count > 0
         }
-        backlog = await claims.owned_pending_by_depth(session, self.ctx.id)
+        if not postgres:
+            backlog = await claims.owned_pending_by_depth(session, self.ctx.id)
         room = {depth: count - backlog.get(depth, 0) for depth, count in per_depth.items()}
         # Only jobs nobody owned are claimed, and workers are made only here: none has any yet.
-        claimed = await claims.claim_pending(session, self.ctx.id, room)
+        if postgres:
+            claimed = await batches.claim(session, self.ctx.id, room, claims.CLAIM_ALLOCATED)
+        else:
+            claimed = await claims.claim_pending(session, self.ctx.id, room)
         await claims.create_workers(session, claimed, self.ctx.actor)
         idle = await claims.idle_workers(session, self.ctx.id, per_depth, START_BATCH * 4)
-        return await self.bind_slots(session, idle, free) if idle and self.ctx.executor.can_start() else []
+        if not idle or not self.ctx.executor.can_start():
+            return []
+        if not postgres:
+            return await self.bind_slots(session, idle, free)
+        at_once = moves if moves is not None else SlotMoves()
+        ready = await self.bind_slots(session, idle, free, at_once)
+        if moves is None:
+            await at_once.apply(session)
+        return ready
 
-    async def bind_slots(self, session: AsyncSession, idle: Ready, free: dict[int, int]) -> Ready:
+    async def bind_slots(
+        self, session: AsyncSession, idle: Ready, free: dict[int, int], moves: SlotMoves | None = None
+    ) -> Ready:
         """Give slots to IDLE workers in queue order, at most START_BATCH: a slot they hold
         already, else an unbound one of their job (an explicit allocation), else a new one from
         their depth's pool. The counters are read under lock, so the new slots of the whole pass
-        are taken with one UPDATE per job and one per depth."""
+        are taken with one UPDATE per job and one per depth (PostgreSQL: `moves`, one statement
+        for the pass, the exits' returns netted in)."""
         limited = await self.rate_limited_agents(session, {job.agent for _, job in idle})
-        room = await slots_repo.allocations_room(session, list({job.id for _, job in idle}))
-        if self.ctx.db.is_postgres:  # read again, now locked, after the allocations (lock order)
-            free = await slots_repo.pools_free(session, sorted({job.depth for _, job in idle}), lock=True)
+        if moves is not None:
+            room, free = await self._locked_room(session, idle, moves)
+        else:
+            room = await slots_repo.allocations_room(session, list({job.id for _, job in idle}))
         ready: Ready = []
         new_slots: dict[int, tuple[dict[str, int], list[str]]] = {}
         admit = _MemoryAdmission(self.ctx, self.memory_room())
@@ -67,9 +92,12 @@ class Scheduler:
                     room[job.id] = (unbound - 1, more)
                 continue
             if more > 0 and free.get(job.depth, 0) > 0:
-                per_job, worker_ids = new_slots.setdefault(job.depth, ({}, []))
-                per_job[job.id] = per_job.get(job.id, 0) + 1
-                worker_ids.append(worker.id)
+                if moves is not None:
+                    moves.take_new(job.id, job.depth, worker.id)
+                else:
+                    per_job, worker_ids = new_slots.setdefault(job.depth, ({}, []))
+                    per_job[job.id] = per_job.get(job.id, 0) + 1
+                    worker_ids.append(worker.id)
                 room[job.id] = (0, more - 1)
                 free[job.depth] -= 1
                 ready.append((worker, job))
@@ -77,6 +105,22 @@ class Scheduler:
             await slots_repo.bind_new_slots(session, depth, per_job, worker_ids)
         await self._note_memory_waits(session, admit.waiting)
         return ready
+
+    async def _locked_room(
+        self, session: AsyncSession, idle: Ready, moves: SlotMoves
+    ) -> tuple[dict[str, tuple[int, int]], dict[int, int]]:
+        """PostgreSQL: the counters new slots are taken against, locked in one statement (the
+        allocations of the jobs returning slots too: every allocation before any pool), with
+        the pass's returns, not written yet, added."""
+        job_ids = sorted({job.id for _, job in idle} | set(moves.returned_to))
+        depths = sorted({job.depth for _, job in idle} | set(moves.returned_at))
+        room, free = await batches.room(session, job_ids, depths)
+        for job_id, count in moves.returned_to.items():
+            unbound, more = room.get(job_id, (0, 0))
+            room[job_id] = (unbound, more + count)
+        for depth, count in moves.returned_at.items():
+            free[depth] = free.get(depth, 0) + count
+        return room, free
 
     def memory_room(self) -> int | None:
         """MiB a new worker may still reserve: the host's available memory minus the limits of

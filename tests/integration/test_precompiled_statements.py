@@ -348,7 +348,48 @@ def _case(how: str, params: Any) -> Callable[[Any, bool], list[Trial]]:
     return lambda statement, _postgres: [(statement, how, params)]
 
 
+def _on_postgres(how: str, params: Any) -> Callable[[Any, bool], list[Trial]]:
+    return lambda statement, postgres: [(statement, how, params)] if postgres else []
+
+
+def _starts() -> dict[str, Any]:
+    """One IDLE worker started (with a branch), one started meanwhile elsewhere (its status as
+    read is stale: not changed), one PENDING job's first start."""
+    return {
+        "w_ids": ["c_run_w0", "c_run_w1"],
+        "w_known": ["IDLE", "IDLE"],
+        "w_pids": [4242, 4343],
+        "w_start_times": [2**40, None],
+        "w_run_dirs": ["/runs/w0", "/runs/w1"],
+        "w_workdirs": ["/work/w0", "/work/w1"],
+        "w_started": [NOW, NOW],
+        "w_hosts": ["host-a", "host-a"],
+        "w_branches": ["orchestrator/c_run/w0", None],
+        "w_base_commits": ["abc123", None],
+        "j_ids": ["c_pend0", "c_run"],
+        "j_started": [NOW, NOW],
+        "now": NOW,
+        "b_engine": ENGINE,
+        "n_channel": "orchestrator_conformance",
+        "n_topic": "jobs",
+    }
+
+
+def _slot_moves() -> dict[str, Any]:
+    """A new slot of depth 0 added to c_run's allocation and bound to c_run_w0."""
+    return {
+        "a_jobs": ["c_run"],
+        "a_bound": [1],
+        "a_slots": [1],
+        "p_depths": [0],
+        "p_counts": [1],
+        "hold": ["c_run_w0"],
+        "now": NOW,
+    }
+
+
 R, J = "orchestrator.resources.repository.", "orchestrator.jobs.submit_rows."
+PG = "orchestrator.engine.queries.postgres."
 CLAIMS, SETTLE = "orchestrator.engine.queries.claims.", "orchestrator.engine.queries.settle."
 WORKERS = "orchestrator.engine.queries.workers."
 CASES: dict[str, Callable[[Any, bool], list[Trial]]] = {
@@ -388,6 +429,16 @@ CASES: dict[str, Callable[[Any, bool], list[Trial]]] = {
     R + "_POOL_TAKE": _case(EXECUTE, {"b_depth": 1, "b_count": 2}),
     R + "_WORKERS_HOLD": _case(EXECUTE, {"ids": ["c_run_w0", "c_run_w1"]}),
     R + "_WORKERS_RELEASE": _case(FETCH, {"ids": ["c_run_w0", "c_run_w1"]}),
+    WORKERS + "_EXITING": _case(FETCH, {"ids": ["c_run_w0", "c_run_w1", "c_done_w0"]}),
+    # PostgreSQL's merged statements (engine/queries/postgres.py): none runs on SQLite.
+    PG + "SETTLING": _on_postgres(FETCH, {"engine_id": ENGINE}),
+    PG + "STARTS": _on_postgres(FETCH, _starts()),
+    PG + "SLOT_MOVES": _on_postgres(FETCH, _slot_moves()),
+    PG + "ROOM": _on_postgres(FETCH, {"job_ids": ["c_run", "c_pend0"], "depths": [0, 1]}),
+    PG + "POOLS_AND_BACKLOG": _on_postgres(FETCH, {"engine_id": ENGINE}),
+    PG + "claim()": lambda build, postgres: (
+        [(build((0, 1)), FETCH, {"n0": 5, "n1": 5, "n_allocated": 5, "b_engine": ENGINE})] if postgres else []
+    ),
 }
 FOUND = find_statements()
 

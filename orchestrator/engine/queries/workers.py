@@ -12,7 +12,7 @@ from orchestrator.core.states import WorkerStatus
 from orchestrator.db import precompiled
 from orchestrator.db.locking import for_update
 from orchestrator.db.models import Job, Worker, WorkerLog, utcnow
-from orchestrator.engine.queries.rows import IDS
+from orchestrator.engine.queries.rows import IDS, WORKER_ROW, WorkerRow
 
 _WORKER_STATUSES = precompiled.Statement(
     select(Worker.id, Worker.status, Job.status).join(Job, Job.id == Worker.job_id).where(Worker.id.in_(IDS))
@@ -20,6 +20,7 @@ _WORKER_STATUSES = precompiled.Statement(
 _WORKERS_OF_JOBS = select(Worker).where(Worker.job_id.in_(IDS)).execution_options(populate_existing=True)
 _JOBS_BY_ID = select(Job).where(Job.id.in_(IDS)).execution_options(populate_existing=True)
 _WORKERS_BY_ID = select(Worker).where(Worker.id.in_(IDS)).execution_options(populate_existing=True)
+_EXITING = precompiled.Statement(select(*WORKER_ROW).where(Worker.id.in_(IDS)), lock=True)
 
 
 async def worker_statuses(session: AsyncSession, worker_ids: list[str]) -> dict[str, tuple[str, str]]:
@@ -48,6 +49,14 @@ async def workers_by_id(
         return {}
     stmt = for_update(session, _WORKERS_BY_ID) if lock else _WORKERS_BY_ID
     return {worker.id: worker for worker in (await session.execute(stmt, {"ids": worker_ids})).scalars()}
+
+
+async def exiting_workers(session: AsyncSession, worker_ids: list[str]) -> dict[str, WorkerRow]:
+    """The rows of ended workers, locked until the transaction ends (db/locking.py): plain rows,
+    all recording an exit needs."""
+    if not worker_ids:
+        return {}
+    return {row.id: row for row in await precompiled.fetch(session, _EXITING, {"ids": worker_ids})}
 
 
 async def job(session: AsyncSession, job_id: str) -> Job | None:

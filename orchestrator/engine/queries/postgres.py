@@ -1,0 +1,313 @@
+"""PostgreSQL's statements for a pass, each in place of several: there every statement is a round
+trip (and the server's parse, plan and wake-up on a shared host), so a pass's reads are merged
+and its writes carried by data-modifying CTEs and `UPDATE … FROM unnest(arrays) … RETURNING`,
+one statement for a whole batch whatever its size (arrays keep the statement text, and so its
+prepared form, the same). SQLite runs the separate statements on its driver, where each costs
+microseconds (engine/queries/claims.py, settle.py; resources/repository.py).
+
+Every change of a status is still one guarded conditional UPDATE (`WHERE status = <as read>`),
+and every slot counter still moves only through guarded UPDATEs (the CHECK constraints behind
+them); a slot comes back exactly once, because the worker's row is locked when read and its
+`holds_slot` cleared by the same guarded UPDATE that ends it."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, cast
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Integer,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    literal_column,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy import cast as sa_cast
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
+from sqlalchemy.orm import aliased
+
+from orchestrator.core.states import JobStatus, WorkerStatus
+from orchestrator.db import precompiled
+from orchestrator.db.models import Allocation, Job, ResourcePool, UTCDateTime, Worker
+from orchestrator.engine.queries.claims import _claim_candidates
+from orchestrator.engine.queries.rows import ACTIVE_JOB, LIVE
+
+_JOBS = cast(Table, Job.__table__)
+_WORKERS = cast(Table, Worker.__table__)
+_POOLS = cast(Table, ResourcePool.__table__)
+_ALLOCATIONS = cast(Table, Allocation.__table__)
+
+
+def _array(name: str, item: Any) -> Any:
+    return bindparam(name, type_=ARRAY(item))
+
+
+def _text(name: str) -> Any:
+    return bindparam(name, type_=Text)
+
+
+def _constant(value: str | int | bool) -> Any:
+    """A constant written into the SQL text: no parameter to bind and send on every run. (Named
+    parameters here never take a column's name: SQLAlchemy adds such a key to an UPDATE's SET.)"""
+    if isinstance(value, bool):
+        return literal_column("true" if value else "false", Boolean)
+    if isinstance(value, int):
+        return literal_column(str(value), Integer)
+    assert "'" not in value
+    return literal_column(f"'{value}'", String)
+
+
+# ---------------------------------------------------------------- settle: one read for all
+
+_child = aliased(Job)
+_JSON_LIST = JSON(none_as_null=True)
+SETTLING = precompiled.Statement(
+    select(
+        Job.id,
+        Job.status,
+        Job.depth,
+        Job.started_at,
+        Job.repository,
+        select(Allocation.slots - Allocation.bound)
+        .where(Allocation.job_id == Job.id)
+        .scalar_subquery()
+        .label("unbound"),
+        select(
+            func.json_agg(
+                aggregate_order_by(
+                    func.json_build_array(Worker.id, Worker.status, Worker.status_reason, Worker.holds_slot),
+                    Worker.worker_index,
+                ),
+                type_=_JSON_LIST,
+            )
+        )
+        .where(Worker.job_id == Job.id)
+        .scalar_subquery()
+        .label("workers"),
+        select(func.json_agg(func.json_build_array(_child.id, _child.status), type_=_JSON_LIST))
+        .where(_child.parent_job_id == Job.id)
+        .scalar_subquery()
+        .label("children"),
+    ).where(
+        Job.engine_id == bindparam("engine_id"),
+        Job.status.in_(ACTIVE_JOB),
+        ~exists().where(and_(Worker.job_id == Job.id, Worker.status.in_(LIVE))),
+    ),
+    lock=True,
+    lock_of=Job,
+)
+
+
+# ---------------------------------------------------------------- starts: one statement for all
+
+_started = (
+    func.unnest(
+        _array("w_ids", String),
+        _array("w_known", String),
+        _array("w_pids", Integer),
+        _array("w_start_times", BigInteger),
+        _array("w_run_dirs", Text),
+        _array("w_workdirs", Text),
+        _array("w_started", UTCDateTime()),
+        _array("w_hosts", String),
+        _array("w_branches", Text),
+        _array("w_base_commits", Text),
+    )
+    .table_valued(
+        "id",
+        "known",
+        "pid",
+        "start_time",
+        "run_dir",
+        "workdir",
+        "started_at",
+        "host",
+        "branch",
+        "base_commit",
+    )
+    .render_derived(name="started")
+)
+_first = (
+    func.unnest(_array("j_ids", String), _array("j_started", UTCDateTime()))
+    .table_valued("id", "started_at")
+    .render_derived(name="first_start")
+)
+_STARTED_WORKERS = (
+    update(_WORKERS)
+    .where(_WORKERS.c.id == _started.c.id, _WORKERS.c.status == _started.c.known)
+    .values(
+        status=_constant(WorkerStatus.RUNNING.value),
+        status_reason=_constant("started"),
+        updated_at=bindparam("now"),
+        started_at=_started.c.started_at,
+        pid=_started.c.pid,
+        pid_start_time=_started.c.start_time,
+        run_dir=_started.c.run_dir,
+        workdir=_started.c.workdir,
+        host=_started.c.host,
+        engine_id=bindparam("b_engine"),
+        branch=func.coalesce(_started.c.branch, _WORKERS.c.branch),
+        result=case(
+            (_started.c.branch.is_(None), _WORKERS.c.result),
+            else_=func.json_build_object(literal_column("'base_commit'"), _started.c.base_commit),
+        ),
+    )
+    .returning(_WORKERS.c.id, _WORKERS.c.holds_slot)
+    .cte("started_workers")
+)
+_STARTED_JOBS = (
+    update(_JOBS)
+    .where(_JOBS.c.id == _first.c.id, _JOBS.c.status == _constant(JobStatus.PENDING.value))
+    .values(
+        status=_constant(JobStatus.RUNNING.value),
+        status_reason=_constant("first worker started"),
+        updated_at=bindparam("now"),
+        started_at=_first.c.started_at,
+    )
+    .returning(_JOBS.c.id, _constant(False).label("holds_slot"))
+    .cte("started_jobs")
+)
+# Workers first, then jobs (the lock order of record_starts on every database); and the NOTIFY
+# that a pass which records starts publishes (UnitOfWork.publish's, without its round trip).
+STARTS = precompiled.Statement(
+    union_all(
+        select(_constant("worker").label("kind"), _STARTED_WORKERS.c.id, _STARTED_WORKERS.c.holds_slot),
+        select(_constant("job").label("kind"), _STARTED_JOBS.c.id, _STARTED_JOBS.c.holds_slot),
+        select(
+            _constant("notify").label("kind"),
+            sa_cast(func.pg_notify(_text("n_channel"), _text("n_topic")), Text),
+            literal_column("NULL::boolean", Boolean),
+        ),
+    )
+)
+
+
+# ---------------------------------------------------------------- slots
+
+# The pass's slot moves in one statement, in the lock order of every slot move (allocations,
+# pools, workers): per job (bound, slots) deltas, per depth the pool's, and the workers that now
+# hold a slot. Each UPDATE is guarded as the separate ones are; the caller compares the counts.
+_job_moves = (
+    func.unnest(_array("a_jobs", String), _array("a_bound", Integer), _array("a_slots", Integer))
+    .table_valued("job_id", "bound", "slots")
+    .render_derived(name="job_moves")
+)
+_depth_moves = (
+    func.unnest(_array("p_depths", Integer), _array("p_counts", Integer))
+    .table_valued("depth", "count")
+    .render_derived(name="depth_moves")
+)
+_MOVED_ALLOCATIONS = (
+    update(_ALLOCATIONS)
+    .where(
+        _ALLOCATIONS.c.job_id == _job_moves.c.job_id,
+        _ALLOCATIONS.c.bound + _job_moves.c.bound >= _constant(0),
+        _ALLOCATIONS.c.bound + _job_moves.c.bound <= _ALLOCATIONS.c.slots + _job_moves.c.slots,
+        _ALLOCATIONS.c.slots + _job_moves.c.slots <= _ALLOCATIONS.c.max_slots,
+    )
+    .values(
+        bound=_ALLOCATIONS.c.bound + _job_moves.c.bound,
+        slots=_ALLOCATIONS.c.slots + _job_moves.c.slots,
+        updated_at=bindparam("now"),
+    )
+    .returning(_ALLOCATIONS.c.job_id)
+    .cte("moved_allocations")
+)
+_MOVED_POOLS = (
+    update(_POOLS)
+    .where(
+        _POOLS.c.depth == _depth_moves.c.depth,
+        _POOLS.c.allocated + _depth_moves.c["count"] >= _constant(0),
+        _POOLS.c.allocated + _depth_moves.c["count"] <= _POOLS.c.max_workers,
+    )
+    .values(allocated=_POOLS.c.allocated + _depth_moves.c["count"])
+    .returning(_POOLS.c.depth)
+    .cte("moved_pools")
+)
+_HOLDING = (
+    update(_WORKERS)
+    .where(_WORKERS.c.id == func.any(_array("hold", String)), _WORKERS.c.holds_slot.is_(_constant(False)))
+    .values(holds_slot=_constant(True))
+    .returning(_WORKERS.c.id)
+    .cte("now_holding")
+)
+SLOT_MOVES = precompiled.Statement(
+    select(
+        select(func.count()).select_from(_MOVED_ALLOCATIONS).scalar_subquery().label("allocations"),
+        select(func.count()).select_from(_MOVED_POOLS).scalar_subquery().label("pools"),
+        select(func.count()).select_from(_HOLDING).scalar_subquery().label("workers"),
+    )
+)
+
+# The counters a pass's new slots are taken against, locked until it ends: the jobs' allocations
+# first, then the pools (the lock order of every slot move), in one statement.
+_LOCKED_ALLOCATIONS = (
+    select(
+        Allocation.job_id.label("key"),
+        (Allocation.slots - Allocation.bound).label("first"),
+        (Allocation.max_slots - Allocation.slots).label("second"),
+    )
+    .where(Allocation.job_id == func.any(_array("job_ids", String)))
+    .with_for_update()
+    .cte("locked_allocations")
+    .prefix_with("MATERIALIZED")
+)
+_LOCKED_POOLS = (
+    select(
+        sa_cast(ResourcePool.depth, String).label("key"),
+        (ResourcePool.max_workers - ResourcePool.allocated).label("first"),
+        _constant(0).label("second"),
+    )
+    .where(ResourcePool.depth == func.any(_array("depths", Integer)))
+    .with_for_update()
+    .cte("locked_pools")
+    .prefix_with("MATERIALIZED")
+)
+ROOM = precompiled.Statement(
+    union_all(
+        select(_constant("job").label("kind"), *_LOCKED_ALLOCATIONS.c),
+        select(_constant("depth").label("kind"), *_LOCKED_POOLS.c),
+    )
+)
+
+# Free slots per depth and the engine's claimed, not yet started jobs there: one read.
+POOLS_AND_BACKLOG = precompiled.Statement(
+    select(
+        ResourcePool.depth,
+        (ResourcePool.max_workers - ResourcePool.allocated).label("free"),
+        select(func.count())
+        .where(
+            Job.engine_id == bindparam("engine_id"),
+            Job.status == JobStatus.PENDING.value,
+            Job.depth == ResourcePool.depth,
+        )
+        .scalar_subquery()
+        .label("backlog"),
+    )
+)
+
+
+@functools.cache
+def claim(depths: tuple[int, ...]) -> precompiled.Statement:
+    """The claim in one statement: the candidates (claims._claim_candidates: each depth's first
+    PENDING jobs, FOR UPDATE SKIP LOCKED) read once, as a MATERIALIZED CTE (a plain IN
+    sub-select was rescanned per row and claimed more than asked), then taken."""
+    candidates = _claim_candidates(depths, allocated=True, postgres=True).statement
+    chosen = cast(Any, candidates).cte("candidates").prefix_with("MATERIALIZED")
+    return precompiled.Statement(
+        update(_JOBS)
+        .where(_JOBS.c.id.in_(select(chosen.c.id)), _JOBS.c.engine_id.is_(None))
+        .values(engine_id=bindparam("b_engine"))
+        .returning(_JOBS.c.id, _JOBS.c.worker_count, _JOBS.c.workspace_id, _JOBS.c.depth, _JOBS.c.agent)
+    )
