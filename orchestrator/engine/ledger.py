@@ -120,7 +120,10 @@ class Ledger:
         for item in launched:
             worker = item.worker
             if item.spawned is None:
-                await self.fail(session, worker, item.error or "could not start")
+                if item.waiting is not None:  # keeps its slot; a later pass starts it
+                    await worker_queries.note_waiting(session, worker.id, item.waiting)
+                else:
+                    await self.fail(session, worker, item.error or "could not start")
                 continue
             values = item.values(host=self.ctx.executor.host, engine_id=self.ctx.id)
             if statuses.get(worker.id) == worker.status and WorkerStatus.RUNNING in WORKER_TRANSITIONS.get(
