@@ -253,9 +253,10 @@ class RayExecutor(LocalExecutor):
             while not ray.wait([ref], timeout=1.0)[0]:
                 if time.monotonic() - since > START_TIMEOUT:
                     raise RuntimeError(f"its Ray node did not start it within {START_TIMEOUT:.0f} s")
-                if time.monotonic() - since > PLACE_WAIT and not placed(actor):
+                memory = limits.memory_mb if limits else None
+                if time.monotonic() - since > PLACE_WAIT and not placed(actor) and not self.room.fits(memory):
                     self._forget_actor(actor, request.worker_id)
-                    raise NotPlaced(waiting_reason(limits.memory_mb if limits else None))
+                    raise NotPlaced(waiting_reason(memory))
             ident: dict[str, Any] = ray.get(ref)
             return ident
         except ray.exceptions.RayError as exc:

@@ -80,6 +80,13 @@ class Room:
             if worker_id in self.starts:
                 self.starts[worker_id] = (self.starts[worker_id][0], time.monotonic())
 
+    def fits(self, memory_mb: int | None) -> bool:
+        """Whether some node, as Ray last said, has room for one more such worker: an actor Ray
+        has not placed yet waits for a worker process there (a slow start), not for room."""
+        with self.lock:
+            nodes = {node: [slots, memory] for node, (slots, memory) in (self.free or {}).items()}
+        return self.free is None or _take(nodes, (memory_mb or 0) * MIB)
+
     def place(self) -> Place | None:
         """For one scheduling pass: a function saying why a worker of that memory limit cannot
         be placed now (None: it can, and its room is taken for the rest of the pass); None when

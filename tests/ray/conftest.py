@@ -145,7 +145,7 @@ class RayCluster:
     def finish_node(self, node: Any, processes: set[int]) -> list[int]:
         """After a test that killed a node: remove it from the cluster and make sure every
         process it had is gone (those that outlive their raylet are killed; returned)."""
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, KeyError):  # KeyError: removed already
             os.kill(self.raylet(node).pid, signal.SIGCONT)
         with contextlib.suppress(Exception):
             self.cluster.remove_node(node, allow_graceful=False)

@@ -29,6 +29,10 @@ command = ["sh", "-c", "echo \\"worker $WORKER_INDEX\\" > file-$WORKER_INDEX.txt
 type = "command"
 command = ["sh", "-c", "echo mine > mine.txt && printf 'gitdir: /nonexistent\\n' > .git && mkdir -p hooks && echo evil > hooks/pre-push"]
 
+[agents.reader]
+type = "command"
+command = ["sh", "-c", "cat .env conf/local.json setup-output.txt"]
+
 [agents.sleeper]
 type = "command"
 command = ["sh", "-c", "echo partial > partial.txt && git add partial.txt && echo ready && exec sleep 600"]
@@ -162,7 +166,6 @@ def test_the_worktree_set_up_runs_on_the_node_with_its_copied_files(
     agents = servers.root / "agents.toml"
     agents.write_text(
         agents.read_text()
-        + '[agents.reader]\ntype = "command"\ncommand = ["sh", "-c", "cat .env conf/local.json setup-output.txt"]\n'
         + f'[repositories."{good}"]\ncopy = [".env", "conf"]\n'
         + 'setup = "test -f .env && echo ran-in-worktree > setup-output.txt"\n'
         + f'[repositories."{broken}"]\nsetup = ["sh", "-c", "echo npm ERR! broken; exit 3"]\n'
