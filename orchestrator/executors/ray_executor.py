@@ -128,7 +128,7 @@ class RayExecutor(LocalExecutor):
             try:
                 self._check_reachable()
                 if self.problem is None:
-                    self.room.refresh(self.ray)
+                    self.room.refresh(self.watcher.gcs_read)
                     self.watcher.poll()
                     self._kill_abandoned()
                 else:
@@ -254,7 +254,7 @@ class RayExecutor(LocalExecutor):
                 if time.monotonic() - since > START_TIMEOUT:
                     raise RuntimeError(f"its Ray node did not start it within {START_TIMEOUT:.0f} s")
                 memory = limits.memory_mb if limits else None
-                if time.monotonic() - since > PLACE_WAIT and not placed(actor) and not self.room.fits(memory):
+                if time.monotonic() - since > PLACE_WAIT and not self._placed(actor, memory):
                     self._forget_actor(actor, request.worker_id)
                     raise NotPlaced(waiting_reason(memory))
             ident: dict[str, Any] = ray.get(ref)
@@ -267,6 +267,10 @@ class RayExecutor(LocalExecutor):
             if not isinstance(exc, NotPlaced):
                 self._forget_actor(actor, request.worker_id)
             raise
+
+    def _placed(self, actor: Any, memory: int | None) -> bool:
+        """Placed, or about to be: some node has room for it (a slow start, not a full cluster)."""
+        return bool(self.watcher.gcs_read(lambda: placed(actor))) or self.room.fits(memory)
 
     def _forget_actor(self, actor: Any, worker_id: str) -> None:
         forget(self.ray, actor, actor_name(worker_id), NAMESPACE)

@@ -45,14 +45,14 @@ class Room:
         # Starts Ray's view may not show yet: worker id -> (memory bytes, when placed or None).
         self.starts: dict[str, tuple[float, float | None]] = {}
 
-    def refresh(self, ray: Any) -> None:
-        """Read Ray's view (the executor's thread, every REFRESH_SECONDS)."""
+    def refresh(self, gcs_read: Callable[[Callable[[], Any]], Any]) -> None:
+        """Read Ray's view (the executor's thread, every REFRESH_SECONDS; a bounded read)."""
         now = time.monotonic()
         if now - self.read_at < REFRESH_SECONDS:
             return
         from ray._private import state  # a DeveloperAPI: the GCS's per-node view, no dashboard
 
-        per_node: dict[str, dict[str, float]] = state.available_resources_per_node()  # type: ignore[no-untyped-call]
+        per_node: dict[str, dict[str, float]] = gcs_read(state.available_resources_per_node)
         free = {
             node: (float(resources.get(SLOT, 0.0)), float(resources.get("memory", 0.0)))
             for node, resources in per_node.items()

@@ -25,8 +25,9 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.executors.local import EXIT_FILE, WorkerProcess
 from orchestrator.executors.processes import file_size
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT = 30.0
 NODES_SECONDS = 1.0  # how often the watched workers' nodes are looked up in Ray's node table
 VERDICT_SECONDS = 30.0  # how long a worker's end waits for Ray to say whether its node died
+GCS_READ_SECONDS = 5.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Watcher:
         self.lock = threading.Lock()
         self.nodes_at = 0.0
         self.unreachable_since: float | None = None
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-gcs")
 
     def add(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
         with self.lock:
@@ -89,8 +93,13 @@ class Watcher:
             self.nodes_at = now
             self.check_nodes()
 
+    def gcs_read(self, read: Callable[[], T]) -> T:
+        """A read from the GCS, bounded: Ray's own waits for as long as the GCS is away (the
+        driver reconnects forever), which would stop this thread from noticing that it is."""
+        return self.reader.submit(read).result(timeout=GCS_READ_SECONDS)
+
     def nodes_alive(self) -> dict[str, bool]:
-        nodes: list[dict[str, Any]] = self.ray.nodes()  # a GCS read
+        nodes: list[dict[str, Any]] = self.gcs_read(self.ray.nodes)
         return {node["NodeID"]: bool(node["Alive"]) for node in nodes}
 
     def verdict(self, host: str | None) -> str:
