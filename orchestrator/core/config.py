@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     # at RAY_ADDRESS; needs the `ray` extra).
     orchestrator_executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
+    # How long running Ray workers stay RUNNING while the cluster's head (GCS) is unreachable
+    # before they are declared lost: Ray's own default for a node's raylet to give up on the GCS.
+    ray_head_grace_seconds: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _check_uid_range(self) -> Settings:

@@ -32,6 +32,7 @@ from orchestrator.engine.supervision import (
 )
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.local import WorkerProcess, make_dirs
+from orchestrator.executors.ray_cluster import NotPlaced
 from orchestrator.workspaces import git, gitdirs, refs
 from orchestrator.workspaces import setup as worktree_setup
 
@@ -57,6 +58,7 @@ class Launched:
     branch: str | None = None
     base_commit: str | None = None
     error: str | None = None
+    waiting: str | None = None  # not started, not failed: no cluster node had room (it waits IDLE)
 
     @property
     def proc(self) -> WorkerProcess | None:
@@ -122,6 +124,9 @@ class Launcher:
         for item in chunk:
             try:
                 spawned = item.start()
+            except NotPlaced as exc:
+                launched.append(Launched(item.worker, item.job, None, waiting=str(exc)))
+                continue
             except Exception as exc:
                 launched.append(_not_started(item.worker, item.job, exc))
                 continue

@@ -123,7 +123,10 @@ class Ledger:
         started = [item for item in launched if item.spawned is not None]
         for item in launched:
             if item.spawned is None:
-                await self.fail(session, item.worker, item.error or "could not start")
+                if item.waiting is not None:  # keeps its slot; a later pass starts it
+                    await worker_queries.note_waiting(session, item.worker.id, item.waiting)
+                else:
+                    await self.fail(session, item.worker, item.error or "could not start")
         if self.ctx.db.is_postgres:
             return await record_starts_at_once(self.ctx, session, started)
         statuses = await lock_statuses(session, Worker, [item.worker.id for item in started])

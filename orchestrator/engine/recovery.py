@@ -4,6 +4,7 @@ again (made to follow its recorded status), one that ended is recorded as it end
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -21,6 +22,7 @@ from orchestrator.engine.ledger import Ledger
 from orchestrator.engine.logs import LogCursor
 from orchestrator.engine.queries import engines as engine_queries
 from orchestrator.engine.reconcile import Reconciler
+from orchestrator.engine.remote_workspace import lost_reason
 from orchestrator.engine.supervision import (
     RECLAIM_INTERVAL_SECONDS,
     EngineContext,
@@ -129,13 +131,16 @@ class Recovery:
             cursor=LogCursor(gone.output_path, offset=worker.log_offset, lines=worker.log_lines),
         )
         if read_exit_code(run_dir) is None and worker.status in WORKER_LIVE:
+            # A node that died meanwhile says so (a cluster executor knows); else how it ended.
+            lost = await asyncio.to_thread(lost_reason, self.ctx.executor, worker.host)
             with contextlib.suppress(InvalidTransition):
                 await transition_worker(
                     session,
                     worker.id,
                     WorkerStatus.FAILED,
                     actor=self.ctx.actor,
-                    reason="lost: the process ended while no engine supervised it, without an exit status",
+                    reason=lost
+                    or "lost: the process ended while no engine supervised it, without an exit status",
                 )
         self.sup.exited.append(gone)
 

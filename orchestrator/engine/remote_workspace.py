@@ -25,6 +25,11 @@ def is_remote(executor: LocalExecutor) -> bool:
     return isinstance(executor, RayExecutor)
 
 
+def lost_reason(executor: LocalExecutor, host: str | None) -> str | None:
+    """Why a worker found gone at a take-over is gone, if its cluster node is known dead."""
+    return executor.lost_reason(host) if isinstance(executor, RayExecutor) else None
+
+
 def add_worktree(
     executor: LocalExecutor, settings: Settings, repository: Path, workdir: Path, branch: str, base: str
 ) -> None:

@@ -157,13 +157,21 @@ class _MemoryAdmission:
     def __init__(self, ctx: EngineContext, room: int | None) -> None:
         self.ctx = ctx
         self.room = room
+        self.place = ctx.executor.placement()  # a cluster: some node must have room (Ray)
         self.waiting: dict[str, str] = {}
 
     def __call__(self, worker: WorkerRow, job: JobRow) -> bool:
-        if self.room is None:
+        if self.room is None and self.place is None:
             return True
         agent = self.ctx.agents.agents.get(job.agent)
         needs = worker_limits(agent, job.limits).memory_mb if agent is not None else 0
+        if self.place is not None:
+            reason = self.place(needs or None)
+            if reason is not None:
+                self.waiting[worker.id] = reason
+                return False
+        if self.room is None:
+            return True
         if needs + self.ctx.settings.orchestrator_memory_headroom_mb > self.room:
             self.waiting[worker.id] = f"waiting for memory: needs {needs} MiB, {max(self.room, 0)} available"
             return False

@@ -170,6 +170,11 @@ class LocalExecutor:
         """What /ready shows about a cluster executor (None: workers run on this host)."""
         return None
 
+    def placement(self) -> Callable[[int | None], str | None] | None:
+        """For a scheduling pass on a cluster: why a worker of that memory limit has no node to
+        run on now (None: it has, and it is counted). None: this host places every worker."""
+        return None
+
     def process_stopped(self, proc: WorkerProcess) -> bool | None:
         """Whether the worker's process group is stopped, if the executor must say (None: the
         reconciler reads /proc itself, once for all workers)."""

@@ -15,3 +15,11 @@ def probe(address: str | None) -> None:
     host, _, port = address.rpartition(":")
     with socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_PROBE_SECONDS):
         pass
+
+
+SLOT = "agent_slot"  # the custom resource each worker's actor asks one of
+
+
+class NotPlaced(RuntimeError):
+    """No Ray node had room for the worker: it waits IDLE (the reason says for what) instead of
+    failing, and is started again at a later pass."""

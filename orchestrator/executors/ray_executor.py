@@ -7,23 +7,21 @@ by name (one fixed namespace, a name derived from the worker id), so no worker s
 `max_restarts=0`: the orchestrator, not Ray, decides what a failed worker becomes.
 
 One thread talks to the cluster: it connects (and keeps saying why not, for /ready: jobs wait
-while it cannot), and polls every watched actor for new output from the offset the engine has
-mirrored so far. The mirror (the engine's own run dir: output.log and exit) is what the engine
-reads, exactly as for a local worker, so logs reach the database once, offset-based. A worker
-whose node died, or whose actor died, ends with `lost: ...` as its reason (`ending`).
+while it cannot), reads which nodes have room (ray_placement.py: a worker no node has room for
+waits IDLE instead of holding a launcher thread), and watches every worker (ray_watch.py: its
+output mirrored into the engine's run dir, and the failures that end it `lost: ...`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +30,19 @@ from orchestrator.core.config import Settings
 from orchestrator.executors import netguard
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import MIB, Limits
-from orchestrator.executors.local import (
-    EXIT_FILE,
-    LocalExecutor,
-    WorkerProcess,
-)
-from orchestrator.executors.processes import file_size
-from orchestrator.executors.ray_cluster import probe
-from orchestrator.executors.ray_node import StartRequest, WorkerNode, files_to_ship
+from orchestrator.executors.local import LocalExecutor, WorkerProcess
+from orchestrator.executors.ray_cluster import SLOT, NotPlaced, probe
+from orchestrator.executors.ray_node import StartRequest, WorkerNode, copied_files, files_to_ship
+from orchestrator.executors.ray_placement import Place, Room, forget, placed, waiting_reason
+from orchestrator.executors.ray_watch import CALL_TIMEOUT, Watcher, node_died
 from orchestrator.workspaces.remote import RemoteCheckout
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "orchestrator"
 POLL_SECONDS = 0.25
-CALL_TIMEOUT = 30.0
-PLACE_TIMEOUT = 120.0  # how long a start waits for a node with room
+PLACE_WAIT = 10.0  # a start Ray has not placed by then gives up: the worker waits IDLE
+START_TIMEOUT = 1800.0  # a placed start (its node cloning a repository, say) may take this long
 CONNECT_RETRY_SECONDS = 2.0
 RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
 RECONNECT_FOREVER_SECONDS = 10 * 365 * 24 * 3600
@@ -59,17 +54,16 @@ def actor_name(worker_id: str) -> str:
     return f"worker-{worker_id}"
 
 
-@dataclass
-class Watched:
-    proc: WorkerProcess
-    on_exit: Callable[[WorkerProcess], None]
-    loop: asyncio.AbstractEventLoop
-
-
 class RayExecutor(LocalExecutor):
     """Starts, signals and watches workers as Ray actors (engine side)."""
 
-    def __init__(self, address: str | None, sandbox: sandboxing.SandboxHost | None, sandbox_uid: int) -> None:
+    def __init__(
+        self,
+        address: str | None,
+        sandbox: sandboxing.SandboxHost | None,
+        sandbox_uid: int,
+        head_grace: float = 60.0,
+    ) -> None:
         # No cgroups here: the node applies the limits, Ray admits by memory.
         super().__init__(sandbox, None)
         # A Ray driver exits its whole process when the cluster's GCS stays away longer than
@@ -83,11 +77,12 @@ class RayExecutor(LocalExecutor):
         self.problem: str | None = f"connecting to the Ray cluster at {address or 'auto'}"
         self.actor_class: Any = None
         self.actors: dict[str, Any] = {}
-        self.watched: dict[str, Watched] = {}
-        self.lost: dict[str, str] = {}
+        self.hosts: dict[str, str] = {}  # worker id -> its node
+        self.pushes: set[str] = set()  # workers whose node pushes a branch at their end
+        self.watcher = Watcher(ray, self._actor, head_grace)
+        self.room = Room()
         self.checkouts: dict[str, RemoteCheckout] = {}  # set before a repository worker's start
         self.push_errors: dict[str, str] = {}  # why a node could not push a worker's branch
-        self.lock = threading.Lock()
         self.connected = threading.Event()
         self.last_probe = 0.0
         self.stopping = threading.Event()
@@ -99,7 +94,9 @@ class RayExecutor(LocalExecutor):
         sandbox = None
         if settings.orchestrator_sandbox != "off":
             sandbox = netguard.sandbox_host(settings)  # this host's guard (other hosts: docs/SANDBOX.md)
-        executor = cls(settings.ray_address, sandbox, settings.orchestrator_sandbox_uid)
+        executor = cls(
+            settings.ray_address, sandbox, settings.orchestrator_sandbox_uid, settings.ray_head_grace_seconds
+        )
         executor.network_guard = settings.orchestrator_sandbox_network_guard
         return executor
 
@@ -134,7 +131,12 @@ class RayExecutor(LocalExecutor):
             try:
                 self._check_reachable()
                 if self.problem is None:
-                    self._poll_once()
+                    self.room.refresh(self.watcher.gcs_read)
+                    self.watcher.poll()
+                    self._kill_abandoned()
+                else:
+                    self.room.forget()
+                    self.watcher.head_away()
             except Exception:
                 log.exception("polling Ray workers failed; retrying")
             self.stopping.wait(POLL_SECONDS)
@@ -180,10 +182,6 @@ class RayExecutor(LocalExecutor):
             self.actors[worker_id] = handle
         return handle
 
-    def _nodes_alive(self) -> dict[str, bool]:
-        nodes: list[dict[str, Any]] = self.ray.nodes()  # type: ignore[no-untyped-call]
-        return {node["NodeID"]: bool(node["Alive"]) for node in nodes}
-
     # ------------------------------------------------------------ the executor interface
 
     def memory_limit_mb(self, worker_id: str) -> int | None:
@@ -207,7 +205,8 @@ class RayExecutor(LocalExecutor):
         sandbox: sandboxing.SandboxSpec | None = None,
         limits: Limits | None = None,
     ) -> WorkerProcess:
-        """Create (or find, by name) the worker's actor and start the worker there once."""
+        """Create (or find, by name) the worker's actor and start the worker there once; raises
+        NotPlaced if no node had room for it within PLACE_WAIT (it waits IDLE, not FAILED)."""
         self._require_cluster()
         checkout = self.checkouts.pop(worker_id, None)
         if checkout is None and (workdir / ".git").exists():
@@ -224,36 +223,68 @@ class RayExecutor(LocalExecutor):
             sandbox_uid_count=self.sandbox.uid_count if self.sandbox is not None else 1,
             files=files_to_ship(run_dir),
             checkout=checkout,
+            copied=copied_files(workdir) if checkout is not None else {},
         )
         options: dict[str, Any] = {
             "name": actor_name(worker_id),
             "namespace": NAMESPACE,
             "lifetime": "detached",
             "num_cpus": 0,
-            "resources": {"agent_slot": 1},
+            "resources": {SLOT: 1},
             "max_restarts": 0,
             "get_if_exists": True,
         }
         if limits is not None:
             options["memory"] = limits.memory_mb * MIB
         actor = self.actor_class.options(**options).remote()
-        ray = self.ray
+        self.room.starting(worker_id, limits.memory_mb if limits else None)
         try:
-            ident = ray.get(actor.start.remote(request), timeout=PLACE_TIMEOUT)
-        except ray.exceptions.GetTimeoutError:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
-            raise RuntimeError(
-                f"no Ray node had room for it (agent_slot 1, memory {limits and limits.memory_mb} MiB)"
-            ) from None
+            ident = self._started(actor, request, limits)
+        finally:
+            self.room.started(worker_id)  # counted until Ray's view shows it (or a while)
+        if checkout is not None:
+            shutil.rmtree(workdir, ignore_errors=True)  # the set-up's copies, sent to the node
+        self.actors[worker_id] = actor
+        return self._process(worker_id, ident, run_dir)
+
+    def _started(self, actor: Any, request: StartRequest, limits: Limits | None) -> dict[str, Any]:
+        """The node's answer to the start, once Ray placed the actor (however long the node then
+        takes: a clone); NotPlaced if Ray did not place it within PLACE_WAIT."""
+        ray = self.ray
+        ref = actor.start.remote(request)
+        since = time.monotonic()
+        try:
+            while not ray.wait([ref], timeout=1.0)[0]:
+                if time.monotonic() - since > START_TIMEOUT:
+                    raise RuntimeError(f"its Ray node did not start it within {START_TIMEOUT:.0f} s")
+                memory = limits.memory_mb if limits else None
+                if time.monotonic() - since > PLACE_WAIT and not self._placed(actor, memory):
+                    self._forget_actor(actor, request.worker_id)
+                    raise NotPlaced(waiting_reason(memory))
+            ident: dict[str, Any] = ray.get(ref)
+            return ident
         except ray.exceptions.RayError as exc:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
+            self._forget_actor(actor, request.worker_id)
             cause = getattr(exc, "cause", None)  # the node's own exception (a sandbox that cannot work)
             raise RuntimeError(f"on its Ray node: {str(cause or exc)[:300]}") from None
-        self.actors[worker_id] = actor
+        except RuntimeError as exc:
+            if not isinstance(exc, NotPlaced):
+                self._forget_actor(actor, request.worker_id)
+            raise
+
+    def _placed(self, actor: Any, memory: int | None) -> bool:
+        """Placed, or about to be: some node has room for it (a slow start, not a full cluster)."""
+        return bool(self.watcher.gcs_read(lambda: placed(actor))) or self.room.fits(memory)
+
+    def _forget_actor(self, actor: Any, worker_id: str) -> None:
+        forget(self.ray, actor, actor_name(worker_id), NAMESPACE)
+
+    def _process(self, worker_id: str, ident: dict[str, Any], run_dir: Path) -> WorkerProcess:
         proc = WorkerProcess(worker_id, int(ident["pid"]), int(ident["start_time"]), run_dir)
         proc.host = str(ident["node_id"])
+        self.hosts[worker_id] = proc.host
+        if ident.get("checkout"):
+            self.pushes.add(worker_id)
         return proc
 
     def adopt(self, worker_id: str, pid: int, start_time: int, run_dir: Path) -> WorkerProcess | None:
@@ -265,16 +296,25 @@ class RayExecutor(LocalExecutor):
             return None
         try:
             ident = self.ray.get(actor.identity.remote(), timeout=CALL_TIMEOUT)
+        except self.ray.exceptions.ActorUnavailableError:
+            raise  # its node may be dying: the take-over is retried once Ray knows
         except self.ray.exceptions.RayActorError:
             return None
         if ident["pid"] != pid or (start_time and ident["start_time"] != start_time):
             return None
-        proc = WorkerProcess(worker_id, pid, int(ident["start_time"]), run_dir)
-        proc.host = str(ident["node_id"])
-        return proc
+        return self._process(worker_id, ident, run_dir)
+
+    def lost_reason(self, host: str | None) -> str | None:
+        """Why a worker found gone at a take-over is gone, if its node is known dead."""
+        if not host or not self.can_start():
+            return None
+        with contextlib.suppress(Exception):
+            if not self.watcher.nodes_alive().get(host, False):
+                return node_died(host)
+        return None
 
     def send(self, proc: WorkerProcess, sig: signal.Signals) -> bool:
-        if proc.exited or proc.worker_id in self.lost or not self.can_start():
+        if proc.exited or proc.worker_id in self.watcher.lost or not self.can_start():
             return False  # not sent (a pause is tried again by the next pass)
         actor = self._actor(proc.worker_id)
         if actor is None:
@@ -299,16 +339,29 @@ class RayExecutor(LocalExecutor):
 
     def ending(self, worker_id: str) -> str | None:
         """Why it ended, if lost or at a limit; then its process group goes, its node pushes its
-        branch (a repository job; also when terminated, or lost on a node that lives on)."""
-        lost = self.lost.pop(worker_id, None)
+        branch (a repository job; also when terminated, or lost on a node that lives on). A node
+        that dies before it pushed the branch loses the worker's work: lost too."""
+        lost = self.watcher.lost.pop(worker_id, None)
+        host, pushes = self.hosts.pop(worker_id, None), worker_id in self.pushes
+        self.pushes.discard(worker_id)
+        if worker_id in self.watcher.abandoned:
+            return lost  # the head is away: its actor is killed once it is back
         actor = self._actor(worker_id)
         self.actors.pop(worker_id, None)
         if actor is None:
             return lost
         ended: dict[str, Any] = {}
-        with contextlib.suppress(Exception):  # a dead actor: nothing to push, nothing to say
+        try:
             method = actor.finish if lost is None else actor.kill_group
             ended = self.ray.get(method.remote(), timeout=PUSH_TIMEOUT)
+        except self.ray.exceptions.RayActorError:
+            if lost is None and pushes:  # its work did not come back
+                lost = self.watcher.verdict(host)
+                self.push_errors[worker_id] = (
+                    f"{lost.removeprefix('lost: ')} before it pushed the worker's branch"
+                )
+        except Exception:  # nothing to push, nothing to say
+            log.warning("worker %s: its actor did not end cleanly", worker_id, exc_info=True)
         if ended.get("push_error"):
             self.push_errors[worker_id] = str(ended["push_error"])
         with contextlib.suppress(Exception):
@@ -320,80 +373,24 @@ class RayExecutor(LocalExecutor):
         return self.push_errors.pop(worker_id, None)
 
     def watch(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
-        with self.lock:
-            self.watched[proc.worker_id] = Watched(proc, on_exit, asyncio.get_running_loop())
+        self.watcher.add(proc, on_exit)
 
     def unwatch(self, proc: WorkerProcess) -> None:
-        with self.lock:
-            self.watched.pop(proc.worker_id, None)
+        self.watcher.remove(proc)
 
-    # ------------------------------------------------------------ polling
+    def placement(self) -> Place | None:
+        """For a scheduling pass: whether a worker fits on some node now (ray_placement.py)."""
+        return self.room.place() if self.can_start() else None
 
-    def _poll_once(self) -> None:
-        with self.lock:
-            items = list(self.watched.values())
-        if not items:
-            return
-        refs: dict[Any, Watched] = {}
-        for item in items:
-            actor = self._actor(item.proc.worker_id)
-            if actor is None:
-                self._end(item, "lost: its Ray actor is gone")
-                continue
-            refs[actor.poll.remote(file_size(item.proc.output_path))] = item
-        if not refs:
-            return
-        ready, pending = self.ray.wait(list(refs), num_returns=len(refs), timeout=CALL_TIMEOUT)
-        alive: dict[str, bool] | None = None
-        for ref in ready:
-            item = refs[ref]
-            try:
-                result = self.ray.get(ref)
-            except self.ray.exceptions.RayActorError as exc:
-                alive = alive if alive is not None else self._nodes_alive()
-                if not alive.get(item.proc.host or "", False):
-                    self._end(item, f"lost: node {item.proc.host} died")
-                elif isinstance(exc, self.ray.exceptions.ActorDiedError):
-                    self._end(item, "lost: its Ray actor died")
-                continue
-            self._mirror(item, result)
-        for ref in pending:
-            item = refs[ref]
-            alive = alive if alive is not None else self._nodes_alive()
-            if not alive.get(item.proc.host or "", False):
-                self._end(item, f"lost: node {item.proc.host} died")
-
-    def _mirror(self, item: Watched, result: dict[str, Any]) -> None:
-        """Append the new output to the engine's copy; on the end, its exit status too."""
-        proc = item.proc
-        if result["output"]:
-            with open(proc.output_path, "ab") as handle:
-                handle.write(result["output"])
-        if result["node_gone"]:
-            self._end(item, f"lost: node {proc.host} died")
-        elif result["ended"]:
-            if result["exit_code"] is not None:
-                path = proc.run_dir / EXIT_FILE
-                temporary = path.with_suffix(".tmp")
-                temporary.write_text(f"{result['exit_code']}\n")
-                os.replace(temporary, path)
-            self._end(item, None)
-
-    def _end(self, item: Watched, lost: str | None) -> None:
-        with self.lock:
-            if self.watched.pop(item.proc.worker_id, None) is None:
-                return
-        if lost is not None:
-            self.lost[item.proc.worker_id] = lost
-            log.warning("worker %s: %s", item.proc.worker_id, lost)
-
-        def fire() -> None:
-            if not item.proc.exited:
-                item.proc.exited = True
-                item.on_exit(item.proc)
-
-        with contextlib.suppress(RuntimeError):  # the engine's loop is closed: the next one adopts
-            item.loop.call_soon_threadsafe(fire)
+    def _kill_abandoned(self) -> None:
+        """Actors of workers declared lost while the head was away, killed now it is back."""
+        for worker_id in list(self.watcher.abandoned):
+            with contextlib.suppress(Exception):
+                actor = self.ray.get_actor(actor_name(worker_id), namespace=NAMESPACE)
+                with contextlib.suppress(Exception):
+                    self.ray.get(actor.kill_group.remote(), timeout=CALL_TIMEOUT)
+                self.ray.kill(actor, no_restart=True)
+            self.watcher.abandoned.discard(worker_id)
 
     def close(self) -> None:
         self.stopping.set()

@@ -41,6 +41,7 @@ from orchestrator.executors.local import (
 )
 from orchestrator.executors.processes import stopped_process_groups
 from orchestrator.workspaces import remote
+from orchestrator.workspaces import setup as worktree_setup
 from orchestrator.workspaces.git import GitError, worktree_git_dirs
 from orchestrator.workspaces.remote import RemoteCheckout
 
@@ -49,11 +50,15 @@ MAX_CHUNK = 1 << 20
 GROUP_GONE_SECONDS = 30.0  # how long the final push waits for a killed process group to go
 MAX_SHIPPED_BYTES = 8 * MIB  # run-dir files the agent profile wrote, sent along with the start
 WRAPPER_FILES = frozenset({OUTPUT_FILE, EXIT_FILE, PID_FILE, STDIN_FILE, EXIT_FILE + ".tmp"})
+GCS_CHECK_SECONDS = 5.0  # how often a worker's actor asks the GCS whether it was declared dead
+# A process counts as gone once it is a zombie too (a raylet killed but not yet reaped by its
+# parent); read with shell builtins only: the loop forks nothing but its `sleep`.
 FENCE_SCRIPT = (
+    'alive() { { read -r l < "/proc/$1/stat"; } 2>/dev/null || return 1; '
+    's=${l##*") "}; [ "${s%% *}" != Z ]; }; '
     'a="$1"; r="$2"; w="$3"; '
-    'while kill -0 "$a" 2>/dev/null && kill -0 "$r" 2>/dev/null && kill -0 "$w" 2>/dev/null; '
-    "do sleep 1; done; "
-    'kill -0 "$w" 2>/dev/null && kill -s KILL -- "-$w"'
+    'while alive "$a" && alive "$r" && alive "$w"; do sleep 1; done; '
+    'alive "$w" && kill -s KILL -- "-$w"'
 )
 
 
@@ -72,6 +77,7 @@ class StartRequest:
     files: dict[str, bytes] = field(default_factory=dict)  # run-dir files the agent profile wrote
     checkout: RemoteCheckout | None = None  # a repository job: the worktree comes from a git remote
     sandbox_uid_count: int = sandboxing.DEFAULT_UID_COUNT  # the node leases a uid per worker from the range
+    copied: dict[str, bytes] = field(default_factory=dict)  # the set-up's `copy` files, for the worktree
 
 
 def files_to_ship(run_dir: Path) -> dict[str, bytes]:
@@ -92,6 +98,19 @@ def files_to_ship(run_dir: Path) -> dict[str, bytes]:
                 )
             files[relative] = path.read_bytes()
     return files
+
+
+def copied_files(workdir: Path) -> dict[str, bytes]:
+    """The files the repository's set-up copied into the worker's directory on the server (its
+    `copy` list: workspaces/setup.py), for the node to put into the worktree it clones."""
+    return files_to_ship(workdir) if workdir.is_dir() else {}
+
+
+def _write_files(root: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
 
 
 def node_dir(node_id: str) -> Path:
@@ -164,12 +183,10 @@ class WorkerNode:
         self.checkout, self.workdir = request.checkout, workdir
         if request.checkout is not None:
             remote.clone_worktree(request.checkout, workdir)
+            _write_files(workdir, request.copied)
         else:
             make_dirs(workdir)
-        for name, data in request.files.items():
-            target = run_dir / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+        _write_files(run_dir, request.files)
         self.executor = executor = self._make_executor(request, base)
         spec = LaunchSpec(
             [remap(a) for a in request.spec.argv],
@@ -184,6 +201,7 @@ class WorkerNode:
             request.worker_id, spec, workdir, run_dir, sandbox=box, limits=request.limits
         )
         self._start_fence()
+        threading.Thread(target=self._watch_gcs, name="gcs-watch", daemon=True).start()
         return self.identity()
 
     def _start_fence(self) -> None:
@@ -195,12 +213,35 @@ class WorkerNode:
             "/bin/sh", argv, {"PATH": "/usr/bin:/bin"}, file_actions=null, setsid=True
         )
 
+    def _watch_gcs(self) -> None:
+        """Kill the worker's process group, and end this actor, once the GCS has declared it dead
+        (its node declared dead by the health check: a raylet that hangs, a node cut off): the
+        engine has ended the worker then, so nothing of it may run on, also when the node comes
+        back. A GCS that does not answer says nothing: the fence covers a raylet or an actor
+        that is gone."""
+        import ray
+        from ray._private import state
+
+        actor_id = ray.get_runtime_context().get_actor_id()
+        while not self.ended:
+            time.sleep(GCS_CHECK_SECONDS)
+            try:
+                dead = state.actors(actor_id).get("State") == "DEAD"
+            except Exception:
+                continue
+            if dead:
+                self._kill_group()
+                self._wait_group_gone()  # and reaped: nobody polls this actor any more
+                # A dead actor whose raylet resumed (and exited) would linger on: go too.
+                os._exit(0)
+
     def identity(self) -> dict[str, Any]:
         proc = self.proc
         return {
             "node_id": self.node_id,
             "pid": proc.pid if proc else None,
             "start_time": proc.start_time if proc else None,
+            "checkout": self.checkout is not None,
         }
 
     def _reap(self) -> int | None:
@@ -230,6 +271,7 @@ class WorkerNode:
             "output": chunk,
             "ended": ended,
             "exit_code": read_exit_code(self.proc.run_dir) if ended else None,
+            "setup_failed": worktree_setup.failure(self.proc.run_dir) if ended else None,
             "node_gone": self.node_gone(),
         }
 

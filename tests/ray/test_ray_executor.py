@@ -103,20 +103,75 @@ def test_jobs_spread_over_both_nodes_within_their_slots(
     server = start_server(servers, ray_cluster)
     with server.client() as client:
         tasks = [mark() for _ in range(4)]
-        jobs = [submit(client, agent="short", task_description=task) for task in tasks]
-        done = [wait_final(client, job["id"], timeout=LONG * 2) for job in jobs]
-        assert [job["status"] for job in done] == ["COMPLETED"] * 4, done
-        workers = [workers_of(client, job["id"])[0] for job in jobs]
+        jobs = [submit(client, agent="ticker", task_description=task) for task in tasks]
+        workers = wait_until(
+            lambda: running(client, [j["id"] for j in jobs]), timeout=LONG * 2, what="running"
+        )
         hosts = sorted(w["host"] for w in workers)
-        # Two slots per node, four workers: Ray put two on each node (none on the head).
+        # Two slots per node, four workers running at once: two on each node (none on the head).
         assert sorted(set(hosts)) == sorted(node_ids(ray_cluster)), hosts
         assert hosts.count(hosts[0]) == 2
-        for worker, task in zip(workers, tasks, strict=True):
-            assert worker["exit_code"] == 0
-            assert log_lines(client, worker["id"]) == [f"start {task}", f"done {task}"]
+        for worker in workers:
+            wait_until(lambda w=worker: len(log_lines(client, w["id"])) >= 2, timeout=LONG, what="ticks")
+            assert client.post(f"/api/supervisor/workers/{worker['id']}/terminate").status_code == 200
+        for job in jobs:
+            wait_final(client, job["id"], timeout=LONG)
+        for worker in workers:
+            assert_ticks(log_lines(client, worker["id"]))
         assert usage_allocated(client)[0] == 0
         ready = client.get("/ready").json()
         assert ready["cluster"]["status"] == "connected", ready
+
+
+def test_starts_beyond_the_clusters_slots_wait_idle_and_start_when_a_slot_frees(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    """Quota 6 over 4 `agent_slot`s: the two workers no node has room for wait IDLE, saying why,
+    without a slot of the quota (nor a launcher thread: the engine still pauses and resumes a
+    worker meanwhile), and start as soon as a node has room again; none fails."""
+    server = start_server(servers, ray_cluster)
+    with server.client() as client:
+        tickers = [submit(client, agent="ticker", task_description=mark()) for _ in range(4)]
+        busy = wait_until(
+            lambda: running(client, [j["id"] for j in tickers]), timeout=LONG * 2, what="running"
+        )
+        waiting = [submit(client, agent="short", task_description=mark()) for _ in range(2)]
+
+        def held() -> list[dict[str, Any]] | None:
+            found = [w for job in waiting for w in workers_of(client, job["id"])]
+            reasons = [w["status_reason"] or "" for w in found]
+            ok = len(found) == 2 and all(w["status"] == "IDLE" for w in found)
+            return (
+                found
+                if ok and all(r.startswith("waiting for a Ray node with a free agent_slot") for r in reasons)
+                else None
+            )
+
+        wait_until(held, timeout=LONG, what="the workers beyond the cluster's slots waiting IDLE")
+        assert usage_allocated(client)[0] == 4
+        ticker = busy[0]
+        assert client.post(f"/api/supervisor/workers/{ticker['id']}/pause").status_code == 200
+        wait_until(lambda: "T" in group_states(ticker["pid"]), timeout=LONG, what="paused meanwhile")
+        assert client.post(f"/api/supervisor/workers/{ticker['id']}/resume").status_code == 200
+        wait_until(lambda: "T" not in group_states(ticker["pid"]), timeout=LONG, what="resumed meanwhile")
+        assert held(), "still waiting while every slot is busy"
+        for worker in busy[:2]:
+            assert client.post(f"/api/supervisor/workers/{worker['id']}/terminate").status_code == 200
+        done = [wait_final(client, job["id"], timeout=LONG * 2) for job in waiting]
+        assert [job["status"] for job in done] == ["COMPLETED", "COMPLETED"], done
+        for job in waiting:
+            started_once(client, job["id"])
+        for worker in busy[2:]:
+            assert client.post(f"/api/supervisor/workers/{worker['id']}/terminate").status_code == 200
+        for job in tickers:
+            wait_final(client, job["id"], timeout=LONG)
+        assert usage_allocated(client)[0] == 0
+
+
+def started_once(client: httpx.Client, job_id: str) -> None:
+    events = client.get(f"/api/jobs/{job_id}/events").json()["events"]
+    starts = [e for e in events if e["kind"] == "worker.status" and e["to_status"] == "RUNNING"]
+    assert len(starts) == 1, starts
 
 
 @pytest.mark.parametrize("sandbox", ["on", "off"])
@@ -218,6 +273,7 @@ def test_node_lost_mid_run_fails_its_workers_and_frees_their_slots(
         assert len(on_lost) == 2 and len(others) == 4, [w["host"] for w in workers]
         lost_tasks = [tasks[[j["id"] for j in jobs].index(w["job_id"])] for w in on_lost]
 
+        processes = ray_cluster.node_processes(extra)
         ray_cluster.cluster.remove_node(extra, allow_graceful=False)
 
         def lost_recorded() -> bool:
@@ -244,6 +300,8 @@ def test_node_lost_mid_run_fails_its_workers_and_frees_their_slots(
         for job in jobs:
             wait_final(client, job["id"], timeout=LONG)
         assert usage_allocated(client)[0] == 0
+    # Ray's agents of the removed node outlive it (nobody reaps them): gone before the next test.
+    ray_cluster.finish_node(extra, processes)
 
 
 def test_cluster_unreachable_ready_says_so_and_jobs_wait(
@@ -271,16 +329,32 @@ def test_cluster_unreachable_ready_says_so_and_jobs_wait(
         assert server.process is not None and server.process.poll() is None
 
 
-def test_cluster_lost_mid_run_the_server_keeps_serving(servers: ServerFactory, tmp_path: Path) -> None:
+def test_cluster_lost_mid_run_the_server_keeps_serving(
+    servers: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The cluster's head dies under a running worker: /ready says so, new jobs wait, and the
     server outlives the Ray driver's own deadline for a missing GCS (cut to 5 s here, which
-    would end the process without the executor's override)."""
+    would end the process without the executor's override). The running worker stays RUNNING
+    for the head's grace (a head that comes back finds it running), then ends FAILED `lost: ...`
+    with its slot back; its node's raylet gives up on the GCS (its own timeout, cut to 10 s) and
+    the worker's processes go with it."""
+    # The node's raylet only (its environment): in the cluster's system config it would reach
+    # the server's Ray driver too, over the executor's own setting, and end the server with it.
+    monkeypatch.setenv("RAY_gcs_rpc_server_reconnect_timeout_s", "10")
     cluster = RayCluster(tmp_path, nodes=1)
+    monkeypatch.delenv("RAY_gcs_rpc_server_reconnect_timeout_s")
+    node_processes: set[int] = set()
     try:
-        server = start_server(servers, cluster, RAY_gcs_rpc_server_reconnect_timeout_s="5")
+        server = start_server(
+            servers, cluster, RAY_gcs_rpc_server_reconnect_timeout_s="5", RAY_HEAD_GRACE_SECONDS="15"
+        )
+        task = mark()
         with server.client() as client:
-            first = submit(client, agent="ticker", task_description=mark())
-            wait_until(lambda: running(client, [first["id"]]), timeout=LONG, what="worker running")
+            first = submit(client, agent="ticker", task_description=task)
+            (worker,) = wait_until(
+                lambda: running(client, [first["id"]]), timeout=LONG, what="worker running"
+            )
+            node_processes = cluster.node_processes(cluster.nodes[0])
             cluster.cluster.head_node.kill_all_processes(check_alive=False, allow_graceful=False)
 
             def unready() -> dict[str, Any] | None:
@@ -300,8 +374,18 @@ def test_cluster_lost_mid_run_the_server_keeps_serving(servers: ServerFactory, t
             assert server.process is not None and server.process.poll() is None, server.log()
             assert client.get(f"/api/jobs/{second['id']}").json()["status"] == "PENDING"
             assert served > 0
+            lost = wait_until(
+                lambda: (w := workers_of(client, first["id"])[0])["status"] == "FAILED" and w,
+                timeout=LONG,
+                what="the worker declared lost after the head's grace",
+            )
+            assert lost["status_reason"].startswith("lost: the Ray cluster's head was unreachable for "), lost
+            assert usage_allocated(client)[0] == 0
+            wait_until(lambda: not grandchildren(task), timeout=LONG, what="its processes gone with the node")
+            wait_until(lambda: not group_states(worker["pid"]), timeout=LONG, what="its process group gone")
     finally:
         cluster.shutdown()
+        cluster.finish_node(cluster.nodes[0], node_processes)
 
 
 def test_a_killed_actor_fails_its_worker_and_takes_its_processes_along(

@@ -12,6 +12,7 @@ from typing import Any
 from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
 from tests.integration.test_engine_workspaces_tokens import git, make_repo
 from tests.integration.test_results import result_branch
+from tests.integration.test_worktree_setup import repo_with_env
 from tests.ray.conftest import RayCluster
 from tests.ray.test_ray_executor import LONG, node_ids, running
 from tests.support.servers import Server, ServerFactory
@@ -27,6 +28,10 @@ command = ["sh", "-c", "echo \\"worker $WORKER_INDEX\\" > file-$WORKER_INDEX.txt
 [agents.hostile]
 type = "command"
 command = ["sh", "-c", "echo mine > mine.txt && printf 'gitdir: /nonexistent\\n' > .git && mkdir -p hooks && echo evil > hooks/pre-push"]
+
+[agents.reader]
+type = "command"
+command = ["sh", "-c", "cat .env conf/local.json setup-output.txt"]
 
 [agents.sleeper]
 type = "command"
@@ -147,3 +152,43 @@ def test_a_repository_job_without_a_git_remote_fails_with_a_clear_reason(
         assert "ORCHESTRATOR_GIT_REMOTE" in worker["status_reason"], worker
         assert worker["status_reason"].startswith("could not start: "), worker
         assert not (servers.root / "data" / "workspaces" / worker["id"]).exists()
+
+
+def test_the_worktree_set_up_runs_on_the_node_with_its_copied_files(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    """A repository's set-up (workspaces/setup.py) on a Ray node: its `copy` files (ignored by
+    git, so only in the server's main checkout) reach the worktree the node cloned, the set-up
+    command runs there before the agent, and a failing set-up fails the worker with its reason."""
+    server, _, _ = start(servers, ray_cluster)
+    roots = servers.root / "repos"
+    good, broken = repo_with_env(roots, "good"), repo_with_env(roots, "broken")
+    agents = servers.root / "agents.toml"
+    agents.write_text(
+        agents.read_text()
+        + f'[repositories."{good}"]\ncopy = [".env", "conf"]\n'
+        + 'setup = "test -f .env && echo ran-in-worktree > setup-output.txt"\n'
+        + f'[repositories."{broken}"]\nsetup = ["sh", "-c", "echo npm ERR! broken; exit 3"]\n'
+    )
+    with server.client() as client:
+        job = submit(client, agent="reader", repository=str(good))
+        done = wait_final(client, job["id"], timeout=LONG)
+        (worker,) = workers_of(client, job["id"])
+        lines = log_lines(client, worker["id"])
+        assert done["status"] == "COMPLETED", (done, worker, lines)
+        for expected in (
+            "SECRET=42",
+            '{"db": "local"}',
+            "ran-in-worktree",
+            "[setup] copied .env into the worktree",
+        ):
+            assert expected in lines, (expected, lines)
+        listed = git(good, "ls-tree", "-r", "--name-only", worker["branch"]).splitlines()
+        assert ".env" not in listed and "conf/local.json" not in listed, listed
+        assert not (servers.root / "data" / "workspaces" / worker["id"]).exists()
+
+        failing = submit(client, agent="reader", repository=str(broken))
+        wait_final(client, failing["id"], timeout=LONG)
+        (worker,) = workers_of(client, failing["id"])
+        reason = "worktree set-up failed: `sh -c echo npm ERR! broken; exit 3` exited with code 3"
+        assert worker["status"] == "FAILED" and worker["status_reason"] == reason, worker

@@ -1,0 +1,205 @@
+"""Watching Ray workers from the engine: their output and exit, and the failures that end them.
+
+The executor's thread polls every watched actor for new output from the offset the engine has
+mirrored so far, into the engine's own run dir (output.log and exit), which the engine reads as
+for a local worker: logs reach the database once, offset-based. It also decides when a worker is
+lost, from what Ray says, not from silence alone:
+
+- its node is dead in Ray's node table (checked every NODES_SECONDS for every watched worker,
+  also while its actor still answers: a node whose raylet hangs is declared dead by Ray's health
+  check while the processes on it run on) -> `lost: node <id> died`;
+- its actor died on a node that lives -> `lost: its Ray actor died`;
+- the cluster's head (GCS) stayed unreachable longer than the grace (`RAY_HEAD_GRACE_SECONDS`,
+  by default Ray's own `gcs_rpc_server_reconnect_timeout_s`, 60 s, after which every node's raylet
+  gives up on the GCS and exits, its workers with it) -> `lost: the Ray cluster's head was
+  unreachable for <n> s`. Within the grace nothing is declared: a head that comes back (GCS fault
+  tolerance, KubeRay restarting it) finds its workers running and mirrored from their offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from orchestrator.executors.local import EXIT_FILE, WorkerProcess
+from orchestrator.executors.processes import file_size
+from orchestrator.workspaces.setup import FAILURE_FILE
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT = 30.0
+NODES_SECONDS = 1.0  # how often the watched workers' nodes are looked up in Ray's node table
+VERDICT_SECONDS = 30.0  # how long a worker's end waits for Ray to say whether its node died
+GCS_READ_SECONDS = 5.0
+T = TypeVar("T")
+
+
+@dataclass
+class Watched:
+    proc: WorkerProcess
+    on_exit: Callable[[WorkerProcess], None]
+    loop: asyncio.AbstractEventLoop
+
+
+def node_died(host: str | None) -> str:
+    return f"lost: node {host} died"
+
+
+class Watcher:
+    """The watched workers of one executor, polled by its thread."""
+
+    def __init__(self, ray: Any, actor_of: Callable[[str], Any], head_grace: float) -> None:
+        self.ray = ray
+        self.actor_of = actor_of
+        self.head_grace = head_grace
+        self.watched: dict[str, Watched] = {}
+        self.lost: dict[str, str] = {}  # worker id -> why it ended (read once by `ending`)
+        self.abandoned: set[str] = set()  # lost while the head was away: actors to kill on its return
+        self.lock = threading.Lock()
+        self.nodes_at = 0.0
+        self.unreachable_since: float | None = None
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-gcs")
+
+    def add(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
+        with self.lock:
+            self.watched[proc.worker_id] = Watched(proc, on_exit, asyncio.get_running_loop())
+
+    def remove(self, proc: WorkerProcess) -> None:
+        with self.lock:
+            self.watched.pop(proc.worker_id, None)
+
+    def items(self) -> list[Watched]:
+        with self.lock:
+            return list(self.watched.values())
+
+    # ------------------------------------------------------------ the cluster reachable
+
+    def poll(self) -> None:
+        """One round while the cluster answers: output and ends, then (now and then) nodes."""
+        self.unreachable_since = None
+        items = self.items()
+        if items:
+            self._poll(items)
+        now = time.monotonic()
+        if now - self.nodes_at >= NODES_SECONDS:
+            self.nodes_at = now
+            self.check_nodes()
+
+    def gcs_read(self, read: Callable[[], T]) -> T:
+        """A read from the GCS, bounded: Ray's own waits for as long as the GCS is away (the
+        driver reconnects forever), which would stop this thread from noticing that it is."""
+        return self.reader.submit(read).result(timeout=GCS_READ_SECONDS)
+
+    def nodes_alive(self) -> dict[str, bool]:
+        nodes: list[dict[str, Any]] = self.gcs_read(self.ray.nodes)
+        return {node["NodeID"]: bool(node["Alive"]) for node in nodes}
+
+    def verdict(self, host: str | None) -> str:
+        """Why an actor that stopped answering is gone: its node, once Ray's health check has
+        declared it dead (waited for, bounded: the actor's process may die first), else itself."""
+        deadline = time.monotonic() + VERDICT_SECONDS
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                if not self.nodes_alive().get(host or "", False):
+                    return node_died(host)
+            time.sleep(0.5)
+        return "lost: its Ray actor died"
+
+    def check_nodes(self) -> None:
+        """Workers whose node Ray declared dead end lost, whether their actor answers or not."""
+        items = self.items()
+        if not items:
+            return
+        alive = self.nodes_alive()
+        for item in items:
+            if not alive.get(item.proc.host or "", False):
+                self.end(item, node_died(item.proc.host))
+
+    def _poll(self, items: list[Watched]) -> None:
+        refs: dict[Any, Watched] = {}
+        for item in items:
+            actor = self.actor_of(item.proc.worker_id)
+            if actor is None:
+                self.end(item, "lost: its Ray actor is gone")
+                continue
+            refs[actor.poll.remote(file_size(item.proc.output_path))] = item
+        if not refs:
+            return
+        ready, pending = self.ray.wait(list(refs), num_returns=len(refs), timeout=CALL_TIMEOUT)
+        alive: dict[str, bool] | None = None
+        for ref in ready:
+            item = refs[ref]
+            try:
+                result = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as exc:
+                alive = alive if alive is not None else self.nodes_alive()
+                if not alive.get(item.proc.host or "", False):
+                    self.end(item, node_died(item.proc.host))
+                elif isinstance(exc, self.ray.exceptions.ActorDiedError):
+                    self.end(item, "lost: its Ray actor died")
+                continue
+            self._mirror(item, result)
+        for ref in pending:
+            item = refs[ref]
+            alive = alive if alive is not None else self.nodes_alive()
+            if not alive.get(item.proc.host or "", False):
+                self.end(item, node_died(item.proc.host))
+
+    def _mirror(self, item: Watched, result: dict[str, Any]) -> None:
+        """Append the new output to the engine's copy; on the end, its exit status too."""
+        proc = item.proc
+        if result["output"]:
+            with open(proc.output_path, "ab") as handle:
+                handle.write(result["output"])
+        if result["node_gone"]:
+            self.end(item, node_died(proc.host))
+        elif result["ended"]:
+            if result.get("setup_failed"):  # where the engine reads it (workspaces/setup.py)
+                failed = proc.run_dir / "home" / FAILURE_FILE
+                failed.parent.mkdir(parents=True, exist_ok=True)
+                failed.write_text(str(result["setup_failed"]))
+            if result["exit_code"] is not None:
+                path = proc.run_dir / EXIT_FILE
+                temporary = path.with_suffix(".tmp")
+                temporary.write_text(f"{result['exit_code']}\n")
+                os.replace(temporary, path)
+            self.end(item, None)
+
+    # ------------------------------------------------------------ the head away
+
+    def head_away(self) -> None:
+        """A round while the cluster's head does not answer: after the grace, every watched
+        worker is lost (its actor killed once the head is back, if it survived)."""
+        now = time.monotonic()
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+        away = now - self.unreachable_since
+        if away < self.head_grace:
+            return
+        for item in self.items():
+            self.abandoned.add(item.proc.worker_id)
+            self.end(item, f"lost: the Ray cluster's head was unreachable for {away:.0f} s")
+
+    def end(self, item: Watched, lost: str | None) -> None:
+        with self.lock:
+            if self.watched.pop(item.proc.worker_id, None) is None:
+                return
+        if lost is not None:
+            self.lost[item.proc.worker_id] = lost
+            log.warning("worker %s: %s", item.proc.worker_id, lost)
+
+        def fire() -> None:
+            if not item.proc.exited:
+                item.proc.exited = True
+                item.on_exit(item.proc)
+
+        with contextlib.suppress(RuntimeError):  # the engine's loop is closed: the next one adopts
+            item.loop.call_soon_threadsafe(fire)
