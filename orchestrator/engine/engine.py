@@ -225,6 +225,12 @@ class Engine:
                     await conn.execute("SELECT 1", timeout=LISTEN_CONNECT_TIMEOUT_SECONDS)
                 except TimeoutError as exc:
                     raise ConnectionError("the LISTEN connection's keep-alive got no answer") from exc
+                except asyncpg.InterfaceError as exc:
+                    if not conn.is_closed():
+                        raise
+                    # The server ended the session while it idled (terminated, shut down, the
+                    # database dropped): an outage like any other, not a traceback.
+                    raise ConnectionError("the server closed the LISTEN connection") from exc
         finally:
             with contextlib.suppress(Exception):
                 await conn.close(timeout=5)
