@@ -29,6 +29,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("orchestrator.database")
 
+# A PostgreSQL connect that gets no answer (a frozen server, a dead network path) is an outage after
+# this long: a 503 the client sees within its own timeout, not a request hung for asyncpg's 60 s.
+CONNECT_TIMEOUT_SECONDS = 10.0
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -204,13 +208,16 @@ class OutageLog:
 
     A connection made ends an outage of connections at once. Any other ends at the first
     committed write unit of work `settle_seconds` after the last failure: during a full disk
-    some units of work still commit (those that wrote nothing), which must not end it."""
+    some units of work still commit (those that wrote nothing), which must not end it. One-off
+    refusals (timeouts) are logged at most once per kind every `settle_seconds`, with a count of
+    the others: a table locked for minutes must not log each retry."""
 
     def __init__(self, settle_seconds: float = 10.0) -> None:
         self.settle_seconds = settle_seconds
         self.kind: str | None = None
         self.since = 0.0
         self.last_failure = 0.0
+        self.refusals: dict[str, tuple[float, int]] = {}  # kind: (when last logged, not logged since)
 
     def report(self, exc: BaseException, where: str) -> Failure | None:
         """Classify `exc` and log it if it starts an outage (or is a one-off refusal); None (and
@@ -220,7 +227,7 @@ class OutageLog:
             return None
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         if not failure.outage:
-            log.warning("%s: %s (%s)", where, failure.detail, first_line)
+            self._refused(failure, where, first_line)
             return failure
         self.last_failure = time.monotonic()
         if self.kind != failure.kind:
@@ -229,6 +236,16 @@ class OutageLog:
             self.kind = failure.kind
             log.warning("%s: %s (%s)", where, failure.detail, first_line)
         return failure
+
+    def _refused(self, failure: Failure, where: str, first_line: str) -> None:
+        now = time.monotonic()
+        logged, unlogged = self.refusals.get(failure.kind, (-self.settle_seconds, 0))
+        if now - logged < self.settle_seconds:
+            self.refusals[failure.kind] = (logged, unlogged + 1)
+            return
+        more = f" [{unlogged} more since the last such line]" if unlogged else ""
+        log.warning("%s: %s (%s)%s", where, failure.detail, first_line, more)
+        self.refusals[failure.kind] = (now, 0)
 
     def recovered(self) -> None:
         """A unit of work that may write was committed (`Database.session`)."""

@@ -24,7 +24,7 @@ from orchestrator.core.auth import engine_actor
 from orchestrator.core.config import Settings
 from orchestrator.core.ids import new_engine_id
 from orchestrator.db import topics
-from orchestrator.db.availability import OUTAGES, ConnectFailed
+from orchestrator.db.availability import CONNECT_TIMEOUT_SECONDS, OUTAGES, ConnectFailed
 from orchestrator.db.session import Database
 from orchestrator.db.topics import Topic
 from orchestrator.db.unit_of_work import unit_of_work
@@ -56,10 +56,6 @@ from orchestrator.executors.factory import make_executor
 from orchestrator.executors.local import LocalExecutor, WorkerProcess
 
 __all__ = ["IDLE_SLACK", "WORKER_TOKEN_SCOPES", "Engine", "worker_limits"]
-
-# The LISTEN connection's connect and keep-alive: a server that accepts but never answers (stopped,
-# a dead network path) is an outage after this long, not a hang.
-LISTEN_CONNECT_TIMEOUT_SECONDS = 30.0
 
 
 class Engine:
@@ -213,7 +209,7 @@ class Engine:
 
         dsn = self.settings.async_database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
         try:
-            conn = await asyncpg.connect(dsn, timeout=LISTEN_CONNECT_TIMEOUT_SECONDS)
+            conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_SECONDS)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise ConnectFailed(exc) from exc  # down, dropped, full, refusing: an outage (one line)
         try:
@@ -222,7 +218,7 @@ class Engine:
             while not self.stopping:
                 await asyncio.sleep(5)
                 try:
-                    await conn.execute("SELECT 1", timeout=LISTEN_CONNECT_TIMEOUT_SECONDS)
+                    await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT_SECONDS)
                 except TimeoutError as exc:
                     raise ConnectionError("the LISTEN connection's keep-alive got no answer") from exc
                 except asyncpg.InterfaceError as exc:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -400,4 +402,35 @@ def test_statement_and_lock_timeouts(on_db: OnDatabase) -> None:
     finally:
         with contextlib.suppress(Exception):
             loop.run_until_complete(locker.close())
+        loop.close()
+
+
+def test_a_frozen_server_is_a_503_not_a_hang(on_db: OnDatabase) -> None:
+    """The postmaster frozen (SIGSTOP): open sessions still answer, a new connection gets no answer
+    at all. A request that needs one is a 503 after the connect timeout, not a hung client (the
+    client's own timeout, 30 s, bounds it: asyncpg's default would wait 60 s)."""
+    cluster, name = on_db.cluster, on_db.name
+    api = on_db.factory.start(ORCHESTRATOR_ENGINE="false")
+    loop = asyncio.new_event_loop()
+    admin: asyncpg.Connection = loop.run_until_complete(asyncpg.connect(cluster.url_of("postgres")))
+    postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    try:
+        with api.client() as client:
+            assert client.get("/api/jobs").status_code == 200
+            os.kill(postmaster, signal.SIGSTOP)
+            # The API's sessions end (a session can be ended without the postmaster): it must connect.
+            loop.run_until_complete(
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    name,
+                )
+            )
+            unavailable(client.get("/api/jobs"))
+            os.kill(postmaster, signal.SIGCONT)
+            wait_until(lambda: client.get("/api/jobs").status_code == 200, timeout=120, what="the API back")
+        quiet_logs({"api": api.log()}, outages=1)
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+        loop.run_until_complete(admin.close())
         loop.close()

@@ -163,3 +163,16 @@ def test_a_full_disk_ends_at_a_write_not_a_connection(caplog: pytest.LogCaptureF
         assert outages.kind is None
     assert len(caplog.records) == 2
     assert DISK_FULL.retry_after >= UNREACHABLE.retry_after
+
+
+def test_timeouts_are_logged_once_in_a_while(caplog: pytest.LogCaptureFixture) -> None:
+    """A table locked for minutes: the engine retries every half second, the log says it once."""
+    outages = OutageLog()
+    with caplog.at_level(logging.WARNING, logger="orchestrator.database"):
+        for _ in range(20):
+            assert outages.report(_dbapi("55P03"), "engine main loop") is LOCK_TIMEOUT
+        assert outages.report(_dbapi("57014"), "api") is STATEMENT_TIMEOUT
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("engine main loop: database busy: a lock was not granted")
+    assert outages.kind is None  # a refusal is no outage
