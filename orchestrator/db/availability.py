@@ -203,8 +203,9 @@ _CONNECTION_KINDS = frozenset({UNREACHABLE.kind, MISSING.kind, REFUSED.kind, NO_
 
 
 class OutageLog:
-    """One log line when the database becomes unavailable to this process (and when the kind of
-    failure changes), one when it is back; the attempts between say nothing.
+    """One log line when the database becomes unavailable to this process (and one more for each
+    other specific kind met in the same outage: refusing, then missing), one when it is back; the
+    attempts between say nothing, and so does a plain "unreachable" after a more specific line.
 
     A connection made ends an outage of connections at once. Any other ends at the first
     committed write unit of work `settle_seconds` after the last failure: during a full disk
@@ -215,6 +216,7 @@ class OutageLog:
     def __init__(self, settle_seconds: float = 10.0) -> None:
         self.settle_seconds = settle_seconds
         self.kind: str | None = None
+        self.logged: set[str] = set()  # the kinds this outage has logged
         self.since = 0.0
         self.last_failure = 0.0
         self.refusals: dict[str, tuple[float, int]] = {}  # kind: (when last logged, not logged since)
@@ -230,10 +232,11 @@ class OutageLog:
             self._refused(failure, where, first_line)
             return failure
         self.last_failure = time.monotonic()
-        if self.kind != failure.kind:
-            if self.kind is None:
-                self.since = self.last_failure
-            self.kind = failure.kind
+        if self.kind is None:
+            self.since, self.logged = self.last_failure, set()
+        self.kind = failure.kind
+        if failure.kind not in self.logged and not (failure is UNREACHABLE and self.logged):
+            self.logged.add(failure.kind)
             log.warning("%s: %s (%s)", where, failure.detail, first_line)
         return failure
 

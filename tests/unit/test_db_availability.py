@@ -36,10 +36,13 @@ class _Orig(Exception):
     def __init__(self, sqlstate: str | None) -> None:
         super().__init__(f"sqlstate {sqlstate}")
         self.sqlstate = sqlstate
+        self.connect_failed = False
 
 
-def _dbapi(sqlstate: str | None, *, invalidated: bool = False) -> DBAPIError:
-    return DBAPIError("SELECT 1", None, _Orig(sqlstate), connection_invalidated=invalidated)
+def _dbapi(sqlstate: str | None, *, invalidated: bool = False, connect_failed: bool = False) -> DBAPIError:
+    orig = _Orig(sqlstate)
+    orig.connect_failed = connect_failed  # what db/availability.py marks a failed connect with
+    return DBAPIError("SELECT 1", None, orig, connection_invalidated=invalidated)
 
 
 @pytest.mark.parametrize(
@@ -176,3 +179,16 @@ def test_timeouts_are_logged_once_in_a_while(caplog: pytest.LogCaptureFixture) -
     assert len(lines) == 2, lines
     assert lines[0].startswith("engine main loop: database busy: a lock was not granted")
     assert outages.kind is None  # a refusal is no outage
+
+
+def test_kinds_flapping_within_one_outage_log_each_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A database renamed: refused (connections disallowed), dropped sessions, missing, ... in turn."""
+    outages = OutageLog()
+    down = ConnectionResetError(104, "Connection reset by peer")
+    with caplog.at_level(logging.WARNING, logger="orchestrator.database"):
+        for _ in range(5):
+            for error in (_dbapi("55000", connect_failed=True), down, _dbapi("3D000"), down):
+                outages.report(error, "engine")
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2, lines
+    assert "refused the connection" in lines[0] and "does not exist" in lines[1]
