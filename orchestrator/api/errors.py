@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from orchestrator.core.errors import DomainError, FieldInvalid, Forbidden, Unauthorized
-from orchestrator.db.availability import database_unavailable
+from orchestrator.db.availability import OUTAGES, database_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,17 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
 
-async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-    """Unreachable, restarting, full, or every pooled connection busy: an outage the client can
-    wait out (Retry-After), never a 500."""
-    log.error("database unavailable: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """Unreachable, restarting, dropped, full, refusing connections, timing out, or every pooled
+    connection busy: a failure the client can wait out (Retry-After) and is told which, never a
+    500. The server log says it once per outage (db/availability.py), not once per request."""
+    failure = OUTAGES.report(exc, "api")
+    if failure is None:  # an OperationalError that is a bug (SQLite's "no such table", ...)
+        return await _unexpected(request, exc)
     return JSONResponse(
-        {"detail": "database unavailable: it cannot be reached or is restarting; try again shortly"},
+        {"detail": failure.detail},
         status_code=503,
-        headers={"Retry-After": "5"},
+        headers={"Retry-After": str(failure.retry_after)},
     )
 
 
@@ -88,7 +91,7 @@ TRANSACTION_CONFLICTS = frozenset({"40P01", "40001"})
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    if database_unavailable(exc):  # a connection the server dropped, or its shutdown/start-up
+    if database_unavailable(exc):  # a connection the server dropped, its shutdown, a timeout, ...
         return await _database_unavailable(request, exc)
     if getattr(getattr(exc, "orig", None), "sqlstate", None) in TRANSACTION_CONFLICTS:
         log.warning("transaction conflict: %s", exc)

@@ -8,6 +8,7 @@ idle stream from a dead one) and asks proxies not to buffer.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ from fastapi import Depends, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from orchestrator.core.config import Settings
+from orchestrator.db.availability import OUTAGES
 from orchestrator.db.session import Database
 from orchestrator.streams.messages import FeedMessage
 from orchestrator.streams.wakeups import WakeHub
@@ -28,13 +30,27 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The last frame of a stream the database failed under: `{"detail": ...}` as a 503 would say.
+UNAVAILABLE_EVENT = "unavailable"
 
 
 async def _frames(messages: AsyncGenerator[FeedMessage, None]) -> AsyncIterator[ServerSentEvent]:
     # Closed with the response, so a feed leaves its wake-up hub when the client goes.
     async with contextlib.aclosing(messages):
-        async for message in messages:
-            yield ServerSentEvent(data=message.data, event=message.event, id=message.id)
+        try:
+            async for message in messages:
+                yield ServerSentEvent(data=message.data, event=message.event, id=message.id)
+        except Exception as exc:
+            failure = OUTAGES.report(exc, "stream")
+            if failure is None:
+                raise
+            # The database went away under an open stream: say so and end it (no traceback, one
+            # log line per outage); the client resumes from its last id, after `retry` ms.
+            yield ServerSentEvent(
+                data=json.dumps({"detail": failure.detail}),
+                event=UNAVAILABLE_EVENT,
+                retry=failure.retry_after * 1000,
+            )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from orchestrator.core.config import Settings
-from orchestrator.db.availability import translate_connect_errors
+from orchestrator.db.availability import CONNECT_TIMEOUT_SECONDS, OUTAGES, watch_connections
 from orchestrator.db.sqlite_inline import inline_connector
 from orchestrator.db.unit_of_work import ReadOnlySessionError, ReadSession, UnitOfWork
 
@@ -46,8 +46,14 @@ def make_engine(settings: Settings) -> AsyncEngine:
         return engine
     # pool_pre_ping costs a round trip per checkout, but without it the first request on each
     # connection a restarted server dropped fails: a restarted database must lose no request.
-    engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
-    translate_connect_errors(engine)  # a server that is down: OperationalError, not a bare OSError
+    engine = create_async_engine(
+        url,
+        pool_size=10,
+        max_overflow=20,
+        pool_pre_ping=True,
+        connect_args={"timeout": CONNECT_TIMEOUT_SECONDS},
+    )
+    watch_connections(engine)  # a server that is down or refusing: OperationalError, not a bare OSError
     return engine
 
 
@@ -111,6 +117,7 @@ class Database:
                 await session.rollback()
                 raise
             await session.commit()
+        OUTAGES.recovered()  # a write went through: the end of an outage, if there was one
 
     @asynccontextmanager
     async def read_session(self) -> AsyncIterator[ReadSession]:

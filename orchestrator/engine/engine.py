@@ -24,7 +24,7 @@ from orchestrator.core.auth import engine_actor
 from orchestrator.core.config import Settings
 from orchestrator.core.ids import new_engine_id
 from orchestrator.db import topics
-from orchestrator.db.availability import database_unavailable
+from orchestrator.db.availability import CONNECT_TIMEOUT_SECONDS, OUTAGES, ConnectFailed
 from orchestrator.db.session import Database
 from orchestrator.db.topics import Topic
 from orchestrator.db.unit_of_work import unit_of_work
@@ -176,9 +176,8 @@ class Engine:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if database_unavailable(exc):  # an outage to wait out: one line, not a traceback
-                    log.warning("engine %s: %s loop: database unavailable; retrying", self.id, name)
-                else:
+                # An outage to wait out: one line per outage for the process, not one per attempt.
+                if OUTAGES.report(exc, f"engine {self.id}: {name} loop") is None:
                     log.exception("engine %s: %s loop failed; retrying", self.id, name)
                 await asyncio.sleep(0.5)
 
@@ -211,15 +210,29 @@ class Engine:
         import asyncpg
 
         dsn = self.settings.async_database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-        conn = await asyncpg.connect(dsn)
+        try:
+            conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_SECONDS)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise ConnectFailed(exc) from exc  # down, dropped, full, refusing: an outage (one line)
         try:
             await conn.add_listener(topics.CHANNEL, lambda *_: self.wake.set())
+            self.wake.set()  # (again) listening: a pass sees what was committed while it was not
             while not self.stopping:
                 await asyncio.sleep(5)
-                await conn.execute("SELECT 1")
+                try:
+                    await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT_SECONDS)
+                except TimeoutError as exc:
+                    raise ConnectionError("the LISTEN connection's keep-alive got no answer") from exc
+                except asyncpg.InterfaceError as exc:
+                    if not conn.is_closed():
+                        raise
+                    # The server ended the session while it idled (terminated, shut down, the
+                    # database dropped): an outage like any other, not a traceback.
+                    raise ConnectionError("the server closed the LISTEN connection") from exc
         finally:
             with contextlib.suppress(Exception):
-                await conn.close()
+                await conn.close(timeout=5)
+            conn.terminate()  # if close() could not say goodbye (the server is gone); else a no-op
 
     async def _sqlite_watch_loop(self) -> None:
         """SQLite has no NOTIFY: wake when another connection commits (`PRAGMA data_version`

@@ -35,6 +35,8 @@ class Ingest:
             if record is None:
                 return
             cursor = record.cursor
+            if cursor.unsure:
+                await self._resync(record)
             while True:
                 lines, new_offset = cursor.read_new(final=final)
                 if not lines and new_offset == cursor.offset:
@@ -43,9 +45,22 @@ class Ingest:
                 if not final:
                     return
 
+    async def _resync(self, record: Supervised) -> None:
+        """Where the worker's stored output really ends, after a store whose outcome is unknown
+        (a connection lost at commit): neither a line stored twice nor one skipped."""
+        cursor = record.cursor
+        async with self.ctx.db.read_session() as session:
+            worker = (await worker_queries.workers_by_id(session, [record.proc.worker_id])).get(
+                record.proc.worker_id
+            )
+        if worker is not None:
+            cursor.offset, cursor.lines = worker.log_offset, worker.log_lines
+        cursor.unsure = False
+
     async def _store_lines(self, record: Supervised, lines: list[str], new_offset: int) -> None:
         agent = self.ctx.agents.agents.get(record.agent)
         cursor = record.cursor
+        cursor.unsure = True  # until the commit is known to have gone through
         async with self.ctx.db.session() as session:
             worker_queries.add_log_lines(session, record.proc.worker_id, record.job_id, cursor.lines, lines)
             if agent is not None:
@@ -57,6 +72,7 @@ class Ingest:
             await unit_of_work(session).publish(Topic.LOGS)
         cursor.offset = new_offset
         cursor.lines += len(lines)
+        cursor.unsure = False
 
     async def _record_agent_events(
         self, session: AsyncSession, agent: Agent, record: Supervised, line: str

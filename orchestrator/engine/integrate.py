@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.states import JobStatus, WorkerStatus
+from orchestrator.db.availability import OUTAGES
 from orchestrator.db.models import Integration, Job, Worker, utcnow
 from orchestrator.db.topics import Topic
 from orchestrator.engine.queries import integration as queries
@@ -137,8 +138,10 @@ class Integrator:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("integration of job %s failed unexpectedly; it will be retried", job_id)
-            await self._give_up_after_attempts(job_id, exc)
+            # A database outage is no failed attempt: one line (db/availability.py), then retry.
+            if OUTAGES.report(exc, f"integration of job {job_id}") is None:
+                log.exception("integration of job %s failed unexpectedly; it will be retried", job_id)
+                await self._give_up_after_attempts(job_id, exc)
             await asyncio.sleep(RETRY_SECONDS)
         finally:
             engine.wake.set()

@@ -16,6 +16,7 @@ from typing import Any
 
 from orchestrator.agents.base import Agent, LaunchSpec, WorkerContext
 from orchestrator.core.auth import create_access_token
+from orchestrator.db.availability import OUTAGES
 from orchestrator.db.models import utcnow
 from orchestrator.engine.queries import workers as worker_queries
 from orchestrator.engine.queries.rows import JobRow, WorkerRow
@@ -108,6 +109,8 @@ class Launcher:
             try:
                 prepared.append(await self._prepare(worker, job))
             except Exception as exc:
+                if OUTAGES.report(exc, f"preparing worker {worker.id}") is not None:
+                    continue  # not its fault: it keeps its slot, IDLE, and a later pass starts it
                 launched.append(_not_started(worker, job, exc))
         size = max(LAUNCH_CHUNK, -(-len(prepared) // LAUNCH_THREADS))
         chunks = [prepared[i : i + size] for i in range(0, len(prepared), size)]

@@ -21,6 +21,9 @@ class LogCursor:
     offset: int = 0  # bytes consumed (complete lines only)
     lines: int = 0  # lines stored so far (next seq)
     pending: list[str] = field(default_factory=list)
+    # A store failed, perhaps at its commit (the connection lost): whether it went through is
+    # unknown, so the next store starts from the offset the database holds, not this one.
+    unsure: bool = False
 
     def read_new(self, final: bool = False) -> tuple[list[str], int]:
         """New complete lines (and, if final, the unterminated tail) plus the new offset."""

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.errors import InvalidTransition
 from orchestrator.core.states import WORKER_FINAL, WORKER_LIVE, JobStatus, WorkerStatus
+from orchestrator.db.availability import OUTAGES
 from orchestrator.db.models import Job, Worker, utcnow
 from orchestrator.db.topics import Topic
 from orchestrator.db.transitions import transition_job, transition_worker
@@ -91,10 +92,11 @@ class Recovery:
                     for worker in await workers_repo.workers_of_job(session, job.id):
                         await self.recover_worker(session, worker, job, reconciler)
                     await unit_of_work(session).publish(Topic.JOBS)
-            except Exception:
+            except Exception as exc:
                 # One job that cannot be taken over must not stop the others (or the engine from
                 # starting): its transaction rolled back, so the next reclaim pass tries again.
-                log.exception("engine %s could not take over job %s; will retry", self.ctx.id, job.id)
+                if OUTAGES.report(exc, f"engine {self.ctx.id}: taking over job {job.id}") is None:
+                    log.exception("engine %s could not take over job %s; will retry", self.ctx.id, job.id)
         self.sup.wake.set()
 
     async def recover_worker(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 
 from orchestrator.core.config import Settings
 from orchestrator.db import topics
+from orchestrator.db.availability import OUTAGES
 from orchestrator.db.session import Database
 from orchestrator.streams.horizon import MAX_HORIZON_WAIT_SECONDS, ChangeMark
 
@@ -129,7 +130,8 @@ class WakeHub:
                     async with self.db.read_session() as session:
                         mark = await ChangeMark.read(session, self.db.is_postgres)
                 except Exception as exc:  # the streams poll and meet the error themselves
-                    log.warning("reading the change mark failed: %s", exc)
+                    if OUTAGES.report(exc, "streams: reading the change mark") is None:
+                        log.warning("reading the change mark failed: %s", exc)
                 if mark is None or last is None or mark.moved_since(last):
                     self.wake_all()
                 last = mark

@@ -10,8 +10,10 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from tests.support.servers import free_port
@@ -31,7 +33,8 @@ def pg_bin(name: str) -> str:
 class PgCluster:
     """initdb + pg_ctl on a temporary data directory, a free port, trust authentication."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = 200) -> None:
+        self.max_connections = max_connections
         self.port = free_port()
         # Not under pytest's tmp_path: its parents are private to root, and the server runs as postgres.
         self.root = Path(tempfile.mkdtemp(prefix="orch-pg-"))
@@ -60,7 +63,7 @@ class PgCluster:
 
     def start(self) -> None:
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root}"
-        options += " -c fsync=off -c max_connections=200"
+        options += f" -c fsync=off -c max_connections={self.max_connections}"
         self._run(
             pg_bin("pg_ctl"),
             "-D",
@@ -75,9 +78,33 @@ class PgCluster:
             "start",
         )
 
-    def stop(self) -> None:
-        """A fast shutdown: open sessions are disconnected, as when an operator restarts the server."""
-        self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "120", "stop")
+    def stop(self, mode: str = "fast") -> None:
+        """A fast shutdown: open sessions are disconnected, as when an operator restarts the server.
+        `immediate`: every process quits at once, without a checkpoint (crash recovery at start)."""
+        self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "120", "stop")
+
+    def kill9(self) -> int:
+        """SIGKILL the postmaster (its backends notice and quit; the next start recovers from the
+        crash); returns its PID."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def start_after_crash(self, timeout: float = 180.0) -> None:
+        """Start again once the killed server's backends have let go of its shared memory (a start
+        before that is refused: "pre-existing shared memory block is still in use")."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def url_of(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def running(self) -> bool:
         return self._run(pg_bin("pg_ctl"), "-D", str(self.data), "status", check=False).returncode == 0
