@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +165,16 @@ class Cgroups:
                 continue  # ended meanwhile
             if state not in (b"T", b"t", b"Z", b"X"):
                 return False
+        return True
+
+    def wait_stopped(self, worker_id: str, timeout: float) -> bool:
+        """Wait (at most `timeout` s: a process in uninterruptible sleep stops only when its
+        system call ends) until every process in the worker's group is stopped."""
+        deadline = time.monotonic() + timeout
+        while not self.all_stopped(worker_id):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
         return True
 
     def remove(self, worker_id: str) -> bool:

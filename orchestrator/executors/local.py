@@ -80,7 +80,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INHERITABLE_REFRESH_SECONDS = 1.0
-HOLD_SECONDS = 10.0  # a process in uninterruptible sleep stops only when its system call ends
+HOLD_SECONDS = 10.0
 PARK_WAIT_SECONDS = 30.0  # a shell being parked: its cgroup move waits on the kernel, slow under load
 
 
@@ -138,9 +138,7 @@ class LocalExecutor:
         return executor
 
     def allow_api(self, url: str) -> None:
-        """Let sandboxed agents reach the API at `url`, and the model APIs their environment
-        names on this host, through the network guard (the engine calls it once it knows where
-        the server listens)."""
+        """Open the network guard to the API at `url` (netguard.allow_api)."""
         netguard.allow_api(self.sandbox, self.network_guard, url)
 
     def sandbox_state(self) -> dict[str, object]:
@@ -361,9 +359,7 @@ class LocalExecutor:
         would have that file read into the commit. True if the caller must send SIGCONT after."""
         if self.cgroups is None or not self.cgroups.usable or not self.send(proc, signal.SIGSTOP):
             return False
-        deadline = time.monotonic() + HOLD_SECONDS
-        while not self.cgroups.all_stopped(proc.worker_id) and time.monotonic() < deadline:
-            time.sleep(0.005)
+        self.cgroups.wait_stopped(proc.worker_id, HOLD_SECONDS)
         return True
 
     def watch(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
