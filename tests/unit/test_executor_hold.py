@@ -58,12 +58,13 @@ def test_hold_stops_every_process_of_the_worker_until_sigcont(tmp_path: Path) ->
     sandbox.give_to_agent(host, work, run / "home")
     script = tmp_path / "daemon.py"
     script.write_text(DAEMON)
+    script.chmod(0o644)  # the agent's uid reads it whatever umask an earlier test left
     box = sandbox.SandboxSpec(work, run / "home", ro_binds=[str(script)])
     spec = LaunchSpec(argv=[sys.executable, str(script)])
     proc = ex.start("w_hold0000001", spec, work, run, sandbox=box, limits=Limits(256, 64))
     try:
         output = run / "output.log"
-        wait_until(lambda: output.exists() and "daemon" in output.read_text(), what="daemon up")
+        wait_until(lambda: output.exists() and "daemon" in output.read_text().split(), what="daemon up")
         assert len(states(proc.worker_id)) >= 5 and "T" not in states(proc.worker_id)
         assert ex.hold(proc) is True
         assert set(states(proc.worker_id)) == {"T"}  # no waiting here: hold returned after it

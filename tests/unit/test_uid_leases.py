@@ -96,6 +96,8 @@ def test_sweep_seals_what_lies_too_deep_and_skips_what_went_away(tmp_path: Path)
         path.chmod(0o777)
     wide = top / "wide"  # many directories side by side: one descriptor at a time
     wide.mkdir()
+    for path in (top, wide):  # traversable by others (the sweep's rule), whatever the umask
+        path.chmod(0o755)
     for n in range(300):
         (wide / str(n)).mkdir()
         os.chown(wide / str(n), uid, uid)
