@@ -1,9 +1,11 @@
 """Live-stream benchmarks (targets live here, never in tests).
 
-    .venv/bin/python bench/streams.py [--idle 20,200] [--trees 3]
+    .venv/bin/python bench/streams.py [--idle 20,200] [--trees 3] [--compare DIR]
 
 1. N idle streams (`GET /api/jobs/{id}/events?follow=true` on PENDING jobs, no engine): the API
-   process's CPU, in percent of one core, over 10 s;
+   process's CPU, in percent of one core, over 10 s (`--compare DIR`: also with another version's
+   `orchestrator` package from DIR, e.g. `git archive <commit> orchestrator | tar -x -C DIR`,
+   right after, so both share the machine's load of the moment);
 2. delivery delay of changes made in another process: an API without engine serves the stream of a
    small job tree that `orchestrator engine` (another process) runs; for every status message,
    the time it arrived minus the server timestamp of the change, p50 and max.
@@ -40,11 +42,12 @@ SHIPPED = {
 }
 
 
-def idle_streams_cpu(root: Path, count: int) -> float:
+def idle_streams_cpu(root: Path, count: int, code: Path | None = None) -> float:
     """Percent of one core the API spends while `count` streams wait on jobs that never change."""
     root.mkdir(parents=True)
     with server_factory(root) as servers:
-        api = servers.start(ORCHESTRATOR_ENGINE="false", **SHIPPED)
+        extra = {"PYTHONPATH": str(code)} if code is not None else {}
+        api = servers.make(ORCHESTRATOR_ENGINE="false", **SHIPPED, **extra).start(timeout=120)
         assert api.process is not None
         with api.client() as client:
             jobs = [
@@ -103,17 +106,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--idle", default="20,200", help="numbers of idle streams, comma-separated")
     parser.add_argument("--trees", type=int, default=3)
+    parser.add_argument("--compare", type=Path, help="another version's orchestrator package's parent")
     args = parser.parse_args()
+    with open("/proc/loadavg") as handle:
+        print(f"load average at start: {handle.read().split()[:3]}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for index, count in enumerate(int(n) for n in args.idle.split(",") if n):
-            percent = idle_streams_cpu(Path(tmp) / f"idle-{index}", count)
-            print(f"{count} idle streams: API at {percent:.1f}% of one core")
+            for label, code in (
+                [("this", None), ("compared", args.compare)] if args.compare else [("this", None)]
+            ):
+                percent = idle_streams_cpu(Path(tmp) / f"idle-{index}-{label}", count, code)
+                print(f"{label:8} {count} idle streams: API at {percent:.1f}% of one core", flush=True)
         if args.trees:
             delays = sorted(cross_process_delays(Path(tmp) / "delays", args.trees))
             print(
                 f"{len(delays)} status changes made by an engine in another process: delivered after "
                 f"p50 {statistics.median(delays) * 1000:.0f} ms, max {delays[-1] * 1000:.0f} ms"
             )
+    with open("/proc/loadavg") as handle:
+        print(f"load average at end: {handle.read().split()[:3]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from sqlalchemy import ColumnElement, Row, Select, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.ids import has_nul
+from orchestrator.db import counts
 from orchestrator.db.locking import is_postgres
 from orchestrator.db.lookups import get_job as get_job
 from orchestrator.db.models import Event, Job
@@ -91,9 +92,18 @@ async def list_jobs(
     if where.finds_nothing():
         return [], 0
     conditions = where.conditions()
-    total = (await session.execute(select(func.count()).select_from(Job).where(*conditions))).scalar_one()
-    rows = (await session.execute(listing(*conditions).limit(limit).offset(offset))).all()
-    return list(rows), total
+    page = listing(*conditions).limit(limit).offset(offset)
+    if not counts.remembers(session):
+        total = (await session.execute(select(func.count()).select_from(Job).where(*conditions))).scalar_one()
+        return list((await session.execute(page)).all()), total
+    # The total is remembered while the database is unchanged (db/counts.py): the page's own
+    # statement reads the data version it is compared with.
+    rows = list((await session.execute(page.add_columns(counts.version_column(session)))).all())
+    version = getattr(rows[0], counts.VERSION) if rows else None
+    total = await counts.count(
+        session, select(func.count()).select_from(Job).where(*conditions), ("jobs", where), version
+    )
+    return rows, total
 
 
 def listing(*conditions: ColumnElement[bool]) -> Select[Any]:

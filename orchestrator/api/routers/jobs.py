@@ -73,7 +73,7 @@ Text = Annotated[str | None, AfterValidator(_no_nul)]
 Time = Annotated[datetime | None, AfterValidator(_utc)]
 
 
-def job_filter(
+async def job_filter(
     depth: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
     status: JobStatus | None = None,
     parent_job_id: Annotated[Text, Query(max_length=64)] = None,

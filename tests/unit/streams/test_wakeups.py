@@ -17,7 +17,7 @@ from orchestrator.core.config import Settings
 from orchestrator.db.models import ResourcePool
 from orchestrator.db.session import Database
 from orchestrator.db.topics import Topic
-from orchestrator.streams.horizon import UNBOUNDED, Horizon
+from orchestrator.streams.horizon import UNBOUNDED, ChangeMark, Horizon
 from orchestrator.streams.wakeups import Subscription, WakeHub
 from tests.support import servers
 
@@ -160,3 +160,46 @@ async def test_the_horizon_waits_for_a_transaction_open_at_its_snapshot(database
         await asyncio.sleep(0.1)
         async with database.read_session() as session:
             await horizon.update(session)
+
+
+async def test_an_idle_stream_polls_again_only_if_the_mark_moved_since_its_poll(database: Database) -> None:
+    """The idle interval is the safety net for a wake-up lost on its way: when it passes, a stream
+    whose last poll read the newest mark keeps waiting (1,000 idle streams polling anyway cost a
+    fifth of a core); one whose mark has moved polls, woken or not."""
+    hub = WakeHub(database, poll_seconds=NEVER, idle_poll_seconds=0.01)
+    try:
+        with hub.subscribe() as stream:
+            await woken(stream)  # the watcher's one read (its next is NEVER away)
+            assert hub.newest is not None
+            stream.seen = hub.newest  # what the stream's own poll read
+            stream.clear()
+            consulted = 0
+            newest = stream._newest
+
+            def counting() -> ChangeMark | None:
+                nonlocal consulted
+                consulted += 1
+                return newest()
+
+            stream._newest = counting
+            waiting = asyncio.create_task(stream.wait())
+            deadline = asyncio.get_running_loop().time() + DEADLINE
+            while consulted < 5:
+                assert asyncio.get_running_loop().time() < deadline, (
+                    "the idle interval never consulted the mark"
+                )
+                await asyncio.sleep(0.01)
+            assert not waiting.done(), "an idle stream polled again with the mark unmoved"
+            # A change whose wake-up never came (the hub is not started: it hears no commit), seen
+            # by the watcher: its newest mark has moved.
+            async with database.session() as session:
+                await session.execute(
+                    update(ResourcePool)
+                    .where(ResourcePool.depth == 0)
+                    .values(allocated=ResourcePool.allocated + 1)
+                )
+            async with database.read_session() as session:
+                hub.newest = await ChangeMark.read(session, database.is_postgres)
+            await asyncio.wait_for(waiting, DEADLINE)
+    finally:
+        await hub.stop()
