@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, literal_column
+from sqlalchemy import ColumnElement, Select, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from orchestrator.db.precompiled import StatementSession
@@ -50,10 +50,9 @@ def remembers(session: AsyncSession) -> bool:
     )
 
 
-def version_column(session: AsyncSession) -> ColumnElement[Any]:
+def version_column(dialect: str) -> ColumnElement[Any]:
     """The data version as a column (`VERSION`) to add to a statement of a read session."""
-    sql = _PG_VERSION if _dialect(session) == "postgresql" else _SQLITE_VERSION
-    return literal_column(sql).label(VERSION)
+    return literal_column(_PG_VERSION if dialect == "postgresql" else _SQLITE_VERSION).label(VERSION)
 
 
 async def _remembered(session: AsyncSession) -> dict[Hashable, tuple[str, int]]:
@@ -69,15 +68,22 @@ async def _remembered(session: AsyncSession) -> dict[Hashable, tuple[str, int]]:
 
 async def count(session: AsyncSession, statement: Select[Any], key: Hashable, version: str | None) -> int:
     """The single value of `statement` (a COUNT), from memory if it was counted at `version`
-    (None: not known yet) under the same `key` (which must identify the statement exactly)."""
+    (the session's data version, None if not read yet) under the same `key` (which must
+    identify the statement exactly)."""
     if not remembers(session):
         return int((await session.execute(statement)).scalar_one())
     remembered = await _remembered(session)
-    if version is not None:
-        found = remembered.get(key)
-        if found is not None and found[0] == version:
-            return found[1]
-    total, version = (await session.execute(statement.add_columns(version_column(session)))).one()
+    found = remembered.get(key)
+    if version is not None and found is not None and found[0] == version:
+        return found[1]
+    if _dialect(session) == "postgresql":  # each statement its own snapshot: the version with the count
+        total, version = (await session.execute(statement.add_columns(version_column("postgresql")))).one()
+    else:
+        # One snapshot for the whole read transaction; the COUNT alone keeps SQLite's fast path
+        # for a whole table (it counts index pages instead of visiting rows).
+        if version is None:
+            version = (await session.execute(select(version_column("sqlite")))).scalar_one()
+        total = (await session.execute(statement)).scalar_one()
     remembered.pop(key, None)
     remembered[key] = (str(version), int(total))
     while len(remembered) > MAX_REMEMBERED:

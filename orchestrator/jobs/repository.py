@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -91,19 +92,31 @@ async def list_jobs(
     """A page of jobs (rows with a job's attributes) and how many match in all."""
     if where.finds_nothing():
         return [], 0
-    conditions = where.conditions()
-    page = listing(*conditions).limit(limit).offset(offset)
-    if not counts.remembers(session):
-        total = (await session.execute(select(func.count()).select_from(Job).where(*conditions))).scalar_one()
+    remembers = counts.remembers(session)
+    dialect = session.bind.dialect.name if remembers and session.bind is not None else None
+    page, total_of = _page_statements(where, limit, offset, dialect)
+    if not remembers:
+        total = (await session.execute(total_of)).scalar_one()
         return list((await session.execute(page)).all()), total
     # The total is remembered while the database is unchanged (db/counts.py): the page's own
     # statement reads the data version it is compared with.
-    rows = list((await session.execute(page.add_columns(counts.version_column(session)))).all())
+    rows = list((await session.execute(page)).all())
     version = getattr(rows[0], counts.VERSION) if rows else None
-    total = await counts.count(
-        session, select(func.count()).select_from(Job).where(*conditions), ("jobs", where), version
-    )
-    return rows, total
+    return rows, await counts.count(session, total_of, ("jobs", where), version)
+
+
+@functools.lru_cache(maxsize=256)
+def _page_statements(
+    where: JobFilter, limit: int, offset: int, versioned_for: str | None
+) -> tuple[Select[Any], Select[Any]]:
+    """The page's statement and the total's, built once per filter and window (a list polled
+    with the same query costs no statement building); the page with the data version column
+    of dialect `versioned_for`, if given."""
+    conditions = where.conditions()
+    page = listing(*conditions).limit(limit).offset(offset)
+    if versioned_for is not None:
+        page = page.add_columns(counts.version_column(versioned_for))
+    return page, select(func.count()).select_from(Job).where(*conditions)
 
 
 def listing(*conditions: ColumnElement[bool]) -> Select[Any]:
