@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -62,16 +63,26 @@ def idle_streams_cpu(root: Path, count: int, code: Path | None = None) -> float:
             async with httpx.AsyncClient(
                 base_url=api.url, headers=headers, timeout=60, limits=limits
             ) as client:
+                streaming: set[str] = set()
+                all_streaming = asyncio.Event()
 
                 async def hold(job_id: str) -> None:
                     async with client.stream(
                         "GET", f"/api/jobs/{job_id}/events", params={"follow": "true"}
                     ) as r:
-                        async for _ in r.aiter_lines():
-                            pass
+                        async for line in r.aiter_lines():
+                            if line.startswith("data:"):  # its first poll is done (the job's first event)
+                                streaming.add(job_id)
+                                if len(streaming) == count:
+                                    all_streaming.set()
 
                 tasks = [asyncio.create_task(hold(job_id)) for job_id in jobs]
-                await asyncio.sleep(3)  # every stream open and past its first poll
+                # Every stream open and past its first poll: with many streams on a loaded host
+                # that takes longer than any fixed wait, and measuring it would measure start-up.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(all_streaming.wait(), 300)
+                assert len(streaming) == count, f"only {len(streaming)} of {count} streams started"
+                await asyncio.sleep(2)
                 cpu_before, started = cpu_seconds(api.process.pid), time.perf_counter()
                 await asyncio.sleep(MEASURE_SECONDS)
                 percent = 100 * (cpu_seconds(api.process.pid) - cpu_before) / (time.perf_counter() - started)

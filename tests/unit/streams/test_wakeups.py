@@ -162,44 +162,34 @@ async def test_the_horizon_waits_for_a_transaction_open_at_its_snapshot(database
             await horizon.update(session)
 
 
-async def test_an_idle_stream_polls_again_only_if_the_mark_moved_since_its_poll(database: Database) -> None:
-    """The idle interval is the safety net for a wake-up lost on its way: when it passes, a stream
-    whose last poll read the newest mark keeps waiting (1,000 idle streams polling anyway cost a
-    fifth of a core); one whose mark has moved polls, woken or not."""
-    hub = WakeHub(database, poll_seconds=NEVER, idle_poll_seconds=0.01)
+async def test_the_idle_sweep_wakes_only_the_streams_whose_poll_is_behind_the_mark(
+    database: Database,
+) -> None:
+    """The idle interval is the safety net for a wake-up lost on its way: the sweep wakes a stream
+    whose last poll read an older mark (or none); one up to date sleeps on (1,000 idle streams
+    polling anyway cost a fifth of a core)."""
+    hub = WakeHub(database, poll_seconds=NEVER, idle_poll_seconds=NEVER)
     try:
-        with hub.subscribe() as stream:
-            await woken(stream)  # the watcher's one read (its next is NEVER away)
-            assert hub.newest is not None
-            stream.seen = hub.newest  # what the stream's own poll read
-            stream.clear()
-            consulted = 0
-            newest = stream._newest
-
-            def counting() -> ChangeMark | None:
-                nonlocal consulted
-                consulted += 1
-                return newest()
-
-            stream._newest = counting
-            waiting = asyncio.create_task(stream.wait())
-            deadline = asyncio.get_running_loop().time() + DEADLINE
-            while consulted < 5:
-                assert asyncio.get_running_loop().time() < deadline, (
-                    "the idle interval never consulted the mark"
-                )
-                await asyncio.sleep(0.01)
-            assert not waiting.done(), "an idle stream polled again with the mark unmoved"
-            # A change whose wake-up never came (the hub is not started: it hears no commit), seen
-            # by the watcher: its newest mark has moved.
-            async with database.session() as session:
+        with hub.subscribe() as current, hub.subscribe() as behind, hub.subscribe() as new:
+            await woken(current, behind, new)  # the watcher's one read
+            async with database.read_session() as session:
+                newest = await ChangeMark.read(session, database.is_postgres)
+            current.seen = newest
+            async with database.session() as session:  # a change whose wake-up never came
                 await session.execute(
                     update(ResourcePool)
                     .where(ResourcePool.depth == 0)
                     .values(allocated=ResourcePool.allocated + 1)
                 )
+            behind.seen = newest
             async with database.read_session() as session:
-                hub.newest = await ChangeMark.read(session, database.is_postgres)
-            await asyncio.wait_for(waiting, DEADLINE)
+                newest = await ChangeMark.read(session, database.is_postgres)
+            current.seen = newest
+            for subscription in (current, behind, new):
+                subscription.clear()
+            hub.sweep(newest)
+            await woken(behind, new)
+            await scheduled_wakeups_ran()
+            assert not current.event.is_set(), "the sweep woke a stream whose poll read the newest mark"
     finally:
         await hub.stop()
