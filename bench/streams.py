@@ -1,9 +1,11 @@
 """Live-stream benchmarks (targets live here, never in tests).
 
-    .venv/bin/python bench/streams.py [--idle 20,200] [--trees 3]
+    .venv/bin/python bench/streams.py [--idle 20,200] [--trees 3] [--compare DIR]
 
 1. N idle streams (`GET /api/jobs/{id}/events?follow=true` on PENDING jobs, no engine): the API
-   process's CPU, in percent of one core, over 10 s;
+   process's CPU, in percent of one core, over 10 s (`--compare DIR`: also with another version's
+   `orchestrator` package from DIR, e.g. `git archive <commit> orchestrator | tar -x -C DIR`,
+   right after, so both share the machine's load of the moment);
 2. delivery delay of changes made in another process: an API without engine serves the stream of a
    small job tree that `orchestrator engine` (another process) runs; for every status message,
    the time it arrived minus the server timestamp of the change, p50 and max.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -40,11 +43,12 @@ SHIPPED = {
 }
 
 
-def idle_streams_cpu(root: Path, count: int) -> float:
+def idle_streams_cpu(root: Path, count: int, code: Path | None = None) -> float:
     """Percent of one core the API spends while `count` streams wait on jobs that never change."""
     root.mkdir(parents=True)
     with server_factory(root) as servers:
-        api = servers.start(ORCHESTRATOR_ENGINE="false", **SHIPPED)
+        extra = {"PYTHONPATH": str(code)} if code is not None else {}
+        api = servers.make(ORCHESTRATOR_ENGINE="false", **SHIPPED, **extra).start(timeout=120)
         assert api.process is not None
         with api.client() as client:
             jobs = [
@@ -59,16 +63,26 @@ def idle_streams_cpu(root: Path, count: int) -> float:
             async with httpx.AsyncClient(
                 base_url=api.url, headers=headers, timeout=60, limits=limits
             ) as client:
+                streaming: set[str] = set()
+                all_streaming = asyncio.Event()
 
                 async def hold(job_id: str) -> None:
                     async with client.stream(
                         "GET", f"/api/jobs/{job_id}/events", params={"follow": "true"}
                     ) as r:
-                        async for _ in r.aiter_lines():
-                            pass
+                        async for line in r.aiter_lines():
+                            if line.startswith("data:"):  # its first poll is done (the job's first event)
+                                streaming.add(job_id)
+                                if len(streaming) == count:
+                                    all_streaming.set()
 
                 tasks = [asyncio.create_task(hold(job_id)) for job_id in jobs]
-                await asyncio.sleep(3)  # every stream open and past its first poll
+                # Every stream open and past its first poll: with many streams on a loaded host
+                # that takes longer than any fixed wait, and measuring it would measure start-up.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(all_streaming.wait(), 300)
+                assert len(streaming) == count, f"only {len(streaming)} of {count} streams started"
+                await asyncio.sleep(2)
                 cpu_before, started = cpu_seconds(api.process.pid), time.perf_counter()
                 await asyncio.sleep(MEASURE_SECONDS)
                 percent = 100 * (cpu_seconds(api.process.pid) - cpu_before) / (time.perf_counter() - started)
@@ -103,17 +117,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--idle", default="20,200", help="numbers of idle streams, comma-separated")
     parser.add_argument("--trees", type=int, default=3)
+    parser.add_argument("--compare", type=Path, help="another version's orchestrator package's parent")
     args = parser.parse_args()
+    with open("/proc/loadavg") as handle:
+        print(f"load average at start: {handle.read().split()[:3]}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for index, count in enumerate(int(n) for n in args.idle.split(",") if n):
-            percent = idle_streams_cpu(Path(tmp) / f"idle-{index}", count)
-            print(f"{count} idle streams: API at {percent:.1f}% of one core")
+            for label, code in (
+                [("this", None), ("compared", args.compare)] if args.compare else [("this", None)]
+            ):
+                percent = idle_streams_cpu(Path(tmp) / f"idle-{index}-{label}", count, code)
+                print(f"{label:8} {count} idle streams: API at {percent:.1f}% of one core", flush=True)
         if args.trees:
             delays = sorted(cross_process_delays(Path(tmp) / "delays", args.trees))
             print(
                 f"{len(delays)} status changes made by an engine in another process: delivered after "
                 f"p50 {statistics.median(delays) * 1000:.0f} ms, max {delays[-1] * 1000:.0f} ms"
             )
+    with open("/proc/loadavg") as handle:
+        print(f"load average at end: {handle.read().split()[:3]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -95,6 +96,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await _start_engine(app, address)
         else:  # a single uvicorn process binds its socket after this start-up: wait for it
             starting = asyncio.create_task(_start_engine_once_bound(app), name="engine-start")
+    # What start-up made lives as long as the process: out of the collector's reach, a full
+    # collection no longer walks it (60 ms pauses, measured, in the middle of requests).
+    gc.freeze()
     try:
         yield
     finally:

@@ -29,7 +29,7 @@ class Page:
         return Window(limit=self.limit, offset=self.offset)
 
 
-def page(
+async def page(
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT)] = 0,
 ) -> Page:

@@ -16,8 +16,10 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from orchestrator.core.config import Settings
 from orchestrator.db.availability import CONNECT_TIMEOUT_SECONDS, OUTAGES, watch_connections
+from orchestrator.db.pool_liveness import drop_dead_connections
 from orchestrator.db.sqlite_inline import inline_connector
 from orchestrator.db.unit_of_work import ReadOnlySessionError, ReadSession, UnitOfWork
+from orchestrator.db.write_lock import FileWriteLock
 
 __all__ = ["Database", "ReadOnlySessionError", "make_engine"]
 
@@ -44,16 +46,11 @@ def make_engine(settings: Settings) -> AsyncEngine:
         )
         _tune_sqlite(engine)
         return engine
-    # pool_pre_ping costs a round trip per checkout, but without it the first request on each
-    # connection a restarted server dropped fails: a restarted database must lose no request.
     engine = create_async_engine(
-        url,
-        pool_size=10,
-        max_overflow=20,
-        pool_pre_ping=True,
-        connect_args={"timeout": CONNECT_TIMEOUT_SECONDS},
+        url, pool_size=10, max_overflow=20, connect_args={"timeout": CONNECT_TIMEOUT_SECONDS}
     )
     watch_connections(engine)  # a server that is down or refusing: OperationalError, not a bare OSError
+    drop_dead_connections(engine)  # instead of pool_pre_ping's three round trips a request
     return engine
 
 
@@ -90,16 +87,22 @@ class Database:
             self.engine, class_=UnitOfWork, expire_on_commit=False, autoflush=False
         )
         # Read sessions share the pool; their connections begin deferred on SQLite (see
-        # _tune_sqlite), and they are not queued behind this process's writers.
+        # _tune_sqlite), and they are not queued behind this process's writers. On PostgreSQL
+        # they run in autocommit: under READ COMMITTED each statement has its own snapshot
+        # anyway, so a transaction around them only added BEGIN and COMMIT, two round trips.
+        autocommit = {"isolation_level": "AUTOCOMMIT"} if self.is_postgres else {}
         self.read_sessionmaker = async_sessionmaker(
-            self.engine.execution_options(**{READ_ONLY: True}),
+            self.engine.execution_options(**{READ_ONLY: True}, **autocommit),
             class_=ReadSession,
             expire_on_commit=False,
             autoflush=False,
         )
         # SQLite has one writer at a time. Queue this process's transactions here, in order, rather
-        # than letting them poll the file lock (SQLite's busy handler sleeps up to 100 ms a try).
+        # than letting them poll the file lock (SQLite's busy handler sleeps up to 100 ms a try),
+        # and the processes' on a file lock beside the database (db/write_lock.py).
         self._write_lock: asyncio.Lock | None = None if self.is_postgres else asyncio.Lock()
+        path = self.engine.url.database
+        self._file_lock = FileWriteLock(path) if self._write_lock and path and path != ":memory:" else None
 
     @property
     def is_postgres(self) -> bool:
@@ -121,8 +124,9 @@ class Database:
 
     @asynccontextmanager
     async def read_session(self) -> AsyncIterator[ReadSession]:
-        """One read-only transaction (a consistent snapshot) that never takes or waits for the
-        write lock. Any write through it raises ReadOnlySessionError."""
+        """Reads that never take or wait for the write lock: on SQLite one transaction (a
+        consistent snapshot), on PostgreSQL statements in autocommit (each its own snapshot, as
+        in a READ COMMITTED transaction). Any write through it raises ReadOnlySessionError."""
         async with self.read_sessionmaker() as session:
             try:
                 yield session
@@ -131,8 +135,15 @@ class Database:
                 raise
             await session.commit()
 
-    def _serialized(self) -> contextlib.AbstractAsyncContextManager[object]:
-        return self._write_lock if self._write_lock is not None else contextlib.nullcontext()
+    @asynccontextmanager
+    async def _serialized(self) -> AsyncIterator[None]:
+        if self._write_lock is None:
+            yield
+            return
+        async with self._write_lock, self._file_lock.held() if self._file_lock else contextlib.nullcontext():
+            yield
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._file_lock is not None:
+            self._file_lock.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -11,6 +12,7 @@ from sqlalchemy import ColumnElement, Row, Select, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.ids import has_nul
+from orchestrator.db import counts
 from orchestrator.db.locking import is_postgres
 from orchestrator.db.lookups import get_job as get_job
 from orchestrator.db.models import Event, Job
@@ -90,10 +92,31 @@ async def list_jobs(
     """A page of jobs (rows with a job's attributes) and how many match in all."""
     if where.finds_nothing():
         return [], 0
+    remembers = counts.remembers(session)
+    dialect = session.bind.dialect.name if remembers and session.bind is not None else None
+    page, total_of = _page_statements(where, limit, offset, dialect)
+    if not remembers:
+        total = (await session.execute(total_of)).scalar_one()
+        return list((await session.execute(page)).all()), total
+    # The total is remembered while the database is unchanged (db/counts.py): the page's own
+    # statement reads the data version it is compared with.
+    rows = list((await session.execute(page)).all())
+    version = getattr(rows[0], counts.VERSION) if rows else None
+    return rows, await counts.count(session, total_of, ("jobs", where), version)
+
+
+@functools.lru_cache(maxsize=256)
+def _page_statements(
+    where: JobFilter, limit: int, offset: int, versioned_for: str | None
+) -> tuple[Select[Any], Select[Any]]:
+    """The page's statement and the total's, built once per filter and window (a list polled
+    with the same query costs no statement building); the page with the data version column
+    of dialect `versioned_for`, if given."""
     conditions = where.conditions()
-    total = (await session.execute(select(func.count()).select_from(Job).where(*conditions))).scalar_one()
-    rows = (await session.execute(listing(*conditions).limit(limit).offset(offset))).all()
-    return list(rows), total
+    page = listing(*conditions).limit(limit).offset(offset)
+    if versioned_for is not None:
+        page = page.add_columns(counts.version_column(versioned_for))
+    return page, select(func.count()).select_from(Job).where(*conditions)
 
 
 def listing(*conditions: ColumnElement[bool]) -> Select[Any]:

@@ -18,7 +18,7 @@ from orchestrator.db.session import Database
 from orchestrator.jobs.schemas import EventOut
 from orchestrator.streams import queries
 from orchestrator.streams.cursor import Cursor
-from orchestrator.streams.horizon import Horizon
+from orchestrator.streams.horizon import ChangeMark, Horizon
 from orchestrator.streams.messages import BATCH, FeedMessage
 from orchestrator.streams.wakeups import WakeHub
 
@@ -51,12 +51,13 @@ async def follow_fleet(
     horizon = Horizon(db.is_postgres)
     with hub.subscribe() as wakeup:
         if cursor is None:
-            async with db.session() as session:
+            async with db.read_session() as session:
                 cursor = Cursor(event_id=await queries.newest_event_id(session))
         while True:
             wakeup.clear()
-            async with db.session() as session:
-                safe_event, _ = await horizon.update(session)
+            async with db.read_session() as session:
+                wakeup.seen = await ChangeMark.read(session, db.is_postgres)
+                safe_event, _ = horizon.update_from(wakeup.seen)
                 events = await read_fleet_events(session, actor, cursor.event_id, safe_event, BATCH)
             for event in events:
                 cursor.event_id = event.id

@@ -91,6 +91,13 @@ class Horizon:
         row = await queries.newest_ids_and_snapshot(session)
         return self.advance(int(row[0]), int(row[1]), in_progress(str(row[2])), time.monotonic())
 
+    def update_from(self, mark: ChangeMark) -> tuple[int, int]:
+        """The horizon as of the snapshot a change mark was read in (the same newest ids and
+        transactions in progress as `update` reads: a stream reads the mark anyway)."""
+        if not self.is_postgres:
+            return UNBOUNDED
+        return self.advance(mark.counters[0], mark.counters[1], mark.in_progress, time.monotonic())
+
     def advance(self, max_event: int, max_log: int, open_now: frozenset[str], now: float) -> tuple[int, int]:
         """Move the horizon for a snapshot whose newest ids are `max_event` / `max_log` and whose
         transactions in progress are `open_now`, read at monotonic time `now`."""

@@ -20,9 +20,9 @@ from orchestrator.db.session import Database
 from orchestrator.jobs.schemas import EventOut
 from orchestrator.streams import queries
 from orchestrator.streams.cursor import Cursor
-from orchestrator.streams.horizon import Horizon
+from orchestrator.streams.horizon import ChangeMark, Horizon
 from orchestrator.streams.messages import BATCH, FeedMessage
-from orchestrator.streams.wakeups import WakeHub
+from orchestrator.streams.wakeups import Subscription, WakeHub
 
 
 def _event_message(event: Event, cursor: Cursor) -> FeedMessage:
@@ -77,9 +77,10 @@ async def _tree_done(session: AsyncSession, path: str, statuses: Iterable[str], 
 
 
 async def _poll_job(
-    session: AsyncSession, root_id: str, path: str, cursor: Cursor, horizon: Horizon
+    session: AsyncSession, root_id: str, path: str, cursor: Cursor, horizon: Horizon, wakeup: Subscription
 ) -> _JobPoll:
-    safe_event, safe_log = await horizon.update(session)
+    wakeup.seen = await ChangeMark.read(session, horizon.is_postgres)
+    safe_event, safe_log = horizon.update_from(wakeup.seen)
     events = await queries.subtree_events(session, path, cursor.event_id, safe_event, BATCH)
     logs = await queries.subtree_logs(session, path, cursor.log_id, safe_log, BATCH)
     more = len(events) == BATCH or len(logs) == BATCH
@@ -100,7 +101,7 @@ async def follow_job(
         while True:
             wakeup.clear()
             async with db.read_session() as session:
-                poll = await _poll_job(session, root_id, path, cursor, horizon)
+                poll = await _poll_job(session, root_id, path, cursor, horizon, wakeup)
             for message in poll.messages:
                 yield message
             if poll.done:

@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, Sequence
 from orchestrator.core.states import WORKER_FINAL, WorkerStatus
 from orchestrator.db.models import Worker, WorkerLog
 from orchestrator.db.session import Database
+from orchestrator.streams.horizon import ChangeMark
 from orchestrator.streams.messages import BATCH, FeedMessage
 from orchestrator.streams.wakeups import WakeHub
 from orchestrator.workers import repository as workers_repo
@@ -57,6 +58,7 @@ async def follow_worker_log(
         while True:
             wakeup.clear()
             async with db.read_session() as session:
+                wakeup.seen = await ChangeMark.read(session, db.is_postgres)
                 worker = await workers_repo.get_worker(session, worker_id)
                 if worker is None:  # deleted meanwhile (garbage collection)
                     return

@@ -35,6 +35,7 @@ from orchestrator.db.session import Database, ReadOnlySessionError
 from orchestrator.jobs import service
 from orchestrator.jobs.group_commit import SubmitQueue
 from orchestrator.jobs.schemas import JobSubmit
+from tests.streams.sse import follow
 from tests.support.checks import no_server_errors
 from tests.support.hammer import fire
 from tests.support.servers import (
@@ -137,6 +138,10 @@ def test_reads_answer_while_another_connection_holds_a_write_transaction(tmp_pat
                 assert client.get(f"/api/jobs/{job['id']}/events").status_code == 200
                 assert client.get("/api/resources/usage").status_code == 200
                 assert client.get("/api/supervisor/workers").status_code == 200
+                # The live streams read too: the fleet's used to open a writing unit of work.
+                for path in (f"/api/jobs/{job['id']}/events?follow=true", "/api/fleet/events?follow=true"):
+                    stream = follow(client, path, last_event_id="e0-l0", max_messages=1, max_seconds=20)
+                    assert [m.json()["job_id"] for m in stream.messages] == [job["id"]], path
                 # A write meanwhile waits for the lock (it does not fail) and lands once it is free.
                 with ThreadPoolExecutor(1) as pool:
                     pending = pool.submit(_submit, client, "written while the lock was held")
@@ -529,4 +534,50 @@ async def test_one_transaction_carries_concurrent_submits_each_with_its_own_answ
         assert set(written) <= set(stored) and len(stored) == 2 + 8 + 1 + 3 + 6  # each stored once
         assert events == allocations == len(stored)
     finally:
+        await database.dispose()
+@pytest.mark.skipif(database_kind() != "postgres", reason="PostgreSQL's connections closed by the server")
+async def test_a_connection_the_server_closed_is_replaced_without_failing_a_request(
+    settings: Settings,
+) -> None:
+    """No ping per checkout (it was three round trips a request): a pooled connection the server
+    closed (a restart, an administrator) is noticed as closed and replaced, and the request that
+    takes it does not fail."""
+    import asyncpg
+
+    database = Database(settings)
+    try:
+        async with database.read_session() as session:
+            pid = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            driver = (await (await session.connection()).get_raw_connection()).driver_connection
+        admin = await asyncpg.connect(settings.database_url.replace("+asyncpg", ""))
+        try:  # returns once the backend has exited
+            assert await admin.fetchval("SELECT pg_terminate_backend($1, 60000)", pid)
+        finally:
+            await admin.close()
+        deadline = asyncio.get_running_loop().time() + 60
+        while not driver.is_closed():  # this process reads the server's goodbye
+            assert asyncio.get_running_loop().time() < deadline, "the closed connection went unnoticed"
+            await asyncio.sleep(0.01)
+        async with database.read_session() as session:
+            assert (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one() != pid
+    finally:
+        await database.dispose()
+
+
+@pytest.mark.skipif(database_kind() != "postgres", reason="PostgreSQL's round trips")
+async def test_a_read_session_on_postgres_adds_no_begin_or_commit(settings: Settings) -> None:
+    """Under READ COMMITTED each statement reads its own snapshot anyway: a read session's
+    statements run in autocommit, without the two round trips of BEGIN and COMMIT."""
+    import asyncpg
+
+    database = Database(settings)
+    admin = await asyncpg.connect(settings.database_url.replace("+asyncpg", ""))
+    try:
+        async with database.read_session() as session:
+            pid = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            # Between two statements: 'idle in transaction' had the session begun one.
+            state = await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pid)
+        assert state == "idle"
+    finally:
+        await admin.close()
         await database.dispose()

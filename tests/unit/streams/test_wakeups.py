@@ -17,7 +17,7 @@ from orchestrator.core.config import Settings
 from orchestrator.db.models import ResourcePool
 from orchestrator.db.session import Database
 from orchestrator.db.topics import Topic
-from orchestrator.streams.horizon import UNBOUNDED, Horizon
+from orchestrator.streams.horizon import UNBOUNDED, ChangeMark, Horizon
 from orchestrator.streams.wakeups import Subscription, WakeHub
 from tests.support import servers
 
@@ -160,3 +160,36 @@ async def test_the_horizon_waits_for_a_transaction_open_at_its_snapshot(database
         await asyncio.sleep(0.1)
         async with database.read_session() as session:
             await horizon.update(session)
+
+
+async def test_the_idle_sweep_wakes_only_the_streams_whose_poll_is_behind_the_mark(
+    database: Database,
+) -> None:
+    """The idle interval is the safety net for a wake-up lost on its way: the sweep wakes a stream
+    whose last poll read an older mark (or none); one up to date sleeps on (1,000 idle streams
+    polling anyway cost a fifth of a core)."""
+    hub = WakeHub(database, poll_seconds=NEVER, idle_poll_seconds=NEVER)
+    try:
+        with hub.subscribe() as current, hub.subscribe() as behind, hub.subscribe() as new:
+            await woken(current, behind, new)  # the watcher's one read
+            async with database.read_session() as session:
+                newest = await ChangeMark.read(session, database.is_postgres)
+            current.seen = newest
+            async with database.session() as session:  # a change whose wake-up never came
+                await session.execute(
+                    update(ResourcePool)
+                    .where(ResourcePool.depth == 0)
+                    .values(allocated=ResourcePool.allocated + 1)
+                )
+            behind.seen = newest
+            async with database.read_session() as session:
+                newest = await ChangeMark.read(session, database.is_postgres)
+            current.seen = newest
+            for subscription in (current, behind, new):
+                subscription.clear()
+            hub.sweep(newest)
+            await woken(behind, new)
+            await scheduled_wakeups_ran()
+            assert not current.event.is_set(), "the sweep woke a stream whose poll read the newest mark"
+    finally:
+        await hub.stop()

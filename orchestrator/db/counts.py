@@ -1,0 +1,91 @@
+"""Exact counts, remembered until the database changes.
+
+A list page's `total` is a COUNT over every matching row: at 100,000 jobs it cost more than the
+rest of the request together (most of a PostgreSQL core at a few hundred pages a second), and it
+is the same figure from one request to the next while nothing is written. So a read session
+remembers it, keyed by a *data version* that moves with every change any connection or process
+commits, and counts again only when the version moved:
+
+* PostgreSQL: the statement's snapshot (`pg_current_snapshot()`: xmax and the transactions in
+  progress). Two snapshots with the same text see exactly the same committed rows; any commit
+  anywhere (it ends a transaction in progress, or raises xmax) makes a new text.
+* SQLite: per connection (the versions are the connection's own), `PRAGMA data_version`, which
+  moves when another connection or process commits, and `total_changes()`, which moves when
+  this connection changes a row.
+
+Only read sessions use it: a transaction that has written sees its own uncommitted rows, which
+its snapshot's text does not show. The version is read in the page's own statement (one more
+column, no round trip) where a caller can; `version_column` gives that column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, literal_column, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from orchestrator.db.precompiled import StatementSession
+
+VERSION = "data_version_"
+_PG_VERSION = "(SELECT pg_current_snapshot()::text)"
+_SQLITE_VERSION = "(SELECT total_changes() || ':' || data_version FROM pragma_data_version())"
+# Counts remembered per database (PostgreSQL) or per connection (SQLite); the oldest go first.
+MAX_REMEMBERED = 256
+
+_by_database: dict[str, dict[Hashable, tuple[str, int]]] = {}
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.bind.dialect.name if session.bind is not None else ""
+
+
+def remembers(session: AsyncSession) -> bool:
+    """Whether counts in this session may be remembered (a read session, a known database)."""
+    return (
+        isinstance(session, StatementSession)
+        and session.read_only
+        and _dialect(session) in ("postgresql", "sqlite")
+    )
+
+
+def version_column(dialect: str) -> ColumnElement[Any]:
+    """The data version as a column (`VERSION`) to add to a statement of a read session."""
+    return literal_column(_PG_VERSION if dialect == "postgresql" else _SQLITE_VERSION).label(VERSION)
+
+
+async def _remembered(session: AsyncSession) -> dict[Hashable, tuple[str, int]]:
+    if _dialect(session) == "postgresql":
+        bind = session.bind
+        assert isinstance(bind, AsyncEngine)  # Database's sessions are bound to its engine
+        key = bind.url.render_as_string(hide_password=False)
+        return _by_database.setdefault(key, {})
+    info = (await session.connection()).info
+    found: dict[Hashable, tuple[str, int]] = info.setdefault("orchestrator_counts", {})
+    return found
+
+
+async def count(session: AsyncSession, statement: Select[Any], key: Hashable, version: str | None) -> int:
+    """The single value of `statement` (a COUNT), from memory if it was counted at `version`
+    (the session's data version, None if not read yet) under the same `key` (which must
+    identify the statement exactly)."""
+    if not remembers(session):
+        return int((await session.execute(statement)).scalar_one())
+    remembered = await _remembered(session)
+    found = remembered.get(key)
+    if version is not None and found is not None and found[0] == version:
+        return found[1]
+    if _dialect(session) == "postgresql":  # each statement its own snapshot: the version with the count
+        total, version = (await session.execute(statement.add_columns(version_column("postgresql")))).one()
+    else:
+        # One snapshot for the whole read transaction; the COUNT alone keeps SQLite's fast path
+        # for a whole table (it counts index pages instead of visiting rows).
+        if version is None:
+            version = (await session.execute(select(version_column("sqlite")))).scalar_one()
+        total = (await session.execute(statement)).scalar_one()
+    remembered.pop(key, None)
+    remembered[key] = (str(version), int(total))
+    while len(remembered) > MAX_REMEMBERED:
+        del remembered[next(iter(remembered))]
+    return int(total)
