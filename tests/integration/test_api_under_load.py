@@ -535,6 +535,8 @@ async def test_one_transaction_carries_concurrent_submits_each_with_its_own_answ
         assert events == allocations == len(stored)
     finally:
         await database.dispose()
+
+
 @pytest.mark.skipif(database_kind() != "postgres", reason="PostgreSQL's connections closed by the server")
 async def test_a_connection_the_server_closed_is_replaced_without_failing_a_request(
     settings: Settings,
