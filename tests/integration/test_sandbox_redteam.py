@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
 from tests.support.servers import ServerFactory
@@ -328,12 +327,6 @@ def test_pause_stops_processes_that_left_the_process_group_and_terminate_ends_th
         wait_until(lambda: not states(procs), timeout=30, what="no process left in the worker's cgroup")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: with network on, a worker shares the host's network namespace and reaches every "
-    "loopback service (here PostgreSQL at 127.0.0.1:5432 answers it as superuser `postgres` with "
-    "trust auth); network is sandbox-net's to close (e.g. an nftables owner match on the agent uid)",
-)
 def test_a_worker_does_not_reach_host_services_on_loopback(servers: ServerFactory) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
