@@ -65,6 +65,11 @@ class SandboxProfile:
     network: bool = True
     ro_binds: tuple[str, ...] = ()
     rw_binds: tuple[str, ...] = ()
+    # The disk a worker may fill: the engine stores at most max_output_mb of its output (then one
+    # marker line), and no file its processes write (their stdout file too) grows past
+    # max_file_mb (RLIMIT_FSIZE: EFBIG / SIGXFSZ); the final commit leaves bigger files out.
+    max_output_mb: int = 256
+    max_file_mb: int = 1024
 
     @property
     def memory_ceiling(self) -> int:

@@ -12,6 +12,8 @@ max_pids = 2048
 network = "none"          # default "on"
 ro_binds = ["/srv/cache"]
 rw_binds = ["/srv/scratch"]
+max_output_mb = 256       # output stored per worker, then a marker line
+max_file_mb = 1024        # RLIMIT_FSIZE of the agent's processes; bigger files are not committed
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def load_profiles(path: Path) -> dict[str, Agent]:
 def sandbox_profile(name: str, spec: dict[str, Any]) -> SandboxProfile:
     """A profile's sandbox settings from its TOML table, checked (a typo must not loosen it)."""
     values: dict[str, Any] = {}
-    for key in ("memory_mb", "pids", "max_memory_mb", "max_pids"):
+    for key in ("memory_mb", "pids", "max_memory_mb", "max_pids", "max_output_mb", "max_file_mb"):
         if key in spec:
             value = spec[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator.agents.base import Agent
+from orchestrator.agents.base import Agent, SandboxProfile
 from orchestrator.db.models import utcnow
 from orchestrator.db.topics import Topic
 from orchestrator.db.unit_of_work import unit_of_work
@@ -37,13 +37,25 @@ class Ingest:
             cursor = record.cursor
             if cursor.unsure:
                 await self._resync(record)
+            cap = self._cap_bytes(record)
             while True:
-                lines, new_offset = cursor.read_new(final=final)
+                if cursor.offset > cap:
+                    return  # cut at the cap: the rest is not read, let alone stored
+                lines, new_offset = cursor.read_new(final=final, cap=cap)
+                if new_offset >= cap and (size := cursor.size()) > cap:
+                    # Stored in the transaction that crosses the cap: exactly once, even across
+                    # an engine restart (the stored offset is then past the cap).
+                    lines.append(f"[orchestrator] output cut at {cap >> 20} MiB (max_output_mb)")
+                    new_offset = size
                 if not lines and new_offset == cursor.offset:
                     return
                 await self._store_lines(record, lines, new_offset)
                 if not final:
                     return
+
+    def _cap_bytes(self, record: Supervised) -> int:
+        agent = self.ctx.agents.agents.get(record.agent)
+        return (agent.sandbox.max_output_mb if agent is not None else SandboxProfile.max_output_mb) << 20
 
     async def _resync(self, record: Supervised) -> None:
         """Where the worker's stored output really ends, after a store whose outcome is unknown

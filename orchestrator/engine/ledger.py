@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator.agents.base import Outcome
+from orchestrator.agents.base import Outcome, SandboxProfile
 from orchestrator.core.errors import InvalidTransition
 from orchestrator.core.states import JOB_TRANSITIONS, WORKER_LIVE, JobStatus, WorkerStatus
 from orchestrator.db.models import Job, Worker
@@ -195,6 +195,8 @@ class Ledger:
         async with self.ctx.db.read_session() as session:
             job = await worker_queries.job(session, worker.job_id)
             job_repo = job.repository if job else None
+        skipped: list[str] = []
+        max_file_mb = self._max_file_mb(record)
         try:
             async with self.sup.repo_lock(job_repo or ""):
                 commit, stat = await asyncio.to_thread(
@@ -207,11 +209,20 @@ class Ledger:
                     f"orchestrator: work of {worker.id} (job {worker.job_id})",
                     (worker.result or {}).get("base_commit"),
                     worker.branch,
+                    skipped,
+                    max_file_mb,
                 )
         except (git.GitError, OSError) as exc:
             patch["commit_error"] = str(exc)
             return Ending(proc, exit_code, limit, patch)
+        if skipped:
+            shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+            patch["commit_error"] = f"not committed, at or above max_file_mb ({max_file_mb} MiB): {shown}"
         return Ending(proc, exit_code, limit, patch, commit, stat)
+
+    def _max_file_mb(self, record: Supervised | None) -> int:
+        agent = self.ctx.agents.agents.get(record.agent) if record is not None else None
+        return agent.sandbox.max_file_mb if agent is not None else SandboxProfile.max_file_mb
 
     async def record_exits(
         self,

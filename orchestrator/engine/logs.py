@@ -25,17 +25,23 @@ class LogCursor:
     # unknown, so the next store starts from the offset the database holds, not this one.
     unsure: bool = False
 
-    def read_new(self, final: bool = False) -> tuple[list[str], int]:
-        """New complete lines (and, if final, the unterminated tail) plus the new offset."""
+    def size(self) -> int:
         try:
-            size = os.stat(self.path).st_size
+            return os.stat(self.path).st_size
         except FileNotFoundError:
-            return [], self.offset
-        if size <= self.offset:
+            return 0
+
+    def read_new(self, final: bool = False, cap: int | None = None) -> tuple[list[str], int]:
+        """New complete lines (and, if final, the unterminated tail) plus the new offset; nothing
+        past byte `cap` (a line the cap cuts is stored up to it)."""
+        size = self.size()
+        end_at = size if cap is None else min(size, cap)
+        if end_at <= self.offset:
             return [], self.offset
         with self.path.open("rb") as handle:
             handle.seek(self.offset)
-            chunk = handle.read(min(size - self.offset, MAX_READ_BYTES))
+            chunk = handle.read(min(end_at - self.offset, MAX_READ_BYTES))
+        final = final or (end_at < size and self.offset + len(chunk) == end_at)
         end = chunk.rfind(b"\n")
         if end < 0 and not final and len(chunk) < MAX_READ_BYTES:
             return [], self.offset

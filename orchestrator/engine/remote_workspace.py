@@ -77,12 +77,14 @@ def commit_work(
     message: str,
     base_commit: str | None,
     branch: str,
+    skipped: list[str] | None = None,
+    max_file_mb: int | None = None,
 ) -> tuple[str, str]:
-    """(commit, diff stat vs base) of the worker's work: its local worktree committed, or the
-    branch its node pushed fetched into the repository. Raises GitError (RemoteError) if the work
-    did not come back."""
+    """(commit, diff stat vs base) of the worker's work: its local worktree committed (files above
+    `max_file_mb` left out, into `skipped`), or the branch its node pushed fetched into the
+    repository. Raises GitError (RemoteError) if the work did not come back."""
     if not isinstance(executor, RayExecutor) or (worktree / ".git").exists() or not repository:
-        return gitdirs.commit_worker(worktree, run_dir, message, base_commit, branch)
+        return gitdirs.commit_worker(worktree, run_dir, message, base_commit, branch, skipped, max_file_mb)
     pushed_error = executor.push_error(worktree.name)
     url = _remote(settings, repository)
     commit = remote.fetch_branch(Path(repository), url, branch, base_commit=base_commit)

@@ -53,6 +53,7 @@ def worker_limits(agent: Agent | None, job_limits: dict[str, Any] | None) -> Lim
     return Limits(
         memory_mb=int(asked.get("memory_mb", agent.sandbox.memory_mb)),
         pids=int(asked.get("pids", agent.sandbox.pids)),
+        file_mb=agent.sandbox.max_file_mb,
     )
 
 

@@ -37,6 +37,7 @@ class Limits:
     memory_mb: int
     pids: int
     cpu_weight: int | None = None  # 1-10000, cgroup v2 `cpu.weight` only
+    file_mb: int | None = None  # RLIMIT_FSIZE the wrapper sets for the agent (not a cgroup limit)
 
 
 @dataclass(frozen=True)

@@ -23,22 +23,24 @@ Prepare = Callable[[Lease | None], tuple[list[str], str, Path]]
 
 # $1 = run dir, $2 = a file for the agent's stdin ("-": the wrapper's own stdin, a pipe the engine
 # fills), $3 = the working directory, $4 = the cgroup.procs files to join ("" for none), $5 = the
-# seccomp filter to open on descriptor 9 for bwrap ("" for none); then the agent's argv (under
-# bwrap when sandboxed). The wrapper joins the worker's cgroups first, so every descendant is
-# counted against its limits, enters the working directory itself (posix_spawn has no chdir
-# here) and records its PID (an engine that dies before writing the PID to the database still
-# finds the worker), then runs the agent, then writes its exit status. A handled TERM/INT/HUP
-# trap keeps the wrapper alive to record that status (handled traps reset to default in the
-# agent, so it still dies). The exit file is read only once the wrapper is gone; a wrapper killed
-# mid-write leaves it empty, which reads as "no exit status". Its own files are private (umask
-# 077), and the agent's too: it shares a profile's rw_binds with workers of other uids, whose
-# files must not be readable by default. Descriptor 8 (uids.LEASE_FD) holds the lease of the
-# worker's uid for the wrapper's lifetime; the agent does not get it (it could unlock it). Only
-# shell built-ins besides the agent: no extra process, and no file the engine must create.
+# seccomp filter to open on descriptor 9 for bwrap ("" for none), $6 = the largest file the agent
+# may write, in 512-byte blocks (`ulimit -f`: RLIMIT_FSIZE, soft and hard, so its output.log too;
+# "" for none); then the agent's argv (under bwrap when sandboxed). The wrapper joins the worker's
+# cgroups first, so every descendant is counted against its limits, enters the working directory
+# itself (posix_spawn has no chdir here) and records its PID (an engine that dies before writing
+# the PID to the database still finds the worker), then runs the agent, then writes its exit
+# status. A handled TERM/INT/HUP trap keeps the wrapper alive to record that status (handled traps
+# reset to default in the agent, so it still dies). The exit file is read only once the wrapper is
+# gone; a wrapper killed mid-write leaves it empty, which reads as "no exit status". Its own files
+# are private (umask 077), and the agent's too: it shares a profile's rw_binds with workers of
+# other uids, whose files must not be readable by default. Descriptor 8 (uids.LEASE_FD) holds the
+# lease of the worker's uid for the wrapper's lifetime; the agent does not get it (it could unlock
+# it). Only shell built-ins besides the agent: no extra process, and no file the engine must create.
 WRAPPER_SCRIPT = (
     'umask 077; d="$1"; i="$2"; g="$4"; s="$5"; '
     'for f in $g; do printf "%s\\n" "$$" >"$f" || { printf "126\\n" >"$d/exit"; exit 126; }; done; '
-    'cd "$3" || { printf "127\\n" >"$d/exit"; exit 127; }; shift 5; '
+    'cd "$3" || { printf "127\\n" >"$d/exit"; exit 127; }; z="$6"; shift 6; '
+    'if [ -n "$z" ]; then ulimit -f "$z" || { printf "126\\n" >"$d/exit"; exit 126; }; fi; '
     'trap ":" TERM INT HUP; printf "%s\\n" "$$" >"$d/pid"; : >>"$d/output.log"; '
     'if [ -n "$s" ]; then exec 9<"$s" || { printf "126\\n" >"$d/exit"; exit 126; }; fi; '
     'if [ "$i" = - ]; then "$@" 8<&- >>"$d/output.log" 2>&1; '
@@ -79,7 +81,10 @@ def environment(spec: LaunchSpec) -> dict[str, str]:
     return env
 
 
-def wrapper_argv(run_dir: Path, stdin_arg: str, workdir: Path, procs_files: str, seccomp: str) -> list[str]:
+def wrapper_argv(
+    run_dir: Path, stdin_arg: str, workdir: Path, procs_files: str, seccomp: str, limits: Limits | None
+) -> list[str]:
+    blocks = str(limits.file_mb * 2048) if limits is not None and limits.file_mb else ""
     return [
         "/bin/sh",
         "-c",
@@ -90,6 +95,7 @@ def wrapper_argv(run_dir: Path, stdin_arg: str, workdir: Path, procs_files: str,
         str(workdir),
         procs_files,
         seccomp,
+        blocks,
     ]
 
 
@@ -116,7 +122,9 @@ def start_parked(
         if len(data) > PIPE_STDIN_BYTES:
             stdin_arg, data = write_stdin(run_dir, data), b""
         agent_argv, seccomp_file, workdir = prepare(parked.lease)
-        script = launch_script(wrapper_argv(run_dir, stdin_arg, workdir, "", seccomp_file) + agent_argv, env)
+        script = launch_script(
+            wrapper_argv(run_dir, stdin_arg, workdir, "", seccomp_file, limits) + agent_argv, env
+        )
         if script is None or len(script.encode()) > PIPE_STDIN_BYTES:
             pool.discard(parked)
             return None
@@ -147,6 +155,7 @@ def spawn_wrapper(
     data: bytes,
     inheritable: list[int],
     lease_fd: int = -1,
+    limits: Limits | None = None,
 ) -> int:
     """Spawn a wrapper: posix_spawn (vfork + exec in the C library) instead of
     subprocess.Popen, whose Python set-up cost more than the spawn itself. The child gets
@@ -167,7 +176,7 @@ def spawn_wrapper(
     if lease_fd >= 0:  # before the closes: a stale entry of the cached list may reuse its number
         actions.append((os.POSIX_SPAWN_DUP2, lease_fd, LEASE_FD))
     actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable if lease_fd < 0 or fd != LEASE_FD]
-    argv = wrapper_argv(run_dir, stdin_arg, workdir, procs_files, seccomp_file)
+    argv = wrapper_argv(run_dir, stdin_arg, workdir, procs_files, seccomp_file, limits)
     try:
         pid = os.posix_spawn("/bin/sh", argv + agent_argv, env, file_actions=actions, setsid=True)
     finally:

@@ -281,7 +281,7 @@ class LocalExecutor:
                 procs_files = " ".join(str(p) for p in self.cgroups.create(worker_id, limits))
             fds, lease_fd = self._inheritable(), lease.fd if lease is not None else -1
             pid = spawn_wrapper(
-                run_dir, workdir, procs_files, seccomp_file, agent_argv, env, data, fds, lease_fd
+                run_dir, workdir, procs_files, seccomp_file, agent_argv, env, data, fds, lease_fd, limits
             )
         finally:
             if lease is not None:

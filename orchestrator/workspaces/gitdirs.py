@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from stat import S_ISREG
 
 from orchestrator.workspaces.git import ADD_ALL, ADD_ALL_OK, GitError, commit_all, run_git, worktree_git_dirs
 
@@ -62,21 +63,55 @@ def recorded(run_dir: Path) -> tuple[Path, Path] | None:
 
 
 def commit_worker(
-    worktree: Path, run_dir: Path, message: str, base_commit: str | None, branch: str
+    worktree: Path,
+    run_dir: Path,
+    message: str,
+    base_commit: str | None,
+    branch: str,
+    skipped: list[str] | None = None,
+    max_file_mb: int | None = None,
 ) -> tuple[str, str]:
     """Commit what a worker left in its worktree onto its branch; returns (the branch's commit,
     diff stat vs base). Through the recorded git dirs; a worker started before they were
-    recorded falls back to the worktree's own view (`git.commit_all`)."""
+    recorded falls back to the worktree's own view (`git.commit_all`). Files of `max_file_mb`
+    or more are left out, their paths added to `skipped`: git would read them whole (a sparse
+    terabyte costs the agent nothing), and one the agent's RLIMIT_FSIZE stopped is likely cut."""
     if not (run_dir / RECORD_FILE).exists():
         return commit_all(worktree, message, base_commit, branch)
-    return commit_recorded(worktree, run_dir, message, base_commit, branch)
+    big = too_big(worktree, max_file_mb << 20) if max_file_mb else []
+    if skipped is not None:
+        skipped += big
+    return commit_recorded(worktree, run_dir, message, base_commit, branch, big)
+
+
+def too_big(worktree: Path, limit: int) -> list[str]:
+    """The worktree's regular files of `limit` bytes or more (symlinks not followed, `.git` skipped),
+    relative to it."""
+    found: list[str] = []
+    for top, dirs, files in os.walk(worktree):
+        dirs[:] = [d for d in dirs if d != ".git"]
+        for name in files:
+            path = os.path.join(top, name)
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if S_ISREG(info.st_mode) and info.st_size >= limit:
+                found.append(os.path.relpath(path, worktree))
+    return sorted(found)
 
 
 def commit_recorded(
-    worktree: Path, run_dir: Path, message: str, base_commit: str | None, branch: str
+    worktree: Path,
+    run_dir: Path,
+    message: str,
+    base_commit: str | None,
+    branch: str,
+    leave_out: list[str] | None = None,
 ) -> tuple[str, str]:
-    """Commit the worktree's content onto `branch` in the recorded repository. Git runs with the
-    common dir as GIT_DIR, the worktree as GIT_WORK_TREE and a fresh index in the run dir: the
+    """Commit the worktree's content (but `leave_out`) onto `branch` in the recorded repository.
+    Git runs with the common dir as GIT_DIR, the worktree as GIT_WORK_TREE and a fresh index in the
+    run dir: the
     worktree's own git dir (HEAD, index, logs, COMMIT_EDITMSG: all the agent's) is not read or
     written. Raises GitError if nothing was recorded."""
     dirs = recorded(run_dir)
@@ -94,7 +129,7 @@ def commit_recorded(
     parent = run_git("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}", cwd=common, env=shared)
     try:
         run_git("read-tree", parent, cwd=worktree, env=view)
-        run_git(*ADD_ALL, cwd=worktree, env=view, ok=ADD_ALL_OK)
+        _add_all(worktree, view, index, leave_out or [])
         tree = run_git("write-tree", cwd=worktree, env=view)
     finally:
         index.unlink(missing_ok=True)
@@ -106,3 +141,19 @@ def commit_recorded(
         run_git("diff", "--shortstat", base_commit, head, "--", cwd=common, env=shared) if base_commit else ""
     )
     return head, stat
+
+
+def _add_all(worktree: Path, view: dict[str, str], index: Path, leave_out: list[str]) -> None:
+    """`git add -A`, but the paths of `leave_out` (as the parent commit has them, or absent):
+    exclude pathspecs in a file beside the index, however many there are."""
+    if not leave_out:
+        run_git(*ADD_ALL, cwd=worktree, env=view, ok=ADD_ALL_OK)
+        return
+    specs = index.with_suffix(".pathspecs")
+    excluded = [f":(exclude,literal){path}" for path in leave_out]
+    specs.write_bytes(b"".join(os.fsencode(spec) + b"\0" for spec in [".", *excluded]))
+    try:
+        add = (*ADD_ALL[:-2], f"--pathspec-from-file={specs}", "--pathspec-file-nul")
+        run_git(*add, cwd=worktree, env=view, ok=ADD_ALL_OK)
+    finally:
+        specs.unlink(missing_ok=True)
