@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from orchestrator.agents.base import Agent, LaunchSpec, WorkerContext
+from orchestrator.agents.base import Agent, LaunchSpec, SandboxProfile, WorkerContext
 from orchestrator.core.auth import create_access_token
 from orchestrator.db.availability import OUTAGES
 from orchestrator.db.models import utcnow
@@ -313,9 +313,17 @@ class Launcher:
                     "orchestrator: checkpoint before delegating",
                     None,
                     own,
+                    None,
+                    self._max_file_mb(by_worker),
                 )
             resolved = await asyncio.to_thread(refs.resolve, repository, resolved.full_name)
         return resolved.commit
+
+    def _max_file_mb(self, worker_id: str) -> int:
+        """The worker's profile's max_file_mb: a checkpoint leaves bigger files out, unread."""
+        record = self.sup.live.get(worker_id)
+        agent = self.ctx.agents.agents.get(record.agent) if record is not None else None
+        return agent.sandbox.max_file_mb if agent is not None else SandboxProfile.max_file_mb
 
     async def _with_worker_held(self, worker_id: str, call: Callable[..., Any], *args: Any) -> Any:
         """`call(*args)` in a thread with the worker's processes stopped, if this engine runs it

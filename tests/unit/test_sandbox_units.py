@@ -151,6 +151,9 @@ def test_host_available_memory(tmp_path: Path) -> None:
         ('network = "off"', 'network must be "on" or "none"'),
         ('ro_binds = ["relative/path"]', "ro_binds must be a list of absolute paths"),
         ("memory_mb = 4096\nmax_memory_mb = 1024", "above its maximum"),
+        ("max_output_mb = 0", "max_output_mb must be a positive integer"),
+        ("max_file_mb = true", "max_file_mb must be a positive integer"),
+        ("max_file_mb = 1.5", "max_file_mb must be a positive integer"),
     ],
 )
 def test_agents_toml_sandbox_settings_are_checked(tmp_path: Path, line: str, message: str) -> None:
@@ -170,6 +173,10 @@ def test_agents_toml_sandbox_settings_are_read(tmp_path: Path) -> None:
     assert (profile.memory_mb, profile.pids, profile.network) == (300, 40, False)
     assert profile.ro_binds == ("/srv/cache",) and profile.rw_binds == ("/srv/scratch",)
     assert profile.memory_ceiling == 1200 and profile.pids_ceiling == 160
+    assert (profile.max_output_mb, profile.max_file_mb) == (256, 1024)  # the defaults
+    path.write_text('[agents.x]\ncommand = ["true"]\nmax_output_mb = 5\nmax_file_mb = 7\n')
+    profile = load_profiles(path)["x"].sandbox
+    assert (profile.max_output_mb, profile.max_file_mb) == (5, 7)
 
 
 def test_the_view_never_holds_the_server_checkout() -> None:

@@ -100,6 +100,29 @@ def test_limits_hold_in_a_pooled_worker(tmp_path: Path) -> None:
     ex.close()
 
 
+@pytest.mark.parametrize("pooled", [True, False])
+def test_the_file_size_limit_holds_parked_or_spawned(tmp_path: Path, pooled: bool) -> None:
+    """RLIMIT_FSIZE (`file_mb`) on every file the agent writes, its stdout file too, whether a
+    parked shell or a new spawn runs it; the agent cannot raise it again."""
+    ex = LocalExecutor(sandbox.detect(tmp_path / "data"), GROUPS, pool_size=2 if pooled else 0)
+    assert (ex.pool is not None and ex.pool.fill(60)) == pooled
+    idle = {parked.pid for parked in ex.pool._idle} if ex.pool is not None else set()
+    work, run, box = dirs(tmp_path, "f", ex)
+    script = (
+        "trap '' XFSZ; ulimit -f unlimited 2>/dev/null && echo RAISED; "
+        "head -c 3000000 /dev/zero >big; echo wrote $?; head -c 3000000 /dev/zero"
+    )
+    spec = LaunchSpec(argv=["/bin/sh", "-c", script])
+    proc = ex.start("w_pooltest_f", spec, work, run, sandbox=box, limits=Limits(96, 40, file_mb=2))
+    assert (proc.pid in idle) == pooled
+    ex.wait(proc, 60)
+    output = (run / "output.log").read_bytes()
+    assert b"wrote 1" in output and b"RAISED" not in output, output[:200]
+    assert (work / "big").stat().st_size == 2 << 20
+    assert (run / "output.log").stat().st_size == 2 << 20
+    ex.close()
+
+
 def test_big_stdin_newlines_and_odd_environment_names(tmp_path: Path) -> None:
     assert launch_script(["echo"], {"NOT-A-NAME": "x"}) is None
     ex = executor(tmp_path)
