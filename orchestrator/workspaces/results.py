@@ -111,7 +111,10 @@ async def merge_into_worker(
         raise Forbidden(
             f"Job {child_id} is not a sub-job of this worker; a worker merges only its own sub-jobs"
         )
-    worker = await session.get(Worker, actor.worker_id)
+    # Locked till the request commits (SQLite: its BEGIN IMMEDIATE): a second merge of this worker
+    # waits, so none releases the worker while another merges; a pause commits after the release.
+    query = for_update(session, select(Worker).where(Worker.id == actor.worker_id))
+    worker = (await session.execute(query)).scalar_one_or_none()
     if worker is None or not worker.workdir or not worker.branch or worker.status not in WORKER_LIVE:
         raise BadRequest("This worker has no live git worktree to merge into (its job has no repository)")
     if worker.status != WorkerStatus.RUNNING:
