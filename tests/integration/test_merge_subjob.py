@@ -157,3 +157,102 @@ def test_a_worker_that_rewires_its_git_dir_cannot_make_the_merge_write_elsewhere
     assert (victim / "target.txt").read_text() == "untouched\n"
     assert git(victim, "for-each-ref") == victim_refs
     assert git(victim, "status", "--porcelain") == ""
+
+
+SWAPPER = r"""
+import json, os, sys
+# The hostile worker's background process: it swaps the worktree's `sub` directory for a link to
+# a host directory and back, as fast as it can, and watches for the merged file. The merge's last
+# write to the worktree's admin dir (its index, replaced after git has run) comes after git has
+# written the file: a loop that runs during the merge can see the file with the old index.
+admin, victim = sys.argv[1], os.environ["VICTIM"]
+def index():
+    try:
+        return os.stat(os.path.join(admin, "index")).st_ino
+    except OSError:
+        return None
+before, n, seen = index(), 0, None
+open("/tmp/swapping", "w").close()
+def look():
+    if seen is None and any(os.path.lexists(p) for p in ("sub/a.txt", "sub.x/a.txt")):
+        return {"n": n, "index_unchanged": index() == before}
+    return seen
+while not os.path.exists("/tmp/merged"):
+    n += 1
+    seen = look()
+    for step in (lambda: os.rename("sub", "sub.x"), lambda: os.symlink(victim, "sub"),
+                 lambda: os.unlink("sub"), lambda: os.rename("sub.x", "sub")):
+        try:
+            step()
+        except OSError:
+            pass
+seen = look()  # held through the merge, it may not have looked since
+print("WITNESS " + json.dumps({"iterations": n, "seen": seen}), flush=True)
+"""
+
+SWAPPING_PARENT = (
+    API_CALL
+    + r"""
+import json, os, pathlib, subprocess, sys, time
+_, child = call("POST", "/api/jobs/submit", {"task_description": "child", "depth": 1, "parent_job_id": JOB,
+    "agent": "simulated", "agent_options": {"duration_seconds": 0, "files": {"sub/a.txt": "from the child\n"}}})
+while call("GET", "/api/jobs/" + child["id"])[1]["status"] not in ("COMPLETED", "FAILED", "CANCELED"):
+    time.sleep(0.1)
+admin = subprocess.run(["git", "rev-parse", "--absolute-git-dir"], capture_output=True, text=True).stdout.strip()
+os.mkdir("sub")
+loop = subprocess.Popen([sys.executable, os.environ["SWAPPER"], admin])
+while not os.path.exists("/tmp/swapping"):
+    time.sleep(0.01)
+refused = []
+for _ in range(50):
+    # Held while `sub` is the link, git refuses to overwrite it (an untracked file): again.
+    status, body = call("POST", f"/api/jobs/{child['id']}/merge")
+    if status != 409:
+        break
+    refused.append(body["detail"])
+open("/tmp/merged", "w").close()
+loop.wait()
+print("RESULTS " + json.dumps({"merge": [status, body], "refused": refused}), flush=True)
+"""
+)
+
+
+def test_a_worker_swapping_a_directory_for_a_link_is_held_during_the_merge(
+    servers: ServerFactory,
+) -> None:
+    """The merge runs as root in the worker's live worktree: a background process of the worker
+    that swaps the directory the merged file goes into for a link to a host directory must be
+    stopped throughout the merge (it never sees the merged file before the merge's last write)
+    and the host directory stays empty."""
+    repo = make_repo(servers.root)
+    victim = servers.root / "victim-dir"
+    victim.mkdir()
+    scripts = servers.root / "agent-scripts"
+    scripts.mkdir(exist_ok=True)
+    (scripts / "swapping.py").write_text(SWAPPING_PARENT)
+    (scripts / "swapper.py").write_text(SWAPPER)
+    agents = servers.root / "swap-agents.toml"
+    agents.write_text(
+        f'[agents.swapper]\ncommand = ["{sys.executable}", "{scripts / "swapping.py"}"]\n'
+        f'env = {{ VICTIM = "{victim}", SWAPPER = "{scripts / "swapper.py"}" }}\n'
+        f'ro_binds = ["{scripts}"]\n'
+    )
+    server = servers.start(ORCHESTRATOR_AGENTS_FILE=str(agents))
+    with server.client() as client:
+        job = submit(client, agent="swapper", repository=str(repo))
+        wait_final(client, job["id"], timeout=120)
+        [worker] = workers_of(client, job["id"])
+        lines = log_lines(client, worker["id"])
+    found = {
+        x.split(" ", 1)[0]: json.loads(x.split(" ", 1)[1])
+        for x in lines
+        if x.startswith(("RESULTS ", "WITNESS "))
+    }
+    assert set(found) == {"RESULTS", "WITNESS"}, lines[-10:]
+    status, body = found["RESULTS"]["merge"]
+    assert status == 200 and body["status"] == "merged", found
+    assert all("untracked working tree files" in x for x in found["RESULTS"]["refused"]), found
+    # Held: its loop did not run between git's first write and the merge's last one.
+    seen = found["WITNESS"]["seen"]
+    assert seen is not None and seen["index_unchanged"] is False, found
+    assert list(victim.iterdir()) == []

@@ -9,6 +9,7 @@ from fastapi.responses import PlainTextResponse
 
 from orchestrator.api.deps import JobsRead, JobsWrite, SessionDep
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND
+from orchestrator.executors.held import this_hosts_hold
 from orchestrator.workspaces import results
 from orchestrator.workspaces.schemas import MergeIntoWorkerOut, ResultOut
 
@@ -57,4 +58,4 @@ async def job_diff(
 async def merge_into_worker(job_id: str, actor: JobsWrite, session: SessionDep) -> MergeIntoWorkerOut:
     """A worker merges its finished sub-job's result branch into its own worktree (`merge_subjob`);
     a conflict leaves the markers in place for the agent to resolve."""
-    return await results.merge_into_worker(session, actor, job_id)
+    return await results.merge_into_worker(session, actor, job_id, this_hosts_hold())
