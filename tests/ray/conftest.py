@@ -121,7 +121,15 @@ class RayCluster:
     def add_node(self, slots: int = SLOTS_PER_NODE) -> Any:
         node = self.cluster.add_node(num_cpus=1, resources={"agent_slot": slots}, node_ip_address="127.0.0.1")
         RAYLETS.add(self.raylet(node).pid)
+        self.settle()
         return node
+
+    def settle(self) -> None:
+        """Wait until the GCS's live nodes are exactly the ones this cluster has (added, not
+        removed): a node removed by the test before is declared dead only after the health
+        check, and until then the scheduler may still place the next test's worker on it."""
+        with contextlib.suppress(Exception):  # a head the test killed: nothing to wait for
+            self.cluster.wait_for_nodes(timeout=90)
 
     @staticmethod
     def raylet(node: Any) -> Any:
@@ -149,7 +157,9 @@ class RayCluster:
             os.kill(self.raylet(node).pid, signal.SIGCONT)
         with contextlib.suppress(Exception):
             self.cluster.remove_node(node, allow_graceful=False)
-        return kill_all(processes)
+        killed = kill_all(processes)
+        self.settle()
+        return killed
 
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):  # a test may have killed the head already
