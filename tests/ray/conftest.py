@@ -128,7 +128,11 @@ class RayCluster:
         """Wait until the GCS's live nodes are exactly the ones this cluster has (added, not
         removed): a node removed by the test before is declared dead only after the health
         check, and until then the scheduler may still place the next test's worker on it."""
-        with contextlib.suppress(Exception):  # a head the test killed: nothing to wait for
+        head = self.cluster.head_node
+        gcs = head.all_processes.get("gcs_server") if head is not None else None
+        if not gcs or gcs[0].process.poll() is not None:
+            return  # the test killed the head (and a GCS client here would end this process)
+        with contextlib.suppress(Exception):
             self.cluster.wait_for_nodes(timeout=90)
 
     @staticmethod
