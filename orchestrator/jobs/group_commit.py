@@ -22,6 +22,15 @@ reads rows (a child's parent, keys and budget; a repository's workspace) sees ev
 of the transaction (jobs/submit_rows.py). On PostgreSQL a transaction holds the children of at
 most one parent (the rest wait for the next): a child locks its tree and its budgeted ancestors,
 and two transactions each holding one tree and waiting for the other's would deadlock.
+
+On PostgreSQL the next batch does not wait for the previous COMMIT (issue 19): a batch whose
+rows are written hands the queue to a new writer before it commits, so the submits that queued
+meanwhile are written while the COMMIT (its events, the WAL flush) is in flight, on a
+connection of their own. At most `PIPELINE` transactions of a process are in flight, and one
+writer at a time takes and writes rows; each submit is still in exactly one batch and
+answered once. Two such transactions are two writers, as two processes' are: a child's tree
+lock orders them (a batch waits for the committing one to end, which waits on nothing). On
+SQLite (one writer at a time) batches follow one another.
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ log = logging.getLogger(__name__)
 # Submits in one transaction at most: a batch runs in the event loop (SQLite runs inline), so
 # it bounds the time other requests of the process wait for it.
 MAX_BATCH = 64
+# PostgreSQL: a process's transactions in flight at once, one writing rows, one committing.
+PIPELINE = 2
 
 
 @dataclass
@@ -69,31 +80,54 @@ class SubmitQueue:
         self.validate_agent = validate_agent
         self.validate_limits = validate_limits
         self._waiting: deque[_Waiting] = deque()
-        self._writer: asyncio.Task[None] | None = None
+        self._writers: set[asyncio.Task[None]] = set()
+        self._taker: asyncio.Task[None] | None = None  # the writer taking and writing rows
+        self._pipeline = PIPELINE if database.is_postgres else 1
         self.transactions = 0  # written, for tests and benchmarks: how much grouping happened
 
     async def submit(self, draft: Draft) -> Record:
         """Write `draft` and return its job once committed; raise what it was refused with."""
         waiting = _Waiting(draft)
         self._waiting.append(waiting)
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_waiting(), name="submit-writer")
+        self._wake()
         # A request cancelled here cancels its answer: not written yet, it is dropped.
         return await waiting.answer
 
+    def _wake(self) -> None:
+        """A writer for the waiting submits, unless one is taking rows already or `PIPELINE`
+        transactions are in flight (the first to commit then goes on with them)."""
+        if self._taker is None and self._waiting and len(self._writers) < self._pipeline:
+            writer = asyncio.create_task(self._write_waiting(), name="submit-writer")
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
+            self._taker = writer
+
+    def _committing(self) -> None:
+        """The current batch's rows are written, its COMMIT is next: the next batch may begin."""
+        if self._taker is asyncio.current_task():
+            self._taker = None
+            self._wake()
+
     async def _write_waiting(self) -> None:
+        me = asyncio.current_task()
         try:
-            while self._waiting:
+            while self._taker is me:
                 batch = self._take()
                 if batch:
                     await self._write(batch)
+                    self._committing()
+                elif self._taker is me:
+                    self._taker = None
+                if self._taker is None and self._waiting:
+                    self._taker = me  # committed, and no writer took the submits queued meanwhile
         except BaseException:  # cancelled (shutdown): the submits still waiting are not written
             for waiting in self._waiting:
                 waiting.answer.cancel()
             self._waiting.clear()
             raise
         finally:
-            self._writer = None
+            if self._taker is me:
+                self._taker = None
 
     def _take(self) -> list[_Waiting]:
         """The next batch, in order of arrival; on PostgreSQL children of one parent only."""
@@ -140,6 +174,7 @@ class SubmitQueue:
                         answers.append(refused)
                 await rows.flush()
                 writing = False
+                self._committing()
         except Exception as error:
             if writing:
                 log.info(
@@ -162,6 +197,7 @@ class SubmitQueue:
                 rows = PendingRows(session)
                 job = await write(rows, waiting.draft)
                 await rows.flush()
+                self._committing()
         except Exception as error:
             _answer(waiting, error)
             return

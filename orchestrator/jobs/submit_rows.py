@@ -88,8 +88,9 @@ def submitted_job(values: dict[str, Any]) -> Record:
 
 
 class PendingRows:
-    """The rows of a transaction's submits, not yet written: `flush` writes them (an
-    executemany per table; on PostgreSQL a single submit's as one statement with its NOTIFY)."""
+    """The rows of a transaction's submits, not yet written: `flush` writes them (on SQLite an
+    executemany per table; on PostgreSQL each submit's rows and NOTIFY as one statement, all
+    of them in one executemany: one round trip instead of four)."""
 
     def __init__(self, session: UnitOfWork) -> None:
         self.session = session
@@ -116,12 +117,18 @@ class PendingRows:
             return
         self.rows, self.new_workspaces = [], 0
         session = self.session
-        if len(rows) == 1 and is_postgres(session):
+        if is_postgres(session):
             # One round trip for the rows and the wake-up: a data-modifying WITH runs every
-            # INSERT. Its first insert gives the transaction its id before the event rows take
-            # sequence values at commit (UnitOfWork.commit), so that statement is not needed.
+            # INSERT, once per submit in one executemany (asyncpg sends them together). Its
+            # first insert gives the transaction its id before the event rows take sequence
+            # values at commit (UnitOfWork.commit), so that statement is not needed.
             notice = {"channel": CHANNEL, "topic": Topic.JOBS.value}
-            await session.execute(_SUBMIT_PG[new_workspaces > 0], rows[0] | notice)
+            for new_workspace in (True, False):
+                group = [row | notice for row in rows if ("w_id" in row) == new_workspace]
+                if len(group) == 1:
+                    await session.execute(_SUBMIT_PG[new_workspace], group[0])
+                elif group:
+                    await (await session.connection()).execute(_SUBMIT_PG[new_workspace], group)
             session.published_by_statement(Topic.JOBS)
             return
         if new_workspaces:
@@ -129,4 +136,3 @@ class PendingRows:
         await precompiled.execute_many(session, _INSERT_JOB, rows)
         await precompiled.execute_many(session, _INSERT_ALLOCATION, rows)
         await session.publish(Topic.JOBS)
-        session.has_transaction_id = True  # PostgreSQL: the inserts gave the transaction its id
