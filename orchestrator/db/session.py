@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from orchestrator.core.config import Settings
@@ -121,6 +121,18 @@ class Database:
                 raise
             await session.commit()
         OUTAGES.recovered()  # a write went through: the end of an outage, if there was one
+
+    @asynccontextmanager
+    async def autocommit_connection(self) -> AsyncIterator[AsyncConnection]:
+        """PostgreSQL: a connection on which each statement is a transaction of its own,
+        committed when it answers (an executemany: all its rows, or none). For a write that
+        needs no reads before it (jobs/group_commit.py: plain root submits): no BEGIN and no
+        COMMIT round trips."""
+        if not self.is_postgres:
+            raise RuntimeError("autocommit writes are for PostgreSQL (SQLite writes under its write lock)")
+        async with self.engine.connect() as connection:
+            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+        OUTAGES.recovered()
 
     @asynccontextmanager
     async def read_session(self) -> AsyncIterator[ReadSession]:

@@ -40,12 +40,22 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+from sqlalchemy.exc import DBAPIError
+
 from orchestrator.core.config import Settings
 from orchestrator.core.errors import DomainError
 from orchestrator.db.precompiled import Record
 from orchestrator.db.session import Database
-from orchestrator.jobs.submit import AgentValidator, Draft, LimitsValidator, write
-from orchestrator.jobs.submit_rows import PendingRows
+from orchestrator.db.topics import Topic, announce
+from orchestrator.jobs.submit import (
+    AgentValidator,
+    Draft,
+    LimitsValidator,
+    is_plain_root,
+    plain_root_job,
+    write,
+)
+from orchestrator.jobs.submit_rows import PendingRows, submitted_job, write_plain_roots
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +161,7 @@ class SubmitQueue:
 
     async def _write(self, batch: list[_Waiting]) -> None:
         try:
-            if len(batch) == 1 or not await self._write_together(batch):
+            if (len(batch) == 1 and not self._plain_roots(batch)) or not await self._write_together(batch):
                 for waiting in batch:
                     await self._write_alone(waiting)
         except BaseException:  # cancelled (shutdown) mid-batch: its unanswered submits too
@@ -162,6 +172,8 @@ class SubmitQueue:
     async def _write_together(self, batch: list[_Waiting]) -> bool:
         """Write the batch in one transaction and answer each; False if it was rolled back
         before its COMMIT (nothing written, nobody answered)."""
+        if self._plain_roots(batch):
+            return await self._write_plain_roots(batch)
         answers: list[Record | DomainError] = []
         writing = True
         try:
@@ -189,6 +201,39 @@ class SubmitQueue:
             _answer(waiting, answer)
         return True
 
+    def _plain_roots(self, batch: list[_Waiting]) -> bool:
+        return self.database.is_postgres and all(is_plain_root(waiting.draft) for waiting in batch)
+
+    async def _write_plain_roots(self, batch: list[_Waiting]) -> bool:
+        """PostgreSQL, root jobs that need no reads: one statement in autocommit, one round trip
+        instead of BEGIN, rows, events and COMMIT; False if the server refused it (nothing
+        written, nobody answered)."""
+        jobs = [plain_root_job(waiting.draft) for waiting in batch]
+        sent = False
+        try:
+            async with self.database.autocommit_connection() as connection:
+                self._committing()  # the statement is its own COMMIT: the next batch may begin
+                sent = True
+                await write_plain_roots(
+                    connection, [(job, w.draft.actor.name) for job, w in zip(jobs, batch, strict=True)]
+                )
+        except Exception as error:
+            if not sent or _refused_by_server(error):  # nothing written: each is written alone
+                log.info(
+                    "a group commit of %d submits was not written (%s): each is written alone",
+                    len(batch),
+                    error,
+                )
+                return False
+            for waiting in batch:  # it may have been committed: none is written again
+                _answer(waiting, error)
+            return True
+        self.transactions += 1
+        announce({Topic.JOBS})
+        for waiting, job in zip(batch, jobs, strict=True):
+            _answer(waiting, submitted_job(job))
+        return True
+
     async def _write_alone(self, waiting: _Waiting) -> None:
         if waiting.answer.done():
             return
@@ -203,6 +248,14 @@ class SubmitQueue:
             return
         self.transactions += 1
         _answer(waiting, job)
+
+
+def _refused_by_server(error: Exception) -> bool:
+    """The server answered the statement with an error (a constraint, a trigger, a deadlock): its
+    transaction was rolled back. Not a lost connection (SQLSTATE class 08) or a server shutting
+    down (57P): then the statement may have committed."""
+    sqlstate = getattr(error.orig, "sqlstate", None) if isinstance(error, DBAPIError) else None
+    return isinstance(sqlstate, str) and not sqlstate.startswith(("08", "57P"))
 
 
 def _answer(waiting: _Waiting, answer: Record | Exception) -> None:

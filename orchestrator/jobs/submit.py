@@ -103,8 +103,39 @@ async def write(rows: PendingRows, draft: Draft) -> Record:
     base_ref = await _base_ref(session, draft, parent, choices.repository)
     job_id = new_job_id()
     workspace_id, new_workspace = await _workspace_for(session, parent, choices.repository, job_id)
-    now = utcnow()
-    job: dict[str, Any] = {
+    job = _job_values(draft, parent, choices, base_ref, job_id, workspace_id)
+    now = job["created_at"]
+    rows.add(job, new_workspace)
+    session.record_event(
+        job_id=job_id,
+        kind="job.status",
+        actor=draft.actor.name,
+        to_status=JobStatus.PENDING.value,
+        reason="submitted",
+        created_at=now,
+    )
+    return submitted_job(job)
+
+
+def is_plain_root(draft: Draft) -> bool:
+    """A root job that `write` would read nothing for (no repository, no base_ref): its rows,
+    event and wake-up can be written in one statement (jobs/submit_rows.write_plain_roots)."""
+    return draft.choices is not None and draft.choices.repository is None and draft.body.base_ref is None
+
+
+def plain_root_job(draft: Draft) -> dict[str, Any]:
+    """The `JOB_COLUMNS` of a plain root job (`is_plain_root`), in a new workspace of its own:
+    what `write` adds for it, without a session."""
+    assert draft.choices is not None
+    job_id = new_job_id()
+    return _job_values(draft, None, draft.choices, None, job_id, new_workspace_id())
+
+
+def _job_values(
+    draft: Draft, parent: Job | None, choices: Choices, base_ref: str | None, job_id: str, workspace_id: str
+) -> dict[str, Any]:
+    body, now = draft.body, utcnow()
+    return {
         "id": job_id,
         "status": JobStatus.PENDING.value,
         "task_description": body.task_description,
@@ -128,16 +159,6 @@ async def write(rows: PendingRows, draft: Draft) -> Record:
         "created_at": now,
         "updated_at": now,
     }
-    rows.add(job, new_workspace)
-    session.record_event(
-        job_id=job_id,
-        kind="job.status",
-        actor=draft.actor.name,
-        to_status=JobStatus.PENDING.value,
-        reason="submitted",
-        created_at=now,
-    )
-    return submitted_job(job)
 
 
 async def _checked_parent(session: UnitOfWork, draft: Draft, parent_id: str) -> Job:

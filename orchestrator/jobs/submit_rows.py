@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import String, bindparam, func, insert, literal, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from orchestrator.core.states import JobStatus
 from orchestrator.db import precompiled
 from orchestrator.db.locking import is_postgres
-from orchestrator.db.models import Allocation, Job, Workspace
+from orchestrator.db.models import Allocation, Event, Job, Workspace
 from orchestrator.db.precompiled import Record, record_type
 from orchestrator.db.topics import CHANNEL, Topic
 from orchestrator.db.unit_of_work import UnitOfWork
@@ -44,9 +46,8 @@ JOB_COLUMNS = (
     "created_at",
     "updated_at",
 )
-_JOB_ROW = insert(Job).values(
-    {name: bindparam(name, type_=Job.__table__.c[name].type) for name in JOB_COLUMNS}
-)
+_JOB_VALUES = {name: bindparam(name, type_=Job.__table__.c[name].type) for name in JOB_COLUMNS}
+_JOB_ROW = insert(Job).values(_JOB_VALUES)
 _ALLOCATION_ROW = insert(Allocation).values(
     job_id=bindparam("id", type_=Allocation.__table__.c.job_id.type),
     depth=bindparam("a_depth", type_=Allocation.__table__.c.depth.type),
@@ -76,6 +77,55 @@ _SUBMIT_PG = {
     for new_workspace in (False, True)
 }
 
+# PostgreSQL, plain root jobs (jobs/submit.is_plain_root): their rows, their "submitted" events
+# and the wake-up, each job's in one statement, in autocommit (write_plain_roots). An event
+# takes its id (a sequence) from the row new_job returns, so after the job's INSERT gave the
+# transaction its id (UnitOfWork._take_transaction_id says why that order matters).
+_NEW_JOB = (  # a statement of its own: precompiled.Statement(_JOB_ROW) has compiled that one
+    insert(Job).values(_JOB_VALUES).returning(Job.__table__.c.id, Job.__table__.c.created_at).cte("new_job")
+)
+_SUBMITTED_EVENT = insert(Event).from_select(
+    ["job_id", "kind", "actor", "to_status", "reason", "created_at"],
+    select(
+        _NEW_JOB.c.id,
+        literal("job.status"),
+        bindparam("e_actor", type_=String()),
+        literal(JobStatus.PENDING.value),
+        literal("submitted"),
+        _NEW_JOB.c.created_at,
+    ),
+)
+_PLAIN_ROOT_PG = select(func.pg_notify(bindparam("channel"), bindparam("topic"))).add_cte(
+    _WORKSPACE_ROW.cte("new_workspace"),
+    _NEW_JOB,
+    _ALLOCATION_ROW.cte("new_allocation"),
+    _SUBMITTED_EVENT.cte("new_event"),
+)
+
+
+async def write_plain_roots(connection: AsyncConnection, jobs: list[tuple[dict[str, Any], str]]) -> None:
+    """Write plain root jobs (`JOB_COLUMNS`, the submitting actor's name) with their rows,
+    events and NOTIFY on a connection in autocommit: one round trip, one transaction (asyncpg's
+    executemany is atomic: every job is written, or none). An error the server answered with
+    means none was; any other (a lost connection) leaves it unknown."""
+    notice = {"channel": CHANNEL, "topic": Topic.JOBS.value}
+    params = [_row(job, new_workspace=True) | notice | {"e_actor": actor} for job, actor in jobs]
+    await connection.execute(_PLAIN_ROOT_PG, params if len(params) > 1 else params[0])
+
+
+def _row(job: dict[str, Any], *, new_workspace: bool) -> dict[str, Any]:
+    """The parameters of a job's rows: its own, its allocation's, a new workspace's."""
+    now = job["created_at"]
+    row = job | {"a_depth": job["depth"], "a_max_slots": job["worker_count"], "a_updated_at": now}
+    if new_workspace:
+        row |= {
+            "w_id": job["workspace_id"],
+            "w_repository": job["repository"],
+            "w_root_job_id": job["id"],
+            "w_created_at": now,
+        }
+    return row
+
 
 # A submitted job as written: every column of `jobs` (those a submit leaves NULL are None). The
 # response's source, without an ORM instance's cost (a tenth of a submit's CPU).
@@ -99,17 +149,8 @@ class PendingRows:
 
     def add(self, job: dict[str, Any], new_workspace: bool) -> None:
         """Hold the rows of a job (its `JOB_COLUMNS`), and of its workspace if that is new."""
-        now = job["created_at"]
-        row = job | {"a_depth": job["depth"], "a_max_slots": job["worker_count"], "a_updated_at": now}
-        if new_workspace:
-            row |= {
-                "w_id": job["workspace_id"],
-                "w_repository": job["repository"],
-                "w_root_job_id": job["id"],
-            }
-            row["w_created_at"] = now
-            self.new_workspaces += 1
-        self.rows.append(row)
+        self.rows.append(_row(job, new_workspace=new_workspace))
+        self.new_workspaces += new_workspace
 
     async def flush(self) -> None:
         rows, new_workspaces = self.rows, self.new_workspaces

@@ -1,0 +1,147 @@
+"""PostgreSQL submits (issue 19): plain root submits are written in one statement in autocommit,
+and a process's next batch does not wait for the previous one's COMMIT (jobs/group_commit.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import event, func, select, text
+
+from orchestrator.agents.registry import AgentRegistry
+from orchestrator.core.auth import Actor
+from orchestrator.core.config import Settings
+from orchestrator.db.models import Allocation, Event, Job, Workspace
+from orchestrator.db.session import Database
+from orchestrator.db.topics import CHANNEL
+from orchestrator.jobs import service
+from orchestrator.jobs.group_commit import SubmitQueue
+from orchestrator.jobs.schemas import JobSubmit
+from tests.support.servers import test_database_kind as database_kind
+
+pytestmark = pytest.mark.skipif(database_kind() != "postgres", reason="PostgreSQL's autocommit writes")
+
+USER = Actor(name="user:pipeline", user_id="pipeline")
+LOCK_KEY = 4242
+
+
+def _queue(settings: Settings, database: Database) -> SubmitQueue:
+    agents = AgentRegistry.from_settings(settings)
+    return SubmitQueue(database, settings, agents.validate, agents.validate_limits)
+
+
+def _submit(queue: SubmitQueue, task: str) -> Any:
+    return service.submit_grouped(queue, USER, JobSubmit(task_description=task))
+
+
+async def test_root_submits_are_one_statement_without_begin_or_commit(settings: Settings) -> None:
+    database = Database(settings)
+    queue = _queue(settings, database)
+    sent: list[str] = []  # what this process's connections sent to the server, BEGIN and COMMIT included
+
+    def log_queries(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.driver_connection.add_query_logger(lambda query: sent.append(query.query.split()[0]))
+
+    event.listen(database.engine.sync_engine, "connect", log_queries)
+    notified: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(settings.database_url.replace("+asyncpg", ""))
+    try:
+        await listener.add_listener(CHANNEL, lambda *args: notified.put_nowait(args[3]))
+        answers = await asyncio.gather(*(_submit(queue, f"root {i}") for i in range(8)))
+        assert queue.transactions == 1  # all eight queued before the writer first ran
+        assert sent == ["WITH"], sent
+        assert await asyncio.wait_for(notified.get(), 60) == "jobs"
+
+        ids = [answer.id for answer in answers]
+        async with database.read_session() as session:
+            jobs = (await session.execute(select(Job).where(Job.id.in_(ids)))).scalars().all()
+            allocations = (
+                await session.execute(select(func.count()).where(Allocation.job_id.in_(ids)))
+            ).scalar_one()
+            workspaces = (
+                await session.execute(select(func.count()).where(Workspace.root_job_id.in_(ids)))
+            ).scalar_one()
+            events = (await session.execute(select(Event).where(Event.job_id.in_(ids)))).scalars().all()
+        assert sorted(job.id for job in jobs) == sorted(ids) and allocations == workspaces == 8
+        assert all(job.status == "PENDING" and job.created_by == "pipeline" for job in jobs)
+        assert sorted((e.job_id, e.kind, e.actor, e.to_status, e.reason) for e in events) == sorted(
+            (i, "job.status", USER.name, "PENDING", "submitted") for i in ids
+        )
+        created = {job.id: job.created_at for job in jobs}
+        assert all(e.created_at == created[e.job_id] for e in events)
+    finally:
+        await listener.close()
+        await database.dispose()
+
+
+async def test_a_batch_stuck_in_its_statement_does_not_hold_up_the_next(settings: Settings) -> None:
+    """A batch whose statement waits (here on a lock a trigger takes) has handed the queue on:
+    the submits after it are written and answered meanwhile, each once."""
+    database = Database(settings)
+    queue = _queue(settings, database)
+    holder = await asyncpg.connect(settings.database_url.replace("+asyncpg", ""))
+    try:
+        await holder.execute(
+            "CREATE OR REPLACE FUNCTION hold_submit() RETURNS trigger AS $$ BEGIN "
+            f"IF NEW.task_description = 'held' THEN PERFORM pg_advisory_xact_lock_shared({LOCK_KEY}); END IF; "
+            "RETURN NEW; END $$ LANGUAGE plpgsql;"
+            "DROP TRIGGER IF EXISTS hold_submit ON jobs;"
+            "CREATE TRIGGER hold_submit BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION hold_submit()"
+        )
+        await holder.execute(f"SELECT pg_advisory_lock({LOCK_KEY})")
+        held = asyncio.ensure_future(_submit(queue, "held"))
+        waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        for _ in range(1200):  # until the held batch's statement waits for the lock
+            if await holder.fetchval(waiting):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the held submit never reached its lock")
+        free = await asyncio.wait_for(asyncio.gather(*(_submit(queue, "free") for _ in range(3))), 120)
+        assert not held.done()
+        await holder.execute(f"SELECT pg_advisory_unlock({LOCK_KEY})")
+        stuck = await asyncio.wait_for(held, 120)
+        async with database.read_session() as session:
+            stored = (
+                await session.execute(select(Job.id).where(Job.task_description.in_(["held", "free"])))
+            ).scalars()
+            assert sorted(stored) == sorted([stuck.id, *(job.id for job in free)])
+    finally:
+        await holder.execute("DROP TRIGGER IF EXISTS hold_submit ON jobs")
+        await holder.close()
+        await database.dispose()
+
+
+async def test_a_statement_the_server_refuses_is_written_again_job_by_job(settings: Settings) -> None:
+    """A plain batch the database refuses (a trigger, as a unique index refuses a key another
+    process took) wrote nothing: each submit is written alone, the refused one refused alone."""
+    database = Database(settings)
+    queue = _queue(settings, database)
+    try:
+        async with database.session() as session:
+            await session.execute(
+                text(
+                    "CREATE OR REPLACE FUNCTION refuse_bad() RETURNS trigger AS $$ BEGIN "
+                    "IF NEW.task_description = 'bad' THEN RAISE EXCEPTION 'refused' "
+                    "USING ERRCODE = 'check_violation'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+                )
+            )
+            await session.execute(text("DROP TRIGGER IF EXISTS refuse_bad ON jobs"))
+            await session.execute(
+                text(
+                    "CREATE TRIGGER refuse_bad BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION refuse_bad()"
+                )
+            )
+        tasks = ["ok", "bad", "ok", "ok"]
+        answers = await asyncio.gather(*(_submit(queue, task) for task in tasks), return_exceptions=True)
+        assert [type(a).__name__ for a in answers] == ["Row", "IntegrityError", "Row", "Row"], answers
+        assert queue.transactions == 3
+        async with database.read_session() as session:
+            stored = (await session.execute(select(Job.id).where(Job.task_description == "ok"))).scalars()
+            assert sorted(stored) == sorted(a.id for a in answers if not isinstance(a, BaseException))
+    finally:
+        async with database.session() as session:
+            await session.execute(text("DROP TRIGGER IF EXISTS refuse_bad ON jobs"))
+        await database.dispose()
