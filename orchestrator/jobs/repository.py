@@ -124,8 +124,13 @@ def listing(*conditions: ColumnElement[bool]) -> Select[Any]:
 
     Rows of the table's columns, not ORM objects: a page is read to be serialised, and building
     50 identity-mapped instances cost more than the query and the serialisation together."""
+    return listing_order(select(*Job.__table__.columns).where(*conditions))
+
+
+def listing_order(statement: Select[Any]) -> Select[Any]:
+    """`statement` (of the jobs table) newest first, ties by id: the list's one order."""
     table = Job.__table__
-    return select(*table.columns).where(*conditions).order_by(table.c.created_at.desc(), table.c.id.desc())
+    return statement.order_by(table.c.created_at.desc(), table.c.id.desc())
 
 
 async def count_by_status(session: AsyncSession, where: JobFilter) -> dict[str, int]:

@@ -19,7 +19,7 @@ from orchestrator.db.precompiled import Record
 from orchestrator.db.topics import Topic
 from orchestrator.db.transitions import transition_job
 from orchestrator.db.unit_of_work import UnitOfWork, unit_of_work
-from orchestrator.jobs import budget
+from orchestrator.jobs import budget, pages
 from orchestrator.jobs import repository as repo
 from orchestrator.jobs.group_commit import SubmitQueue
 from orchestrator.jobs.schemas import JobSubmit, JobUsage, WorkerUsageOut
@@ -57,6 +57,13 @@ async def list_jobs(
     session: AsyncSession, actor: Actor, where: repo.JobFilter, *, limit: int, offset: int
 ) -> tuple[list[Row[Any]], int]:
     return await repo.list_jobs(session, _visible(actor, where), limit=limit, offset=offset)
+
+
+async def list_jobs_json(
+    session: AsyncSession, actor: Actor, where: repo.JobFilter, *, limit: int, offset: int
+) -> bytes:
+    """`list_jobs` as the JobList body, JSON bytes (jobs/pages.py)."""
+    return await pages.page_json(session, _visible(actor, where), limit=limit, offset=offset)
 
 
 async def count_jobs(session: AsyncSession, actor: Actor, where: repo.JobFilter) -> dict[str, int]:
