@@ -19,24 +19,24 @@ field that changes with time alone, so nothing in a page goes stale but by a com
 from __future__ import annotations
 
 import functools
-import operator
-from collections.abc import Callable, Hashable
+import json
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import pydantic_core
-from sqlalchemy import DateTime, Select, String, func, select, type_coerce
+from sqlalchemy import JSON, DateTime, Select, String, Text, func, select, type_coerce
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.db import counts
 from orchestrator.db.models import Job, UTCDateTime, _sqlite_datetime
-from orchestrator.db.precompiled import Statement, StatementSession, fetch
+from orchestrator.db.precompiled import Statement, StatementSession, fetch, fetch_tuples
 from orchestrator.jobs.repository import JobFilter, listing_order
 from orchestrator.jobs.schemas import JobOut
 
 # JobOut's fields in order: a row is zipped with them into the page's dicts.
 FIELDS: tuple[str, ...] = tuple(JobOut.model_fields)
 _TIMES = tuple(i for i, name in enumerate(FIELDS) if isinstance(Job.__table__.c[name].type, UTCDateTime))
-_values = operator.attrgetter(*FIELDS)
+_JSONS = tuple(i for i, name in enumerate(FIELDS) if isinstance(Job.__table__.c[name].type, JSON))
 # Pages remembered per SQLite connection or PostgreSQL database; the oldest go first. A page of
 # 1,000 jobs with long tasks is large: only pages up to MAX_REMEMBERED_BYTES are kept.
 MAX_REMEMBERED = 64
@@ -45,14 +45,17 @@ _by_database: dict[str, dict[Hashable, tuple[str, bytes]]] = {}
 
 
 def _columns(dialect: str) -> list[Any]:
-    """JobOut's columns; SQLite's times as their text, PostgreSQL's as asyncpg's UTC datetimes
-    (UTCDateTime's result processing would only make them again)."""
+    """JobOut's columns. SQLite's times and JSON as their stored text (turned into JSON's values
+    here, in one pass per row), PostgreSQL's times as asyncpg's UTC datetimes (UTCDateTime's
+    result processing would only make them again)."""
     columns: list[Any] = []
     for name in FIELDS:
         column = Job.__table__.c[name]
         if isinstance(column.type, UTCDateTime):
-            as_type = String() if dialect == "sqlite" else DateTime(timezone=True)
+            as_type: Any = String() if dialect == "sqlite" else DateTime(timezone=True)
             column = type_coerce(column, as_type).label(name)
+        elif isinstance(column.type, JSON) and dialect == "sqlite":
+            column = type_coerce(column, Text()).label(name)
         columns.append(column)
     return columns
 
@@ -80,21 +83,29 @@ def _sqlite_time(text: str) -> Any:
     return _sqlite_datetime(text)
 
 
-def _row_maker(dialect: str) -> Callable[[Any], dict[str, Any]]:
-    if dialect != "sqlite":
-        return lambda row: dict(zip(FIELDS, _values(row), strict=True))
+def _sqlite_json(text: str | None) -> Any:
+    if text == "{}":  # most jobs' options
+        return {}
+    return None if text is None else json.loads(text)
 
-    def make(row: Any) -> dict[str, Any]:
-        values = list(_values(row))
+
+def _row_maker(dialect: str) -> Callable[[Sequence[Any]], dict[str, Any]]:
+    if dialect != "sqlite":
+        return lambda row: dict(zip(FIELDS, row))  # noqa: B905 (the version column is left off)
+
+    def make(row: Sequence[Any]) -> dict[str, Any]:
+        values = list(row)
         for i in _TIMES:
             if values[i] is not None:
                 values[i] = _sqlite_time(values[i])
-        return dict(zip(FIELDS, values, strict=True))
+        for i in _JSONS:
+            values[i] = _sqlite_json(values[i])
+        return dict(zip(FIELDS, values))  # noqa: B905 (the version column is left off)
 
     return make
 
 
-def render(rows: list[Any], total: int, limit: int, offset: int, dialect: str) -> bytes:
+def render(rows: Sequence[Sequence[Any]], total: int, limit: int, offset: int, dialect: str) -> bytes:
     """The JobList body of `rows` (the page statement's rows), byte for byte what JobList's
     serializer writes."""
     make = _row_maker(dialect)
@@ -128,7 +139,7 @@ async def page_json(session: AsyncSession, where: JobFilter, *, limit: int, offs
     if not counts.remembers(session):
         page, total_of, _ = _statements(where, limit, offset, dialect, False)
         total = int((await session.execute(total_of)).scalar_one())
-        return render(await fetch(session, page), total, limit, offset, dialect)
+        return render(await fetch_tuples(session, page), total, limit, offset, dialect)
     page, total_of, version_of = _statements(where, limit, offset, dialect, True)
     key = (where, limit, offset)
     # SQLite: the version is read first, in the transaction's snapshot (it begins it, and keeps
@@ -141,9 +152,10 @@ async def page_json(session: AsyncSession, where: JobFilter, *, limit: int, offs
             now = await _version(session, version_of)
         if found[0] == now:
             return found[1]
-    rows = await fetch(session, page)
-    # The page's own statement read the version it holds (SQLite: the transaction's snapshot).
-    version = str(getattr(rows[0], counts.VERSION)) if rows else None
+    rows = await fetch_tuples(session, page)
+    # The page's own statement read the version it holds, its last column (SQLite: the
+    # transaction's snapshot).
+    version = str(rows[0][-1]) if rows else None
     total = await counts.count(session, total_of, ("jobs", where), version)
     body = render(rows, total, limit, offset, dialect)
     if remembered is not None and version is not None and len(body) <= MAX_REMEMBERED_BYTES:
