@@ -178,8 +178,17 @@ async def children(session: AsyncSession, job_id: str) -> Sequence[Job]:
     return (await session.execute(stmt)).scalars().all()
 
 
-async def list_events(
-    session: AsyncSession, job_ids: Sequence[str], *, after_id: int = 0, limit: int = 1000
-) -> list[Event]:
-    stmt = select(Event).where(Event.job_id.in_(job_ids), Event.id > after_id).order_by(Event.id).limit(limit)
-    return list((await session.execute(stmt)).scalars())
+async def subtree_events(
+    session: AsyncSession, job: Job, *, after_id: int = 0, limit: int = 1000
+) -> list[Row[Any]]:
+    """The events of `job`'s subtree after `after_id`, oldest first, as rows of the table's
+    columns: one statement (the subtree's ids a subquery), no ORM objects (read to be answered)."""
+    members = select(Job.id).where(Job.path.startswith(job.path, autoescape=True))
+    table = Event.__table__
+    stmt = (
+        select(*table.columns)
+        .where(table.c.job_id.in_(members.scalar_subquery()), table.c.id > after_id)
+        .order_by(table.c.id)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).all())

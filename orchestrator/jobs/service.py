@@ -14,7 +14,7 @@ from orchestrator.core.config import Settings
 from orchestrator.core.errors import FieldInvalid, Forbidden, InvalidTransition
 from orchestrator.core.states import JOB_FINAL, WORKER_LIVE, JobStatus
 from orchestrator.db.lookups import get_visible_job as get_visible_job
-from orchestrator.db.models import Event, Job, Worker
+from orchestrator.db.models import Job, Worker
 from orchestrator.db.precompiled import Record
 from orchestrator.db.topics import Topic
 from orchestrator.db.transitions import transition_job
@@ -123,10 +123,9 @@ async def cancel_one(session: AsyncSession, actor: Actor, job: Job, *, reason: s
 
 async def events(
     session: AsyncSession, actor: Actor, job_id: str, *, after_id: int, limit: int
-) -> list[Event]:
+) -> list[Row[Any]]:
     job = await get_visible_job(session, actor, job_id)
-    members = await repo.subtree(session, job)
-    return await repo.list_events(session, [m.id for m in members], after_id=after_id, limit=limit)
+    return await repo.subtree_events(session, job, after_id=after_id, limit=limit)
 
 
 async def usage(session: AsyncSession, actor: Actor, job_id: str) -> JobUsage:
