@@ -66,7 +66,7 @@ def _statements(
 ) -> tuple[Statement, Select[Any], Statement]:
     """The page's statement (with the data version column if `versioned`), the total's, and the
     data version's alone; built once per filter and window."""
-    conditions = where.conditions()
+    conditions = where.conditions(dialect)
     page = listing_order(select(*_columns(dialect)).where(*conditions)).limit(limit).offset(offset)
     if versioned:
         page = page.add_columns(counts.version_column(dialect))

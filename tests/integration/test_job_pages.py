@@ -300,3 +300,20 @@ async def test_a_worker_never_gets_another_tree_s_page(reader: Database) -> None
             listed = JobList.model_validate_json(body)
             assert sorted(job.id for job in listed.jobs) == sorted(ids)
             assert listed.total == 2
+
+
+async def test_a_subtree_is_exactly_the_jobs_under_its_path(reader: Database) -> None:
+    """SQLite reads a subtree as a range of the path index as well as a LIKE: neighbours that sort
+    next to the path (a sibling whose id extends the root's, `0` after `/`, `.` before it, NUL-free
+    text beyond ASCII) are never in it, and every job under it is."""
+    root = f"j_sub{next(_serial):06d}"
+    inside = [f"{root}/", f"{root}/c/", f"{root}/ü/", f"{root}//", f"{root}/%_/"]
+    outside = [f"{root}0/", f"{root}./", f"{root}x/", f"{root}", f"{root}\x7f/", f"{root}ü/"]
+    await _add(reader, [_job("sub", path=path) for path in inside + outside])
+    body = await _page(reader, jobs_repo.JobFilter(q="page sub", path_prefix=f"{root}/"))
+    listed = JobList.model_validate_json(body)
+    async with reader.read_session() as session:
+        rows, _ = await jobs_repo.list_jobs(session, jobs_repo.JobFilter(q="page sub"), limit=50)
+    path_of = {row.id: row.path for row in rows}
+    assert sorted(path_of[job.id] for job in listed.jobs) == sorted(inside)
+    assert listed.total == len(inside)
