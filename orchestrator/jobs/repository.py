@@ -149,7 +149,8 @@ async def count_by_status(session: AsyncSession, where: JobFilter) -> dict[str, 
     """Jobs per status under `where` (its own status ignored: the counts are the status filter's choices)."""
     if where.finds_nothing():
         return {}
-    conditions = replace(where, status=None).conditions()
+    dialect = session.bind.dialect.name if session.bind is not None else None
+    conditions = replace(where, status=None).conditions(dialect)
     stmt = select(Job.status, func.count()).where(*conditions).group_by(Job.status)
     return {str(status): int(count) for status, count in (await session.execute(stmt)).all()}
 
