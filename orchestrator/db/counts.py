@@ -61,7 +61,11 @@ async def _remembered(session: AsyncSession) -> dict[Hashable, tuple[str, int]]:
         assert isinstance(bind, AsyncEngine)  # Database's sessions are bound to its engine
         key = bind.url.render_as_string(hide_password=False)
         return _by_database.setdefault(key, {})
-    info = (await session.connection()).info
+    driver = session.sqlite_driver if isinstance(session, StatementSession) else None
+    if driver is not None and driver.connection is not None:  # the transaction's, kept (cheaper)
+        info = driver.connection.info
+    else:
+        info = (await session.connection()).info
     found: dict[Hashable, tuple[str, int]] = info.setdefault("orchestrator_counts", {})
     return found
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, func, or_, select, text
+from sqlalchemy import ColumnElement, Row, Select, and_, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.ids import has_nul
@@ -42,7 +42,8 @@ class JobFilter:
     root_only: bool = False
     delegation_key: str | None = None
 
-    def conditions(self) -> list[ColumnElement[bool]]:
+    def conditions(self, dialect: str | None = None) -> list[ColumnElement[bool]]:
+        """The filter's WHERE conditions; `dialect`, if known, lets a subtree use its index."""
         conditions: list[ColumnElement[bool]] = []
         if self.depth is not None:
             conditions.append(Job.depth == self.depth)
@@ -51,7 +52,7 @@ class JobFilter:
         if self.parent_job_id is not None:
             conditions.append(Job.parent_job_id == self.parent_job_id)
         if self.path_prefix is not None:
-            conditions.append(Job.path.startswith(self.path_prefix, autoescape=True))
+            conditions.append(in_subtree(self.path_prefix, dialect))
         if self.agent is not None:
             conditions.append(Job.agent == self.agent)
         if self.repository is not None:
@@ -84,6 +85,17 @@ class JobFilter:
             self.q,
             self.delegation_key,
         )
+
+
+def in_subtree(path: str, dialect: str | None = None) -> ColumnElement[bool]:
+    """Jobs whose path starts with `path` (a subtree). SQLite cannot answer `LIKE ... ESCAPE`
+    from ix_jobs_path (it walks every job): there the same set is also given as the range of
+    strings from `path` up to `path` with its last character's successor, which it searches in
+    the index (exact under SQLite's byte order; the LIKE stays, so the set is the LIKE's)."""
+    prefix = Job.path.startswith(path, autoescape=True)
+    if dialect != "sqlite" or not path:
+        return prefix
+    return and_(prefix, Job.path >= path, Job.path < path[:-1] + chr(ord(path[-1]) + 1))
 
 
 async def list_jobs(
@@ -124,15 +136,21 @@ def listing(*conditions: ColumnElement[bool]) -> Select[Any]:
 
     Rows of the table's columns, not ORM objects: a page is read to be serialised, and building
     50 identity-mapped instances cost more than the query and the serialisation together."""
+    return listing_order(select(*Job.__table__.columns).where(*conditions))
+
+
+def listing_order(statement: Select[Any]) -> Select[Any]:
+    """`statement` (of the jobs table) newest first, ties by id: the list's one order."""
     table = Job.__table__
-    return select(*table.columns).where(*conditions).order_by(table.c.created_at.desc(), table.c.id.desc())
+    return statement.order_by(table.c.created_at.desc(), table.c.id.desc())
 
 
 async def count_by_status(session: AsyncSession, where: JobFilter) -> dict[str, int]:
     """Jobs per status under `where` (its own status ignored: the counts are the status filter's choices)."""
     if where.finds_nothing():
         return {}
-    conditions = replace(where, status=None).conditions()
+    dialect = session.bind.dialect.name if session.bind is not None else None
+    conditions = replace(where, status=None).conditions(dialect)
     stmt = select(Job.status, func.count()).where(*conditions).group_by(Job.status)
     return {str(status): int(count) for status, count in (await session.execute(stmt)).all()}
 
@@ -173,8 +191,22 @@ async def children(session: AsyncSession, job_id: str) -> Sequence[Job]:
     return (await session.execute(stmt)).scalars().all()
 
 
-async def list_events(
-    session: AsyncSession, job_ids: Sequence[str], *, after_id: int = 0, limit: int = 1000
-) -> list[Event]:
-    stmt = select(Event).where(Event.job_id.in_(job_ids), Event.id > after_id).order_by(Event.id).limit(limit)
-    return list((await session.execute(stmt)).scalars())
+async def subtree_events(
+    session: AsyncSession, job: Job, *, after_id: int = 0, limit: int = 1000
+) -> list[Row[Any]]:
+    """The events of `job`'s subtree after `after_id`, oldest first, as rows of the table's
+    columns: one statement (the subtree's ids a subquery), no ORM objects (read to be answered)."""
+    dialect = session.bind.dialect.name if session.bind is not None else None
+    stmt = subtree_statement(job.path, dialect, after_id=after_id, limit=limit)
+    return list((await session.execute(stmt)).all())
+
+
+def subtree_statement(path: str, dialect: str | None, *, after_id: int, limit: int) -> Select[Any]:
+    members = select(Job.id).where(in_subtree(path, dialect))
+    table = Event.__table__
+    return (
+        select(*table.columns)
+        .where(table.c.job_id.in_(members.scalar_subquery()), table.c.id > after_id)
+        .order_by(table.c.id)
+        .limit(limit)
+    )

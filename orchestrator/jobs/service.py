@@ -14,12 +14,12 @@ from orchestrator.core.config import Settings
 from orchestrator.core.errors import FieldInvalid, Forbidden, InvalidTransition
 from orchestrator.core.states import JOB_FINAL, WORKER_LIVE, JobStatus
 from orchestrator.db.lookups import get_visible_job as get_visible_job
-from orchestrator.db.models import Event, Job, Worker
+from orchestrator.db.models import Job, Worker
 from orchestrator.db.precompiled import Record
 from orchestrator.db.topics import Topic
 from orchestrator.db.transitions import transition_job
 from orchestrator.db.unit_of_work import UnitOfWork, unit_of_work
-from orchestrator.jobs import budget
+from orchestrator.jobs import budget, pages
 from orchestrator.jobs import repository as repo
 from orchestrator.jobs.group_commit import SubmitQueue
 from orchestrator.jobs.schemas import JobSubmit, JobUsage, WorkerUsageOut
@@ -57,6 +57,13 @@ async def list_jobs(
     session: AsyncSession, actor: Actor, where: repo.JobFilter, *, limit: int, offset: int
 ) -> tuple[list[Row[Any]], int]:
     return await repo.list_jobs(session, _visible(actor, where), limit=limit, offset=offset)
+
+
+async def list_jobs_json(
+    session: AsyncSession, actor: Actor, where: repo.JobFilter, *, limit: int, offset: int
+) -> bytes:
+    """`list_jobs` as the JobList body, JSON bytes (jobs/pages.py)."""
+    return await pages.page_json(session, _visible(actor, where), limit=limit, offset=offset)
 
 
 async def count_jobs(session: AsyncSession, actor: Actor, where: repo.JobFilter) -> dict[str, int]:
@@ -116,10 +123,9 @@ async def cancel_one(session: AsyncSession, actor: Actor, job: Job, *, reason: s
 
 async def events(
     session: AsyncSession, actor: Actor, job_id: str, *, after_id: int, limit: int
-) -> list[Event]:
+) -> list[Row[Any]]:
     job = await get_visible_job(session, actor, job_id)
-    members = await repo.subtree(session, job)
-    return await repo.list_events(session, [m.id for m in members], after_id=after_id, limit=limit)
+    return await repo.subtree_events(session, job, after_id=after_id, limit=limit)
 
 
 async def usage(session: AsyncSession, actor: Actor, job_id: str) -> JobUsage:

@@ -26,6 +26,7 @@ from orchestrator.db import precompiled
 from orchestrator.db.models import Allocation, Base, Job, ResourcePool, UTCDateTime, Worker
 from orchestrator.db.session import Database
 from orchestrator.jobs import submit_rows
+from orchestrator.jobs.repository import JobFilter
 
 JOBS = cast(Table, Job.__table__)
 WORKERS = cast(Table, Worker.__table__)
@@ -436,6 +437,11 @@ CASES: dict[str, Callable[[Any, bool], list[Trial]]] = {
     PG + "SLOT_MOVES": _on_postgres(FETCH, _slot_moves()),
     PG + "ROOM": _on_postgres(FETCH, {"job_ids": ["c_run", "c_pend0"], "depths": [0, 1]}),
     PG + "POOLS_AND_BACKLOG": _on_postgres(FETCH, {"engine_id": ENGINE}),
+    # The jobs list's page (its data version column left out: it differs between connections).
+    "orchestrator.jobs.pages._statements()": lambda build, postgres: [
+        (build(where, limit, 0, "postgresql" if postgres else "sqlite", False)[0], FETCH, {})
+        for where, limit in ((JobFilter(), 50), (JobFilter(status="PENDING", path_prefix="c_"), 2))
+    ],
     PG + "claim()": lambda build, postgres: (
         [(build((0, 1)), FETCH, {"n0": 5, "n1": 5, "n_allocated": 5, "b_engine": ENGINE})] if postgres else []
     ),

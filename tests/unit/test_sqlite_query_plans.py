@@ -20,6 +20,7 @@ from orchestrator.db.migrate import upgrade_database
 from orchestrator.db.models import Allocation, Job, utcnow
 from orchestrator.db.session import Database
 from orchestrator.engine import queries
+from orchestrator.jobs import pages
 from orchestrator.jobs import repository as jobs_repo
 from tests.unit.test_state_tables import run
 
@@ -127,3 +128,29 @@ def test_listing_jobs_walks_an_index_whatever_the_table(tmp_path: Path) -> None:
     assert plan == ["SCAN jobs USING INDEX ix_jobs_created_order"], plan
     # Every job of the backlog has the same created_at: the id breaks the tie, newest id first.
     assert page == sorted(ids, reverse=True)[:50]
+
+
+def test_a_subtree_is_searched_in_the_path_index(tmp_path: Path) -> None:
+    """A worker token's page, its count and its subtree's events (what agents poll) find the
+    subtree's jobs in ix_jobs_path, not by walking every job (`LIKE ... ESCAPE` alone cannot
+    use the index on SQLite)."""
+    settings = Settings(orchestrator_data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'plans.db'}")
+    where = jobs_repo.JobFilter(path_prefix="j_root/")
+
+    async def work(database: Database) -> dict[str, list[str]]:
+        await _seed_backlog(database)
+        page, total, _ = pages._statements(where, 50, 0, "sqlite", False)
+        events = jobs_repo.subtree_statement("j_root/", "sqlite", after_id=0, limit=1000)
+        async with database.engine.connect() as connection:
+            return {
+                "page": await _plan(connection, page, {}),
+                "total": await _plan(connection, precompiled.Statement(total), {}),
+                "events": await _plan(connection, precompiled.Statement(events), {}),
+            }
+
+    plans = run(settings, work)
+    search = "SEARCH jobs USING {}INDEX ix_jobs_path (path>? AND path<?)"
+    assert plans["page"] == [search.format(""), "USE TEMP B-TREE FOR ORDER BY"], plans
+    assert plans["total"] == [search.format("COVERING ")], plans
+    assert search.format("") in plans["events"], plans
+    assert not [step for step in plans["events"] if step.startswith("SCAN")], plans

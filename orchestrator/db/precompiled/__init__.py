@@ -24,6 +24,7 @@ from orchestrator.db.precompiled.run import (
     execute_many,
     execute_many_sync,
     fetch,
+    fetch_tuples,
 )
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "execute_many",
     "execute_many_sync",
     "fetch",
+    "fetch_tuples",
     "record_type",
 ]

@@ -109,6 +109,19 @@ async def fetch(session: AsyncSession, statement: Statement, params: Params | No
     return statement.rows([compiled.values(raw) for raw in cursor.fetchall()])
 
 
+async def fetch_tuples(
+    session: AsyncSession, statement: Statement, params: Params | None = None
+) -> Sequence[Sequence[Any]]:
+    """`fetch`'s rows as plain sequences in column order, without a row object each: a caller
+    that only passes the values on (a page serialised to JSON) saves building 50 of them."""
+    compiled, cursor = await _run(session, statement, params or {})
+    if compiled is None:
+        return cursor.all()  # type: ignore[no-any-return]
+    if not any(compiled.result_processors):
+        return cursor.fetchall()  # type: ignore[no-any-return]
+    return [compiled.values(raw) for raw in cursor.fetchall()]
+
+
 async def execute(session: AsyncSession, statement: Statement, params: Params | None = None) -> int:
     """Run a statement that returns no rows; the number of rows it changed."""
     _, cursor = await _run(session, statement, params or {})

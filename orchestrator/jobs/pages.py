@@ -1,0 +1,166 @@
+"""`GET /api/jobs` pages as JSON bytes: read as plain rows, written without a model, remembered
+until the database changes.
+
+A page of 50 jobs was validated into JobOut models from rows the database had just given (its
+own writes, validated at submit) and dumped again, its SQLite times parsed into datetimes only to
+be printed back: most of the request's CPU. Here a row's values go straight to pydantic-core's
+JSON writer (`pydantic_core.to_json`: the same writer JobOut's serializer uses, so the same bytes:
+tests/integration/test_job_pages.py compares them for every kind of field, on both databases),
+the columns in JobOut's order, SQLite's times turned into JSON's text by slicing.
+
+And a page is remembered, per the data version it was read at (db/counts.py: PostgreSQL's
+snapshot text, SQLite's total_changes:data_version of the connection), under the exact filter
+it was read with (the actor's subtree included: a worker token's filter holds its tree's path),
+its window and nothing else; the next request reads the data version first (one small
+statement) and, while nothing anywhere committed since, answers the same bytes. A job has no
+field that changes with time alone, so nothing in a page goes stale but by a commit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import pydantic_core
+from sqlalchemy import JSON, DateTime, Select, String, Text, func, select, type_coerce
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from orchestrator.db import counts
+from orchestrator.db.models import Job, UTCDateTime, _sqlite_datetime
+from orchestrator.db.precompiled import Statement, StatementSession, fetch, fetch_tuples
+from orchestrator.jobs.repository import JobFilter, listing_order
+from orchestrator.jobs.schemas import JobOut
+
+# JobOut's fields in order: a row is zipped with them into the page's dicts.
+FIELDS: tuple[str, ...] = tuple(JobOut.model_fields)
+_TIMES = tuple(i for i, name in enumerate(FIELDS) if isinstance(Job.__table__.c[name].type, UTCDateTime))
+_JSONS = tuple(i for i, name in enumerate(FIELDS) if isinstance(Job.__table__.c[name].type, JSON))
+# Pages remembered per SQLite connection or PostgreSQL database; the oldest go first. A page of
+# 1,000 jobs with long tasks is large: only pages up to MAX_REMEMBERED_BYTES are kept.
+MAX_REMEMBERED = 64
+MAX_REMEMBERED_BYTES = 256 * 1024
+_by_database: dict[str, dict[Hashable, tuple[str, bytes]]] = {}
+
+
+def _columns(dialect: str) -> list[Any]:
+    """JobOut's columns. SQLite's times and JSON as their stored text (turned into JSON's values
+    here, in one pass per row), PostgreSQL's times as asyncpg's UTC datetimes (UTCDateTime's
+    result processing would only make them again)."""
+    columns: list[Any] = []
+    for name in FIELDS:
+        column = Job.__table__.c[name]
+        if isinstance(column.type, UTCDateTime):
+            as_type: Any = String() if dialect == "sqlite" else DateTime(timezone=True)
+            column = type_coerce(column, as_type).label(name)
+        elif isinstance(column.type, JSON) and dialect == "sqlite":
+            column = type_coerce(column, Text()).label(name)
+        columns.append(column)
+    return columns
+
+
+@functools.lru_cache(maxsize=256)
+def _statements(
+    where: JobFilter, limit: int, offset: int, dialect: str, versioned: bool
+) -> tuple[Statement, Select[Any], Statement]:
+    """The page's statement (with the data version column if `versioned`), the total's, and the
+    data version's alone; built once per filter and window."""
+    conditions = where.conditions(dialect)
+    page = listing_order(select(*_columns(dialect)).where(*conditions)).limit(limit).offset(offset)
+    if versioned:
+        page = page.add_columns(counts.version_column(dialect))
+    total = select(func.count()).select_from(Job).where(*conditions)
+    return Statement(page), total, Statement(select(counts.version_column(dialect)))
+
+
+def _sqlite_time(text: str) -> Any:
+    """SQLite's "2026-11-27 12:30:15.123456" as pydantic writes the datetime it stands for:
+    "2026-11-27T12:30:15.123456Z" (no fraction when it is zero); any other form parsed."""
+    if len(text) == 26 and text[10] == " " and text[19] == ".":
+        fraction = text[19:] if text[20:] != "000000" else ""
+        return f"{text[:10]}T{text[11:19]}{fraction}Z"
+    return _sqlite_datetime(text)
+
+
+def _sqlite_json(text: str | None) -> Any:
+    if text == "{}":  # most jobs' options
+        return {}
+    return None if text is None else json.loads(text)
+
+
+def _row_maker(dialect: str) -> Callable[[Sequence[Any]], dict[str, Any]]:
+    if dialect != "sqlite":
+        return lambda row: dict(zip(FIELDS, row))  # noqa: B905 (the version column is left off)
+
+    def make(row: Sequence[Any]) -> dict[str, Any]:
+        values = list(row)
+        for i in _TIMES:
+            if values[i] is not None:
+                values[i] = _sqlite_time(values[i])
+        for i in _JSONS:
+            values[i] = _sqlite_json(values[i])
+        return dict(zip(FIELDS, values))  # noqa: B905 (the version column is left off)
+
+    return make
+
+
+def render(rows: Sequence[Sequence[Any]], total: int, limit: int, offset: int, dialect: str) -> bytes:
+    """The JobList body of `rows` (the page statement's rows), byte for byte what JobList's
+    serializer writes."""
+    make = _row_maker(dialect)
+    body = {"jobs": [make(row) for row in rows], "total": total, "limit": limit, "offset": offset}
+    return pydantic_core.to_json(body)
+
+
+def _remembered(session: AsyncSession, dialect: str) -> dict[Hashable, tuple[str, bytes]] | None:
+    """The pages remembered for this session's database (PostgreSQL) or connection (SQLite: its
+    transaction begun, by a statement on the driver), None where a connection cannot keep them."""
+    if dialect == "postgresql":
+        assert session.bind is not None  # Database's sessions are bound to its engine
+        key = session.bind.url.render_as_string(hide_password=False)  # type: ignore[union-attr]
+        return _by_database.setdefault(key, {})
+    driver = session.sqlite_driver if isinstance(session, StatementSession) else None
+    if driver is None or driver.connection is None:
+        return None
+    found: dict[Hashable, tuple[str, bytes]] = driver.connection.info.setdefault("orchestrator_pages", {})
+    return found
+
+
+async def _version(session: AsyncSession, version_of: Statement) -> str:
+    return str(getattr((await fetch(session, version_of))[0], counts.VERSION))
+
+
+async def page_json(session: AsyncSession, where: JobFilter, *, limit: int, offset: int) -> bytes:
+    """The JobList body of a page of jobs under `where` (already confined to the actor's subtree)."""
+    dialect = session.bind.dialect.name if session.bind is not None else ""
+    if where.finds_nothing():
+        return render([], 0, limit, offset, dialect)
+    if not counts.remembers(session):
+        page, total_of, _ = _statements(where, limit, offset, dialect, False)
+        total = int((await session.execute(total_of)).scalar_one())
+        return render(await fetch_tuples(session, page), total, limit, offset, dialect)
+    page, total_of, version_of = _statements(where, limit, offset, dialect, True)
+    key = (where, limit, offset)
+    # SQLite: the version is read first, in the transaction's snapshot (it begins it, and keeps
+    # the connection whose pages these are); PostgreSQL: only when a page is remembered.
+    now = await _version(session, version_of) if dialect == "sqlite" else None
+    remembered = _remembered(session, dialect)
+    found = remembered.get(key) if remembered is not None else None
+    if found is not None:
+        if now is None:
+            now = await _version(session, version_of)
+        if found[0] == now:
+            return found[1]
+    rows = await fetch_tuples(session, page)
+    # The page's own statement read the version it holds, its last column (SQLite: the
+    # transaction's snapshot).
+    version = str(rows[0][-1]) if rows else None
+    total = await counts.count(session, total_of, ("jobs", where), version)
+    body = render(rows, total, limit, offset, dialect)
+    if remembered is not None and version is not None and len(body) <= MAX_REMEMBERED_BYTES:
+        remembered.pop(key, None)
+        remembered[key] = (version, body)
+        while len(remembered) > MAX_REMEMBERED:
+            del remembered[next(iter(remembered))]
+    return body
