@@ -176,7 +176,9 @@ class Launcher:
                 run_dir,
                 agent.launch(context),
             )
-            return self.start_process(worker.id, agent, spec, context, job.limits, read_start_time=False)
+            return self.start_process(
+                worker.id, agent, spec, context, job.limits, read_start_time=False, git=bool(job.repository)
+            )
 
         return _Prepared(worker, job, run_dir, workdir, branch, base, start)
 
@@ -189,12 +191,15 @@ class Launcher:
         job_limits: dict[str, Any] | None,
         *,
         read_start_time: bool = True,
+        git: bool = True,
     ) -> Spawned:
         """Start a worker in its sandbox (docs/SANDBOX.md) with its profile's limits: the view
         is its worktree, its HOME (both handed to the agent's uid), the profile's binds and the
-        programs the agent needs."""
+        programs the agent needs. `git` False: the job has no repository, so its scratch
+        directory is never a worktree and gets no git view (nothing to record either)."""
         box = self._sandbox_spec(agent, context, job_limits)
-        self._git_view(box, spec, context)
+        if git:
+            self._git_view(box, spec, context)
         executor = self.ctx.executor  # it hands the worktree, HOME and git view to the worker's uid
         limits = worker_limits(agent, job_limits)
         proc = executor.start(

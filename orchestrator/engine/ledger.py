@@ -177,15 +177,23 @@ class Ledger:
         if in_repository:
             async with self.ctx.db.read_session() as session:
                 workers = await worker_queries.workers_by_id(session, in_repository)
+        # Which limit ended each (its cgroups removed): the whole batch in one thread hand-off, not
+        # one per worker (a hand-off costs more than the few cgroup file reads it waits for).
+        limits = await asyncio.to_thread(self._endings, batch)
         return [
-            await self._collect(proc, records[proc.worker_id], workers.get(proc.worker_id)) for proc in batch
+            await self._collect(proc, records[proc.worker_id], workers.get(proc.worker_id), limit)
+            for proc, limit in zip(batch, limits, strict=True)
         ]
 
-    async def _collect(self, proc: WorkerProcess, record: Supervised | None, worker: Worker | None) -> Ending:
+    def _endings(self, batch: list[WorkerProcess]) -> list[str | None]:
+        return [self.ctx.executor.ending(proc.worker_id) for proc in batch]
+
+    async def _collect(
+        self, proc: WorkerProcess, record: Supervised | None, worker: Worker | None, limit: str | None
+    ) -> Ending:
         """The exit status, the worktree committed (if any), and what to add to the result."""
         patch: dict[str, Any] = {}
         exit_code = read_exit_code(proc.run_dir)
-        limit = await asyncio.to_thread(self.ctx.executor.ending, proc.worker_id)
         if record is not None and isinstance(record.run.result, dict):
             patch.update(record.run.result)
         if record is not None and isinstance(record.run.api_retry, dict):

@@ -74,7 +74,9 @@ class Resumer:
             await asyncio.to_thread(
                 resume_worktree, self.ctx.executor, self.ctx.settings, job.repository, workdir, worker.branch
             )
-            spawned = self.launcher.start_process(worker.id, agent, spec, context, job.limits)
+            spawned = self.launcher.start_process(
+                worker.id, agent, spec, context, job.limits, git=bool(job.repository)
+            )
         except Exception as exc:
             log.warning("worker %s could not be resumed: %s", worker.id, exc)
             reason = f"could not resume after a rate limit: {exc}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.agents.base import LaunchSpec
+from orchestrator.executors import spawn
 from orchestrator.executors.cgroups import Limits
 from orchestrator.executors.pool import Parked, WrapperPool, launch_script
 from orchestrator.executors.processes import STDIN_FILE, WRAPPER_NAME, record_uid
@@ -178,7 +179,7 @@ def spawn_wrapper(
     actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable if lease_fd < 0 or fd != LEASE_FD]
     argv = wrapper_argv(run_dir, stdin_arg, workdir, procs_files, seccomp_file, limits)
     try:
-        pid = os.posix_spawn("/bin/sh", argv + agent_argv, env, file_actions=actions, setsid=True)
+        pid = spawn.posix_spawn("/bin/sh", argv + agent_argv, env, file_actions=actions, setsid=True)
     finally:
         if pipe is not None:
             os.close(pipe[0])

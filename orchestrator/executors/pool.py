@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from orchestrator.executors import spawn
 from orchestrator.executors.cgroups import POOL_PREFIX, Cgroups, Limits
 from orchestrator.executors.uids import LEASE_FD, Lease, NoFreeUid, UidRange
 
@@ -231,7 +232,7 @@ class WrapperPool:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8")}
         argv = ["/bin/sh", "-c", PARK_SCRIPT, PARKED_NAME]
         try:
-            pid = os.posix_spawn("/bin/sh", argv, env, file_actions=actions, setsid=True)
+            pid = spawn.posix_spawn("/bin/sh", argv, env, file_actions=actions, setsid=True)
         except OSError:
             os.close(stdin[1])
             os.close(control[1])
