@@ -33,7 +33,7 @@ from orchestrator.engine.supervision import (
 )
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.local import WorkerProcess, make_dirs
-from orchestrator.executors.ray_cluster import NotPlaced
+from orchestrator.executors.ray_cluster import Lost, NotPlaced
 from orchestrator.workspaces import git, gitdirs, refs
 from orchestrator.workspaces import setup as worktree_setup
 
@@ -348,4 +348,6 @@ class Launcher:
 def _not_started(worker: WorkerRow, job: JobRow, exc: Exception) -> Launched:
     """A worker that could not start: the next pass records it FAILED with the reason."""
     log.warning("worker %s could not start: %s", worker.id, exc)
+    if isinstance(exc, Lost):  # its Ray node died meanwhile: `lost: node <id> died`
+        return Launched(worker, job, None, error=str(exc))
     return Launched(worker, job, None, error=f"could not start: {exc}")

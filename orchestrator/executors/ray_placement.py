@@ -126,6 +126,15 @@ def placed(actor: Any) -> bool:
     return info.get("State") != "PENDING_CREATION" or bool((info.get("Address") or {}).get("Port"))
 
 
+def actor_node(actor: Any) -> str | None:
+    """The node Ray placed the actor on, once it has (the GCS's actor table: a DeveloperAPI)."""
+    from ray._private import state
+
+    info: dict[str, Any] = state.actors(actor._actor_id.hex())
+    node = str((info.get("Address") or {}).get("NodeID") or "")
+    return node if node.strip("f0") else None  # none yet: empty, or the nil id
+
+
 def forget(ray: Any, actor: Any, name: str, namespace: str) -> None:
     """Kill an actor that did not start its worker, and wait (bounded) until its name is free
     for the worker's next start (which finds an actor by name)."""
