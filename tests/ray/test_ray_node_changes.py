@@ -16,13 +16,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.integration.test_engine_lifecycle import submit, usage_allocated, wait_final, workers_of
+from tests.integration.test_engine_lifecycle import log_lines, submit, usage_allocated, wait_final, workers_of
 from tests.ray.conftest import RayCluster
 from tests.ray.test_ray_executor import (
     LONG,
+    grandchildren,
+    group_states,
+    mark,
     running,
+    start_server,
+    started_once,
 )
 from tests.ray.test_ray_node_failures import current, node_id
 from tests.ray.test_ray_repository import start as start_repository_server
@@ -110,3 +116,131 @@ def test_a_node_that_dies_during_a_workers_start_fails_it_lost(
         if node is not None:
             cluster.finish_node(node, processes or cluster.node_processes(node))
         cluster.finish_node(other, cluster.node_processes(other))
+
+
+def waiting_for_a_slot(client: httpx.Client, job_id: str) -> dict[str, Any] | None:
+    found = workers_of(client, job_id)
+    reason = (found[0]["status_reason"] or "") if len(found) == 1 else ""
+    if (
+        len(found) == 1
+        and found[0]["status"] == "IDLE"
+        and reason.startswith("waiting for a Ray node with a free agent_slot")
+    ):
+        return found[0]
+    return None
+
+
+def test_a_node_that_joins_starts_the_workers_waiting_for_a_slot(
+    servers: ServerFactory, cluster: RayCluster
+) -> None:
+    """Scaling up: one node of one slot, two workers; the second waits IDLE for a slot until a
+    node joins, then starts on it (nothing else has to happen: no slot frees meanwhile)."""
+    first = cluster.add_node(slots=1)
+    joined: Any = None
+    server = start_server(servers, cluster)
+    try:
+        with server.client() as client:
+            one = submit(client, agent="ticker", task_description=mark())
+            (running_one,) = wait_until(lambda: running(client, [one["id"]]), timeout=LONG, what="running")
+            assert running_one["host"] == node_id(first)
+            two = submit(client, agent="ticker", task_description=mark())
+            wait_until(lambda: waiting_for_a_slot(client, two["id"]), timeout=LONG, what="waiting IDLE")
+            assert usage_allocated(client)[0] == 1
+            joined = cluster.add_node(slots=1)
+            (running_two,) = wait_until(lambda: running(client, [two["id"]]), timeout=LONG, what="started")
+            assert running_two["host"] == node_id(joined)
+            assert current(client, running_one)["status"] == "RUNNING"
+            for worker in (running_one, running_two):
+                wait_until(lambda w=worker: len(log_lines(client, w["id"])) >= 2, timeout=LONG, what="ticks")
+                assert client.post(f"/api/supervisor/workers/{worker['id']}/terminate").status_code == 200
+            for job in (one, two):
+                wait_final(client, job["id"], timeout=LONG)
+                started_once(client, job["id"])
+            assert usage_allocated(client)[0] == 0
+    finally:
+        for node in (first, joined):
+            if node is not None:
+                cluster.finish_node(node, cluster.node_processes(node))
+
+
+def test_a_node_removed_gracefully_fails_its_workers_and_leaves_nothing_running(
+    servers: ServerFactory, cluster: RayCluster
+) -> None:
+    """A node taken out of the cluster in order (its raylet told to stop: a scale-down, a node
+    drained for maintenance) with two live workers: each ends FAILED `lost: node <id> died` with
+    its slot back, its whole process tree gone; none starts again."""
+    node = cluster.add_node(slots=2)
+    server = start_server(servers, cluster)
+    tasks = [mark(), mark()]
+    processes: set[int] = set()
+    try:
+        with server.client() as client:
+            jobs = [submit(client, agent="ticker", task_description=task) for task in tasks]
+            workers = wait_until(
+                lambda: running(client, [j["id"] for j in jobs]), timeout=LONG, what="running"
+            )
+            for worker in workers:
+                wait_until(lambda w=worker: len(log_lines(client, w["id"])) >= 2, timeout=LONG, what="ticks")
+            processes = cluster.node_processes(node)
+            cluster.cluster.remove_node(node, allow_graceful=True)
+            for job, worker in zip(jobs, workers, strict=True):
+                wait_final(client, job["id"], timeout=LONG)
+                final = current(client, worker)
+                assert final["status"] == "FAILED", final
+                assert final["status_reason"] == f"lost: node {node_id(node)} died", final
+                started_once(client, job["id"])
+            for task, worker in zip(tasks, workers, strict=True):
+                wait_until(lambda t=task: not grandchildren(t), timeout=LONG, what="its grandchild gone")
+                wait_until(lambda w=worker: not group_states(w["pid"]), timeout=LONG, what="its group gone")
+            assert usage_allocated(client)[0] == 0
+    finally:
+        cluster.finish_node(node, processes or cluster.node_processes(node))
+
+
+def test_a_paused_worker_whose_node_dies_ends_lost_and_controls_sent_meanwhile_answer(
+    servers: ServerFactory, cluster: RayCluster
+) -> None:
+    """Two workers on a node, one paused (its group stopped); the node's raylet is killed and, at
+    once, the paused one is resumed and the other terminated while Ray has not declared the node
+    dead yet: each call answers (accepted, or refused with a reason: never a server error), the
+    paused worker ends FAILED `lost: node <id> died`, the other lost or terminated, every process
+    of theirs gone (the stopped ones too), their slots back; later calls are refused clearly."""
+    node = cluster.add_node(slots=2)
+    server = start_server(servers, cluster)
+    tasks = [mark(), mark()]
+    processes: set[int] = set()
+    try:
+        with server.client() as client:
+            jobs = [submit(client, agent="ticker", task_description=task) for task in tasks]
+            paused, other = wait_until(
+                lambda: running(client, [j["id"] for j in jobs]), timeout=LONG, what="running"
+            )
+            assert client.post(f"/api/supervisor/workers/{paused['id']}/pause").status_code == 200
+            wait_until(lambda: current(client, paused)["status"] == "PAUSED", timeout=LONG, what="PAUSED")
+            wait_until(lambda: "T" in group_states(paused["pid"]), timeout=LONG, what="its group stopped")
+            processes = cluster.kill_raylet(node, signal.SIGKILL)
+            calls = [
+                client.post(f"/api/supervisor/workers/{paused['id']}/resume"),
+                client.post(f"/api/supervisor/workers/{other['id']}/terminate"),
+            ]
+            for call in calls:
+                assert call.status_code in (200, 400, 409), (call.status_code, call.text)
+                assert call.status_code == 200 or call.json()["detail"], call.text
+            for job in jobs:
+                wait_final(client, job["id"], timeout=LONG)
+            final = current(client, paused)
+            assert final["status"] == "FAILED", final
+            assert final["status_reason"] == f"lost: node {node_id(node)} died", final
+            ended = current(client, other)
+            assert ended["status"] == "TERMINATED" or (
+                ended["status"] == "FAILED" and ended["status_reason"] == f"lost: node {node_id(node)} died"
+            ), ended
+            for task, worker in zip(tasks, (paused, other), strict=True):
+                wait_until(lambda t=task: not grandchildren(t), timeout=LONG, what="its grandchild gone")
+                wait_until(lambda w=worker: not group_states(w["pid"]), timeout=LONG, what="its group gone")
+            assert usage_allocated(client)[0] == 0
+            for action in ("pause", "resume", "terminate"):
+                refused = client.post(f"/api/supervisor/workers/{paused['id']}/{action}")
+                assert refused.status_code in (400, 409) and refused.json()["detail"], refused.text
+    finally:
+        cluster.finish_node(node, processes or cluster.node_processes(node))
