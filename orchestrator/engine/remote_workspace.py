@@ -86,6 +86,7 @@ def commit_work(
     if not isinstance(executor, RayExecutor) or (worktree / ".git").exists() or not repository:
         return gitdirs.commit_worker(worktree, run_dir, message, base_commit, branch, skipped, max_file_mb)
     pushed_error = executor.push_error(worktree.name)
+    left_out = executor.skipped_files(worktree.name)  # its node left them out, as above
     url = _remote(settings, repository)
     commit = remote.fetch_branch(Path(repository), url, branch, base_commit=base_commit)
     if commit is None:
@@ -93,5 +94,7 @@ def commit_work(
             pushed_error
             or f"branch {branch} did not come back from its node (not in git remote {remote.redact(url)})"
         )
+    if skipped is not None:
+        skipped += left_out
     stat = remote.diff_stat(Path(repository), base_commit, commit) if base_commit else ""
     return commit, stat

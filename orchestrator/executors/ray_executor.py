@@ -77,6 +77,7 @@ class RayExecutor(LocalExecutor):
         self.room = Room()
         self.checkouts: dict[str, RemoteCheckout] = {}  # set before a repository worker's start
         self.push_errors: dict[str, str] = {}  # why a node could not push a worker's branch
+        self.skipped: dict[str, list[str]] = {}  # files a node left out of a worker's commit
         self.connected = threading.Event()
         self.last_probe = 0.0
         self.stopping = threading.Event()
@@ -329,6 +330,8 @@ class RayExecutor(LocalExecutor):
             log.warning("worker %s: its actor did not end cleanly", worker_id, exc_info=True)
         if ended.get("push_error"):
             self.push_errors[worker_id] = str(ended["push_error"])
+        if ended.get("skipped"):
+            self.skipped[worker_id] = [str(path) for path in ended["skipped"]]
         with contextlib.suppress(Exception):
             self.ray.kill(actor, no_restart=True)
         return lost or (str(ended["limit"]) if ended.get("limit") else None)
@@ -336,6 +339,10 @@ class RayExecutor(LocalExecutor):
     def push_error(self, worker_id: str) -> str | None:
         """Why the worker's node could not push its branch, if it could not (asked once)."""
         return self.push_errors.pop(worker_id, None)
+
+    def skipped_files(self, worker_id: str) -> list[str]:
+        """The files of max_file_mb or more the worker's node left out of its commit (asked once)."""
+        return self.skipped.pop(worker_id, [])
 
     def watch(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
         self.watcher.add(proc, on_exit)

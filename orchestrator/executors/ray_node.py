@@ -43,6 +43,7 @@ from orchestrator.executors.processes import stopped_process_groups
 from orchestrator.workspaces import remote
 from orchestrator.workspaces import setup as worktree_setup
 from orchestrator.workspaces.git import GitError, worktree_git_dirs
+from orchestrator.workspaces.gitdirs import too_big
 from orchestrator.workspaces.remote import RemoteCheckout
 
 NODE_DIR_ENV = "ORCHESTRATOR_NODE_DIR"  # where a node keeps its workers' run dirs and worktrees
@@ -159,6 +160,7 @@ class WorkerNode:
         self.checkout: RemoteCheckout | None = None
         self.workdir: Path | None = None
         self.push_lock = threading.Lock()
+        self.file_mb: int | None = None  # files of this size or more stay out of the final commit
 
     def _make_executor(self, request: StartRequest, base: Path) -> LocalExecutor:
         groups = cgroups.detect()
@@ -181,6 +183,7 @@ class WorkerNode:
         remap = PathMap([(request.run_dir, str(run_dir)), (request.workdir, str(workdir))])
         make_dirs(base, base / "runs", base / "workspaces", run_dir)
         self.checkout, self.workdir = request.checkout, workdir
+        self.file_mb = request.limits.file_mb if request.limits is not None else None
         if request.checkout is not None:
             remote.clone_worktree(request.checkout, workdir)
             _write_files(workdir, request.copied)
@@ -316,14 +319,16 @@ class WorkerNode:
             return {"commit": None, "push_error": None}
         with self.push_lock:
             self._wait_group_gone()
+            # Left out, unread: git would read a sparse terabyte whole (as gitdirs.commit_worker).
+            big = too_big(self.workdir, self.file_mb << 20) if self.file_mb and self.workdir.is_dir() else []
             try:
-                commit = remote.push_branch(self.checkout, self.workdir)
+                commit = remote.push_branch(self.checkout, self.workdir, big)
             except (GitError, OSError) as exc:
                 # Its worktree stays on the node: the work is not lost, only not back yet.
                 return {"commit": None, "push_error": f"on node {self.node_id}: {exc}"[:500]}
             if commit is not None:
                 remote.remove_checkout(self.workdir)  # the remote holds the work now
-        return {"commit": commit, "push_error": None}
+        return {"commit": commit, "push_error": None, "skipped": big}
 
     def _wait_group_gone(self) -> None:
         """SIGKILL is delivered asynchronously: wait (bounded) until the group has no member."""

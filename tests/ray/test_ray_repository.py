@@ -33,6 +33,11 @@ command = ["sh", "-c", "echo mine > mine.txt && printf 'gitdir: /nonexistent\\n'
 type = "command"
 command = ["sh", "-c", "cat .env conf/local.json setup-output.txt"]
 
+[agents.bigfile]
+type = "command"
+command = ["sh", "-c", "truncate -s 1M sparse.bin && echo work > work.txt"]
+max_file_mb = 1
+
 [agents.sleeper]
 type = "command"
 command = ["sh", "-c", "echo partial > partial.txt && git add partial.txt && echo ready && exec sleep 600"]
@@ -132,6 +137,24 @@ def test_a_worker_that_rewrites_its_git_file_still_brings_its_work_back(
         (worker,) = workers_of(client, job["id"])
         files = git(repo, "ls-tree", "-r", "--name-only", worker["commit"]).splitlines()
         assert sorted(files) == ["README.md", "hooks/pre-push", "mine.txt"], worker
+
+
+def test_a_file_at_max_file_mb_stays_out_of_the_nodes_commit(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    """As the engine's own final commit: a file of the profile's max_file_mb or more (the most
+    its RLIMIT_FSIZE lets it make: likely cut, or sparse) is left out, unread, and named in the
+    worker's commit_error; the rest of its work comes back."""
+    server, repo, _ = start(servers, ray_cluster)
+    with server.client() as client:
+        job = submit(client, agent="bigfile", repository=str(repo))
+        done = wait_final(client, job["id"], timeout=LONG)
+        (worker,) = workers_of(client, job["id"])
+        assert worker["status"] == "COMPLETED", (done, worker)
+        files = git(repo, "ls-tree", "-r", "--name-only", worker["commit"]).splitlines()
+        assert sorted(files) == ["README.md", "work.txt"], worker
+        error = worker["result"]["commit_error"]
+        assert "sparse.bin" in error and "max_file_mb (1 MiB)" in error, worker
 
 
 def test_a_repository_job_without_a_git_remote_fails_with_a_clear_reason(
