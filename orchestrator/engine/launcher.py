@@ -21,6 +21,7 @@ from orchestrator.db.models import utcnow
 from orchestrator.engine.queries import workers as worker_queries
 from orchestrator.engine.queries.rows import JobRow, WorkerRow
 from orchestrator.engine.remote_workspace import add_worktree, is_remote
+from orchestrator.engine.remote_workspace import checkpoint as remote_checkpoint
 from orchestrator.engine.supervision import (
     LAUNCH_CHUNK,
     LAUNCH_THREADS,
@@ -315,6 +316,10 @@ class Launcher:
                     own,
                     None,
                     self._max_file_mb(by_worker),
+                )
+            else:  # on its Ray node, if it runs on one: committed there, fetched here
+                await asyncio.to_thread(
+                    remote_checkpoint, self.ctx.executor, self.ctx.settings, repository, by_worker, own
                 )
             resolved = await asyncio.to_thread(refs.resolve, repository, resolved.full_name)
         return resolved.commit

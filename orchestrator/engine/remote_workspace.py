@@ -58,6 +58,21 @@ def resume_worktree(
     executor.expect_checkout(workdir.name, RemoteCheckout(url, tip, branch))
 
 
+def checkpoint(
+    executor: LocalExecutor, settings: Settings, repository: Path, worker_id: str, branch: str
+) -> None:
+    """A delegating worker on a remote node: its live worktree committed there and pushed onto
+    its branch, fetched into the repository (checked to descend from the branch as it is here),
+    so its child starts from its work so far, as on one machine. Local: nothing (the engine
+    commits the worktree itself)."""
+    if not isinstance(executor, RayExecutor):
+        return
+    url = _remote(settings, repository)
+    executor.checkpoint(worker_id)
+    if remote.fetch_branch(repository, url, branch) is None:
+        raise RemoteError(f"branch {branch} did not reach git remote {remote.redact(url)} at the checkpoint")
+
+
 def _remote(settings: Settings, repository: str | Path) -> str:
     url = remote.git_remote_for(settings, repository)
     if url is None:

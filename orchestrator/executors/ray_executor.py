@@ -340,6 +340,21 @@ class RayExecutor(LocalExecutor):
         """Why the worker's node could not push its branch, if it could not (asked once)."""
         return self.push_errors.pop(worker_id, None)
 
+    def checkpoint(self, worker_id: str) -> None:
+        """Its node commits and pushes the worker's live worktree onto its branch (a delegation's
+        base: remote_workspace.checkpoint fetches it); raises RuntimeError saying why not."""
+        if not self.can_start():
+            raise RuntimeError(f"cannot checkpoint worker {worker_id}: {self.problem or 'no Ray cluster'}")
+        actor = self._actor(worker_id)
+        if actor is None:
+            return  # it has ended: its branch came back at its end
+        try:
+            done = self.ray.get(actor.checkpoint.remote(), timeout=PUSH_TIMEOUT)
+        except self.ray.exceptions.RayError as exc:
+            raise RuntimeError(f"cannot checkpoint worker {worker_id}: {str(exc)[:300]}") from None
+        if done.get("push_error"):
+            raise RuntimeError(f"cannot checkpoint worker {worker_id}: {done['push_error']}")
+
     def skipped_files(self, worker_id: str) -> list[str]:
         """The files of max_file_mb or more the worker's node left out of its commit (asked once)."""
         return self.skipped.pop(worker_id, [])

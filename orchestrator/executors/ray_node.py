@@ -312,6 +312,20 @@ class WorkerNode:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.proc.pid, signal.SIGCONT)
 
+    def checkpoint(self) -> dict[str, Any]:
+        """A delegating worker's live worktree committed and pushed onto its branch (its child
+        starts from its work so far), its processes stopped meanwhile (as the engine's own
+        checkpoint: `hold`), unless paused already; the worktree stays."""
+        if self.checkout is None or self.workdir is None or self.proc is None or self.executor is None:
+            return {"commit": None, "push_error": "no worktree of a repository on this node"}
+        with self.push_lock:
+            held = not self.stopped() and self.executor.hold(self.proc)
+            try:
+                return self._push_work()
+            finally:
+                if held:
+                    self.executor.send(self.proc, signal.SIGCONT)
+
     def push(self) -> dict[str, Any]:
         """Commit the worktree onto the worker's branch and push it to the remote, as the node
         user, once no process of the agent can still write to it; one push at a time."""
@@ -319,15 +333,20 @@ class WorkerNode:
             return {"commit": None, "push_error": None}
         with self.push_lock:
             self._wait_group_gone()
-            # Left out, unread: git would read a sparse terabyte whole (as gitdirs.commit_worker).
-            big = too_big(self.workdir, self.file_mb << 20) if self.file_mb and self.workdir.is_dir() else []
-            try:
-                commit = remote.push_branch(self.checkout, self.workdir, big)
-            except (GitError, OSError) as exc:
-                # Its worktree stays on the node: the work is not lost, only not back yet.
-                return {"commit": None, "push_error": f"on node {self.node_id}: {exc}"[:500]}
-            if commit is not None:
+            pushed = self._push_work()
+            if pushed["commit"] is not None:
                 remote.remove_checkout(self.workdir)  # the remote holds the work now
+        return pushed
+
+    def _push_work(self) -> dict[str, Any]:
+        assert self.checkout is not None and self.workdir is not None
+        # Left out, unread: git would read a sparse terabyte whole (as gitdirs.commit_worker).
+        big = too_big(self.workdir, self.file_mb << 20) if self.file_mb and self.workdir.is_dir() else []
+        try:
+            commit = remote.push_branch(self.checkout, self.workdir, big)
+        except (GitError, OSError) as exc:
+            # Its worktree stays on the node: the work is not lost, only not back yet.
+            return {"commit": None, "push_error": f"on node {self.node_id}: {exc}"[:500]}
         return {"commit": commit, "push_error": None, "skipped": big}
 
     def _wait_group_gone(self) -> None:
