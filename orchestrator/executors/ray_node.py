@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import re
 import signal
@@ -174,9 +175,18 @@ class WorkerNode:
 
     def start(self, request: StartRequest) -> dict[str, Any]:
         """Start the worker once: a second call (an engine that restarted before recording the
-        first) answers with the process already running."""
+        first) answers with the process already running. A full disk says so first (git's own
+        words, with their paths, come after it and may be cut)."""
         if self.proc is not None:
             return self.identity()
+        try:
+            return self._start(request)
+        except (OSError, GitError) as exc:
+            if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+                raise RuntimeError(f"no space left on device in {node_dir(self.node_id)}: {exc}") from None
+            raise
+
+    def _start(self, request: StartRequest) -> dict[str, Any]:
         base = node_dir(self.node_id)
         run_dir = base / "runs" / request.worker_id
         workdir = base / "workspaces" / request.worker_id

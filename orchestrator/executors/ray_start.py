@@ -60,9 +60,11 @@ class Start:
             self.forget()
             raise Lost(self.watcher.verdict(self.node) if self.node else "lost: its Ray actor died") from None
         except ray.exceptions.RayError as exc:
+            self._find_node()
             self.forget()
             cause = getattr(exc, "cause", None)  # the node's own exception (a sandbox that cannot work)
-            raise RuntimeError(f"on its Ray node: {str(cause or exc)[:300]}") from None
+            where = f"Ray node {self.node}" if self.node else "its Ray node"
+            raise RuntimeError(f"on {where}: {str(cause or exc)[:300]}") from None
         except RuntimeError as exc:
             if not isinstance(exc, NotPlaced):
                 self.forget()

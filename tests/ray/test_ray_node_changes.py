@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, usage_allocated, wait_final, workers_of
+from tests.integration.test_sqlite_disk_full import fill, small_tmpfs
 from tests.ray.conftest import RayCluster
 from tests.ray.test_ray_executor import (
     LONG,
@@ -116,6 +117,73 @@ def test_a_node_that_dies_during_a_workers_start_fails_it_lost(
         if node is not None:
             cluster.finish_node(node, processes or cluster.node_processes(node))
         cluster.finish_node(other, cluster.node_processes(other))
+
+
+@contextlib.contextmanager
+def home(directory: Path) -> Iterator[None]:
+    """`directory` as this process's HOME, for the processes started meanwhile."""
+    before = os.environ["HOME"]
+    os.environ["HOME"] = str(directory)
+    try:
+        yield
+    finally:
+        os.environ["HOME"] = before
+
+
+def test_a_git_remote_the_node_cannot_reach_fails_the_start_naming_node_and_remote(
+    servers: ServerFactory, cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The server reaches the git remote but the node does not (its git config sends the
+    remote's address elsewhere, as a node outside the remote's network would): the worker ends
+    FAILED with a reason naming the node, the remote and git's own words; its slot comes back."""
+    server, repo, bare = start_repository_server(servers, cluster)
+    (tmp_path / ".gitconfig").write_text(f'[url "{tmp_path}/unreachable.git"]\n\tinsteadOf = {bare}\n')
+    with home(tmp_path):
+        node = cluster.add_node(slots=1)
+    try:
+        with server.client() as client:
+            job = submit(client, agent="writer", repository=str(repo))
+            wait_final(client, job["id"], timeout=LONG)
+            (worker,) = workers_of(client, job["id"])
+            assert worker["status"] == "FAILED", worker
+            reason = worker["status_reason"]
+            assert reason.startswith(
+                f"could not start: on Ray node {node_id(node)}: cannot fetch base commit"
+            ), reason
+            assert f"(git remote {bare})" in reason and "unreachable.git" in reason, reason
+            assert usage_allocated(client)[0] == 0
+    finally:
+        cluster.finish_node(node, cluster.node_processes(node))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_node_whose_disk_is_full_fails_the_start_saying_so(
+    servers: ServerFactory, cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The node's directory (ORCHESTRATOR_NODE_DIR) is on a full disk when it clones the
+    worker's worktree: the worker ends FAILED with a reason naming the node and the full disk,
+    its slot back, and the next worker, on a node with room, runs."""
+    server, repo, _ = start_repository_server(servers, cluster)
+    before = os.environ["ORCHESTRATOR_NODE_DIR"]
+    with small_tmpfs(tmp_path / "node-dir", size="1m") as mount:
+        fill(mount)
+        os.environ["ORCHESTRATOR_NODE_DIR"] = str(mount)
+        try:
+            node = cluster.add_node(slots=1)
+        finally:
+            os.environ["ORCHESTRATOR_NODE_DIR"] = before
+        try:
+            with server.client() as client:
+                job = submit(client, agent="writer", repository=str(repo))
+                wait_final(client, job["id"], timeout=LONG)
+                (worker,) = workers_of(client, job["id"])
+                assert worker["status"] == "FAILED", worker
+                reason = worker["status_reason"]
+                where = f"could not start: on Ray node {node_id(node)}: no space left on device in {mount}/"
+                assert reason.startswith(where), reason
+                assert usage_allocated(client)[0] == 0
+        finally:
+            cluster.finish_node(node, cluster.node_processes(node))
 
 
 def waiting_for_a_slot(client: httpx.Client, job_id: str) -> dict[str, Any] | None:
