@@ -167,6 +167,9 @@ DELEGATOR = (
     + r"""
 import time
 open("mine.txt", "w").write("work so far\n")
+# Hostile too: a link to a file only the node's user may read, and its .git pointed at nothing.
+os.symlink(os.environ["SECRET"], "leak")
+open(".git", "w").write("gitdir: /nonexistent\n")
 own = "orchestrator/" + JOB + "/" + os.environ["ORCHESTRATOR_WORKER_ID"]
 code, child = call("POST", "/api/jobs/submit", {"task_description": "list", "depth": 1, "parent_job_id": JOB,
                                                 "agent": "lister", "base_ref": own})
@@ -183,15 +186,21 @@ def test_a_delegating_workers_live_worktree_is_checkpointed_on_its_node(
 ) -> None:
     """As on one machine: before a child starts from its delegating worker's own branch, the
     worker's live worktree (on its node) is committed onto that branch, so the child sees the
-    work so far; the worker runs on, and its final commit descends from the checkpoint."""
+    work so far; the worker runs on, and its final commit descends from the checkpoint. The
+    worker is hostile: the checkpoint (run as the node's user) commits its link to a file it
+    cannot read as a link, never that file's content, and reads nothing from its `.git`."""
     scripts = servers.root / "delegator"  # bound read-only into the sandbox, readable by its uid
     scripts.mkdir(mode=0o755)
     scripts.chmod(0o755)
     script = scripts / "delegator.py"
     script.write_text(DELEGATOR)
     script.chmod(0o644)
+    secret = servers.root / "node-secret.txt"
+    secret.write_text("the node user's secret")
+    secret.chmod(0o600)
     extra = (
         f'\n[agents.delegator]\ncommand = ["{sys.executable}", "{script}"]\nro_binds = ["{scripts}"]\n'
+        f'env = {{ SECRET = "{secret}" }}\n'
         '[agents.lister]\ncommand = ["sh", "-c", "ls"]\n'
     )
     server, repo, _ = start(servers, ray_cluster, extra, quotas="2,1")
@@ -208,6 +217,8 @@ def test_a_delegating_workers_live_worktree_is_checkpointed_on_its_node(
         assert "mine.txt" in log_lines(client, child["id"]), "the child did not see its parent's work so far"
         checkpoint = git(repo, "rev-parse", child["branch"])  # it committed nothing: its start
         assert checkpoint != base and git(repo, "show", f"{checkpoint}:mine.txt") == "work so far"
+        assert git(repo, "ls-tree", checkpoint, "leak").startswith("120000 blob "), "not a link"
+        assert git(repo, "cat-file", "-p", f"{checkpoint}:leak") == str(secret)
         assert git(repo, "merge-base", "--is-ancestor", checkpoint, worker["commit"]) == ""
 
 
