@@ -21,6 +21,7 @@ from orchestrator.db.models import utcnow
 from orchestrator.engine.queries import workers as worker_queries
 from orchestrator.engine.queries.rows import JobRow, WorkerRow
 from orchestrator.engine.remote_workspace import add_worktree, is_remote
+from orchestrator.engine.remote_workspace import checkpoint as remote_checkpoint
 from orchestrator.engine.supervision import (
     LAUNCH_CHUNK,
     LAUNCH_THREADS,
@@ -33,7 +34,7 @@ from orchestrator.engine.supervision import (
 )
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.local import WorkerProcess, make_dirs
-from orchestrator.executors.ray_cluster import NotPlaced
+from orchestrator.executors.ray_cluster import Lost, NotPlaced
 from orchestrator.workspaces import git, gitdirs, refs
 from orchestrator.workspaces import setup as worktree_setup
 
@@ -321,6 +322,10 @@ class Launcher:
                     None,
                     self._max_file_mb(by_worker),
                 )
+            else:  # on its Ray node, if it runs on one: committed there, fetched here
+                await asyncio.to_thread(
+                    remote_checkpoint, self.ctx.executor, self.ctx.settings, repository, by_worker, own
+                )
             resolved = await asyncio.to_thread(refs.resolve, repository, resolved.full_name)
         return resolved.commit
 
@@ -353,4 +358,6 @@ class Launcher:
 def _not_started(worker: WorkerRow, job: JobRow, exc: Exception) -> Launched:
     """A worker that could not start: the next pass records it FAILED with the reason."""
     log.warning("worker %s could not start: %s", worker.id, exc)
+    if isinstance(exc, Lost):  # its Ray node died meanwhile: `lost: node <id> died`
+        return Launched(worker, job, None, error=str(exc))
     return Launched(worker, job, None, error=f"could not start: {exc}")

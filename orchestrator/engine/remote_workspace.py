@@ -58,6 +58,21 @@ def resume_worktree(
     executor.expect_checkout(workdir.name, RemoteCheckout(url, tip, branch))
 
 
+def checkpoint(
+    executor: LocalExecutor, settings: Settings, repository: Path, worker_id: str, branch: str
+) -> None:
+    """A delegating worker on a remote node: its live worktree committed there and pushed onto
+    its branch, fetched into the repository (checked to descend from the branch as it is here),
+    so its child starts from its work so far, as on one machine. Local: nothing (the engine
+    commits the worktree itself)."""
+    if not isinstance(executor, RayExecutor):
+        return
+    url = _remote(settings, repository)
+    executor.checkpoint(worker_id)
+    if remote.fetch_branch(repository, url, branch) is None:
+        raise RemoteError(f"branch {branch} did not reach git remote {remote.redact(url)} at the checkpoint")
+
+
 def _remote(settings: Settings, repository: str | Path) -> str:
     url = remote.git_remote_for(settings, repository)
     if url is None:
@@ -86,6 +101,7 @@ def commit_work(
     if not isinstance(executor, RayExecutor) or (worktree / ".git").exists() or not repository:
         return gitdirs.commit_worker(worktree, run_dir, message, base_commit, branch, skipped, max_file_mb)
     pushed_error = executor.push_error(worktree.name)
+    left_out = executor.skipped_files(worktree.name)  # its node left them out, as above
     url = _remote(settings, repository)
     commit = remote.fetch_branch(Path(repository), url, branch, base_commit=base_commit)
     if commit is None:
@@ -93,5 +109,7 @@ def commit_work(
             pushed_error
             or f"branch {branch} did not come back from its node (not in git remote {remote.redact(url)})"
         )
+    if skipped is not None:
+        skipped += left_out
     stat = remote.diff_stat(Path(repository), base_commit, commit) if base_commit else ""
     return commit, stat

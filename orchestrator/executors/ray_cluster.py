@@ -23,3 +23,8 @@ SLOT = "agent_slot"  # the custom resource each worker's actor asks one of
 class NotPlaced(RuntimeError):
     """No Ray node had room for the worker: it waits IDLE (the reason says for what) instead of
     failing, and is started again at a later pass."""
+
+
+class Lost(RuntimeError):
+    """The worker's node died during its start (or its actor did): the message is the whole
+    status reason (`lost: node <id> died`), not a `could not start` the worker is blamed for."""

@@ -31,27 +31,21 @@ from orchestrator.executors import netguard
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import MIB, Limits
 from orchestrator.executors.local import LocalExecutor, WorkerProcess
-from orchestrator.executors.ray_cluster import SLOT, NotPlaced, probe
+from orchestrator.executors.ray_cluster import SLOT, probe
 from orchestrator.executors.ray_node import StartRequest, WorkerNode, copied_files, files_to_ship
-from orchestrator.executors.ray_placement import Place, Room, forget, placed, waiting_reason
+from orchestrator.executors.ray_placement import Place, Room, forget
+from orchestrator.executors.ray_start import NAMESPACE, Start, actor_name
 from orchestrator.executors.ray_watch import CALL_TIMEOUT, Watcher, node_died
 from orchestrator.workspaces.remote import RemoteCheckout
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "orchestrator"
 POLL_SECONDS = 0.25
-PLACE_WAIT = 10.0  # a start Ray has not placed by then gives up: the worker waits IDLE
-START_TIMEOUT = 1800.0  # a placed start (its node cloning a repository, say) may take this long
 CONNECT_RETRY_SECONDS = 2.0
 RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
 RECONNECT_FOREVER_SECONDS = 10 * 365 * 24 * 3600
 PROBE_SECONDS = 2.0  # how often a connected executor checks that the cluster still answers
 PUSH_TIMEOUT = 1800.0  # a worker's end waits this long for its node to push its branch
-
-
-def actor_name(worker_id: str) -> str:
-    return f"worker-{worker_id}"
 
 
 class RayExecutor(LocalExecutor):
@@ -83,6 +77,7 @@ class RayExecutor(LocalExecutor):
         self.room = Room()
         self.checkouts: dict[str, RemoteCheckout] = {}  # set before a repository worker's start
         self.push_errors: dict[str, str] = {}  # why a node could not push a worker's branch
+        self.skipped: dict[str, list[str]] = {}  # files a node left out of a worker's commit
         self.connected = threading.Event()
         self.last_probe = 0.0
         self.stopping = threading.Event()
@@ -206,7 +201,7 @@ class RayExecutor(LocalExecutor):
         limits: Limits | None = None,
     ) -> WorkerProcess:
         """Create (or find, by name) the worker's actor and start the worker there once; raises
-        NotPlaced if no node had room for it within PLACE_WAIT (it waits IDLE, not FAILED)."""
+        NotPlaced if no node had room for it (it waits IDLE), Lost if its node died (ray_start.py)."""
         self._require_cluster()
         checkout = self.checkouts.pop(worker_id, None)
         if checkout is None and (workdir / ".git").exists():
@@ -239,42 +234,13 @@ class RayExecutor(LocalExecutor):
         actor = self.actor_class.options(**options).remote()
         self.room.starting(worker_id, limits.memory_mb if limits else None)
         try:
-            ident = self._started(actor, request, limits)
+            ident = Start(self.ray, self.watcher, self.room, actor, worker_id).wait(request, limits)
         finally:
             self.room.started(worker_id)  # counted until Ray's view shows it (or a while)
         if checkout is not None:
             shutil.rmtree(workdir, ignore_errors=True)  # the set-up's copies, sent to the node
         self.actors[worker_id] = actor
         return self._process(worker_id, ident, run_dir)
-
-    def _started(self, actor: Any, request: StartRequest, limits: Limits | None) -> dict[str, Any]:
-        """The node's answer to the start, once Ray placed the actor (however long the node then
-        takes: a clone); NotPlaced if Ray did not place it within PLACE_WAIT."""
-        ray = self.ray
-        ref = actor.start.remote(request)
-        since = time.monotonic()
-        try:
-            while not ray.wait([ref], timeout=1.0)[0]:
-                if time.monotonic() - since > START_TIMEOUT:
-                    raise RuntimeError(f"its Ray node did not start it within {START_TIMEOUT:.0f} s")
-                memory = limits.memory_mb if limits else None
-                if time.monotonic() - since > PLACE_WAIT and not self._placed(actor, memory):
-                    self._forget_actor(actor, request.worker_id)
-                    raise NotPlaced(waiting_reason(memory))
-            ident: dict[str, Any] = ray.get(ref)
-            return ident
-        except ray.exceptions.RayError as exc:
-            self._forget_actor(actor, request.worker_id)
-            cause = getattr(exc, "cause", None)  # the node's own exception (a sandbox that cannot work)
-            raise RuntimeError(f"on its Ray node: {str(cause or exc)[:300]}") from None
-        except RuntimeError as exc:
-            if not isinstance(exc, NotPlaced):
-                self._forget_actor(actor, request.worker_id)
-            raise
-
-    def _placed(self, actor: Any, memory: int | None) -> bool:
-        """Placed, or about to be: some node has room for it (a slow start, not a full cluster)."""
-        return bool(self.watcher.gcs_read(lambda: placed(actor))) or self.room.fits(memory)
 
     def _forget_actor(self, actor: Any, worker_id: str) -> None:
         forget(self.ray, actor, actor_name(worker_id), NAMESPACE)
@@ -364,6 +330,8 @@ class RayExecutor(LocalExecutor):
             log.warning("worker %s: its actor did not end cleanly", worker_id, exc_info=True)
         if ended.get("push_error"):
             self.push_errors[worker_id] = str(ended["push_error"])
+        if ended.get("skipped"):
+            self.skipped[worker_id] = [str(path) for path in ended["skipped"]]
         with contextlib.suppress(Exception):
             self.ray.kill(actor, no_restart=True)
         return lost or (str(ended["limit"]) if ended.get("limit") else None)
@@ -371,6 +339,25 @@ class RayExecutor(LocalExecutor):
     def push_error(self, worker_id: str) -> str | None:
         """Why the worker's node could not push its branch, if it could not (asked once)."""
         return self.push_errors.pop(worker_id, None)
+
+    def checkpoint(self, worker_id: str) -> None:
+        """Its node commits and pushes the worker's live worktree onto its branch (a delegation's
+        base: remote_workspace.checkpoint fetches it); raises RuntimeError saying why not."""
+        if not self.can_start():
+            raise RuntimeError(f"cannot checkpoint worker {worker_id}: {self.problem or 'no Ray cluster'}")
+        actor = self._actor(worker_id)
+        if actor is None:
+            return  # it has ended: its branch came back at its end
+        try:
+            done = self.ray.get(actor.checkpoint.remote(), timeout=PUSH_TIMEOUT)
+        except self.ray.exceptions.RayError as exc:
+            raise RuntimeError(f"cannot checkpoint worker {worker_id}: {str(exc)[:300]}") from None
+        if done.get("push_error"):
+            raise RuntimeError(f"cannot checkpoint worker {worker_id}: {done['push_error']}")
+
+    def skipped_files(self, worker_id: str) -> list[str]:
+        """The files of max_file_mb or more the worker's node left out of its commit (asked once)."""
+        return self.skipped.pop(worker_id, [])
 
     def watch(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
         self.watcher.add(proc, on_exit)

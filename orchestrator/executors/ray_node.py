@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import re
 import signal
@@ -43,6 +44,7 @@ from orchestrator.executors.processes import stopped_process_groups
 from orchestrator.workspaces import remote
 from orchestrator.workspaces import setup as worktree_setup
 from orchestrator.workspaces.git import GitError, worktree_git_dirs
+from orchestrator.workspaces.gitdirs import too_big
 from orchestrator.workspaces.remote import RemoteCheckout
 
 NODE_DIR_ENV = "ORCHESTRATOR_NODE_DIR"  # where a node keeps its workers' run dirs and worktrees
@@ -159,6 +161,7 @@ class WorkerNode:
         self.checkout: RemoteCheckout | None = None
         self.workdir: Path | None = None
         self.push_lock = threading.Lock()
+        self.file_mb: int | None = None  # files of this size or more stay out of the final commit
 
     def _make_executor(self, request: StartRequest, base: Path) -> LocalExecutor:
         groups = cgroups.detect()
@@ -172,15 +175,25 @@ class WorkerNode:
 
     def start(self, request: StartRequest) -> dict[str, Any]:
         """Start the worker once: a second call (an engine that restarted before recording the
-        first) answers with the process already running."""
+        first) answers with the process already running. A full disk says so first (git's own
+        words, with their paths, come after it and may be cut)."""
         if self.proc is not None:
             return self.identity()
+        try:
+            return self._start(request)
+        except (OSError, GitError) as exc:
+            if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+                raise RuntimeError(f"no space left on device in {node_dir(self.node_id)}: {exc}") from None
+            raise
+
+    def _start(self, request: StartRequest) -> dict[str, Any]:
         base = node_dir(self.node_id)
         run_dir = base / "runs" / request.worker_id
         workdir = base / "workspaces" / request.worker_id
         remap = PathMap([(request.run_dir, str(run_dir)), (request.workdir, str(workdir))])
         make_dirs(base, base / "runs", base / "workspaces", run_dir)
         self.checkout, self.workdir = request.checkout, workdir
+        self.file_mb = request.limits.file_mb if request.limits is not None else None
         if request.checkout is not None:
             remote.clone_worktree(request.checkout, workdir)
             _write_files(workdir, request.copied)
@@ -309,6 +322,20 @@ class WorkerNode:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.proc.pid, signal.SIGCONT)
 
+    def checkpoint(self) -> dict[str, Any]:
+        """A delegating worker's live worktree committed and pushed onto its branch (its child
+        starts from its work so far), its processes stopped meanwhile (as the engine's own
+        checkpoint: `hold`), unless paused already; the worktree stays."""
+        if self.checkout is None or self.workdir is None or self.proc is None or self.executor is None:
+            return {"commit": None, "push_error": "no worktree of a repository on this node"}
+        with self.push_lock:
+            held = not self.stopped() and self.executor.hold(self.proc)
+            try:
+                return self._push_work()
+            finally:
+                if held:
+                    self.executor.send(self.proc, signal.SIGCONT)
+
     def push(self) -> dict[str, Any]:
         """Commit the worktree onto the worker's branch and push it to the remote, as the node
         user, once no process of the agent can still write to it; one push at a time."""
@@ -316,14 +343,21 @@ class WorkerNode:
             return {"commit": None, "push_error": None}
         with self.push_lock:
             self._wait_group_gone()
-            try:
-                commit = remote.push_branch(self.checkout, self.workdir)
-            except (GitError, OSError) as exc:
-                # Its worktree stays on the node: the work is not lost, only not back yet.
-                return {"commit": None, "push_error": f"on node {self.node_id}: {exc}"[:500]}
-            if commit is not None:
+            pushed = self._push_work()
+            if pushed["commit"] is not None:
                 remote.remove_checkout(self.workdir)  # the remote holds the work now
-        return {"commit": commit, "push_error": None}
+        return pushed
+
+    def _push_work(self) -> dict[str, Any]:
+        assert self.checkout is not None and self.workdir is not None
+        # Left out, unread: git would read a sparse terabyte whole (as gitdirs.commit_worker).
+        big = too_big(self.workdir, self.file_mb << 20) if self.file_mb and self.workdir.is_dir() else []
+        try:
+            commit = remote.push_branch(self.checkout, self.workdir, big)
+        except (GitError, OSError) as exc:
+            # Its worktree stays on the node: the work is not lost, only not back yet.
+            return {"commit": None, "push_error": f"on node {self.node_id}: {exc}"[:500]}
+        return {"commit": commit, "push_error": None, "skipped": big}
 
     def _wait_group_gone(self) -> None:
         """SIGKILL is delivered asynchronously: wait (bounded) until the group has no member."""

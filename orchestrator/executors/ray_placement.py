@@ -8,6 +8,15 @@ thread, minus the starts this executor made that Ray's view does not show yet. A
 does not fit stays IDLE with the reason; it starts at a later pass, once a node has room. A
 start that still finds no room (another engine took it meanwhile) gives up after a short wait
 and the worker waits the same way (`NotPlaced`).
+
+Ray's view comes from `ray._private.state` (per-node free resources, a DeveloperAPI; the actor
+table, "for debugging only"), here and in the actor's own death check (ray_node.py). The public
+alternatives do not fit: `ray.util.state` asks the dashboard's API server (`ray[default]`,
+aiohttp, a dashboard process on the head: none of which a plain `ray` install or a cluster
+started without the dashboard has), `ray.available_resources()` sums the whole cluster (a slot
+free on one node and memory free on another would look like room), and `ray.nodes()` gives each
+node's total resources, not what is free. Both reads are direct GCS calls, bounded by the
+executor (`Watcher.gcs_read`); a Ray upgrade that changes them fails loudly in tests/ray.
 """
 
 from __future__ import annotations
@@ -124,6 +133,15 @@ def placed(actor: Any) -> bool:
     if info.get("State") in (None, "DEPENDENCIES_UNREADY"):
         return False
     return info.get("State") != "PENDING_CREATION" or bool((info.get("Address") or {}).get("Port"))
+
+
+def actor_node(actor: Any) -> str | None:
+    """The node Ray placed the actor on, once it has (the GCS's actor table: a DeveloperAPI)."""
+    from ray._private import state
+
+    info: dict[str, Any] = state.actors(actor._actor_id.hex())
+    node = str((info.get("Address") or {}).get("NodeID") or "")
+    return node if node.strip("f0") else None  # none yet: empty, or the nil id
 
 
 def forget(ray: Any, actor: Any, name: str, namespace: str) -> None:

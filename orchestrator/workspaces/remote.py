@@ -22,6 +22,7 @@ server accepts a branch only if it descends from where the branch started.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -317,14 +318,16 @@ def clone_worktree(checkout: RemoteCheckout, dest: Path) -> None:
     run_git(*git_dir, *add, cwd=repo, umask=0o077)
 
 
-def push_branch(checkout: RemoteCheckout, worktree: Path) -> str | None:
+def push_branch(checkout: RemoteCheckout, worktree: Path, leave_out: list[str] | None = None) -> str | None:
     """Commit what the worktree holds onto the worker's branch (as the engine's final commit
     does on one machine: the files as they are, whatever the agent committed or staged) and push
     that branch alone to the remote; the commit pushed, or None if `worktree` was never cloned.
 
     Reads nothing the agent could write but the worktree's files: git runs on the node
     repository by `--git-dir` (config rewritten, index rebuilt from the branch), not through the
-    worktree's `.git`. A branch moved off the base (by an unconfined agent) restarts from the base."""
+    worktree's `.git`. A branch moved off the base (by an unconfined agent) restarts from the base.
+    The paths of `leave_out` (files of max_file_mb or more: gitdirs.too_big) stay as the parent has
+    them, as in the engine's own final commit."""
     _check(checkout)
     worktree = worktree.absolute()
     repo = node_repository(worktree)
@@ -340,7 +343,7 @@ def push_branch(checkout: RemoteCheckout, worktree: Path) -> str | None:
     if parent != base and not _is_ancestor(repo, base, parent, *git_dir):
         parent = base
     run_git(*git_dir, *work_tree, "read-tree", "--end-of-options", parent, cwd=repo)
-    run_git(*git_dir, *work_tree, "add", "-A", cwd=repo)
+    _add_all(repo, (*git_dir, *work_tree), leave_out or [])
     tree = run_git(*git_dir, "write-tree", cwd=repo)
     commit = parent
     if tree != run_git(*git_dir, "rev-parse", "--verify", "--end-of-options", f"{parent}^{{tree}}", cwd=repo):
@@ -352,6 +355,21 @@ def push_branch(checkout: RemoteCheckout, worktree: Path) -> str | None:
         url=url, cwd=repo, what=f"cannot push branch {branch}",
     )  # fmt: skip
     return commit
+
+
+def _add_all(repo: Path, view: tuple[str, ...], leave_out: list[str]) -> None:
+    """`git add -A` of the whole worktree, but `leave_out` (exclude pathspecs in a file of the
+    node repository, however many there are)."""
+    if not leave_out:
+        run_git(*view, "add", "-A", cwd=repo)
+        return
+    specs = repo / "orchestrator-pathspecs"
+    excluded = [":(top)", *(f":(top,exclude,literal){path}" for path in leave_out)]
+    specs.write_bytes(b"".join(os.fsencode(spec) + b"\0" for spec in excluded))
+    try:
+        run_git(*view, "add", "-A", f"--pathspec-from-file={specs}", "--pathspec-file-nul", cwd=repo)
+    finally:
+        specs.unlink(missing_ok=True)
 
 
 def _message(branch: str) -> str:

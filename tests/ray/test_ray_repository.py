@@ -6,6 +6,7 @@ stat in the API and the job's result branch are as on one machine."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from tests.integration.test_results import result_branch
 from tests.integration.test_worktree_setup import repo_with_env
 from tests.ray.conftest import RayCluster
 from tests.ray.test_ray_executor import LONG, node_ids, running
+from tests.support.agent_scripts import API_CALL
 from tests.support.servers import Server, ServerFactory
 from tests.support.wait import wait_until
 
@@ -33,13 +35,20 @@ command = ["sh", "-c", "echo mine > mine.txt && printf 'gitdir: /nonexistent\\n'
 type = "command"
 command = ["sh", "-c", "cat .env conf/local.json setup-output.txt"]
 
+[agents.bigfile]
+type = "command"
+command = ["sh", "-c", "truncate -s 1M sparse.bin && echo work > work.txt"]
+max_file_mb = 1
+
 [agents.sleeper]
 type = "command"
 command = ["sh", "-c", "echo partial > partial.txt && git add partial.txt && echo ready && exec sleep 600"]
 """
 
 
-def start(servers: ServerFactory, cluster: RayCluster) -> tuple[Server, Path, Path]:
+def start(
+    servers: ServerFactory, cluster: RayCluster, extra: str = "", quotas: str = "6"
+) -> tuple[Server, Path, Path]:
     """A server on the cluster, its repository (under the allowed roots) and the bare remote."""
     roots = servers.root / "repos"
     roots.mkdir(exist_ok=True)
@@ -48,10 +57,10 @@ def start(servers: ServerFactory, cluster: RayCluster) -> tuple[Server, Path, Pa
     bare.mkdir(parents=True)
     subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
     agents = servers.root / "agents.toml"
-    agents.write_text(PROFILES)
+    agents.write_text(PROFILES + extra)
     server = servers.start(
         ORCHESTRATOR_AGENTS_FILE=str(agents),
-        ORCHESTRATOR_QUOTAS="6",
+        ORCHESTRATOR_QUOTAS=quotas,
         ORCHESTRATOR_REPO_ROOTS=str(roots),
         ORCHESTRATOR_GIT_REMOTE=str(bare),
         **cluster.env(),
@@ -132,6 +141,85 @@ def test_a_worker_that_rewrites_its_git_file_still_brings_its_work_back(
         (worker,) = workers_of(client, job["id"])
         files = git(repo, "ls-tree", "-r", "--name-only", worker["commit"]).splitlines()
         assert sorted(files) == ["README.md", "hooks/pre-push", "mine.txt"], worker
+
+
+def test_a_file_at_max_file_mb_stays_out_of_the_nodes_commit(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    """As the engine's own final commit: a file of the profile's max_file_mb or more (the most
+    its RLIMIT_FSIZE lets it make: likely cut, or sparse) is left out, unread, and named in the
+    worker's commit_error; the rest of its work comes back."""
+    server, repo, _ = start(servers, ray_cluster)
+    with server.client() as client:
+        job = submit(client, agent="bigfile", repository=str(repo))
+        done = wait_final(client, job["id"], timeout=LONG)
+        (worker,) = workers_of(client, job["id"])
+        assert worker["status"] == "COMPLETED", (done, worker)
+        files = git(repo, "ls-tree", "-r", "--name-only", worker["commit"]).splitlines()
+        assert sorted(files) == ["README.md", "work.txt"], worker
+        error = worker["result"]["commit_error"]
+        assert "sparse.bin" in error and "max_file_mb (1 MiB)" in error, worker
+
+
+# Leaves its work uncommitted, delegates a child from its own branch, and waits for it to end.
+DELEGATOR = (
+    API_CALL
+    + r"""
+import time
+open("mine.txt", "w").write("work so far\n")
+# Hostile too: a link to a file only the node's user may read, and its .git pointed at nothing.
+os.symlink(os.environ["SECRET"], "leak")
+open(".git", "w").write("gitdir: /nonexistent\n")
+own = "orchestrator/" + JOB + "/" + os.environ["ORCHESTRATOR_WORKER_ID"]
+code, child = call("POST", "/api/jobs/submit", {"task_description": "list", "depth": 1, "parent_job_id": JOB,
+                                                "agent": "lister", "base_ref": own})
+assert code == 201, child
+while call("GET", "/api/jobs/" + child["id"])[1]["status"] not in ("COMPLETED", "FAILED", "CANCELED"):
+    time.sleep(0.2)
+print("CHILD " + child["id"], flush=True)
+"""
+)
+
+
+def test_a_delegating_workers_live_worktree_is_checkpointed_on_its_node(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    """As on one machine: before a child starts from its delegating worker's own branch, the
+    worker's live worktree (on its node) is committed onto that branch, so the child sees the
+    work so far; the worker runs on, and its final commit descends from the checkpoint. The
+    worker is hostile: the checkpoint (run as the node's user) commits its link to a file it
+    cannot read as a link, never that file's content, and reads nothing from its `.git`."""
+    scripts = servers.root / "delegator"  # bound read-only into the sandbox, readable by its uid
+    scripts.mkdir(mode=0o755)
+    scripts.chmod(0o755)
+    script = scripts / "delegator.py"
+    script.write_text(DELEGATOR)
+    script.chmod(0o644)
+    secret = servers.root / "node-secret.txt"
+    secret.write_text("the node user's secret")
+    secret.chmod(0o600)
+    extra = (
+        f'\n[agents.delegator]\ncommand = ["{sys.executable}", "{script}"]\nro_binds = ["{scripts}"]\n'
+        f'env = {{ SECRET = "{secret}" }}\n'
+        '[agents.lister]\ncommand = ["sh", "-c", "ls"]\n'
+    )
+    server, repo, _ = start(servers, ray_cluster, extra, quotas="2,1")
+    base = git(repo, "rev-parse", "HEAD")
+    with server.client() as client:
+        job = submit(client, agent="delegator", repository=str(repo))
+        done = wait_final(client, job["id"], timeout=LONG * 2)
+        (worker,) = workers_of(client, job["id"])
+        lines = log_lines(client, worker["id"])
+        assert done["status"] == "COMPLETED", (done, worker, lines)
+        child_id = next(line for line in lines if line.startswith("CHILD ")).removeprefix("CHILD ")
+        (child,) = workers_of(client, child_id)
+        assert child["status"] == "COMPLETED", child
+        assert "mine.txt" in log_lines(client, child["id"]), "the child did not see its parent's work so far"
+        checkpoint = git(repo, "rev-parse", child["branch"])  # it committed nothing: its start
+        assert checkpoint != base and git(repo, "show", f"{checkpoint}:mine.txt") == "work so far"
+        assert git(repo, "ls-tree", checkpoint, "leak").startswith("120000 blob "), "not a link"
+        assert git(repo, "cat-file", "-p", f"{checkpoint}:leak") == str(secret)
+        assert git(repo, "merge-base", "--is-ancestor", checkpoint, worker["commit"]) == ""
 
 
 def test_a_repository_job_without_a_git_remote_fails_with_a_clear_reason(
