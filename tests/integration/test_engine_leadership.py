@@ -76,9 +76,17 @@ def ready(server: Server) -> dict[str, Any]:
 def test_workers_2_run_one_engine_and_a_standby_takes_over_after_kill9(servers: ServerFactory) -> None:
     server = servers.start(workers=2, ORCHESTRATOR_AGENTS_FILE=agents_file(servers.root))
     lock = the_lock(server)
-    # Both processes are up and in line for the engine: one holds the lock, one waits on it.
-    wait_until(lambda: len(holders_of(lock, children(server))) == 2, timeout=LONG, what="2 processes in line")
-    wait_until(lambda: len(engine_pids(server)) == 1, timeout=LONG, what="an engine")
+    # Both processes are up and in line for the engine (one holds the lock, one waits on it), or
+    # (without leadership) each started an engine of its own.
+    wait_until(
+        lambda: (
+            (len(holders_of(lock, children(server))) == 2 and engine_pids(server))
+            or len(engine_pids(server)) > 1
+        ),
+        timeout=LONG,
+        what="both processes up",
+    )
+    assert len(engine_pids(server)) == 1, "exactly one engine among the processes"
     [leader] = engine_pids(server)
     assert leader in children(server)
     states = {ready(server).get("engine") for _ in range(20)}  # new connections: either process answers
@@ -126,21 +134,72 @@ def test_two_servers_share_one_engine_and_a_graceful_stop_hands_it_over(servers:
     first = servers.start(ORCHESTRATOR_ENGINE_LEASE_SECONDS="600")
     wait_until(lambda: len(engine_pids(first)) == 1, timeout=LONG, what="the first server's engine")
     assert engine_pids(first) == [first.process.pid if first.process else -1]
-    assert ready(first)["engine"] == "running"
 
     other_data = servers.root / "other-data"
     second = servers.start(ORCHESTRATOR_DATA_DIR=str(other_data), ORCHESTRATOR_ENGINE_LEASE_SECONDS="600")
     lock = the_lock(second)
     assert lock == the_lock(first)
     assert second.process is not None
-    wait_until(lambda: holders_of(lock, [second.process.pid]) != [], timeout=LONG, what="the second in line")
+    wait_until(
+        lambda: holders_of(lock, [second.process.pid]) != [] or len(engine_pids(first)) > 1,
+        timeout=LONG,
+        what="the second server in line (or with an engine of its own)",
+    )
+    assert engine_pids(first) == [first.process.pid if first.process else -1], "one engine between them"
+    assert ready(first).get("engine") == "running"
     second_ready = ready(second)
-    assert second_ready["status"] == "ready" and second_ready["engine"] == "standby", second_ready
-    assert engine_pids(first) == [first.process.pid if first.process else -1]
+    assert second_ready["status"] == "ready" and second_ready.get("engine") == "standby", second_ready
 
     first.stop()
     wait_until(lambda: engine_pids(second) == [second.process.pid], timeout=LONG, what="the handover")
-    assert ready(second)["engine"] == "running"
+    assert ready(second).get("engine") == "running"
     with second.client() as client:
         job = submit(client, worker_count=2, agent_options={"duration_seconds": 0.2})
         assert wait_final(client, job["id"], timeout=LONG)["status"] == "COMPLETED"
+
+
+def test_a_worker_cannot_take_the_engine_lock(servers: ServerFactory) -> None:
+    """Workers are hostile: one holding the lock would keep every standby from ever taking over.
+    It neither inherits the engine's descriptor nor can open the lock file (the sandbox's view)."""
+    probe = servers.root / "probe-agents.toml"
+    server = servers.make()
+    lock = the_lock(server)
+    script = (
+        f"if exec 9>>'{lock}'; then flock -n 9 && echo TOOK-LOCK || echo LOCK-BUSY; else echo NO-ACCESS; fi"
+    )
+    probe.write_text(f'[agents.probe]\ntype = "command"\ncommand = ["bash", "-c", "{script}; sleep 30"]\n')
+    server.env["ORCHESTRATOR_AGENTS_FILE"] = str(probe)
+    server.start()
+    with server.client() as client:
+        job = submit(client, agent="probe", worker_count=1)
+
+        def said() -> list[str]:
+            workers = workers_of(client, job["id"])
+            if not workers or not workers[0]["pid"]:
+                return []
+            return [
+                line
+                for line in log_lines(client, workers[0]["id"])
+                if line in ("TOOK-LOCK", "LOCK-BUSY", "NO-ACCESS")
+            ]
+
+        lines = wait_until(said, timeout=LONG, what="the probe's verdict")
+        assert lines == ["NO-ACCESS"], lines
+        [worker] = workers_of(client, job["id"])
+        assert holders_of(lock, [worker["pid"], *_descendants(worker["pid"])]) == [], "inherited descriptor"
+        client.post(f"/api/jobs/{job['id']}/cancel").raise_for_status()
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                kids = [int(p) for p in task.read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            pending += kids
+    return found
