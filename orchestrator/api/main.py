@@ -1,7 +1,8 @@
 """The FastAPI application: `uvicorn orchestrator.api.main:app`.
 
-Each process that serves the API also runs an engine (unless ORCHESTRATOR_ENGINE=false), so
-`--workers 4` gives four engines sharing the database; each job is claimed by exactly one.
+Each process that serves the API is ready to run an engine (unless ORCHESTRATOR_ENGINE=false): of
+the processes on one host sharing a database (`--workers 4`, or several servers), one runs it and
+the others stand by, taking over the moment it ends (orchestrator/api/leadership.py).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from orchestrator.agents.registry import AgentRegistry
 from orchestrator.api.errors import install_error_handlers
+from orchestrator.api.leadership import EngineSeat, lock_path
 from orchestrator.api.limits import RequestLimitsMiddleware, bound_httptools_headers
 from orchestrator.api.observability import install_observability
 from orchestrator.api.routers import (
@@ -36,13 +39,16 @@ from orchestrator.api.routers import (
 )
 from orchestrator.api.security_headers import SecurityHeadersMiddleware
 from orchestrator.bootstrap import prepare_database
-from orchestrator.core.address import ApiAddress, current_address, settings_address, wait_for_address
+from orchestrator.core.address import current_address, settings_address, wait_for_address
 from orchestrator.core.auth import SCOPE_DESCRIPTIONS
 from orchestrator.core.config import Settings, get_settings
 from orchestrator.core.logsafe import install_log_escaping
 from orchestrator.db.session import Database
 from orchestrator.mcp.http import McpOverHttp
 from orchestrator.streams.wakeups import WakeHub
+
+if TYPE_CHECKING:
+    from orchestrator.engine.engine import Engine
 
 log = logging.getLogger("orchestrator")
 
@@ -89,48 +95,52 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.wakeups.start()
     app.state.agents = AgentRegistry.from_settings(settings)
     app.state.engine = None
-    starting: asyncio.Task[None] | None = None
+    app.state.engine_seat = None
+    seat_task: asyncio.Task[None] | None = None
     if settings.orchestrator_engine:
-        address = current_address(settings)
-        if address is not None:  # an explicit URL, or sockets handed over (--workers, gunicorn)
-            await _start_engine(app, address)
-        else:  # a single uvicorn process binds its socket after this start-up: wait for it
-            starting = asyncio.create_task(_start_engine_once_bound(app), name="engine-start")
+        seat = EngineSeat(lock_path(settings.async_database_url), lambda: _start_engine(app))
+        app.state.engine_seat = seat
+        seat_task = asyncio.create_task(_take_seat(seat), name="engine-seat")
     # What start-up made lives as long as the process: out of the collector's reach, a full
     # collection no longer walks it (60 ms pauses, measured, in the middle of requests).
     gc.freeze()
     try:
         yield
     finally:
-        if starting is not None:
-            starting.cancel()
+        if seat_task is not None:
+            seat_task.cancel()  # a standby stops waiting; a start under way is finished, then stopped
             with contextlib.suppress(asyncio.CancelledError):
-                await starting
-        if app.state.engine is not None:
-            await app.state.engine.stop()
+                await seat_task
+        if app.state.engine_seat is not None:
+            app.state.engine = None
+            await app.state.engine_seat.close()  # stops the engine, then lets a standby take over
         await app.state.mcp_http.close()
         await app.state.wakeups.stop()
         await database.dispose()
 
 
-async def _start_engine(app: FastAPI, address: ApiAddress | None) -> None:
-    """Start this process's engine, handing workers the address this server is reached at."""
+async def _start_engine(app: FastAPI) -> Engine:
+    """Start this process's engine, handing workers the address this server is reached at: an
+    explicit URL, or the sockets handed over (--workers, gunicorn); a single uvicorn process binds
+    its socket after its start-up, so this waits for it."""
     from orchestrator.engine.engine import Engine
 
     settings: Settings = app.state.settings
-    if address is None:
-        address = await wait_for_address(settings)
+    address = current_address(settings) or await wait_for_address(settings)
     engine = Engine(settings, app.state.db, app.state.agents, address=address)
     await engine.start()
     app.state.engine = engine
     log.info("workers reach this server at %s", address.socket_path or address.url)
+    return engine
 
 
-async def _start_engine_once_bound(app: FastAPI) -> None:
-    """The engine start of a single uvicorn process, after its socket is bound. A failure stops
-    the server, as it would have during start-up: an API whose jobs never run must not look fine."""
+async def _take_seat(seat: EngineSeat) -> None:
+    """Wait for this host's engine lock, then run the engine. A failure to start stops the server,
+    as it would have during start-up: an API whose jobs never run must not look fine."""
     try:
-        await _start_engine(app, None)
+        await seat.run()
+    except asyncio.CancelledError:
+        raise
     except Exception:
         log.exception("the engine could not start; stopping the server")
         os.kill(os.getpid(), signal.SIGTERM)

@@ -301,6 +301,9 @@ async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
         "database": database.engine.dialect.name,
         "engine_heartbeat_age_seconds": round(age, 3),
     }
+    seat = getattr(request.app.state, "engine_seat", None)
+    if seat is not None:  # this process runs the host's engine, or stands by to (api/leadership.py)
+        body["engine"] = seat.state
     engine = getattr(request.app.state, "engine", None)
     if engine is not None:
         # Never silently unsandboxed: "on", "off" (ORCHESTRATOR_SANDBOX=off) or "unavailable" + why.
