@@ -41,6 +41,7 @@ from orchestrator.engine.resume import Resumer
 from orchestrator.engine.scheduler import Ready, Scheduler
 from orchestrator.engine.slots import SlotMoves
 from orchestrator.engine.supervision import (
+    BLOCKED_PASS_GAP_SECONDS,
     IDLE_SLACK,
     LOG_INTERVAL_SECONDS,
     RECLAIM_INTERVAL_SECONDS,
@@ -187,8 +188,23 @@ class Engine:
             await self.tick()
             if self.stopping:
                 break
+            passed_at = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=self.settings.orchestrator_poll_seconds)
+            if self.scheduler.blocked:
+                await self._space_blocked_pass(passed_at)
+
+    async def _space_blocked_pass(self, passed_at: float) -> None:
+        """After a blocked pass (scheduler.py), wait out BLOCKED_PASS_GAP_SECONDS from its end
+        before the next, unless one of this engine's workers exits (its slot is what the queue
+        waits for): every submit's commit woke a pass that found the quota still full, which
+        cost the API processes most of the CPU the engine took while jobs queued. A slot another
+        engine returns, a control request or a job at another depth waits at most the gap."""
+        deadline = passed_at + BLOCKED_PASS_GAP_SECONDS
+        while not self.stopping and not self.sup.exited and (left := deadline - time.monotonic()) > 0:
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=left)
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.orchestrator_engine_lease_seconds / 3

@@ -25,12 +25,23 @@ class Scheduler:
         self.sup = sup
         self.governor = governor
         self.memory_waits: dict[str, str] = {}  # IDLE workers held by memory-aware admission
+        # The last pass started nothing while jobs waited at a depth whose quota was full: until a
+        # slot comes back, passes woken by other processes' commits (each submit) find the same.
+        self.blocked = False
+        self._full_depths: list[int] = []
 
     async def schedule(self, session: AsyncSession, moves: SlotMoves | None = None) -> Ready:
         """Claim PENDING jobs, create their workers, and give IDLE workers slots (in the pass's
         transaction); returns the workers to start, at most START_BATCH. `moves` (PostgreSQL):
         the pass's slot moves (the exits' returns among them), written at its end; without it,
-        the new slots are written here."""
+        the new slots are written here. Notes whether the pass was `blocked`."""
+        self._full_depths = []
+        ready = await self._schedule(session, moves)
+        full = self._full_depths
+        self.blocked = not ready and bool(full) and await claims.waiting_at(session, full)
+        return ready
+
+    async def _schedule(self, session: AsyncSession, moves: SlotMoves | None) -> Ready:
         postgres = self.ctx.db.is_postgres
         if postgres:
             free, backlog = await batches.pools_and_backlog(session, self.ctx.id)
@@ -38,6 +49,7 @@ class Scheduler:
                 free[depth] = free.get(depth, 0) + count
         else:
             free = await slots_repo.pools_free(session, None)
+        self._full_depths = [depth for depth, count in free.items() if count <= 0]
         per_depth = {
             depth: min(count, START_BATCH) + IDLE_SLACK for depth, count in free.items() if count > 0
         }

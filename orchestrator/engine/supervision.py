@@ -38,6 +38,7 @@ IDLE_SLACK = 5  # jobs claimed / IDLE workers read beyond a depth's free slots, 
 LOG_INTERVAL_SECONDS = 0.25
 RECLAIM_INTERVAL_SECONDS = 2.0
 SQLITE_WATCH_SECONDS = 0.05
+BLOCKED_PASS_GAP_SECONDS = 0.05  # the least time between blocked passes (engine.py)
 STOP_STEP_SECONDS = 5.0
 LAUNCH_THREADS = max(2, os.cpu_count() or 2)  # the blocking part of a start is short: one per core
 WRAPPER_FILES = frozenset({OUTPUT_FILE, EXIT_FILE, PID_FILE, STDIN_FILE})

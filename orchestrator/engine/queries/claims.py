@@ -219,3 +219,14 @@ def _idle_workers_statement(depths: tuple[int, ...]) -> precompiled.Statement:
         .order_by(Job.depth, *queue_order)
         .limit(bindparam("limit"))
     )
+
+
+async def waiting_at(session: AsyncSession, depths: list[int]) -> bool:
+    """Whether an unowned PENDING job waits at one of `depths` (an index probe of
+    ix_jobs_pending_order per depth)."""
+    waiting = (
+        select(Job.id)
+        .where(Job.status == JobStatus.PENDING.value, Job.depth.in_(depths), Job.engine_id.is_(None))
+        .limit(1)
+    )
+    return (await session.execute(waiting)).first() is not None
