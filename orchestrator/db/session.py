@@ -101,6 +101,7 @@ class Database:
         # than letting them poll the file lock (SQLite's busy handler sleeps up to 100 ms a try),
         # and the processes' on a file lock beside the database (db/write_lock.py).
         self._write_lock: asyncio.Lock | None = None if self.is_postgres else asyncio.Lock()
+        self._turn_of: asyncio.Task[object] | None = None  # the task whose turn it is to write
         path = self.engine.url.database
         self._file_lock = FileWriteLock(path) if self._write_lock and path and path != ":memory:" else None
 
@@ -148,12 +149,25 @@ class Database:
             await session.commit()
 
     @asynccontextmanager
-    async def _serialized(self) -> AsyncIterator[None]:
-        if self._write_lock is None:
+    async def write_turn(self) -> AsyncIterator[None]:
+        """SQLite: this task's turn to write (the process's lock, then the processes' file lock),
+        for its sessions inside the block; PostgreSQL: nothing. A task that waits for its turn
+        before it decides what to write (jobs/group_commit.py) writes what came in meanwhile."""
+        async with self._serialized():
             yield
+
+    @asynccontextmanager
+    async def _serialized(self) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        if self._write_lock is None or (task is not None and task is self._turn_of):
+            yield  # PostgreSQL, or the task's sessions inside its write_turn
             return
         async with self._write_lock, self._file_lock.held() if self._file_lock else contextlib.nullcontext():
-            yield
+            self._turn_of = task
+            try:
+                yield
+            finally:
+                self._turn_of = None
 
     async def dispose(self) -> None:
         await self.engine.dispose()

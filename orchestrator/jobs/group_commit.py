@@ -30,7 +30,8 @@ connection of their own. At most `PIPELINE` transactions of a process are in fli
 writer at a time takes and writes rows; each submit is still in exactly one batch and
 answered once. Two such transactions are two writers, as two processes' are: a child's tree
 lock orders them (a batch waits for the committing one to end, which waits on nothing). On
-SQLite (one writer at a time) batches follow one another.
+SQLite (one writer at a time) batches follow one another, each taken when the process's turn
+to write has come (`Database.write_turn`), not before waiting for it.
 """
 
 from __future__ import annotations
@@ -122,11 +123,15 @@ class SubmitQueue:
         me = asyncio.current_task()
         try:
             while self._taker is me:
-                batch = self._take()
-                if batch:
-                    await self._write(batch)
-                    self._committing()
-                elif self._taker is me:
+                # SQLite: the batch is taken once this process's turn to write has come, so the
+                # submits that arrived while another process wrote go in it too (with several
+                # processes, batches taken before the wait were each a few submits long).
+                async with self.database.write_turn():
+                    batch = self._take()
+                    if batch:
+                        await self._write(batch)
+                        self._committing()
+                if not batch and self._taker is me:
                     self._taker = None
                 if self._taker is None and self._waiting:
                     self._taker = me  # committed, and no writer took the submits queued meanwhile

@@ -583,3 +583,41 @@ async def test_a_read_session_on_postgres_adds_no_begin_or_commit(settings: Sett
     finally:
         await admin.close()
         await database.dispose()
+
+
+async def test_on_sqlite_submits_that_arrive_while_another_process_writes_join_the_waiting_batch(
+    settings: Settings,
+) -> None:
+    """With several processes (`--workers N`) a process's writer waits for the others' writes:
+    the batch is taken once its turn has come, so what arrived meanwhile goes in it (before,
+    the first submit's batch was taken before the wait and written alone)."""
+    database = Database(settings)
+    if database.is_postgres:
+        await database.dispose()
+        pytest.skip("SQLite's one writer at a time; PostgreSQL pipelines its batches instead")
+    other_process = Database(settings)  # its file lock excludes this one's, as another process's
+    agents = AgentRegistry.from_settings(settings)
+    queue = SubmitQueue(database, settings, agents.validate, agents.validate_limits)
+    user = Actor(name="user:turn", user_id="turn")
+
+    def submit(description: str) -> asyncio.Task[Any]:
+        return asyncio.create_task(
+            service.submit_grouped(queue, user, JobSubmit(task_description=description))
+        )
+
+    try:
+        before = queue.transactions
+        async with other_process.write_turn():
+            first = submit("first")
+            for _ in range(50):  # the writer runs until it waits (event-loop turns, not time)
+                await asyncio.sleep(0)
+            later = [submit(f"later {i}") for i in range(9)]
+            for _ in range(50):
+                await asyncio.sleep(0)
+            assert not first.done()  # its writer waits for the other process's write
+        answers = await asyncio.gather(first, *later)
+        assert len({answer.id for answer in answers}) == 10
+        assert queue.transactions - before == 1
+    finally:
+        await database.dispose()
+        await other_process.dispose()
