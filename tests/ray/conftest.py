@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 # Before Ray is imported: keep every address on loopback (Ray otherwise resolves 127.0.0.1 to the
@@ -185,6 +186,43 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         yield cluster
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """A module's own cluster whose head has no `agent_slot`: each test adds the nodes it needs
+    (so it knows where its workers land) and removes them, every process they had gone."""
+    made = RayCluster(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]), nodes=0)
+    try:
+        yield made
+    finally:
+        made.shutdown()
+
+
+def node_id(node: Any) -> str:
+    return str(node.node_id)
+
+
+def fences(raylet: int) -> list[int]:
+    """The fence processes watching workers of the node whose raylet is `raylet`."""
+    found = []
+    for name in Path("/proc").iterdir():
+        if name.name.isdigit():
+            try:
+                argv = (name / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if (
+                b"orchestrator-fence" in argv
+                and argv[argv.index(b"orchestrator-fence") + 2] == str(raylet).encode()
+            ):
+                found.append(int(name.name))
+    return found
+
+
+def current(client: httpx.Client, worker: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = client.get(f"/api/supervisor/workers/{worker['id']}").json()
+    return found
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,7 +21,7 @@ import pytest
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, usage_allocated, wait_final, workers_of
 from tests.integration.test_sqlite_disk_full import fill, small_tmpfs
-from tests.ray.conftest import RayCluster
+from tests.ray.conftest import RayCluster, current, node_id
 from tests.ray.test_ray_executor import (
     LONG,
     grandchildren,
@@ -31,20 +31,9 @@ from tests.ray.test_ray_executor import (
     start_server,
     started_once,
 )
-from tests.ray.test_ray_node_failures import current, node_id
 from tests.ray.test_ray_repository import start as start_repository_server
 from tests.support.servers import ServerFactory
 from tests.support.wait import wait_until
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    made = RayCluster(tmp_path_factory.mktemp("ray-changes"), nodes=0)
-    try:
-        yield made
-    finally:
-        made.shutdown()
-
 
 # Put first on the PATH of one node (its processes inherit the raylet's environment): the node's
 # `git fetch` of the worker's base (its clone, at the start) waits until the test releases it,
