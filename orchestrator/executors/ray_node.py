@@ -41,6 +41,7 @@ from orchestrator.executors.local import (
     read_exit_code,
 )
 from orchestrator.executors.processes import stopped_process_groups
+from orchestrator.executors.ray_push import retried
 from orchestrator.workspaces import remote
 from orchestrator.workspaces import setup as worktree_setup
 from orchestrator.workspaces.git import GitError, worktree_git_dirs
@@ -158,6 +159,7 @@ class WorkerNode:
         self.proc: WorkerProcess | None = None
         self.fence: int | None = None
         self.ended = False
+        self.dead = False  # the GCS declared this actor dead: nothing of the worker is wanted any more
         self.checkout: RemoteCheckout | None = None
         self.workdir: Path | None = None
         self.push_lock = threading.Lock()
@@ -243,6 +245,7 @@ class WorkerNode:
             except Exception:
                 continue
             if dead:
+                self.dead = True
                 self._kill_group()
                 self._wait_group_gone()  # and reaped: nobody polls this actor any more
                 # A dead actor whose raylet resumed (and exited) would linger on: go too.
@@ -352,8 +355,9 @@ class WorkerNode:
         assert self.checkout is not None and self.workdir is not None
         # Left out, unread: git would read a sparse terabyte whole (as gitdirs.commit_worker).
         big = too_big(self.workdir, self.file_mb << 20) if self.file_mb and self.workdir.is_dir() else []
+        checkout, workdir = self.checkout, self.workdir
         try:
-            commit = remote.push_branch(self.checkout, self.workdir, big)
+            commit = retried(lambda: remote.push_branch(checkout, workdir, big), lambda: self.dead)
         except (GitError, OSError) as exc:
             # Its worktree stays on the node: the work is not lost, only not back yet.
             return {"commit": None, "push_error": f"on node {self.node_id}: {exc}"[:500]}

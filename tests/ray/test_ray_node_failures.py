@@ -8,19 +8,17 @@ it needs (so it knows where its workers land) and removes them, every process th
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import httpx
-import pytest
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, usage_allocated, wait_final, workers_of
-from tests.ray.conftest import RayCluster
+from tests.ray.conftest import RayCluster, current, descendants, fences, node_id, state
 from tests.ray.test_ray_executor import (
     LONG,
+    PROFILES,
     first_env,
     grandchildren,
     group_states,
@@ -29,44 +27,10 @@ from tests.ray.test_ray_executor import (
     start_server,
     started_once,
 )
+from tests.ray.test_ray_repository import node_path
 from tests.ray.test_ray_repository import start as start_repository_server
 from tests.support.servers import ServerFactory
 from tests.support.wait import wait_until
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    made = RayCluster(tmp_path_factory.mktemp("ray-failures"), nodes=0)
-    try:
-        yield made
-    finally:
-        made.shutdown()
-
-
-def node_id(node: Any) -> str:
-    return str(node.node_id)
-
-
-def fences(raylet: int) -> list[int]:
-    """The fence processes watching workers of the node whose raylet is `raylet`."""
-    found = []
-    for name in Path("/proc").iterdir():
-        if name.name.isdigit():
-            try:
-                argv = (name / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if (
-                b"orchestrator-fence" in argv
-                and argv[argv.index(b"orchestrator-fence") + 2] == str(raylet).encode()
-            ):
-                found.append(int(name.name))
-    return found
-
-
-def current(client: httpx.Client, worker: dict[str, Any]) -> dict[str, Any]:
-    found: dict[str, Any] = client.get(f"/api/supervisor/workers/{worker['id']}").json()
-    return found
 
 
 def test_a_raylet_killed_and_a_raylet_hung_fail_their_workers_and_nothing_runs_on(
@@ -208,3 +172,158 @@ def test_a_node_that_dies_while_pushing_a_branch_fails_the_worker_lost(
         ["git", "-C", str(bare), "for-each-ref", "refs/heads"], capture_output=True, text=True
     )
     assert refs.stdout == "", refs.stdout
+
+
+# The bare remote refuses the first {times} pushes of a worker's branch (as a remote that is away
+# for a moment would), then takes them; every attempt leaves a line in `attempts`.
+REFUSE_HOOK = """#!/bin/sh
+while read -r old new ref; do
+  case "$ref" in
+    refs/heads/orchestrator/*)
+      echo "$new" >> "{dir}/attempts"
+      if [ "$(wc -l < "{dir}/attempts")" -le {times} ]; then exit 1; fi ;;
+  esac
+done
+exit 0
+"""
+
+
+def refusing_remote(bare: Path, directory: Path, times: int) -> Path:
+    hook = bare / "hooks" / "pre-receive"
+    hook.write_text(REFUSE_HOOK.format(dir=directory, times=times))
+    hook.chmod(0o755)
+    return directory / "attempts"
+
+
+def test_a_final_push_the_remote_refuses_for_a_moment_is_retried(
+    servers: ServerFactory, cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The remote refuses the worker's branch twice, then takes it: the node tries again (after a
+    pause) and the worker's work comes back, no commit_error."""
+    node = cluster.add_node()
+    server, repo, bare = start_repository_server(servers, cluster)
+    attempts = refusing_remote(bare, tmp_path, times=2)
+    try:
+        with server.client() as client:
+            job = submit(client, agent="writer", repository=str(repo))
+            wait_final(client, job["id"], timeout=LONG)
+            (worker,) = workers_of(client, job["id"])
+            assert worker["host"] == node_id(node) and worker["status"] == "COMPLETED", worker
+            assert worker["commit"] is not None, worker
+            assert not worker["result"] or "commit_error" not in worker["result"], worker
+            assert len(attempts.read_text().splitlines()) == 3  # refused twice, then taken
+            assert not node_path(cluster, worker).exists(), "pushed: the node's copy is gone"
+            assert usage_allocated(client)[0] == 0
+    finally:
+        cluster.finish_node(node, cluster.node_processes(node))
+
+
+def test_a_final_push_the_remote_keeps_refusing_is_given_up_and_the_node_keeps_the_work(
+    servers: ServerFactory, cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The remote refuses every push: after a bounded number of attempts the worker ends with a
+    commit_error naming its node, the remote and the attempts, and its node keeps the worktree
+    (the work is not lost, only not back); the server serves the next job on that node."""
+    node = cluster.add_node()
+    server, repo, bare = start_repository_server(servers, cluster)
+    attempts = refusing_remote(bare, tmp_path, times=1000)
+    try:
+        with server.client() as client:
+            job = submit(client, agent="writer", repository=str(repo))
+            wait_final(client, job["id"], timeout=LONG * 2)
+            (worker,) = workers_of(client, job["id"])
+            assert worker["host"] == node_id(node) and worker["commit"] is None, worker
+            error = worker["result"]["commit_error"]
+            assert error.startswith(f"on node {node_id(node)}: cannot push branch {worker['branch']}"), error
+            assert "pre-receive hook declined" in error and "gave up after 5 attempts" in error, error
+            assert len(attempts.read_text().splitlines()) == 5
+            kept = node_path(cluster, worker)
+            assert (kept / "file-0.txt").read_text() == "worker 0\n", "the node keeps the work"
+            assert usage_allocated(client)[0] == 0
+            after = submit(client, agent="writer", task_description="after")
+            assert wait_final(client, after["id"], timeout=LONG)["status"] == "COMPLETED"
+    finally:
+        cluster.finish_node(node, cluster.node_processes(node))
+
+
+HOG = "import time\nx = []\nwhile True:\n    x.append(bytearray(8 << 20))\n    time.sleep(0.01)\n"
+
+
+def test_a_worker_over_its_memory_limit_on_a_node_fails_out_of_memory_and_the_node_serves_on(
+    servers: ServerFactory, cluster: RayCluster
+) -> None:
+    """Regression (it held before): a worker that grows past its memory limit on a node is
+    killed there by its memory cgroup and ends FAILED `out of memory`, as on one machine; a
+    ticker on the same node runs on, and the node takes the next worker."""
+    node = cluster.add_node()
+    agents = servers.root / "agents.toml"
+    hog = f'\n[agents.hog]\ntype = "command"\ncommand = ["python3", "-c", {HOG!r}]\nmemory_mb = 64\n'
+    agents.write_text(PROFILES + hog.replace("'", '"'))
+    server = servers.start(ORCHESTRATOR_AGENTS_FILE=str(agents), ORCHESTRATOR_QUOTAS="6", **cluster.env())
+    task = mark()
+    try:
+        with server.client() as client:
+            ticker = submit(client, agent="ticker", task_description=task)
+            (ticking,) = wait_until(lambda: running(client, [ticker["id"]]), timeout=LONG, what="running")
+            job = submit(client, agent="hog")
+            wait_final(client, job["id"], timeout=LONG)
+            (worker,) = workers_of(client, job["id"])
+            assert worker["host"] == node_id(node) == ticking["host"], (worker, ticking)
+            assert worker["status"] == "FAILED", worker
+            assert worker["status_reason"] == "out of memory: killed at its memory limit of 64 MiB", worker
+            seen = len(log_lines(client, ticking["id"]))
+            wait_until(lambda: len(log_lines(client, ticking["id"])) > seen, timeout=LONG, what="ticks")
+            after = submit(client, agent="short", task_description="after")
+            assert wait_final(client, after["id"], timeout=LONG)["status"] == "COMPLETED"
+            assert client.post(f"/api/supervisor/workers/{ticking['id']}/terminate").status_code == 200
+            wait_final(client, ticker["id"], timeout=LONG)
+            wait_until(lambda: not grandchildren(task), timeout=LONG, what="the ticker's processes gone")
+            assert usage_allocated(client)[0] == 0
+    finally:
+        cluster.finish_node(node, cluster.node_processes(node))
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_whole_node_frozen_then_back_after_it_was_declared_dead_runs_and_pushes_nothing(
+    servers: ServerFactory, cluster: RayCluster, tmp_path: Path
+) -> None:
+    """Every process of a node stops (a VM suspended: raylet, actor, worker, fence), Ray declares
+    the node dead and the worker ends FAILED `lost: node <id> died`; then the node comes back
+    (SIGCONT to all). What it ran must go by itself: its worker's processes, its fence and its
+    actor (the node's own Ray processes are Ray's to end), and the lost worker's branch must not
+    reach the remote (the engine's calls made meanwhile may reach the actor once it runs again)."""
+    node = cluster.add_node()
+    server, repo, bare = start_repository_server(servers, cluster)
+    processes: set[int] = set()
+    try:
+        with server.client() as client:
+            job = submit(client, agent="sleeper", repository=str(repo))
+            (worker,) = wait_until(lambda: running(client, [job["id"]]), timeout=LONG, what="running")
+            assert worker["host"] == node_id(node), worker
+            wait_until(lambda: log_lines(client, worker["id"]) == ["ready"], timeout=LONG, what="ready")
+            raylet = cluster.raylet(node).pid
+            actor = parent(worker["pid"])
+            ran = {actor, *fences(raylet), worker["pid"], *descendants(worker["pid"])}
+            processes = cluster.node_processes(node)
+            for pid in sorted(processes, key=lambda p: p != raylet):  # the raylet first
+                os.kill(pid, signal.SIGSTOP)
+            final = wait_until(
+                lambda: (c := current(client, worker))["status"] == "FAILED" and c, timeout=LONG, what="lost"
+            )
+            assert final["status_reason"] == f"lost: node {node_id(node)} died", final
+            for pid in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            wait_until(lambda: not any(state(pid) for pid in ran), timeout=LONG, what="what it ran gone")
+            assert not group_states(worker["pid"])
+            refs = subprocess.run(
+                ["git", "-C", str(bare), "for-each-ref", "refs/heads"], capture_output=True, text=True
+            )
+            assert refs.stdout == "", "a lost worker's branch was pushed after it was declared lost"
+            assert current(client, worker)["status"] == "FAILED"
+            assert usage_allocated(client)[0] == 0
+    finally:
+        cluster.finish_node(node, processes or cluster.node_processes(node))
