@@ -41,7 +41,7 @@ from orchestrator.executors.local import (
     read_exit_code,
 )
 from orchestrator.executors.processes import stopped_process_groups
-from orchestrator.executors.ray_push import retried
+from orchestrator.executors.ray_push import disk_full, retried
 from orchestrator.workspaces import remote
 from orchestrator.workspaces import setup as worktree_setup
 from orchestrator.workspaces.git import GitError, worktree_git_dirs
@@ -310,7 +310,10 @@ class WorkerNode:
         self._kill_group()
         self.ended = True
         pushed = self.push()
-        return {"limit": self.executor.ending(self.proc.worker_id), **pushed}
+        limit = self.executor.ending(self.proc.worker_id) or disk_full(
+            self.node_id, node_dir(self.node_id), pushed
+        )
+        return {"limit": limit, **pushed}
 
     def kill_group(self) -> dict[str, Any]:
         """SIGKILL the worker's whole process group (before the actor itself is killed), then

@@ -175,6 +175,46 @@ def test_a_node_whose_disk_is_full_fails_the_start_saying_so(
             cluster.finish_node(node, cluster.node_processes(node))
 
 
+FILLER = """
+[agents.filler]
+type = "command"
+command = ["sh", "-c", "echo line 1; echo line 2; echo line 3; echo work > work.txt; dd if=/dev/zero of=big.bin bs=1M count=64 2>/dev/null; echo line 4; exit 0"]
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_node_whose_disk_fills_up_mid_run_fails_the_worker_saying_so(
+    servers: ServerFactory, cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The worker fills its node's disk (ORCHESTRATOR_NODE_DIR) while it runs: what it wrote
+    after cannot reach its output log, nor its work the commit. It ends FAILED naming the node
+    and the full disk (not COMPLETED because the agent exited 0), the lines it wrote before are
+    all there, its slot comes back, and the server serves on."""
+    server, repo, _ = start_repository_server(servers, cluster, extra=FILLER)
+    before = os.environ["ORCHESTRATOR_NODE_DIR"]
+    with small_tmpfs(tmp_path / "node-dir", size="16m") as mount:
+        os.environ["ORCHESTRATOR_NODE_DIR"] = str(mount)
+        try:
+            node = cluster.add_node(slots=1)
+        finally:
+            os.environ["ORCHESTRATOR_NODE_DIR"] = before
+        try:
+            with server.client() as client:
+                job = submit(client, agent="filler", repository=str(repo))
+                wait_final(client, job["id"], timeout=LONG)
+                (worker,) = workers_of(client, job["id"])
+                assert worker["host"] == node_id(node) and worker["status"] == "FAILED", worker
+                where = f"{mount}/{node_id(node)}"
+                assert (
+                    worker["status_reason"] == f"no space left on device in {where} on node {node_id(node)}"
+                )
+                assert log_lines(client, worker["id"])[:3] == ["line 1", "line 2", "line 3"]
+                assert usage_allocated(client)[0] == 0
+                assert client.get("/api/jobs").status_code == 200
+        finally:
+            cluster.finish_node(node, cluster.node_processes(node))
+
+
 def waiting_for_a_slot(client: httpx.Client, job_id: str) -> dict[str, Any] | None:
     found = workers_of(client, job_id)
     reason = (found[0]["status_reason"] or "") if len(found) == 1 else ""
