@@ -104,10 +104,14 @@ def commit_work(
     left_out = executor.skipped_files(worktree.name)  # its node left them out, as above
     url = _remote(settings, repository)
     commit = remote.fetch_branch(Path(repository), url, branch, base_commit=base_commit)
+    if pushed_error:
+        # Its final push failed: what the branch holds, if anything, is an earlier checkpoint's
+        # commit (a delegation's), not the worker's work; reporting it as the commit would hide that.
+        held = f"; branch {branch} holds only its checkpoint {commit}" if commit else ""
+        raise RemoteError(pushed_error + held)
     if commit is None:
         raise RemoteError(
-            pushed_error
-            or f"branch {branch} did not come back from its node (not in git remote {remote.redact(url)})"
+            f"branch {branch} did not come back from its node (not in git remote {remote.redact(url)})"
         )
     if skipped is not None:
         skipped += left_out

@@ -181,14 +181,9 @@ print("CHILD " + child["id"], flush=True)
 )
 
 
-def test_a_delegating_workers_live_worktree_is_checkpointed_on_its_node(
-    servers: ServerFactory, ray_cluster: RayCluster
-) -> None:
-    """As on one machine: before a child starts from its delegating worker's own branch, the
-    worker's live worktree (on its node) is committed onto that branch, so the child sees the
-    work so far; the worker runs on, and its final commit descends from the checkpoint. The
-    worker is hostile: the checkpoint (run as the node's user) commits its link to a file it
-    cannot read as a link, never that file's content, and reads nothing from its `.git`."""
+def delegator_server(servers: ServerFactory, cluster: RayCluster) -> tuple[Server, Path, Path, Path]:
+    """A server whose `delegator` agent checkpoints (its child starts from its branch): the
+    server, its repository, the bare remote and the secret only the node's user may read."""
     scripts = servers.root / "delegator"  # bound read-only into the sandbox, readable by its uid
     scripts.mkdir(mode=0o755)
     scripts.chmod(0o755)
@@ -203,7 +198,19 @@ def test_a_delegating_workers_live_worktree_is_checkpointed_on_its_node(
         f'env = {{ SECRET = "{secret}" }}\n'
         '[agents.lister]\ncommand = ["sh", "-c", "ls"]\n'
     )
-    server, repo, _ = start(servers, ray_cluster, extra, quotas="2,1")
+    server, repo, bare = start(servers, cluster, extra, quotas="2,1")
+    return server, repo, bare, secret
+
+
+def test_a_delegating_workers_live_worktree_is_checkpointed_on_its_node(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    """As on one machine: before a child starts from its delegating worker's own branch, the
+    worker's live worktree (on its node) is committed onto that branch, so the child sees the
+    work so far; the worker runs on, and its final commit descends from the checkpoint. The
+    worker is hostile: the checkpoint (run as the node's user) commits its link to a file it
+    cannot read as a link, never that file's content, and reads nothing from its `.git`."""
+    server, repo, _, secret = delegator_server(servers, ray_cluster)
     base = git(repo, "rev-parse", "HEAD")
     with server.client() as client:
         job = submit(client, agent="delegator", repository=str(repo))
@@ -220,6 +227,39 @@ def test_a_delegating_workers_live_worktree_is_checkpointed_on_its_node(
         assert git(repo, "ls-tree", checkpoint, "leak").startswith("120000 blob "), "not a link"
         assert git(repo, "cat-file", "-p", f"{checkpoint}:leak") == str(secret)
         assert git(repo, "merge-base", "--is-ancestor", checkpoint, worker["commit"]) == ""
+
+
+# The bare remote takes a worker branch's first push (the delegator's checkpoint, a child's only
+# push) and refuses every later update of it (the delegator's final push).
+FIRST_PUSH_ONLY_HOOK = """#!/bin/sh
+while read -r old new ref; do
+  case "$ref" in
+    refs/heads/orchestrator/*)
+      if [ "$old" != "0000000000000000000000000000000000000000" ]; then echo "$ref" >> "{dir}/refused"; exit 1; fi ;;
+  esac
+done
+exit 0
+"""
+
+
+def test_a_final_push_refused_after_a_checkpoint_is_an_error_not_the_checkpoint(
+    servers: ServerFactory, ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The delegator's checkpoint reaches the remote, its final push never does: the branch the
+    server fetches holds the checkpoint, not the worker's work, so the worker's result must say
+    the work did not come back (commit_error) instead of reporting the checkpoint as its commit."""
+    server, repo, bare, _ = delegator_server(servers, ray_cluster)
+    hook = bare / "hooks" / "pre-receive"
+    hook.write_text(FIRST_PUSH_ONLY_HOOK.format(dir=tmp_path))
+    hook.chmod(0o755)
+    with server.client() as client:
+        job = submit(client, agent="delegator", repository=str(repo))
+        wait_final(client, job["id"], timeout=LONG * 2)
+        (worker,) = workers_of(client, job["id"])
+        assert (tmp_path / "refused").read_text().splitlines()[0] == f"refs/heads/{worker['branch']}"
+        assert worker["commit"] is None, worker
+        error = worker["result"]["commit_error"]
+        assert "gave up after 5 attempts" in error and "holds only its checkpoint" in error, error
 
 
 def test_a_repository_job_without_a_git_remote_fails_with_a_clear_reason(
