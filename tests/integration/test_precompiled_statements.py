@@ -430,13 +430,15 @@ CASES: dict[str, Callable[[Any, bool], list[Trial]]] = {
     R + "_POOL_TAKE": _case(EXECUTE, {"b_depth": 1, "b_count": 2}),
     R + "_WORKERS_HOLD": _case(EXECUTE, {"ids": ["c_run_w0", "c_run_w1"]}),
     R + "_WORKERS_RELEASE": _case(FETCH, {"ids": ["c_run_w0", "c_run_w1"]}),
+    "orchestrator.engine.queries.state.PASS_STATE": _case(
+        FETCH, {"engine_id": ENGINE, "live": ["c_run_w0", "c_run_w1", "c_done_w0"]}
+    ),
     WORKERS + "_EXITING": _case(FETCH, {"ids": ["c_run_w0", "c_run_w1", "c_done_w0"]}),
     # PostgreSQL's merged statements (engine/queries/postgres.py): none runs on SQLite.
     PG + "SETTLING": _on_postgres(FETCH, {"engine_id": ENGINE}),
     PG + "STARTS": _on_postgres(FETCH, _starts()),
     PG + "SLOT_MOVES": _on_postgres(FETCH, _slot_moves()),
     PG + "ROOM": _on_postgres(FETCH, {"job_ids": ["c_run", "c_pend0"], "depths": [0, 1]}),
-    PG + "POOLS_AND_BACKLOG": _on_postgres(FETCH, {"engine_id": ENGINE}),
     # The jobs list's page (its data version column left out: it differs between connections).
     "orchestrator.jobs.pages._statements()": lambda build, postgres: [
         (build(where, limit, 0, "postgresql" if postgres else "sqlite", False)[0], FETCH, {})

@@ -89,14 +89,6 @@ async def claim(
     return [ClaimedJob(*row) for row in await precompiled.fetch(session, postgres.claim(depths), params)]
 
 
-async def pools_and_backlog(session: AsyncSession, engine_id: str) -> tuple[dict[int, int], dict[int, int]]:
-    """Free slots per depth, and the engine's claimed jobs not started yet per depth."""
-    rows = await precompiled.fetch(session, postgres.POOLS_AND_BACKLOG, {"engine_id": engine_id})
-    return {row.depth: int(row.free) for row in rows}, {
-        row.depth: int(row.backlog) for row in rows if row.backlog
-    }
-
-
 async def room(
     session: AsyncSession, job_ids: list[str], depths: list[int]
 ) -> tuple[dict[str, tuple[int, int]], dict[int, int]]:

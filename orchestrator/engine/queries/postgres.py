@@ -281,22 +281,6 @@ ROOM = precompiled.Statement(
     )
 )
 
-# Free slots per depth and the engine's claimed, not yet started jobs there: one read.
-POOLS_AND_BACKLOG = precompiled.Statement(
-    select(
-        ResourcePool.depth,
-        (ResourcePool.max_workers - ResourcePool.allocated).label("free"),
-        select(func.count())
-        .where(
-            Job.engine_id == bindparam("engine_id"),
-            Job.status == JobStatus.PENDING.value,
-            Job.depth == ResourcePool.depth,
-        )
-        .scalar_subquery()
-        .label("backlog"),
-    )
-)
-
 
 @functools.cache
 def claim(depths: tuple[int, ...]) -> precompiled.Statement:
