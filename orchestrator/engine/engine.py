@@ -371,7 +371,7 @@ class Engine:
                 await unit_of_work(session).publish(Topic.JOBS)
             ready = await self.scheduler.schedule(session, moves)
             if moves is not None:
-                await moves.apply(session)
+                await moves.apply(session, with_events=True)
             # What control (after this transaction) acts on: read here, not in one more (on
             # PostgreSQL the scheduler's first read brought them).
             state = self.scheduler.state

@@ -386,6 +386,16 @@ def _slot_moves() -> dict[str, Any]:
         "p_counts": [1],
         "hold": ["c_run_w0"],
         "now": NOW,
+        # The pass's events ride along: one with data, one without.
+        "e_jobs": ["c_run", "c_run"],
+        "e_workers": ["c_run_w0", None],
+        "e_kinds": ["worker.status", "job.status"],
+        "e_actors": ["engine:e", "engine:e"],
+        "e_from": ["IDLE", None],
+        "e_to": ["RUNNING", "RUNNING"],
+        "e_reasons": ["started", None],
+        "e_data": ['{"a": 1}', "null"],
+        "e_at": [NOW, NOW],
     }
 
 

@@ -28,6 +28,7 @@ from sqlalchemy import (
     case,
     exists,
     func,
+    insert,
     literal_column,
     select,
     union_all,
@@ -39,7 +40,7 @@ from sqlalchemy.orm import aliased
 
 from orchestrator.core.states import JobStatus, WorkerStatus
 from orchestrator.db import precompiled
-from orchestrator.db.models import Allocation, Job, ResourcePool, UTCDateTime, Worker
+from orchestrator.db.models import Allocation, Event, Job, ResourcePool, UTCDateTime, Worker
 from orchestrator.engine.queries.claims import _claim_candidates
 from orchestrator.engine.queries.rows import ACTIVE_JOB, LIVE
 
@@ -242,11 +243,49 @@ _HOLDING = (
     .returning(_WORKERS.c.id)
     .cte("now_holding")
 )
+# The pass's events ride along (the last statement before its commit, which then writes none):
+# in array order, `data` as JSON text.
+_events = (
+    func.unnest(
+        _array("e_jobs", String),
+        _array("e_workers", String),
+        _array("e_kinds", String),
+        _array("e_actors", String),
+        _array("e_from", String),
+        _array("e_to", String),
+        _array("e_reasons", Text),
+        _array("e_data", Text),
+        _array("e_at", UTCDateTime()),
+    )
+    .table_valued("job_id", "worker_id", "kind", "actor", "from_status", "to_status", "reason", "data", "at")
+    .render_derived(name="new_events", with_types=False)
+)
+_EVENT_TABLE = cast(Table, Event.__table__)
+_INSERTED_EVENTS = (
+    insert(_EVENT_TABLE)
+    .from_select(
+        ["job_id", "worker_id", "kind", "actor", "from_status", "to_status", "reason", "data", "created_at"],
+        select(
+            _events.c.job_id,
+            _events.c.worker_id,
+            _events.c.kind,
+            _events.c.actor,
+            _events.c.from_status,
+            _events.c.to_status,
+            _events.c.reason,
+            sa_cast(_events.c.data, JSON),
+            _events.c.at,
+        ),
+    )
+    .returning(_EVENT_TABLE.c.id)
+    .cte("new_event_ids")
+)
 SLOT_MOVES = precompiled.Statement(
     select(
         select(func.count()).select_from(_MOVED_ALLOCATIONS).scalar_subquery().label("allocations"),
         select(func.count()).select_from(_MOVED_POOLS).scalar_subquery().label("pools"),
         select(func.count()).select_from(_HOLDING).scalar_subquery().label("workers"),
+        select(func.count()).select_from(_INSERTED_EVENTS).scalar_subquery().label("events"),
     )
 )
 
