@@ -75,11 +75,11 @@ class Scheduler:
             backlog = await claims.owned_pending_by_depth(session, self.ctx.id)
         room = {depth: count - backlog.get(depth, 0) for depth, count in per_depth.items()}
         # Only jobs nobody owned are claimed, and workers are made only here: none has any yet.
-        if postgres:
-            claimed = await batches.claim(session, self.ctx.id, room, claims.CLAIM_ALLOCATED)
+        if postgres:  # the claim and the workers, one statement
+            await batches.claim(session, self.ctx.id, room, claims.CLAIM_ALLOCATED, self.ctx.actor)
         else:
             claimed = await claims.claim_pending(session, self.ctx.id, room)
-        await claims.create_workers(session, claimed, self.ctx.actor)
+            await claims.create_workers(session, claimed, self.ctx.actor)
         idle = await claims.idle_workers(session, self.ctx.id, per_depth, START_BATCH * 4)
         self._idle_found = bool(idle)
         if not idle or not self.ctx.executor.can_start():

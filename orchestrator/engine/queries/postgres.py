@@ -321,16 +321,64 @@ ROOM = precompiled.Statement(
 )
 
 
+_NEW_WORKER_COLUMNS = (
+    "id",
+    "job_id",
+    "workspace_id",
+    "status",
+    "worker_index",
+    "depth",
+    "agent",
+    "holds_slot",
+    "log_offset",
+    "log_lines",
+    "cost_usd",
+    "input_tokens",
+    "output_tokens",
+    "created_at",
+    "updated_at",
+)
+
+
 @functools.cache
 def claim(depths: tuple[int, ...]) -> precompiled.Statement:
-    """The claim in one statement: the candidates (claims._claim_candidates: each depth's first
-    PENDING jobs, FOR UPDATE SKIP LOCKED) read once, as a MATERIALIZED CTE (a plain IN
-    sub-select was rescanned per row and claimed more than asked), then taken."""
+    """The claim and the claimed jobs' IDLE workers in one statement: the candidates
+    (claims._claim_candidates: each depth's first PENDING jobs, FOR UPDATE SKIP LOCKED) read
+    once, as a MATERIALIZED CTE (a plain IN sub-select was rescanned per row and claimed more
+    than asked), taken, and their workers inserted (ids as core/ids.py makes them: a prefix and
+    12 random hex characters, here from gen_random_uuid). Returns the workers made."""
     candidates = _claim_candidates(depths, allocated=True, postgres=True).statement
     chosen = cast(Any, candidates).cte("candidates").prefix_with("MATERIALIZED")
-    return precompiled.Statement(
+    claimed = (
         update(_JOBS)
         .where(_JOBS.c.id.in_(select(chosen.c.id)), _JOBS.c.engine_id.is_(None))
         .values(engine_id=bindparam("b_engine"))
         .returning(_JOBS.c.id, _JOBS.c.worker_count, _JOBS.c.workspace_id, _JOBS.c.depth, _JOBS.c.agent)
+        .cte("claimed")
+    )
+    each = select(
+        *claimed.c, func.generate_series(0, claimed.c.worker_count - 1).label("worker_index")
+    ).subquery("each_worker")
+    random_hex = func.substr(func.replace(sa_cast(func.gen_random_uuid(), Text), "-", ""), 1, 12)
+    rows = select(
+        literal_column("'w_'", String).concat(random_hex),
+        each.c.id,
+        each.c.workspace_id,
+        _constant(WorkerStatus.IDLE.value),
+        each.c.worker_index,
+        each.c.depth,
+        each.c.agent,
+        _constant(False),
+        _constant(0),
+        _constant(0),
+        literal_column("0.0"),
+        _constant(0),
+        _constant(0),
+        bindparam("now", type_=UTCDateTime()),
+        bindparam("now", type_=UTCDateTime()),
+    )
+    return precompiled.Statement(
+        insert(_WORKERS)
+        .from_select(list(_NEW_WORKER_COLUMNS), rows)
+        .returning(_WORKERS.c.id, _WORKERS.c.job_id)
     )
