@@ -304,12 +304,8 @@ class Engine:
             raise
         self.sup.forget(batch)
         self.integrator.launch()
-        if time.monotonic() - self.recovery.last_reclaim > RECLAIM_INTERVAL_SECONDS:
-            await self.recovery.reclaim()
         statuses, self.control_statuses = self.control_statuses, {}
-        await self.control.apply(statuses)
-        await self.resumer.resume_parked()
-        await self.control.enforce_budgets()
+        await self._after_pass(statuses)
         if ready:
             launched = await self.launcher.launch_all(ready)
             for item in launched:
@@ -319,6 +315,15 @@ class Engine:
                     )
             self.unrecorded.extend(launched)
             self.wake.set()  # the next pass records them, even if nothing else happens
+
+    async def _after_pass(self, statuses: dict[str, tuple[str, str]]) -> None:
+        """What every pass does after its transaction (each step returns at once when it has
+        nothing to do): recovery when due, control on `statuses`, parked workers, budgets."""
+        if time.monotonic() - self.recovery.last_reclaim > RECLAIM_INTERVAL_SECONDS:
+            await self.recovery.reclaim()
+        await self.control.apply(statuses)
+        await self.resumer.resume_parked()
+        await self.control.enforce_budgets()
 
     async def _quiet_pass(self) -> bool:
         """After a blocked pass (scheduler.py) that held back no IDLE worker, a pass reads only
@@ -334,7 +339,6 @@ class Engine:
             or self.sup.exited
             or self.unrecorded
             or time.monotonic() - self.last_full_pass >= self.settings.orchestrator_poll_seconds
-            or time.monotonic() - self.recovery.last_reclaim > RECLAIM_INTERVAL_SECONDS
         ):
             return False
         async with self.db.read_session() as session:
@@ -342,9 +346,7 @@ class Engine:
         if state.fingerprint != fingerprint:
             return False
         self.control_statuses = {}
-        await self.control.apply(state.statuses)
-        await self.resumer.resume_parked()
-        await self.control.enforce_budgets()
+        await self._after_pass(state.statuses)
         return True
 
     def _in_repository(self, proc: WorkerProcess) -> bool:
