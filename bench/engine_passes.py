@@ -34,6 +34,8 @@ from orchestrator.core.auth import Actor  # noqa: E402
 from orchestrator.core.config import Settings  # noqa: E402
 from orchestrator.db.models import Job  # noqa: E402
 from orchestrator.db.session import Database  # noqa: E402
+from orchestrator.engine import engine as engine_module  # noqa: E402
+from orchestrator.engine import scheduler as scheduler_module  # noqa: E402
 from orchestrator.engine.engine import Engine  # noqa: E402
 from orchestrator.engine.queries import workers as worker_queries  # noqa: E402
 from orchestrator.executors.local import LocalExecutor  # noqa: E402
@@ -121,7 +123,9 @@ async def scenario(root: Path, url: str, count: int, concurrency: int) -> None:
     profile.wrap(engine.ledger, "record_exits", "record exits")
     profile.wrap(engine.ledger, "settle_jobs", "settle")
     profile.wrap(engine.scheduler, "schedule", "schedule")
-    profile.wrap(worker_queries, "worker_statuses", "control's read")
+    profile.wrap(worker_queries, "worker_statuses", "control's read")  # SQLite: PostgreSQL's is in
+    profile.wrap(scheduler_module, "pass_state", "schedule: first read")  # the scheduler's first read
+    profile.wrap(engine_module, "pass_state", "quiet pass (after a blocked one)")
     profile.wrap(engine.control, "apply", "control")
     profile.wrap(engine.launcher, "launch_all", "launch")
     began = time.perf_counter()

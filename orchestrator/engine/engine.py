@@ -36,6 +36,7 @@ from orchestrator.engine.launcher import Launched, Launcher
 from orchestrator.engine.ledger import Ending, Ledger
 from orchestrator.engine.queries import engines as engine_queries
 from orchestrator.engine.queries import workers as worker_queries
+from orchestrator.engine.queries.state import pass_state
 from orchestrator.engine.recovery import Recovery
 from orchestrator.engine.resume import Resumer
 from orchestrator.engine.scheduler import Ready, Scheduler
@@ -94,6 +95,7 @@ class Engine:
         self.stopping = False
         self.unrecorded: list[Launched] = []  # launched, to be recorded by the next pass
         self.control_statuses: dict[str, tuple[str, str]] = {}  # read by the pass, for control
+        self.last_full_pass = 0.0  # monotonic time of the last pass run in full (not _quiet_pass)
         self.integrator = Integrator(self)
         self.governor = Governor(settings)
         self.ingest = Ingest(self.ctx, self.sup)
@@ -278,6 +280,9 @@ class Engine:
         settle jobs, claim, give slots), then control, then launch. Starts are recorded by the
         next pass, which comes at once: at full load every pass has slots to refill, and a second
         commit per pass cost more than the rest of recording them."""
+        if await self._quiet_pass():
+            return
+        self.last_full_pass = time.monotonic()
         batch, self.sup.exited = self.sup.exited, []
         starts, self.unrecorded = self.unrecorded, []
         as_read = [(row, row.status) for item in starts for row in (item.worker, item.job)]
@@ -299,12 +304,8 @@ class Engine:
             raise
         self.sup.forget(batch)
         self.integrator.launch()
-        if time.monotonic() - self.recovery.last_reclaim > RECLAIM_INTERVAL_SECONDS:
-            await self.recovery.reclaim()
         statuses, self.control_statuses = self.control_statuses, {}
-        await self.control.apply(statuses)
-        await self.resumer.resume_parked()
-        await self.control.enforce_budgets()
+        await self._after_pass(statuses)
         if ready:
             launched = await self.launcher.launch_all(ready)
             for item in launched:
@@ -314,6 +315,39 @@ class Engine:
                     )
             self.unrecorded.extend(launched)
             self.wake.set()  # the next pass records them, even if nothing else happens
+
+    async def _after_pass(self, statuses: dict[str, tuple[str, str]]) -> None:
+        """What every pass does after its transaction (each step returns at once when it has
+        nothing to do): recovery when due, control on `statuses`, parked workers, budgets."""
+        if time.monotonic() - self.recovery.last_reclaim > RECLAIM_INTERVAL_SECONDS:
+            await self.recovery.reclaim()
+        await self.control.apply(statuses)
+        await self.resumer.resume_parked()
+        await self.control.enforce_budgets()
+
+    async def _quiet_pass(self) -> bool:
+        """After a blocked pass (scheduler.py) that held back no IDLE worker, a pass reads only
+        the pools, the backlog, whether a job waits or may settle, and control's statuses (one
+        statement): while those are as the blocked pass read them, no slot came back and nothing
+        is to settle, so the rest (a transaction of several statements) would find the same, and
+        control alone acts. Every submit's commit wakes a pass, and the engine runs in an API
+        process. Anything this read cannot see (a child job ending elsewhere) waits at most the
+        poll interval: a pass then runs in full."""
+        fingerprint = self.scheduler.blocked_fingerprint
+        if (
+            fingerprint is None
+            or self.sup.exited
+            or self.unrecorded
+            or time.monotonic() - self.last_full_pass >= self.settings.orchestrator_poll_seconds
+        ):
+            return False
+        async with self.db.read_session() as session:
+            state = await pass_state(session, self.id, list(self.sup.live))
+        if state.fingerprint != fingerprint:
+            return False
+        self.control_statuses = {}
+        await self._after_pass(state.statuses)
+        return True
 
     def _in_repository(self, proc: WorkerProcess) -> bool:
         record = self.sup.live.get(proc.worker_id)
@@ -339,9 +373,14 @@ class Engine:
                 await unit_of_work(session).publish(Topic.JOBS)
             ready = await self.scheduler.schedule(session, moves)
             if moves is not None:
-                await moves.apply(session)
-            # What control (after this transaction) acts on: read here, not in one more.
-            self.control_statuses = await worker_queries.worker_statuses(session, list(self.sup.live))
+                await moves.apply(session, with_events=True)
+            # What control (after this transaction) acts on: read here, not in one more (on
+            # PostgreSQL the scheduler's first read brought them).
+            state = self.scheduler.state
+            if state is not None and self.db.is_postgres:
+                self.control_statuses = state.statuses
+            else:
+                self.control_statuses = await worker_queries.worker_statuses(session, list(self.sup.live))
             if session.pending_events:
                 # Every event of the pass follows a write of it that changed rows, so the
                 # transaction has its id already: the commit need not take one (a round trip).

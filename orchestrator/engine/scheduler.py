@@ -10,6 +10,7 @@ from orchestrator.engine.governor import Governor
 from orchestrator.engine.queries import batches, claims
 from orchestrator.engine.queries import workers as worker_queries
 from orchestrator.engine.queries.rows import JobRow, WorkerRow
+from orchestrator.engine.queries.state import PassState, pass_state
 from orchestrator.engine.slots import SlotMoves
 from orchestrator.engine.supervision import IDLE_SLACK, START_BATCH, EngineContext, Supervisor, worker_limits
 from orchestrator.executors.cgroups import host_available_mb
@@ -29,22 +30,39 @@ class Scheduler:
         # slot comes back, passes woken by other processes' commits (each submit) find the same.
         self.blocked = False
         self._full_depths: list[int] = []
+        self._idle_found = False
+        # PostgreSQL: the pass's first read (pools, backlog, control's statuses), one statement.
+        self.state: PassState | None = None
+        # A blocked pass that found no IDLE worker to hold back: what it read, which the next
+        # passes compare instead of running in full (engine.py); None: run in full.
+        self.blocked_fingerprint: tuple[object, ...] | None = None
 
     async def schedule(self, session: AsyncSession, moves: SlotMoves | None = None) -> Ready:
         """Claim PENDING jobs, create their workers, and give IDLE workers slots (in the pass's
         transaction); returns the workers to start, at most START_BATCH. `moves` (PostgreSQL):
         the pass's slot moves (the exits' returns among them), written at its end; without it,
         the new slots are written here. Notes whether the pass was `blocked`."""
-        self._full_depths = []
+        self._full_depths, self._idle_found, self.state = [], False, None
         ready = await self._schedule(session, moves)
         full = self._full_depths
-        self.blocked = not ready and bool(full) and await claims.waiting_at(session, full)
+        self.blocked = not ready and bool(full) and await self._waiting_at(session, full)
+        self.blocked_fingerprint = None
+        if self.blocked and not self._idle_found:
+            if self.state is None:  # SQLite: its separate reads cost microseconds; one more here
+                self.state = await pass_state(session, self.ctx.id, list(self.sup.live))
+            self.blocked_fingerprint = self.state.fingerprint
         return ready
+
+    async def _waiting_at(self, session: AsyncSession, full: list[int]) -> bool:
+        if self.state is not None:
+            return self.state.waiting_at(full)
+        return await claims.waiting_at(session, full)
 
     async def _schedule(self, session: AsyncSession, moves: SlotMoves | None) -> Ready:
         postgres = self.ctx.db.is_postgres
         if postgres:
-            free, backlog = await batches.pools_and_backlog(session, self.ctx.id)
+            self.state = await pass_state(session, self.ctx.id, list(self.sup.live))
+            free, backlog = self.state.free(), self.state.backlog()
             for depth, count in (moves.returned_at if moves is not None else {}).items():
                 free[depth] = free.get(depth, 0) + count
         else:
@@ -57,12 +75,13 @@ class Scheduler:
             backlog = await claims.owned_pending_by_depth(session, self.ctx.id)
         room = {depth: count - backlog.get(depth, 0) for depth, count in per_depth.items()}
         # Only jobs nobody owned are claimed, and workers are made only here: none has any yet.
-        if postgres:
-            claimed = await batches.claim(session, self.ctx.id, room, claims.CLAIM_ALLOCATED)
+        if postgres:  # the claim and the workers, one statement
+            await batches.claim(session, self.ctx.id, room, claims.CLAIM_ALLOCATED, self.ctx.actor)
         else:
             claimed = await claims.claim_pending(session, self.ctx.id, room)
-        await claims.create_workers(session, claimed, self.ctx.actor)
+            await claims.create_workers(session, claimed, self.ctx.actor)
         idle = await claims.idle_workers(session, self.ctx.id, per_depth, START_BATCH * 4)
+        self._idle_found = bool(idle)
         if not idle or not self.ctx.executor.can_start():
             return []
         if not postgres:

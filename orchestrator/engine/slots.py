@@ -5,12 +5,15 @@ written when made (resources/repository.py): there a statement costs microsecond
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.db import precompiled
 from orchestrator.db.models import utcnow
+from orchestrator.db.unit_of_work import EventRow, unit_of_work
 from orchestrator.engine.queries import postgres
 from orchestrator.resources.repository import SlotsMoved
 
@@ -44,14 +47,19 @@ class SlotMoves:
         deltas[1] += slots
         self.depths[depth] = self.depths.get(depth, 0) + slots
 
-    async def apply(self, session: AsyncSession) -> None:
+    async def apply(self, session: AsyncSession, *, with_events: bool = False) -> None:
         """Write the netted moves (nothing if they cancel out); a guard that does not hold means a
-        counter moved under lock: SlotsMoved, and the pass's transaction is rolled back."""
+        counter moved under lock: SlotsMoved, and the pass's transaction is rolled back.
+        `with_events`: the last statement of a pass whose earlier statements wrote every row its
+        events are about (so the transaction has its id, UnitOfWork._take_transaction_id): the
+        events recorded so far are written by this statement, not by one more at the commit."""
         jobs = sorted((job_id, d) for job_id, d in self.jobs.items() if d != [0, 0])
         depths = sorted((depth, n) for depth, n in self.depths.items() if n)
         if not jobs and not depths and not self.hold:
             return
-        params = {
+        work = unit_of_work(session) if with_events else None
+        events = work.pending_events if work is not None else []
+        params: dict[str, object] = {
             "a_jobs": [job_id for job_id, _ in jobs],
             "a_bound": [d[0] for _, d in jobs],
             "a_slots": [d[1] for _, d in jobs],
@@ -60,9 +68,26 @@ class SlotMoves:
             "hold": sorted(self.hold),
             "now": utcnow(),
         }
+        params.update(_event_arrays(events))
         (row,) = await precompiled.fetch(session, postgres.SLOT_MOVES, params)
-        if (row.allocations, row.pools, row.workers) != (len(jobs), len(depths), len(self.hold)):
-            raise SlotsMoved(
-                f"slot counters moved under lock: {tuple(row)} of {len(jobs), len(depths), len(self.hold)}"
-            )
+        expected = (len(jobs), len(depths), len(self.hold), len(events))
+        if (row.allocations, row.pools, row.workers, row.events) != expected:
+            raise SlotsMoved(f"slot counters moved under lock: {tuple(row)} of {expected}")
+        if work is not None:
+            work.pending_events = []
         self.jobs, self.depths, self.hold = {}, {}, []
+
+
+def _event_arrays(events: list[EventRow]) -> dict[str, list[Any]]:
+    """The events as SLOT_MOVES's arrays (`data` serialised as the JSON column would)."""
+    return {
+        "e_jobs": [e["job_id"] for e in events],
+        "e_workers": [e["worker_id"] for e in events],
+        "e_kinds": [e["kind"] for e in events],
+        "e_actors": [e["actor"] for e in events],
+        "e_from": [e["from_status"] for e in events],
+        "e_to": [e["to_status"] for e in events],
+        "e_reasons": [e["reason"] for e in events],
+        "e_data": [json.dumps(e["data"]) for e in events],
+        "e_at": [e["created_at"] for e in events],
+    }

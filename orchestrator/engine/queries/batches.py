@@ -8,11 +8,13 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from orchestrator.core.states import WorkerStatus
 from orchestrator.db import precompiled
+from orchestrator.db.models import utcnow
 from orchestrator.db.topics import CHANNEL, Topic
 from orchestrator.db.unit_of_work import unit_of_work
 from orchestrator.engine.queries import postgres
-from orchestrator.engine.queries.rows import ClaimedJob, SettlingJob, WorkerEnding
+from orchestrator.engine.queries.rows import SettlingJob, WorkerEnding
 
 
 class Settling:
@@ -80,21 +82,26 @@ async def record_starts(
 
 
 async def claim(
-    session: AsyncSession, engine_id: str, room: dict[int, int], allocated: int
-) -> list[ClaimedJob]:
-    """claims.claim_pending in one statement (candidates and claim)."""
+    session: AsyncSession, engine_id: str, room: dict[int, int], allocated: int, actor: str
+) -> None:
+    """claims.claim_pending and claims.create_workers in one statement (candidates, claim,
+    workers); the workers' events are recorded here."""
     depths = tuple(depth for depth, count in sorted(room.items()) if count > 0)
     params: dict[str, object] = {f"n{depth}": room[depth] for depth in depths}
-    params.update(n_allocated=allocated, b_engine=engine_id)
-    return [ClaimedJob(*row) for row in await precompiled.fetch(session, postgres.claim(depths), params)]
-
-
-async def pools_and_backlog(session: AsyncSession, engine_id: str) -> tuple[dict[int, int], dict[int, int]]:
-    """Free slots per depth, and the engine's claimed jobs not started yet per depth."""
-    rows = await precompiled.fetch(session, postgres.POOLS_AND_BACKLOG, {"engine_id": engine_id})
-    return {row.depth: int(row.free) for row in rows}, {
-        row.depth: int(row.backlog) for row in rows if row.backlog
-    }
+    now = utcnow()
+    params.update(n_allocated=allocated, b_engine=engine_id, now=now)
+    work = unit_of_work(session)
+    for worker_id, job_id in await precompiled.fetch_tuples(session, postgres.claim(depths), params):
+        work.record_event(
+            job_id=job_id,
+            worker_id=worker_id,
+            kind="worker.status",
+            actor=actor,
+            from_status=None,
+            to_status=WorkerStatus.IDLE.value,
+            reason="created",
+            created_at=now,
+        )
 
 
 async def room(

@@ -28,6 +28,7 @@ from sqlalchemy import (
     case,
     exists,
     func,
+    insert,
     literal_column,
     select,
     union_all,
@@ -39,7 +40,7 @@ from sqlalchemy.orm import aliased
 
 from orchestrator.core.states import JobStatus, WorkerStatus
 from orchestrator.db import precompiled
-from orchestrator.db.models import Allocation, Job, ResourcePool, UTCDateTime, Worker
+from orchestrator.db.models import Allocation, Event, Job, ResourcePool, UTCDateTime, Worker
 from orchestrator.engine.queries.claims import _claim_candidates
 from orchestrator.engine.queries.rows import ACTIVE_JOB, LIVE
 
@@ -242,11 +243,49 @@ _HOLDING = (
     .returning(_WORKERS.c.id)
     .cte("now_holding")
 )
+# The pass's events ride along (the last statement before its commit, which then writes none):
+# in array order, `data` as JSON text.
+_events = (
+    func.unnest(
+        _array("e_jobs", String),
+        _array("e_workers", String),
+        _array("e_kinds", String),
+        _array("e_actors", String),
+        _array("e_from", String),
+        _array("e_to", String),
+        _array("e_reasons", Text),
+        _array("e_data", Text),
+        _array("e_at", UTCDateTime()),
+    )
+    .table_valued("job_id", "worker_id", "kind", "actor", "from_status", "to_status", "reason", "data", "at")
+    .render_derived(name="new_events", with_types=False)
+)
+_EVENT_TABLE = cast(Table, Event.__table__)
+_INSERTED_EVENTS = (
+    insert(_EVENT_TABLE)
+    .from_select(
+        ["job_id", "worker_id", "kind", "actor", "from_status", "to_status", "reason", "data", "created_at"],
+        select(
+            _events.c.job_id,
+            _events.c.worker_id,
+            _events.c.kind,
+            _events.c.actor,
+            _events.c.from_status,
+            _events.c.to_status,
+            _events.c.reason,
+            sa_cast(_events.c.data, JSON),
+            _events.c.at,
+        ),
+    )
+    .returning(_EVENT_TABLE.c.id)
+    .cte("new_event_ids")
+)
 SLOT_MOVES = precompiled.Statement(
     select(
         select(func.count()).select_from(_MOVED_ALLOCATIONS).scalar_subquery().label("allocations"),
         select(func.count()).select_from(_MOVED_POOLS).scalar_subquery().label("pools"),
         select(func.count()).select_from(_HOLDING).scalar_subquery().label("workers"),
+        select(func.count()).select_from(_INSERTED_EVENTS).scalar_subquery().label("events"),
     )
 )
 
@@ -281,33 +320,65 @@ ROOM = precompiled.Statement(
     )
 )
 
-# Free slots per depth and the engine's claimed, not yet started jobs there: one read.
-POOLS_AND_BACKLOG = precompiled.Statement(
-    select(
-        ResourcePool.depth,
-        (ResourcePool.max_workers - ResourcePool.allocated).label("free"),
-        select(func.count())
-        .where(
-            Job.engine_id == bindparam("engine_id"),
-            Job.status == JobStatus.PENDING.value,
-            Job.depth == ResourcePool.depth,
-        )
-        .scalar_subquery()
-        .label("backlog"),
-    )
+
+_NEW_WORKER_COLUMNS = (
+    "id",
+    "job_id",
+    "workspace_id",
+    "status",
+    "worker_index",
+    "depth",
+    "agent",
+    "holds_slot",
+    "log_offset",
+    "log_lines",
+    "cost_usd",
+    "input_tokens",
+    "output_tokens",
+    "created_at",
+    "updated_at",
 )
 
 
 @functools.cache
 def claim(depths: tuple[int, ...]) -> precompiled.Statement:
-    """The claim in one statement: the candidates (claims._claim_candidates: each depth's first
-    PENDING jobs, FOR UPDATE SKIP LOCKED) read once, as a MATERIALIZED CTE (a plain IN
-    sub-select was rescanned per row and claimed more than asked), then taken."""
+    """The claim and the claimed jobs' IDLE workers in one statement: the candidates
+    (claims._claim_candidates: each depth's first PENDING jobs, FOR UPDATE SKIP LOCKED) read
+    once, as a MATERIALIZED CTE (a plain IN sub-select was rescanned per row and claimed more
+    than asked), taken, and their workers inserted (ids as core/ids.py makes them: a prefix and
+    12 random hex characters, here from gen_random_uuid). Returns the workers made."""
     candidates = _claim_candidates(depths, allocated=True, postgres=True).statement
     chosen = cast(Any, candidates).cte("candidates").prefix_with("MATERIALIZED")
-    return precompiled.Statement(
+    claimed = (
         update(_JOBS)
         .where(_JOBS.c.id.in_(select(chosen.c.id)), _JOBS.c.engine_id.is_(None))
         .values(engine_id=bindparam("b_engine"))
         .returning(_JOBS.c.id, _JOBS.c.worker_count, _JOBS.c.workspace_id, _JOBS.c.depth, _JOBS.c.agent)
+        .cte("claimed")
+    )
+    each = select(
+        *claimed.c, func.generate_series(0, claimed.c.worker_count - 1).label("worker_index")
+    ).subquery("each_worker")
+    random_hex = func.substr(func.replace(sa_cast(func.gen_random_uuid(), Text), "-", ""), 1, 12)
+    rows = select(
+        literal_column("'w_'", String).concat(random_hex),
+        each.c.id,
+        each.c.workspace_id,
+        _constant(WorkerStatus.IDLE.value),
+        each.c.worker_index,
+        each.c.depth,
+        each.c.agent,
+        _constant(False),
+        _constant(0),
+        _constant(0),
+        literal_column("0.0"),
+        _constant(0),
+        _constant(0),
+        bindparam("now", type_=UTCDateTime()),
+        bindparam("now", type_=UTCDateTime()),
+    )
+    return precompiled.Statement(
+        insert(_WORKERS)
+        .from_select(list(_NEW_WORKER_COLUMNS), rows)
+        .returning(_WORKERS.c.id, _WORKERS.c.job_id)
     )
