@@ -203,10 +203,22 @@ def _stored_secret(data_dir: Path) -> str:
     return key
 
 
+# The stored key as last read, per file, with the identity it was read at: every token made or
+# checked needs the key, and reading the file each time was a large part of a worker's start and
+# of a request's auth. A file replaced or rewritten (another inode, size or mtime) is read again.
+_SECRETS_READ: dict[Path, tuple[tuple[int, int, int], str]] = {}
+
+
 def _read_secret(path: Path) -> str:
+    status = os.stat(path)  # FileNotFoundError: none stored yet
+    identity = (status.st_ino, status.st_size, status.st_mtime_ns)
+    known = _SECRETS_READ.get(path)
+    if known is not None and known[0] == identity:
+        return known[1]
     key = path.read_text().strip()
     if not key:
         raise ValueError(f"{path} is empty: delete it to have a new key generated, or set SECRET_KEY")
+    _SECRETS_READ[path] = (identity, key)
     return key
 
 

@@ -151,6 +151,24 @@ def test_an_empty_stored_secret_is_refused_with_what_to_do(tmp_path: Path) -> No
         Settings(secret_key=None, orchestrator_data_dir=tmp_path).signing_key()
 
 
+def test_a_stored_secret_replaced_or_emptied_is_read_again(tmp_path: Path) -> None:
+    """The stored key is remembered per file (every token made or checked needs it), but a file
+    replaced (an operator rotating the key) or rewritten in place is read again, never served
+    from memory; an emptied one is refused as before."""
+    settings = Settings(secret_key=None, orchestrator_data_dir=tmp_path)
+    first = settings.signing_key()
+    assert settings.signing_key() == first
+    path = tmp_path / "secret_key"
+    path.unlink()
+    path.write_text("a-rotated-key-" + "x" * 40)
+    assert settings.signing_key() == "a-rotated-key-" + "x" * 40
+    path.write_text("rewritten-in-place-" + "y" * 40)  # same inode, other size
+    assert settings.signing_key() == "rewritten-in-place-" + "y" * 40
+    path.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        settings.signing_key()
+
+
 def test_a_token_from_another_process_verifies_in_the_server(servers: ServerFactory, tmp_path: Path) -> None:
     """The guide's flow without SECRET_KEY: the server generates the key, a script signs with it."""
     server = servers.make(ORCHESTRATOR_ENGINE="false")
