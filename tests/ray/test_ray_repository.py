@@ -181,14 +181,16 @@ print("CHILD " + child["id"], flush=True)
 )
 
 
-def delegator_server(servers: ServerFactory, cluster: RayCluster) -> tuple[Server, Path, Path, Path]:
+def delegator_server(
+    servers: ServerFactory, cluster: RayCluster, code: str = DELEGATOR
+) -> tuple[Server, Path, Path, Path]:
     """A server whose `delegator` agent checkpoints (its child starts from its branch): the
     server, its repository, the bare remote and the secret only the node's user may read."""
     scripts = servers.root / "delegator"  # bound read-only into the sandbox, readable by its uid
     scripts.mkdir(mode=0o755)
     scripts.chmod(0o755)
     script = scripts / "delegator.py"
-    script.write_text(DELEGATOR)
+    script.write_text(code)
     script.chmod(0o644)
     secret = servers.root / "node-secret.txt"
     secret.write_text("the node user's secret")
@@ -248,7 +250,8 @@ def test_a_final_push_refused_after_a_checkpoint_is_an_error_not_the_checkpoint(
     """The delegator's checkpoint reaches the remote, its final push never does: the branch the
     server fetches holds the checkpoint, not the worker's work, so the worker's result must say
     the work did not come back (commit_error) instead of reporting the checkpoint as its commit."""
-    server, repo, bare, _ = delegator_server(servers, ray_cluster)
+    after = DELEGATOR + 'open("after.txt", "w").write("work after the child\\n")\n'
+    server, repo, bare, _ = delegator_server(servers, ray_cluster, after)
     hook = bare / "hooks" / "pre-receive"
     hook.write_text(FIRST_PUSH_ONLY_HOOK.format(dir=tmp_path))
     hook.chmod(0o755)
