@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
@@ -31,8 +31,6 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 
 # Execution option of the engine that read sessions use: their transactions are deferred.
 READ_ONLY = "orchestrator_read_only"
-
-_NOTIFY = text("SELECT pg_notify(:channel, :topic)")
 
 
 def make_engine(settings: Settings) -> AsyncEngine:
@@ -112,6 +110,7 @@ class Database:
         self._file_lock = FileWriteLock(path) if self._write_lock and path and path != ":memory:" else None
         self._to_notify: set[Topic] = set()  # PostgreSQL: committed, not yet told (notify_committed)
         self._notifier: asyncio.Task[None] | None = None
+        self._notify_connection: Any = None  # a raw asyncpg connection of its own, made when needed
 
     @property
     def is_postgres(self) -> bool:
@@ -195,21 +194,52 @@ class Database:
         try:
             while self._to_notify:
                 topics, self._to_notify = self._to_notify, set()
+                # One simple query, no pool: what it costs is per transaction of submits. Not
+                # flushed to disk (it wrote nothing), so it holds the NOTIFY lock only briefly.
+                notices = ", ".join(f"pg_notify('{CHANNEL}', '{topic.value}')" for topic in sorted(topics))
                 try:
-                    async with self.autocommit_connection() as connection:
-                        for topic in sorted(topics):
-                            await connection.execute(_NOTIFY, {"channel": CHANNEL, "topic": topic.value})
+                    await self._send_notify(
+                        f"SELECT set_config('synchronous_commit', 'off', true), {notices}"
+                    )
                 except Exception as exc:  # the listeners' own polls find what they missed
                     if OUTAGES.report(exc, "notifying the commits of submits") is None:
                         log.warning("notifying the commits of submits failed: %s", exc)
         finally:
             self._notifier = None
 
+    async def _send_notify(self, query: str) -> None:
+        """On this Database's own connection, made when first needed; once more on a new one if
+        that one was lost while it idled (a server restart): a NOTIFY sent twice only wakes twice."""
+        while True:
+            fresh = self._notify_connection is None
+            try:
+                if self._notify_connection is None:
+                    import asyncpg
+
+                    dsn = self.settings.async_database_url.replace(
+                        "postgresql+asyncpg://", "postgresql://", 1
+                    )
+                    self._notify_connection = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_SECONDS)
+                await self._notify_connection.execute(query)
+                return
+            except Exception:
+                await self._close_notify_connection()
+                if fresh:
+                    raise
+
+    async def _close_notify_connection(self) -> None:
+        connection, self._notify_connection = self._notify_connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT_SECONDS)
+            connection.terminate()  # if close() could not say goodbye; else a no-op
+
     async def dispose(self) -> None:
         notifier, self._notifier = self._notifier, None
         if notifier is not None and notifier.get_loop() is asyncio.get_running_loop():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(notifier, CONNECT_TIMEOUT_SECONDS)  # committed: tell it
+        await self._close_notify_connection()
         await self.engine.dispose()
         if self._file_lock is not None:
             self._file_lock.close()

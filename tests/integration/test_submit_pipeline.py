@@ -163,6 +163,15 @@ async def test_commits_made_while_a_notify_is_under_way_are_told_by_the_next(set
         assert await asyncio.wait_for(notified.get(), 60) == "jobs"
         database.notify_committed(Topic.JOBS)  # a commit after it was sent: one more
         assert await asyncio.wait_for(notified.get(), 60) == "jobs"
+        # Its connection ended by the server while it idled: the next is sent on a new one.
+        pid = database._notify_connection.get_server_pid()
+        assert await listener.fetchval("SELECT pg_terminate_backend($1)", pid)
+        for _ in range(1200):
+            if not await listener.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+                break
+            await asyncio.sleep(0.05)
+        database.notify_committed(Topic.JOBS)
+        assert await asyncio.wait_for(notified.get(), 60) == "jobs"
         database.notify_committed(Topic.CONTROL)
         database.notify_committed(Topic.JOBS)
         await database.dispose()  # waits for the NOTIFY it owes
