@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,10 +19,13 @@ from orchestrator.core.config import Settings
 from orchestrator.db.availability import CONNECT_TIMEOUT_SECONDS, OUTAGES, watch_connections
 from orchestrator.db.pool_liveness import drop_dead_connections
 from orchestrator.db.sqlite_inline import inline_connector
+from orchestrator.db.topics import CHANNEL, Topic
 from orchestrator.db.unit_of_work import ReadOnlySessionError, ReadSession, UnitOfWork
 from orchestrator.db.write_lock import FileWriteLock
 
 __all__ = ["Database", "ReadOnlySessionError", "make_engine"]
+
+log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
@@ -104,6 +108,9 @@ class Database:
         self._turn_of: asyncio.Task[object] | None = None  # the task whose turn it is to write
         path = self.engine.url.database
         self._file_lock = FileWriteLock(path) if self._write_lock and path and path != ":memory:" else None
+        self._to_notify: set[Topic] = set()  # PostgreSQL: committed, not yet told (notify_committed)
+        self._notifier: asyncio.Task[None] | None = None
+        self._notify_connection: Any = None  # a raw asyncpg connection of its own, made when needed
 
     @property
     def is_postgres(self) -> bool:
@@ -169,7 +176,70 @@ class Database:
             finally:
                 self._turn_of = None
 
+    def notify_committed(self, topic: Topic) -> None:
+        """PostgreSQL: tell the other processes (NOTIFY on CHANNEL) that a transaction of
+        `topic` has committed, from a transaction of its own sent after it, one at a time: the
+        commits made while one is under way are told by the next. For the submits' transactions
+        (jobs/group_commit.py): a NOTIFY in a transaction takes a lock, for the whole database
+        cluster, from before its COMMIT until the commit is on disk, so the committing
+        transactions of every process that notified were flushed one after another, never
+        together. SQLite: nothing (no other process listens)."""
+        if not self.is_postgres:
+            return
+        self._to_notify.add(topic)
+        if self._notifier is None:
+            self._notifier = asyncio.get_running_loop().create_task(self._notify(), name="notify-commits")
+
+    async def _notify(self) -> None:
+        try:
+            while self._to_notify:
+                topics, self._to_notify = self._to_notify, set()
+                # One simple query, no pool: what it costs is per transaction of submits. Not
+                # flushed to disk (it wrote nothing), so it holds the NOTIFY lock only briefly.
+                notices = ", ".join(f"pg_notify('{CHANNEL}', '{topic.value}')" for topic in sorted(topics))
+                try:
+                    await self._send_notify(
+                        f"SELECT set_config('synchronous_commit', 'off', true), {notices}"
+                    )
+                except Exception as exc:  # the listeners' own polls find what they missed
+                    if OUTAGES.report(exc, "notifying the commits of submits") is None:
+                        log.warning("notifying the commits of submits failed: %s", exc)
+        finally:
+            self._notifier = None
+
+    async def _send_notify(self, query: str) -> None:
+        """On this Database's own connection, made when first needed; once more on a new one if
+        that one was lost while it idled (a server restart): a NOTIFY sent twice only wakes twice."""
+        while True:
+            fresh = self._notify_connection is None
+            try:
+                if self._notify_connection is None:
+                    import asyncpg
+
+                    dsn = self.settings.async_database_url.replace(
+                        "postgresql+asyncpg://", "postgresql://", 1
+                    )
+                    self._notify_connection = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_SECONDS)
+                await self._notify_connection.execute(query)
+                return
+            except Exception:
+                await self._close_notify_connection()
+                if fresh:
+                    raise
+
+    async def _close_notify_connection(self) -> None:
+        connection, self._notify_connection = self._notify_connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT_SECONDS)
+            connection.terminate()  # if close() could not say goodbye; else a no-op
+
     async def dispose(self) -> None:
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None and notifier.get_loop() is asyncio.get_running_loop():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(notifier, CONNECT_TIMEOUT_SECONDS)  # committed: tell it
+        await self._close_notify_connection()
         await self.engine.dispose()
         if self._file_lock is not None:
             self._file_lock.close()

@@ -32,6 +32,10 @@ answered once. Two such transactions are two writers, as two processes' are: a c
 lock orders them (a batch waits for the committing one to end, which waits on nothing). On
 SQLite (one writer at a time) batches follow one another, each taken when the process's turn
 to write has come (`Database.write_turn`), not before waiting for it.
+
+On PostgreSQL the submits' transactions carry no NOTIFY: the other processes (an engine
+listening) are told by one sent after the commit, one at a time per process
+(`Database.notify_committed`), so the commits of several processes are flushed together.
 """
 
 from __future__ import annotations
@@ -183,7 +187,7 @@ class SubmitQueue:
         writing = True
         try:
             async with self.database.session() as session:
-                rows = PendingRows(session)
+                rows = PendingRows(session, notify=False)
                 for waiting in batch:
                     try:
                         answers.append(await write(rows, waiting.draft))
@@ -201,7 +205,7 @@ class SubmitQueue:
             for waiting, answer in zip(batch, answers, strict=True):
                 _answer(waiting, answer if isinstance(answer, DomainError) else error)
             return True
-        self.transactions += 1
+        self._committed()
         for waiting, answer in zip(batch, answers, strict=True):
             _answer(waiting, answer)
         return True
@@ -233,25 +237,31 @@ class SubmitQueue:
             for waiting in batch:  # it may have been committed: none is written again
                 _answer(waiting, error)
             return True
-        self.transactions += 1
         announce({Topic.JOBS})
+        self._committed()
         for waiting, job in zip(batch, jobs, strict=True):
             _answer(waiting, submitted_job(job))
         return True
+
+    def _committed(self) -> None:
+        """A transaction of submits committed: the other processes are told after it, not by a
+        NOTIFY in it (Database.notify_committed says why)."""
+        self.transactions += 1
+        self.database.notify_committed(Topic.JOBS)
 
     async def _write_alone(self, waiting: _Waiting) -> None:
         if waiting.answer.done():
             return
         try:
             async with self.database.session() as session:
-                rows = PendingRows(session)
+                rows = PendingRows(session, notify=False)
                 job = await write(rows, waiting.draft)
                 await rows.flush()
                 self._committing()
         except Exception as error:
             _answer(waiting, error)
             return
-        self.transactions += 1
+        self._committed()
         _answer(waiting, job)
 
 

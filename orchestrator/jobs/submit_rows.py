@@ -65,20 +65,24 @@ _WORKSPACE_ROW = insert(Workspace).values(
 _INSERT_JOB = precompiled.Statement(_JOB_ROW)
 _INSERT_ALLOCATION = precompiled.Statement(_ALLOCATION_ROW)
 _INSERT_WORKSPACE = precompiled.Statement(_WORKSPACE_ROW)
-# PostgreSQL, one submit, by whether its workspace is new: the rows and UnitOfWork.publish's
-# pg_notify in one statement (the allocation's foreign key to the job is checked at the
-# statement's end).
+# PostgreSQL, one submit, by whether its workspace is new and whether the statement notifies:
+# its rows and UnitOfWork.publish's pg_notify in one statement (the allocation's foreign key to
+# the job is checked at the statement's end). The group commit's statements do not notify: it
+# tells the other processes after the commit (Database.notify_committed says why).
 _SUBMIT_PG = {
-    new_workspace: select(func.pg_notify(bindparam("channel"), bindparam("topic"))).add_cte(
+    (new_workspace, notify): select(
+        func.pg_notify(bindparam("channel"), bindparam("topic")) if notify else literal(1)
+    ).add_cte(
         *([_WORKSPACE_ROW.cte("new_workspace")] if new_workspace else []),
         _JOB_ROW.cte("new_job"),
         _ALLOCATION_ROW.cte("new_allocation"),
     )
     for new_workspace in (False, True)
+    for notify in (False, True)
 }
 
-# PostgreSQL, plain root jobs (jobs/submit.is_plain_root): their rows, their "submitted" events
-# and the wake-up, each job's in one statement, in autocommit (write_plain_roots). An event
+# PostgreSQL, plain root jobs (jobs/submit.is_plain_root): their rows and their "submitted"
+# events, each job's in one statement, in autocommit (write_plain_roots). An event
 # takes its id (a sequence) from the row new_job returns, so after the job's INSERT gave the
 # transaction its id (UnitOfWork._take_transaction_id says why that order matters).
 _NEW_JOB = (  # a statement of its own: precompiled.Statement(_JOB_ROW) has compiled that one
@@ -95,7 +99,7 @@ _SUBMITTED_EVENT = insert(Event).from_select(
         _NEW_JOB.c.created_at,
     ),
 )
-_PLAIN_ROOT_PG = select(func.pg_notify(bindparam("channel"), bindparam("topic"))).add_cte(
+_PLAIN_ROOT_PG = select(literal(1)).add_cte(
     _WORKSPACE_ROW.cte("new_workspace"),
     _NEW_JOB,
     _ALLOCATION_ROW.cte("new_allocation"),
@@ -104,12 +108,11 @@ _PLAIN_ROOT_PG = select(func.pg_notify(bindparam("channel"), bindparam("topic"))
 
 
 async def write_plain_roots(connection: AsyncConnection, jobs: list[tuple[dict[str, Any], str]]) -> None:
-    """Write plain root jobs (`JOB_COLUMNS`, the submitting actor's name) with their rows,
-    events and NOTIFY on a connection in autocommit: one round trip, one transaction (asyncpg's
+    """Write plain root jobs (`JOB_COLUMNS`, the submitting actor's name) with their rows and
+    events on a connection in autocommit: one round trip, one transaction (asyncpg's
     executemany is atomic: every job is written, or none). An error the server answered with
     means none was; any other (a lost connection) leaves it unknown."""
-    notice = {"channel": CHANNEL, "topic": Topic.JOBS.value}
-    params = [_row(job, new_workspace=True) | notice | {"e_actor": actor} for job, actor in jobs]
+    params = [_row(job, new_workspace=True) | {"e_actor": actor} for job, actor in jobs]
     await connection.execute(_PLAIN_ROOT_PG, params if len(params) > 1 else params[0])
 
 
@@ -142,8 +145,11 @@ class PendingRows:
     executemany per table; on PostgreSQL each submit's rows and NOTIFY as one statement, all
     of them in one executemany: one round trip instead of four)."""
 
-    def __init__(self, session: UnitOfWork) -> None:
+    def __init__(self, session: UnitOfWork, *, notify: bool = True) -> None:
         self.session = session
+        # PostgreSQL: NOTIFY in the transaction; False if the caller tells the other processes
+        # after the commit itself (jobs/group_commit.py).
+        self.notify = notify
         self.rows: list[dict[str, Any]] = []
         self.new_workspaces = 0
 
@@ -159,17 +165,18 @@ class PendingRows:
         self.rows, self.new_workspaces = [], 0
         session = self.session
         if is_postgres(session):
-            # One round trip for the rows and the wake-up: a data-modifying WITH runs every
-            # INSERT, once per submit in one executemany (asyncpg sends them together). Its
-            # first insert gives the transaction its id before the event rows take sequence
-            # values at commit (UnitOfWork.commit), so that statement is not needed.
-            notice = {"channel": CHANNEL, "topic": Topic.JOBS.value}
+            # One round trip for the rows: a data-modifying WITH runs every INSERT, once per
+            # submit in one executemany (asyncpg sends them together). Its first insert gives
+            # the transaction its id before the event rows take sequence values at commit
+            # (UnitOfWork.commit), so that statement is not needed.
+            notice = {"channel": CHANNEL, "topic": Topic.JOBS.value} if self.notify else {}
             for new_workspace in (True, False):
+                statement = _SUBMIT_PG[new_workspace, self.notify]
                 group = [row | notice for row in rows if ("w_id" in row) == new_workspace]
                 if len(group) == 1:
-                    await session.execute(_SUBMIT_PG[new_workspace], group[0])
+                    await session.execute(statement, group[0])
                 elif group:
-                    await (await session.connection()).execute(_SUBMIT_PG[new_workspace], group)
+                    await (await session.connection()).execute(statement, group)
             session.published_by_statement(Topic.JOBS)
             return
         if new_workspaces:

@@ -1,5 +1,6 @@
 """PostgreSQL submits (issue 19): plain root submits are written in one statement in autocommit,
-and a process's next batch does not wait for the previous one's COMMIT (jobs/group_commit.py)."""
+a process's next batch does not wait for the previous one's COMMIT (jobs/group_commit.py), and
+the other processes are told by a NOTIFY after the commit, not in it (Database.notify_committed)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from orchestrator.core.auth import Actor
 from orchestrator.core.config import Settings
 from orchestrator.db.models import Allocation, Event, Job, Workspace
 from orchestrator.db.session import Database
-from orchestrator.db.topics import CHANNEL
+from orchestrator.db.topics import CHANNEL, Topic
 from orchestrator.jobs import service
 from orchestrator.jobs.group_commit import SubmitQueue
 from orchestrator.jobs.schemas import JobSubmit
@@ -42,7 +43,7 @@ async def test_root_submits_are_one_statement_without_begin_or_commit(settings: 
     sent: list[str] = []  # what this process's connections sent to the server, BEGIN and COMMIT included
 
     def log_queries(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.driver_connection.add_query_logger(lambda query: sent.append(query.query.split()[0]))
+        dbapi_connection.driver_connection.add_query_logger(lambda query: sent.append(query.query))
 
     event.listen(database.engine.sync_engine, "connect", log_queries)
     notified: asyncio.Queue[str] = asyncio.Queue()
@@ -51,8 +52,10 @@ async def test_root_submits_are_one_statement_without_begin_or_commit(settings: 
         await listener.add_listener(CHANNEL, lambda *args: notified.put_nowait(args[3]))
         answers = await asyncio.gather(*(_submit(queue, f"root {i}") for i in range(8)))
         assert queue.transactions == 1  # all eight queued before the writer first ran
-        assert sent == ["WITH"], sent
         assert await asyncio.wait_for(notified.get(), 60) == "jobs"
+        # The rows in one statement (the logger sees executemany's), with no NOTIFY: that
+        # came after the commit, in a transaction of its own.
+        assert sent[0].split()[0] == "WITH" and "pg_notify" not in sent[0], sent
 
         ids = [answer.id for answer in answers]
         async with database.read_session() as session:
@@ -144,4 +147,38 @@ async def test_a_statement_the_server_refuses_is_written_again_job_by_job(settin
     finally:
         async with database.session() as session:
             await session.execute(text("DROP TRIGGER IF EXISTS refuse_bad ON jobs"))
+        await database.dispose()
+
+
+async def test_commits_made_while_a_notify_is_under_way_are_told_by_the_next(settings: Settings) -> None:
+    """Each commit is told to the listeners by a NOTIFY sent after it; the commits made while one
+    is under way share the next, not one each (and a database on its way out sends what it owes)."""
+    database = Database(settings)
+    notified: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(settings.database_url.replace("+asyncpg", ""))
+    try:
+        await listener.add_listener(CHANNEL, lambda *args: notified.put_nowait(args[3]))
+        for _ in range(5):  # five commits before the notifier first runs: one NOTIFY
+            database.notify_committed(Topic.JOBS)
+        assert await asyncio.wait_for(notified.get(), 60) == "jobs"
+        database.notify_committed(Topic.JOBS)  # a commit after it was sent: one more
+        assert await asyncio.wait_for(notified.get(), 60) == "jobs"
+        # Its connection ended by the server while it idled: the next is sent on a new one.
+        pid = database._notify_connection.get_server_pid()
+        assert await listener.fetchval("SELECT pg_terminate_backend($1)", pid)
+        for _ in range(1200):
+            if not await listener.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+                break
+            await asyncio.sleep(0.05)
+        database.notify_committed(Topic.JOBS)
+        assert await asyncio.wait_for(notified.get(), 60) == "jobs"
+        database.notify_committed(Topic.CONTROL)
+        database.notify_committed(Topic.JOBS)
+        await database.dispose()  # waits for the NOTIFY it owes
+        told = {await asyncio.wait_for(notified.get(), 60) for _ in range(2)}
+        assert told == {"jobs", "control"}
+        await listener.execute("SELECT 1")  # a round trip: anything else sent has arrived by now
+        assert notified.empty()
+    finally:
+        await listener.close()
         await database.dispose()
