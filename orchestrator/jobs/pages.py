@@ -18,6 +18,7 @@ field that changes with time alone, so nothing in a page goes stale but by a com
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from collections.abc import Callable, Hashable, Sequence
@@ -27,7 +28,7 @@ import pydantic_core
 from sqlalchemy import JSON, DateTime, Select, String, Text, func, select, type_coerce
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator.db import counts
+from orchestrator.db import counts, version_reads
 from orchestrator.db.models import Job, UTCDateTime, _sqlite_datetime
 from orchestrator.db.precompiled import Statement, StatementSession, fetch, fetch_tuples
 from orchestrator.jobs.repository import JobFilter, listing_order
@@ -113,13 +114,21 @@ def render(rows: Sequence[Sequence[Any]], total: int, limit: int, offset: int, d
     return pydantic_core.to_json(body)
 
 
-def _remembered(session: AsyncSession, dialect: str) -> dict[Hashable, tuple[str, bytes]] | None:
-    """The pages remembered for this session's database (PostgreSQL) or connection (SQLite: its
+def _remembered(
+    session: AsyncSession, dialect: str, watched: bool
+) -> dict[Hashable, tuple[str, bytes]] | None:
+    """The pages remembered for this session's database (PostgreSQL), its process's watching
+    connection (SQLite, `watched`: db/version_reads.py) or its connection (SQLite: its
     transaction begun, by a statement on the driver), None where a connection cannot keep them."""
     if dialect == "postgresql":
         assert session.bind is not None  # Database's sessions are bound to its engine
         key = session.bind.url.render_as_string(hide_password=False)  # type: ignore[union-attr]
         return _by_database.setdefault(key, {})
+    if watched:
+        watching = version_reads.watcher(session.bind)  # type: ignore[arg-type]
+        assert watching is not None  # it gave the version
+        pages: dict[Hashable, tuple[str, bytes]] = watching.remembered.setdefault("orchestrator_pages", {})
+        return pages
     driver = session.sqlite_driver if isinstance(session, StatementSession) else None
     if driver is None or driver.connection is None:
         return None
@@ -140,27 +149,90 @@ async def page_json(session: AsyncSession, where: JobFilter, *, limit: int, offs
         page, total_of, _ = _statements(where, limit, offset, dialect, False)
         total = int((await session.execute(total_of)).scalar_one())
         return render(await fetch_tuples(session, page), total, limit, offset, dialect)
-    page, total_of, version_of = _statements(where, limit, offset, dialect, True)
     key = (where, limit, offset)
-    # SQLite: the version is read first, in the transaction's snapshot (it begins it, and keeps
-    # the connection whose pages these are); PostgreSQL: only when a page is remembered.
-    now = await _version(session, version_of) if dialect == "sqlite" else None
-    remembered = _remembered(session, dialect)
+    # The database's version read before anything else, outside the session: a remembered page
+    # is answered without a connection. Else (SQLite in memory or busy) the version of the
+    # session's connection, read first, in the transaction's snapshot (it begins it, and keeps
+    # the connection whose pages these are).
+    now = await counts.database_version(session)
+    watched = now is not None and dialect == "sqlite"
+    if now is None:
+        now = await _version(session, _statements(where, limit, offset, dialect, True)[2])
+    remembered = _remembered(session, dialect, watched)
     found = remembered.get(key) if remembered is not None else None
-    if found is not None:
-        if now is None:
-            now = await _version(session, version_of)
-        if found[0] == now:
-            return found[1]
+    if found is not None and found[0] == now:
+        return found[1]
+    if not watched and dialect == "sqlite":  # versions of this connection only: nothing to share
+        return await _read(session, key, now, remembered, watched)
+    return await _read_shared(session, key, now, remembered, watched)
+
+
+# Reads of a page in flight, by (database, page, version): a read begun after a version read
+# gave X holds every commit in X, so every request that read X (after it arrived) may share it.
+# When many requests find their page changed at once they make one read, not one each.
+_reading: dict[Hashable, asyncio.Future[bytes]] = {}
+
+
+async def _read_shared(
+    session: AsyncSession,
+    key: tuple[JobFilter, int, int],
+    now: str,
+    remembered: dict[Hashable, tuple[str, bytes]] | None,
+    watched: bool,
+) -> bytes:
+    reading_key = (id(remembered), key, now)
+    reading = _reading.get(reading_key)
+    if reading is not None:
+        try:
+            return await asyncio.shield(reading)
+        except asyncio.CancelledError:
+            if not reading.cancelled():
+                raise  # this request's own cancellation
+        # The request that read ended before it answered: read again.
+        return await _read(session, key, now, remembered, watched)
+    reading = _reading[reading_key] = asyncio.get_running_loop().create_future()
+    reading.add_done_callback(_retrieved)
+    try:
+        body = await _read(session, key, now, remembered, watched)
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            reading.set_exception(exc)
+        else:
+            reading.cancel()
+        raise
+    finally:
+        del _reading[reading_key]
+    reading.set_result(body)
+    return body
+
+
+def _retrieved(future: asyncio.Future[bytes]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _read(
+    session: AsyncSession,
+    key: tuple[JobFilter, int, int],
+    now: str,
+    remembered: dict[Hashable, tuple[str, bytes]] | None,
+    watched: bool,
+) -> bytes:
+    """The page read in `session`, and remembered."""
+    where, limit, offset = key
+    dialect = session.bind.dialect.name if session.bind is not None else ""
+    page, total_of, _ = _statements(where, limit, offset, dialect, True)
     rows = await fetch_tuples(session, page)
     # The page's own statement read the version it holds, its last column (SQLite: the
-    # transaction's snapshot).
+    # transaction's snapshot, the count's key). A page of a watched SQLite file is remembered
+    # at the version read before it: its snapshot is that or newer.
     version = str(rows[0][-1]) if rows else None
     total = await counts.count(session, total_of, ("jobs", where), version)
     body = render(rows, total, limit, offset, dialect)
-    if remembered is not None and version is not None and len(body) <= MAX_REMEMBERED_BYTES:
+    keep = now if watched else version
+    if remembered is not None and keep is not None and len(body) <= MAX_REMEMBERED_BYTES:
         remembered.pop(key, None)
-        remembered[key] = (version, body)
+        remembered[key] = (keep, body)
         while len(remembered) > MAX_REMEMBERED:
             del remembered[next(iter(remembered))]
     return body
