@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import event, insert, text, update
 
 from orchestrator.core.config import Settings
-from orchestrator.db import version_reads
+from orchestrator.db import counts, version_reads
 from orchestrator.db.models import Job
 from orchestrator.db.session import Database
 from orchestrator.jobs import pages
@@ -132,13 +132,21 @@ async def test_a_commit_that_ends_while_a_version_is_read_is_in_a_later_request_
     where = jobs_repo.JobFilter(q="version flight")
     await _page(reader, where)
     await _page(reader, where)  # remembered now
-    early = asyncio.create_task(_page(reader, where))
-    await asyncio.sleep(0.1)  # its version read is sent: its snapshot predates the commit below
+
+    async def version() -> str | None:
+        async with reader.read_session() as session:
+            return await counts.database_version(session)
+
+    early = asyncio.create_task(version())
+    early_page = asyncio.create_task(_page(reader, where))
+    await asyncio.sleep(0.1)  # their version read is sent: its snapshot predates the commit below
     async with other.session() as session:
         await session.execute(update(Job).where(Job.id == job_id).values(task_description="version flight 2"))
-    late = JobList.model_validate_json(await _page(reader, where))
-    assert late.jobs[0].task_description == "version flight 2"
-    await early
+    late = asyncio.create_task(version())
+    late_page = JobList.model_validate_json(await _page(reader, where))
+    assert late_page.jobs[0].task_description == "version flight 2"
+    assert await late != await early, "a request shared a version read sent before it came"
+    await early_page
 
 
 async def test_a_watched_sqlite_file_sees_every_commit(reader: Database, other: Database) -> None:
