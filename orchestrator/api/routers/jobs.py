@@ -26,7 +26,7 @@ from orchestrator.api.routers import streams
 from orchestrator.api.sse import FeedsDep
 from orchestrator.api.strict_json import StrictJsonRoute
 from orchestrator.core.states import JobStatus
-from orchestrator.jobs import service
+from orchestrator.jobs import pages, service
 from orchestrator.jobs.repository import JobFilter
 from orchestrator.jobs.schemas import (
     DELEGATION_KEY_PATTERN,
@@ -142,8 +142,9 @@ async def count_jobs(actor: JobsRead, session: SessionDep, where: JobFilterDep) 
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
-async def get_job(job_id: str, actor: JobsRead, session: SessionDep) -> JobOut:
-    return JobOut.model_validate(await service.get_visible_job(session, actor, job_id))
+async def get_job(job_id: str, actor: JobsRead, session: SessionDep) -> Response:
+    # JSON bytes of the row, as the list's (jobs/pages.py); `response_model` documents it.
+    return Response(await pages.job_json(session, actor, job_id), media_type="application/json")
 
 
 @router.get("/{job_id}/usage", response_model=JobUsage, responses=NOT_FOUND)
