@@ -8,12 +8,14 @@ JSON writer (`pydantic_core.to_json`: the same writer JobOut's serializer uses, 
 tests/integration/test_job_pages.py compares them for every kind of field, on both databases),
 the columns in JobOut's order, SQLite's times turned into JSON's text by slicing.
 
-And a page is remembered, per the data version it was read at (db/counts.py: PostgreSQL's
-snapshot text, SQLite's total_changes:data_version of the connection), under the exact filter
-it was read with (the actor's subtree included: a worker token's filter holds its tree's path),
-its window and nothing else; the next request reads the data version first (one small
-statement) and, while nothing anywhere committed since, answers the same bytes. A job has no
-field that changes with time alone, so nothing in a page goes stale but by a commit.
+And a page is remembered, per the data version it was read at (db/counts.py), under the exact
+filter it was read with (the actor's subtree included: a worker token's filter holds its tree's
+path), its window and nothing else. The next request reads the version first, outside its
+session (db/version_reads.py: PostgreSQL's snapshot in a read shared by the requests that came
+before it was sent, a SQLite file's data version on a connection of the process's own), and,
+while nothing anywhere committed since, answers the same bytes without a connection of its own.
+When a page did change, the requests that find it so at the same version share one read of it.
+A job has no field that changes with time alone, so nothing in a page goes stale but by a commit.
 """
 
 from __future__ import annotations
