@@ -175,6 +175,10 @@ async def page_json(session: AsyncSession, where: JobFilter, *, limit: int, offs
     # is answered without a connection. Else (SQLite in memory or busy) the version of the
     # session's connection, read first, in the transaction's snapshot (it begins it, and keeps
     # the connection whose pages these are).
+    if dialect == "postgresql":  # nothing remembered: no version to compare (the page holds its own)
+        remembered = _remembered(session, dialect, False)
+        if remembered is None or key not in remembered:
+            return await _read(session, key, None, remembered, False)
     now = await counts.database_version(session)
     watched = now is not None and dialect == "sqlite"
     if now is None:
@@ -235,7 +239,7 @@ def _retrieved(future: asyncio.Future[bytes]) -> None:
 async def _read(
     session: AsyncSession,
     key: tuple[JobFilter, int, int],
-    now: str,
+    now: str | None,
     remembered: dict[Hashable, tuple[str, bytes]] | None,
     watched: bool,
 ) -> bytes:

@@ -106,6 +106,7 @@ async def test_remembered_pages_take_no_connection_each(reader: Database, checko
     first = await _page(reader, where)
     for _ in range(200):
         before = await _snapshot(reader)
+        assert await _page(reader, where) == first  # read again if a commit came since the last
         checkouts.clear()
         assert set(await asyncio.gather(*(_page(reader, where) for _ in range(16)))) == {first}
         taken = len(checkouts)
