@@ -179,7 +179,10 @@ async def page_json(session: AsyncSession, where: JobFilter, *, limit: int, offs
         remembered = _remembered(session, dialect, False)
         if remembered is None or key not in remembered:
             return await _read(session, key, None, remembered, False)
-    now = await counts.database_version(session)
+    # SQLite: not when the session's transaction has begun (a worker's token was checked in it):
+    # its snapshot may be older than the version read now.
+    begun = dialect == "sqlite" and session.in_transaction()
+    now = None if begun else await counts.database_version(session)
     watched = now is not None and dialect == "sqlite"
     if now is None:
         now = await _version(session, _statements(where, limit, offset, dialect, True)[2])

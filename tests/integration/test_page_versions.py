@@ -168,3 +168,23 @@ async def test_a_watched_sqlite_file_sees_every_commit(reader: Database, other: 
         assert listed.jobs[0].task_description == f"version watch {n}"
     await _add(other, [_job("watch")])
     assert JobList.model_validate_json(await _page(reader, where)).total == 2
+
+
+async def test_a_session_that_began_before_a_commit_leaves_no_stale_page(
+    reader: Database, other: Database
+) -> None:
+    """A session that read before (a worker's token is checked in the request's session) holds an
+    older snapshot than a version read after a commit: the page it reads is not remembered as of
+    that version, so the next request sees the commit."""
+    [job_id] = await _add(reader, [_job("begun")])
+    where = jobs_repo.JobFilter(q="version begun")
+    await _page(reader, where)
+    async with reader.read_session() as session:
+        await session.execute(text("SELECT count(*) FROM jobs"))  # the transaction begins
+        async with other.session() as writing:
+            await writing.execute(
+                update(Job).where(Job.id == job_id).values(task_description="version begun 2")
+            )
+        await pages.page_json(session, where, limit=50, offset=0)
+    listed = JobList.model_validate_json(await _page(reader, where))
+    assert listed.jobs[0].task_description == "version begun 2"
