@@ -10,7 +10,8 @@ Four ways, in alternating rounds (min and median of 15 rounds of 100):
 * `validated`: the page as it was answered before jobs/pages.py: rows, JobList.model_validate,
   TypeAdapter(JobList).dump_json (FastAPI's response-model path);
 * `pages, read`: jobs/pages.py with nothing remembered (the data changed since the last page);
-* `pages, remembered`: jobs/pages.py answering the remembered page (nothing changed).
+* `pages, remembered`: jobs/pages.py answering the remembered page (nothing changed): the
+  version read outside the session (db/version_reads.py), no connection taken.
 
 The count is remembered in all three (db/counts.py). Give a PostgreSQL database that exists and
 may be written (its jobs table is filled); SQLite is a temporary file.
@@ -31,6 +32,7 @@ from pydantic import TypeAdapter
 from sqlalchemy import insert
 
 from orchestrator.core.config import Settings
+from orchestrator.db import version_reads
 from orchestrator.db.migrate import upgrade_database
 from orchestrator.db.models import Job
 from orchestrator.db.session import Database
@@ -78,6 +80,9 @@ async def run(database_url: str | None, jobs: int) -> None:
     async def read() -> bytes:
         async with db.read_session() as session:
             pages._by_database.clear()
+            watching = version_reads.watcher(db.engine)
+            if watching is not None:
+                watching.remembered.clear()
             (await session.connection()).info.pop("orchestrator_pages", None)
             return await pages.page_json(session, where, limit=50, offset=0)
 

@@ -16,6 +16,12 @@ commits, and counts again only when the version moved:
 Only read sessions use it: a transaction that has written sees its own uncommitted rows, which
 its snapshot's text does not show. The version is read in the page's own statement (one more
 column, no round trip) where a caller can; `version_column` gives that column.
+
+`database_version` reads a version without the request's session, for a request that may need
+no connection at all (a remembered page): on PostgreSQL one read of the snapshot serves every
+request that arrived before it was sent (db/version_reads.py), on a SQLite file a connection of
+the process's own that only reads `PRAGMA data_version`, which moves whenever any other
+connection, this process's included, commits.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from orchestrator.db import version_reads
 from orchestrator.db.precompiled import StatementSession
 
 VERSION = "data_version_"
@@ -53,6 +60,23 @@ def remembers(session: AsyncSession) -> bool:
 def version_column(dialect: str) -> ColumnElement[Any]:
     """The data version as a column (`VERSION`) to add to a statement of a read session."""
     return literal_column(_PG_VERSION if dialect == "postgresql" else _SQLITE_VERSION).label(VERSION)
+
+
+async def database_version(session: AsyncSession) -> str | None:
+    """The data version of the session's database, read without the session (see
+    db/version_reads.py): every commit that ended before this call is in it. None where it
+    cannot be read so (SQLite in memory, or busy): read it in the session then. On SQLite it is
+    the process's own version, not comparable with `version_column`'s."""
+    bind = session.bind
+    if not isinstance(bind, AsyncEngine):
+        return None
+    dialect = bind.dialect.name
+    if dialect == "postgresql":
+        return await version_reads.shared_reads(bind).read()
+    if dialect == "sqlite":
+        watching = version_reads.watcher(bind)
+        return watching.version() if watching is not None else None
+    return None
 
 
 async def _remembered(session: AsyncSession) -> dict[Hashable, tuple[str, int]]:

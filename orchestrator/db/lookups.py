@@ -22,8 +22,15 @@ async def get_job(session: AsyncSession, job_id: str) -> Job | None:
 
 async def get_visible_job(session: AsyncSession, actor: Actor, job_id: str) -> Job:
     job = await get_job(session, job_id)
-    if job is None:
-        raise NotFound(f"Job {job_id} not found")
-    if not actor.can_see(job.path):
-        raise Forbidden(f"Job {job_id} is outside this token's job subtree")
+    check_visible(actor, job_id, job.path if job is not None else None)
+    assert job is not None  # checked
     return job
+
+
+def check_visible(actor: Actor, job_id: str, path: str | None) -> None:
+    """NotFound for a job that is not there (`path` None), Forbidden for one outside the actor's
+    subtree: the refusals of every read of a job by id."""
+    if path is None:
+        raise NotFound(f"Job {job_id} not found")
+    if not actor.can_see(path):
+        raise Forbidden(f"Job {job_id} is outside this token's job subtree")

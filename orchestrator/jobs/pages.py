@@ -8,26 +8,32 @@ JSON writer (`pydantic_core.to_json`: the same writer JobOut's serializer uses, 
 tests/integration/test_job_pages.py compares them for every kind of field, on both databases),
 the columns in JobOut's order, SQLite's times turned into JSON's text by slicing.
 
-And a page is remembered, per the data version it was read at (db/counts.py: PostgreSQL's
-snapshot text, SQLite's total_changes:data_version of the connection), under the exact filter
-it was read with (the actor's subtree included: a worker token's filter holds its tree's path),
-its window and nothing else; the next request reads the data version first (one small
-statement) and, while nothing anywhere committed since, answers the same bytes. A job has no
-field that changes with time alone, so nothing in a page goes stale but by a commit.
+And a page is remembered, per the data version it was read at (db/counts.py), under the exact
+filter it was read with (the actor's subtree included: a worker token's filter holds its tree's
+path), its window and nothing else. The next request reads the version first, outside its
+session (db/version_reads.py: PostgreSQL's snapshot in a read shared by the requests that came
+before it was sent, a SQLite file's data version on a connection of the process's own), and,
+while nothing anywhere committed since, answers the same bytes without a connection of its own.
+When a page did change, the requests that find it so at the same version share one read of it.
+A job has no field that changes with time alone, so nothing in a page goes stale but by a commit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import pydantic_core
-from sqlalchemy import JSON, DateTime, Select, String, Text, func, select, type_coerce
+from sqlalchemy import JSON, DateTime, Select, String, Text, bindparam, func, select, type_coerce
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator.db import counts
+from orchestrator.core.auth import Actor
+from orchestrator.core.ids import has_nul
+from orchestrator.db import counts, version_reads
+from orchestrator.db.lookups import check_visible
 from orchestrator.db.models import Job, UTCDateTime, _sqlite_datetime
 from orchestrator.db.precompiled import Statement, StatementSession, fetch, fetch_tuples
 from orchestrator.jobs.repository import JobFilter, listing_order
@@ -74,6 +80,22 @@ def _statements(
     return Statement(page), total, Statement(select(counts.version_column(dialect)))
 
 
+@functools.lru_cache(maxsize=4)
+def _one_statement(dialect: str) -> Statement:
+    """A job's JobOut columns and its path (the last column), by id."""
+    table = Job.__table__
+    return Statement(select(*_columns(dialect), table.c.path).where(table.c.id == bindparam("job_id")))
+
+
+async def job_json(session: AsyncSession, actor: Actor, job_id: str) -> bytes:
+    """The JobOut body of a job the actor may see, byte for byte what JobOut's serializer writes
+    (as a page's jobs are: no model validated and dumped again); NotFound or Forbidden else."""
+    dialect = session.bind.dialect.name if session.bind is not None else ""
+    rows = [] if has_nul(job_id) else await fetch_tuples(session, _one_statement(dialect), {"job_id": job_id})
+    check_visible(actor, job_id, rows[0][-1] if rows else None)
+    return pydantic_core.to_json(_row_maker(dialect)(rows[0]))
+
+
 def _sqlite_time(text: str) -> Any:
     """SQLite's "2026-11-27 12:30:15.123456" as pydantic writes the datetime it stands for:
     "2026-11-27T12:30:15.123456Z" (no fraction when it is zero); any other form parsed."""
@@ -113,13 +135,21 @@ def render(rows: Sequence[Sequence[Any]], total: int, limit: int, offset: int, d
     return pydantic_core.to_json(body)
 
 
-def _remembered(session: AsyncSession, dialect: str) -> dict[Hashable, tuple[str, bytes]] | None:
-    """The pages remembered for this session's database (PostgreSQL) or connection (SQLite: its
+def _remembered(
+    session: AsyncSession, dialect: str, watched: bool
+) -> dict[Hashable, tuple[str, bytes]] | None:
+    """The pages remembered for this session's database (PostgreSQL), its process's watching
+    connection (SQLite, `watched`: db/version_reads.py) or its connection (SQLite: its
     transaction begun, by a statement on the driver), None where a connection cannot keep them."""
     if dialect == "postgresql":
         assert session.bind is not None  # Database's sessions are bound to its engine
         key = session.bind.url.render_as_string(hide_password=False)  # type: ignore[union-attr]
         return _by_database.setdefault(key, {})
+    if watched:
+        watching = version_reads.watcher(session.bind)  # type: ignore[arg-type]
+        assert watching is not None  # it gave the version
+        pages: dict[Hashable, tuple[str, bytes]] = watching.remembered.setdefault("orchestrator_pages", {})
+        return pages
     driver = session.sqlite_driver if isinstance(session, StatementSession) else None
     if driver is None or driver.connection is None:
         return None
@@ -140,27 +170,97 @@ async def page_json(session: AsyncSession, where: JobFilter, *, limit: int, offs
         page, total_of, _ = _statements(where, limit, offset, dialect, False)
         total = int((await session.execute(total_of)).scalar_one())
         return render(await fetch_tuples(session, page), total, limit, offset, dialect)
-    page, total_of, version_of = _statements(where, limit, offset, dialect, True)
     key = (where, limit, offset)
-    # SQLite: the version is read first, in the transaction's snapshot (it begins it, and keeps
-    # the connection whose pages these are); PostgreSQL: only when a page is remembered.
-    now = await _version(session, version_of) if dialect == "sqlite" else None
-    remembered = _remembered(session, dialect)
+    # The database's version read before anything else, outside the session: a remembered page
+    # is answered without a connection. Else (SQLite in memory or busy) the version of the
+    # session's connection, read first, in the transaction's snapshot (it begins it, and keeps
+    # the connection whose pages these are).
+    if dialect == "postgresql":  # nothing remembered: no version to compare (the page holds its own)
+        remembered = _remembered(session, dialect, False)
+        if remembered is None or key not in remembered:
+            return await _read(session, key, None, remembered, False)
+    # SQLite: not when the session's transaction has begun (a worker's token was checked in it):
+    # its snapshot may be older than the version read now.
+    begun = dialect == "sqlite" and session.in_transaction()
+    now = None if begun else await counts.database_version(session)
+    watched = now is not None and dialect == "sqlite"
+    if now is None:
+        now = await _version(session, _statements(where, limit, offset, dialect, True)[2])
+    remembered = _remembered(session, dialect, watched)
     found = remembered.get(key) if remembered is not None else None
-    if found is not None:
-        if now is None:
-            now = await _version(session, version_of)
-        if found[0] == now:
-            return found[1]
+    if found is not None and found[0] == now:
+        return found[1]
+    if not watched and dialect == "sqlite":  # versions of this connection only: nothing to share
+        return await _read(session, key, now, remembered, watched)
+    return await _read_shared(session, key, now, remembered, watched)
+
+
+# Reads of a page in flight, by (database, page, version): a read begun after a version read
+# gave X holds every commit in X, so every request that read X (after it arrived) may share it.
+# When many requests find their page changed at once they make one read, not one each.
+_reading: dict[Hashable, asyncio.Future[bytes]] = {}
+
+
+async def _read_shared(
+    session: AsyncSession,
+    key: tuple[JobFilter, int, int],
+    now: str,
+    remembered: dict[Hashable, tuple[str, bytes]] | None,
+    watched: bool,
+) -> bytes:
+    reading_key = (id(remembered), key, now)
+    reading = _reading.get(reading_key)
+    if reading is not None:
+        try:
+            return await asyncio.shield(reading)
+        except asyncio.CancelledError:
+            if not reading.cancelled():
+                raise  # this request's own cancellation
+        # The request that read ended before it answered: read again.
+        return await _read(session, key, now, remembered, watched)
+    reading = _reading[reading_key] = asyncio.get_running_loop().create_future()
+    reading.add_done_callback(_retrieved)
+    try:
+        body = await _read(session, key, now, remembered, watched)
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            reading.set_exception(exc)
+        else:
+            reading.cancel()
+        raise
+    finally:
+        del _reading[reading_key]
+    reading.set_result(body)
+    return body
+
+
+def _retrieved(future: asyncio.Future[bytes]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _read(
+    session: AsyncSession,
+    key: tuple[JobFilter, int, int],
+    now: str | None,
+    remembered: dict[Hashable, tuple[str, bytes]] | None,
+    watched: bool,
+) -> bytes:
+    """The page read in `session`, and remembered."""
+    where, limit, offset = key
+    dialect = session.bind.dialect.name if session.bind is not None else ""
+    page, total_of, _ = _statements(where, limit, offset, dialect, True)
     rows = await fetch_tuples(session, page)
     # The page's own statement read the version it holds, its last column (SQLite: the
-    # transaction's snapshot).
+    # transaction's snapshot, the count's key). A page of a watched SQLite file is remembered
+    # at the version read before it: its snapshot is that or newer.
     version = str(rows[0][-1]) if rows else None
     total = await counts.count(session, total_of, ("jobs", where), version)
     body = render(rows, total, limit, offset, dialect)
-    if remembered is not None and version is not None and len(body) <= MAX_REMEMBERED_BYTES:
+    keep = now if watched else version
+    if remembered is not None and keep is not None and len(body) <= MAX_REMEMBERED_BYTES:
         remembered.pop(key, None)
-        remembered[key] = (version, body)
+        remembered[key] = (keep, body)
         while len(remembered) > MAX_REMEMBERED:
             del remembered[next(iter(remembered))]
     return body

@@ -19,11 +19,12 @@ from sqlalchemy import event, insert, text, update
 
 from orchestrator.core.auth import Actor
 from orchestrator.core.config import Settings
+from orchestrator.core.errors import Forbidden, NotFound
 from orchestrator.db.models import Job
 from orchestrator.db.session import Database
 from orchestrator.jobs import pages, service
 from orchestrator.jobs import repository as jobs_repo
-from orchestrator.jobs.schemas import JobList
+from orchestrator.jobs.schemas import JobList, JobOut
 
 _serial = iter(range(10**6))
 WEIRD = 'é ü 中文 😀 \u2028\u2029 "quoted" back\\slash \t\n\r \x01\x1f\x7f'
@@ -163,6 +164,26 @@ async def test_a_page_is_byte_for_byte_the_model_s(reader: Database) -> None:
         assert written in full, written
 
 
+async def test_a_job_is_byte_for_byte_the_model_s(reader: Database) -> None:
+    """`GET /api/jobs/{id}`'s body (pages.job_json) is what JobOut's serializer wrote of the
+    ORM job, for every kind of field; a job outside a worker's tree or not there is refused as
+    before."""
+    ids = await _add(reader, _every_kind("single"))
+    user = Actor(name="user:u", user_id="u")
+    for job_id in ids:
+        async with reader.read_session() as session:
+            job = await service.get_visible_job(session, user, job_id)
+            expected = TypeAdapter(JobOut).dump_json(JobOut.model_validate(job))
+            assert await pages.job_json(session, user, job_id) == expected
+    worker = Actor(name="worker:w", user_id="u", worker_id="w", worker_job_id="j_x", subtree_path="j_x/")
+    async with reader.read_session() as session:
+        with pytest.raises(Forbidden, match="outside this token's job subtree"):
+            await pages.job_json(session, worker, ids[0])
+        for missing in ("j_nothere", "j_\x00nul"):
+            with pytest.raises(NotFound, match="not found"):
+                await pages.job_json(session, user, missing)
+
+
 async def test_times_sqlite_holds_in_another_form_are_written_as_the_model_writes_them(
     reader: Database,
 ) -> None:
@@ -192,7 +213,9 @@ async def test_an_unchanged_database_answers_the_remembered_page(
     where = jobs_repo.JobFilter(q="page same")
     first = await _page(reader, where)
     for _ in range(200):
-        before, reads = await _snapshot(reader), len(page_reads)
+        before = await _snapshot(reader)
+        assert await _page(reader, where) == first  # read again if a commit came since the last
+        reads = len(page_reads)
         for _ in range(3):
             assert await _page(reader, where) == first
         if not reader.is_postgres or await _snapshot(reader) == before:

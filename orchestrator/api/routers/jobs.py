@@ -20,12 +20,13 @@ from orchestrator.api.deps import (
     UnitOfWorkDep,
 )
 from orchestrator.api.errors import BAD_REQUEST, ERROR_RESPONSES, NOT_FOUND, ErrorOut
+from orchestrator.api.listing_route import ListingRoute
 from orchestrator.api.paging import PageDep
 from orchestrator.api.routers import streams
 from orchestrator.api.sse import FeedsDep
 from orchestrator.api.strict_json import StrictJsonRoute
 from orchestrator.core.states import JobStatus
-from orchestrator.jobs import service
+from orchestrator.jobs import pages, service
 from orchestrator.jobs.repository import JobFilter
 from orchestrator.jobs.schemas import (
     DELEGATION_KEY_PATTERN,
@@ -105,7 +106,6 @@ async def job_filter(
 JobFilterDep = Annotated[JobFilter, Depends(job_filter)]
 
 
-@router.get("", response_model=JobList)
 async def list_jobs(
     actor: JobsRead,
     session: SessionDep,
@@ -127,6 +127,13 @@ async def list_jobs(
     return Response(body, media_type="application/json")
 
 
+# The list's plain case (a user's token, at most limit and offset) skips dependency solving
+# (api/listing_route.py); its documentation is the route's as declared.
+router.add_api_route(
+    "", list_jobs, methods=["GET"], response_model=JobList, route_class_override=ListingRoute
+)
+
+
 @router.get("/counts", response_model=JobCounts)
 async def count_jobs(actor: JobsRead, session: SessionDep, where: JobFilterDep) -> JobCounts:
     """Jobs per status under the list's filters (its `status` ignored): the dashboard's counts."""
@@ -135,8 +142,9 @@ async def count_jobs(actor: JobsRead, session: SessionDep, where: JobFilterDep) 
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
-async def get_job(job_id: str, actor: JobsRead, session: SessionDep) -> JobOut:
-    return JobOut.model_validate(await service.get_visible_job(session, actor, job_id))
+async def get_job(job_id: str, actor: JobsRead, session: SessionDep) -> Response:
+    # JSON bytes of the row, as the list's (jobs/pages.py); `response_model` documents it.
+    return Response(await pages.job_json(session, actor, job_id), media_type="application/json")
 
 
 @router.get("/{job_id}/usage", response_model=JobUsage, responses=NOT_FOUND)
