@@ -50,8 +50,10 @@ def make_engine(settings: Settings) -> AsyncEngine:
         )
         _tune_sqlite(engine)
         return engine
+    # At most 30 connections a process, as before, but 20 of them kept: with 32 requests in flight
+    # a pool of 10 connected and closed an overflow connection per request (py-spy under wrk).
     engine = create_async_engine(
-        url, pool_size=10, max_overflow=20, connect_args={"timeout": CONNECT_TIMEOUT_SECONDS}
+        url, pool_size=20, max_overflow=10, connect_args={"timeout": CONNECT_TIMEOUT_SECONDS}
     )
     watch_connections(engine)  # a server that is down or refusing: OperationalError, not a bare OSError
     drop_dead_connections(engine)  # instead of pool_pre_ping's three round trips a request

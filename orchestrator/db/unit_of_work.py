@@ -145,9 +145,10 @@ class UnitOfWork(_Session):
             await self.execute(_NOTIFY, {"channel": CHANNEL, "topic": topic.value})
 
     def published_by_statement(self, topic: Topic) -> None:
-        """A statement of this transaction wrote rows and ran pg_notify for `topic` itself (the
-        API's submit: one round trip), so the commit announces it here without a NOTIFY, and
-        the transaction has its id."""
+        """A statement of this transaction wrote rows and either ran pg_notify for `topic` itself
+        or leaves the NOTIFY to its caller after the commit (the group commit's
+        `Database.notify_committed`), so the commit announces it here without a NOTIFY, and the
+        transaction has its id."""
         self.topics.add(topic)
         self.has_transaction_id = True
 
