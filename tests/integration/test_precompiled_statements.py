@@ -455,6 +455,10 @@ CASES: dict[str, Callable[[Any, bool], list[Trial]]] = {
         (build(where, limit, 0, "postgresql" if postgres else "sqlite", False)[0], FETCH, {})
         for where, limit in ((JobFilter(), 50), (JobFilter(status="PENDING", path_prefix="c_"), 2))
     ],
+    # One job's row (GET /api/jobs/{id}).
+    "orchestrator.jobs.pages._one_statement()": lambda build, postgres: [
+        (build("postgresql" if postgres else "sqlite"), FETCH, {"job_id": "c_run"})
+    ],
     PG + "claim()": lambda build, postgres: (
         [(build((0, 1)), FETCH, {"n0": 5, "n1": 5, "n_allocated": 5, "b_engine": ENGINE, "now": NOW})]
         if postgres
