@@ -36,3 +36,13 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for a module whose tests only look at what they create themselves."""
     with server_factory(tmp_path_factory.mktemp("shared")) as factory:
         yield factory.start()
+
+
+@pytest.fixture(autouse=True)
+def _test_runs_umask_kept() -> Iterator[None]:
+    """A test that runs the app's start-up in this process (bootstrap.py makes its umask 077)
+    must not leave it so: later tests write files that sandboxed agents, under other uids, read."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    yield
+    os.umask(umask)

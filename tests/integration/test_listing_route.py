@@ -8,6 +8,7 @@ Runs on SQLite and on PostgreSQL (TEST_DATABASE).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,4 +108,11 @@ def test_the_plain_case_solves_no_dependency(
                 filtered = await client.get("/api/jobs?limit=5&status=RUNNING")
                 assert filtered.status_code == 200 and solved != []
 
-    asyncio.run(requests())
+    # The app's start-up makes its process's umask 077 (bootstrap.py); here that process is the
+    # test run's, whose later tests write files sandboxed agents must read: put it back.
+    umask = os.umask(0o077)
+    os.umask(umask)
+    try:
+        asyncio.run(requests())
+    finally:
+        os.umask(umask)
