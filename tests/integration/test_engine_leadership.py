@@ -203,3 +203,31 @@ def _descendants(pid: int) -> list[int]:
             found += kids
             pending += kids
     return found
+
+
+def test_ready_says_starting_up_until_this_processs_engine_has_started(
+    servers: ServerFactory, tmp_path: Path
+) -> None:
+    """/health answers before the engine starts, and the engine registers (so a heartbeat
+    exists) before its start is over (the network guard, recovery): until it is over, /ready
+    says 503 "starting up", never ready without saying how workers are confined. A slow `nft`
+    (first on PATH) holds the start in that window."""
+    slow = tmp_path / "slow-bin"
+    slow.mkdir()
+    nft = slow / "nft"
+    nft.write_text('#!/bin/sh\nsleep 3\nexec /usr/sbin/nft "$@"\n')
+    nft.chmod(0o755)
+    server = servers.start(
+        ORCHESTRATOR_AGENTS_FILE=agents_file(servers.root), PATH=f"{slow}:{os.environ['PATH']}"
+    )
+    seen: list[dict[str, Any]] = []
+
+    def ready_at_last() -> dict[str, Any] | None:
+        answer = httpx.get(f"{server.url}/ready", timeout=30)
+        seen.append(answer.json())
+        return answer.json() if answer.status_code == 200 else None
+
+    body = wait_until(ready_at_last, what="/ready 200")
+    assert body["engine"] == "running" and body["sandbox"]["network_guard"] == "on", (body, seen)
+    starting = "starting up: this process's engine is starting"
+    assert any(answer.get("reason") == starting for answer in seen), seen  # the window was seen

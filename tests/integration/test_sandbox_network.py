@@ -165,6 +165,14 @@ def targets(port: int) -> list[list[Any]]:
     return found
 
 
+def ready_body(client: httpx.Client) -> dict[str, Any]:
+    """/ready once it says ready (the server answers /health before its engine has started)."""
+    body: dict[str, Any] = wait_until(
+        lambda: (r := client.get("/ready")).status_code == 200 and r.json(), what="/ready 200"
+    )
+    return body
+
+
 def test_sandboxed_agent_reaches_the_api_and_none_of_the_hosts_services(servers: ServerFactory) -> None:
     server = servers.start(
         ORCHESTRATOR_AGENTS_FILE=agents(servers.root), ORCHESTRATOR_SANDBOX_UID=GUARDED_UID
@@ -172,7 +180,7 @@ def test_sandboxed_agent_reaches_the_api_and_none_of_the_hosts_services(servers:
     # The database of this very server: PostgreSQL's address (TEST_DATABASE=postgres) or, on
     # SQLite, the PostgreSQL of the machine all the same.
     with server.client() as client, host_listener() as (port, accepted):
-        ready = client.get("/ready").json()
+        ready = ready_body(client)
         assert ready["sandbox"]["status"] == "on" and ready["sandbox"]["network_guard"] == "on", ready
         report, status = probe_report(client, "probe", targets(port))
         assert status == "COMPLETED", report
@@ -197,7 +205,7 @@ def test_without_the_guard_the_same_agent_reaches_the_hosts_services(servers: Se
         ORCHESTRATOR_SANDBOX_UID=UNGUARDED_UID,
     )
     with server.client() as client, host_listener() as (port, accepted):
-        assert client.get("/ready").json()["sandbox"]["network_guard"] == "off"
+        assert ready_body(client)["sandbox"]["network_guard"] == "off"
         report, _ = probe_report(client, "probe", [["listener_loopback", "127.0.0.1", port]])
         assert report["listener_loopback"] == "ok: service", report
         assert accepted
@@ -214,7 +222,7 @@ def test_a_host_where_the_guard_cannot_be_set_up_says_why_and_starts_no_worker(
         PATH="/usr/bin:/bin",
     )
     with server.client() as client:
-        sandbox = client.get("/ready").json()["sandbox"]
+        sandbox = ready_body(client)["sandbox"]
         assert sandbox["status"] == "unavailable" and "network guard" in sandbox["reason"], sandbox
         assert "nft" in sandbox["reason"] and "ORCHESTRATOR_SANDBOX_NETWORK_GUARD=off" in sandbox["reason"]
         job = submit(client, agent="probe", task_description=json.dumps({"targets": []}))

@@ -303,6 +303,11 @@ async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
     }
     seat = getattr(request.app.state, "engine_seat", None)
     if seat is not None:  # this process runs the host's engine, or stands by to (api/leadership.py)
+        if seat.starting is not None and not seat.starting.done():
+            # Its engine has registered (the heartbeat above may be its own) but is still starting
+            # (the network guard, recovery): not ready yet, and its sandbox not known.
+            reason = "starting up: this process's engine is starting"
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         body["engine"] = seat.state
     engine = getattr(request.app.state, "engine", None)
     if engine is not None:
