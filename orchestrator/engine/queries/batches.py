@@ -8,12 +8,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator.core.states import WorkerStatus
 from orchestrator.db import precompiled
 from orchestrator.db.models import utcnow
 from orchestrator.db.topics import CHANNEL, Topic
 from orchestrator.db.unit_of_work import unit_of_work
 from orchestrator.engine.queries import postgres
+from orchestrator.engine.queries.claims import record_worker_created
 from orchestrator.engine.queries.rows import SettlingJob, WorkerEnding
 
 
@@ -90,18 +90,8 @@ async def claim(
     params: dict[str, object] = {f"n{depth}": room[depth] for depth in depths}
     now = utcnow()
     params.update(n_allocated=allocated, b_engine=engine_id, now=now)
-    work = unit_of_work(session)
     for worker_id, job_id in await precompiled.fetch_tuples(session, postgres.claim(depths), params):
-        work.record_event(
-            job_id=job_id,
-            worker_id=worker_id,
-            kind="worker.status",
-            actor=actor,
-            from_status=None,
-            to_status=WorkerStatus.IDLE.value,
-            reason="created",
-            created_at=now,
-        )
+        record_worker_created(session, job_id, worker_id, actor, now)
 
 
 async def room(

@@ -4,6 +4,7 @@ IDLE workers it could start now (the scheduler's reads, one statement each per p
 from __future__ import annotations
 
 import functools
+from datetime import datetime
 from typing import cast
 
 from sqlalchemy import Table, and_, bindparam, case, func, insert, literal, or_, select, union_all, update
@@ -110,7 +111,8 @@ async def owned_pending_by_depth(session: AsyncSession, engine_id: str) -> dict[
     return {depth: int(count) for depth, count in rows}
 
 
-_WORKER_COLUMNS = (
+# The columns a new worker's row is written with (here, and by PostgreSQL's claim).
+WORKER_COLUMNS = (
     "id",
     "job_id",
     "workspace_id",
@@ -128,7 +130,7 @@ _WORKER_COLUMNS = (
     "updated_at",
 )
 _INSERT_WORKERS = precompiled.Statement(
-    insert(cast(Table, Worker.__table__)).values({name: bindparam(name) for name in _WORKER_COLUMNS})
+    insert(cast(Table, Worker.__table__)).values({name: bindparam(name) for name in WORKER_COLUMNS})
 )
 
 
@@ -159,17 +161,24 @@ async def create_workers(session: AsyncSession, jobs: list[ClaimedJob], actor: s
                     "updated_at": now,
                 }
             )
-            unit_of_work(session).record_event(
-                job_id=job.id,
-                worker_id=worker_id,
-                kind="worker.status",
-                actor=actor,
-                from_status=None,
-                to_status=WorkerStatus.IDLE.value,
-                reason="created",
-                created_at=now,
-            )
+            record_worker_created(session, job.id, worker_id, actor, now)
     await precompiled.execute_many(session, _INSERT_WORKERS, rows)
+
+
+def record_worker_created(
+    session: AsyncSession, job_id: str, worker_id: str, actor: str, now: datetime
+) -> None:
+    """The event of an IDLE worker made for a claimed job (on either database's way of making it)."""
+    unit_of_work(session).record_event(
+        job_id=job_id,
+        worker_id=worker_id,
+        kind="worker.status",
+        actor=actor,
+        from_status=None,
+        to_status=WorkerStatus.IDLE.value,
+        reason="created",
+        created_at=now,
+    )
 
 
 async def idle_workers(

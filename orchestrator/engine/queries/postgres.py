@@ -41,7 +41,7 @@ from sqlalchemy.orm import aliased
 from orchestrator.core.states import JobStatus, WorkerStatus
 from orchestrator.db import precompiled
 from orchestrator.db.models import Allocation, Event, Job, ResourcePool, UTCDateTime, Worker
-from orchestrator.engine.queries.claims import _claim_candidates
+from orchestrator.engine.queries.claims import WORKER_COLUMNS, _claim_candidates
 from orchestrator.engine.queries.rows import ACTIVE_JOB, LIVE
 
 _JOBS = cast(Table, Job.__table__)
@@ -321,25 +321,6 @@ ROOM = precompiled.Statement(
 )
 
 
-_NEW_WORKER_COLUMNS = (
-    "id",
-    "job_id",
-    "workspace_id",
-    "status",
-    "worker_index",
-    "depth",
-    "agent",
-    "holds_slot",
-    "log_offset",
-    "log_lines",
-    "cost_usd",
-    "input_tokens",
-    "output_tokens",
-    "created_at",
-    "updated_at",
-)
-
-
 @functools.cache
 def claim(depths: tuple[int, ...]) -> precompiled.Statement:
     """The claim and the claimed jobs' IDLE workers in one statement: the candidates
@@ -378,7 +359,5 @@ def claim(depths: tuple[int, ...]) -> precompiled.Statement:
         bindparam("now", type_=UTCDateTime()),
     )
     return precompiled.Statement(
-        insert(_WORKERS)
-        .from_select(list(_NEW_WORKER_COLUMNS), rows)
-        .returning(_WORKERS.c.id, _WORKERS.c.job_id)
+        insert(_WORKERS).from_select(list(WORKER_COLUMNS), rows).returning(_WORKERS.c.id, _WORKERS.c.job_id)
     )
