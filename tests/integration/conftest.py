@@ -4,7 +4,7 @@ or PostgreSQL with TEST_DATABASE=postgres); tests against servers make their own
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,3 +62,24 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         yield prepared(Settings(orchestrator_data_dir=data, database_url=url))
     finally:
         drop_pg_database(url)
+
+
+# Two Database objects on the module's database (`settings`): the one a test reads through, and
+# another process's, in effect (its own engine and pool), to commit from elsewhere.
+@pytest.fixture
+async def reader(settings: Settings) -> AsyncIterator[Database]:
+    database = Database(settings)
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+@pytest.fixture
+async def other(settings: Settings) -> AsyncIterator[Database]:
+    """Another process's database objects, in effect: its own engine and pool."""
+    database = Database(settings)
+    try:
+        yield database
+    finally:
+        await database.dispose()

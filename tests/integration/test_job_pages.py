@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -28,25 +28,6 @@ from orchestrator.jobs.schemas import JobList, JobOut
 
 _serial = iter(range(10**6))
 WEIRD = 'é ü 中文 😀 \u2028\u2029 "quoted" back\\slash \t\n\r \x01\x1f\x7f'
-
-
-@pytest.fixture
-async def reader(settings: Settings) -> AsyncIterator[Database]:
-    database = Database(settings)
-    try:
-        yield database
-    finally:
-        await database.dispose()
-
-
-@pytest.fixture
-async def other(settings: Settings) -> AsyncIterator[Database]:
-    """Another process's database objects, in effect: its own engine and pool."""
-    database = Database(settings)
-    try:
-        yield database
-    finally:
-        await database.dispose()
 
 
 @pytest.fixture

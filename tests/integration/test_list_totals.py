@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,25 +21,6 @@ from orchestrator.core.config import Settings
 from orchestrator.db.models import Job
 from orchestrator.db.session import Database
 from orchestrator.jobs import repository as jobs_repo
-
-
-@pytest.fixture
-async def reader(settings: Settings) -> AsyncIterator[Database]:
-    database = Database(settings)
-    try:
-        yield database
-    finally:
-        await database.dispose()
-
-
-@pytest.fixture
-async def other(settings: Settings) -> AsyncIterator[Database]:
-    """Another process's database objects, in effect: its own engine and pool."""
-    database = Database(settings)
-    try:
-        yield database
-    finally:
-        await database.dispose()
 
 
 @pytest.fixture

@@ -9,14 +9,13 @@ Runs on SQLite and on PostgreSQL (TEST_DATABASE).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import event, insert, text, update
 
-from orchestrator.core.config import Settings
 from orchestrator.db import counts, version_reads
 from orchestrator.db.models import Job
 from orchestrator.db.session import Database
@@ -25,25 +24,6 @@ from orchestrator.jobs import repository as jobs_repo
 from orchestrator.jobs.schemas import JobList
 
 _serial = iter(range(10**6))
-
-
-@pytest.fixture
-async def reader(settings: Settings) -> AsyncIterator[Database]:
-    database = Database(settings)
-    try:
-        yield database
-    finally:
-        await database.dispose()
-
-
-@pytest.fixture
-async def other(settings: Settings) -> AsyncIterator[Database]:
-    """Another process's database objects, in effect: its own engine and pool."""
-    database = Database(settings)
-    try:
-        yield database
-    finally:
-        await database.dispose()
 
 
 @pytest.fixture
