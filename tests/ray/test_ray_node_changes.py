@@ -145,6 +145,17 @@ def test_a_git_remote_the_node_cannot_reach_fails_the_start_naming_node_and_remo
         cluster.finish_node(node, cluster.node_processes(node))
 
 
+def node_with_its_dir(cluster: RayCluster, directory: Path) -> Any:
+    """A node (one slot) whose node directory (ORCHESTRATOR_NODE_DIR, read at its start) is
+    `directory`; the nodes after it keep the cluster's."""
+    before = os.environ["ORCHESTRATOR_NODE_DIR"]
+    os.environ["ORCHESTRATOR_NODE_DIR"] = str(directory)
+    try:
+        return cluster.add_node(slots=1)
+    finally:
+        os.environ["ORCHESTRATOR_NODE_DIR"] = before
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_node_whose_disk_is_full_fails_the_start_saying_so(
     servers: ServerFactory, cluster: RayCluster, tmp_path: Path
@@ -153,14 +164,9 @@ def test_a_node_whose_disk_is_full_fails_the_start_saying_so(
     worker's worktree: the worker ends FAILED with a reason naming the node and the full disk,
     its slot back, and the next worker, on a node with room, runs."""
     server, repo, _ = start_repository_server(servers, cluster)
-    before = os.environ["ORCHESTRATOR_NODE_DIR"]
     with small_tmpfs(tmp_path / "node-dir", size="1m") as mount:
         fill(mount)
-        os.environ["ORCHESTRATOR_NODE_DIR"] = str(mount)
-        try:
-            node = cluster.add_node(slots=1)
-        finally:
-            os.environ["ORCHESTRATOR_NODE_DIR"] = before
+        node = node_with_its_dir(cluster, mount)
         try:
             with server.client() as client:
                 job = submit(client, agent="writer", repository=str(repo))
@@ -191,13 +197,8 @@ def test_a_node_whose_disk_fills_up_mid_run_fails_the_worker_saying_so(
     and the full disk (not COMPLETED because the agent exited 0), the lines it wrote before are
     all there, its slot comes back, and the server serves on."""
     server, repo, _ = start_repository_server(servers, cluster, extra=FILLER)
-    before = os.environ["ORCHESTRATOR_NODE_DIR"]
     with small_tmpfs(tmp_path / "node-dir", size="16m") as mount:
-        os.environ["ORCHESTRATOR_NODE_DIR"] = str(mount)
-        try:
-            node = cluster.add_node(slots=1)
-        finally:
-            os.environ["ORCHESTRATOR_NODE_DIR"] = before
+        node = node_with_its_dir(cluster, mount)
         try:
             with server.client() as client:
                 job = submit(client, agent="filler", repository=str(repo))
