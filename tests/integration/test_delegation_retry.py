@@ -20,6 +20,7 @@ import pytest
 from orchestrator.core.auth import create_access_token
 from tests.integration.test_engine_lifecycle import pid_alive, submit, wait_final, workers_of
 from tests.support.db import seed_worker
+from tests.support.listeners import stop_accepting
 from tests.support.servers import Server, ServerFactory, free_port
 from tests.support.wait import wait_until
 
@@ -138,7 +139,8 @@ class AnswerDroppingProxy:
 
     def __exit__(self, *_: object) -> None:
         self.closing = True
-        self.listener.close()
+        for thread in self.threads:
+            stop_accepting(self.listener, thread)
 
     def _accept(self) -> None:
         while not self.closing:

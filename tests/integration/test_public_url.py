@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
+from tests.support.listeners import stop_accepting
 from tests.support.servers import ServerFactory, free_port, token
 from tests.support.wait import wait_until
 
@@ -202,10 +203,7 @@ class CountingProxy:
 
     def close(self) -> None:
         self.closed = True
-        with suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept
-        self.listener.close()
-        self.thread.join(10)
+        stop_accepting(self.listener, self.thread)
 
 
 def test_an_explicit_public_url_wins(servers: ServerFactory) -> None:

@@ -21,6 +21,7 @@ import httpx
 from orchestrator.executors import netguard
 from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
 from tests.support.agent_scripts import API_CALL
+from tests.support.listeners import stop_accepting
 from tests.support.servers import ServerFactory
 from tests.support.wait import wait_until
 
@@ -123,8 +124,7 @@ def host_listener() -> Iterator[tuple[int, list[str]]]:
     try:
         yield server.getsockname()[1], accepted
     finally:
-        server.close()  # (accept() then fails: the thread ends)
-        thread.join(5)
+        stop_accepting(server, thread)
 
 
 def _allowed(port: int) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, wait_final, workers_of
+from tests.support.listeners import stop_accepting
 from tests.support.servers import ServerFactory
 from tests.support.wait import wait_until
 
@@ -340,7 +341,8 @@ def test_a_worker_does_not_reach_host_services_on_loopback(servers: ServerFactor
             with conn:
                 conn.sendall(b"HOST-SERVICE")
 
-    threading.Thread(target=serve, daemon=True).start()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
     try:
         server = servers.start(ORCHESTRATOR_AGENTS_FILE=agents(servers.root))
         with server.client() as client:
@@ -351,4 +353,4 @@ def test_a_worker_does_not_reach_host_services_on_loopback(servers: ServerFactor
             assert "LOOPBACK got HOST-SERVICE" not in lines, lines
             assert any("Error" in line or "refused" in line for line in lines), lines  # it tried
     finally:
-        listener.close()
+        stop_accepting(listener, thread)
