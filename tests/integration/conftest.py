@@ -64,10 +64,9 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         drop_pg_database(url)
 
 
-# Two Database objects on the module's database (`settings`): the one a test reads through, and
-# another process's, in effect (its own engine and pool), to commit from elsewhere.
-@pytest.fixture
-async def reader(settings: Settings) -> AsyncIterator[Database]:
+async def _database_of_its_own(settings: Settings) -> AsyncIterator[Database]:
+    """Database objects of their own on the module's database (`settings`): an engine and a pool
+    of their own, as another process has."""
     database = Database(settings)
     try:
         yield database
@@ -75,11 +74,6 @@ async def reader(settings: Settings) -> AsyncIterator[Database]:
         await database.dispose()
 
 
-@pytest.fixture
-async def other(settings: Settings) -> AsyncIterator[Database]:
-    """Another process's database objects, in effect: its own engine and pool."""
-    database = Database(settings)
-    try:
-        yield database
-    finally:
-        await database.dispose()
+# Two of them: the one a test reads through, and another process's, to commit from elsewhere.
+reader = pytest.fixture(_database_of_its_own, name="reader")
+other = pytest.fixture(_database_of_its_own, name="other")
