@@ -169,9 +169,9 @@ def seed_jobs(database_url: str, count: int) -> None:
         finally:
             await database.dispose()
         if database_url.startswith("postgresql"):
-            # Settle the bulk load as an operator would (and as autovacuum does, a while later):
-            # measured right after it, the listing's first seconds share the machine with
-            # autovacuum's pass over the 100,000 new rows, a transient, not the steady state.
+            # Settle the bulk load as an operator would (and as autovacuum does, a while later), so
+            # every configuration lists from the same analysed table, not one that autovacuum may
+            # or may not have reached yet.
             import asyncpg
 
             connection = await asyncpg.connect(database_url)
