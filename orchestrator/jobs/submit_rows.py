@@ -9,15 +9,33 @@ its transaction as it would have seen them committed.
 
 from __future__ import annotations
 
+import json
+import typing
 from typing import Any
 
-from sqlalchemy import String, bindparam, func, insert, literal, select
+from sqlalchemy import (
+    JSON,
+    Float,
+    Integer,
+    String,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    func,
+    insert,
+    literal,
+    literal_column,
+    null,
+    select,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestrator.core.states import JobStatus
 from orchestrator.db import precompiled
 from orchestrator.db.locking import is_postgres
-from orchestrator.db.models import Allocation, Event, Job, Workspace
+from orchestrator.db.models import Allocation, Event, Job, UTCDateTime, Workspace
 from orchestrator.db.precompiled import Record, record_type
 from orchestrator.db.topics import CHANNEL, Topic
 from orchestrator.db.unit_of_work import UnitOfWork
@@ -81,39 +99,110 @@ _SUBMIT_PG = {
     for notify in (False, True)
 }
 
-# PostgreSQL, plain root jobs (jobs/submit.is_plain_root): their rows and their "submitted"
-# events, each job's in one statement, in autocommit (write_plain_roots). An event
-# takes its id (a sequence) from the row new_job returns, so after the job's INSERT gave the
-# transaction its id (UnitOfWork._take_transaction_id says why that order matters).
-_NEW_JOB = (  # a statement of its own: precompiled.Statement(_JOB_ROW) has compiled that one
-    insert(Job).values(_JOB_VALUES).returning(Job.__table__.c.id, Job.__table__.c.created_at).cte("new_job")
+# PostgreSQL, plain root jobs (jobs/submit.is_plain_root): a batch's rows and their "submitted"
+# events in one statement whatever its size, the values as one array per column (`unnest`): the
+# server plans and runs one INSERT per table for the batch, not four per job (issue 19: its CPU
+# per submit is what a second API process competes with). Each event takes its id (a sequence) from a row new_job returns,
+# so after the job's INSERT gave the transaction its id (UnitOfWork._take_transaction_id says why
+# that order matters). Values are the same as the single-row statements write: `Job`'s JSON
+# columns as JSON text (None is JSON null, as SQLAlchemy's JSON type writes it).
+_ROOT_ARRAYS: dict[str, Any] = {
+    "id": String,
+    "task_description": Text,
+    "worker_count": Integer,
+    "depth": Integer,
+    "path": String,
+    "priority": Integer,
+    "agent": String,
+    "agent_options": Text,
+    "timeout_seconds": Float,
+    "workspace_id": String,
+    "created_by": String,
+    "created_by_worker_id": String,
+    "max_cost_usd": Float,
+    "max_turns": Integer,
+    "delegation_key": String,
+    "limits": Text,
+    "created_at": UTCDateTime(),
+    "e_actor": String,
+}
+_JSON_COLUMNS = ("agent_options", "limits")
+_root_values = (
+    func.unnest(*(bindparam(f"r_{name}", type_=ARRAY(item)) for name, item in _ROOT_ARRAYS.items()))
+    .table_valued(*_ROOT_ARRAYS)
+    .render_derived(name="root_values", with_types=False)
 )
-_SUBMITTED_EVENT = insert(Event).from_select(
-    ["job_id", "kind", "actor", "to_status", "reason", "created_at"],
-    select(
-        _NEW_JOB.c.id,
-        literal("job.status"),
-        bindparam("e_actor", type_=String()),
-        literal(JobStatus.PENDING.value),
-        literal("submitted"),
-        _NEW_JOB.c.created_at,
-    ),
+_roots = select(*_root_values.c).cte("roots")  # read by four statements, unnested once
+_JOBS = typing.cast(Table, Job.__table__)
+_ROOT_JOB_VALUES = {
+    "status": literal_column(f"'{JobStatus.PENDING.value}'"),
+    "parent_job_id": null(),
+    "repository": null(),
+    "base_ref": null(),
+    "updated_at": _roots.c.created_at,
+} | {name: cast(_roots.c[name], JSON) for name in _JSON_COLUMNS}
+_NEW_ROOT_JOBS = (
+    insert(_JOBS)
+    .from_select(
+        list(JOB_COLUMNS),
+        select(
+            *(_ROOT_JOB_VALUES[name] if name in _ROOT_JOB_VALUES else _roots.c[name] for name in JOB_COLUMNS)
+        ),
+    )
+    .returning(_JOBS.c.id)
+    .cte("new_job")
 )
-_PLAIN_ROOT_PG = select(literal(1)).add_cte(
-    _WORKSPACE_ROW.cte("new_workspace"),
-    _NEW_JOB,
-    _ALLOCATION_ROW.cte("new_allocation"),
-    _SUBMITTED_EVENT.cte("new_event"),
+_NEW_ROOTS_PG = (
+    insert(Event)
+    .from_select(
+        ["job_id", "kind", "actor", "to_status", "reason", "data", "created_at"],
+        select(
+            _roots.c.id,
+            literal_column("'job.status'"),
+            _roots.c.e_actor,
+            literal_column(f"'{JobStatus.PENDING.value}'"),
+            literal_column("'submitted'"),
+            literal_column("'null'::json"),  # no data, as a unit of work's events write it
+            _roots.c.created_at,
+        ).where(_roots.c.id == _NEW_ROOT_JOBS.c.id),
+    )
+    .add_cte(
+        _roots,
+        insert(Workspace)
+        .from_select(
+            ["id", "repository", "root_job_id", "created_at"],
+            select(_roots.c.workspace_id, null(), _roots.c.id, _roots.c.created_at),
+        )
+        .cte("new_workspace"),
+        _NEW_ROOT_JOBS,
+        insert(Allocation)
+        .from_select(
+            ["job_id", "depth", "slots", "bound", "max_slots", "updated_at"],
+            select(
+                _roots.c.id,
+                _roots.c.depth,
+                literal_column("0"),
+                literal_column("0"),
+                _roots.c.worker_count,
+                _roots.c.created_at,
+            ),
+        )
+        .cte("new_allocation"),
+    )
 )
 
 
 async def write_plain_roots(connection: AsyncConnection, jobs: list[tuple[dict[str, Any], str]]) -> None:
     """Write plain root jobs (`JOB_COLUMNS`, the submitting actor's name) with their rows and
-    events on a connection in autocommit: one round trip, one transaction (asyncpg's
-    executemany is atomic: every job is written, or none). An error the server answered with
-    means none was; any other (a lost connection) leaves it unknown."""
-    params = [_row(job, new_workspace=True) | {"e_actor": actor} for job, actor in jobs]
-    await connection.execute(_PLAIN_ROOT_PG, params if len(params) > 1 else params[0])
+    events on a connection in autocommit: one statement, so one transaction (every job is
+    written, or none). An error the server answered with means none was; any other (a lost
+    connection) leaves it unknown."""
+    columns: dict[str, list[Any]] = {f"r_{name}": [] for name in _ROOT_ARRAYS}
+    for job, actor in jobs:
+        for name in _ROOT_ARRAYS:
+            value = actor if name == "e_actor" else job[name]
+            columns[f"r_{name}"].append(json.dumps(value) if name in _JSON_COLUMNS else value)
+    await connection.execute(_NEW_ROOTS_PG, columns)
 
 
 def _row(job: dict[str, Any], *, new_workspace: bool) -> dict[str, Any]:

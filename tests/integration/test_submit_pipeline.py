@@ -5,6 +5,7 @@ the other processes are told by a NOTIFY after the commit, not in it (Database.n
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -14,12 +15,14 @@ from sqlalchemy import event, func, select, text
 from orchestrator.agents.registry import AgentRegistry
 from orchestrator.core.auth import Actor
 from orchestrator.core.config import Settings
+from orchestrator.core.ids import new_job_id, new_workspace_id
 from orchestrator.db.models import Allocation, Event, Job, Workspace
 from orchestrator.db.session import Database
 from orchestrator.db.topics import CHANNEL, Topic
 from orchestrator.jobs import service
 from orchestrator.jobs.group_commit import SubmitQueue
 from orchestrator.jobs.schemas import JobSubmit
+from orchestrator.jobs.submit_rows import PendingRows, write_plain_roots
 from tests.support.servers import test_database_kind as database_kind
 
 pytestmark = pytest.mark.skipif(database_kind() != "postgres", reason="PostgreSQL's autocommit writes")
@@ -46,6 +49,12 @@ async def test_root_submits_are_one_statement_without_begin_or_commit(settings: 
         dbapi_connection.driver_connection.add_query_logger(lambda query: sent.append(query.query))
 
     event.listen(database.engine.sync_engine, "connect", log_queries)
+    executed: list[str] = []  # the statements SQLAlchemy ran (asyncpg logs only some of them)
+    event.listen(
+        database.engine.sync_engine,
+        "before_cursor_execute",
+        lambda _connection, _cursor, statement, *_: executed.append(statement),
+    )
     notified: asyncio.Queue[str] = asyncio.Queue()
     listener = await asyncpg.connect(settings.database_url.replace("+asyncpg", ""))
     try:
@@ -53,9 +62,13 @@ async def test_root_submits_are_one_statement_without_begin_or_commit(settings: 
         answers = await asyncio.gather(*(_submit(queue, f"root {i}") for i in range(8)))
         assert queue.transactions == 1  # all eight queued before the writer first ran
         assert await asyncio.wait_for(notified.get(), 60) == "jobs"
-        # The rows in one statement (the logger sees executemany's), with no NOTIFY: that
-        # came after the commit, in a transaction of its own.
-        assert sent[0].split()[0] == "WITH" and "pg_notify" not in sent[0], sent
+        # The rows in one statement, with no NOTIFY (that came after the commit, in a
+        # transaction of its own), and no BEGIN or COMMIT on the wire.
+        writes = [statement for statement in executed if "INSERT INTO" in statement]
+        assert len(writes) == 1 and writes[0].split()[0] == "WITH", executed
+        assert all(table in writes[0] for table in ("jobs", "allocations", "workspaces", "events"))
+        assert "pg_notify" not in writes[0]
+        assert not [query for query in sent if query.split()[0].upper() in ("BEGIN", "START", "COMMIT")], sent
 
         ids = [answer.id for answer in answers]
         async with database.read_session() as session:
@@ -181,4 +194,112 @@ async def test_commits_made_while_a_notify_is_under_way_are_told_by_the_next(set
         assert notified.empty()
     finally:
         await listener.close()
+        await database.dispose()
+
+
+def _root_job(**values: Any) -> dict[str, Any]:
+    job_id = new_job_id()
+    now = datetime.now(UTC)
+    return {
+        "id": job_id,
+        "status": "PENDING",
+        "task_description": "compare",
+        "worker_count": 1,
+        "depth": 0,
+        "parent_job_id": None,
+        "path": f"{job_id}/",
+        "priority": 0,
+        "agent": "simulated",
+        "agent_options": {},
+        "timeout_seconds": None,
+        "repository": None,
+        "base_ref": None,
+        "workspace_id": new_workspace_id(),
+        "created_by": "pipeline",
+        "created_by_worker_id": None,
+        "max_cost_usd": None,
+        "max_turns": None,
+        "delegation_key": None,
+        "limits": None,
+        "created_at": now,
+        "updated_at": now,
+    } | values
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {
+            "task_description": "every field set: 'quotes', \"json\", ünïcode",
+            "worker_count": 3,
+            "depth": 2,
+            "priority": -7,
+            "agent_options": {"model": "ü", "flags": [1, 2.5, None, {"a": "b"}]},
+            "timeout_seconds": 12.25,
+            "created_by_worker_id": "w_abc",
+            "max_cost_usd": 0.125,
+            "max_turns": 9,
+            "delegation_key": "key-1",
+            "limits": {"memory_mb": 512, "pids": 64, "network": False},
+        },
+    ],
+)
+async def test_a_batch_of_roots_writes_the_rows_a_single_submit_writes(
+    settings: Settings, values: dict[str, Any]
+) -> None:
+    """The one-statement batch (arrays, one per column) writes every column of the job, its
+    workspace, allocation and event as the per-submit statements do: compared row by row, as
+    the server stores them (JSON as its text, so JSON null and SQL NULL differ)."""
+    database = Database(settings)
+    try:
+        now = datetime.now(UTC)
+        alone, batched = (_root_job(**values, created_at=now, updated_at=now) for _ in range(2))
+        async with database.session() as session:
+            rows = PendingRows(session, notify=False)
+            rows.add(alone, new_workspace=True)
+            session.record_event(
+                job_id=alone["id"],
+                kind="job.status",
+                actor=USER.name,
+                to_status="PENDING",
+                reason="submitted",
+                created_at=alone["created_at"],
+            )
+            await rows.flush()
+        async with database.autocommit_connection() as connection:
+            await write_plain_roots(connection, [(_root_job(), "user:other"), (batched, USER.name)])
+
+        def stored(job: dict[str, Any]) -> dict[str, Any]:
+            ids = {job["id"]: "JOB", job["workspace_id"]: "WS", job["path"]: "PATH"}
+            return {
+                table: [
+                    {k: ids.get(v, v) for k, v in row.items() if k != "id" or table != "events"}
+                    for row in found
+                ]
+                for table, found in tables[job["id"]].items()
+            }
+
+        tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        reader = await asyncpg.connect(settings.database_url.replace("+asyncpg", ""))
+        try:
+            for job in (alone, batched):
+                tables[job["id"]] = {
+                    # asyncpg without codecs: JSON as the server's text ("null" is not None)
+                    table: [
+                        dict(row)
+                        for row in await reader.fetch(f"SELECT * FROM {table} WHERE {key} = $1", value)
+                    ]
+                    for table, key, value in (
+                        ("jobs", "id", job["id"]),
+                        ("allocations", "job_id", job["id"]),
+                        ("workspaces", "id", job["workspace_id"]),
+                        ("events", "job_id", job["id"]),
+                    )
+                }
+        finally:
+            await reader.close()
+        assert stored(batched) == stored(alone)
+        assert all(len(found) == 1 for found in tables[batched["id"]].values())
+    finally:
         await database.dispose()
