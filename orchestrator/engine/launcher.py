@@ -5,6 +5,7 @@ It records nothing itself: the next pass's transaction does (engine/ledger.py)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -124,32 +125,32 @@ class Launcher:
 
     def _start_chunk(self, chunk: list[_Prepared]) -> list[Launched]:
         """Runs in a launcher thread: one worker that cannot start does not stop the others."""
-        launched: list[Launched] = []
-        for item in chunk:
-            try:
-                spawned = item.start()
-            except NotPlaced as exc:
-                launched.append(Launched(item.worker, item.job, None, waiting=str(exc)))
-                continue
-            except Exception as exc:
-                launched.append(_not_started(item.worker, item.job, exc))
-                continue
-            launched.append(
-                Launched(
-                    item.worker,
-                    item.job,
-                    spawned,
-                    started_at=utcnow(),  # recorded by the next pass: keep the real time
-                    run_dir=str(item.run_dir),
-                    workdir=str(item.workdir),
-                    branch=item.branch,
-                    base_commit=item.base_commit,
-                )
-            )
+        pool = self.ctx.executor.pool  # refilled after the chunk, not during it (WrapperPool.batch)
+        with pool.batch() if pool is not None else contextlib.nullcontext():
+            launched = [self._start_one(item) for item in chunk]
         for result in launched:
             if result.spawned is not None:  # the execs ran meanwhile: no wait for each
                 self.ctx.executor.read_start_time(result.spawned.proc)
         return launched
+
+    @staticmethod
+    def _start_one(item: _Prepared) -> Launched:
+        try:
+            spawned = item.start()
+        except NotPlaced as exc:
+            return Launched(item.worker, item.job, None, waiting=str(exc))
+        except Exception as exc:
+            return _not_started(item.worker, item.job, exc)
+        return Launched(
+            item.worker,
+            item.job,
+            spawned,
+            started_at=utcnow(),  # recorded by the next pass: keep the real time
+            run_dir=str(item.run_dir),
+            workdir=str(item.workdir),
+            branch=item.branch,
+            base_commit=item.base_commit,
+        )
 
     async def _prepare(self, worker: WorkerRow, job: JobRow) -> _Prepared:
         """The worktree (if any), and the blocking call that starts the worker."""

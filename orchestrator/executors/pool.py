@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from orchestrator.executors import spawn
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 PARK_SCRIPT = "cd / || exit 1; . /dev/fd/3"
 PARKED_NAME = "orchestrator-parked"  # $0 of a parked shell, until it becomes a wrapper
 GROUP_PREFIX = POOL_PREFIX
-DEFAULT_SIZE = 8
+DEFAULT_SIZE = 16  # a pass's launch at the default depth-0 quota (10) takes only parked wrappers
 
 
 @dataclass
@@ -85,6 +85,7 @@ class WrapperPool:
         self._filled = threading.Condition(self._lock)
         self._closed = False
         self._parking = False
+        self._batches = 0  # batches of starts under way (`batch`): no parking meanwhile
         self._thread: threading.Thread | None = None
 
     @staticmethod
@@ -98,7 +99,9 @@ class WrapperPool:
         while True:
             with self._lock:
                 parked = self._idle.pop() if self._idle else None
-            self._wanted.set()
+                refill = not self._batches
+            if refill:
+                self._wanted.set()
             if parked is None:
                 return None
             if _ended(parked.pid):
@@ -117,6 +120,21 @@ class WrapperPool:
                 self.discard(parked)
                 raise
             return parked
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Starts taken together (a pass's launch): the pool refills after them, not between
+        them. On cgroup v1, moving a new shell into its group holds the cgroup mutex through an
+        RCU grace period, and every start's rename and limits wait for that mutex: parking while
+        a batch starts made a few of its starts each take as long as the grace period."""
+        with self._lock:
+            self._batches += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._batches -= 1
+            self._wanted.set()
 
     def wait_parked(self, timeout: float) -> bool:
         """Whether a parked wrapper is ready, once the one being parked (if any) is: a start that
@@ -181,8 +199,8 @@ class WrapperPool:
                 with self._lock:
                     if self._closed:
                         return
-                    if len(self._idle) >= self.size:
-                        break
+                    if len(self._idle) >= self.size or self._batches:
+                        break  # full, or a batch of starts is under way: its end wakes us
                     self._parking = True  # before its uid lease: see wait_parked
                 try:
                     parked = self._park()

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,46 @@ def test_parked_shells_end_with_their_pool_and_leave_no_group(tmp_path: Path) ->
         # left to the stale-group sweep, which must then find it empty and removable.
         wait_until(lambda group=group: GROUPS.remove(group), what=f"group {group} removed")
         assert not any((base / group).exists() for base in GROUPS.bases.values())
+
+
+def test_a_batch_of_starts_takes_parked_wrappers_and_the_pool_refills_after_it(tmp_path: Path) -> None:
+    """Inside `batch` (a pass's launch) the pool parks nothing: parking moves a shell into its
+    cgroup, which on v1 holds the cgroup mutex the starts' renames need. It refills once the
+    batch ends; a start taken outside any batch asks for a refill at once, as before."""
+    ex = executor(tmp_path)
+    pool = ex.pool
+    assert pool is not None
+    idle = {parked.pid for parked in pool._idle}
+    procs = []
+    try:
+        with pool.batch():
+            for name in ("a", "b"):
+                work, run, box = dirs(tmp_path, name, ex)
+                spec = LaunchSpec(argv=["/bin/sh", "-c", "sleep 600"])
+                procs.append(ex.start(f"w_batch_{name}", spec, work, run, sandbox=box, limits=Limits(96, 40)))
+            assert {proc.pid for proc in procs} == idle  # both from the pool
+            # Parking would show within moments on an idle host; under load this only gets weaker.
+            for _ in range(20):
+                assert not pool._idle and not pool._parking, "parked during a batch"
+                time.sleep(0.02)
+        assert pool.fill(60), "the pool did not refill after the batch"
+        refilled = {parked.pid for parked in pool._idle}
+        work, run, box = dirs(tmp_path, "c", ex)
+        procs.append(
+            ex.start("w_batch_c", LaunchSpec(argv=["/bin/sh", "-c", "sleep 600"]), work, run, sandbox=box)
+        )
+        assert procs[-1].pid not in refilled  # no limits: spawned, the parked ones stay
+        with pool.batch():
+            work, run, box = dirs(tmp_path, "d", ex)
+            spec = LaunchSpec(argv=["/bin/sh", "-c", "sleep 600"])
+            procs.append(ex.start("w_batch_d", spec, work, run, sandbox=box, limits=Limits(96, 40)))
+        assert procs[-1].pid in refilled
+        assert pool.fill(60)
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        ex.close()
 
 
 OWNER = r"""
