@@ -7,7 +7,20 @@ import functools
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, and_, bindparam, case, func, insert, literal, or_, select, union_all, update
+from sqlalchemy import (
+    Table,
+    and_,
+    any_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.ids import new_worker_id
@@ -42,8 +55,8 @@ async def claim_pending(session: AsyncSession, engine_id: str, room: dict[int, i
     On SQLite the allocated jobs are read first, on their own: inside the claim its planner (it
     has no statistics) walked every PENDING job to test each against them, a cost that grows
     with the queue, where their own read and a lookup by key do not (docs/BENCHMARKS.md).
-    PostgreSQL plans the one statement well from its statistics, and a second statement is a
-    round trip."""
+    On PostgreSQL they are one statement (a second would be a round trip), their ids read as an
+    array before the jobs are (`_claim_candidates`)."""
     postgres = is_postgres(session)
     depths = tuple(depth for depth, count in sorted(room.items()) if count > 0)
     params: dict[str, object] = {f"n{depth}": room[depth] for depth in depths}
@@ -77,7 +90,11 @@ def _claim_candidates(depths: tuple[int, ...], *, allocated: bool, postgres: boo
         for depth in depths
     ]
     if allocated and postgres:
-        in_order = select(Job.id).where(pending, HAS_UNBOUND).order_by(Job.depth, *order)
+        # The unbound jobs' ids as an array read first (one probe of ix_allocations_unbound):
+        # as `IN (subquery)` the planner, which cannot estimate `slots > bound`, walked the whole
+        # PENDING queue probing allocations for each job, a pass's cost growing with the queue.
+        unbound = Job.id == any_(func.array(UNBOUND_JOB_IDS.scalar_subquery()))
+        in_order = select(Job.id).where(pending, unbound).order_by(Job.depth, *order)
         parts.append(in_order.limit(bindparam("n_allocated")))
     elif allocated:
         # The ids read just before, by key and in no order: with an ORDER BY SQLite's planner

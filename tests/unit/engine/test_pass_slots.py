@@ -5,10 +5,12 @@ back, and a worker stopped while it was being started keeps its stop."""
 from __future__ import annotations
 
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.states import JobStatus, WorkerStatus
-from orchestrator.db.models import Allocation, Event, Worker
+from orchestrator.db.models import Allocation, Event, Job, Worker
 from orchestrator.engine.ledger import Ending
+from orchestrator.engine.queries import batches, claims
 from orchestrator.resources import repository as slots_repo
 from tests.unit.engine.conftest import Harness, schedule_and_launch, wait_for
 
@@ -82,3 +84,29 @@ async def test_a_worker_stopped_while_starting_keeps_its_stop_and_its_process_is
         )
     )
     assert list(events) == []
+
+
+async def test_a_job_holding_allocated_slots_is_claimed_while_its_depth_has_no_room(harness: Harness) -> None:
+    """The claim's part for explicitly allocated jobs: such a job is claimed (and on PostgreSQL
+    gets its IDLE worker) though its depth has no room, ahead of the queue it sits in; the jobs
+    around it stay unowned."""
+    engine = harness.engine
+    queue = [await harness.submit(agent="sleep") for _ in range(30)]
+    allocated = queue[17]
+
+    async def allocate(session: AsyncSession) -> None:  # as POST /api/resources/allocate leaves it
+        await session.execute(update(Allocation).where(Allocation.job_id == allocated).values(slots=1))
+
+    await harness.in_session(allocate)
+
+    async def claim(session: AsyncSession) -> list[str]:
+        if engine.db.is_postgres:
+            await batches.claim(session, engine.id, {0: 0}, claims.CLAIM_ALLOCATED, engine.actor)
+        else:
+            await claims.claim_pending(session, engine.id, {0: 0})
+        return list(await session.scalars(select(Job.id).where(Job.engine_id == engine.id)))
+
+    assert await harness.in_session(claim) == [allocated]
+    if engine.db.is_postgres:
+        (worker,) = await harness.workers(allocated)
+        assert worker.status == WorkerStatus.IDLE
