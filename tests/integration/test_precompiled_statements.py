@@ -423,9 +423,9 @@ CASES: dict[str, Callable[[Any, bool], list[Trial]]] = {
     SETTLE + "_UNBOUND": _case(FETCH, {"ids": ["c_run", "c_pend0"]}),
     WORKERS + "_WORKER_STATUSES": _case(FETCH, {"ids": ["c_run_w0", "c_run_w1", "c_done_w0"]}),
     CLAIMS + "_claim_candidates()": lambda build, postgres: _claims(build, postgres),
-    CLAIMS + "_idle_workers_statement()": lambda build, _: [
-        (build((0,)), FETCH, {"n0": 5, "engine_id": ENGINE, "limit": 10}),
-        (build(()), FETCH, {"engine_id": ENGINE, "limit": 10}),  # no free slot: bound ones only
+    CLAIMS + "_idle_workers_statement()": lambda build, postgres: [
+        (build((0,), postgres), FETCH, {"n0": 5, "engine_id": ENGINE, "limit": 10}),
+        (build((), postgres), FETCH, {"engine_id": ENGINE, "limit": 10}),  # no free slot: bound ones only
     ],
     J + "_INSERT_ALLOCATION": _case(EXECUTE, _submitted() | {"id": "c_pend1"}),  # c_pend1 has none
     J + "_INSERT_JOB": _case(EXECUTE, _submitted() | {"workspace_id": None}),

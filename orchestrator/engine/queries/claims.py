@@ -208,16 +208,20 @@ async def idle_workers(
     depths = tuple(depth for depth, count in sorted(per_depth.items()) if count > 0)
     params: dict[str, object] = {f"n{depth}": per_depth[depth] for depth in depths}
     params.update(engine_id=engine_id, limit=limit)
-    rows = await precompiled.fetch(session, _idle_workers_statement(depths), params)
+    rows = await precompiled.fetch(session, _idle_workers_statement(depths, is_postgres(session)), params)
     split = len(WORKER_ROW)
     return [(WORKER_RECORD(values[:split]), JOB_RECORD(values[split:])) for values in map(tuple, rows)]
 
 
 @functools.cache
-def _idle_workers_statement(depths: tuple[int, ...]) -> precompiled.Statement:
-    """Built once per set of depths with free slots; the counts are parameters."""
+def _idle_workers_statement(depths: tuple[int, ...], postgres: bool) -> precompiled.Statement:
+    """Built once per set of depths with free slots; the counts are parameters. On PostgreSQL
+    the engine's id is matched as coalesce(engine_id, ''): compared plainly, the planner, before
+    the table has statistics, looked each IDLE worker's job up through ix_jobs_engine_status
+    (every active job of the engine, per worker) instead of by key."""
+    owner = func.coalesce(Job.engine_id, "") if postgres else Job.engine_id
     candidates = and_(
-        Job.engine_id == bindparam("engine_id"),
+        owner == bindparam("engine_id"),
         Job.status.in_(ACTIVE_JOB),
         Worker.status == WorkerStatus.IDLE.value,
         Worker.pid.is_(None),

@@ -332,7 +332,10 @@ def claim(depths: tuple[int, ...]) -> precompiled.Statement:
     chosen = cast(Any, candidates).cte("candidates").prefix_with("MATERIALIZED")
     claimed = (
         update(_JOBS)
-        .where(_JOBS.c.id.in_(select(chosen.c.id)), _JOBS.c.engine_id.is_(None))
+        # "Still unowned" as coalesce(engine_id, '') = '': as `engine_id IS NULL` the planner,
+        # before the table has statistics (a new database, a burst of submits), walked
+        # ix_jobs_engine_status over every unowned job instead of looking the candidates up by key.
+        .where(_JOBS.c.id.in_(select(chosen.c.id)), func.coalesce(_JOBS.c.engine_id, "") == "")
         .values(engine_id=bindparam("b_engine"))
         .returning(_JOBS.c.id, _JOBS.c.worker_count, _JOBS.c.workspace_id, _JOBS.c.depth, _JOBS.c.agent)
         .cte("claimed")
