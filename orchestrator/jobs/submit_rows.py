@@ -10,8 +10,7 @@ its transaction as it would have seen them committed.
 from __future__ import annotations
 
 import json
-import typing
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -21,7 +20,6 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
-    cast,
     func,
     insert,
     literal,
@@ -29,6 +27,7 @@ from sqlalchemy import (
     null,
     select,
 )
+from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -135,14 +134,14 @@ _root_values = (
     .render_derived(name="root_values", with_types=False)
 )
 _roots = select(*_root_values.c).cte("roots")  # read by four statements, unnested once
-_JOBS = typing.cast(Table, Job.__table__)
+_JOBS = cast(Table, Job.__table__)
 _ROOT_JOB_VALUES = {
     "status": literal_column(f"'{JobStatus.PENDING.value}'"),
     "parent_job_id": null(),
     "repository": null(),
     "base_ref": null(),
     "updated_at": _roots.c.created_at,
-} | {name: cast(_roots.c[name], JSON) for name in _JSON_COLUMNS}
+} | {name: sa_cast(_roots.c[name], JSON) for name in _JSON_COLUMNS}
 _NEW_ROOT_JOBS = (
     insert(_JOBS)
     .from_select(
