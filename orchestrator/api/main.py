@@ -95,6 +95,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.wakeups.start()
     app.state.agents = AgentRegistry.from_settings(settings)
     app.state.engine = None
+    app.state.engine_db = None  # the engine's (Database.engine_database), made when it starts
     app.state.engine_seat = None
     seat_task: asyncio.Task[None] | None = None
     if settings.orchestrator_engine:
@@ -114,6 +115,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.engine_seat is not None:
             app.state.engine = None
             await app.state.engine_seat.close()  # stops the engine, then lets a standby take over
+        if app.state.engine_db is not None and app.state.engine_db is not database:
+            await app.state.engine_db.dispose()
         await app.state.mcp_http.close()
         await app.state.wakeups.stop()
         await database.dispose()
@@ -127,7 +130,9 @@ async def _start_engine(app: FastAPI) -> Engine:
 
     settings: Settings = app.state.settings
     address = current_address(settings) or await wait_for_address(settings)
-    engine = Engine(settings, app.state.db, app.state.agents, address=address)
+    if app.state.engine_db is None:
+        app.state.engine_db = app.state.db.engine_database()
+    engine = Engine(settings, app.state.engine_db, app.state.agents, address=address)
     await engine.start()
     app.state.engine = engine
     log.info("workers reach this server at %s", address.socket_path or address.url)

@@ -111,7 +111,7 @@ async def _run_engine() -> None:
 
     settings = _settings()
     install_log_escaping()
-    database = Database(settings)
+    database = Database.for_engine(settings)
     try:
         await prepare_database(database, settings)  # first: it makes the data dir private
         settings.signing_key()

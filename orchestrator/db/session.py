@@ -29,11 +29,14 @@ log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
+# How an engine's connections name themselves to PostgreSQL (`pg_stat_activity`).
+ENGINE_APPLICATION_NAME = "orchestrator engine"
+
 # Execution option of the engine that read sessions use: their transactions are deferred.
 READ_ONLY = "orchestrator_read_only"
 
 
-def make_engine(settings: Settings) -> AsyncEngine:
+def make_engine(settings: Settings, *, custom_plans: bool = False) -> AsyncEngine:
     url = settings.async_database_url
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -50,11 +53,19 @@ def make_engine(settings: Settings) -> AsyncEngine:
         )
         _tune_sqlite(engine)
         return engine
-    # At most 30 connections a process, as before, but 20 of them kept: with 32 requests in flight
-    # a pool of 10 connected and closed an overflow connection per request (py-spy under wrk).
-    engine = create_async_engine(
-        url, pool_size=20, max_overflow=10, connect_args={"timeout": CONNECT_TIMEOUT_SECONDS}
-    )
+    connect_args: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_SECONDS}
+    if custom_plans:
+        # An engine's few connections (Database.for_engine says why).
+        connect_args["server_settings"] = {
+            "plan_cache_mode": "force_custom_plan",
+            "application_name": ENGINE_APPLICATION_NAME,  # which connections are whose
+        }
+        engine = create_async_engine(url, pool_size=5, max_overflow=10, connect_args=connect_args)
+    else:
+        # At most 30 connections a process, as before, but 20 of them kept: with 32 requests in
+        # flight a pool of 10 connected and closed an overflow connection per request (py-spy
+        # under wrk).
+        engine = create_async_engine(url, pool_size=20, max_overflow=10, connect_args=connect_args)
     watch_connections(engine)  # a server that is down or refusing: OperationalError, not a bare OSError
     drop_dead_connections(engine)  # instead of pool_pre_ping's three round trips a request
     return engine
@@ -84,9 +95,9 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 class Database:
     """Holds the engine and the session factory of one process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, custom_plans: bool = False) -> None:
         self.settings = settings
-        self.engine = make_engine(settings)
+        self.engine = make_engine(settings, custom_plans=custom_plans)
         # No autoflush: services flush where they need to, and the event rows a transaction adds
         # then go out as one multi-row INSERT at commit instead of one round trip each.
         self.sessionmaker = async_sessionmaker(
@@ -117,6 +128,25 @@ class Database:
     @property
     def is_postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
+
+    @classmethod
+    def for_engine(cls, settings: Settings) -> Database:
+        """The database as an engine uses it. On PostgreSQL its connections plan every statement
+        for its parameters and the tables as they are at that moment (`plan_cache_mode =
+        force_custom_plan`): the engine runs the same prepared statements thousands of times,
+        and the plan PostgreSQL otherwise caches for one after its fifth run was made when the
+        tables were small. On a new database, or in a burst before autovacuum's next ANALYZE,
+        that plan kept scanning `workers` whole once per job (the "no live worker" anti-joins),
+        and a pass slowed down as the tables grew (docs/BENCHMARKS.md). Planning costs the
+        server a fraction of a millisecond a statement; the API's statements, many per request
+        and small, keep the cached plans (their own pool)."""
+        return cls(settings, custom_plans=True)
+
+    def engine_database(self) -> Database:
+        """This process's database for an engine running in it: this one on SQLite (the
+        process's writers share one write lock), one with its own connections on PostgreSQL
+        (`for_engine`), for the caller to dispose of after the engine stopped."""
+        return self.for_engine(self.settings) if self.is_postgres else self
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[UnitOfWork]:
