@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
-# How an engine's connections name themselves to PostgreSQL (`pg_stat_activity`).
+# How an engine's connections name themselves to PostgreSQL (`pg_stat_activity`), and what they
+# set when they connect (Database.for_engine).
 ENGINE_APPLICATION_NAME = "orchestrator engine"
+CUSTOM_PLANS = "SET plan_cache_mode = force_custom_plan"
 
 # Execution option of the engine that read sessions use: their transactions are deferred.
 READ_ONLY = "orchestrator_read_only"
@@ -55,12 +57,10 @@ def make_engine(settings: Settings, *, custom_plans: bool = False) -> AsyncEngin
         return engine
     connect_args: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_SECONDS}
     if custom_plans:
-        # An engine's few connections (Database.for_engine says why).
-        connect_args["server_settings"] = {
-            "plan_cache_mode": "force_custom_plan",
-            "application_name": ENGINE_APPLICATION_NAME,  # which connections are whose
-        }
+        # An engine's few connections (Database.for_engine says why), named for pg_stat_activity.
+        connect_args["server_settings"] = {"application_name": ENGINE_APPLICATION_NAME}
         engine = create_async_engine(url, pool_size=5, max_overflow=10, connect_args=connect_args)
+        _plan_for_the_tables_as_they_are(engine)
     else:
         # At most 30 connections a process, as before, but 20 of them kept: with 32 requests in
         # flight a pool of 10 connected and closed an overflow connection per request (py-spy
@@ -69,6 +69,16 @@ def make_engine(settings: Settings, *, custom_plans: bool = False) -> AsyncEngin
     watch_connections(engine)  # a server that is down or refusing: OperationalError, not a bare OSError
     drop_dead_connections(engine)  # instead of pool_pre_ping's three round trips a request
     return engine
+
+
+def _plan_for_the_tables_as_they_are(engine: AsyncEngine) -> None:
+    """Each new connection plans every statement for its parameters and the tables as they are
+    (Database.for_engine says why). Set after connecting rather than as a startup parameter,
+    which a connection pooler such as PgBouncer refuses unless told to ignore it."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.run_async(lambda connection: connection.execute(CUSTOM_PLANS))
 
 
 def _tune_sqlite(engine: AsyncEngine) -> None:

@@ -158,13 +158,13 @@ def test_an_engine_in_the_api_process_and_a_standalone_one_use_the_engines_conne
     with server_factory(tmp_path / "in-process") as servers:
         api = servers.start()
         with api.client() as client:
-            assert client.get("/ready").status_code == 200  # the API's own connection, too
+            assert client.get("/api/jobs").status_code == 200  # the API's own connection, too
         _wait_for_engine_connection(servers.database_url())
     with server_factory(tmp_path / "standalone") as servers:
         api = servers.start(ORCHESTRATOR_ENGINE="false")
         url = servers.database_url()
         with api.client() as client:
-            client.get("/ready")
+            assert client.get("/api/jobs").status_code == 200
         assert _engine_connections(url)[0] == 0  # no engine yet: the API's are not named so
         with servers.standalone_engine(api):
             _wait_for_engine_connection(url)
