@@ -61,6 +61,24 @@ def children_cpu_seconds(pid: int) -> float:
     return (int(fields[13]) + int(fields[14])) / CLK_TCK
 
 
+def postgres_cpu_seconds() -> float | None:
+    """CPU used so far by this host's PostgreSQL processes (backends still connected and the
+    server's own; None if none runs here). A backend that ends meanwhile takes its share along,
+    so this reads low rather than high."""
+    total, found = 0.0, False
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            total += cpu_seconds(int(entry.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        found = True
+    return total if found else None
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -201,8 +219,20 @@ def bench_throughput(root: Path, count: int, concurrency: int | None, sandbox: s
         asyncio.run(submit_many(api, count, {"task_description": "t", "agent": "true"}))
         submitted = time.perf_counter() - started
         with servers.standalone_engine(api, ORCHESTRATOR_AGENTS_FILE=profile, **quotas) as engine:
+            # Where the run's CPU goes: the engine after its start-up, PostgreSQL, and the API
+            # answering this script's polls (two listings every 50 ms).
+            assert api.process is not None
+            started_cpu = cpu_seconds(engine.pid), postgres_cpu_seconds(), cpu_seconds(api.process.pid)
             with api.client() as client:
                 wait_all_final(client, count, timeout=900)
+                engine_run_cpu = cpu_seconds(engine.pid) - started_cpu[0]
+                database_now = postgres_cpu_seconds()
+                database_cpu = (
+                    database_now - started_cpu[1]
+                    if database_now is not None and started_cpu[1] is not None
+                    else None
+                )
+                api_cpu = cpu_seconds(api.process.pid) - started_cpu[2]
                 first_start, last_end = None, None
                 offset = 0
                 while True:
@@ -222,7 +252,10 @@ def bench_throughput(root: Path, count: int, concurrency: int | None, sandbox: s
         "engine_s": (last_end - first_start).total_seconds(),
         "submit_phase_s": submitted,
         "engine_cpu_s": engine_cpu,
+        "engine_run_cpu_s": engine_run_cpu,
         "workers_cpu_s": workers_cpu,
+        "database_cpu_s": -1.0 if database_cpu is None else database_cpu,
+        "api_cpu_s": api_cpu,
     }
 
 
@@ -260,6 +293,15 @@ def report_throughput(count: int, label: str, sandbox: str, run: dict[str, float
         f"ratio {engine / direct if direct else 0.0:.2f}x (target <= 3x); engine CPU "
         f"{run['engine_cpu_s']:.1f} s (its start-up included) + its workers {run['workers_cpu_s']:.1f} s; "
         f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    database = run["database_cpu_s"]
+    print(
+        f"  CPU while it ran: engine {run['engine_run_cpu_s']:.2f} s, "
+        f"its workers {run['workers_cpu_s']:.2f} s, "
+        f"PostgreSQL {'-' if database < 0 else f'{database:.2f} s'}, the API answering this script's polls "
+        f"{run['api_cpu_s']:.2f} s; {engine:.2f} s on {os.cpu_count()} cores is "
+        f"{engine * (os.cpu_count() or 1):.2f} CPU-s",
         flush=True,
     )
 
