@@ -11,7 +11,8 @@ import functools
 from datetime import datetime
 from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.sql.elements import BindParameter
@@ -203,10 +204,18 @@ async def transition_many(session: AsyncSession, changes: list[Change], *, actor
         shape = (change.model, tuple(sorted(values)))
         shapes.setdefault(shape, []).append({**values, "b_id": entity.id, "b_status": current.value})
         applied.append((change, values))
-    exact = session.bind.dialect.supports_sane_multi_rowcount if session.bind else False
+    dialect = session.bind.dialect if session.bind else None
+    exact = dialect.supports_sane_multi_rowcount if dialect is not None else False
     for (model, columns), rows in shapes.items():
-        changed = await precompiled.execute_many(session, _guarded_update(model, columns), rows)
-        if exact and changed != len(rows):
+        if dialect is not None and dialect.name == "postgresql" and len(rows) > 1:
+            # One statement for the whole shape (its rows as arrays), with an exact row count.
+            arrays = {f"a_{name}": [row[name] for row in rows] for name in ("b_id", "b_status", *columns)}
+            changed = await precompiled.execute(session, _guarded_update_from_arrays(model, columns), arrays)
+            exact_here = True
+        else:
+            changed = await precompiled.execute_many(session, _guarded_update(model, columns), rows)
+            exact_here = exact
+        if exact_here and changed != len(rows):
             raise StaleBatch(f"{len(rows) - changed} of {len(rows)} rows changed under a batch")
     for change, values in applied:
         entity = change.known
@@ -239,6 +248,26 @@ def _guarded_update(model: type[Job] | type[Worker], columns: tuple[str, ...]) -
         update(table)
         .where(table.c.id == bindparam("b_id"), table.c.status == bindparam("b_status"))
         .values({column: bindparam(column) for column in columns})
+    )
+
+
+@functools.cache
+def _guarded_update_from_arrays(
+    model: type[Job] | type[Worker], columns: tuple[str, ...]
+) -> precompiled.Statement:
+    """PostgreSQL: the same guarded UPDATE for many rows at once, `UPDATE … FROM unnest(arrays)`.
+    An executemany runs (and, on the engine's connections, plans) the UPDATE once per row, and
+    asyncpg reports no row count for it; one statement per shape does neither. Each row keeps its
+    guard: it changes only where its id and the status as read both match."""
+    table = cast(Table, model.__table__)
+    names = ("b_id", "b_status", *columns)
+    types = [table.c.id.type, table.c.status.type, *(table.c[name].type for name in columns)]
+    arrays = (bindparam(f"a_{name}", type_=ARRAY(kind)) for name, kind in zip(names, types, strict=True))
+    given = func.unnest(*arrays).table_valued(*names).render_derived(name="given")
+    return precompiled.Statement(
+        update(table)
+        .where(table.c.id == given.c.b_id, table.c.status == given.c.b_status)
+        .values({name: given.c[name] for name in columns})
     )
 
 

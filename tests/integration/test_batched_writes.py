@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import Text, cast, event, select, update
 from sqlalchemy.engine import Connection
 
 from orchestrator.core.config import Settings
@@ -118,6 +118,77 @@ def test_a_row_changed_after_the_read_fails_the_batch_and_writes_nothing(tmp_pat
             )
             assert statuses == {first: "PENDING", second: "PENDING"}
             assert await events_of(session, first) == [] and await events_of(session, second) == []
+
+    run(settings, scenario)
+
+
+_CHANGED_COLUMNS = ("status", "status_reason", "exit_code", "result", "cost_usd", "holds_slot", "finished_at")
+
+
+async def _as_stored(database: Database, worker_id: str) -> tuple[object, ...]:
+    """The changed columns as the database holds them, as text (a JSON null and an SQL NULL
+    differ), the worker's id aside."""
+    async with database.session() as session:
+        columns = [cast(getattr(Worker, name), Text) for name in _CHANGED_COLUMNS]
+        row = (await session.execute(select(*columns).where(Worker.id == worker_id))).one()
+        return tuple(row)
+
+
+def test_a_batch_writes_each_row_as_the_same_change_alone_would(settings: Settings) -> None:
+    """On PostgreSQL a shape of several rows is one `UPDATE … FROM unnest(arrays)` (one row
+    alone is a plain UPDATE): JSON objects, JSON null, floats, booleans and times must come out
+    of the arrays exactly as they go in one at a time."""
+    shapes: list[dict[str, Any]] = [
+        {"exit_code": 0, "result": {"summary": "ok", "n": [1, 2]}, "cost_usd": 0.25, "holds_slot": False},
+        {"exit_code": 3, "result": None, "cost_usd": 1.5, "holds_slot": True},
+    ]
+
+    async def scenario(database: Database) -> None:
+        for values in shapes:
+            batch = [(await seed_worker(database, "RUNNING"))[1] for _ in range(3)]
+            alone = (await seed_worker(database, "RUNNING"))[1]
+            for ids in (batch, [alone]):
+                async with database.session() as session:
+                    rows = (await session.execute(select(Worker).where(Worker.id.in_(ids)))).scalars()
+                    await transition_many(
+                        session,
+                        [Change(w, WorkerStatus.FAILED, "exit code 3", values=dict(values)) for w in rows],
+                        actor="batch",
+                    )
+            written_alone = await _as_stored(database, alone)
+            assert written_alone[0] == "FAILED" and written_alone[-1] is not None
+            for worker_id in batch:
+                stored = await _as_stored(database, worker_id)
+                # The same change at another moment: only the finish time may differ.
+                assert stored[:-1] == written_alone[:-1], (values, stored, written_alone)
+                assert stored[-1] is not None
+
+    run(settings, scenario)
+
+
+def test_a_row_changed_under_a_batch_of_several_fails_it_on_either_database(settings: Settings) -> None:
+    """Rows read without a lock, then one changed by another statement before the batch: the
+    guard matches one row fewer, the batch raises StaleBatch and its transaction writes nothing.
+    SQLite counts an executemany's rows; on PostgreSQL the batch is one statement whose row count
+    asyncpg reports (an executemany's it does not)."""
+
+    async def scenario(database: Database) -> None:
+        seeded = [await seed_worker(database, "RUNNING") for _ in range(3)]
+        ids = [worker_id for _, worker_id in seeded]
+        with pytest.raises(StaleBatch):
+            async with database.session() as session:
+                rows = list((await session.execute(select(Worker).where(Worker.id.in_(ids)))).scalars())
+                await session.execute(
+                    update(Worker).where(Worker.id == ids[1]).values(status="PAUSED"),
+                    execution_options={"synchronize_session": False},
+                )
+                await transition_many(
+                    session, [Change(w, WorkerStatus.COMPLETED, "done") for w in rows], actor="loser"
+                )
+        for job_id, worker_id in seeded:
+            assert (await _worker(database, worker_id)).status == "RUNNING"
+            async with database.session() as session:
+                assert await events_of(session, job_id) == []
 
     run(settings, scenario)
 
