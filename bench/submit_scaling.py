@@ -10,7 +10,14 @@ after a 2-second warm-up, and this reports, besides req/s and p99:
 * the CPU seconds the server's processes used per stored submit (from /proc: user + system),
   and PostgreSQL's (every `postgres` process on the host: other databases' work too);
 * the submits per transaction on PostgreSQL (`pg_stat_database.xact_commit` of the database);
-* each server process's share of a core during the run.
+* each server process's share of a core during the run, the share of the machine left idle
+  (`/proc/stat`), and how wrk's connections were spread over the processes halfway through
+  (`ss`: uvicorn's processes share one listening socket, and a connection stays with the process
+  that accepted it);
+* at the end, each round's submits per second of N processes over one's, and their median.
+
+With `--rounds` above 1 the configurations alternate round after round, so each ratio compares
+runs a minute apart: on this 2-core machine the figure moves by a third within minutes.
 
 CPU per submit is what more processes cost on a 2-core machine, and it is far less disturbed
 by other processes' load than req/s: compare it side by side (`--compare DIR`, DIR holding
@@ -20,10 +27,13 @@ another version's `orchestrator` package, measured right after this checkout's).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -83,7 +93,26 @@ def commits(database_url: str) -> int:
     return int(out.strip() or 0)
 
 
-def measure(database: str, processes: int, seconds: float, code: Path | None) -> str:
+def idle_and_total() -> tuple[int, int]:
+    with open("/proc/stat") as handle:
+        fields = [int(value) for value in handle.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields)
+
+
+def connection_spread(port: str) -> list[int]:
+    """Established connections to `port` per server process, largest first."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True
+    ).stdout
+    per_process: collections.Counter[str] = collections.Counter()
+    for line in out.splitlines():
+        for owner in line.split("pid=")[1:]:
+            per_process[owner.split(",")[0]] += 1
+    return sorted(per_process.values(), reverse=True)
+
+
+def measure(database: str, processes: int, seconds: float, code: Path | None) -> tuple[str, float]:
+    """The configuration's line, and its submits per second."""
     os.environ["TEST_DATABASE"] = database
     extra = {"ORCHESTRATOR_ENGINE": "false"}
     if code is not None:
@@ -99,9 +128,21 @@ def measure(database: str, processes: int, seconds: float, code: Path | None) ->
         before_cpu = {pid: cpu_seconds(pid) for pid in server}
         before_pg, before_commits = postgres_cpu(), commits(servers.database_url()) if postgres else 0
         before = stored_jobs(api)
+        spread: list[int] = []
+        port = api.url.rsplit(":", 1)[1]
+
+        def sample_spread() -> None:
+            time.sleep(seconds / 2)
+            spread.extend(connection_spread(port))
+
+        sampler = threading.Thread(target=sample_spread)
+        idle_before, total_before = idle_and_total()
         started = time.monotonic()
+        sampler.start()
         result = wrk(f"{api.url}/api/jobs/submit", seconds, 32, script=script)
         elapsed = time.monotonic() - started
+        sampler.join()
+        idle_after, total_after = idle_and_total()
         used = {pid: cpu_seconds(pid) - before_cpu[pid] for pid in server}
         after_pg = postgres_cpu()
         pg_used = sum(after_pg[pid] - before_pg.get(pid, 0.0) for pid in after_pg)
@@ -112,7 +153,9 @@ def measure(database: str, processes: int, seconds: float, code: Path | None) ->
     if postgres:
         per_commit = stored / max(done_commits, 1)
         line += f", postgres {pg_used / stored * 1000:.2f} ms/submit, {per_commit:.1f} submits/commit"
-    return f"{line}  (cores: {' '.join(busy)})"
+    idle = (idle_after - idle_before) / max(total_after - total_before, 1)
+    line += f"  (cores: {' '.join(busy)}; idle {idle:.0%}; connections {spread})"
+    return line, result.rps
 
 
 def main() -> None:
@@ -127,12 +170,24 @@ def main() -> None:
     args = parser.parse_args()
     with open("/proc/loadavg") as handle:
         print(f"load average at start: {handle.read().split()[:3]}", flush=True)
+    rates: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
     for round_ in range(1, args.rounds + 1):
         for database in args.databases.split(","):
             for processes in (int(p) for p in args.processes.split(",")):
                 for code in [None, args.compare] if args.compare else [None]:
-                    label = f"round {round_} {'compared' if code else 'this':8} {database:8} {processes}p"
-                    print(f"{label}  {measure(database, processes, args.seconds, code)}", flush=True)
+                    version = "compared" if code else "this"
+                    label = f"round {round_} {version:8} {database:8} {processes}p"
+                    line, rate = measure(database, processes, args.seconds, code)
+                    rates[version, database, processes].append(rate)
+                    print(f"{label}  {line}", flush=True)
+    for (version, database, processes), per_round in rates.items():
+        one = rates.get((version, database, 1))
+        if processes == 1 or not one:
+            continue
+        ratios = [many / single for many, single in zip(per_round, one, strict=True)]
+        shown = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+        median = statistics.median(ratios)
+        print(f"{version} {database} {processes}p / 1p by round: {shown}; median {median:.2f}x")
     with open("/proc/loadavg") as handle:
         print(f"load average at end: {handle.read().split()[:3]}", flush=True)
 
