@@ -346,6 +346,12 @@ def _worker_change() -> dict[str, Any]:
     }
 
 
+def _worker_changes() -> dict[str, Any]:
+    """`_worker_change` and the same change of a worker whose status is not IDLE (unchanged)."""
+    one, stale = _worker_change(), _worker_change() | {"b_id": "c_run_w1"}
+    return {f"a_{name}": [one[name], stale[name]] for name in one}
+
+
 def _case(how: str, params: Any) -> Callable[[Any, bool], list[Trial]]:
     return lambda statement, _postgres: [(statement, how, params)]
 
@@ -409,6 +415,12 @@ CASES: dict[str, Callable[[Any, bool], list[Trial]]] = {
     "orchestrator.db.transitions._guarded_update()": lambda build, _: [
         (build(Worker, ("holds_slot", "status", "updated_at")), MANY, [_worker_change()])
     ],
+    # PostgreSQL: a batch of one shape as arrays; the second row's status is not as read (stale).
+    "orchestrator.db.transitions._guarded_update_from_arrays()": lambda build, postgres: (
+        [(build(Worker, ("holds_slot", "status", "updated_at")), EXECUTE, _worker_changes())]
+        if postgres
+        else []
+    ),
     "orchestrator.db.transitions._statuses_of()": lambda build, _: [
         (build(Job), FETCH, {"ids": ["c_run", "c_pend0"]}),
         (build(Worker), FETCH, {"ids": ["c_run_w0", "c_run_w1"]}),
