@@ -152,10 +152,6 @@ class Engine:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._unregister(), STOP_STEP_SECONDS)
         self.launcher.shutdown()
-        sweeper = self.executor.sweeper
-        if sweeper is not None:  # the groups of the last exits: what is left goes with gc
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.to_thread(sweeper.close), STOP_STEP_SECONDS)
 
     async def _unregister(self) -> None:
         async with self.db.session() as session:

@@ -105,16 +105,6 @@ class Cgroups:
                     groups["cpu"] / "cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100)), optional=True
                 )
 
-    def limit_verdict(self, worker_id: str) -> str | None:
-        """Why a limit ended the worker, if one did (its groups' counters, read once it ended)."""
-        oom, pids = self.limit_hit(worker_id)
-        if not oom and not pids:
-            return None
-        memory_mb, max_pids = self.limit_of(worker_id)
-        if oom:
-            return f"out of memory: killed at its memory limit of {memory_mb} MiB"
-        return f"process limit: it reached its limit of {max_pids} processes (fork bomb contained)"
-
     def limit_hit(self, worker_id: str) -> tuple[bool, bool]:
         """(killed by the memory limit, stopped by the process limit) for the worker's groups."""
         groups = self.groups(worker_id)

@@ -17,6 +17,7 @@ import os
 import select
 import signal
 import socket
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -55,7 +56,6 @@ from orchestrator.executors.processes import (
     recorded_uid,
     signal_agents,
 )
-from orchestrator.executors.sweeper import GroupSweeper, remove_now
 from orchestrator.executors.uids import Lease, NoFreeUid, UidRange
 
 __all__ = [
@@ -93,13 +93,11 @@ class LocalExecutor:
         groups: Cgroups | None = None,
         *,
         pool_size: int = DEFAULT_SIZE,
-        sweep_in_background: bool = False,
     ) -> None:
         """`sandbox` None runs workers unconfined (ORCHESTRATOR_SANDBOX=off, or a bare executor
         in unit tests); a host whose sandbox cannot work refuses to start workers, with why.
         `pool_size` parked wrappers (executors/pool.py) take the cgroup move off the start path
-        where the host allows it; 0 turns them off. `sweep_in_background` (a long-lived
-        executor): ended workers' groups go in a thread of their own (executors/sweeper.py)."""
+        where the host allows it; 0 turns them off."""
         self.host = socket.gethostname()
         self.sandbox = sandbox
         self.network_guard = "none"  # "on" / "off" once for_settings has set it up (or not)
@@ -114,8 +112,6 @@ class LocalExecutor:
         if pool_size > 0 and groups is not None and WrapperPool.supported(groups):
             self.pool = WrapperPool(groups, self._inheritable, pool_size, self.uids)
             weakref.finalize(self, self.pool.close)  # parked shells end with their executor
-        usable_groups = groups if groups is not None and groups.usable else None
-        self.sweeper = GroupSweeper(usable_groups) if sweep_in_background and usable_groups else None
 
     @classmethod
     def for_settings(cls, settings: Settings) -> LocalExecutor:
@@ -127,7 +123,7 @@ class LocalExecutor:
             log.warning(
                 "ORCHESTRATOR_SANDBOX=off: workers run UNSANDBOXED, with the server's view of the machine"
             )
-            return cls(None, groups if groups.usable else None, sweep_in_background=True)
+            return cls(None, groups if groups.usable else None)
         host = netguard.sandbox_host(settings)
         guard = settings.orchestrator_sandbox_network_guard
         if not host.usable:
@@ -137,7 +133,7 @@ class LocalExecutor:
         elif not groups.usable:
             host = dataclasses.replace(host, problem=f"no worker limits: {groups.problem}")
             log.error("the worker sandbox cannot work on this host: %s", host.problem)
-        executor = cls(host, groups, sweep_in_background=True)
+        executor = cls(host, groups)
         executor.network_guard = guard
         return executor
 
@@ -191,19 +187,27 @@ class LocalExecutor:
         return None
 
     def ending(self, worker_id: str) -> str | None:
-        """Why a limit ended the worker, if one did; removes its cgroups (empty now: the PID
-        namespace died with the agent), now or in the sweeper's thread. Once the wrapper is gone."""
+        """Why a limit ended the worker, if one did; removes its cgroups (empty by now: the PID
+        namespace dies with the agent). Called once the wrapper is gone."""
         if self.cgroups is None or not self.cgroups.usable:
             return None
         try:
-            verdict = self.cgroups.limit_verdict(worker_id)
+            oom, pids = self.cgroups.limit_hit(worker_id)
+            memory_mb, max_pids = self.cgroups.limit_of(worker_id)
         except (OSError, KeyError):
             return None
-        if self.sweeper is not None:
-            self.sweeper.remove_later(worker_id)
+        # The kernel empties a v1 group a moment after its last process is reaped: retry briefly.
+        for _ in range(20):
+            if self.cgroups.remove(worker_id):
+                break
+            time.sleep(0.025)
         else:
-            remove_now(self.cgroups, worker_id)
-        return verdict
+            log.warning("cgroups of worker %s are not empty yet; gc removes them", worker_id)
+        if oom:
+            return f"out of memory: killed at its memory limit of {memory_mb} MiB"
+        if pids:
+            return f"process limit: it reached its limit of {max_pids} processes (fork bomb contained)"
+        return None
 
     def start(
         self,
@@ -227,8 +231,6 @@ class LocalExecutor:
             raise RuntimeError(f"the worker sandbox cannot work on this host: {self.sandbox.problem}")
         if self.cgroups is not None and limits is not None and not self.cgroups.usable:
             raise RuntimeError(f"worker limits cannot be set on this host: {self.cgroups.problem}")
-        if self.sweeper is not None:
-            self.sweeper.cancel(worker_id)  # groups of its previous run, if any, are its own again
         make_dirs(run_dir)
         env = environment(spec)
         data = (spec.stdin_text or "").encode()
@@ -392,9 +394,6 @@ class LocalExecutor:
             proc.pidfd = None
 
     def close(self) -> None:
-        """End the parked wrappers (an engine that stops; they also end when this process does)
-        and remove the ended workers' groups still waiting for the sweeper."""
+        """End the parked wrappers (an engine that stops; they also end when this process does)."""
         if self.pool is not None:
             self.pool.close()
-        if self.sweeper is not None:
-            self.sweeper.close()
