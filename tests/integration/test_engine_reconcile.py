@@ -39,8 +39,11 @@ def group_states(pgid: int) -> list[str]:
 
 
 def stopped(pgid: int) -> bool:
+    """Every process of the group stopped. A child that exited just before the group's SIGSTOP
+    stays a zombie (Z) until its stopped shell reaps it, after the resume: the ticker's `sleep`
+    does so in about one stop in a hundred, so a zombie counts as stopped."""
     states = group_states(pgid)
-    return bool(states) and all(s in "Tt" for s in states)
+    return any(s in "Tt" for s in states) and all(s in "TtZX" for s in states)
 
 
 def running(pgid: int) -> bool:
