@@ -207,10 +207,16 @@ async def transition_many(session: AsyncSession, changes: list[Change], *, actor
     dialect = session.bind.dialect if session.bind else None
     exact = dialect.supports_sane_multi_rowcount if dialect is not None else False
     for (model, columns), rows in shapes.items():
-        if dialect is not None and dialect.name == "postgresql" and len(rows) > 1:
-            # One statement for the whole shape (its rows as arrays), with an exact row count.
-            arrays = {f"a_{name}": [row[name] for row in rows] for name in ("b_id", "b_status", *columns)}
-            changed = await precompiled.execute(session, _guarded_update_from_arrays(model, columns), arrays)
+        if dialect is not None and dialect.name == "postgresql":
+            # One statement for the whole shape, with an exact row count (an executemany has
+            # none on asyncpg): several rows as arrays, a lone row as itself.
+            if len(rows) > 1:
+                names = ("b_id", "b_status", *columns)
+                arrays = {f"a_{name}": [row[name] for row in rows] for name in names}
+                statement = _guarded_update_from_arrays(model, columns)
+                changed = await precompiled.execute(session, statement, arrays)
+            else:
+                changed = await precompiled.execute(session, _guarded_update(model, columns), rows[0])
             exact_here = True
         else:
             changed = await precompiled.execute_many(session, _guarded_update(model, columns), rows)

@@ -166,20 +166,21 @@ def test_a_batch_writes_each_row_as_the_same_change_alone_would(settings: Settin
     run(settings, scenario)
 
 
-def test_a_row_changed_under_a_batch_of_several_fails_it_on_either_database(settings: Settings) -> None:
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_row_changed_under_a_batch_fails_it_on_either_database(settings: Settings, size: int) -> None:
     """Rows read without a lock, then one changed by another statement before the batch: the
     guard matches one row fewer, the batch raises StaleBatch and its transaction writes nothing.
     SQLite counts an executemany's rows; on PostgreSQL the batch is one statement whose row count
-    asyncpg reports (an executemany's it does not)."""
+    asyncpg reports (an executemany's it does not), a batch of one row included."""
 
     async def scenario(database: Database) -> None:
-        seeded = [await seed_worker(database, "RUNNING") for _ in range(3)]
+        seeded = [await seed_worker(database, "RUNNING") for _ in range(size)]
         ids = [worker_id for _, worker_id in seeded]
         with pytest.raises(StaleBatch):
             async with database.session() as session:
                 rows = list((await session.execute(select(Worker).where(Worker.id.in_(ids)))).scalars())
                 await session.execute(
-                    update(Worker).where(Worker.id == ids[1]).values(status="PAUSED"),
+                    update(Worker).where(Worker.id == ids[size // 2]).values(status="PAUSED"),
                     execution_options={"synchronize_session": False},
                 )
                 await transition_many(
