@@ -5,6 +5,7 @@ while its worker was starting, a tree over its budget."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import signal
@@ -27,6 +28,7 @@ from orchestrator.engine.supervision import (
     Supervised,
     Supervisor,
 )
+from orchestrator.executors.local import WorkerProcess
 
 
 class Control:
@@ -45,8 +47,17 @@ class Control:
         statuses = {worker_id: status for worker_id, (status, _) in read.items()}
         await self._stop_in_database(now, read, statuses)
         grace = self.ctx.settings.orchestrator_terminate_grace_seconds
-        for worker_id, record in list(self.sup.live.items()):
-            self._signal(record, statuses.get(worker_id), now, grace)
+        planned = [
+            (record.proc, signals)
+            for worker_id, record in list(self.sup.live.items())
+            if (signals := self._signals(record, statuses.get(worker_id), now, grace))
+        ]
+        if planned and self.ctx.executor.cluster_state() is not None:
+            # Workers on a cluster: a signal is a call that waits for the worker's node (up to
+            # its timeout, for a node that hangs): not on the event loop, which serves the API.
+            await asyncio.to_thread(self._send_all, planned, now)
+        elif planned:
+            self._send_all(planned, now)
         if any(
             s.proc.stop_signal_sent_at is not None and not s.proc.kill_sent for s in self.sup.live.values()
         ):
@@ -85,23 +96,34 @@ class Control:
                 await self._mark_stopped(session, statuses, worker_id, WorkerStatus.FAILED, "timeout")
                 self.sup.live[worker_id] = dataclasses.replace(self.sup.live[worker_id], deadline=None)
 
-    def _signal(self, record: Supervised, status: str | None, now: float, grace: float) -> None:
-        proc, send = record.proc, self.ctx.executor.send
+    @staticmethod
+    def _signals(record: Supervised, status: str | None, now: float, grace: float) -> list[signal.Signals]:
+        """What `record`'s process must be sent to follow `status` (none: it follows already)."""
+        proc = record.proc
         if proc.exited:
-            return
+            return []
         if status == WorkerStatus.PAUSED and not proc.applied_paused:
-            if send(proc, signal.SIGSTOP):
-                proc.applied_paused = True
-        elif status == WorkerStatus.RUNNING and proc.applied_paused:
-            send(proc, signal.SIGCONT)
-            proc.applied_paused = False
-        elif status is not None and status in WORKER_FINAL:
+            return [signal.SIGSTOP]
+        if status == WorkerStatus.RUNNING and proc.applied_paused:
+            return [signal.SIGCONT]
+        if status is not None and status in WORKER_FINAL:
             if proc.stop_signal_sent_at is None:
-                send(proc, signal.SIGTERM)
-                send(proc, signal.SIGCONT)
+                return [signal.SIGTERM, signal.SIGCONT]  # a stopped process ends too
+            if not proc.kill_sent and now - proc.stop_signal_sent_at >= grace:
+                return [signal.SIGKILL]
+        return []
+
+    def _send_all(self, planned: list[tuple[WorkerProcess, list[signal.Signals]]], now: float) -> None:
+        send = self.ctx.executor.send
+        for proc, signals in planned:
+            sent = [send(proc, sig) for sig in signals]
+            if signals[0] == signal.SIGSTOP:
+                proc.applied_paused = sent[0]
+            elif signals[0] == signal.SIGCONT:
+                proc.applied_paused = False
+            elif signals[0] == signal.SIGTERM:
                 proc.stop_signal_sent_at = now
-            elif not proc.kill_sent and now - proc.stop_signal_sent_at >= grace:
-                send(proc, signal.SIGKILL)
+            else:
                 proc.kill_sent = True
 
     def _at_process_limit(self, now: float, statuses: dict[str, str]) -> dict[str, str]:

@@ -117,9 +117,11 @@ class Recovery:
                 session, worker, f"lost: its engine on host {worker.host} stopped heartbeating"
             )
             return
-        proc = self.ctx.executor.adopt(worker.id, pid, start_time or 0, run_dir)
+        # In a thread: a cluster executor asks the worker's node (up to its call timeout while
+        # the node or the cluster does not answer), and the event loop serves the API meanwhile.
+        proc = await asyncio.to_thread(self.ctx.executor.adopt, worker.id, pid, start_time or 0, run_dir)
         if proc is not None:
-            self._adopt(session, proc, worker, job, reconciler)
+            await self._adopt(session, proc, worker, job, reconciler)
             return
         # The process is gone: learn how it ended, if the wrapper could say.
         gone = WorkerProcess(worker.id, pid, start_time or 0, run_dir, exited=True)
@@ -176,12 +178,12 @@ class Recovery:
                         )
         return worker, pid, start_time
 
-    def _adopt(
+    async def _adopt(
         self, session: AsyncSession, proc: WorkerProcess, worker: Worker, job: Job, reconciler: Reconciler
     ) -> None:
         # The process may disagree with its record (an engine killed between an API call and its
-        # signal): make it follow, both ways.
-        done = reconciler.reconcile(proc, worker.status)
+        # signal): make it follow, both ways (in a thread, as the adoption: it may ask a node).
+        done = await asyncio.to_thread(reconciler.reconcile, proc, worker.status)
         if done is not None:
             log.warning("engine %s: adopted worker %s: %s", self.ctx.id, worker.id, done)
             unit_of_work(session).record_event(

@@ -4,9 +4,13 @@ job ended under them)."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from orchestrator.core.states import JobStatus, WorkerStatus
 from orchestrator.db.transitions import transition_job, transition_worker
@@ -69,6 +73,43 @@ async def test_pause_resume_and_terminate_reach_the_process(harness: Harness) ->
     assert proc.stop_signal_sent_at is not None
     await wait_for(lambda: proc.exited, "the worker to end (SIGTERM)")
     assert harness.engine.sup.exited == [proc]
+
+
+async def test_signals_that_are_calls_to_a_node_leave_the_event_loop_free(harness: Harness) -> None:
+    """A cluster executor's signal is a call to the worker's node, which may not answer for the
+    call's timeout (a node that hangs), and the API shares the engine's event loop. Here each
+    signal is sent only once a callback on the event loop has run meanwhile: sent from the loop
+    itself, it would wait for that in vain."""
+    await harness.submit(agent="sleep")
+    (item,) = await schedule_and_launch(harness)
+    assert item.spawned is not None
+    proc, worker_id = item.spawned.proc, item.worker.id
+    await wait_for(lambda: process_state(proc.pid) in ("S", "R"), "the worker to run")
+    executor: Any = harness.engine.executor
+    loop = asyncio.get_running_loop()
+    sent: list[str] = []
+    send_now = executor.send
+
+    def send(target: Any, sig: signal.Signals) -> bool:
+        ran = threading.Event()
+        loop.call_soon_threadsafe(ran.set)
+        sent.append(sig.name if ran.wait(timeout=30) else f"{sig.name}: the event loop was blocked")
+        return bool(send_now(target, sig))
+
+    executor.send = send
+    executor.cluster_state = lambda: {"status": "connected", "executor": "a cluster's"}
+
+    await _set_status(harness, worker_id, WorkerStatus.PAUSED)
+    await _apply_until(harness, lambda: process_state(proc.pid) == "T", "the worker to be stopped (SIGSTOP)")
+    await _set_status(harness, worker_id, WorkerStatus.RUNNING)
+    await _apply_until(
+        harness, lambda: process_state(proc.pid) in ("S", "R"), "the worker to run again (SIGCONT)"
+    )
+    await _set_status(harness, worker_id, WorkerStatus.TERMINATED)
+    await _apply(harness)
+    await wait_for(lambda: proc.exited, "the worker to end (SIGTERM)")
+    assert sent[0] == "SIGSTOP" and sent[-2:] == ["SIGTERM", "SIGCONT"], sent
+    assert all(name in ("SIGSTOP", "SIGCONT", "SIGTERM") for name in sent), sent
 
 
 async def test_a_worker_past_its_timeout_is_failed_once(harness: Harness) -> None:

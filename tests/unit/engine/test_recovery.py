@@ -3,8 +3,12 @@ adopting the worker process that still runs and recording the one that ended mea
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 
@@ -72,6 +76,43 @@ async def test_a_stale_engines_running_worker_is_adopted_and_its_ended_one_recor
         (ended,) = await heir.workers(ended_job)
         assert (ended.status, ended.exit_code) == (WorkerStatus.COMPLETED, 0)
         assert (await heir.job(ended_job)).status == JobStatus.COMPLETED
+    finally:
+        await close_harness(heir)
+
+
+async def test_adopting_a_worker_leaves_the_event_loop_free(harness: Harness) -> None:
+    """A cluster executor's adoption asks the worker's node, up to its call timeout when the node
+    does not answer, and the API shares the engine's event loop. Here the heir's executor answers
+    the adoption and the check of whether the process is stopped only once a callback on the
+    event loop has run meanwhile: run on the loop itself, each would wait for it in vain."""
+    await _register(harness)
+    job_id = await harness.submit(agent="sleep")
+    (item,) = await schedule_and_launch(harness)
+    await _die(harness)
+
+    heir = await open_harness(harness.settings)
+    try:
+        await _register(heir)
+        loop = asyncio.get_running_loop()
+        executor: Any = heir.engine.executor
+        answered: list[str] = []
+
+        def needs_the_loop(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+            def answer(*args: Any) -> Any:
+                ran = threading.Event()
+                loop.call_soon_threadsafe(ran.set)
+                answered.append(name if ran.wait(timeout=30) else f"{name}: the event loop was blocked")
+                return call(*args)
+
+            return answer
+
+        executor.adopt = needs_the_loop("adopt", executor.adopt)
+        executor.process_stopped = needs_the_loop("process_stopped", executor.process_stopped)
+        await heir.engine.recovery.reclaim()
+
+        assert answered == ["adopt", "process_stopped"]
+        assert (await heir.job(job_id)).engine_id == heir.engine.id
+        assert heir.engine.sup.live[item.worker.id].proc.exited is False
     finally:
         await close_harness(heir)
 
