@@ -35,7 +35,7 @@ from orchestrator.executors.ray_cluster import SLOT, probe
 from orchestrator.executors.ray_node import StartRequest, WorkerNode, copied_files, files_to_ship
 from orchestrator.executors.ray_placement import Place, Room, forget
 from orchestrator.executors.ray_start import NAMESPACE, Start, actor_name
-from orchestrator.executors.ray_watch import CALL_TIMEOUT, Watcher, node_died
+from orchestrator.executors.ray_watch import CALL_TIMEOUT, GcsSilent, Watcher, node_died
 from orchestrator.workspaces.remote import RemoteCheckout
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class RayExecutor(LocalExecutor):
         self.checkouts: dict[str, RemoteCheckout] = {}  # set before a repository worker's start
         self.push_errors: dict[str, str] = {}  # why a node could not push a worker's branch
         self.skipped: dict[str, list[str]] = {}  # files a node left out of a worker's commit
+        self.silent: str | None = None  # the head's GCS stopped answering reads (GcsSilent)
         self.connected = threading.Event()
         self.last_probe = 0.0
         self.stopping = threading.Event()
@@ -128,13 +129,31 @@ class RayExecutor(LocalExecutor):
                 if self.problem is None:
                     self.room.refresh(self.watcher.gcs_read)
                     self.watcher.poll()
-                    self._kill_abandoned()
+                    self.watcher.kill_abandoned()
                 else:
-                    self.room.forget()
-                    self.watcher.head_away()
+                    self._head_away()
+            except GcsSilent as exc:
+                # As unreachable: /ready says so, starts and signals wait, the grace runs. Until a
+                # read answers again (`_check_reachable`): a connection accepted proves nothing.
+                self._gcs_silent(exc)
+                self._head_away()
             except Exception:
                 log.exception("polling Ray workers failed; retrying")
             self.stopping.wait(POLL_SECONDS)
+
+    def _gcs_silent(self, exc: GcsSilent) -> None:
+        where = f"Ray cluster at {self.address or 'auto'}"
+        try:
+            probe(self.address)
+        except OSError as gone:  # not hung: gone (a read under way when the head died)
+            self.problem = f"{where} unreachable: {gone}"[:500]
+            return
+        self.silent = self.problem = f"{where} does not answer: {exc}"
+        log.warning("%s", self.problem)
+
+    def _head_away(self) -> None:
+        self.room.forget()
+        self.watcher.head_away()
 
     def _check_reachable(self) -> None:
         """Say (for /ready, and to hold starts and signals) when the cluster went away after
@@ -150,6 +169,14 @@ class RayExecutor(LocalExecutor):
                 log.warning("the Ray cluster at %s is unreachable: %s", self.address, exc)
             self.problem = f"Ray cluster at {self.address} unreachable: {exc}"[:500]
             return
+        if self.silent is not None:
+            try:
+                self.watcher.gcs_read(self.ray.nodes)
+            except GcsSilent:
+                self.problem = self.silent
+                return
+            log.info("the Ray cluster at %s answers again", self.address or "auto")
+            self.silent = None
         self.problem = None
 
     def can_start(self) -> bool:
@@ -368,16 +395,6 @@ class RayExecutor(LocalExecutor):
     def placement(self) -> Place | None:
         """For a scheduling pass: whether a worker fits on some node now (ray_placement.py)."""
         return self.room.place() if self.can_start() else None
-
-    def _kill_abandoned(self) -> None:
-        """Actors of workers declared lost while the head was away, killed now it is back."""
-        for worker_id in list(self.watcher.abandoned):
-            with contextlib.suppress(Exception):
-                actor = self.ray.get_actor(actor_name(worker_id), namespace=NAMESPACE)
-                with contextlib.suppress(Exception):
-                    self.ray.get(actor.kill_group.remote(), timeout=CALL_TIMEOUT)
-                self.ray.kill(actor, no_restart=True)
-            self.watcher.abandoned.discard(worker_id)
 
     def close(self) -> None:
         self.stopping.set()

@@ -54,14 +54,18 @@ GROUP_GONE_SECONDS = 30.0  # how long the final push waits for a killed process 
 MAX_SHIPPED_BYTES = 8 * MIB  # run-dir files the agent profile wrote, sent along with the start
 WRAPPER_FILES = frozenset({OUTPUT_FILE, EXIT_FILE, PID_FILE, STDIN_FILE, EXIT_FILE + ".tmp"})
 GCS_CHECK_SECONDS = 5.0  # how often a worker's actor asks the GCS whether it was declared dead
-# A process counts as gone once it is a zombie too (a raylet killed but not yet reaped by its
-# parent); read with shell builtins only: the loop forks nothing but its `sleep`.
+# The fence: once the actor or the raylet is gone, kill the worker's process group; done when
+# the group is empty. It watches the group, not its leader: a wrapper that ended may leave a
+# member behind (a background job deaf to SIGTERM) that only the engine's `finish` would kill,
+# and no engine calls it once the actor is gone. A process counts as gone once it is a zombie
+# too (a raylet killed but not yet reaped by its parent); read with shell builtins only: the
+# loop forks nothing but its `sleep`.
 FENCE_SCRIPT = (
     'alive() { { read -r l < "/proc/$1/stat"; } 2>/dev/null || return 1; '
     's=${l##*") "}; [ "${s%% *}" != Z ]; }; '
     'a="$1"; r="$2"; w="$3"; '
-    'while alive "$a" && alive "$r" && alive "$w"; do sleep 1; done; '
-    'alive "$w" && kill -s KILL -- "-$w"'
+    'while alive "$a" && alive "$r"; do kill -s 0 -- "-$w" 2>/dev/null || exit 0; sleep 1; done; '
+    'kill -s KILL -- "-$w" 2>/dev/null'
 )
 
 

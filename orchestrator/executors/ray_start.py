@@ -18,7 +18,7 @@ from typing import Any
 from orchestrator.executors.cgroups import Limits
 from orchestrator.executors.ray_cluster import Lost, NotPlaced
 from orchestrator.executors.ray_placement import Room, actor_node, forget, placed, waiting_reason
-from orchestrator.executors.ray_watch import Watcher, node_died
+from orchestrator.executors.ray_watch import GcsSilent, Watcher, node_died
 
 NAMESPACE = "orchestrator"
 PLACE_WAIT = 10.0  # a start Ray has not placed by then gives up: the worker waits IDLE
@@ -86,8 +86,13 @@ class Start:
             return False
 
     def _placed(self, memory: int | None) -> bool:
-        """Placed, or about to be: some node has room for it (a slow start, not a full cluster)."""
-        return bool(self.watcher.gcs_read(lambda: placed(self.actor))) or self.room.fits(memory)
+        """Placed, or about to be: some node has room for it (a slow start, not a full cluster).
+        While the GCS does not answer, as if placed: the start waits on (a node that dies then
+        ends it Lost), rather than fail the worker for what the cluster's head did."""
+        try:
+            return bool(self.watcher.gcs_read(lambda: placed(self.actor))) or self.room.fits(memory)
+        except GcsSilent:
+            return True
 
     def forget(self) -> None:
         forget(self.ray, self.actor, actor_name(self.worker_id), NAMESPACE)

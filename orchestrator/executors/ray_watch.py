@@ -14,11 +14,14 @@ lost, from what Ray says, not from silence alone:
   gives up on the GCS and exits, its workers with it) -> `lost: the Ray cluster's head was
   unreachable for <n> s`. Within the grace nothing is declared: a head that comes back (GCS fault
   tolerance, KubeRay restarting it) finds its workers running and mirrored from their offsets.
+  A head whose port accepts connections but whose GCS does not answer (hung) counts as
+  unreachable from its first unanswered read (`GcsSilent`) until a read answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -49,6 +52,11 @@ class Watched:
     loop: asyncio.AbstractEventLoop
 
 
+class GcsSilent(TimeoutError):
+    """The cluster's head accepts connections but its GCS does not answer (hung, overloaded):
+    a TCP probe cannot tell, a bounded read can."""
+
+
 def node_died(host: str | None) -> str:
     return f"lost: node {host} died"
 
@@ -67,6 +75,7 @@ class Watcher:
         self.nodes_at = 0.0
         self.unreachable_since: float | None = None
         self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-gcs")
+        self.reading_since: float | None = None  # the reader's read under way, since when
 
     def add(self, proc: WorkerProcess, on_exit: Callable[[WorkerProcess], None]) -> None:
         with self.lock:
@@ -95,8 +104,23 @@ class Watcher:
 
     def gcs_read(self, read: Callable[[], T]) -> T:
         """A read from the GCS, bounded: Ray's own waits for as long as the GCS is away (the
-        driver reconnects forever), which would stop this thread from noticing that it is."""
-        return self.reader.submit(read).result(timeout=GCS_READ_SECONDS)
+        driver reconnects forever), which would stop this thread from noticing that it is.
+        Raises GcsSilent at once while an earlier read has gone unanswered for longer than the
+        bound (a hung GCS: the reads would only queue behind it)."""
+        since = self.reading_since
+        if since is not None and (waited := time.monotonic() - since) > GCS_READ_SECONDS:
+            raise GcsSilent(f"the Ray cluster's GCS has not answered a read for {waited:.0f} s")
+        try:
+            return self.reader.submit(self._timed, read).result(timeout=GCS_READ_SECONDS)
+        except concurrent.futures.TimeoutError:
+            raise GcsSilent(f"the Ray cluster's GCS did not answer within {GCS_READ_SECONDS:.0f} s") from None
+
+    def _timed(self, read: Callable[[], T]) -> T:
+        self.reading_since = time.monotonic()
+        try:
+            return read()
+        finally:
+            self.reading_since = None
 
     def nodes_alive(self) -> dict[str, bool]:
         nodes: list[dict[str, Any]] = self.gcs_read(self.ray.nodes)
@@ -187,6 +211,17 @@ class Watcher:
         for item in self.items():
             self.abandoned.add(item.proc.worker_id)
             self.end(item, f"lost: the Ray cluster's head was unreachable for {away:.0f} s")
+
+    def kill_abandoned(self) -> None:
+        """Actors of workers declared lost while the head was away, killed now it is back."""
+        for worker_id in list(self.abandoned):
+            with contextlib.suppress(Exception):
+                actor = self.actor_of(worker_id)
+                if actor is not None:
+                    with contextlib.suppress(Exception):
+                        self.ray.get(actor.kill_group.remote(), timeout=CALL_TIMEOUT)
+                    self.ray.kill(actor, no_restart=True)
+            self.abandoned.discard(worker_id)
 
     def end(self, item: Watched, lost: str | None) -> None:
         with self.lock:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, usage_allocated, wait_final, workers_of
-from tests.ray.conftest import RayCluster
+from tests.ray.conftest import RayCluster, current
 from tests.support.servers import Server, ServerFactory
 from tests.support.wait import wait_until
 
@@ -386,6 +386,56 @@ def test_cluster_lost_mid_run_the_server_keeps_serving(
     finally:
         cluster.shutdown()
         cluster.finish_node(cluster.nodes[0], node_processes)
+
+
+def test_a_head_that_hangs_is_unready_until_it_answers_and_its_workers_run_on(
+    servers: ServerFactory, tmp_path: Path
+) -> None:
+    """The head's GCS stops answering (SIGSTOP: its socket still accepts connections, so a TCP
+    probe sees nothing wrong): /ready says the cluster does not answer and a new job waits.
+    Back within the head's grace: /ready is ready again, the running worker was never declared
+    lost and its output goes on, each tick once, and the job that waited runs. (A cluster of its
+    own: a head stopped past the nodes' own deadline would take the shared one down.)"""
+    import signal
+
+    cluster = RayCluster(tmp_path, nodes=1)
+    try:
+        server = start_server(servers, cluster)
+        gcs = cluster.cluster.head_node.all_processes["gcs_server"][0].process
+        with server.client() as client:
+            first = submit(client, agent="ticker", task_description=mark())
+            (worker,) = wait_until(
+                lambda: running(client, [first["id"]]), timeout=LONG, what="worker running"
+            )
+            wait_until(lambda: len(log_lines(client, worker["id"])) >= 2, timeout=LONG, what="ticks")
+
+            def unready() -> dict[str, Any] | None:
+                response = client.get("/ready")
+                body: dict[str, Any] = response.json()
+                return body if response.status_code == 503 and "cluster" in body else None
+
+            os.kill(gcs.pid, signal.SIGSTOP)
+            try:
+                body = wait_until(unready, timeout=LONG, what="/ready naming the silent cluster")
+                assert "does not answer" in body["cluster"]["reason"], body
+                second = submit(client, agent="short", task_description=mark())
+                assert client.get("/health").status_code == 200
+            finally:
+                os.kill(gcs.pid, signal.SIGCONT)
+            wait_until(lambda: client.get("/ready").status_code == 200, timeout=LONG, what="/ready again")
+            seen = len(log_lines(client, worker["id"]))
+            wait_until(
+                lambda: len(log_lines(client, worker["id"])) > seen + 2, timeout=LONG, what="ticks again"
+            )
+            assert current(client, worker)["status"] == "RUNNING"
+            assert wait_final(client, second["id"], timeout=LONG)["status"] == "COMPLETED"
+
+            assert client.post(f"/api/supervisor/workers/{worker['id']}/terminate").status_code == 200
+            wait_final(client, first["id"], timeout=LONG)
+            assert_ticks(log_lines(client, worker["id"]))
+            assert usage_allocated(client)[0] == 0
+    finally:
+        cluster.shutdown()
 
 
 def test_a_killed_actor_fails_its_worker_and_takes_its_processes_along(
