@@ -33,7 +33,7 @@ from orchestrator.executors.cgroups import MIB, Limits
 from orchestrator.executors.local import LocalExecutor, WorkerProcess
 from orchestrator.executors.ray_cluster import SLOT, probe
 from orchestrator.executors.ray_node import StartRequest, WorkerNode, copied_files, files_to_ship
-from orchestrator.executors.ray_placement import Place, Room, forget
+from orchestrator.executors.ray_placement import Place, Room
 from orchestrator.executors.ray_start import NAMESPACE, Start, actor_name
 from orchestrator.executors.ray_watch import CALL_TIMEOUT, GcsSilent, Watcher, node_died
 from orchestrator.workspaces.remote import RemoteCheckout
@@ -269,9 +269,6 @@ class RayExecutor(LocalExecutor):
         self.actors[worker_id] = actor
         return self._process(worker_id, ident, run_dir)
 
-    def _forget_actor(self, actor: Any, worker_id: str) -> None:
-        forget(self.ray, actor, actor_name(worker_id), NAMESPACE)
-
     def _process(self, worker_id: str, ident: dict[str, Any], run_dir: Path) -> WorkerProcess:
         proc = WorkerProcess(worker_id, int(ident["pid"]), int(ident["start_time"]), run_dir)
         proc.host = str(ident["node_id"])
@@ -295,6 +292,7 @@ class RayExecutor(LocalExecutor):
             return None
         if ident["pid"] != pid or (start_time and ident["start_time"] != start_time):
             return None
+        run_dir.mkdir(parents=True, exist_ok=True)  # an engine on another host: its mirror starts here
         return self._process(worker_id, ident, run_dir)
 
     def lost_reason(self, host: str | None) -> str | None:

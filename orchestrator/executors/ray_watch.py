@@ -170,7 +170,10 @@ class Watcher:
                 elif isinstance(exc, self.ray.exceptions.ActorDiedError):
                     self.end(item, "lost: its Ray actor died")
                 continue
-            self._mirror(item, result)
+            try:
+                self._mirror(item, result)
+            except OSError as exc:  # this worker's mirror only (a full disk): asked again next round
+                log.warning("worker %s: mirroring its output failed: %s", item.proc.worker_id, exc)
         for ref in pending:
             item = refs[ref]
             alive = alive if alive is not None else self.nodes_alive()

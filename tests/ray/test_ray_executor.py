@@ -250,6 +250,38 @@ def test_engine_killed_mid_run_readopts_its_workers_by_name(
         assert usage_allocated(client)[0] == 0
 
 
+def test_an_engine_with_a_data_dir_of_its_own_takes_over_and_mirrors_on(
+    servers: ServerFactory, ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The engine that takes over runs on another host: its data dir holds nothing of the dead
+    engine's workers (their run dirs were on the other disk). It adopts them all the same, and
+    their output flows again, each line once, from where the database left it."""
+    first = start_server(servers, ray_cluster)
+    task = mark()
+    with first.client() as client:
+        job = submit(client, agent="ticker", task_description=task)
+        (worker,) = wait_until(lambda: running(client, [job["id"]]), timeout=LONG, what="running")
+        wait_until(lambda: len(log_lines(client, worker["id"])) >= 3, timeout=LONG, what="ticks")
+    first.kill9()
+    elsewhere = {**first_env(first), "ORCHESTRATOR_DATA_DIR": str(tmp_path / "another-host")}
+    second = servers.make(port=first.port, **elsewhere).start()
+    with second.client() as client:
+        seen = len(log_lines(client, worker["id"]))
+        wait_until(
+            lambda: len(log_lines(client, worker["id"])) > seen + 3,
+            timeout=LONG,
+            what="ticks flowing again through the engine of another host",
+        )
+        (after,) = running(client, [job["id"]]) or [{}]
+        assert (after.get("pid"), after.get("host")) == (worker["pid"], worker["host"])
+        assert len(grandchildren(task)) == 1, "the worker was started twice"
+        assert client.post(f"/api/supervisor/workers/{worker['id']}/terminate").status_code == 200
+        wait_final(client, job["id"], timeout=LONG)
+        assert_ticks(log_lines(client, worker["id"]))
+        wait_until(lambda: not grandchildren(task), timeout=LONG, what="the grandchild gone")
+        assert usage_allocated(client)[0] == 0
+
+
 def first_env(server: Server) -> dict[str, str]:
     keys = ("ORCHESTRATOR_AGENTS_FILE", "ORCHESTRATOR_QUOTAS", "ORCHESTRATOR_EXECUTOR", "RAY_ADDRESS")
     return {key: server.env[key] for key in keys} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
