@@ -346,11 +346,10 @@ class RayExecutor(LocalExecutor):
             method = actor.finish if lost is None else actor.kill_group
             ended = self.ray.get(method.remote(), timeout=PUSH_TIMEOUT)
         except self.ray.exceptions.RayActorError:
-            if lost is None and pushes:  # its work did not come back
-                lost = self.watcher.verdict(host)
-                self.push_errors[worker_id] = (
-                    f"{lost.removeprefix('lost: ')} before it pushed the worker's branch"
-                )
+            if pushes:  # its work did not come back (what its branch holds is a checkpoint's, if any)
+                lost = lost or self.watcher.verdict(host)
+                why = lost.removeprefix("lost: ")
+                self.push_errors[worker_id] = f"{why} before it pushed the worker's branch"
         except Exception:  # nothing to push, nothing to say
             log.warning("worker %s: its actor did not end cleanly", worker_id, exc_info=True)
         if ended.get("push_error"):

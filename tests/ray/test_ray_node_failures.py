@@ -27,7 +27,7 @@ from tests.ray.test_ray_executor import (
     start_server,
     started_once,
 )
-from tests.ray.test_ray_repository import node_path
+from tests.ray.test_ray_repository import DELEGATOR, delegator_server, node_path
 from tests.ray.test_ray_repository import start as start_repository_server
 from tests.support.servers import ServerFactory
 from tests.support.wait import wait_until
@@ -172,6 +172,37 @@ def test_a_node_that_dies_while_pushing_a_branch_fails_the_worker_lost(
         ["git", "-C", str(bare), "for-each-ref", "refs/heads"], capture_output=True, text=True
     )
     assert refs.stdout == "", refs.stdout
+
+
+def test_a_worker_lost_after_its_checkpoint_says_its_work_did_not_come_back(
+    servers: ServerFactory, cluster: RayCluster
+) -> None:
+    """A delegating worker's checkpoint reached the remote, then its node dies while it works
+    on: the branch holds only the checkpoint, so the lost worker's result must say its work did
+    not come back (commit_error), not report the checkpoint as its commit."""
+    node = cluster.add_node(slots=2)  # the delegator and its child
+    server, repo, _, _ = delegator_server(servers, cluster, DELEGATOR + "time.sleep(600)\n")
+    processes: set[int] = set()
+    try:
+        with server.client() as client:
+            job = submit(client, agent="delegator", repository=str(repo))
+            (worker,) = wait_until(lambda: workers_of(client, job["id"]) or None, timeout=LONG, what="worker")
+            wait_until(
+                lambda: any(line.startswith("CHILD ") for line in log_lines(client, worker["id"])),
+                timeout=LONG * 2,
+                what="the child done, from the checkpoint",
+            )
+            processes = cluster.kill_raylet(node, signal.SIGKILL)
+            wait_final(client, job["id"], timeout=LONG)
+            (worker,) = workers_of(client, job["id"])
+            assert worker["status"] == "FAILED", worker
+            assert worker["status_reason"] == f"lost: node {node_id(node)} died", worker
+            assert worker["commit"] is None, worker
+            error = worker["result"]["commit_error"]
+            assert "died before it pushed" in error and "holds only its checkpoint" in error, error
+            assert usage_allocated(client)[0] == 0
+    finally:
+        cluster.finish_node(node, processes or cluster.node_processes(node))
 
 
 # The bare remote refuses the first {times} pushes of a worker's branch (as a remote that is away
