@@ -15,31 +15,24 @@ from orchestrator.executors.ray_node import FENCE_SCRIPT
 from tests.support.wait import wait_until
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group `pgid`."""
-    found = []
+def live_processes() -> Iterator[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every live (not zombie) process."""
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(name))
-    return found
+            if fields[0] != "Z":
+                yield int(name), int(fields[1]), int(fields[2])
+
+
+def group_members(pgid: int) -> list[int]:
+    return [pid for pid, _, group in live_processes() if group == pgid]
 
 
 def children_of(parent: int) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent and fields[0] != "Z":
-                found.append(int(name))
-    return found
+    return [pid for pid, ppid, _ in live_processes() if ppid == parent]
 
 
 @pytest.fixture
