@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # How long running Ray workers stay RUNNING while the cluster's head (GCS) is unreachable
     # before they are declared lost: Ray's own default for a node's raylet to give up on the GCS.
     ray_head_grace_seconds: float = Field(default=60.0, gt=0)
+    # How long a Ray worker's actor may leave a poll unanswered, its node alive (a hung or stopped
+    # actor process), before the worker is declared lost and the actor killed.
+    ray_actor_silence_seconds: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _check_uid_range(self) -> Settings:

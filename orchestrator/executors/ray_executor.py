@@ -6,21 +6,18 @@ limit fit, detects lost nodes, and lets an engine that restarts find its workers
 by name (one fixed namespace, a name derived from the worker id), so no worker starts twice.
 `max_restarts=0`: the orchestrator, not Ray, decides what a failed worker becomes.
 
-One thread talks to the cluster: it connects (and keeps saying why not, for /ready: jobs wait
-while it cannot), reads which nodes have room (ray_placement.py: a worker no node has room for
-waits IDLE instead of holding a launcher thread), and watches every worker (ray_watch.py: its
-output mirrored into the engine's run dir, and the failures that end it `lost: ...`).
+One thread talks to the cluster, through a Ray driver in a process of its own (ray_link.py): it
+connects, reads which nodes have room (ray_placement.py: a worker no node has room for waits
+IDLE instead of holding a launcher thread), and watches every worker (ray_watch.py: its output
+mirrored into the engine's run dir, and the failures that end it `lost: ...`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import signal
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,24 +28,21 @@ from orchestrator.executors import netguard
 from orchestrator.executors import sandbox as sandboxing
 from orchestrator.executors.cgroups import MIB, Limits
 from orchestrator.executors.local import LocalExecutor, WorkerProcess
-from orchestrator.executors.ray_cluster import SLOT, probe
-from orchestrator.executors.ray_node import StartRequest, WorkerNode, copied_files, files_to_ship
-from orchestrator.executors.ray_placement import Place, Room
+from orchestrator.executors.ray_cluster import SLOT
+from orchestrator.executors.ray_driver import DriverLost
+from orchestrator.executors.ray_link import ClusterLink
+from orchestrator.executors.ray_node import StartRequest, copied_files, files_to_ship
+from orchestrator.executors.ray_placement import Place
 from orchestrator.executors.ray_start import NAMESPACE, Start, actor_name
-from orchestrator.executors.ray_watch import CALL_TIMEOUT, GcsSilent, Watcher, node_died
+from orchestrator.executors.ray_watch import CALL_TIMEOUT, node_died
 from orchestrator.workspaces.remote import RemoteCheckout
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.25
-CONNECT_RETRY_SECONDS = 2.0
-RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
-RECONNECT_FOREVER_SECONDS = 10 * 365 * 24 * 3600
-PROBE_SECONDS = 2.0  # how often a connected executor checks that the cluster still answers
 PUSH_TIMEOUT = 1800.0  # a worker's end waits this long for its node to push its branch
 
 
-class RayExecutor(LocalExecutor):
+class RayExecutor(ClusterLink, LocalExecutor):
     """Starts, signals and watches workers as Ray actors (engine side)."""
 
     def __init__(
@@ -57,32 +51,17 @@ class RayExecutor(LocalExecutor):
         sandbox: sandboxing.SandboxHost | None,
         sandbox_uid: int,
         head_grace: float = 60.0,
+        silence: float = 60.0,
     ) -> None:
         # No cgroups here: the node applies the limits, Ray admits by memory.
-        super().__init__(sandbox, None)
-        # A Ray driver exits its whole process when the cluster's GCS stays away longer than
-        # this: the server must outlive the cluster (it says so in /ready and reconnects).
-        os.environ[RECONNECT_ENV] = str(RECONNECT_FOREVER_SECONDS)
-        import ray
-
-        self.ray = ray
-        self.address = address
+        LocalExecutor.__init__(self, sandbox, None)
+        ClusterLink.__init__(self, address, head_grace, silence)
         self.sandbox_uid = sandbox_uid
-        self.problem: str | None = f"connecting to the Ray cluster at {address or 'auto'}"
-        self.actor_class: Any = None
-        self.actors: dict[str, Any] = {}
         self.hosts: dict[str, str] = {}  # worker id -> its node
         self.pushes: set[str] = set()  # workers whose node pushes a branch at their end
-        self.watcher = Watcher(ray, self._actor, head_grace)
-        self.room = Room()
         self.checkouts: dict[str, RemoteCheckout] = {}  # set before a repository worker's start
         self.push_errors: dict[str, str] = {}  # why a node could not push a worker's branch
         self.skipped: dict[str, list[str]] = {}  # files a node left out of a worker's commit
-        self.silent: str | None = None  # the head's GCS stopped answering reads (GcsSilent)
-        self.connected = threading.Event()
-        self.last_probe = 0.0
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="ray-executor", daemon=True)
         self.thread.start()
 
     @classmethod
@@ -91,96 +70,14 @@ class RayExecutor(LocalExecutor):
         if settings.orchestrator_sandbox != "off":
             sandbox = netguard.sandbox_host(settings)  # this host's guard (other hosts: docs/SANDBOX.md)
         executor = cls(
-            settings.ray_address, sandbox, settings.orchestrator_sandbox_uid, settings.ray_head_grace_seconds
+            settings.ray_address,
+            sandbox,
+            settings.orchestrator_sandbox_uid,
+            settings.ray_head_grace_seconds,
+            settings.ray_actor_silence_seconds,
         )
         executor.network_guard = settings.orchestrator_sandbox_network_guard
         return executor
-
-    # ------------------------------------------------------------ the cluster
-
-    def _connect(self) -> None:
-        ray = self.ray
-        if not ray.is_initialized():
-            probe(self.address)
-            ray.init(
-                address=self.address or "auto",
-                namespace=NAMESPACE,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                configure_logging=False,
-            )
-        self.actor_class = ray.remote(WorkerNode)
-        self.problem = None
-        self.connected.set()
-        log.info("connected to the Ray cluster at %s", self.address or "auto")
-
-    def _run(self) -> None:
-        while not self.stopping.is_set():
-            if not self.connected.is_set():
-                try:
-                    self._connect()
-                except Exception as exc:
-                    self.problem = f"Ray cluster at {self.address or 'auto'} unreachable: {exc}"[:500]
-                    log.warning("%s", self.problem)
-                    self.stopping.wait(CONNECT_RETRY_SECONDS)
-                    continue
-            try:
-                self._check_reachable()
-                if self.problem is None:
-                    self.room.refresh(self.watcher.gcs_read)
-                    self.watcher.poll()
-                    self.watcher.kill_abandoned()
-                else:
-                    self._head_away()
-            except GcsSilent as exc:
-                # As unreachable: /ready says so, starts and signals wait, the grace runs. Until a
-                # read answers again (`_check_reachable`): a connection accepted proves nothing.
-                self._gcs_silent(exc)
-                self._head_away()
-            except Exception:
-                log.exception("polling Ray workers failed; retrying")
-            self.stopping.wait(POLL_SECONDS)
-
-    def _gcs_silent(self, exc: GcsSilent) -> None:
-        where = f"Ray cluster at {self.address or 'auto'}"
-        try:
-            probe(self.address)
-        except OSError as gone:  # not hung: gone (a read under way when the head died)
-            self.problem = f"{where} unreachable: {gone}"[:500]
-            return
-        self.silent = self.problem = f"{where} does not answer: {exc}"
-        log.warning("%s", self.problem)
-
-    def _head_away(self) -> None:
-        self.room.forget()
-        self.watcher.head_away()
-
-    def _check_reachable(self) -> None:
-        """Say (for /ready, and to hold starts and signals) when the cluster went away after
-        connecting: Ray's own calls would wait for it instead of failing."""
-        now = time.monotonic()
-        if now - self.last_probe < PROBE_SECONDS:
-            return
-        self.last_probe = now
-        try:
-            probe(self.address)
-        except OSError as exc:
-            if self.problem is None:
-                log.warning("the Ray cluster at %s is unreachable: %s", self.address, exc)
-            self.problem = f"Ray cluster at {self.address} unreachable: {exc}"[:500]
-            return
-        if self.silent is not None:
-            try:
-                self.watcher.gcs_read(self.ray.nodes)
-            except GcsSilent:
-                self.problem = self.silent
-                return
-            log.info("the Ray cluster at %s answers again", self.address or "auto")
-            self.silent = None
-        self.problem = None
-
-    def can_start(self) -> bool:
-        return self.connected.is_set() and self.problem is None
 
     def reaches(self, host: str | None) -> bool:
         return True  # any node of the cluster: its actor is found by name
@@ -193,16 +90,6 @@ class RayExecutor(LocalExecutor):
     def _require_cluster(self, timeout: float = 0.0) -> None:
         if not self.connected.wait(timeout):
             raise RuntimeError(self.problem or "the Ray cluster is not connected")
-
-    def _actor(self, worker_id: str) -> Any:
-        handle = self.actors.get(worker_id)
-        if handle is None:
-            try:
-                handle = self.ray.get_actor(actor_name(worker_id), namespace=NAMESPACE)
-            except ValueError:
-                return None
-            self.actors[worker_id] = handle
-        return handle
 
     # ------------------------------------------------------------ the executor interface
 
@@ -258,15 +145,16 @@ class RayExecutor(LocalExecutor):
         }
         if limits is not None:
             options["memory"] = limits.memory_mb * MIB
-        actor = self.actor_class.options(**options).remote()
         self.room.starting(worker_id, limits.memory_mb if limits else None)
+        create = lambda: self.actor_class.options(**options).remote()  # noqa: E731
+        start = Start(self.ray, self.watcher, self.room, create, worker_id)
         try:
-            ident = Start(self.ray, self.watcher, self.room, actor, worker_id).wait(request, limits)
+            ident = start.wait(request, limits)
         finally:
             self.room.started(worker_id)  # counted until Ray's view shows it (or a while)
         if checkout is not None:
             shutil.rmtree(workdir, ignore_errors=True)  # the set-up's copies, sent to the node
-        self.actors[worker_id] = actor
+        self.actors[worker_id] = start.actor
         return self._process(worker_id, ident, run_dir)
 
     def _process(self, worker_id: str, ident: dict[str, Any], run_dir: Path) -> WorkerProcess:
@@ -337,21 +225,37 @@ class RayExecutor(LocalExecutor):
         self.pushes.discard(worker_id)
         if worker_id in self.watcher.abandoned:
             return lost  # the head is away: its actor is killed once it is back
-        actor = self._actor(worker_id)
-        self.actors.pop(worker_id, None)
-        if actor is None:
+        if worker_id in self.watcher.unanswered:  # asked nothing more: killed (its fence ends the rest)
+            self.watcher.unanswered.discard(worker_id)
+            if pushes:
+                self.push_errors[worker_id] = "its Ray actor did not answer: the work did not come back"
+            with contextlib.suppress(Exception):
+                self.ray.kill(self._actor(worker_id), no_restart=True)
+            self.actors.pop(worker_id, None)
             return lost
+        actor: Any = None
         ended: dict[str, Any] = {}
-        try:
-            method = actor.finish if lost is None else actor.kill_group
-            ended = self.ray.get(method.remote(), timeout=PUSH_TIMEOUT)
-        except self.ray.exceptions.RayActorError:
-            if pushes:  # its work did not come back (what its branch holds is a checkpoint's, if any)
-                lost = lost or self.watcher.verdict(host)
-                why = lost.removeprefix("lost: ")
-                self.push_errors[worker_id] = f"{why} before it pushed the worker's branch"
-        except Exception:  # nothing to push, nothing to say
-            log.warning("worker %s: its actor did not end cleanly", worker_id, exc_info=True)
+        for attempt in (1, 2):  # a driver that ended meanwhile: once more, with its successor
+            try:
+                actor = self._actor(worker_id)
+                if actor is None:
+                    return lost
+                method = actor.finish if lost is None else actor.kill_group
+                ended = self.ray.get(method.remote(), timeout=PUSH_TIMEOUT)
+            except DriverLost as exc:
+                if attempt == 1 and self.driver_back(CALL_TIMEOUT):
+                    continue
+                if pushes:
+                    self.push_errors[worker_id] = f"{exc} before its node pushed the worker's branch"
+            except self.ray.exceptions.RayActorError:
+                if pushes:  # its work did not come back (what its branch holds is a checkpoint's, if any)
+                    lost = lost or self.watcher.verdict(host)
+                    why = lost.removeprefix("lost: ")
+                    self.push_errors[worker_id] = f"{why} before it pushed the worker's branch"
+            except Exception:  # nothing to push, nothing to say
+                log.warning("worker %s: its actor did not end cleanly", worker_id, exc_info=True)
+            break
+        self.actors.pop(worker_id, None)
         if ended.get("push_error"):
             self.push_errors[worker_id] = str(ended["push_error"])
         if ended.get("skipped"):
@@ -372,10 +276,13 @@ class RayExecutor(LocalExecutor):
         actor = self._actor(worker_id)
         if actor is None:
             return  # it has ended: its branch came back at its end
+        self.watcher.busy.add(worker_id)  # its polls wait behind the push: not a silent actor
         try:
             done = self.ray.get(actor.checkpoint.remote(), timeout=PUSH_TIMEOUT)
         except self.ray.exceptions.RayError as exc:
             raise RuntimeError(f"cannot checkpoint worker {worker_id}: {str(exc)[:300]}") from None
+        finally:
+            self.watcher.busy.discard(worker_id)
         if done.get("push_error"):
             raise RuntimeError(f"cannot checkpoint worker {worker_id}: {done['push_error']}")
 
@@ -395,3 +302,4 @@ class RayExecutor(LocalExecutor):
 
     def close(self) -> None:
         self.stopping.set()
+        self.ray.close()

@@ -54,14 +54,13 @@ class Room:
         # Starts Ray's view may not show yet: worker id -> (memory bytes, when placed or None).
         self.starts: dict[str, tuple[float, float | None]] = {}
 
-    def refresh(self, gcs_read: Callable[[Callable[[], Any]], Any]) -> None:
-        """Read Ray's view (the executor's thread, every REFRESH_SECONDS; a bounded read)."""
+    def refresh(self, read: Callable[[], dict[str, dict[str, float]]]) -> None:
+        """Read Ray's view (the executor's thread, every REFRESH_SECONDS; a bounded read of
+        `ray._private.state.available_resources_per_node`, a DeveloperAPI: no dashboard)."""
         now = time.monotonic()
         if now - self.read_at < REFRESH_SECONDS:
             return
-        from ray._private import state  # a DeveloperAPI: the GCS's per-node view, no dashboard
-
-        per_node: dict[str, dict[str, float]] = gcs_read(state.available_resources_per_node)
+        per_node = read()
         free = {
             node: (float(resources.get(SLOT, 0.0)), float(resources.get("memory", 0.0)))
             for node, resources in per_node.items()
@@ -124,22 +123,17 @@ def _take(nodes: dict[str, list[float]], memory: float) -> bool:
     return True
 
 
-def placed(actor: Any) -> bool:
-    """Whether Ray has placed the actor on a node: created, or being created there (a worker
-    process leased for it has an address); else it still waits for room."""
-    from ray._private import state  # a DeveloperAPI: the GCS's actor table
-
-    info: dict[str, Any] = state.actors(actor._actor_id.hex())
+def placed(info: dict[str, Any]) -> bool:
+    """Whether Ray has placed the actor (its row of the GCS's actor table) on a node: created,
+    or being created there (a worker process leased for it has an address); else it still
+    waits for room."""
     if info.get("State") in (None, "DEPENDENCIES_UNREADY"):
         return False
     return info.get("State") != "PENDING_CREATION" or bool((info.get("Address") or {}).get("Port"))
 
 
-def actor_node(actor: Any) -> str | None:
-    """The node Ray placed the actor on, once it has (the GCS's actor table: a DeveloperAPI)."""
-    from ray._private import state
-
-    info: dict[str, Any] = state.actors(actor._actor_id.hex())
+def actor_node(info: dict[str, Any]) -> str | None:
+    """The node Ray placed the actor on, once it has (its row of the GCS's actor table)."""
     node = str((info.get("Address") or {}).get("NodeID") or "")
     return node if node.strip("f0") else None  # none yet: empty, or the nil id
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.executors.cgroups import Limits
 from orchestrator.executors.ray_cluster import Lost, NotPlaced
+from orchestrator.executors.ray_driver import DriverLost
 from orchestrator.executors.ray_placement import Room, actor_node, forget, placed, waiting_reason
 from orchestrator.executors.ray_watch import GcsSilent, Watcher, node_died
 
@@ -32,16 +34,38 @@ def actor_name(worker_id: str) -> str:
 class Start:
     """One start under way: the actor's `start` call and the node Ray placed it on."""
 
-    def __init__(self, ray: Any, watcher: Watcher, room: Room, actor: Any, worker_id: str) -> None:
+    def __init__(
+        self, ray: Any, watcher: Watcher, room: Room, create: Callable[[], Any], worker_id: str
+    ) -> None:
         self.ray, self.watcher, self.room = ray, watcher, room
-        self.actor, self.worker_id = actor, worker_id
+        self.create, self.worker_id = create, worker_id
+        self.actor: Any = None
         self.node: str | None = None
 
     def wait(self, request: Any, limits: Limits | None) -> dict[str, Any]:
-        """The node's answer to the start (its identity of the worker's process)."""
-        ray = self.ray
-        ref = self.actor.start.remote(request)
+        """The node's answer to the start (its identity of the worker's process). The engine's
+        Ray driver ending meanwhile (ray_driver.py) is waited out: the start is asked again of
+        the actor, made or found by name, once a new driver is connected (a second start answers
+        with the first's process; a cluster restarted meanwhile gets its first)."""
         since = time.monotonic()
+        while True:
+            try:
+                return self._wait(request, limits, since)
+            except DriverLost:
+                self._driver_back(since)
+
+    def _driver_back(self, since: float) -> None:
+        while not self.ray.is_initialized():
+            if self.ray.closed:
+                raise RuntimeError("the engine is stopping") from None
+            if time.monotonic() - since > START_TIMEOUT:
+                raise RuntimeError(f"no Ray driver to start it within {START_TIMEOUT:.0f} s") from None
+            time.sleep(0.5)
+
+    def _wait(self, request: Any, limits: Limits | None, since: float) -> dict[str, Any]:
+        ray = self.ray
+        self.actor = self.create()
+        ref = self.actor.start.remote(request)
         try:
             while not ray.wait([ref], timeout=1.0)[0]:
                 if time.monotonic() - since > START_TIMEOUT:
@@ -54,6 +78,8 @@ class Start:
                     raise NotPlaced(waiting_reason(memory))
             ident: dict[str, Any] = ray.get(ref)
             return ident
+        except DriverLost:
+            raise
         except ray.exceptions.RayActorError:
             # The actor died before it answered: its node, once Ray says so (bounded), else itself.
             self._find_node()
@@ -73,7 +99,7 @@ class Start:
     def _find_node(self) -> None:
         if self.node is None:
             with contextlib.suppress(Exception):
-                self.node = self.watcher.gcs_read(lambda: actor_node(self.actor))
+                self.node = self.watcher.gcs_read(lambda: actor_node(self.ray.actor_info(self.actor)))
 
     def _node_dead(self) -> bool:
         """Whether the node Ray placed the actor on is dead in Ray's node table."""
@@ -90,7 +116,8 @@ class Start:
         While the GCS does not answer, as if placed: the start waits on (a node that dies then
         ends it Lost), rather than fail the worker for what the cluster's head did."""
         try:
-            return bool(self.watcher.gcs_read(lambda: placed(self.actor))) or self.room.fits(memory)
+            row = self.watcher.gcs_read(lambda: self.ray.actor_info(self.actor))
+            return placed(row) or self.room.fits(memory)
         except GcsSilent:
             return True
 

@@ -9,6 +9,11 @@ lost, from what Ray says, not from silence alone:
   also while its actor still answers: a node whose raylet hangs is declared dead by Ray's health
   check while the processes on it run on) -> `lost: node <id> died`;
 - its actor died on a node that lives -> `lost: its Ray actor died`;
+- its actor, on a node that lives, left a poll unanswered longer than `RAY_ACTOR_SILENCE_SECONDS`
+  (a hung or stopped actor process: nobody could pause, end or read the worker through it) ->
+  `lost: its Ray actor did not answer for <n> s`, and the actor is killed (Ray kills its process,
+  the fence its process group). A long call it is busy with (a checkpoint's push) does not count.
+  Each worker has at most one poll under way: a silent actor delays nobody else's round;
 - the cluster's head (GCS) stayed unreachable longer than the grace (`RAY_HEAD_GRACE_SECONDS`,
   by default Ray's own `gcs_rpc_server_reconnect_timeout_s`, 60 s, after which every node's raylet
   gives up on the GCS and exits, its workers with it) -> `lost: the Ray cluster's head was
@@ -39,6 +44,7 @@ from orchestrator.workspaces.setup import FAILURE_FILE
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 30.0
+ROUND_WAIT = 0.5  # a round waits this long for the polls asked; the rest are collected later
 NODES_SECONDS = 1.0  # how often the watched workers' nodes are looked up in Ray's node table
 VERDICT_SECONDS = 30.0  # how long a worker's end waits for Ray to say whether its node died
 GCS_READ_SECONDS = 5.0
@@ -64,10 +70,16 @@ def node_died(host: str | None) -> str:
 class Watcher:
     """The watched workers of one executor, polled by its thread."""
 
-    def __init__(self, ray: Any, actor_of: Callable[[str], Any], head_grace: float) -> None:
+    def __init__(
+        self, ray: Any, actor_of: Callable[[str], Any], head_grace: float, silence: float = 60.0
+    ) -> None:
         self.ray = ray
         self.actor_of = actor_of
         self.head_grace = head_grace
+        self.silence = silence
+        self.asked: dict[str, float] = {}  # worker id -> since when its poll is under way
+        self.busy: set[str] = set()  # workers whose actor is on a long call (a checkpoint)
+        self.unanswered: set[str] = set()  # ended for their silent actor: killed, not asked to end
         self.watched: dict[str, Watched] = {}
         self.lost: dict[str, str] = {}  # worker id -> why it ended (read once by `ending`)
         self.abandoned: set[str] = set()  # lost while the head was away: actors to kill on its return
@@ -84,6 +96,7 @@ class Watcher:
     def remove(self, proc: WorkerProcess) -> None:
         with self.lock:
             self.watched.pop(proc.worker_id, None)
+        self.asked.pop(proc.worker_id, None)
 
     def items(self) -> list[Watched]:
         with self.lock:
@@ -148,37 +161,57 @@ class Watcher:
                 self.end(item, node_died(item.proc.host))
 
     def _poll(self, items: list[Watched]) -> None:
-        refs: dict[Any, Watched] = {}
+        """One call to the driver for the round (ray_driver.py `poll_round`): each worker asked
+        from its mirrored offset unless its poll is still under way, the answers read."""
+        now = time.monotonic()
+        asks = []
         for item in items:
-            actor = self.actor_of(item.proc.worker_id)
+            worker_id = item.proc.worker_id
+            if worker_id in self.asked:
+                continue
+            actor = self.actor_of(worker_id)
             if actor is None:
                 self.end(item, "lost: its Ray actor is gone")
                 continue
-            refs[actor.poll.remote(file_size(item.proc.output_path))] = item
-        if not refs:
+            asks.append((worker_id, actor, "poll", (file_size(item.proc.output_path),)))
+            self.asked[worker_id] = now
+        watched = {item.proc.worker_id: item for item in items}
+        keys = [worker_id for worker_id in list(self.asked) if worker_id in watched]
+        if not keys:
             return
-        ready, pending = self.ray.wait(list(refs), num_returns=len(refs), timeout=CALL_TIMEOUT)
+        answers, pending = self.ray.poll_round(asks, keys, ROUND_WAIT)
         alive: dict[str, bool] | None = None
-        for ref in ready:
-            item = refs[ref]
-            try:
-                result = self.ray.get(ref)
-            except self.ray.exceptions.RayActorError as exc:
-                alive = alive if alive is not None else self.nodes_alive()
-                if not alive.get(item.proc.host or "", False):
-                    self.end(item, node_died(item.proc.host))
-                elif isinstance(exc, self.ray.exceptions.ActorDiedError):
-                    self.end(item, "lost: its Ray actor died")
+        for worker_id in keys:
+            if worker_id not in answers and worker_id not in pending:
+                self.asked.pop(worker_id, None)  # not under way (a new driver): asked again
+        for worker_id, (ok, value) in answers.items():
+            self.asked.pop(worker_id, None)
+            item = watched[worker_id]
+            if not ok:
+                if isinstance(value, self.ray.exceptions.RayActorError):
+                    alive = alive if alive is not None else self.nodes_alive()
+                    if not alive.get(item.proc.host or "", False):
+                        self.end(item, node_died(item.proc.host))
+                    elif isinstance(value, self.ray.exceptions.ActorDiedError):
+                        self.end(item, "lost: its Ray actor died")
+                else:  # asked again next round
+                    log.warning("worker %s: its poll failed: %s", worker_id, str(value)[:300])
                 continue
             try:
-                self._mirror(item, result)
+                self._mirror(item, value)
             except OSError as exc:  # this worker's mirror only (a full disk): asked again next round
-                log.warning("worker %s: mirroring its output failed: %s", item.proc.worker_id, exc)
-        for ref in pending:
-            item = refs[ref]
-            alive = alive if alive is not None else self.nodes_alive()
-            if not alive.get(item.proc.host or "", False):
-                self.end(item, node_died(item.proc.host))
+                log.warning("worker %s: mirroring its output failed: %s", worker_id, exc)
+        for worker_id in pending:  # asked again once answered (its node's death: `check_nodes`)
+            self._unanswered(watched[worker_id], now)
+
+    def _unanswered(self, item: Watched, now: float) -> None:
+        worker_id = item.proc.worker_id
+        since = self.asked[worker_id]
+        if worker_id in self.busy:
+            self.asked[worker_id] = now  # its poll waits behind the long call: not silent
+        elif now - since > self.silence:
+            self.unanswered.add(worker_id)
+            self.end(item, f"lost: its Ray actor did not answer for {now - since:.0f} s")
 
     def _mirror(self, item: Watched, result: dict[str, Any]) -> None:
         """Append the new output to the engine's copy; on the end, its exit status too."""
@@ -230,6 +263,7 @@ class Watcher:
         with self.lock:
             if self.watched.pop(item.proc.worker_id, None) is None:
                 return
+        self.asked.pop(item.proc.worker_id, None)
         if lost is not None:
             self.lost[item.proc.worker_id] = lost
             log.warning("worker %s: %s", item.proc.worker_id, lost)

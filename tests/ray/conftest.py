@@ -100,21 +100,19 @@ class RayCluster:
     def __init__(self, root: Path, nodes: int = 2, **system_config: Any) -> None:
         self.node_dir = root / "nodes"
         os.environ["ORCHESTRATOR_NODE_DIR"] = str(self.node_dir)  # the nodes inherit it
-        self.cluster = ray_cluster_utils.Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 1,
-                "node_ip_address": "127.0.0.1",
-                "include_dashboard": False,
-                # A node whose raylet died (or hangs) is declared dead within seconds, not ~30 s.
-                "_system_config": {
-                    "health_check_period_ms": 1000,
-                    "health_check_timeout_ms": 1000,
-                    "health_check_failure_threshold": 5,
-                    **system_config,
-                },
+        self.head_args: dict[str, Any] = {
+            "num_cpus": 1,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            # A node whose raylet died (or hangs) is declared dead within seconds, not ~30 s.
+            "_system_config": {
+                "health_check_period_ms": 1000,
+                "health_check_timeout_ms": 1000,
+                "health_check_failure_threshold": 5,
+                **system_config,
             },
-        )
+        }
+        self.cluster = ray_cluster_utils.Cluster(initialize_head=True, head_node_args=self.head_args)
         RAYLETS.add(self.raylet(self.cluster.head_node).pid)
         self.nodes = [self.add_node() for _ in range(nodes)]
         self.address: str = self.cluster.address
@@ -124,6 +122,19 @@ class RayCluster:
         RAYLETS.add(self.raylet(node).pid)
         self.settle()
         return node
+
+    def restart_head(self, slots: int) -> Any:
+        """Kill the head (kill -9) and start another at the same address: a new cluster (no GCS
+        fault tolerance), whose head has `slots` agent slots. The nodes of the old one stay
+        (their raylets meet a cluster id they do not know)."""
+        port = int(self.address.rpartition(":")[2])
+        old = self.cluster.head_node
+        old.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+        self.cluster.head_node = None
+        head = self.cluster.add_node(gcs_server_port=port, resources={"agent_slot": slots}, **self.head_args)
+        RAYLETS.add(self.raylet(head).pid)
+        assert self.cluster.address == self.address, (self.cluster.address, self.address)
+        return head
 
     def settle(self) -> None:
         """Wait until the GCS's live nodes are exactly the ones this cluster has (added, not

@@ -1,0 +1,173 @@
+"""Faults of the cluster that end no node: a head restarted as a new cluster at the same
+address (no GCS fault tolerance: what KubeRay does when a head pod restarts), the engine's Ray
+driver process killed, and a worker's actor that stops answering.
+
+Ray's driver ends its whole process (SIGABRT) when a new cluster answers it with another
+cluster id; the engine's driver is a process of its own (executors/ray_driver.py), so the
+server lives on, connects to the new cluster, and its workers of the old one end lost. A
+driver process that ends for any other reason is replaced and its workers are found again by
+name. An actor that does not answer is given up on after RAY_ACTOR_SILENCE_SECONDS."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from tests.integration.test_engine_lifecycle import log_lines, submit, usage_allocated, wait_final, workers_of
+from tests.ray.conftest import RayCluster, current, node_id
+from tests.ray.test_ray_executor import LONG, assert_ticks, grandchildren, mark, running, start_server
+from tests.support.servers import ServerFactory
+from tests.support.wait import wait_until
+
+
+def test_a_head_restarted_as_a_new_cluster_leaves_the_server_up_and_new_jobs_run_there(
+    servers: ServerFactory, tmp_path: Path
+) -> None:
+    """Under a running worker the head dies and a new one starts at its address. The server
+    answers throughout; the worker ends FAILED `lost: the Ray cluster at … was restarted as a
+    new cluster` with its slot back and its processes gone from its node; /ready is ready again
+    and a new job runs on the new cluster's head, once."""
+    cluster = RayCluster(tmp_path, nodes=1)
+    old_node = cluster.nodes[0]
+    node_processes: set[int] = set()
+    try:
+        server = start_server(servers, cluster)
+        task = mark()
+        with server.client() as client:
+            first = submit(client, agent="ticker", task_description=task)
+            (worker,) = wait_until(
+                lambda: running(client, [first["id"]]), timeout=LONG, what="worker running"
+            )
+            wait_until(lambda: len(log_lines(client, worker["id"])) >= 2, timeout=LONG, what="ticks")
+            node_processes = cluster.node_processes(old_node)
+            new_head = cluster.restart_head(slots=1)
+
+            lost = wait_until(
+                lambda: (w := workers_of(client, first["id"])[0])["status"] == "FAILED" and w,
+                timeout=LONG,
+                what="the old cluster's worker ended",
+            )
+            assert lost["status_reason"] == (
+                f"lost: the Ray cluster at {cluster.address} was restarted as a new cluster"
+            ), lost
+            assert server.process is not None and server.process.poll() is None, server.log()
+            assert client.get("/health").status_code == 200
+            wait_until(lambda: client.get("/ready").status_code == 200, timeout=LONG, what="/ready again")
+            assert client.get("/ready").json()["cluster"]["status"] == "connected"
+
+            second = submit(client, agent="short", task_description=mark())
+            assert wait_final(client, second["id"], timeout=LONG)["status"] == "COMPLETED"
+            (ran,) = workers_of(client, second["id"])
+            assert ran["host"] == node_id(new_head), (ran, node_id(new_head))
+            assert usage_allocated(client)[0] == 0
+            wait_until(lambda: not grandchildren(task), timeout=LONG, what="the old worker's processes gone")
+            assert server.process.poll() is None, server.log()
+    finally:
+        cluster.shutdown()
+        cluster.finish_node(old_node, node_processes)
+
+
+def driver_processes(server_pid: int) -> list[int]:
+    """The server's Ray driver processes (its children running executors/ray_driver_child.py)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == server_pid and b"orchestrator.executors.ray_driver_child" in argv:
+            found.append(int(name))
+    return found
+
+
+def test_a_driver_process_killed_is_replaced_and_its_workers_run_on(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    """kill -9 of the server's Ray driver process (as Ray's own abort ends it) while a worker
+    runs: the server starts another driver, finds the worker's actor again by name, and the
+    worker runs on, not started again, each tick once; new jobs start; terminate works."""
+    server = start_server(servers, ray_cluster)
+    assert server.process is not None
+    task = mark()
+    with server.client() as client:
+        job = submit(client, agent="ticker", task_description=task)
+        (worker,) = wait_until(lambda: running(client, [job["id"]]), timeout=LONG, what="worker running")
+        wait_until(lambda: len(log_lines(client, worker["id"])) >= 2, timeout=LONG, what="ticks")
+        (driver,) = wait_until(lambda: driver_processes(server.process.pid), timeout=LONG, what="driver")
+        os.kill(driver, signal.SIGKILL)
+        wait_until(
+            lambda: (found := driver_processes(server.process.pid)) and driver not in found,
+            timeout=LONG,
+            what="another driver process",
+        )
+        seen = len(log_lines(client, worker["id"]))
+        wait_until(lambda: len(log_lines(client, worker["id"])) > seen + 2, timeout=LONG, what="ticks on")
+        again = current(client, worker)
+        assert again["status"] == "RUNNING" and again["pid"] == worker["pid"], again
+        assert len(grandchildren(task)) == 1, "the worker was started twice"
+        second = submit(client, agent="short", task_description=mark())
+        assert wait_final(client, second["id"], timeout=LONG)["status"] == "COMPLETED"
+
+        assert client.post(f"/api/supervisor/workers/{worker['id']}/terminate").status_code == 200
+        wait_final(client, job["id"], timeout=LONG)
+        assert_ticks(log_lines(client, worker["id"]))
+        wait_until(lambda: not grandchildren(task), timeout=LONG, what="its processes gone")
+        assert usage_allocated(client)[0] == 0
+        assert len(driver_processes(server.process.pid)) == 1
+
+
+def actor_process(worker_pid: int) -> int:
+    """The Ray worker process that hosts a worker's actor: the parent of its wrapper."""
+    ppid = int(Path(f"/proc/{worker_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert b"ray::" in Path(f"/proc/{ppid}/cmdline").read_bytes(), "not an actor's process"
+    return ppid
+
+
+def test_an_actor_that_stops_answering_ends_its_worker_lost_and_nobody_elses(
+    servers: ServerFactory, ray_cluster: RayCluster
+) -> None:
+    """A worker's actor process is stopped (SIGSTOP: alive to Ray and to its node, deaf to the
+    engine) beside another running worker. After RAY_ACTOR_SILENCE_SECONDS its worker ends
+    FAILED `lost: its Ray actor did not answer for <n> s`: the actor is killed and the fence takes
+    its processes along, its slot comes back. The other worker runs on, each tick once, and
+    ends as asked."""
+    server = start_server(servers, ray_cluster, RAY_ACTOR_SILENCE_SECONDS="10")
+    silent_task, other_task = mark(), mark()
+    actor = 0
+    with server.client() as client:
+        silent = submit(client, agent="ticker", task_description=silent_task)
+        other = submit(client, agent="ticker", task_description=other_task)
+        silent_worker, other_worker = wait_until(
+            lambda: running(client, [silent["id"], other["id"]]), timeout=LONG, what="both running"
+        )
+        wait_until(lambda: len(log_lines(client, silent_worker["id"])) >= 2, timeout=LONG, what="ticks")
+        actor = actor_process(silent_worker["pid"])
+        os.kill(actor, signal.SIGSTOP)
+        try:
+            lost = wait_until(
+                lambda: (w := current(client, silent_worker))["status"] == "FAILED" and w,
+                timeout=LONG,
+                what="the silent actor's worker ended",
+            )
+            assert lost["status_reason"].startswith("lost: its Ray actor did not answer for "), lost
+            wait_until(lambda: not grandchildren(silent_task), timeout=LONG, what="its processes gone")
+            wait_until(lambda: not Path(f"/proc/{actor}").exists(), timeout=LONG, what="its actor gone")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(actor, signal.SIGCONT)
+        assert_ticks(log_lines(client, silent_worker["id"]))
+
+        assert current(client, other_worker)["status"] == "RUNNING"
+        seen = len(log_lines(client, other_worker["id"]))
+        wait_until(lambda: len(log_lines(client, other_worker["id"])) > seen + 2, timeout=LONG, what="ticks")
+        assert client.post(f"/api/supervisor/workers/{other_worker['id']}/terminate").status_code == 200
+        wait_final(client, other["id"], timeout=LONG)
+        assert current(client, other_worker)["status"] == "TERMINATED"
+        assert_ticks(log_lines(client, other_worker["id"]))
+        wait_until(lambda: not grandchildren(other_task), timeout=LONG, what="its processes gone")
+        assert usage_allocated(client)[0] == 0
