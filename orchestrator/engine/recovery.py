@@ -23,7 +23,7 @@ from orchestrator.engine.ledger import Ledger
 from orchestrator.engine.logs import LogCursor
 from orchestrator.engine.queries import engines as engine_queries
 from orchestrator.engine.reconcile import Reconciler
-from orchestrator.engine.remote_workspace import lost_reason
+from orchestrator.engine.remote_workspace import end_unrecorded, lost_reason
 from orchestrator.engine.supervision import (
     RECLAIM_INTERVAL_SECONDS,
     EngineContext,
@@ -109,6 +109,9 @@ class Recovery:
             worker, pid, start_time = await self._found_by_pid_file(session, worker, job)
         if pid is None:
             if worker.status in WORKER_FINAL and worker.holds_slot:
+                # Ended before its start was recorded: what that start may have started goes first
+                # (raises while the cluster cannot be asked: the take-over is retried).
+                await asyncio.to_thread(end_unrecorded, self.ctx.executor, worker.id)
                 await slots_repo.worker_release_slot(session, worker.id, job.id, job.depth)
             return  # IDLE and never started: it starts normally
         await engine_queries.take_over_worker(session, worker.id, self.ctx.id)

@@ -30,6 +30,14 @@ def lost_reason(executor: LocalExecutor, host: str | None) -> str | None:
     return executor.lost_reason(host) if isinstance(executor, RayExecutor) else None
 
 
+def end_unrecorded(executor: LocalExecutor, worker_id: str) -> None:
+    """A worker that ended (a cancel) while its start was under way and its engine died: on a
+    cluster its actor may have started it after all, for nobody (a local start leaves its PID
+    file, which finds it instead)."""
+    if isinstance(executor, RayExecutor):
+        executor.end_unrecorded(worker_id)
+
+
 def add_worktree(
     executor: LocalExecutor, settings: Settings, repository: Path, workdir: Path, branch: str, base: str
 ) -> None:

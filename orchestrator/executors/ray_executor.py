@@ -183,6 +183,19 @@ class RayExecutor(ClusterLink, LocalExecutor):
         run_dir.mkdir(parents=True, exist_ok=True)  # an engine on another host: its mirror starts here
         return self._process(worker_id, ident, run_dir)
 
+    def end_unrecorded(self, worker_id: str) -> None:
+        """Kill the worker's actor, found by name, and its process group, if a start no engine
+        recorded made one (its engine died mid-start, the worker was cancelled meanwhile)."""
+        self._require_cluster(timeout=CALL_TIMEOUT)
+        actor = self._actor(worker_id)
+        if actor is None:
+            return
+        log.warning("worker %s: ended, yet its actor lives (a start not recorded): killing it", worker_id)
+        with contextlib.suppress(self.ray.exceptions.RayError):  # bounded: a start still under way
+            self.ray.get(actor.kill_group.remote(), timeout=CALL_TIMEOUT)
+        self.ray.kill(actor, no_restart=True)
+        self.actors.pop(worker_id, None)
+
     def lost_reason(self, host: str | None) -> str | None:
         """Why a worker found gone at a take-over is gone, if its node is known dead."""
         if not host or not self.can_start():

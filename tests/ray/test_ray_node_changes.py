@@ -108,6 +108,51 @@ def test_a_node_that_dies_during_a_workers_start_fails_it_lost(
         cluster.finish_node(other, cluster.node_processes(other))
 
 
+# As HOLD_FETCH, but once released the fetch goes on (the real git's): the start completes.
+HOLD_FETCH_THEN_GO = HOLD_FETCH.replace("    exit 1\n", "    break\n")
+
+
+def test_a_start_its_engine_died_in_then_cancelled_runs_nothing_once_an_engine_is_back(
+    servers: ServerFactory, cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The engine dies (kill -9) while a worker's node clones its worktree, before the start is
+    recorded; the job is cancelled meanwhile through an API with no engine; then the clone goes
+    on and the node starts the agent, for nobody. The next engine takes the cancelled job over
+    and kills that actor by name, and the agent with it: nothing runs on, the slot comes back."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "git").write_text(HOLD_FETCH_THEN_GO.format(dir=tmp_path, git=shutil.which("git")))
+    (shim / "git").chmod(0o755)
+    with path_first(shim):
+        node = cluster.add_node(slots=1)
+    task = f"{900 + int(mark())}.5"
+    extra = f'[agents.lingerer]\ntype = "command"\ncommand = ["sleep", "{task}"]\n'
+    first, repo, _ = start_repository_server(servers, cluster, extra=extra)
+    env = {k: v for k, v in first.env.items() if k.startswith(("ORCHESTRATOR_", "RAY_"))}
+    env.pop("ORCHESTRATOR_PUBLIC_URL", None)
+    try:
+        with first.client() as client:
+            job = submit(client, agent="lingerer", repository=str(repo))
+            wait_until(lambda: (tmp_path / "fetching").exists(), timeout=LONG, what="the node cloning")
+        first.kill9()
+        api = servers.make(port=first.port, **{**env, "ORCHESTRATOR_ENGINE": "false"}).start()
+        with api.client() as client:
+            assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
+        api.kill9()
+        (tmp_path / "release").touch()
+        wait_until(lambda: grandchildren(task), timeout=LONG, what="the agent started for nobody")
+        second = servers.make(port=first.port, **env).start()
+        with second.client() as client:
+            wait_until(lambda: not grandchildren(task), timeout=LONG, what="the agent killed")
+            wait_until(lambda: usage_allocated(client)[0] == 0, timeout=LONG, what="its slot back")
+            (worker,) = workers_of(client, job["id"])
+            assert worker["status"] == "TERMINATED", worker
+            assert client.get(f"/api/jobs/{job['id']}").json()["status"] == "CANCELED"
+    finally:
+        (tmp_path / "release").touch()
+        cluster.finish_node(node, cluster.node_processes(node))
+
+
 @contextlib.contextmanager
 def home(directory: Path) -> Iterator[None]:
     """`directory` as this process's HOME, for the processes started meanwhile."""
