@@ -236,8 +236,8 @@ class RayExecutor(ClusterLink, LocalExecutor):
         lost = self.watcher.lost.pop(worker_id, None)
         host, pushes = self.hosts.pop(worker_id, None), worker_id in self.pushes
         self.pushes.discard(worker_id)
-        if worker_id in self.watcher.abandoned:
-            return lost  # the head is away: its actor is killed once it is back
+        if worker_id in self.watcher.abandoned:  # the head is away: its actor is killed once back
+            return self._not_pushed(worker_id, pushes, lost)
         if worker_id in self.watcher.unanswered:  # asked nothing more: killed (its fence ends the rest)
             self.watcher.unanswered.discard(worker_id)
             if pushes:
@@ -251,8 +251,8 @@ class RayExecutor(ClusterLink, LocalExecutor):
         for attempt in (1, 2):  # a driver that ended meanwhile: once more, with its successor
             try:
                 actor = self._actor(worker_id)
-                if actor is None:
-                    return lost
+                if actor is None:  # gone with its cluster (a new one at the address), or never made
+                    return self._not_pushed(worker_id, pushes, lost)
                 method = actor.finish if lost is None else actor.kill_group
                 ended = self.ray.get(method.remote(), timeout=PUSH_TIMEOUT)
             except DriverLost as exc:
@@ -276,6 +276,14 @@ class RayExecutor(ClusterLink, LocalExecutor):
         with contextlib.suppress(Exception):
             self.ray.kill(actor, no_restart=True)
         return lost or (str(ended["limit"]) if ended.get("limit") else None)
+
+    def _not_pushed(self, worker_id: str, pushes: bool, lost: str | None) -> str | None:
+        """A repository worker lost where its node could not push its branch: its result must
+        say so, not report what the branch holds (a checkpoint's commit) as its work."""
+        if pushes and lost:
+            why = lost.removeprefix("lost: ")
+            self.push_errors[worker_id] = f"{why} before it pushed the worker's branch"
+        return lost
 
     def push_error(self, worker_id: str) -> str | None:
         """Why the worker's node could not push its branch, if it could not (asked once)."""

@@ -17,7 +17,16 @@ from pathlib import Path
 
 from tests.integration.test_engine_lifecycle import log_lines, submit, usage_allocated, wait_final, workers_of
 from tests.ray.conftest import RayCluster, current, node_id
-from tests.ray.test_ray_executor import LONG, assert_ticks, grandchildren, mark, running, start_server
+from tests.ray.test_ray_executor import (
+    LONG,
+    PROFILES,
+    assert_ticks,
+    grandchildren,
+    mark,
+    running,
+    start_server,
+)
+from tests.ray.test_ray_repository import start as start_repository_server
 from tests.support.servers import ServerFactory
 from tests.support.wait import wait_until
 
@@ -25,20 +34,22 @@ from tests.support.wait import wait_until
 def test_a_head_restarted_as_a_new_cluster_leaves_the_server_up_and_new_jobs_run_there(
     servers: ServerFactory, tmp_path: Path
 ) -> None:
-    """Under a running worker the head dies and a new one starts at its address. The server
-    answers throughout; the worker ends FAILED `lost: the Ray cluster at … was restarted as a
-    new cluster` with its slot back and its processes gone from its node; /ready is ready again
-    and a new job runs on the new cluster's head, once."""
+    """Under running workers the head dies and a new one starts at its address. The server
+    answers throughout; the workers end FAILED `lost: the Ray cluster at … was restarted as a
+    new cluster` with their slots back and their processes gone from their node, a repository
+    worker's result saying its work did not come back; /ready is ready again and a new job runs
+    on the new cluster's head, once."""
     cluster = RayCluster(tmp_path, nodes=1)
     old_node = cluster.nodes[0]
     node_processes: set[int] = set()
     try:
-        server = start_server(servers, cluster)
+        server, repo, _ = start_repository_server(servers, cluster, extra=PROFILES)
         task = mark()
         with server.client() as client:
             first = submit(client, agent="ticker", task_description=task)
-            (worker,) = wait_until(
-                lambda: running(client, [first["id"]]), timeout=LONG, what="worker running"
+            held = submit(client, agent="sleeper", repository=str(repo))
+            worker, _ = wait_until(
+                lambda: running(client, [first["id"], held["id"]]), timeout=LONG, what="workers running"
             )
             wait_until(lambda: len(log_lines(client, worker["id"])) >= 2, timeout=LONG, what="ticks")
             node_processes = cluster.node_processes(old_node)
@@ -49,9 +60,14 @@ def test_a_head_restarted_as_a_new_cluster_leaves_the_server_up_and_new_jobs_run
                 timeout=LONG,
                 what="the old cluster's worker ended",
             )
-            assert lost["status_reason"] == (
-                f"lost: the Ray cluster at {cluster.address} was restarted as a new cluster"
-            ), lost
+            reason = f"lost: the Ray cluster at {cluster.address} was restarted as a new cluster"
+            assert lost["status_reason"] == reason, lost
+            wait_final(client, held["id"], timeout=LONG)
+            (repository_worker,) = workers_of(client, held["id"])
+            assert repository_worker["status_reason"] == reason, repository_worker
+            assert repository_worker["commit"] is None, repository_worker
+            error = repository_worker["result"]["commit_error"]
+            assert error == f"{reason.removeprefix('lost: ')} before it pushed the worker's branch", error
             assert server.process is not None and server.process.poll() is None, server.log()
             assert client.get("/health").status_code == 200
             wait_until(lambda: client.get("/ready").status_code == 200, timeout=LONG, what="/ready again")
