@@ -53,7 +53,8 @@ class Method:
         self.driver, self.actor, self.method = driver, actor, method
 
     def remote(self, *args: Any) -> Ref:
-        return self.driver.ref(self.driver.request("call", self.actor, self.method, args))
+        generation = self.driver.generation  # a child that replaced it meanwhile: the ref is stale
+        return Ref(self.driver, self.driver.request("call", self.actor, self.method, args), generation)
 
 
 class ActorRef:
@@ -145,7 +146,8 @@ class RayDriver:
         while True:
             try:
                 number, ok, value = connection.recv()
-            except (EOFError, OSError):
+            except Exception:  # EOF, a closed socket, an answer that does not unpickle: ended
+                process.kill()
                 break
             with self.lock:
                 _, future = self.pending.pop(number, (0, None))
@@ -156,7 +158,8 @@ class RayDriver:
             else:
                 future.set_exception(value)
         code = process.wait()
-        why = f"ended by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        why = f"ended by {name}" if code < 0 else f"exited with status {code}"
         reason = f"the Ray driver process {why}"
         with self.lock:
             if generation == self.generation:
@@ -173,6 +176,8 @@ class RayDriver:
         with self.lock:
             if self.ended is not None or self.connection is None:
                 raise DriverLost(self.ended or "no Ray driver")
+            if op != "init" and not self.initialized:  # Ray's calls would fail "not started"
+                raise DriverLost("the Ray driver process is connecting")
             number = next(self.numbers)
             self.pending[number] = (self.generation, future)
             released = self._drain_released()
@@ -218,7 +223,8 @@ class RayDriver:
         except BaseException:
             self.stop()  # a driver whose connect failed is not tried again: the next is new
             raise
-        self.initialized = True
+        with self.lock:
+            self.initialized = self.ended is None
         return session
 
     def remote(self, cls: type) -> ActorClass:

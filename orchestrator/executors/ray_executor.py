@@ -242,9 +242,7 @@ class RayExecutor(ClusterLink, LocalExecutor):
             self.watcher.unanswered.discard(worker_id)
             if pushes:
                 self.push_errors[worker_id] = "its Ray actor did not answer: the work did not come back"
-            with contextlib.suppress(Exception):
-                self.ray.kill(self._actor(worker_id), no_restart=True)
-            self.actors.pop(worker_id, None)
+            self._kill(worker_id, self._actor_or_none(worker_id))
             return lost
         actor: Any = None
         ended: dict[str, Any] = {}
@@ -268,14 +266,31 @@ class RayExecutor(ClusterLink, LocalExecutor):
             except Exception:  # nothing to push, nothing to say
                 log.warning("worker %s: its actor did not end cleanly", worker_id, exc_info=True)
             break
-        self.actors.pop(worker_id, None)
+        if actor is None:  # it could not be looked up (no driver): the watcher's thread kills it
+            self.watcher.abandoned.add(worker_id)
         if ended.get("push_error"):
             self.push_errors[worker_id] = str(ended["push_error"])
         if ended.get("skipped"):
             self.skipped[worker_id] = [str(path) for path in ended["skipped"]]
-        with contextlib.suppress(Exception):
-            self.ray.kill(actor, no_restart=True)
+        self._kill(worker_id, actor)
         return lost or (str(ended["limit"]) if ended.get("limit") else None)
+
+    def _actor_or_none(self, worker_id: str) -> Any:
+        try:
+            return self._actor(worker_id)
+        except Exception:  # no driver now: the watcher's thread kills it later
+            self.watcher.abandoned.add(worker_id)
+            return None
+
+    def _kill(self, worker_id: str, actor: Any) -> None:
+        """Kill its actor; one that could not be killed now is killed by the watcher's thread."""
+        self.actors.pop(worker_id, None)
+        if actor is None:
+            return
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception:
+            self.watcher.abandoned.add(worker_id)
 
     def _not_pushed(self, worker_id: str, pushes: bool, lost: str | None) -> str | None:
         """A repository worker lost where its node could not push its branch: its result must
@@ -297,13 +312,15 @@ class RayExecutor(ClusterLink, LocalExecutor):
         actor = self._actor(worker_id)
         if actor is None:
             return  # it has ended: its branch came back at its end
-        self.watcher.busy.add(worker_id)  # its polls wait behind the push: not a silent actor
+        self.watcher.busy[worker_id] += 1  # its polls wait behind the push: not a silent actor
         try:
             done = self.ray.get(actor.checkpoint.remote(), timeout=PUSH_TIMEOUT)
         except self.ray.exceptions.RayError as exc:
             raise RuntimeError(f"cannot checkpoint worker {worker_id}: {str(exc)[:300]}") from None
         finally:
-            self.watcher.busy.discard(worker_id)
+            self.watcher.busy[worker_id] -= 1
+            if self.watcher.busy[worker_id] <= 0:
+                del self.watcher.busy[worker_id]
         if done.get("push_error"):
             raise RuntimeError(f"cannot checkpoint worker {worker_id}: {done['push_error']}")
 

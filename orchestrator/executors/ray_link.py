@@ -97,6 +97,8 @@ class ClusterLink:
                 except Exception as exc:
                     self.problem = f"Ray cluster at {self.address or 'auto'} unreachable: {exc}"[:500]
                     log.warning("%s", self.problem)
+                    if self.session is not None:  # connected once (a driver that ended): the grace runs
+                        self._head_away()
                     self.stopping.wait(CONNECT_RETRY_SECONDS)
                     continue
             try:

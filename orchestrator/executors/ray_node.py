@@ -163,6 +163,7 @@ class WorkerNode:
         self.proc: WorkerProcess | None = None
         self.fence: int | None = None
         self.ended = False
+        self.finished: dict[str, Any] | None = None  # finish's answer, once given
         self.dead = False  # the GCS declared this actor dead: nothing of the worker is wanted any more
         self.checkout: RemoteCheckout | None = None
         self.workdir: Path | None = None
@@ -311,13 +312,16 @@ class WorkerNode:
         the agent), push its branch (a repository job), remove its cgroups and say whether a
         limit ended it."""
         assert self.executor is not None and self.proc is not None
+        if self.finished is not None:  # asked again (a new engine driver): the same answer
+            return self.finished
         self._kill_group()
         self.ended = True
         pushed = self.push()
         limit = self.executor.ending(self.proc.worker_id) or disk_full(
             self.node_id, node_dir(self.node_id), pushed
         )
-        return {"limit": limit, **pushed}
+        self.finished = {"limit": limit, **pushed}
+        return self.finished
 
     def kill_group(self) -> dict[str, Any]:
         """SIGKILL the worker's whole process group (before the actor itself is killed), then

@@ -26,6 +26,7 @@ lost, from what Ray says, not from silence alone:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -78,7 +79,7 @@ class Watcher:
         self.head_grace = head_grace
         self.silence = silence
         self.asked: dict[str, float] = {}  # worker id -> since when its poll is under way
-        self.busy: set[str] = set()  # workers whose actor is on a long call (a checkpoint)
+        self.busy: collections.Counter[str] = collections.Counter()  # long calls (checkpoints) under way
         self.unanswered: set[str] = set()  # ended for their silent actor: killed, not asked to end
         self.watched: dict[str, Watched] = {}
         self.lost: dict[str, str] = {}  # worker id -> why it ended (read once by `ending`)
@@ -206,8 +207,10 @@ class Watcher:
 
     def _unanswered(self, item: Watched, now: float) -> None:
         worker_id = item.proc.worker_id
-        since = self.asked[worker_id]
-        if worker_id in self.busy:
+        since = self.asked.get(worker_id)
+        if since is None:  # unwatched meanwhile
+            return
+        if self.busy[worker_id] > 0:
             self.asked[worker_id] = now  # its poll waits behind the long call: not silent
         elif now - since > self.silence:
             self.unanswered.add(worker_id)
@@ -251,12 +254,14 @@ class Watcher:
     def kill_abandoned(self) -> None:
         """Actors of workers declared lost while the head was away, killed now it is back."""
         for worker_id in list(self.abandoned):
-            with contextlib.suppress(Exception):
+            try:
                 actor = self.actor_of(worker_id)
                 if actor is not None:
                     with contextlib.suppress(Exception):
                         self.ray.get(actor.kill_group.remote(), timeout=CALL_TIMEOUT)
                     self.ray.kill(actor, no_restart=True)
+            except Exception:  # the driver or the cluster failed meanwhile: tried again next round
+                continue
             self.abandoned.discard(worker_id)
 
     def end(self, item: Watched, lost: str | None) -> None:

@@ -56,10 +56,13 @@ def test_a_call_under_way_when_the_driver_process_dies_fails_driver_lost() -> No
         listener.close()
 
 
-def test_an_error_in_the_child_reaches_the_caller() -> None:
+def test_a_call_before_the_connect_fails_and_an_error_in_the_child_reaches_the_caller() -> None:
     driver = RayDriver()
     try:
         driver.start()
+        with pytest.raises(DriverLost, match="connecting"):  # Ray's own would say "not started"
+            driver.request("get", [12345], 1.0)
+        driver.initialized = True  # as once connected (no cluster here)
         with pytest.raises(KeyError):
             driver.request("get", [12345], 1.0)  # no such ref: the child's own KeyError
         assert driver.alive()
