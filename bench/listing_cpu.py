@@ -9,11 +9,14 @@ Four ways, in alternating rounds (min and median of 15 rounds of 100):
 * `empty session`: a read session that only begins and ends (what every request pays);
 * `validated`: the page as it was answered before jobs/pages.py: rows, JobList.model_validate,
   TypeAdapter(JobList).dump_json (FastAPI's response-model path);
-* `pages, read`: jobs/pages.py with nothing remembered (the data changed since the last page);
+* `pages, read`: jobs/pages.py with no page remembered (the data changed since the last page;
+  the total remembered, as for another window of the same list);
+* `pages, uncounted`: the same with no total remembered either (on PostgreSQL, the page and its
+  total then come from one statement: db/counts.py's `counted_page`);
 * `pages, remembered`: jobs/pages.py answering the remembered page (nothing changed): the
   version read outside the session (db/version_reads.py), no connection taken.
 
-The count is remembered in all three (db/counts.py). Give a PostgreSQL database that exists and
+The count is remembered in all but `uncounted` (db/counts.py). Give a PostgreSQL database that exists and
 may be written (its jobs table is filled); SQLite is a temporary file.
 """
 
@@ -32,7 +35,7 @@ from pydantic import TypeAdapter
 from sqlalchemy import insert
 
 from orchestrator.core.config import Settings
-from orchestrator.db import version_reads
+from orchestrator.db import counts, version_reads
 from orchestrator.db.migrate import upgrade_database
 from orchestrator.db.models import Job
 from orchestrator.db.session import Database
@@ -86,6 +89,12 @@ async def run(database_url: str | None, jobs: int) -> None:
             (await session.connection()).info.pop("orchestrator_pages", None)
             return await pages.page_json(session, where, limit=50, offset=0)
 
+    async def uncounted() -> bytes:
+        counts._by_database.clear()
+        async with db.read_session() as session:
+            (await session.connection()).info.pop("orchestrator_counts", None)
+        return await read()
+
     async def remembered() -> bytes:
         async with db.read_session() as session:
             return await pages.page_json(session, where, limit=50, offset=0)
@@ -96,7 +105,8 @@ async def run(database_url: str | None, jobs: int) -> None:
 
     assert await validated() == await read() == await remembered()
     ways: dict[str, Callable[[], Awaitable[Any]]] = {
-        "empty session": empty, "validated": validated, "pages, read": read, "pages, remembered": remembered,
+        "empty session": empty, "validated": validated, "pages, read": read, "pages, uncounted": uncounted,
+        "pages, remembered": remembered,
     }  # fmt: skip
     figures: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(15):

@@ -36,7 +36,7 @@ from orchestrator.db import counts, version_reads
 from orchestrator.db.lookups import check_visible
 from orchestrator.db.models import Job, UTCDateTime, _sqlite_datetime
 from orchestrator.db.precompiled import Statement, StatementSession, fetch, fetch_tuples
-from orchestrator.jobs.repository import JobFilter, listing_order
+from orchestrator.jobs.repository import JobFilter, listing_order, newest_first
 from orchestrator.jobs.schemas import JobOut
 
 # JobOut's fields in order: a row is zipped with them into the page's dicts.
@@ -69,15 +69,17 @@ def _columns(dialect: str) -> list[Any]:
 @functools.lru_cache(maxsize=256)
 def _statements(
     where: JobFilter, limit: int, offset: int, dialect: str, versioned: bool
-) -> tuple[Statement, Select[Any], Statement]:
-    """The page's statement (with the data version column if `versioned`), the total's, and the
-    data version's alone; built once per filter and window."""
+) -> tuple[Statement, Select[Any], Statement, Statement | None]:
+    """The page's statement (with the data version column if `versioned`), the total's, the
+    data version's alone, and on PostgreSQL the page with its total in one statement
+    (db/counts.py's `counted_page`: one snapshot); built once per filter and window."""
     conditions = where.conditions(dialect)
     page = listing_order(select(*_columns(dialect)).where(*conditions)).limit(limit).offset(offset)
+    total = select(func.count()).select_from(Job).where(*conditions)
+    counted = Statement(counts.counted_page(page, total, newest_first)) if dialect == "postgresql" else None
     if versioned:
         page = page.add_columns(counts.version_column(dialect))
-    total = select(func.count()).select_from(Job).where(*conditions)
-    return Statement(page), total, Statement(select(counts.version_column(dialect)))
+    return Statement(page), total, Statement(select(counts.version_column(dialect))), counted
 
 
 @functools.lru_cache(maxsize=4)
@@ -167,7 +169,10 @@ async def page_json(session: AsyncSession, where: JobFilter, *, limit: int, offs
     if where.finds_nothing():
         return render([], 0, limit, offset, dialect)
     if not counts.remembers(session):
-        page, total_of, _ = _statements(where, limit, offset, dialect, False)
+        page, total_of, _, counted = _statements(where, limit, offset, dialect, False)
+        if counted is not None:
+            rows, _, total = counts.counted_rows(await fetch_tuples(session, counted))
+            return render(rows, total, limit, offset, dialect)
         total = int((await session.execute(total_of)).scalar_one())
         return render(await fetch_tuples(session, page), total, limit, offset, dialect)
     key = (where, limit, offset)
@@ -249,13 +254,32 @@ async def _read(
     """The page read in `session`, and remembered."""
     where, limit, offset = key
     dialect = session.bind.dialect.name if session.bind is not None else ""
-    page, total_of, _ = _statements(where, limit, offset, dialect, True)
-    rows = await fetch_tuples(session, page)
-    # The page's own statement read the version it holds, its last column (SQLite: the
-    # transaction's snapshot, the count's key). A page of a watched SQLite file is remembered
-    # at the version read before it: its snapshot is that or newer.
-    version = str(rows[0][-1]) if rows else None
-    total = await counts.count(session, total_of, ("jobs", where), version)
+    page, total_of, _, counted = _statements(where, limit, offset, dialect, True)
+    total_key = ("jobs", where)
+    total: int | None = None
+    # PostgreSQL: the page alone first only if the total remembered may be the page's: counted
+    # at the version read just before (`now`; a snapshot never comes back to an older one), or,
+    # with no version read, at any.
+    if counted is None:
+        page_first = True
+    elif now is not None:
+        page_first = await counts.known(session, total_key, now) is not None
+    else:
+        page_first = await counts.counted_before(session, total_key)
+    if page_first:
+        rows = await fetch_tuples(session, page)
+        # The page's own statement read the version it holds, its last column (SQLite: the
+        # transaction's snapshot, the count's key). A page of a watched SQLite file is
+        # remembered at the version read before it: its snapshot is that or newer.
+        version = str(rows[0][-1]) if rows else None
+        total = await counts.known(session, total_key, version)
+        if total is None and counted is None:
+            total = await counts.count(session, total_of, total_key, version)
+    if total is None:
+        # PostgreSQL, the total not counted at the page's version: both again in one snapshot.
+        assert counted is not None
+        rows, version, total = counts.counted_rows(await fetch_tuples(session, counted))
+        await counts.remember(session, total_key, version, total)
     body = render(rows, total, limit, offset, dialect)
     keep = now if watched else version
     if remembered is not None and keep is not None and len(body) <= MAX_REMEMBERED_BYTES:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, and_, func, or_, select, text
+from sqlalchemy import ColumnElement, Row, Select, Subquery, and_, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.ids import has_nul
@@ -101,34 +101,53 @@ def in_subtree(path: str, dialect: str | None = None) -> ColumnElement[bool]:
 async def list_jobs(
     session: AsyncSession, where: JobFilter, *, limit: int = 50, offset: int = 0
 ) -> tuple[list[Row[Any]], int]:
-    """A page of jobs (rows with a job's attributes) and how many match in all."""
+    """A page of jobs (rows with a job's attributes) and how many match in all, both as of one
+    snapshot: a job committed meanwhile is in both or in neither."""
     if where.finds_nothing():
         return [], 0
     remembers = counts.remembers(session)
-    dialect = session.bind.dialect.name if remembers and session.bind is not None else None
-    page, total_of = _page_statements(where, limit, offset, dialect)
-    if not remembers:
+    dialect = session.bind.dialect.name if session.bind is not None else None
+    page, total_of, counted = _page_statements(where, limit, offset, dialect, remembers)
+    key = ("jobs", where)
+    if counted is not None:  # PostgreSQL: each statement its own snapshot
+        if await counts.counted_before(session, key):
+            # The total remembered is the page's if it was counted at the page's version.
+            rows = list((await session.execute(page)).all())
+            total = await counts.known(session, key, getattr(rows[0], counts.VERSION) if rows else None)
+            if total is not None:
+                return rows, total
+        rows, version, total = counts.counted_rows((await session.execute(counted)).all())
+        await counts.remember(session, key, version, total)
+        return rows, total
+    if not remembers:  # a SQLite write transaction: one snapshot
         total = (await session.execute(total_of)).scalar_one()
         return list((await session.execute(page)).all()), total
     # The total is remembered while the database is unchanged (db/counts.py): the page's own
-    # statement reads the data version it is compared with.
+    # statement reads the data version it is compared with (SQLite: the read transaction's).
     rows = list((await session.execute(page)).all())
-    version = getattr(rows[0], counts.VERSION) if rows else None
-    return rows, await counts.count(session, total_of, ("jobs", where), version)
+    read_at = getattr(rows[0], counts.VERSION) if rows else None
+    return rows, await counts.count(session, total_of, key, read_at)
 
 
 @functools.lru_cache(maxsize=256)
 def _page_statements(
-    where: JobFilter, limit: int, offset: int, versioned_for: str | None
-) -> tuple[Select[Any], Select[Any]]:
-    """The page's statement and the total's, built once per filter and window (a list polled
-    with the same query costs no statement building); the page with the data version column
-    of dialect `versioned_for`, if given."""
-    conditions = where.conditions()
+    where: JobFilter, limit: int, offset: int, dialect: str | None, versioned: bool
+) -> tuple[Select[Any], Select[Any], Select[Any] | None]:
+    """The page's statement (with the data version column if `versioned`), the total's, and on
+    PostgreSQL the page with its total in one statement (db/counts.py's `counted_page`); built
+    once per filter and window (a list polled with the same query costs no statement building)."""
+    conditions = where.conditions(dialect)
     page = listing(*conditions).limit(limit).offset(offset)
-    if versioned_for is not None:
-        page = page.add_columns(counts.version_column(versioned_for))
-    return page, select(func.count()).select_from(Job).where(*conditions)
+    total = select(func.count()).select_from(Job).where(*conditions)
+    counted = counts.counted_page(page, total, newest_first) if dialect == "postgresql" else None
+    if versioned and dialect is not None:
+        page = page.add_columns(counts.version_column(dialect))
+    return page, total, counted
+
+
+def newest_first(listed: Subquery) -> tuple[ColumnElement[Any], ...]:
+    """The list's order (`listing_order`) over a subquery of the jobs' columns."""
+    return (listed.c.created_at.desc(), listed.c.id.desc())
 
 
 def listing(*conditions: ColumnElement[bool]) -> Select[Any]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.ids import has_nul
+from orchestrator.db import counts
+from orchestrator.db.locking import is_postgres
 from orchestrator.db.models import Job, Worker, WorkerLog
 
 
@@ -39,8 +43,8 @@ async def list_workers(
         conditions.append(
             Worker.job_id.in_(select(Job.id).where(Job.path.startswith(path_prefix, autoescape=True)))
         )
-    total = (await session.execute(select(func.count()).select_from(Worker).where(*conditions))).scalar_one()
-    stmt = (
+    total_of = select(func.count()).select_from(Worker).where(*conditions)
+    page = (
         select(Worker)
         .where(*conditions)
         .order_by(Worker.created_at.desc(), Worker.id.desc())
@@ -48,7 +52,15 @@ async def list_workers(
         .offset(offset)
         .execution_options(populate_existing=True)
     )
-    return list((await session.execute(stmt)).scalars()), total
+    if is_postgres(session):  # each statement its own snapshot: the page and its total in one
+        rows = (await session.execute(counts.counted_entities(Worker, page, total_of, _newest_first))).all()
+        return [row[0] for row in rows if row[0] is not None], int(rows[0][-1])
+    total = (await session.execute(total_of)).scalar_one()
+    return list((await session.execute(page)).scalars()), total
+
+
+def _newest_first(worker: Any) -> tuple[ColumnElement[Any], ...]:
+    return (worker.created_at.desc(), worker.id.desc())
 
 
 async def workers_of_job(session: AsyncSession, job_id: str) -> list[Worker]:

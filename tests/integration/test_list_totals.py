@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +22,8 @@ from orchestrator.core.config import Settings
 from orchestrator.db.models import Job
 from orchestrator.db.session import Database
 from orchestrator.jobs import repository as jobs_repo
+from orchestrator.workers import repository as workers_repo
+from orchestrator.workspaces import repository as workspaces_repo
 
 
 @pytest.fixture
@@ -135,19 +138,167 @@ async def test_many_connections_each_see_every_commit(reader: Database, other: D
     assert await totals() == [2] * 6
 
 
-def _insert_bare(database_url: str, row: dict[str, Any]) -> None:
-    """Insert a job through a connection that is not SQLAlchemy's at all."""
+async def test_a_job_committed_between_a_pages_statements_is_in_both_or_neither(
+    reader: Database, settings: Settings
+) -> None:
+    """A job committed by another program while a page is read, after the reader's first
+    statement on the jobs (the page, or the page with its total), is in the page and its total
+    or in neither: `total` is never more or less than the page holds when the page holds all.
+    On PostgreSQL each of a read session's statements has its own snapshot: a page read by one
+    statement and its total by the next counted a job the page did not list (found in CI, under
+    a parent whose children were being submitted). Through both ways a page is read: the list's
+    JSON (jobs/pages.py) and the repository's rows; nothing remembered, a total remembered at
+    an older version, and one remembered at the page's."""
     import json
 
-    values = {**row, "agent_options": json.dumps(row["agent_options"])}
+    from orchestrator.jobs import pages
+
+    where = jobs_repo.JobFilter(q="total between")
+    armed: list[bool] = []
+    inserted: list[str] = []
+
+    def commit_one_after(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if armed and "from jobs" in statement.lower():
+            armed.clear()
+            row = _job_row("between")
+            # Another program's commit, made and finished while the reader's statement waits.
+            thread = threading.Thread(target=_insert_bare, args=(settings.database_url, row))
+            thread.start()
+            thread.join()
+            inserted.append(row["id"])
+
+    async def through_rows() -> tuple[int, int]:
+        async with reader.read_session() as session:
+            rows, total = await jobs_repo.list_jobs(session, where, limit=50)
+        return len(rows), total
+
+    async def through_json() -> tuple[int, int]:
+        async with reader.read_session() as session:
+            body = json.loads(await pages.page_json(session, where, limit=50, offset=0))
+        return len(body["jobs"]), body["total"]
+
+    windows = iter(range(49, 30, -1))
+
+    async def through_json_anew() -> tuple[int, int]:
+        """A window not read before: no page remembered, the total perhaps."""
+        async with reader.read_session() as session:
+            body = json.loads(await pages.page_json(session, where, limit=next(windows), offset=0))
+        return len(body["jobs"]), body["total"]
+
+    added = await _add(reader, "between", 2)
+    # Rows: no page is remembered, so a read runs statements at the version of the read
+    # before (its total remembered) or after one more commit (its total not). A JSON page read
+    # again at its version is answered from memory: a commit before makes it read; or a window
+    # not read before.
+    reads = [
+        (through_rows, False),
+        (through_rows, False),
+        (through_rows, True),
+        (through_json, True),
+        (through_json_anew, False),
+        (through_json_anew, False),
+        (through_json_anew, True),
+    ] * 2
+    event.listen(reader.engine.sync_engine, "after_cursor_execute", commit_one_after)
+    try:
+        for read, commit_first in reads:
+            if commit_first:
+                added += await _add(reader, "between")
+            armed[:] = [True]
+            listed, total = await read()
+            assert total == listed, f"{read.__name__}: total {total}, page of {listed}"
+            assert not armed, f"{read.__name__}: no job was committed during the read"
+    finally:
+        event.remove(reader.engine.sync_engine, "after_cursor_execute", commit_one_after)
+    everything = len(added) + len(inserted)
+    assert await through_rows() == (everything, everything)
+
+
+@pytest.mark.parametrize("listed", ["workers", "workspaces"])
+async def test_a_row_committed_while_workers_or_workspaces_are_listed_is_in_both_or_neither(
+    reader: Database, settings: Settings, listed: str
+) -> None:
+    """The same for the lists of workers and of workspaces: a row committed by another program
+    after the reader's first statement on the table is in the page and its total or in neither."""
+    (job_id,) = await _add(reader, f"{listed} of")
+    serial = iter(range(1000))
+
+    def row() -> dict[str, Any]:
+        now = datetime.now(UTC)
+        if listed == "workspaces":
+            return {
+                "id": f"ws_tot{next(_serial):06d}",
+                "repository": None,
+                "root_job_id": job_id,
+                "created_at": now,
+            }
+        return {
+            "id": f"w_tot{next(_serial):06d}",
+            "job_id": job_id,
+            "status": "PENDING",
+            "worker_index": next(serial),
+            "depth": 0,
+            "agent": "simulated",
+            "holds_slot": False,
+            "log_offset": 0,
+            "log_lines": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    first = row()
+    await asyncio.to_thread(_insert_bare, settings.database_url, first, listed)
+    armed: list[bool] = []
+
+    def commit_one_after(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if armed and f"from {listed}" in statement.lower():
+            armed.clear()
+            thread = threading.Thread(target=_insert_bare, args=(settings.database_url, row(), listed))
+            thread.start()
+            thread.join()
+
+    async def page() -> tuple[int, int, int]:
+        """How many rows the page holds, the total, and how many of them are this test's."""
+        async with reader.read_session() as session:
+            if listed == "workspaces":
+                workspaces, total = await workspaces_repo.list_workspaces(
+                    session, ids=None, limit=500, offset=0
+                )
+                return (
+                    len(workspaces),
+                    total,
+                    len([ws for ws, _, _ in workspaces if ws.root_job_id == job_id]),
+                )
+            workers, total = await workers_repo.list_workers(session, job_id=job_id, limit=500)
+            return len(workers), total, len(workers)
+
+    event.listen(reader.engine.sync_engine, "after_cursor_execute", commit_one_after)
+    try:
+        for _ in range(3):
+            armed[:] = [True]
+            rows, total, _ = await page()
+            assert not armed, "no row was committed during the read"
+            assert total == rows, f"total {total}, page of {rows}"
+    finally:
+        event.remove(reader.engine.sync_engine, "after_cursor_execute", commit_one_after)
+    assert (await page())[2] == 4
+
+
+def _insert_bare(database_url: str, row: dict[str, Any], table: str = "jobs") -> None:
+    """Insert a row (a job's) through a connection that is not SQLAlchemy's at all."""
+    import json
+
+    values = {**row, "agent_options": json.dumps(row["agent_options"])} if table == "jobs" else dict(row)
     columns = ", ".join(values)
     if database_url.startswith("sqlite"):
-        values["created_at"] = values["updated_at"] = row["created_at"].strftime("%Y-%m-%d %H:%M:%S.%f")
+        for name in ("created_at", "updated_at"):
+            if name in values:
+                values[name] = row[name].strftime("%Y-%m-%d %H:%M:%S.%f")
         conn = sqlite3.connect(database_url.split("///", 1)[1], timeout=60)
         try:
             with conn:
                 conn.execute(
-                    f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * len(values))})",
+                    f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(values))})",
                     list(values.values()),
                 )
         finally:
@@ -160,7 +311,7 @@ def _insert_bare(database_url: str, row: dict[str, Any]) -> None:
         conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
         try:
             placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
-            await conn.execute(f"INSERT INTO jobs ({columns}) VALUES ({placeholders})", *values.values())
+            await conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({placeholders})", *values.values())
         finally:
             await conn.close()
 

@@ -139,7 +139,7 @@ def test_a_subtree_is_searched_in_the_path_index(tmp_path: Path) -> None:
 
     async def work(database: Database) -> dict[str, list[str]]:
         await _seed_backlog(database)
-        page, total, _ = pages._statements(where, 50, 0, "sqlite", False)
+        page, total, _, _ = pages._statements(where, 50, 0, "sqlite", False)
         events = jobs_repo.subtree_statement("j_root/", "sqlite", after_id=0, limit=1000)
         async with database.engine.connect() as connection:
             return {
