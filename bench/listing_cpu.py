@@ -4,7 +4,7 @@ the way wall-clock latency is):
 
     .venv/bin/python bench/listing_cpu.py [--database-url postgresql+asyncpg://...] [--jobs 2000]
 
-Four ways, in alternating rounds (min and median of 15 rounds of 100):
+Five ways, in alternating rounds (min and median of 15 rounds of 100):
 
 * `empty session`: a read session that only begins and ends (what every request pays);
 * `validated`: the page as it was answered before jobs/pages.py: rows, JobList.model_validate,

@@ -115,6 +115,18 @@ async def counted_before(session: AsyncSession, key: Hashable) -> bool:
     return remembers(session) and key in await _remembered(session)
 
 
+async def may_know(session: AsyncSession, key: Hashable, now: str | None = None) -> bool:
+    """Whether the total remembered under `key` may be that of a page read next: counted at the
+    database's version read just before (`now`, read here if not given; a snapshot never comes
+    back to an older one, so a total counted at another version cannot be the page's). Where
+    no version can be read outside the session, any total remembered may be."""
+    if not await counted_before(session, key):
+        return False
+    if now is None:
+        now = await database_version(session)
+    return now is None or await known(session, key, now) is not None
+
+
 async def remember(session: AsyncSession, key: Hashable, version: str, total: int) -> None:
     """Remember `total` as counted under `key` at `version` (nothing, outside a read session)."""
     if not remembers(session):
@@ -129,20 +141,18 @@ async def remember(session: AsyncSession, key: Hashable, version: str, total: in
 async def count(session: AsyncSession, statement: Select[Any], key: Hashable, version: str | None) -> int:
     """The single value of `statement` (a COUNT), from memory if it was counted at `version`
     (the session's data version, None if not read yet) under the same `key` (which must
-    identify the statement exactly)."""
+    identify the statement exactly). For SQLite, whose read session is one snapshot: on
+    PostgreSQL a page is counted with `counted_page`."""
     if not remembers(session):
         return int((await session.execute(statement)).scalar_one())
     found = await known(session, key, version)
     if found is not None:
         return found
-    if _dialect(session) == "postgresql":  # each statement its own snapshot: the version with the count
-        total, version = (await session.execute(statement.add_columns(version_column("postgresql")))).one()
-    else:
-        # One snapshot for the whole read transaction; the COUNT alone keeps SQLite's fast path
-        # for a whole table (it counts index pages instead of visiting rows).
-        if version is None:
-            version = (await session.execute(select(version_column("sqlite")))).scalar_one()
-        total = (await session.execute(statement)).scalar_one()
+    # One snapshot for the whole read transaction; the COUNT alone keeps SQLite's fast path for
+    # a whole table (it counts index pages instead of visiting rows).
+    if version is None:
+        version = (await session.execute(select(version_column(_dialect(session))))).scalar_one()
+    total = (await session.execute(statement)).scalar_one()
     await remember(session, key, str(version), int(total))
     return int(total)
 

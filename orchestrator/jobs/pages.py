@@ -257,16 +257,8 @@ async def _read(
     page, total_of, _, counted = _statements(where, limit, offset, dialect, True)
     total_key = ("jobs", where)
     total: int | None = None
-    # PostgreSQL: the page alone first only if the total remembered may be the page's: counted
-    # at the version read just before (`now`; a snapshot never comes back to an older one), or,
-    # with no version read, at any.
-    if counted is None:
-        page_first = True
-    elif now is not None:
-        page_first = await counts.known(session, total_key, now) is not None
-    else:
-        page_first = await counts.counted_before(session, total_key)
-    if page_first:
+    # PostgreSQL: the page alone first only if the total remembered may be the page's.
+    if counted is None or await counts.may_know(session, total_key, now):
         rows = await fetch_tuples(session, page)
         # The page's own statement read the version it holds, its last column (SQLite: the
         # transaction's snapshot, the count's key). A page of a watched SQLite file is

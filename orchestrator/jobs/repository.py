@@ -110,7 +110,7 @@ async def list_jobs(
     page, total_of, counted = _page_statements(where, limit, offset, dialect, remembers)
     key = ("jobs", where)
     if counted is not None:  # PostgreSQL: each statement its own snapshot
-        if await counts.counted_before(session, key):
+        if await counts.may_know(session, key):
             # The total remembered is the page's if it was counted at the page's version.
             rows = list((await session.execute(page)).all())
             total = await counts.known(session, key, getattr(rows[0], counts.VERSION) if rows else None)
