@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from tests.ray.test_ray_executor import (
     mark,
     running,
     start_server,
+    started_once,
 )
+from tests.ray.test_ray_node_changes import HOLD_FETCH_THEN_GO, path_first
 from tests.ray.test_ray_repository import start as start_repository_server
 from tests.support.servers import ServerFactory
 from tests.support.wait import wait_until
@@ -83,6 +86,60 @@ def test_a_head_restarted_as_a_new_cluster_leaves_the_server_up_and_new_jobs_run
     finally:
         cluster.shutdown()
         cluster.finish_node(old_node, node_processes)
+
+
+def test_a_head_restarted_as_a_new_cluster_during_a_start_starts_the_worker_once_on_the_new_one(
+    servers: ServerFactory, tmp_path: Path
+) -> None:
+    """The head is restarted as a new cluster while a worker's node clones its worktree (the
+    start not yet answered). The start is asked again through the server's new driver and the
+    worker runs on the new cluster's head, once: the old node's clone is let go on, but that
+    node ends with its cluster, so its start runs nothing. Terminated, nothing is left."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "git").write_text(HOLD_FETCH_THEN_GO.format(dir=tmp_path, git=shutil.which("git")))
+    (shim / "git").chmod(0o755)
+    with path_first(shim):  # the old cluster's nodes only
+        cluster = RayCluster(tmp_path, nodes=1)
+    old_node = cluster.nodes[0]
+    node_processes: set[int] = set()
+    task = f"{900 + int(mark())}.5"
+    extra = f'[agents.lingerer]\ntype = "command"\ncommand = ["sleep", "{task}"]\n'
+    try:
+        server, repo, _ = start_repository_server(servers, cluster, extra=extra)
+        with server.client() as client:
+            job = submit(client, agent="lingerer", repository=str(repo))
+            wait_until(lambda: (tmp_path / "fetching").exists(), timeout=LONG, what="the old node cloning")
+            node_processes = cluster.node_processes(old_node)
+            new_head = cluster.restart_head(slots=1)
+            (tmp_path / "release").touch()  # the old node's clone goes on, while its node lives
+            (worker,) = wait_until(lambda: running(client, [job["id"]]), timeout=LONG, what="worker running")
+            assert worker["host"] == node_id(new_head), (worker, node_id(new_head))
+            wait_until(
+                lambda: not any(map(alive, node_processes)),
+                timeout=LONG,
+                what="the old node's processes ended with its cluster",
+            )
+            assert len(grandchildren(task)) == 1, "the worker was started twice"
+            started_once(client, job["id"])
+            assert server.process is not None and server.process.poll() is None, server.log()
+
+            assert client.post(f"/api/supervisor/workers/{worker['id']}/terminate").status_code == 200
+            wait_final(client, job["id"], timeout=LONG)
+            wait_until(lambda: not grandchildren(task), timeout=LONG, what="its processes gone")
+            assert usage_allocated(client)[0] == 0
+    finally:
+        (tmp_path / "release").touch()
+        cluster.shutdown()
+        cluster.finish_node(old_node, node_processes)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: a raylet's parent is the test, which reaps it late)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def driver_processes(server_pid: int) -> list[int]:
