@@ -116,14 +116,13 @@ async def counted_before(session: AsyncSession, key: Hashable) -> bool:
 
 
 async def may_know(session: AsyncSession, key: Hashable, now: str | None = None) -> bool:
-    """Whether the total remembered under `key` may be that of a page read next: counted at the
-    database's version read just before (`now`, read here if not given; a snapshot never comes
-    back to an older one, so a total counted at another version cannot be the page's). Where
-    no version can be read outside the session, any total remembered may be."""
+    """Whether the total remembered under `key` may be that of a page read next: counted at
+    `now`, the database's version read just before, if the caller read one (a snapshot never
+    comes back to an older one, so a total counted at another version cannot be the page's);
+    else any total remembered may be. Not read here: a version read costs about what the page
+    read it might save (bench/listing_cpu.py)."""
     if not await counted_before(session, key):
         return False
-    if now is None:
-        now = await database_version(session)
     return now is None or await known(session, key, now) is not None
 
 
