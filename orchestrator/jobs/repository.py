@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, Subquery, and_, func, or_, select, text
+from sqlalchemy import ColumnElement, FromClause, Row, Select, and_, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from orchestrator.core.ids import has_nul
@@ -145,8 +145,8 @@ def _page_statements(
     return page, total, counted
 
 
-def newest_first(listed: Subquery) -> tuple[ColumnElement[Any], ...]:
-    """The list's order (`listing_order`) over a subquery of the jobs' columns."""
+def newest_first(listed: FromClause) -> tuple[ColumnElement[Any], ...]:
+    """The list's order over the jobs table or a subquery of its columns (a page's)."""
     return (listed.c.created_at.desc(), listed.c.id.desc())
 
 
@@ -160,8 +160,7 @@ def listing(*conditions: ColumnElement[bool]) -> Select[Any]:
 
 def listing_order(statement: Select[Any]) -> Select[Any]:
     """`statement` (of the jobs table) newest first, ties by id: the list's one order."""
-    table = Job.__table__
-    return statement.order_by(table.c.created_at.desc(), table.c.id.desc())
+    return statement.order_by(*newest_first(Job.__table__))
 
 
 async def count_by_status(session: AsyncSession, where: JobFilter) -> dict[str, int]:

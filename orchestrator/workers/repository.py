@@ -47,7 +47,7 @@ async def list_workers(
     page = (
         select(Worker)
         .where(*conditions)
-        .order_by(Worker.created_at.desc(), Worker.id.desc())
+        .order_by(*_newest_first(Worker))
         .limit(limit)
         .offset(offset)
         .execution_options(populate_existing=True)

@@ -24,7 +24,7 @@ async def list_workspaces(
         .outerjoin(Worker, Worker.workspace_id == Workspace.id)
         .where(*conditions)
         .group_by(Workspace.id)
-        .order_by(Workspace.created_at.desc(), Workspace.id)
+        .order_by(*_newest_first(Workspace))
         .limit(limit)
         .offset(offset)
     )
