@@ -263,13 +263,14 @@ def bench_throughput(root: Path, count: int, concurrency: int | None, sandbox: s
     }
 
 
-def fair_baseline(root: Path, count: int, concurrency: int, sandbox: str) -> float:
+def fair_baseline(root: Path, count: int, concurrency: int, sandbox: str) -> tuple[float, float | None]:
     """The direct run an engine run is compared with, measured right after it (under a moving
     load, only runs minutes apart compare): `true` for an unsandboxed engine, `bwrap … true` for
-    a sandboxed one (0.0 if the sandbox cannot work here)."""
+    a sandboxed one (0.0 if the sandbox cannot work here); its wall time, and its CPU where
+    measured (the unsandboxed run)."""
     if sandbox == "off":
-        return direct_baseline(count, concurrency)[0]
-    return sandboxed_baseline(root / f"sandboxed-{time.monotonic_ns()}", count, concurrency) or 0.0
+        return direct_baseline(count, concurrency)
+    return sandboxed_baseline(root / f"sandboxed-{time.monotonic_ns()}", count, concurrency) or 0.0, None
 
 
 @contextlib.contextmanager
@@ -340,6 +341,21 @@ def bench_sleepers(root: Path, count: int, sandbox: str) -> dict[str, float]:
     return {"workers": count, "ramp_s": ramp, "idle_cpu_percent": cpu, "server_rss_mib": memory}
 
 
+def report_floor(run: dict[str, float], direct: float, direct_cpu: float | None) -> None:
+    """What 3x of the direct run leaves on this machine's cores, against the CPU the engine's
+    workers and PostgreSQL took by themselves: while the two alone take more, no engine reaches
+    3x here, whatever its own cost."""
+    cores = os.cpu_count() or 1
+    others = run["workers_cpu_s"] + max(run["database_cpu_s"], 0.0)
+    shown = f"direct run's CPU {direct_cpu:.2f} s; " if direct_cpu is not None else ""
+    print(
+        f"  floor: {shown}3x of the direct run is {3 * direct * cores:.2f} CPU-s on {cores} cores; "
+        f"the workers and the database alone took {others:.2f} CPU-s, "
+        f"the engine {run['engine_run_cpu_s']:.2f}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["latency", "throughput", "sleepers"], default=None)
@@ -388,8 +404,9 @@ def main() -> None:
                     where = root / (label.strip(" ()") or "this")
                     with code_from(checkout) if checkout else contextlib.nullcontext():
                         run = bench_throughput(where, args.jobs, args.concurrency, sandbox)
-                    direct = fair_baseline(root, args.jobs, int(run["concurrency"]), sandbox)
+                    direct, direct_cpu = fair_baseline(root, args.jobs, int(run["concurrency"]), sandbox)
                     report_throughput(args.jobs, label, sandbox, run, direct)
+                    report_floor(run, direct, direct_cpu)
             alone = executor_baseline(root / "executor-only", args.jobs, int(run["concurrency"]))
             print(f"the executor alone (same workers, no database, no sandbox): {alone:.2f} s")
         for sandbox in modes if args.only in (None, "sleepers") else []:

@@ -14,6 +14,11 @@ after a 2-second warm-up, and this reports, besides req/s and p99:
   (`/proc/stat`), and how wrk's connections were spread over the processes halfway through
   (`ss`: uvicorn's processes share one listening socket, and a connection stays with the process
   that accepted it);
+* the CPU wrk itself used per request, and the *ceiling*: the submits per second the machine's
+  cores could do at this run's CPU per submit (server, PostgreSQL and wrk), if nothing idled and
+  nothing else ran. N processes over one cannot beat N processes' ceiling over one's rate: on 2
+  cores shared with wrk and PostgreSQL, two processes reach 1.5x one only while a submit costs
+  them no more CPU than it costs one;
 * at the end, each round's submits per second of N processes over one's, and their median.
 
 With `--rounds` above 1 the configurations alternate round after round, so each ratio compares
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,6 +51,7 @@ from tests.support.servers import TEST_SECRET_KEY, server_factory, token  # noqa
 
 os.environ["SECRET_KEY"] = TEST_SECRET_KEY
 TICKS = os.sysconf("SC_CLK_TCK")
+CORES = os.cpu_count() or 1
 
 
 def cpu_seconds(pid: int) -> float:
@@ -139,9 +146,12 @@ def measure(database: str, processes: int, seconds: float, code: Path | None) ->
         idle_before, total_before = idle_and_total()
         started = time.monotonic()
         sampler.start()
+        before_wrk = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = wrk(f"{api.url}/api/jobs/submit", seconds, 32, script=script)
         elapsed = time.monotonic() - started
         sampler.join()
+        after_wrk = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wrk_used = sum(getattr(after_wrk, f) - getattr(before_wrk, f) for f in ("ru_utime", "ru_stime"))
         idle_after, total_after = idle_and_total()
         used = {pid: cpu_seconds(pid) - before_cpu[pid] for pid in server}
         after_pg = postgres_cpu()
@@ -149,10 +159,17 @@ def measure(database: str, processes: int, seconds: float, code: Path | None) ->
         done_commits = commits(servers.database_url()) - before_commits if postgres else 0
         stored = max(stored_jobs(api) - before, 1)
     busy = [f"{used[pid] / elapsed:.0%}" for pid in server if used[pid] / elapsed >= 0.01]
-    line = f"{result.row()}  server {sum(used.values()) / stored * 1000:.2f} ms/submit"
+    server_ms = sum(used.values()) / stored * 1000
+    line = f"{result.row()}  server {server_ms:.2f} ms/submit"
+    whole_ms = server_ms + wrk_used / max(result.requests, 1) * 1000
     if postgres:
         per_commit = stored / max(done_commits, 1)
         line += f", postgres {pg_used / stored * 1000:.2f} ms/submit, {per_commit:.1f} submits/commit"
+        whole_ms += pg_used / stored * 1000
+    # What the machine's cores could do at this run's CPU per submit (server, PostgreSQL, wrk), if
+    # nothing else ran and nothing idled: the most any number of processes can reach here.
+    line += f", wrk {wrk_used / max(result.requests, 1) * 1000:.2f} ms/request"
+    line += f"; ceiling {CORES / whole_ms * 1000:,.0f}/s"
     idle = (idle_after - idle_before) / max(total_after - total_before, 1)
     line += f"  (cores: {' '.join(busy)}; idle {idle:.0%}; connections {spread})"
     return line, result.rps

@@ -11,31 +11,49 @@ The engine calls these in a thread (the start and the fetch under its per-reposi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.core.config import Settings
 from orchestrator.executors.local import LocalExecutor
-from orchestrator.executors.ray_executor import RayExecutor
 from orchestrator.workspaces import git, gitdirs, remote
 from orchestrator.workspaces.remote import RemoteCheckout, RemoteError
+
+if TYPE_CHECKING:
+    from orchestrator.executors.ray_executor import RayExecutor
+
+RAY_EXECUTOR_MODULE = "orchestrator.executors.ray_executor"
+
+
+def on_ray(executor: LocalExecutor) -> RayExecutor | None:
+    """The executor if it runs workers on a Ray cluster, else None. Asked without importing the
+    Ray executor's module: it imports Ray, whose import is most of an engine's start-up CPU, and
+    an engine on the local executor never needs it (a RayExecutor exists only once
+    executors/factory.py imported its module)."""
+    module = sys.modules.get(RAY_EXECUTOR_MODULE)
+    ray_executor: type[RayExecutor] | None = getattr(module, "RayExecutor", None)
+    return executor if ray_executor is not None and isinstance(executor, ray_executor) else None
 
 
 def is_remote(executor: LocalExecutor) -> bool:
     """Whether the executor runs workers on nodes that do not share the server's disk."""
-    return isinstance(executor, RayExecutor)
+    return on_ray(executor) is not None
 
 
 def lost_reason(executor: LocalExecutor, host: str | None) -> str | None:
     """Why a worker found gone at a take-over is gone, if its cluster node is known dead."""
-    return executor.lost_reason(host) if isinstance(executor, RayExecutor) else None
+    cluster = on_ray(executor)
+    return cluster.lost_reason(host) if cluster is not None else None
 
 
 def end_unrecorded(executor: LocalExecutor, worker_id: str) -> None:
     """A worker that ended (a cancel) while its start was under way and its engine died: on a
     cluster its actor may have started it after all, for nobody (a local start leaves its PID
     file, which finds it instead)."""
-    if isinstance(executor, RayExecutor):
-        executor.end_unrecorded(worker_id)
+    cluster = on_ray(executor)
+    if cluster is not None:
+        cluster.end_unrecorded(worker_id)
 
 
 def add_worktree(
@@ -43,12 +61,13 @@ def add_worktree(
 ) -> None:
     """The worker's worktree at `base` on `branch`: a local one, or (remote executor) the branch
     made here, the base published, and the checkout handed to the executor for the node."""
-    if not isinstance(executor, RayExecutor):
+    cluster = on_ray(executor)
+    if cluster is None:
         git.add_worktree(repository, workdir, branch, base)
         return
     url = _remote(settings, repository)
     checkout = remote.start_checkout(repository, url, branch, base)
-    executor.expect_checkout(workdir.name, checkout)
+    cluster.expect_checkout(workdir.name, checkout)
 
 
 def resume_worktree(
@@ -56,14 +75,15 @@ def resume_worktree(
 ) -> None:
     """A parked worker resumed in place (remote executor): its node clones the branch as it came
     back at its last end (published as the start), the work so far included. Local: nothing."""
-    if not isinstance(executor, RayExecutor) or not repository or not branch or (workdir / ".git").exists():
+    cluster = on_ray(executor)
+    if cluster is None or not repository or not branch or (workdir / ".git").exists():
         return
     url = _remote(settings, repository)
     tip = git.run_git(
         "rev-parse", "--verify", "--end-of-options", f"refs/heads/{branch}^{{commit}}", cwd=Path(repository)
     )
     remote.publish_base(Path(repository), url, tip)
-    executor.expect_checkout(workdir.name, RemoteCheckout(url, tip, branch))
+    cluster.expect_checkout(workdir.name, RemoteCheckout(url, tip, branch))
 
 
 def checkpoint(
@@ -73,10 +93,11 @@ def checkpoint(
     its branch, fetched into the repository (checked to descend from the branch as it is here),
     so its child starts from its work so far, as on one machine. Local: nothing (the engine
     commits the worktree itself)."""
-    if not isinstance(executor, RayExecutor):
+    cluster = on_ray(executor)
+    if cluster is None:
         return
     url = _remote(settings, repository)
-    executor.checkpoint(worker_id)
+    cluster.checkpoint(worker_id)
     if remote.fetch_branch(repository, url, branch) is None:
         raise RemoteError(f"branch {branch} did not reach git remote {remote.redact(url)} at the checkpoint")
 
@@ -106,10 +127,11 @@ def commit_work(
     """(commit, diff stat vs base) of the worker's work: its local worktree committed (files above
     `max_file_mb` left out, into `skipped`), or the branch its node pushed fetched into the
     repository. Raises GitError (RemoteError) if the work did not come back."""
-    if not isinstance(executor, RayExecutor) or (worktree / ".git").exists() or not repository:
+    cluster = on_ray(executor)
+    if cluster is None or (worktree / ".git").exists() or not repository:
         return gitdirs.commit_worker(worktree, run_dir, message, base_commit, branch, skipped, max_file_mb)
-    pushed_error = executor.push_error(worktree.name)
-    left_out = executor.skipped_files(worktree.name)  # its node left them out, as above
+    pushed_error = cluster.push_error(worktree.name)
+    left_out = cluster.skipped_files(worktree.name)  # its node left them out, as above
     url = _remote(settings, repository)
     commit = remote.fetch_branch(Path(repository), url, branch, base_commit=base_commit)
     if pushed_error:

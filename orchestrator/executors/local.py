@@ -193,7 +193,8 @@ class LocalExecutor:
             return None
         try:
             oom, pids = self.cgroups.limit_hit(worker_id)
-            memory_mb, max_pids = self.cgroups.limit_of(worker_id)
+            # The limits are read only to name the one hit: most workers end within theirs.
+            memory_mb, max_pids = self.cgroups.limit_of(worker_id) if oom or pids else (None, None)
         except (OSError, KeyError):
             return None
         # The kernel empties a v1 group a moment after its last process is reaped: retry briefly.

@@ -114,6 +114,25 @@ def test_simulated_job_completes_with_logs_events_and_env(server: Server) -> Non
         assert usage_allocated(client) == [0, 0, 0, 0, 0, 0]
 
 
+def loaded_libraries(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as maps:
+        return {line.split()[-1] for line in maps if len(line.split()) >= 6}
+
+
+def test_a_server_on_the_local_executor_never_loads_ray(server: Server) -> None:
+    """Ray is the optional executor: a server (and its engine) that runs its workers itself
+    starts, runs a job through every phase and ends it without importing Ray, whose import
+    costs each process's start more than the rest of the engine's."""
+    with server.client() as client:
+        job = submit(client, worker_count=2, agent_options={"duration_seconds": 0.1})
+        assert wait_final(client, job["id"])["status"] == "COMPLETED"
+        assert client.get("/ready").json()["engine"] == "running"
+    assert server.process is not None
+    libraries = loaded_libraries(server.process.pid)
+    assert any("sqlalchemy" in path or "asyncpg" in path or "pydantic_core" in path for path in libraries)
+    assert not [path for path in libraries if "/ray/" in path], "the server loaded Ray"
+
+
 def test_command_agent_gets_task_on_stdin_and_its_environment(servers: ServerFactory) -> None:
     server = servers.start(ORCHESTRATOR_AGENTS_FILE=agents_file(servers.root))
     with server.client() as client:
