@@ -47,7 +47,10 @@ def start_to_ready(code: Path | None) -> tuple[float, float]:
         started = time.monotonic()
         server.start(timeout=120)
         assert server.process is not None
+        deadline = started + 120
         while True:
+            if server.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server never became ready:\n{server.log()}")
             try:
                 if httpx.get(f"{server.url}/ready", timeout=10.0).status_code == 200:
                     break

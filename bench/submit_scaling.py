@@ -14,7 +14,8 @@ after a 2-second warm-up, and this reports, besides req/s and p99:
   (`/proc/stat`), and how wrk's connections were spread over the processes halfway through
   (`ss`: uvicorn's processes share one listening socket, and a connection stays with the process
   that accepted it);
-* the CPU wrk itself used per request, and the *ceiling*: the submits per second the machine's
+* the CPU wrk itself used per request (with the one `ss` the spread's sample runs meanwhile: a
+  few milliseconds), and the *ceiling*: the submits per second the machine's
   cores could do at this run's CPU per submit (server, PostgreSQL and wrk), if nothing idled and
   nothing else ran. N processes over one cannot beat N processes' ceiling over one's rate: on 2
   cores shared with wrk and PostgreSQL, two processes reach 1.5x one only while a submit costs

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -136,19 +138,26 @@ def test_a_server_on_the_local_executor_never_loads_ray(server: Server) -> None:
 def test_a_server_without_the_ray_extra_starts_and_runs_jobs(servers: ServerFactory, tmp_path: Path) -> None:
     """Ray is an optional extra (`pip install 'parallel-ai-orchestrator[ray]'`): `make run` and
     the Docker image install without it. Here `import ray` fails in the server as it does where
-    the extra is not installed; the server must start, be ready and run a job all the same."""
+    the extra is not installed; the server must start, run a job and be ready all the same."""
     hidden = tmp_path / "without-ray" / "ray"
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text(
         'raise ModuleNotFoundError("No module named \'ray\' (the extra is not installed)", name="ray")\n'
     )
     path = os.pathsep.join(p for p in [str(hidden.parent), os.environ.get("PYTHONPATH", "")] if p)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import ray.exceptions"],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+    )
+    assert probe.returncode != 0 and "the extra is not installed" in probe.stderr, probe.stderr
     server = servers.start(PYTHONPATH=path)
     with server.client() as client:
-        ready = client.get("/ready")
-        assert ready.status_code == 200 and ready.json()["engine"] == "running", ready.text
         job = submit(client, worker_count=2, agent_options={"duration_seconds": 0.1})
         assert wait_final(client, job["id"])["status"] == "COMPLETED"
+        ready = client.get("/ready")
+        assert ready.status_code == 200 and ready.json()["engine"] == "running", ready.text
     assert "No module named 'ray'" not in server.log() and "Traceback" not in server.log(), server.log()
 
 
