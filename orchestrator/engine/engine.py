@@ -241,12 +241,15 @@ class Engine:
                     await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT_SECONDS)
                 except TimeoutError as exc:
                     raise ConnectionError("the LISTEN connection's keep-alive got no answer") from exc
-                except asyncpg.InterfaceError as exc:
+                except asyncpg.InterfaceError:
                     if not conn.is_closed():
                         raise
                     # The server ended the session while it idled (terminated, shut down, the
-                    # database dropped): an outage like any other, not a traceback.
-                    raise ConnectionError("the server closed the LISTEN connection") from exc
+                    # database dropped), maybe during an outage already over: found up to a
+                    # keep-alive later, it says nothing of the database now. Connect again at
+                    # once (`_run_forever`); a connect that fails is the outage line, if any.
+                    log.warning("engine %s: the server closed the LISTEN connection; listening again", self.id)
+                    return
         finally:
             with contextlib.suppress(Exception):
                 await conn.close(timeout=5)

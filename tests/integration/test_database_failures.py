@@ -275,6 +275,21 @@ def wait_for_engines_to_say(run: Fleet, words: str) -> None:
     wait_until(said, timeout=120, what=f"every engine to log {words!r}")
 
 
+def test_sessions_the_server_ends_while_it_stays_up_are_no_outage_of_the_listen(on_db: OnDatabase) -> None:
+    """Every session ended by the server (an administrator's pg_terminate_backend) while the
+    database stays up. The engine's LISTEN connection is found closed up to a keep-alive later,
+    maybe after the other loops reconnected: it is made again, and no line says the database
+    is unavailable because of it (it was serving all along)."""
+    with fleet(on_db.factory, engines=1) as run, run.client() as client:
+        assert terminate_backends(on_db.cluster, on_db.name) > 0
+        wait_for_engines_to_say(run, "closed the LISTEN connection")  # found, up to a keep-alive later
+        run.queued.append(submit(client, worker_count=1, agent_options=SHORT_RUN))
+        nothing_lost(run, outages=1)
+    for name, text in run.logs().items():
+        listen = [line for line in text.splitlines() if OUTAGE_LINE.search(line) and "LISTEN" in line]
+        assert not listen, f"{name}: {listen}"
+
+
 def test_database_renamed_and_back(on_db: OnDatabase) -> None:
     admin, name = on_db.cluster.url_of("postgres"), on_db.name
     with fleet(on_db.factory) as run, run.client() as client:
