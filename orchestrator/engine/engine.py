@@ -248,7 +248,9 @@ class Engine:
                     # database dropped), maybe during an outage already over: found up to a
                     # keep-alive later, it says nothing of the database now. Connect again at
                     # once (`_run_forever`); a connect that fails is the outage line, if any.
-                    log.warning("engine %s: the server closed the LISTEN connection; listening again", self.id)
+                    log.warning(
+                        "engine %s: the server closed the LISTEN connection; listening again", self.id
+                    )
                     return
         finally:
             with contextlib.suppress(Exception):
